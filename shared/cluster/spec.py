@@ -1,0 +1,116 @@
+"""The cluster: nodes x GPUs, GPU memory and peak FLOP/s, link bandwidths (datasheet figures).
+
+Datasheet figures are what the analytic estimate starts from; a measured profile replaces them.
+`*_efficiency` are the fractions of datasheet peaks the estimate assumes are achieved (matmuls,
+collectives); they are stated in every estimated output and can be set per cluster.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import SpecError, UnknownPresetError
+from ..model.spec import _from_dict, _require
+
+GB = 1e9
+GiB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Bandwidths are per GPU, one direction, GB/s (1e9 bytes/s); memory in GiB; peak in TFLOP/s."""
+
+    name: str
+    num_nodes: int
+    gpus_per_node: int
+    gpu_name: str
+    gpu_memory_gib: float
+    peak_tflops: float
+    hbm_bandwidth_gbps: float
+    intra_node_bandwidth_gbps: float
+    inter_node_bandwidth_gbps: float
+    reserved_memory_gib: float = 4.0
+    matmul_efficiency: float = 0.7
+    intra_node_efficiency: float = 0.55
+    inter_node_efficiency: float = 0.8
+    collective_latency_us: float = 20.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_nodes", "gpus_per_node"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
+                     f"must be a positive integer (got {v!r})")
+        for name in ("gpu_memory_gib", "peak_tflops", "hbm_bandwidth_gbps", "intra_node_bandwidth_gbps",
+                     "inter_node_bandwidth_gbps"):
+            v = getattr(self, name)
+            _require(isinstance(v, (int, float)) and v > 0, name, f"must be a positive number (got {v!r})")
+        for name in ("matmul_efficiency", "intra_node_efficiency", "inter_node_efficiency"):
+            v = getattr(self, name)
+            _require(isinstance(v, (int, float)) and 0 < v <= 1, name, f"must be in (0, 1] (got {v!r})")
+        _require(isinstance(self.reserved_memory_gib, (int, float)) and 0 <= self.reserved_memory_gib
+                 < self.gpu_memory_gib, "reserved_memory_gib", "must be >= 0 and below gpu_memory_gib")
+        _require(self.collective_latency_us >= 0, "collective_latency_us", "must be >= 0")
+
+    @property
+    def num_gpus(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+    @property
+    def usable_memory_bytes(self) -> float:
+        return (self.gpu_memory_gib - self.reserved_memory_gib) * GiB
+
+    def with_shape(self, nodes: int | None = None, gpus_per_node: int | None = None) -> "ClusterSpec":
+        return replace(self, num_nodes=nodes or self.num_nodes, gpus_per_node=gpus_per_node or self.gpus_per_node)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ClusterSpec":
+        return _from_dict(cls, data, "cluster")
+
+
+CLUSTER_PRESETS: dict[str, ClusterSpec] = {c.name: c for c in (
+    # DGX A100 80GB: A100 SXM 312 TFLOP/s bf16, 2.0 TB/s HBM, NVLink3 600 GB/s (300 per direction),
+    # 8x HDR 200 Gb/s InfiniBand per node = 25 GB/s per GPU.
+    ClusterSpec(name="dgx-a100-80g", num_nodes=1, gpus_per_node=8, gpu_name="A100-SXM-80GB",
+                gpu_memory_gib=80.0, peak_tflops=312.0, hbm_bandwidth_gbps=2039.0,
+                intra_node_bandwidth_gbps=300.0, inter_node_bandwidth_gbps=25.0),
+    # DGX H100: 989 TFLOP/s dense bf16, 3.35 TB/s, NVLink4 900 GB/s (450 per direction),
+    # 8x NDR 400 Gb/s = 50 GB/s per GPU.
+    ClusterSpec(name="dgx-h100", num_nodes=1, gpus_per_node=8, gpu_name="H100-SXM-80GB",
+                gpu_memory_gib=80.0, peak_tflops=989.0, hbm_bandwidth_gbps=3350.0,
+                intra_node_bandwidth_gbps=450.0, inter_node_bandwidth_gbps=50.0),
+    # 8x A100 80GB PCIe in one server: PCIe Gen4 x16 (32 GB/s per direction), no NVLink;
+    # one 100 Gb/s NIC shared by the node = 1.5625 GB/s per GPU.
+    ClusterSpec(name="pcie-a100-8g", num_nodes=1, gpus_per_node=8, gpu_name="A100-PCIe-80GB",
+                gpu_memory_gib=80.0, peak_tflops=312.0, hbm_bandwidth_gbps=1935.0,
+                intra_node_bandwidth_gbps=32.0, inter_node_bandwidth_gbps=1.5625, intra_node_efficiency=0.7),
+)}
+
+
+def cluster_preset(name: str) -> ClusterSpec:
+    try:
+        return CLUSTER_PRESETS[name]
+    except KeyError:
+        raise UnknownPresetError(f"unknown cluster preset '{name}'; known presets: {', '.join(CLUSTER_PRESETS)}",
+                                 "pass one of the presets or a YAML/JSON cluster file") from None
+
+
+def load_cluster(ref: str, nodes: int | None = None, gpus_per_node: int | None = None) -> ClusterSpec:
+    """A preset name or a YAML/JSON file, reshaped to `nodes` x `gpus_per_node` when given."""
+    from ..model.loaders import read_mapping
+
+    if ref in CLUSTER_PRESETS:
+        base = CLUSTER_PRESETS[ref]
+    elif Path(ref).exists():
+        data = read_mapping(Path(ref), "cluster")
+        data.setdefault("name", Path(ref).stem)
+        base = ClusterSpec.from_dict(data)
+    else:
+        base = cluster_preset(ref)
+    for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise SpecError(f"invalid {name}: must be a positive integer (got {value!r})")
+    return base.with_shape(nodes, gpus_per_node)

@@ -1,0 +1,1 @@
+"""Cost model: strategies and capabilities, per-layer costs, subproblem tables, plan evaluation."""

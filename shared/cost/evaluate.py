@@ -1,0 +1,131 @@
+"""Price one concrete plan (layer -> stage, layer -> strategy) under a subproblem's tables.
+
+This is the single definition of the objective: the MIQP's optimum must equal the best `evaluate`
+over all plans (tests enumerate them), and `uniap evaluate` prices hand-made configurations with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import SpecError
+from .strategy import Strategy
+from .tables import Subproblem
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Time per iteration (TPI) of a 1F1B pipeline and its parts, per-stage memory, feasibility.
+
+    TPI = sum_i p_i + sum_j o_j + (c - 1) * max(max_i p_i, max_j o_j) + max_i g_i
+    with p_i the stage's time per micro-batch, o_j the boundary's P2P time per micro-batch and g_i the
+    stage's once-per-iteration time (exposed gradient sync, optimizer step)."""
+
+    time_per_iteration: float
+    stage_time: list[float]
+    boundary_time: list[float]
+    stage_iteration_time: list[float]
+    stage_memory: list[float]
+    memory_capacity: float
+
+    @property
+    def fits(self) -> bool:
+        return all(m <= self.memory_capacity * (1 + 1e-9) for m in self.stage_memory)
+
+
+def pipeline_time(stage_time: list[float], boundary_time: list[float], stage_iter: list[float], c: int) -> float:
+    bottleneck = max(stage_time + boundary_time)
+    return sum(stage_time) + sum(boundary_time) + (c - 1) * bottleneck + max(stage_iter)
+
+
+def check_assignment(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) -> None:
+    """Raise SpecError unless the plan is in the subproblem's search space (each rule named)."""
+    g, cap = sub.graph, sub.capability
+    n = len(g.layers)
+    if len(stage_of) != n or len(strategy_of) != n:
+        raise SpecError(f"plan covers {len(stage_of)} layers, the model has {n}")
+    if any(not 0 <= s < sub.deg for s in stage_of):
+        raise SpecError(f"plan places a layer outside stages 0..{sub.deg - 1}")
+    if set(stage_of) != set(range(sub.deg)):
+        raise SpecError("plan leaves a pipeline stage empty")
+    for e in g.edges:
+        if stage_of[e.src] > stage_of[e.dst]:
+            raise SpecError(f"plan is not order preserving: {g.layers[e.src].name} (stage {stage_of[e.src]}) "
+                            f"feeds {g.layers[e.dst].name} (stage {stage_of[e.dst]})")
+    layout: dict[tuple[int, int], int] = {}
+    for u, s in enumerate(strategy_of):
+        rt = sub.runs[g.run_of[u]]
+        if s not in rt.strategies:
+            raise SpecError(f"strategy {s.label} is not available to {g.layers[u].name} on a stage of "
+                            f"{sub.stage_devices} devices under target '{cap.name}' "
+                            f"(micro-batch {sub.micro_batch} samples)")
+        key = (g.run_of[u], stage_of[u])
+        if layout.setdefault(key, s.tp) != s.tp:
+            raise SpecError(f"layers of one run on one stage must share a TP degree ({g.layers[u].name})")
+    transformer = [s for u, s in enumerate(strategy_of) if g.layers[u].kind in ("transformer", "cross_transformer")]
+    if cap.uniform_tp and len({s.tp for s in strategy_of}) > 1:
+        raise SpecError(f"target '{cap.name}' runs one TP degree for all layers")
+    if cap.uniform_zero and len({s.zero for s in strategy_of if s.dp > 1}) > 1:
+        raise SpecError(f"target '{cap.name}' runs one ZeRO stage for all layers")
+    if cap.uniform_recompute and len({s.recompute for s in transformer}) > 1:
+        raise SpecError(f"target '{cap.name}' runs one recompute mode for all transformer layers")
+
+
+def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) -> Prediction:
+    """Predicted time and memory of the plan; raises SpecError if it is outside the search space."""
+    check_assignment(sub, stage_of, strategy_of)
+    g = sub.graph
+    deg = sub.deg
+    p = [0.0] * deg
+    it = [0.0] * deg
+    state_act = [0.0] * deg
+    rc_peak = [0.0] * deg
+    fsdp_peak = [0.0] * deg
+    for u, s in enumerate(strategy_of):
+        rt = sub.runs[g.run_of[u]]
+        cost = rt.costs[rt.strategies.index(s)]
+        i = stage_of[u]
+        p[i] += cost.time_per_microbatch
+        it[i] += cost.time_per_iteration
+        state_act[i] += cost.state_bytes + sub.inflight[i] * cost.activation_bytes
+        rc_peak[i] = max(rc_peak[i], cost.recompute_transient_bytes)
+        fsdp_peak[i] = max(fsdp_peak[i], cost.fsdp_transient_bytes)
+    for e in g.edges:
+        if e.kind == "chain" and stage_of[e.src] == stage_of[e.dst]:
+            p[stage_of[e.src]] += sub.reshard_time(g.layers[e.src], strategy_of[e.src].tp, strategy_of[e.dst].tp)
+    o = [0.0] * (deg - 1)
+    for u, layer in enumerate(g.layers):
+        last_consumer = max((stage_of[e.dst] for e in g.succ(u)), default=stage_of[u])
+        for boundary in range(stage_of[u], last_consumer):
+            o[boundary] += sub.p2p_time(layer, boundary)
+    memory = [state_act[i] + rc_peak[i] + fsdp_peak[i] for i in range(deg)]
+    return Prediction(time_per_iteration=pipeline_time(p, o, it, sub.c), stage_time=p, boundary_time=o,
+                      stage_iteration_time=it, stage_memory=memory, memory_capacity=sub.memory_capacity)
+
+
+def even_split(graph, deg: int) -> list[int]:
+    """Megatron-style placement: transformer layers spread as evenly as possible (earlier stages take the
+    remainder), every other layer on the stage of the next transformer layer (else the previous one)."""
+    main = [u for u, layer in enumerate(graph.layers) if layer.kind in ("transformer", "cross_transformer")]
+    base, extra = divmod(len(main), deg)
+    return split_by_counts(graph, [base + (1 if i < extra else 0) for i in range(deg)])
+
+
+def split_by_counts(graph, counts: list[int]) -> list[int]:
+    """Stage of every layer when stage i holds counts[i] consecutive transformer layers."""
+    main = [u for u, layer in enumerate(graph.layers) if layer.kind in ("transformer", "cross_transformer")]
+    if any(c < 0 for c in counts) or sum(counts) != len(main):
+        raise SpecError(f"split {','.join(map(str, counts))} must list non-negative transformer-layer counts per "
+                        f"stage summing to {len(main)}")
+    stage_of = [-1] * len(graph.layers)
+    u = 0
+    for i, count in enumerate(counts):
+        for _ in range(count):
+            stage_of[main[u]] = i
+            u += 1
+    for v in reversed(range(len(graph.layers))):  # others join the next transformer layer's stage
+        if stage_of[v] < 0 and v + 1 < len(graph.layers) and stage_of[v + 1] >= 0:
+            stage_of[v] = stage_of[v + 1]
+    for v in range(len(graph.layers)):  # ... or, at the end, the previous one's
+        if stage_of[v] < 0:
+            stage_of[v] = stage_of[v - 1] if v > 0 else 0
+    return stage_of

@@ -1,0 +1,190 @@
+"""Intra-layer strategies and the capability object that says which ones a framework can run.
+
+A strategy splits one stage's n devices into TP x DP (tp * dp = n): tensor parallelism of degree tp
+(with sequence parallelism when tp > 1, so activations between layers are split over all n devices)
+and data parallelism of degree dp whose model states are sharded per ZeRO stage (3 = FSDP). Each
+layer also chooses activation recompute. TP stays inside a node.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from ..errors import SpecError, UnknownPresetError
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+ZERO_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "FSDP"}
+
+
+@dataclass(frozen=True, order=True)
+class Strategy:
+    tp: int
+    dp: int
+    zero: int = 0
+    recompute: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.dp < 1:
+            raise SpecError(f"invalid strategy: tp ({self.tp}) and dp ({self.dp}) must be >= 1")
+        if self.zero not in ZERO_NAMES:
+            raise SpecError(f"invalid strategy: zero stage {self.zero} (0, 1, 2 or 3)")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise SpecError(f"invalid strategy: recompute '{self.recompute}' ({', '.join(RECOMPUTE_MODES)})")
+        if self.dp == 1 and self.zero != 0:
+            raise SpecError("invalid strategy: ZeRO sharding needs dp > 1")
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.dp
+
+    @property
+    def label(self) -> str:
+        """e.g. 'TP4 DP2 ZeRO-1 +rc', 'DP8 FSDP', '1 GPU'."""
+        parts = [f"TP{self.tp}"] if self.tp > 1 else []
+        if self.dp > 1:
+            parts.append(f"DP{self.dp}" + ("" if self.zero == 0 else f" {ZERO_NAMES[self.zero]}"))
+        text = " ".join(parts) or "1 GPU"
+        return text + {"none": "", "selective": " +sel-rc", "full": " +rc"}[self.recompute]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What a target framework can execute; the MIQP turns each field into constraints.
+
+    uniform_*: one value for every transformer layer of every stage (a framework-wide flag) instead
+    of a per-layer choice. max_zero_with_pipeline: the highest ZeRO stage allowed when the pipeline
+    has more than one stage. tp_degrees None: any degree that divides a node's GPUs.
+    """
+
+    name: str
+    description: str
+    tp_degrees: tuple[int, ...] | None = None
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+    recompute_modes: tuple[str, ...] = ("none", "full")
+    uniform_tp: bool = False
+    uniform_zero: bool = False
+    uniform_recompute: bool = False
+    max_zero_with_pipeline: int = 3
+    max_pipeline_degree: int | None = None
+
+    def __post_init__(self) -> None:
+        if not set(self.zero_stages) <= set(ZERO_NAMES) or 0 not in self.zero_stages:
+            raise SpecError(f"invalid capability '{self.name}': zero_stages must include 0 and be within 0..3")
+        if not set(self.recompute_modes) <= set(RECOMPUTE_MODES) or "none" not in self.recompute_modes:
+            raise SpecError(f"invalid capability '{self.name}': recompute_modes must include 'none'")
+
+    def allows(self, s: Strategy, pipeline_degree: int) -> bool:
+        if self.tp_degrees is not None and s.tp not in self.tp_degrees:
+            return False
+        if s.zero not in self.zero_stages:
+            return False
+        if pipeline_degree > 1 and s.zero > self.max_zero_with_pipeline:
+            return False
+        return s.recompute in self.recompute_modes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Pins:
+    """Choices the user fixed (e.g. `--tensor-model-parallel-size 4`): constraints, never overridden.
+
+    `micro_batch_size` is per data-parallel replica (Megatron's --micro-batch-size)."""
+
+    tp: int | None = None
+    pipeline_degree: int | None = None
+    zero: int | None = None
+    recompute: str | None = None
+    micro_batch_size: int | None = None
+    micro_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pipeline_degree", "micro_batch_size", "micro_batches"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise SpecError(f"invalid pin '{name}': must be a positive integer (got {v!r})")
+        if self.zero is not None and self.zero not in ZERO_NAMES:
+            raise SpecError(f"invalid pin 'zero': {self.zero!r} (0, 1, 2 or 3)")
+        if self.recompute is not None and self.recompute not in RECOMPUTE_MODES:
+            raise SpecError(f"invalid pin 'recompute': {self.recompute!r} ({', '.join(RECOMPUTE_MODES)})")
+
+    def allows(self, s: Strategy, micro_batch: int, transformer: bool) -> bool:
+        if self.tp is not None and s.tp != self.tp:
+            return False
+        if self.zero is not None and s.dp > 1 and s.zero != self.zero:
+            return False
+        if self.recompute is not None and transformer and s.recompute != self.recompute:
+            return False
+        return self.micro_batch_size is None or micro_batch == self.micro_batch_size * s.dp
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+NO_PINS = Pins()
+
+GENERIC = Capability(
+    name="generic",
+    description="the paper's full freedom: per layer TP degree, ZeRO stage and recompute; "
+                "layers of one run on one stage share a TP degree",
+)
+
+
+def capability_for(target: str) -> Capability:
+    """The capability of `target`: 'generic', or one an installed adapter declares through the
+    `uniap.targets` entry-point group (the core never imports an adapter by name)."""
+    if target == GENERIC.name:
+        return GENERIC
+    found = {ep.name: ep for ep in entry_points(group="uniap.targets")}
+    if target not in found:
+        raise UnknownPresetError(f"unknown target '{target}'; known targets: "
+                                 f"{', '.join(['generic', *sorted(found)])}")
+    cap = found[target].load()
+    if not isinstance(cap, Capability):
+        raise SpecError(f"target '{target}' does not declare a Capability object")
+    return cap
+
+
+def known_targets() -> list[str]:
+    return ["generic", *sorted(ep.name for ep in entry_points(group="uniap.targets"))]
+
+
+def tp_fits_layer(tp: int, divisibility: dict[str, int], kind: str) -> bool:
+    """Megatron-core's partitioning rules for a transformer layer: heads and FFN divisible by TP, query
+    groups divisible by TP or TP by groups. Embeddings and heads pad the vocabulary, so any TP fits."""
+    if kind not in ("transformer", "cross_transformer"):
+        return True
+    heads, groups, ffn = (divisibility["num_attention_heads"], divisibility["num_query_groups"],
+                          divisibility["ffn_hidden_size"])
+    return heads % tp == 0 and ffn % tp == 0 and (groups % tp == 0 or tp % groups == 0)
+
+
+def stage_strategies(devices: int, gpus_per_node: int, micro_batch: int, pipeline_degree: int,
+                     capability: Capability, kind: str, divisibility: dict[str, int],
+                     flash_attention: bool, pins: Pins = NO_PINS) -> list[Strategy]:
+    """All strategies for a layer of `kind` on a stage of `devices` devices that the capability and the
+    pins allow, with TP inside a node and the micro-batch (samples per pipeline micro-batch) divisible
+    by dp."""
+    transformer = kind in ("transformer", "cross_transformer")
+    out = []
+    for tp in range(1, devices + 1):
+        if devices % tp or tp > gpus_per_node or gpus_per_node % tp or not tp_fits_layer(tp, divisibility, kind):
+            continue
+        dp = devices // tp
+        if micro_batch % dp:
+            continue
+        for zero in ((0,) if dp == 1 else (0, 1, 2, 3)):
+            for rc in RECOMPUTE_MODES:
+                if rc == "selective" and flash_attention:
+                    continue  # with FlashAttention there is no score matrix for selective recompute to drop
+                if rc != "none" and not transformer:
+                    continue
+                s = Strategy(tp, dp, zero, rc)
+                if capability.allows(s, pipeline_degree) and pins.allows(s, micro_batch, transformer):
+                    out.append(s)
+    return out

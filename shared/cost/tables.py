@@ -1,0 +1,141 @@
+"""Cost tables of one subproblem (pipeline degree `deg`, micro-batch count `c`): the paper's A and M
+per run and strategy, resharding R between layouts on a stage, cross-stage R' per boundary.
+
+Everything the MIQP and the evaluator need is a number in these tables, so both price a plan
+identically.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from ..cluster.spec import ClusterSpec
+from ..model.graph import CHAIN, Layer, LayerGraph, Run
+from ..model.spec import TrainingSpec
+from .model import CostModel, LayerCost
+from .strategy import NO_PINS, Capability, Pins, Strategy, stage_strategies
+
+
+@dataclass
+class RunTable:
+    """The strategies one run may use on any stage, and the cost of one of its layers under each."""
+
+    run: Run
+    layer: Layer
+    strategies: list[Strategy]
+    costs: list[LayerCost]
+
+    @cached_property
+    def layouts(self) -> list[int]:
+        """Distinct TP degrees (the activation layout between layers) among the strategies."""
+        return sorted({s.tp for s in self.strategies})
+
+
+@dataclass
+class Subproblem:
+    """Tables for one (pipeline degree, micro-batch count) pair."""
+
+    graph: LayerGraph
+    capability: Capability
+    training: TrainingSpec
+    cluster: ClusterSpec
+    deg: int
+    c: int
+    runs: list[RunTable]
+    inflight: list[int]
+    memory_capacity: float
+    boundary_intra_node: list[bool]
+    cost_model: CostModel = field(repr=False)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.training.global_batch_size // self.c
+
+    @property
+    def stage_devices(self) -> int:
+        return self.cluster.num_gpus // self.deg
+
+    @property
+    def stage_intra_node(self) -> bool:
+        return self.stage_devices <= self.cluster.gpus_per_node
+
+    @property
+    def feasible_strategies(self) -> bool:
+        return all(rt.strategies for rt in self.runs)
+
+    def reshard_time(self, layer: Layer, tp_from: int, tp_to: int) -> float:
+        """Changing the activation layout between consecutive layers on one stage: an all-to-all among
+        the devices whose batch/sequence split changes, forward and backward (the paper's R)."""
+        if tp_from == tp_to or layer.output_bytes == 0:
+            return 0.0
+        group = max(tp_from, tp_to) // min(tp_from, tp_to)
+        per_device = layer.output_bytes * self.micro_batch / self.stage_devices
+        return 2.0 * self.cost_model.collective("all_to_all", per_device * group, group, True)
+
+    def p2p_time(self, layer: Layer, boundary: int) -> float:
+        """Sending `layer`'s output across pipeline boundary `boundary` (stage b to b+1) for one
+        micro-batch, forward activation and backward gradient (the paper's R'). Activations are split
+        over all of a stage's devices (sequence parallel x data parallel), each sending its share."""
+        per_device = layer.output_bytes * self.micro_batch / self.stage_devices
+        return 2.0 * self.cost_model.p2p(per_device, self.boundary_intra_node[boundary])
+
+    @cached_property
+    def chain_run_edges(self) -> list[tuple[int, int]]:
+        """Pairs of runs (a, b) joined by a chain edge from a's last layer to b's first layer."""
+        g = self.graph
+        return sorted({(g.run_of[e.src], g.run_of[e.dst]) for e in g.edges
+                       if e.kind == CHAIN and g.run_of[e.src] != g.run_of[e.dst]})
+
+    @cached_property
+    def run_successors(self) -> dict[int, list[tuple[int, str]]]:
+        """For each run, the other runs its last layer feeds, with the edge kind."""
+        g, out = self.graph, {}
+        for e in g.edges:
+            a, b = g.run_of[e.src], g.run_of[e.dst]
+            if a != b:
+                out.setdefault(a, set()).add((b, e.kind))
+        return {a: sorted(v) for a, v in out.items()}
+
+    def lower_bound(self) -> float:
+        """A valid lower bound on this subproblem's time per iteration: with deg stages and c
+        micro-batches, TPI >= sum(p) + (c-1)*max(p) >= sum(p) * (deg+c-1)/deg, and sum(p) is at least
+        every layer at its fastest strategy. Infinite when some run has no strategy."""
+        if not self.feasible_strategies:
+            return float("inf")
+        work = sum(rt.run.size * min(cost.time_per_microbatch for cost in rt.costs) for rt in self.runs)
+        return work * (self.deg + self.c - 1) / self.deg
+
+    def least_memory(self) -> float:
+        """Lower bound on the memory of the fullest stage: every layer at its leanest strategy, spread
+        perfectly over the stages."""
+        if not self.feasible_strategies:
+            return float("inf")
+        total = sum(rt.run.size * min(cost.state_bytes + cost.activation_bytes for cost in rt.costs)
+                    for rt in self.runs)
+        return total / self.deg
+
+    @cached_property
+    def compute_basis(self) -> set[str]:
+        return {cost.compute_basis for rt in self.runs for cost in rt.costs}
+
+
+def build_subproblem(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, capability: Capability,
+                     cost_model: CostModel, deg: int, c: int, pins: Pins = NO_PINS) -> Subproblem:
+    n = cluster.num_gpus // deg
+    mb = training.global_batch_size // c
+    G = cluster.gpus_per_node
+    runs = []
+    for run in graph.runs:
+        layer = graph.layers[run.first]
+        strategies = stage_strategies(n, G, mb, deg, capability, layer.kind, graph.divisibility,
+                                      training.flash_attention, pins)
+        costs = [cost_model.layer_cost(layer, s, mb, deg, n <= G) for s in strategies]
+        runs.append(RunTable(run, layer, strategies, costs))
+    # Stage i of a 1F1B pipeline keeps the activations of min(deg - i, c) micro-batches alive.
+    inflight = [min(deg - i, c) for i in range(deg)]
+    # Stages are consecutive blocks of n ranks; a boundary stays inside a node when both sides do.
+    boundary_intra = [n < G and ((i + 1) * n) % G != 0 for i in range(deg - 1)]
+    return Subproblem(graph=graph, capability=capability, training=training, cluster=cluster, deg=deg, c=c,
+                      runs=runs, inflight=inflight, memory_capacity=cluster.usable_memory_bytes,
+                      boundary_intra_node=boundary_intra, cost_model=cost_model)
+

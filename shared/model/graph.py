@@ -1,0 +1,306 @@
+"""The layer graph: a DAG of layers with per-sample sizes, built from a model and a training spec.
+
+Every quantity on a `Layer` is for one sample (one sequence) at tensor-parallel degree 1; the cost
+model scales it by micro-batch size and divides it over devices. Activation bytes follow Korthikanti
+et al. (2022), split into the parts tensor parallelism always divides (`act_split`), the parts only
+sequence parallelism divides (`act_seq`: layer-norm inputs, dropout masks, ...), and the attention-score
+parts (`act_scores`, a*s^2 terms) that FlashAttention and selective recompute drop.
+
+Consecutive identical layers form a *run*; the solver places and parallelizes runs with counts
+instead of per-layer binaries (see solver.miqp).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import SpecError
+from .spec import ModelSpec, TrainingSpec
+
+CHAIN, SKIP = "chain", "skip"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One node of the graph. `signature` is equal for layers with equal costs (profile key)."""
+
+    name: str
+    kind: str
+    signature: str
+    params_tp: int
+    params_rep: int
+    flops_fwd: float
+    act_split: float
+    act_seq: float
+    act_scores: float
+    input_bytes: float
+    output_bytes: float
+    tp_comm_bytes: float
+    tied_weights: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("params_tp", "params_rep", "flops_fwd", "act_split", "act_seq", "act_scores",
+                     "input_bytes", "output_bytes", "tp_comm_bytes"):
+            if getattr(self, name) < 0:
+                raise SpecError(f"invalid layer '{self.name}': field '{name}' must be >= 0")
+
+    @property
+    def params(self) -> int:
+        return self.params_tp + self.params_rep
+
+
+@dataclass(frozen=True)
+class Edge:
+    """Data flow u -> v. `chain`: v consumes u's output as its activation input (layout matters);
+    `skip`: v reads u's output on the side (e.g. T5 cross-attention memory)."""
+
+    src: int
+    dst: int
+    kind: str = CHAIN
+
+
+@dataclass(frozen=True)
+class Run:
+    """Layers first..last (inclusive, consecutive in topological order), identical, chained."""
+
+    first: int
+    last: int
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+
+@dataclass
+class LayerGraph:
+    """Layers in a topological order plus edges; validates acyclicity and computes runs."""
+
+    layers: list[Layer]
+    edges: list[Edge]
+    divisibility: dict[str, int] = field(default_factory=dict)
+    tokens_per_sample: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise SpecError("invalid layer graph: it has no layers")
+        n = len(self.layers)
+        for e in self.edges:
+            if not (0 <= e.src < n and 0 <= e.dst < n):
+                raise SpecError(f"invalid layer graph: edge {e.src}->{e.dst} names a missing layer")
+            if e.src >= e.dst:
+                raise SpecError(f"invalid layer graph: edge {e.src}->{e.dst} is not in topological order")
+            if e.kind not in (CHAIN, SKIP):
+                raise SpecError(f"invalid layer graph: edge kind '{e.kind}' (chain or skip)")
+        self.runs = self._find_runs()
+        self.run_of = [0] * n
+        for r, run in enumerate(self.runs):
+            for u in range(run.first, run.last + 1):
+                self.run_of[u] = r
+
+    def succ(self, u: int) -> list[Edge]:
+        return [e for e in self.edges if e.src == u]
+
+    def pred(self, u: int) -> list[Edge]:
+        return [e for e in self.edges if e.dst == u]
+
+    def _find_runs(self) -> list[Run]:
+        """Maximal blocks u..w where each next layer is identical, fed only by a chain edge from its
+        predecessor plus the same skip sources as the block's first layer, and each inner layer feeds
+        only its successor. Costs inside such a block do not depend on which layer is which."""
+        runs: list[Run] = []
+        start = 0
+        for v in range(1, len(self.layers) + 1):
+            if v < len(self.layers) and self._extends(start, v):
+                continue
+            runs.append(Run(start, v - 1))
+            start = v
+        return runs
+
+    def _extends(self, start: int, v: int) -> bool:
+        u = v - 1
+        if self.layers[v].signature != self.layers[start].signature:
+            return False
+        out_u = self.succ(u)
+        if len(out_u) != 1 or out_u[0] != Edge(u, v, CHAIN):
+            return False
+        in_v = self.pred(v)
+        skips_v = sorted(e.src for e in in_v if e.kind == SKIP)
+        chains_v = [e.src for e in in_v if e.kind == CHAIN]
+        skips_start = sorted(e.src for e in self.pred(start) if e.kind == SKIP)
+        return chains_v == [u] and skips_v == skips_start
+
+
+def build_graph(model: ModelSpec, training: TrainingSpec) -> LayerGraph:
+    """The layer DAG of `model` trained with `training` (sequence length, precision, attention kernel)."""
+    training.check_against(model)
+    b = _Builder(model, training)
+    return b.build()
+
+
+class _Builder:
+    def __init__(self, model: ModelSpec, training: TrainingSpec):
+        self.m, self.t = model, training
+        self.bpv = training.bytes_per_value
+        self.layers: list[Layer] = []
+        self.edges: list[Edge] = []
+
+    def build(self) -> LayerGraph:
+        m = self.m
+        if m.architecture == "vit":
+            s = m.vit_seq_length
+            prev = self._add(self._patch_embedding(s))
+            prev = self._stack(prev, "layer", m.num_layers, lambda: self._transformer("layer", s))
+            self._add(self._vit_head(s), chain_from=prev)
+        elif m.architecture == "encoder_decoder":
+            se = self.t.seq_length
+            sd = self.t.decoder_seq_length or se
+            prev = self._add(self._embedding("encoder_embedding", se))
+            enc_out = self._stack(prev, "encoder_layer", m.num_layers, lambda: self._transformer("encoder_layer", se))
+            dec_emb = self._add(self._embedding("decoder_embedding", sd, tied=m.tied_embeddings))
+            prev = dec_emb
+            for i in range(m.num_decoder_layers):
+                prev = self._add(self._cross_transformer(sd, se, i), chain_from=prev)
+                self.edges.append(Edge(enc_out, prev, SKIP))
+            self._add(self._lm_head(sd, tied=m.tied_embeddings), chain_from=prev)
+        else:
+            s = self.t.seq_length
+            prev = self._add(self._embedding("embedding", s))
+            prev = self._stack(prev, "layer", m.num_layers, lambda: self._transformer("layer", s))
+            head = self._bert_head(s) if m.architecture == "encoder" else self._lm_head(s, tied=m.tied_embeddings)
+            self._add(head, chain_from=prev)
+        m, t = self.m, self.t
+        tokens = {"vit": m.vit_seq_length,
+                  "encoder_decoder": t.seq_length + (t.decoder_seq_length or t.seq_length)}.get(m.architecture,
+                                                                                                t.seq_length)
+        return LayerGraph(self.layers, self.edges, divisibility=self._divisibility(), tokens_per_sample=tokens)
+
+    def _divisibility(self) -> dict[str, int]:
+        """Quantities a TP degree must divide (megatron-core: heads, query groups, FFN; see capability)."""
+        m = self.m
+        return {"num_attention_heads": m.num_attention_heads, "num_query_groups": m.query_groups,
+                "ffn_hidden_size": m.ffn_hidden_size}
+
+    def _add(self, layer: Layer, chain_from: int | None = None) -> int:
+        self.layers.append(layer)
+        idx = len(self.layers) - 1
+        if chain_from is not None:
+            self.edges.append(Edge(chain_from, idx, CHAIN))
+        return idx
+
+    def _stack(self, prev: int, kind: str, count: int, make) -> int:
+        layer = make()
+        for i in range(count):
+            prev = self._add(Layer(**{**layer.__dict__, "name": f"{kind}.{i}"}), chain_from=prev)
+        return prev
+
+    # --- per-layer physics -------------------------------------------------------------------------
+
+    def _signature(self, kind: str, s: int, extra: str = "") -> str:
+        m = self.m
+        return (f"{kind}/h{m.hidden_size}/a{m.num_attention_heads}/g{m.query_groups}/d{m.head_dim}"
+                f"/f{m.ffn_hidden_size}{'/glu' if m.gated_mlp else ''}{'/bias' if m.add_bias else ''}"
+                f"/s{s}{extra}/{self.t.precision}{'/flash' if self.t.flash_attention else ''}")
+
+    def _norm_params(self) -> int:
+        return (2 if self.m.normalization == "layernorm" else 1) * self.m.hidden_size
+
+    def _attention(self, s_q: int, s_kv: int, self_attn: bool) -> dict[str, float]:
+        """One attention block (its norm included): parameters, FLOPs and saved bytes per sample."""
+        m, bpv = self.m, self.bpv
+        h, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
+        drop = m.dropout > 0
+        mask = 1 if drop else 0
+        params_tp = h * (q + 2 * kv) + q * h + (q + 2 * kv if m.add_bias else 0)
+        params_rep = self._norm_params() + (h if m.add_bias else 0)
+        flops = 2 * s_q * h * q + 2 * s_kv * h * 2 * kv + 2 * s_q * q * h + 4 * s_q * s_kv * q
+        act_seq = bpv * s_q * h * 2 + mask * s_q * h  # norm input, Q(KV) input, output dropout mask
+        if not self_attn:
+            act_seq += bpv * s_kv * h  # the encoder output that K and V are computed from
+        act_split = bpv * s_q * q + bpv * s_kv * 2 * kv + bpv * s_q * q  # Q, K, V, projection input
+        if self.t.flash_attention:
+            scores = 4 * m.num_attention_heads * s_q  # the softmax statistics (fp32) only
+        else:
+            scores = m.num_attention_heads * s_q * s_kv * (bpv + (mask + bpv if drop else 0))
+        return dict(params_tp=params_tp, params_rep=params_rep, flops=flops, act_seq=act_seq,
+                    act_split=act_split, scores=scores)
+
+    def _mlp(self, s: int) -> dict[str, float]:
+        m, bpv = self.m, self.bpv
+        h, f = m.hidden_size, m.ffn_hidden_size
+        up = 2 if m.gated_mlp else 1
+        params_tp = (up + 1) * h * f + (up * f if m.add_bias else 0)
+        params_rep = self._norm_params() + (h if m.add_bias else 0)
+        flops = 2 * s * (up + 1) * h * f
+        act_seq = bpv * s * h * 2 + (s * h if m.dropout > 0 else 0)  # norm input, fc1 input, mask
+        act_split = bpv * s * f * (up + 1)  # fc1 output(s), fc2 input
+        return dict(params_tp=params_tp, params_rep=params_rep, flops=flops, act_seq=act_seq,
+                    act_split=act_split, scores=0.0)
+
+    def _combine(self, name: str, kind: str, s: int, parts: list[dict[str, float]], tp_comm: float,
+                 extra_sig: str = "") -> Layer:
+        bpv, h = self.bpv, self.m.hidden_size
+        return Layer(
+            name=name, kind=kind, signature=self._signature(kind, s, extra_sig),
+            params_tp=int(sum(p["params_tp"] for p in parts)), params_rep=int(sum(p["params_rep"] for p in parts)),
+            flops_fwd=float(sum(p["flops"] for p in parts)), act_split=float(sum(p["act_split"] for p in parts)),
+            act_seq=float(sum(p["act_seq"] for p in parts)), act_scores=float(sum(p["scores"] for p in parts)),
+            input_bytes=float(bpv * s * h), output_bytes=float(bpv * s * h), tp_comm_bytes=float(tp_comm))
+
+    def _transformer(self, kind: str, s: int) -> Layer:
+        h = self.m.hidden_size
+        return self._combine(kind, "transformer", s, [self._attention(s, s, True), self._mlp(s)],
+                             tp_comm=2 * self.bpv * s * h)
+
+    def _cross_transformer(self, s: int, s_enc: int, i: int) -> Layer:
+        h, bpv = self.m.hidden_size, self.bpv
+        layer = self._combine(f"decoder_layer.{i}", "cross_transformer", s,
+                              [self._attention(s, s, True), self._attention(s, s_enc, False), self._mlp(s)],
+                              tp_comm=3 * bpv * s * h + bpv * s_enc * h, extra_sig=f"/x{s_enc}")
+        return layer
+
+    def _embedding(self, name: str, s: int, tied: bool = False) -> Layer:
+        m, bpv = self.m, self.bpv
+        h = m.hidden_size
+        pos = m.max_position_embeddings * h if m.position_embedding == "learned" else 0
+        types = 2 * h if m.architecture == "encoder" else 0
+        return Layer(name=name, kind="embedding", signature=self._signature("embedding", s, f"/v{m.vocab_size}"),
+                     params_tp=0 if tied else m.vocab_size * h, params_rep=pos + types,
+                     flops_fwd=0.0, act_split=0.0, act_seq=float(s * h if m.dropout > 0 else 0),
+                     act_scores=0.0, input_bytes=float(8 * s), output_bytes=float(bpv * s * h),
+                     tp_comm_bytes=float(bpv * s * h), tied_weights=tied)
+
+    def _lm_head(self, s: int, tied: bool) -> Layer:
+        """Final norm, output projection and vocab-parallel cross-entropy (fp32 logits kept)."""
+        m, bpv = self.m, self.bpv
+        h, v = m.hidden_size, m.vocab_size
+        return Layer(name="lm_head", kind="head", signature=self._signature("lm_head", s, f"/v{v}"),
+                     params_tp=v * h, params_rep=self._norm_params(), flops_fwd=float(2 * s * h * v),
+                     act_split=float((bpv + 4) * s * v), act_seq=float(2 * bpv * s * h), act_scores=0.0,
+                     input_bytes=float(bpv * s * h), output_bytes=0.0, tp_comm_bytes=float(bpv * s * h),
+                     tied_weights=tied)
+
+    def _bert_head(self, s: int) -> Layer:
+        """Pooler, masked-LM transform (dense + norm) and the tied output projection."""
+        m, bpv = self.m, self.bpv
+        h, v = m.hidden_size, m.vocab_size
+        return Layer(name="mlm_head", kind="head", signature=self._signature("mlm_head", s, f"/v{v}"),
+                     params_tp=v * h, params_rep=2 * (h * h + h) + self._norm_params(),
+                     flops_fwd=float(2 * s * h * h + 2 * s * h * v), act_split=float((bpv + 4) * s * v),
+                     act_seq=float(3 * bpv * s * h), act_scores=0.0, input_bytes=float(bpv * s * h),
+                     output_bytes=0.0, tp_comm_bytes=float(bpv * s * h), tied_weights=m.tied_embeddings)
+
+    def _patch_embedding(self, s: int) -> Layer:
+        m, bpv = self.m, self.bpv
+        h, pix = m.hidden_size, m.patch_size ** 2 * m.num_channels
+        return Layer(name="patch_embedding", kind="embedding",
+                     signature=self._signature("patch_embedding", s, f"/p{m.patch_size}"),
+                     params_tp=0, params_rep=pix * h + h + s * h + h, flops_fwd=float(2 * (s - 1) * pix * h),
+                     act_split=0.0, act_seq=float(bpv * (s - 1) * pix), act_scores=0.0,
+                     input_bytes=float(bpv * (s - 1) * pix), output_bytes=float(bpv * s * h), tp_comm_bytes=0.0)
+
+    def _vit_head(self, s: int) -> Layer:
+        m, bpv = self.m, self.bpv
+        h = m.hidden_size
+        return Layer(name="cls_head", kind="head", signature=self._signature("cls_head", s, f"/c{m.num_classes}"),
+                     params_tp=0, params_rep=self._norm_params() + h * m.num_classes + m.num_classes,
+                     flops_fwd=float(2 * h * m.num_classes), act_split=0.0, act_seq=float(bpv * s * h),
+                     act_scores=0.0, input_bytes=float(bpv * s * h), output_bytes=0.0, tp_comm_bytes=0.0)

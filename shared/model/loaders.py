@@ -1,0 +1,107 @@
+"""Model specs from files: uniap's own YAML/JSON, or a Hugging Face `config.json` on disk (no network)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import SpecError
+from .presets import MODEL_PRESETS, model_preset
+from .spec import ModelSpec
+
+
+def read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """Read a YAML or JSON file holding one mapping; errors name the file and the problem."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read {what} file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"{what} file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{what} file {path} must hold a mapping of fields, not {type(data).__name__}")
+    return data
+
+
+def load_model(ref: str) -> ModelSpec:
+    """A preset name, a uniap YAML/JSON spec file, or a Hugging Face config.json (file or folder)."""
+    if ref in MODEL_PRESETS:
+        return MODEL_PRESETS[ref]
+    path = Path(ref)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        return model_preset(ref)  # raises with the list of presets
+    data = read_mapping(path, "model")
+    if "model_type" in data or "architectures" in data:
+        return from_hf_config(data, name=path.parent.name if path.name == "config.json" else path.stem)
+    data.setdefault("name", path.stem)
+    return ModelSpec.from_dict(data)
+
+
+def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    if default is None:
+        raise SpecError(f"Hugging Face config has none of the fields {', '.join(keys)}")
+    return default
+
+
+def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
+    """Translate a Hugging Face config.json (llama/mistral/qwen2, gpt2, bert/roberta, t5, vit)."""
+    kind = cfg.get("model_type", "")
+    if kind in ("llama", "mistral", "qwen2", "qwen3"):
+        heads = _get(cfg, "num_attention_heads")
+        return ModelSpec(
+            name=name, architecture="decoder", num_layers=_get(cfg, "num_hidden_layers"),
+            hidden_size=_get(cfg, "hidden_size"), num_attention_heads=heads,
+            num_query_groups=cfg.get("num_key_value_heads") or heads, kv_channels=cfg.get("head_dim"),
+            ffn_hidden_size=_get(cfg, "intermediate_size"), vocab_size=_get(cfg, "vocab_size"),
+            gated_mlp=True, normalization="rmsnorm", tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            position_embedding="rope", max_position_embeddings=_get(cfg, "max_position_embeddings"),
+            add_bias=bool(cfg.get("attention_bias", kind == "qwen2")), dropout=float(cfg.get("attention_dropout", 0.0)))
+    if kind == "gpt2":
+        hidden = _get(cfg, "n_embd", "hidden_size")
+        return ModelSpec(
+            name=name, architecture="decoder", num_layers=_get(cfg, "n_layer", "num_hidden_layers"),
+            hidden_size=hidden, num_attention_heads=_get(cfg, "n_head", "num_attention_heads"),
+            ffn_hidden_size=cfg.get("n_inner") or 4 * hidden, vocab_size=_get(cfg, "vocab_size"),
+            max_position_embeddings=_get(cfg, "n_positions", "max_position_embeddings"),
+            dropout=float(cfg.get("resid_pdrop", 0.1)))
+    if kind in ("bert", "roberta"):
+        return ModelSpec(
+            name=name, architecture="encoder", num_layers=_get(cfg, "num_hidden_layers"),
+            hidden_size=_get(cfg, "hidden_size"), num_attention_heads=_get(cfg, "num_attention_heads"),
+            ffn_hidden_size=_get(cfg, "intermediate_size"), vocab_size=_get(cfg, "vocab_size"),
+            max_position_embeddings=_get(cfg, "max_position_embeddings"),
+            dropout=float(cfg.get("hidden_dropout_prob", 0.1)))
+    if kind in ("t5", "mt5"):
+        layers = _get(cfg, "num_layers")
+        proj = cfg.get("feed_forward_proj", "relu")
+        return ModelSpec(
+            name=name, architecture="encoder_decoder", num_layers=layers,
+            num_decoder_layers=cfg.get("num_decoder_layers") or layers, hidden_size=_get(cfg, "d_model"),
+            num_attention_heads=_get(cfg, "num_heads"), kv_channels=_get(cfg, "d_kv"),
+            ffn_hidden_size=_get(cfg, "d_ff"), vocab_size=_get(cfg, "vocab_size"),
+            gated_mlp=str(proj).startswith("gated"), normalization="rmsnorm",
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", True)), position_embedding="relative",
+            max_position_embeddings=int(cfg.get("n_positions", 512)), add_bias=False,
+            dropout=float(cfg.get("dropout_rate", 0.1)))
+    if kind == "vit":
+        image, patch = _get(cfg, "image_size"), _get(cfg, "patch_size")
+        return ModelSpec(
+            name=name, architecture="vit", num_layers=_get(cfg, "num_hidden_layers"),
+            hidden_size=_get(cfg, "hidden_size"), num_attention_heads=_get(cfg, "num_attention_heads"),
+            ffn_hidden_size=_get(cfg, "intermediate_size"), image_size=image, patch_size=patch,
+            num_channels=int(cfg.get("num_channels", 3)), num_classes=len(cfg.get("id2label", {})) or 1000,
+            tied_embeddings=False, max_position_embeddings=(image // patch) ** 2 + 1,
+            dropout=float(cfg.get("hidden_dropout_prob", 0.0)))
+    raise SpecError(f"Hugging Face model_type '{kind}' is not supported; supported: llama, mistral, qwen2, "
+                    f"qwen3, gpt2, bert, roberta, t5, mt5, vit",
+                    "write a uniap model spec (YAML) with the same hyperparameters")

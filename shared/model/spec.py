@@ -1,0 +1,169 @@
+"""Model and training hyperparameters: what the planner needs to know about the network and the job.
+
+`ModelSpec` describes the architecture (named as in megatron-core's `TransformerConfig`);
+`TrainingSpec` the job (global batch, sequence length, precision). Both validate at construction and
+raise `SpecError` naming the field and the rule it breaks.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from ..errors import SpecError
+
+Architecture = Literal["decoder", "encoder", "encoder_decoder", "vit"]
+ARCHITECTURES = ("decoder", "encoder", "encoder_decoder", "vit")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def _require(cond: bool, field: str, rule: str) -> None:
+    if not cond:
+        raise SpecError(f"invalid spec: field '{field}': {rule}")
+
+
+def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 name, f"must be a positive integer (got {value!r})")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A transformer's hyperparameters.
+
+    `num_layers` counts transformer layers (for `encoder_decoder`, the encoder's; the decoder's are
+    `num_decoder_layers`). `num_query_groups` None means multi-head attention (groups = heads).
+    `gated_mlp` is SwiGLU/GeGLU (three FFN matrices). For `vit`, the sequence is
+    (image_size / patch_size)^2 + 1 and `vocab_size` is ignored.
+    """
+
+    name: str
+    architecture: Architecture
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    vocab_size: int = 0
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    num_decoder_layers: int = 0
+    gated_mlp: bool = False
+    normalization: Literal["layernorm", "rmsnorm"] = "layernorm"
+    tied_embeddings: bool = True
+    position_embedding: Literal["learned", "rope", "relative"] = "learned"
+    max_position_embeddings: int = 2048
+    add_bias: bool = True
+    dropout: float = 0.1
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    num_classes: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and bool(self.name), "name", "must be a non-empty string")
+        _require(self.architecture in ARCHITECTURES, "architecture", f"must be one of {', '.join(ARCHITECTURES)}")
+        _positive_ints(self, ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                              "max_position_embeddings"))
+        if self.architecture != "vit":
+            _positive_ints(self, ("vocab_size",))
+        else:
+            _positive_ints(self, ("image_size", "patch_size", "num_channels", "num_classes"))
+            _require(self.image_size % self.patch_size == 0, "image_size",
+                     f"must be divisible by patch_size ({self.image_size} % {self.patch_size} != 0)")
+        if self.architecture == "encoder_decoder":
+            _positive_ints(self, ("num_decoder_layers",))
+        else:
+            _require(self.num_decoder_layers == 0, "num_decoder_layers",
+                     "only an encoder_decoder model has decoder layers")
+        if self.kv_channels is None:
+            _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                     f"must be divisible by num_attention_heads ({self.hidden_size} % "
+                     f"{self.num_attention_heads} != 0) unless kv_channels is given")
+        else:
+            _positive_ints(self, ("kv_channels",))
+        if self.num_query_groups is not None:
+            _positive_ints(self, ("num_query_groups",))
+            _require(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
+                     f"num_attention_heads ({self.num_attention_heads}) must be divisible by it "
+                     f"({self.num_query_groups})")
+        _require(self.normalization in ("layernorm", "rmsnorm"), "normalization", "must be layernorm or rmsnorm")
+        _require(self.position_embedding in ("learned", "rope", "relative"), "position_embedding",
+                 "must be learned, rope or relative")
+        _require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout",
+                 "must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def vit_seq_length(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        return _from_dict(cls, data, "model")
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """The job: global batch (samples per iteration), sequence length, precision, attention kernel.
+
+    `flash_attention` True means the attention kernel keeps no s x s score matrix (FlashAttention,
+    Transformer Engine fused attention); False keeps the Korthikanti et al. 5*a*s^2*b bytes per layer.
+    `decoder_seq_length` is the target length of an encoder-decoder model (defaults to seq_length).
+    """
+
+    global_batch_size: int
+    seq_length: int
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    flash_attention: bool = True
+    decoder_seq_length: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, ("global_batch_size", "seq_length"))
+        if self.decoder_seq_length is not None:
+            _positive_ints(self, ("decoder_seq_length",))
+        _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+
+    @property
+    def bytes_per_value(self) -> int:
+        return 4 if self.precision == "fp32" else 2
+
+    def check_against(self, model: ModelSpec) -> None:
+        """Rules that involve both specs (Megatron asserts the same: max_position_embeddings >= seq)."""
+        if model.architecture == "vit":
+            return
+        _require(model.max_position_embeddings >= self.seq_length, "seq_length",
+                 f"must not exceed the model's max_position_embeddings ({self.seq_length} > "
+                 f"{model.max_position_embeddings}); use a shorter --seq-length or a model spec with "
+                 f"larger max_position_embeddings")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainingSpec":
+        return _from_dict(cls, data, "training")
+
+
+def _from_dict(cls, data: dict[str, Any], what: str):
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid {what} spec: expected a mapping of fields, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SpecError(f"invalid {what} spec: unknown field(s) {', '.join(unknown)}; "
+                        f"known fields: {', '.join(sorted(known))}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a required field is missing
+        raise SpecError(f"invalid {what} spec: {exc}") from None

@@ -1,0 +1,176 @@
+"""The Plan: what the planner chose and what it predicts, as JSON the adapters translate.
+
+Named after the paper's quantities: pipeline degree `deg`, micro-batch count `c`, the placement
+(layer -> stage) and each layer's intra-layer strategy; predicted time per iteration (TPI) and its
+per-stage parts; the basis of every number (measured profile or analytic estimate); the solver's
+status, gap and time per subproblem.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cost.evaluate import Prediction
+from .cost.model import ESTIMATED, MEASURED
+from .cost.strategy import Strategy
+from .cost.tables import Subproblem
+from .errors import SpecError
+from .profile.schema import write_json_atomic
+
+PLAN_FORMAT = "uniap-plan"
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    kind: str
+    stage: int
+    strategy: Strategy
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    first_layer: str
+    last_layer: str
+    num_layers: int
+    time_per_microbatch: float
+    time_per_iteration_extra: float
+    memory_bytes: float
+
+
+@dataclass
+class Plan:
+    """A parallelization plan with its predicted performance. `micro_batch` is the number of samples
+    in one pipeline micro-batch (all data-parallel replicas of a stage together)."""
+
+    target: str
+    model: dict[str, Any]
+    cluster: dict[str, Any]
+    training: dict[str, Any]
+    pipeline_degree: int
+    micro_batches: int
+    micro_batch: int
+    devices_per_stage: int
+    layers: list[LayerPlan]
+    stages: list[StagePlan]
+    boundary_time: list[float]
+    time_per_iteration: float
+    samples_per_second: float
+    tokens_per_second: float
+    mfu: float
+    memory_capacity_bytes: float
+    basis: dict[str, str]
+    solver: dict[str, Any] = field(default_factory=dict)
+    pins: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.pipeline_degree < 1 or self.micro_batches < 1 or self.micro_batch < 1:
+            raise SpecError("invalid plan: pipeline_degree, micro_batches and micro_batch must be >= 1")
+        if self.micro_batch * self.micro_batches != self.training["global_batch_size"]:
+            raise SpecError("invalid plan: micro_batch * micro_batches must equal the global batch size")
+        if {lp.stage for lp in self.layers} != set(range(self.pipeline_degree)):
+            raise SpecError("invalid plan: every stage must hold at least one layer")
+        if len(self.stages) != self.pipeline_degree:
+            raise SpecError("invalid plan: one stage entry per pipeline stage is required")
+
+    # --- views the adapters use -------------------------------------------------------------------
+
+    @property
+    def uniform_strategy(self) -> Strategy | None:
+        """The strategy shared by every transformer layer, if there is one (Megatron, DeepSpeed)."""
+        found = {lp.strategy for lp in self.layers if lp.kind in ("transformer", "cross_transformer")}
+        return next(iter(found)) if len(found) == 1 else None
+
+    def stage_layer_counts(self, kinds: tuple[str, ...] = ("transformer", "cross_transformer")) -> list[int]:
+        counts = [0] * self.pipeline_degree
+        for lp in self.layers:
+            if lp.kind in kinds:
+                counts[lp.stage] += 1
+        return counts
+
+    # --- JSON -------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = [{**asdict(lp), "strategy": lp.strategy.to_dict()} for lp in self.layers]
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(Path(path), self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "plan") -> "Plan":
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise SpecError(f"{source} is not a uniap plan (no \"format\": \"{PLAN_FORMAT}\")",
+                            "create one with `uniap plan ... -o plan.json`")
+        if data.get("version") != PLAN_VERSION:
+            raise SpecError(f"{source} has plan version {data.get('version')!r}; this uniap reads {PLAN_VERSION}",
+                            "re-plan with this uniap version")
+        body = {k: v for k, v in data.items() if k not in ("format", "version")}
+        try:
+            body["layers"] = [LayerPlan(name=lp["name"], kind=lp["kind"], stage=lp["stage"],
+                                        strategy=Strategy(**lp["strategy"])) for lp in body["layers"]]
+            body["stages"] = [StagePlan(**sp) for sp in body["stages"]]
+            return cls(**body)
+        except (KeyError, TypeError) as exc:
+            raise SpecError(f"corrupt plan {source}: {exc}", "re-plan; do not edit the file by hand") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise SpecError(f"cannot read plan {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"corrupt plan {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def model_flops_per_iteration(sub: Subproblem) -> float:
+    """Forward + backward FLOPs of one iteration without recompute (3x forward), for MFU."""
+    return 3.0 * sum(layer.flops_fwd for layer in sub.graph.layers) * sub.training.global_batch_size
+
+
+def make_plan(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy], pred: Prediction,
+              model: dict[str, Any], solver: dict[str, Any], pins: dict[str, Any] | None = None) -> Plan:
+    """Assemble the Plan for one priced assignment."""
+    g = sub.graph
+    layers = [LayerPlan(layer.name, layer.kind, stage_of[u], strategy_of[u]) for u, layer in enumerate(g.layers)]
+    stages = []
+    for i in range(sub.deg):
+        members = [lp.name for lp in layers if lp.stage == i]
+        stages.append(StagePlan(index=i, first_layer=members[0], last_layer=members[-1], num_layers=len(members),
+                                time_per_microbatch=pred.stage_time[i],
+                                time_per_iteration_extra=pred.stage_iteration_time[i],
+                                memory_bytes=pred.stage_memory[i]))
+    tpi = pred.time_per_iteration
+    samples = sub.training.global_batch_size / tpi
+    c = sub.cluster
+    mfu = model_flops_per_iteration(sub) / (tpi * c.num_gpus * c.peak_tflops * 1e12)
+    compute = sub.compute_basis
+    basis = {
+        "compute": MEASURED if compute == {MEASURED} else ESTIMATED if compute == {ESTIMATED} else "mixed",
+        "communication": _basis(sub.cost_model.comm_bases),
+        "overlap": sub.cost_model.overlap_basis,
+        "memory": ESTIMATED,
+    }
+    return Plan(target=sub.capability.name, model=model, cluster=c.to_dict(), training=sub.training.to_dict(),
+                pipeline_degree=sub.deg, micro_batches=sub.c, micro_batch=sub.micro_batch,
+                devices_per_stage=sub.stage_devices, layers=layers, stages=stages,
+                boundary_time=pred.boundary_time, time_per_iteration=tpi, samples_per_second=samples,
+                tokens_per_second=samples * g.tokens_per_sample, mfu=mfu,
+                memory_capacity_bytes=sub.memory_capacity, basis=basis, solver=solver, pins=pins or {})
+
+
+def _basis(bases: set[str]) -> str:
+    if bases == {MEASURED}:
+        return MEASURED
+    return "mixed" if MEASURED in bases else ESTIMATED

@@ -1,0 +1,51 @@
+"""Human-readable summaries of plans and predictions (the CLI's table)."""
+from __future__ import annotations
+
+from collections import Counter
+
+from .plan import Plan
+
+GiB = 2 ** 30
+
+
+def _seconds(t: float) -> str:
+    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.3f} s"
+
+
+def describe_stage(plan: Plan, stage: int) -> str:
+    counts = Counter(lp.strategy.label for lp in plan.layers if lp.stage == stage
+                     and lp.kind in ("transformer", "cross_transformer"))
+    others = Counter(lp.strategy.label for lp in plan.layers if lp.stage == stage
+                     and lp.kind not in ("transformer", "cross_transformer"))
+    text = ", ".join(f"{n}x {label}" for label, n in counts.most_common())
+    if others:
+        text += ("; " if text else "") + "other: " + ", ".join(f"{label}" for label in others)
+    return text
+
+
+def render(plan: Plan, title: str) -> str:
+    m, c, t = plan.model, plan.cluster, plan.training
+    lines = [
+        f"{title}: {m['name']} on {c['name']} ({c['num_nodes']} x {c['gpus_per_node']} {c['gpu_name']}), "
+        f"global batch {t['global_batch_size']}, seq {t['seq_length']}, {t['precision']}, target {plan.target}",
+        f"  pipeline degree {plan.pipeline_degree}, {plan.micro_batches} micro-batches of {plan.micro_batch} samples, "
+        f"{plan.devices_per_stage} GPUs per stage",
+        f"  predicted: {plan.time_per_iteration:.3f} s/iteration, {plan.samples_per_second:.2f} samples/s, "
+        f"{plan.tokens_per_second:,.0f} tokens/s, MFU {plan.mfu * 100:.1f}%",
+        "  basis: " + ", ".join(f"{k} {v}" for k, v in plan.basis.items()),
+        "",
+        f"  {'stage':>5}  {'layers':<34} {'time/micro-batch':>16}  {'memory (GiB)':>14}  strategies",
+    ]
+    cap = plan.memory_capacity_bytes / GiB
+    for s in plan.stages:
+        span = f"{s.first_layer}..{s.last_layer} ({s.num_layers})"
+        lines.append(f"  {s.index:>5}  {span:<34} {_seconds(s.time_per_microbatch):>16}  "
+                     f"{s.memory_bytes / GiB:>6.1f} / {cap:<5.1f}  {describe_stage(plan, s.index)}")
+    if plan.solver:
+        sv = plan.solver
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(sv.get("subproblem_counts", {}).items()))
+        lines += ["", f"  solver: {sv['status']} (gap {sv['gap'] * 100:.3f}%), {len(sv.get('subproblems', []))} "
+                      f"subproblems ({counts}), {sv['seconds']:.2f} s"]
+    if plan.pins:
+        lines.append("  pinned: " + ", ".join(f"{k}={v}" for k, v in plan.pins.items()))
+    return "\n".join(lines)

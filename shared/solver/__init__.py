@@ -1,0 +1,1 @@
+"""The MIQP per subproblem and the unified optimization process over them."""

@@ -1,0 +1,320 @@
+"""The MIQP of one subproblem (pipeline degree deg, micro-batch count c), in CVXPY, solved by SCIP.
+
+Variables follow the paper, compressed over runs of identical layers (exact: layers in a run have equal
+costs, so only how many of them each stage holds under each strategy matters):
+- N[r][i, k]  integer, layers of run r on stage i using strategy k (the paper's P[u][i] * S[u][k]);
+- Zf/Zl[r][i] binary, run r's first/last layer sits on a stage <= i (order preservation);
+- Lay[r][i, l] binary, the TP degree (activation layout) of run r's layers on stage i.
+Products of binaries are linearized (y >= x1 + x2 - 1), the max of the 1F1B objective becomes an
+epigraph variable. With deg = 1 there is no placement and the problem is the paper's QIP.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+
+import cvxpy as cp
+import numpy as np
+
+from ..cost.strategy import Strategy
+from ..cost.tables import RunTable, Subproblem
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GAP = 1e-4
+GIB = float(2 ** 30)  # memory rows in GiB keep coefficients near 1 (bytes would span 1e-2..1e11)
+
+
+@dataclass
+class SubproblemResult:
+    """Outcome of one subproblem: status optimal | infeasible | time_limit | pruned | no_strategy."""
+
+    deg: int
+    c: int
+    status: str
+    objective: float | None = None
+    bound: float | None = None
+    gap: float | None = None
+    solve_seconds: float = 0.0
+    stage_of: list[int] | None = None
+    strategy_of: list[Strategy] | None = None
+
+    def to_dict(self) -> dict:
+        return {"pipeline_degree": self.deg, "micro_batches": self.c, "status": self.status,
+                "time_per_iteration": self.objective, "bound": self.bound, "gap": self.gap,
+                "solve_seconds": round(self.solve_seconds, 4)}
+
+
+class _Formulation:
+    """Builds the constraint families of one subproblem; each method is one family of the paper."""
+
+    def __init__(self, sub: Subproblem):
+        self.sub = sub
+        self.deg = sub.deg
+        self.cons: list = []
+        self.N = [self._counts(rt) for rt in sub.runs]
+        self.C = [cp.sum(N, axis=1) for N in self.N]  # layers of run r per stage
+        self.Zf, self.Zl = [], []
+        self.Lay = [None] * len(sub.runs)
+
+    def _counts(self, rt: RunTable) -> cp.Variable:
+        shape = (self.deg, len(rt.strategies))
+        if rt.run.size == 1:
+            return cp.Variable(shape, boolean=True)
+        return cp.Variable(shape, integer=True)
+
+    # --- placement and order preservation --------------------------------------------------------
+
+    def placement(self) -> None:
+        """Every layer on exactly one stage; no stage empty."""
+        for rt, N, C in zip(self.sub.runs, self.N, self.C):
+            self.cons += [N >= 0, cp.sum(C) == rt.run.size]
+            if rt.run.size > 1:
+                self.cons.append(N <= rt.run.size)
+        self.cons.append(sum(self.C) >= 1)
+
+    def order_preserving(self) -> None:
+        """Stage of a layer never exceeds its successors' (contiguous stages on the DAG)."""
+        one = np.ones(1)
+        for rt, C in zip(self.sub.runs, self.C):
+            n = rt.run.size
+            if self.deg == 1:
+                self.Zf.append(cp.Constant(one))
+                self.Zl.append(cp.Constant(one))
+                continue
+            F = cp.cumsum(C)[: self.deg - 1]  # layers of the run on stages <= i
+            if n == 1:
+                zf = zl = F
+            else:
+                zf = cp.Variable(self.deg - 1, boolean=True)
+                zl = cp.Variable(self.deg - 1, boolean=True)
+                self.cons += [F >= zf, F <= n * zf, F >= n * zl, F <= n - 1 + zl]
+                if self.deg > 2:
+                    self.cons += [zf[1:] >= zf[:-1], zl[1:] >= zl[:-1]]
+            self.Zf.append(cp.hstack([zf, one]))
+            self.Zl.append(cp.hstack([zl, one]))
+        for a, succ in self.sub.run_successors.items():
+            for b, _kind in succ:
+                self.cons.append(self.Zl[a][:-1] >= self.Zf[b][:-1])
+
+    # --- strategy selection ----------------------------------------------------------------------
+
+    def strategy_selection(self) -> None:
+        """One layout per run and stage; the capability's framework-wide ties as shared one-hots."""
+        cap, runs, deg = self.sub.capability, self.sub.runs, self.deg
+        ones = np.ones((deg, 1))
+        if cap.uniform_tp:
+            tps = sorted({tp for rt in runs for tp in rt.layouts})
+            g_tp = cp.Variable(len(tps), boolean=True)
+            self.cons.append(cp.sum(g_tp) == 1)
+        for r, (rt, N) in enumerate(zip(runs, self.N)):
+            L = rt.layouts
+            if len(L) == 1 and not cap.uniform_tp:
+                continue
+            to_strat = np.array([[1.0 if s.tp == tp else 0.0 for s in rt.strategies] for tp in L])
+            if cap.uniform_tp:
+                idx = [tps.index(tp) for tp in L]
+                chosen = g_tp[idx]
+                self.cons.append(cp.sum(chosen) == 1)
+                lay = ones @ cp.reshape(chosen, (1, len(L)), order="C")
+            else:
+                lay = cp.Variable((deg, len(L)), boolean=True)
+                self.cons.append(cp.sum(lay, axis=1) == 1)
+            self.Lay[r] = lay
+            self.cons.append(N <= rt.run.size * (lay @ to_strat))
+        if cap.uniform_zero:
+            self._tie(lambda s: s.zero, lambda rt, s: s.dp > 1)
+        if cap.uniform_recompute:
+            self._tie(lambda s: s.recompute, lambda rt, s: rt.layer.kind in ("transformer", "cross_transformer"))
+
+    def _tie(self, value, applies) -> None:
+        """One value of `value(strategy)` for every (run, strategy) where `applies`."""
+        values = sorted({value(s) for rt in self.sub.runs for s in rt.strategies if applies(rt, s)})
+        if len(values) <= 1:
+            return
+        g = cp.Variable(len(values), boolean=True)
+        self.cons.append(cp.sum(g) == 1)
+        ones = np.ones((self.deg, 1))
+        for rt, N in zip(self.sub.runs, self.N):
+            cols = [k for k, s in enumerate(rt.strategies) if applies(rt, s)]
+            if not cols:
+                continue
+            pick = np.zeros((len(values), len(cols)))
+            for j, k in enumerate(cols):
+                pick[values.index(value(rt.strategies[k])), j] = 1.0
+            self.cons.append(N[:, cols] <= rt.run.size * (ones @ cp.reshape(g @ pick, (1, len(cols)), order="C")))
+
+    # --- costs -----------------------------------------------------------------------------------
+
+    def _layout_col(self, r: int, tp: int):
+        lay = self.Lay[r]
+        if lay is None:  # a single layout
+            return np.ones(self.deg)
+        return lay[:, self.sub.runs[r].layouts.index(tp)]
+
+    @staticmethod
+    def _on_stage(Z) -> cp.Expression:
+        """Indicator per stage from a cumulative indicator Z (1 from some stage on)."""
+        return Z - cp.hstack([np.zeros(1), Z[:-1]])
+
+    def stage_time(self) -> cp.Expression:
+        """p_i: the layers' time per micro-batch plus resharding between runs on the stage."""
+        p = sum(N @ np.array([c.time_per_microbatch for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+        for a, b in self.sub.chain_run_edges:
+            ra, rb = self.sub.runs[a], self.sub.runs[b]
+            pairs = [(la, lb, self.sub.reshard_time(ra.layer, la, lb)) for la in ra.layouts for lb in rb.layouts]
+            pairs = [x for x in pairs if x[2] > 0]
+            if not pairs or self.sub.capability.uniform_tp:
+                continue
+            t = cp.Variable(self.deg, nonneg=True)
+            both = self._on_stage(self.Zl[a]) + self._on_stage(self.Zf[b])
+            for la, lb, cost in pairs:
+                self.cons.append(t >= cost * (both + self._layout_col(a, la) + self._layout_col(b, lb) - 3))
+            p = p + t
+        return p
+
+    def communication_time(self) -> cp.Expression | None:
+        """o_j: P2P of every tensor crossing boundary j (a layer on a stage <= j feeding one > j)."""
+        if self.deg == 1:
+            return None
+        sub, deg = self.sub, self.deg
+        o = 0
+        for r, rt in enumerate(sub.runs):
+            cost = np.array([sub.p2p_time(rt.layer, j) for j in range(deg - 1)])
+            if not cost.any():
+                continue
+            if rt.run.size > 1:  # the run itself spans the boundary
+                o = o + cp.multiply(cost, self.Zf[r][:-1] - self.Zl[r][:-1])
+            if r in sub.run_successors:
+                x = cp.Variable(deg - 1, nonneg=True)
+                for b, kind in sub.run_successors[r]:
+                    consumer = self.Zf[b] if kind == "chain" else self.Zl[b]
+                    self.cons.append(x >= self.Zl[r][:-1] - consumer[:-1])
+                o = o + cp.multiply(cost, x)
+        return o
+
+    def iteration_time(self) -> cp.Expression:
+        """g_i: once-per-iteration time of each stage (exposed gradient sync, optimizer step)."""
+        return sum(N @ np.array([c.time_per_iteration for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+
+    def memory(self, limit) -> None:
+        """Model states + in-flight activations (1F1B) + transient peaks <= `limit` GiB, per stage."""
+        sub, deg = self.sub, self.deg
+        inflight = np.array(sub.inflight, dtype=float)
+        mem = 0
+        peaks = {"rc": cp.Variable(deg, nonneg=True), "fsdp": cp.Variable(deg, nonneg=True)}
+        used = set()
+        for r, (rt, N) in enumerate(zip(sub.runs, self.N)):
+            mem = mem + N @ np.array([c.state_bytes / GIB for c in rt.costs])
+            mem = mem + cp.multiply(inflight, N @ np.array([c.activation_bytes / GIB for c in rt.costs]))
+            for kind, attr, select in (("rc", "recompute_transient_bytes", lambda s: s.recompute == "full"),
+                                       ("rc", "recompute_transient_bytes", lambda s: s.recompute == "selective"),
+                                       ("fsdp", "fsdp_transient_bytes", lambda s: s.zero == 3)):
+                cols = [k for k, s in enumerate(rt.strategies) if select(s) and getattr(rt.costs[k], attr) > 0]
+                if not cols:
+                    continue
+                used.add(kind)
+                flag = cp.Variable(deg, boolean=True)
+                self.cons.append(cp.sum(N[:, cols], axis=1) <= rt.run.size * flag)
+                for tp in rt.layouts:
+                    vals = [getattr(rt.costs[k], attr) / GIB for k in cols if rt.strategies[k].tp == tp]
+                    if vals:
+                        self.cons.append(peaks[kind] >= max(vals) * (flag + self._layout_col(r, tp) - 1))
+        for kind in used:
+            mem = mem + peaks[kind]
+        self.cons.append(mem <= limit)
+
+    def objective(self) -> cp.Expression:
+        """TPI = sum p + sum o + (c - 1) * max(p, o) + max g."""
+        p = self.stage_time()
+        o = self.communication_time()
+        g = self.iteration_time()
+        gmax = cp.Variable(nonneg=True)
+        self.cons.append(gmax >= g)
+        total = cp.sum(p) + gmax
+        if o is not None:
+            total = total + cp.sum(o)
+        if self.sub.c > 1:
+            bottleneck = cp.Variable(nonneg=True)
+            self.cons.append(bottleneck >= p)
+            if o is not None:
+                self.cons.append(bottleneck >= o)
+            total = total + (self.sub.c - 1) * bottleneck
+        return total
+
+    def build(self, minimize_memory: bool = False) -> cp.Problem:
+        """The MIQP; with `minimize_memory` the same feasible set without the memory limit, minimizing
+        the fullest stage's memory (how much a plan would need: the infeasibility report)."""
+        self.placement()
+        self.order_preserving()
+        self.strategy_selection()
+        if minimize_memory:
+            peak = cp.Variable(nonneg=True)
+            self.memory(limit=peak)
+            return cp.Problem(cp.Minimize(peak), self.cons)
+        self.memory(limit=self.sub.memory_capacity / GIB)
+        return cp.Problem(cp.Minimize(self.objective()), self.cons)
+
+    def extract(self) -> tuple[list[int], list[Strategy]]:
+        """Per-layer stage and strategy from the counts (any order within a run's stage piece)."""
+        n_layers = len(self.sub.graph.layers)
+        stage_of, strategy_of = [0] * n_layers, [None] * n_layers
+        for rt, N in zip(self.sub.runs, self.N):
+            counts = np.rint(N.value).astype(int)
+            u = rt.run.first
+            for i in range(self.deg):
+                for k, s in enumerate(rt.strategies):
+                    for _ in range(counts[i, k]):
+                        stage_of[u], strategy_of[u] = i, s
+                        u += 1
+        return stage_of, strategy_of
+
+
+def _solve(problem: cp.Problem, time_limit: float | None, gap: float) -> None:
+    params = {"limits/gap": gap, "display/verblevel": 0}
+    if time_limit is not None:
+        params["limits/time"] = max(0.1, float(time_limit))
+    with warnings.catch_warnings():
+        # CVXPY flags SCIP's "gap limit reached" as inaccurate; the gap is reported by us instead.
+        warnings.simplefilter("ignore", UserWarning)
+        problem.solve(solver=cp.SCIP, scip_params=params)
+
+
+def least_memory_needed(sub: Subproblem, time_limit: float | None = None) -> float | None:
+    """Bytes per device of the fullest stage in the leanest plan of this subproblem (None if the
+    subproblem has no plan at all, or the solver ran out of time)."""
+    if not sub.feasible_strategies or sub.deg > len(sub.graph.layers):
+        return None
+    problem = _Formulation(sub).build(minimize_memory=True)
+    _solve(problem, time_limit, DEFAULT_GAP)
+    if problem.value is None or not np.isfinite(problem.value):
+        return None
+    return float(problem.value) * GIB
+
+
+def solve_subproblem(sub: Subproblem, time_limit: float | None = None, gap: float = DEFAULT_GAP) -> SubproblemResult:
+    """Solve one subproblem to proven optimality (relative gap <= `gap`) or to the time limit."""
+    start = time.perf_counter()
+    if not sub.feasible_strategies:
+        return SubproblemResult(sub.deg, sub.c, "no_strategy", solve_seconds=time.perf_counter() - start)
+    if sub.deg > len(sub.graph.layers):
+        return SubproblemResult(sub.deg, sub.c, "infeasible", solve_seconds=time.perf_counter() - start)
+    form = _Formulation(sub)
+    problem = form.build()
+    _solve(problem, time_limit, gap)
+    model = problem.solver_stats.extra_stats.get("model") if problem.solver_stats.extra_stats else None
+    elapsed = time.perf_counter() - start
+    scip_status = model.getStatus() if model is not None else problem.status
+    if problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+        return SubproblemResult(sub.deg, sub.c, "infeasible", solve_seconds=elapsed)
+    if problem.value is None or not np.isfinite(problem.value) or form.N[0].value is None:
+        status = "time_limit" if scip_status in ("timelimit", "userinterrupt") else "infeasible"
+        return SubproblemResult(sub.deg, sub.c, status, solve_seconds=elapsed)
+    stage_of, strategy_of = form.extract()
+    status = "optimal" if scip_status == "optimal" or (model and model.getGap() <= gap) else "time_limit"
+    return SubproblemResult(sub.deg, sub.c, status, objective=float(problem.value),
+                            bound=float(model.getDualbound()) if model else None,
+                            gap=float(model.getGap()) if model else None, solve_seconds=elapsed,
+                            stage_of=stage_of, strategy_of=strategy_of)

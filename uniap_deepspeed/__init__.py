@@ -1,0 +1,1 @@
+"""DeepSpeed adapter: capability, plan -> DeepSpeed config, explicit pipeline partitions."""

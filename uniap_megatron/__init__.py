@@ -1,0 +1,1 @@
+"""Megatron-LM adapter: capability, plan -> arguments, the --auto-parallel plugin."""
