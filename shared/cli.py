@@ -6,7 +6,6 @@ profile, option); 3 no plan fits in memory; 4 time limit reached before any plan
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -158,9 +157,7 @@ def cmd_evaluate(args) -> int:
     sub = build_subproblem(graph, cluster, training, capability, cost_model, args.pp, c)
     if args.zero and dp == 1:
         raise SpecError(f"--zero {args.zero} needs data parallelism, but dp = 1 here")
-    stage_of = split_by_counts(graph, [int(x) for x in args.split.split(",")]) if args.split else even_split(graph, args.pp)
-    if args.split and len(args.split.split(",")) != args.pp:
-        raise SpecError(f"--split lists {len(args.split.split(','))} stages, --pp is {args.pp}")
+    stage_of = split_by_counts(graph, _split(args.split, args.pp)) if args.split else even_split(graph, args.pp)
     strategy_of = [Strategy(args.tp, dp, args.zero if dp > 1 else 0,
                             args.recompute if layer.kind in ("transformer", "cross_transformer") else "none")
                    for layer in graph.layers]
@@ -174,6 +171,16 @@ def cmd_evaluate(args) -> int:
               f"{sub.memory_capacity / 2 ** 30:.1f} GiB usable", file=sys.stderr)
         return 3
     return 0
+
+
+def _split(text: str, pp: int) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SpecError(f"--split {text!r} must be comma-separated integers, e.g. 9,8,8,7") from None
+    if len(counts) != pp:
+        raise SpecError(f"--split lists {len(counts)} stages, --pp is {pp}")
+    return counts
 
 
 def cmd_presets(args) -> int:

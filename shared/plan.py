@@ -17,7 +17,7 @@ from .cost.model import ESTIMATED, MEASURED
 from .cost.strategy import Strategy
 from .cost.tables import Subproblem
 from .errors import SpecError
-from .profile.schema import write_json_atomic
+from .io import read_text, write_json_atomic
 
 PLAN_FORMAT = "uniap-plan"
 PLAN_VERSION = 1
@@ -126,9 +126,7 @@ class Plan:
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise SpecError(f"cannot read plan {path}: {exc.strerror}") from None
+            data = json.loads(read_text(path, "plan"))
         except json.JSONDecodeError as exc:
             raise SpecError(f"corrupt plan {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_dict(data, source=str(path))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError, UnknownPresetError
+from ..io import is_file_ref, read_mapping
 from ..model.spec import _from_dict, _require
 
 GB = 1e9
@@ -42,14 +43,19 @@ class ClusterSpec:
             _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
                      f"must be a positive integer (got {v!r})")
         for name in ("gpu_memory_gib", "peak_tflops", "hbm_bandwidth_gbps", "intra_node_bandwidth_gbps",
-                     "inter_node_bandwidth_gbps"):
+                     "inter_node_bandwidth_gbps", "reserved_memory_gib", "matmul_efficiency",
+                     "intra_node_efficiency", "inter_node_efficiency", "collective_latency_us"):
             v = getattr(self, name)
-            _require(isinstance(v, (int, float)) and v > 0, name, f"must be a positive number (got {v!r})")
+            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v != float("inf"),
+                     name, f"must be a finite number (got {v!r})")
+        for name in ("gpu_memory_gib", "peak_tflops", "hbm_bandwidth_gbps", "intra_node_bandwidth_gbps",
+                     "inter_node_bandwidth_gbps"):
+            _require(getattr(self, name) > 0, name, f"must be positive (got {getattr(self, name)!r})")
         for name in ("matmul_efficiency", "intra_node_efficiency", "inter_node_efficiency"):
             v = getattr(self, name)
-            _require(isinstance(v, (int, float)) and 0 < v <= 1, name, f"must be in (0, 1] (got {v!r})")
-        _require(isinstance(self.reserved_memory_gib, (int, float)) and 0 <= self.reserved_memory_gib
-                 < self.gpu_memory_gib, "reserved_memory_gib", "must be >= 0 and below gpu_memory_gib")
+            _require(0 < v <= 1, name, f"must be in (0, 1] (got {v!r})")
+        _require(0 <= self.reserved_memory_gib < self.gpu_memory_gib, "reserved_memory_gib",
+                 "must be >= 0 and below gpu_memory_gib")
         _require(self.collective_latency_us >= 0, "collective_latency_us", "must be >= 0")
 
     @property
@@ -100,11 +106,9 @@ def cluster_preset(name: str) -> ClusterSpec:
 
 def load_cluster(ref: str, nodes: int | None = None, gpus_per_node: int | None = None) -> ClusterSpec:
     """A preset name or a YAML/JSON file, reshaped to `nodes` x `gpus_per_node` when given."""
-    from ..model.loaders import read_mapping
-
     if ref in CLUSTER_PRESETS:
         base = CLUSTER_PRESETS[ref]
-    elif Path(ref).exists():
+    elif is_file_ref(ref):
         data = read_mapping(Path(ref), "cluster")
         data.setdefault("name", Path(ref).stem)
         base = ClusterSpec.from_dict(data)

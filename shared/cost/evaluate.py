@@ -29,7 +29,7 @@ class Prediction:
 
     @property
     def fits(self) -> bool:
-        return all(m <= self.memory_capacity * (1 + 1e-9) for m in self.stage_memory)
+        return all(m <= self.memory_capacity * (1 + 1e-6) for m in self.stage_memory)
 
 
 def pipeline_time(stage_time: list[float], boundary_time: list[float], stage_iter: list[float], c: int) -> float:

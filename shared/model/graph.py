@@ -155,7 +155,8 @@ class _Builder:
             sd = self.t.decoder_seq_length or se
             prev = self._add(self._embedding("encoder_embedding", se))
             enc_out = self._stack(prev, "encoder_layer", m.num_layers, lambda: self._transformer("encoder_layer", se))
-            dec_emb = self._add(self._embedding("decoder_embedding", sd, tied=m.tied_embeddings))
+            # The decoder reads the encoder's input embedding (T5's shared matrix): a tied copy.
+            dec_emb = self._add(self._embedding("decoder_embedding", sd, tied=True))
             prev = dec_emb
             for i in range(m.num_decoder_layers):
                 prev = self._add(self._cross_transformer(sd, se, i), chain_from=prev)
@@ -263,7 +264,7 @@ class _Builder:
         pos = m.max_position_embeddings * h if m.position_embedding == "learned" else 0
         types = 2 * h if m.architecture == "encoder" else 0
         return Layer(name=name, kind="embedding", signature=self._signature("embedding", s, f"/v{m.vocab_size}"),
-                     params_tp=0 if tied else m.vocab_size * h, params_rep=pos + types,
+                     params_tp=m.vocab_size * h, params_rep=pos + types,
                      flops_fwd=0.0, act_split=0.0, act_seq=float(s * h if m.dropout > 0 else 0),
                      act_scores=0.0, input_bytes=float(8 * s), output_bytes=float(bpv * s * h),
                      tp_comm_bytes=float(bpv * s * h), tied_weights=tied)

@@ -1,42 +1,27 @@
 """Model specs from files: uniap's own YAML/JSON, or a Hugging Face `config.json` on disk (no network)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import SpecError
+from ..io import is_file_ref, read_mapping
 from .presets import MODEL_PRESETS, model_preset
 from .spec import ModelSpec
-
-
-def read_mapping(path: Path, what: str) -> dict[str, Any]:
-    """Read a YAML or JSON file holding one mapping; errors name the file and the problem."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(f"cannot read {what} file {path}: {exc.strerror}") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"{what} file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                        f"{str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{what} file {path} must hold a mapping of fields, not {type(data).__name__}")
-    return data
 
 
 def load_model(ref: str) -> ModelSpec:
     """A preset name, a uniap YAML/JSON spec file, or a Hugging Face config.json (file or folder)."""
     if ref in MODEL_PRESETS:
         return MODEL_PRESETS[ref]
+    if not is_file_ref(ref):
+        return model_preset(ref)  # raises with the list of presets
     path = Path(ref)
     if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SpecError(f"model folder {path} has no config.json",
+                            "point --model at a Hugging Face config.json, a uniap YAML/JSON spec, or a preset")
         path = path / "config.json"
-    if not path.exists():
-        return model_preset(ref)  # raises with the list of presets
     data = read_mapping(path, "model")
     if "model_type" in data or "architectures" in data:
         return from_hf_config(data, name=path.parent.name if path.name == "config.json" else path.stem)

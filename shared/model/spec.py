@@ -90,8 +90,10 @@ class ModelSpec:
         _require(self.normalization in ("layernorm", "rmsnorm"), "normalization", "must be layernorm or rmsnorm")
         _require(self.position_embedding in ("learned", "rope", "relative"), "position_embedding",
                  "must be learned, rope or relative")
-        _require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout",
-                 "must be in [0, 1)")
+        _require(isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+                 and 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        for name in ("gated_mlp", "tied_embeddings", "add_bias"):
+            _require(isinstance(getattr(self, name), bool), name, "must be true or false")
 
     @property
     def head_dim(self) -> int:
@@ -133,6 +135,7 @@ class TrainingSpec:
         if self.decoder_seq_length is not None:
             _positive_ints(self, ("decoder_seq_length",))
         _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+        _require(isinstance(self.flash_attention, bool), "flash_attention", "must be true or false")
 
     @property
     def bytes_per_value(self) -> int:
@@ -142,10 +145,12 @@ class TrainingSpec:
         """Rules that involve both specs (Megatron asserts the same: max_position_embeddings >= seq)."""
         if model.architecture == "vit":
             return
-        _require(model.max_position_embeddings >= self.seq_length, "seq_length",
-                 f"must not exceed the model's max_position_embeddings ({self.seq_length} > "
-                 f"{model.max_position_embeddings}); use a shorter --seq-length or a model spec with "
-                 f"larger max_position_embeddings")
+        for name in ("seq_length", "decoder_seq_length"):
+            value = getattr(self, name)
+            _require(value is None or model.max_position_embeddings >= value, name,
+                     f"must not exceed the model's max_position_embeddings ({value} > "
+                     f"{model.max_position_embeddings}); use a shorter length or a model spec with "
+                     f"larger max_position_embeddings")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,13 +9,12 @@ output says which basis each number has.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ProfileError
+from ..io import read_text, write_json_atomic
 
 PROFILE_FORMAT = "uniap-profile"
 PROFILE_VERSION = 1
@@ -146,9 +145,7 @@ class Profile:
     def load(cls, path: str | Path) -> "Profile":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise ProfileError(f"cannot read profile {path}: {exc.strerror}") from None
+            data = json.loads(read_text(path, "profile", ProfileError))
         except json.JSONDecodeError as exc:
             raise ProfileError(f"corrupt profile {path}: not valid JSON ({exc.msg} at line {exc.lineno})",
                                "re-run the profiler; the file may have been truncated") from None
@@ -161,17 +158,3 @@ def _linear_fit(xs: list[float], ys: list[float], x: float) -> float:
     var = sum((a - mx) ** 2 for a in xs)
     slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / var
     return max(0.0, my + slope * (x - mx))
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

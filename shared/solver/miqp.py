@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import cvxpy as cp
 import numpy as np
 
+from ..cost.evaluate import evaluate
 from ..cost.strategy import Strategy
 from ..cost.tables import RunTable, Subproblem
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GAP = 1e-4
-GIB = float(2 ** 30)  # memory rows in GiB keep coefficients near 1 (bytes would span 1e-2..1e11)
+SCALE = 100.0  # the objective's lower bound and the memory capacity both become 100 model units
 
 
 @dataclass
@@ -54,10 +55,29 @@ class _Formulation:
         self.sub = sub
         self.deg = sub.deg
         self.cons: list = []
+        # Units: SCIP's tolerances are absolute (1e-6), and a plan's times span 1e-5..1e3 s and its
+        # memory 1e3..1e11 bytes, so both are rescaled to put the numbers that matter near 100.
+        bound = sub.lower_bound()
+        self.time_unit = bound / SCALE if np.isfinite(bound) and bound > 0 else 1.0
+        self.memory_unit = sub.memory_capacity / SCALE
         self.N = [self._counts(rt) for rt in sub.runs]
+        self.U = [self._count_bounds(rt) for rt in sub.runs]
         self.C = [cp.sum(N, axis=1) for N in self.N]  # layers of run r per stage
         self.Zf, self.Zl = [], []
         self.Lay = [None] * len(sub.runs)
+
+    def _count_bounds(self, rt: RunTable) -> np.ndarray:
+        """U[i, k]: most layers of the run stage i can hold under strategy k, implied by the memory
+        limit alone (states + in-flight activations of those layers). Tighter than the run's size,
+        these bounds make every linking constraint below tighter in the LP relaxation."""
+        cap = SCALE
+        U = np.full((self.deg, len(rt.strategies)), float(rt.run.size))
+        for i, inflight in enumerate(self.sub.inflight):
+            for k, cost in enumerate(rt.costs):
+                need = (cost.state_bytes + inflight * cost.activation_bytes) / self.memory_unit
+                if need > 0:
+                    U[i, k] = min(U[i, k], np.floor(cap / need + 1e-9))
+        return U
 
     def _counts(self, rt: RunTable) -> cp.Variable:
         shape = (self.deg, len(rt.strategies))
@@ -69,10 +89,8 @@ class _Formulation:
 
     def placement(self) -> None:
         """Every layer on exactly one stage; no stage empty."""
-        for rt, N, C in zip(self.sub.runs, self.N, self.C):
-            self.cons += [N >= 0, cp.sum(C) == rt.run.size]
-            if rt.run.size > 1:
-                self.cons.append(N <= rt.run.size)
+        for rt, N, C, U in zip(self.sub.runs, self.N, self.C, self.U):
+            self.cons += [N >= 0, N <= U, cp.sum(C) == rt.run.size]
         self.cons.append(sum(self.C) >= 1)
 
     def order_preserving(self) -> None:
@@ -123,7 +141,7 @@ class _Formulation:
                 lay = cp.Variable((deg, len(L)), boolean=True)
                 self.cons.append(cp.sum(lay, axis=1) == 1)
             self.Lay[r] = lay
-            self.cons.append(N <= rt.run.size * (lay @ to_strat))
+            self.cons.append(N <= cp.multiply(self.U[r], lay @ to_strat))
         if cap.uniform_zero:
             self._tie(lambda s: s.zero, lambda rt, s: s.dp > 1)
         if cap.uniform_recompute:
@@ -137,14 +155,15 @@ class _Formulation:
         g = cp.Variable(len(values), boolean=True)
         self.cons.append(cp.sum(g) == 1)
         ones = np.ones((self.deg, 1))
-        for rt, N in zip(self.sub.runs, self.N):
+        for rt, N, U in zip(self.sub.runs, self.N, self.U):
             cols = [k for k, s in enumerate(rt.strategies) if applies(rt, s)]
             if not cols:
                 continue
             pick = np.zeros((len(values), len(cols)))
             for j, k in enumerate(cols):
                 pick[values.index(value(rt.strategies[k])), j] = 1.0
-            self.cons.append(N[:, cols] <= rt.run.size * (ones @ cp.reshape(g @ pick, (1, len(cols)), order="C")))
+            allowed = ones @ cp.reshape(g @ pick, (1, len(cols)), order="C")
+            self.cons.append(N[:, cols] <= cp.multiply(U[:, cols], allowed))
 
     # --- costs -----------------------------------------------------------------------------------
 
@@ -161,10 +180,11 @@ class _Formulation:
 
     def stage_time(self) -> cp.Expression:
         """p_i: the layers' time per micro-batch plus resharding between runs on the stage."""
-        p = sum(N @ np.array([c.time_per_microbatch for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+        tu = self.time_unit
+        p = sum(N @ np.array([c.time_per_microbatch / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
         for a, b in self.sub.chain_run_edges:
             ra, rb = self.sub.runs[a], self.sub.runs[b]
-            pairs = [(la, lb, self.sub.reshard_time(ra.layer, la, lb)) for la in ra.layouts for lb in rb.layouts]
+            pairs = [(la, lb, self.sub.reshard_time(ra.layer, la, lb) / tu) for la in ra.layouts for lb in rb.layouts]
             pairs = [x for x in pairs if x[2] > 0]
             if not pairs or self.sub.capability.uniform_tp:
                 continue
@@ -182,7 +202,7 @@ class _Formulation:
         sub, deg = self.sub, self.deg
         o = 0
         for r, rt in enumerate(sub.runs):
-            cost = np.array([sub.p2p_time(rt.layer, j) for j in range(deg - 1)])
+            cost = np.array([sub.p2p_time(rt.layer, j) / self.time_unit for j in range(deg - 1)])
             if not cost.any():
                 continue
             if rt.run.size > 1:  # the run itself spans the boundary
@@ -197,33 +217,35 @@ class _Formulation:
 
     def iteration_time(self) -> cp.Expression:
         """g_i: once-per-iteration time of each stage (exposed gradient sync, optimizer step)."""
-        return sum(N @ np.array([c.time_per_iteration for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+        tu = self.time_unit
+        return sum(N @ np.array([c.time_per_iteration / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
 
     def memory(self, limit) -> None:
-        """Model states + in-flight activations (1F1B) + transient peaks <= `limit` GiB, per stage."""
+        """Model states + in-flight activations (1F1B) + transient peaks <= `limit` (memory units)."""
         sub, deg = self.sub, self.deg
         inflight = np.array(sub.inflight, dtype=float)
         mem = 0
-        peaks = {"rc": cp.Variable(deg, nonneg=True), "fsdp": cp.Variable(deg, nonneg=True)}
-        used = set()
-        for r, (rt, N) in enumerate(zip(sub.runs, self.N)):
-            mem = mem + N @ np.array([c.state_bytes / GIB for c in rt.costs])
-            mem = mem + cp.multiply(inflight, N @ np.array([c.activation_bytes / GIB for c in rt.costs]))
+        mu = self.memory_unit
+        peaks: dict[str, cp.Variable] = {}
+        for rt, N, U in zip(sub.runs, self.N, self.U):
+            mem = mem + N @ np.array([c.state_bytes / mu for c in rt.costs])
+            mem = mem + cp.multiply(inflight, N @ np.array([c.activation_bytes / mu for c in rt.costs]))
+            # The peak of each transient class is the largest among the layers on the stage: one
+            # indicator per (class, mode, layout) that some layer uses it, forced by the counts.
             for kind, attr, select in (("rc", "recompute_transient_bytes", lambda s: s.recompute == "full"),
                                        ("rc", "recompute_transient_bytes", lambda s: s.recompute == "selective"),
                                        ("fsdp", "fsdp_transient_bytes", lambda s: s.zero == 3)):
-                cols = [k for k, s in enumerate(rt.strategies) if select(s) and getattr(rt.costs[k], attr) > 0]
-                if not cols:
-                    continue
-                used.add(kind)
-                flag = cp.Variable(deg, boolean=True)
-                self.cons.append(cp.sum(N[:, cols], axis=1) <= rt.run.size * flag)
                 for tp in rt.layouts:
-                    vals = [getattr(rt.costs[k], attr) / GIB for k in cols if rt.strategies[k].tp == tp]
-                    if vals:
-                        self.cons.append(peaks[kind] >= max(vals) * (flag + self._layout_col(r, tp) - 1))
-        for kind in used:
-            mem = mem + peaks[kind]
+                    cols = [k for k, s in enumerate(rt.strategies)
+                            if s.tp == tp and select(s) and getattr(rt.costs[k], attr) > 0]
+                    if not cols:
+                        continue
+                    peak = peaks.setdefault(kind, cp.Variable(deg, nonneg=True))
+                    used = cp.Variable(deg, boolean=True)
+                    self.cons.append(N[:, cols] <= cp.multiply(U[:, cols], used[:, None] @ np.ones((1, len(cols)))))
+                    self.cons.append(peak >= max(getattr(rt.costs[k], attr) for k in cols) / mu * used)
+        for peak in peaks.values():
+            mem = mem + peak
         self.cons.append(mem <= limit)
 
     def objective(self) -> cp.Expression:
@@ -254,7 +276,7 @@ class _Formulation:
             peak = cp.Variable(nonneg=True)
             self.memory(limit=peak)
             return cp.Problem(cp.Minimize(peak), self.cons)
-        self.memory(limit=self.sub.memory_capacity / GIB)
+        self.memory(limit=SCALE)
         return cp.Problem(cp.Minimize(self.objective()), self.cons)
 
     def extract(self) -> tuple[list[int], list[Strategy]]:
@@ -287,11 +309,12 @@ def least_memory_needed(sub: Subproblem, time_limit: float | None = None) -> flo
     subproblem has no plan at all, or the solver ran out of time)."""
     if not sub.feasible_strategies or sub.deg > len(sub.graph.layers):
         return None
-    problem = _Formulation(sub).build(minimize_memory=True)
+    form = _Formulation(sub)
+    problem = form.build(minimize_memory=True)
     _solve(problem, time_limit, DEFAULT_GAP)
     if problem.value is None or not np.isfinite(problem.value):
         return None
-    return float(problem.value) * GIB
+    return float(problem.value) * form.memory_unit
 
 
 def solve_subproblem(sub: Subproblem, time_limit: float | None = None, gap: float = DEFAULT_GAP) -> SubproblemResult:
@@ -314,7 +337,9 @@ def solve_subproblem(sub: Subproblem, time_limit: float | None = None, gap: floa
         return SubproblemResult(sub.deg, sub.c, status, solve_seconds=elapsed)
     stage_of, strategy_of = form.extract()
     status = "optimal" if scip_status == "optimal" or (model and model.getGap() <= gap) else "time_limit"
-    return SubproblemResult(sub.deg, sub.c, status, objective=float(problem.value),
-                            bound=float(model.getDualbound()) if model else None,
+    # The plan's exact price; the MIQP's value exceeds it only by slack in auxiliary variables.
+    objective = evaluate(sub, stage_of, strategy_of).time_per_iteration
+    bound = min(objective, float(model.getDualbound()) * form.time_unit) if model else None
+    return SubproblemResult(sub.deg, sub.c, status, objective=objective, bound=bound,
                             gap=float(model.getGap()) if model else None, solve_seconds=elapsed,
                             stage_of=stage_of, strategy_of=strategy_of)

@@ -1,0 +1,60 @@
+"""The MIQP's optimum equals an independent exhaustive search over plans, on random small instances."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from random_instances import random_instance
+from uniap.cost.evaluate import check_assignment, evaluate
+from uniap.errors import SpecError
+from uniap.solver.exhaustive import exhaustive_optimum, placements
+from uniap.solver.miqp import least_memory_needed, solve_subproblem
+
+SEEDS = range(64)
+REL = 2e-4  # the solver's relative gap is 1e-4
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_miqp_matches_exhaustive_search(seed):
+    sub, what = random_instance(seed)
+    expected = exhaustive_optimum(sub)
+    result = solve_subproblem(sub)
+    if expected is None:
+        assert result.objective is None and result.status in ("infeasible", "no_strategy"), what
+        return
+    assert result.status == "optimal", what
+    assert result.objective == pytest.approx(expected[0], rel=REL), what
+    pred = evaluate(sub, result.stage_of, result.strategy_of)
+    assert pred.fits, what
+    assert pred.time_per_iteration == pytest.approx(expected[0], rel=REL), what
+
+
+def test_instances_cover_feasible_infeasible_and_pipelines():
+    kinds = set()
+    for seed in SEEDS:
+        sub, _ = random_instance(seed)
+        kinds.add(("deg>1" if sub.deg > 1 else "deg=1", exhaustive_optimum(sub) is None))
+    assert ("deg>1", False) in kinds and ("deg=1", False) in kinds
+    assert any(infeasible for _, infeasible in kinds)
+
+
+@pytest.mark.parametrize("seed", range(0, 64, 8))
+def test_least_memory_needed_matches_exhaustive(seed):
+    sub, what = random_instance(seed)
+    g = sub.graph
+    options = [sub.runs[g.run_of[u]].strategies for u in range(len(g.layers))]
+    best = None
+    for stage_of in placements(sub):
+        for strategy_of in itertools.product(*options):
+            try:
+                check_assignment(sub, stage_of, list(strategy_of))
+            except SpecError:
+                continue
+            peak = max(evaluate(sub, stage_of, list(strategy_of)).stage_memory)
+            best = peak if best is None else min(best, peak)
+    got = least_memory_needed(sub)
+    if best is None:
+        assert got is None, what
+    else:
+        assert got == pytest.approx(best, rel=1e-4), what
