@@ -7,8 +7,12 @@ import pytest
 
 from random_instances import random_instance
 from uniap.cost.evaluate import check_assignment, evaluate
-from uniap.errors import SpecError
+from uniap.cost.strategy import NO_PINS
+from uniap.cost.tables import build_subproblem
+from uniap.errors import InfeasibleError, SpecError
+from uniap.solver.uop import candidate_pairs, optimize
 from uniap.solver.exhaustive import exhaustive_optimum, placements
+from uniap.solver.heuristic import best_uniform_plan
 from uniap.solver.miqp import least_memory_needed, solve_subproblem
 
 SEEDS = range(64)
@@ -20,9 +24,18 @@ def test_miqp_matches_exhaustive_search(seed):
     sub, what = random_instance(seed)
     expected = exhaustive_optimum(sub)
     result = solve_subproblem(sub)
+    uniform = best_uniform_plan(sub)
     if expected is None:
         assert result.objective is None and result.status in ("infeasible", "no_strategy"), what
+        assert uniform is None, what
         return
+    # The UOP prunes with the lower bound and starts from the uniform plan: both must be valid.
+    assert sub.lower_bound() <= expected[0] * (1 + 1e-9), what
+    if uniform is not None:
+        assert uniform[0].time_per_iteration >= expected[0] * (1 - 1e-9), what
+    cut = solve_subproblem(sub, cutoff=expected[0])
+    assert cut.status == "optimal" and cut.objective == pytest.approx(expected[0], rel=REL), what
+    assert solve_subproblem(sub, cutoff=expected[0] * 0.99).status == "pruned", what
     assert result.status == "optimal", what
     assert result.objective == pytest.approx(expected[0], rel=REL), what
     pred = evaluate(sub, result.stage_of, result.strategy_of)
@@ -58,3 +71,23 @@ def test_least_memory_needed_matches_exhaustive(seed):
         assert got is None, what
     else:
         assert got == pytest.approx(best, rel=1e-4), what
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_unified_optimization_matches_exhaustive_over_all_subproblems(seed):
+    """The UOP (bounds, pruning, uniform-plan incumbent, cutoffs) finds the best plan over every
+    (pipeline degree, micro-batch count), as exhaustive search over all of them does."""
+    sub, what = random_instance(seed)
+    graph, cluster, training, cap, cm = sub.graph, sub.cluster, sub.training, sub.capability, sub.cost_model
+    best = None
+    for deg, c in candidate_pairs(graph, cluster, training, cap, NO_PINS):
+        found = exhaustive_optimum(build_subproblem(graph, cluster, training, cap, cm, deg, c))
+        if found and (best is None or found[0] < best):
+            best = found[0]
+    if best is None:
+        with pytest.raises(InfeasibleError):
+            optimize(graph, cluster, training, cap, cm, progress=False)
+        return
+    outcome = optimize(graph, cluster, training, cap, cm, progress=False)
+    assert outcome.status == "optimal", what
+    assert outcome.prediction.time_per_iteration == pytest.approx(best, rel=REL), what

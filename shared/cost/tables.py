@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
+
 from ..cluster.spec import ClusterSpec
 from ..model.graph import CHAIN, Layer, LayerGraph, Run
 from ..model.spec import TrainingSpec
@@ -97,13 +99,35 @@ class Subproblem:
         return {a: sorted(v) for a, v in out.items()}
 
     def lower_bound(self) -> float:
-        """A valid lower bound on this subproblem's time per iteration: with deg stages and c
-        micro-batches, TPI >= sum(p) + (c-1)*max(p) >= sum(p) * (deg+c-1)/deg, and sum(p) is at least
-        every layer at its fastest strategy. Infinite when some run has no strategy."""
+        """A valid lower bound on this subproblem's time per iteration (inf: provably no plan).
+
+        TPI >= sum(p) * (deg+c-1)/deg + sum(g)/deg, since max(p) and max(g) are at least the means.
+        The layers' strategies must keep the sum over stages of (states + one micro-batch of
+        activations) within deg x capacity, so the cheapest such choice is a knapsack whose LP
+        relaxation bounds the sums; its Lagrangian dual, evaluated at every breakpoint of the
+        multiplier, is the bound (each multiplier gives a valid bound by weak duality)."""
         if not self.feasible_strategies:
             return float("inf")
-        work = sum(rt.run.size * min(cost.time_per_microbatch for cost in rt.costs) for rt in self.runs)
-        return work * (self.deg + self.c - 1) / self.deg
+        w_time, w_iter = (self.deg + self.c - 1) / self.deg, 1.0 / self.deg
+        weights, memory = [], []
+        for rt in self.runs:
+            weights.append(np.array([w_time * c.time_per_microbatch + w_iter * c.time_per_iteration
+                                     for c in rt.costs]))
+            memory.append(np.array([c.state_bytes + c.activation_bytes for c in rt.costs]) / self.memory_capacity)
+        budget = float(self.deg)
+        if sum(rt.run.size * m.min() for rt, m in zip(self.runs, memory)) > budget * (1 + 1e-9):
+            return float("inf")
+        multipliers = {0.0}
+        for w, m in zip(weights, memory):
+            dw, dm = w[:, None] - w[None, :], m[None, :] - m[:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = dw / dm
+            multipliers.update(ratio[(dm > 0) & (ratio > 0) & np.isfinite(ratio)].tolist())
+        lam = np.array(sorted(multipliers))
+        dual = -lam * budget
+        for rt, w, m in zip(self.runs, weights, memory):
+            dual = dual + rt.run.size * (w[None, :] + lam[:, None] * m[None, :]).min(axis=1)
+        return float(max(0.0, dual.max()))
 
     def least_memory(self) -> float:
         """Lower bound on the memory of the fullest stage: every layer at its leanest strategy, spread

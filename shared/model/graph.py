@@ -90,6 +90,11 @@ class LayerGraph:
                 raise SpecError(f"invalid layer graph: edge {e.src}->{e.dst} is not in topological order")
             if e.kind not in (CHAIN, SKIP):
                 raise SpecError(f"invalid layer graph: edge kind '{e.kind}' (chain or skip)")
+        self._succ: list[list[Edge]] = [[] for _ in range(n)]
+        self._pred: list[list[Edge]] = [[] for _ in range(n)]
+        for e in self.edges:
+            self._succ[e.src].append(e)
+            self._pred[e.dst].append(e)
         self.runs = self._find_runs()
         self.run_of = [0] * n
         for r, run in enumerate(self.runs):
@@ -97,10 +102,10 @@ class LayerGraph:
                 self.run_of[u] = r
 
     def succ(self, u: int) -> list[Edge]:
-        return [e for e in self.edges if e.src == u]
+        return self._succ[u]
 
     def pred(self, u: int) -> list[Edge]:
-        return [e for e in self.edges if e.dst == u]
+        return self._pred[u]
 
     def _find_runs(self) -> list[Run]:
         """Maximal blocks u..w where each next layer is identical, fed only by a chain edge from its

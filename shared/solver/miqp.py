@@ -266,9 +266,11 @@ class _Formulation:
             total = total + (self.sub.c - 1) * bottleneck
         return total
 
-    def build(self, minimize_memory: bool = False) -> cp.Problem:
+    def build(self, minimize_memory: bool = False, cutoff: float | None = None) -> cp.Problem:
         """The MIQP; with `minimize_memory` the same feasible set without the memory limit, minimizing
-        the fullest stage's memory (how much a plan would need: the infeasibility report)."""
+        the fullest stage's memory (how much a plan would need: the infeasibility report). A `cutoff`
+        (seconds per iteration) admits only plans at least as fast: SCIP can then discard the whole
+        subproblem as soon as its bound exceeds it."""
         self.placement()
         self.order_preserving()
         self.strategy_selection()
@@ -277,7 +279,10 @@ class _Formulation:
             self.memory(limit=peak)
             return cp.Problem(cp.Minimize(peak), self.cons)
         self.memory(limit=SCALE)
-        return cp.Problem(cp.Minimize(self.objective()), self.cons)
+        objective = self.objective()
+        if cutoff is not None:
+            self.cons.append(objective <= cutoff / self.time_unit * (1 + 1e-7))
+        return cp.Problem(cp.Minimize(objective), self.cons)
 
     def extract(self) -> tuple[list[int], list[Strategy]]:
         """Per-layer stage and strategy from the counts (any order within a run's stage piece)."""
@@ -317,20 +322,24 @@ def least_memory_needed(sub: Subproblem, time_limit: float | None = None) -> flo
     return float(problem.value) * form.memory_unit
 
 
-def solve_subproblem(sub: Subproblem, time_limit: float | None = None, gap: float = DEFAULT_GAP) -> SubproblemResult:
-    """Solve one subproblem to proven optimality (relative gap <= `gap`) or to the time limit."""
+def solve_subproblem(sub: Subproblem, time_limit: float | None = None, gap: float = DEFAULT_GAP,
+                     cutoff: float | None = None) -> SubproblemResult:
+    """Solve one subproblem to proven optimality (relative gap <= `gap`) or to the time limit. With a
+    `cutoff`, a subproblem without a plan at least that fast comes back 'pruned'."""
     start = time.perf_counter()
     if not sub.feasible_strategies:
         return SubproblemResult(sub.deg, sub.c, "no_strategy", solve_seconds=time.perf_counter() - start)
     if sub.deg > len(sub.graph.layers):
         return SubproblemResult(sub.deg, sub.c, "infeasible", solve_seconds=time.perf_counter() - start)
     form = _Formulation(sub)
-    problem = form.build()
+    problem = form.build(cutoff=cutoff)
     _solve(problem, time_limit, gap)
     model = problem.solver_stats.extra_stats.get("model") if problem.solver_stats.extra_stats else None
     elapsed = time.perf_counter() - start
     scip_status = model.getStatus() if model is not None else problem.status
     if problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+        if cutoff is not None:
+            return SubproblemResult(sub.deg, sub.c, "pruned", bound=cutoff, solve_seconds=elapsed)
         return SubproblemResult(sub.deg, sub.c, "infeasible", solve_seconds=elapsed)
     if problem.value is None or not np.isfinite(problem.value) or form.N[0].value is None:
         status = "time_limit" if scip_status in ("timelimit", "userinterrupt") else "infeasible"

@@ -20,6 +20,7 @@ from ..cost.tables import Subproblem, build_subproblem
 from ..errors import InfeasibleError, SolverTimeLimitError, SpecError
 from ..model.graph import LayerGraph
 from ..model.spec import TrainingSpec
+from .heuristic import best_uniform_plan
 from .miqp import DEFAULT_GAP, SubproblemResult, least_memory_needed, solve_subproblem
 
 log = logging.getLogger(__name__)
@@ -80,11 +81,17 @@ def optimize(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, ca
     start = time.perf_counter()
     pairs = candidate_pairs(graph, cluster, training, capability, pins)
     subs = [build_subproblem(graph, cluster, training, capability, cost_model, d, c, pins) for d, c in pairs]
-    subs = [s for s in subs if s.feasible_strategies] or subs
     bounds = {id(s): s.lower_bound() for s in subs}
-    subs.sort(key=lambda s: bounds[id(s)])
+    # The best uniform plan of each subproblem: a first incumbent and the order of the search.
+    uniform = {id(s): best_uniform_plan(s) for s in subs}
+    upper = {k: (v[0].time_per_iteration if v else float("inf")) for k, v in uniform.items()}
+    subs.sort(key=lambda s: (upper[id(s)], bounds[id(s)]))
     results: list[SubproblemResult] = []
     best: tuple[SubproblemResult, Subproblem] | None = None
+    if subs and uniform[id(subs[0])]:
+        pred, stage_of, strategy_of = uniform[id(subs[0])]
+        best = (SubproblemResult(subs[0].deg, subs[0].c, "heuristic", objective=pred.time_per_iteration,
+                                 stage_of=stage_of, strategy_of=strategy_of), subs[0])
     bar = tqdm(total=len(subs), desc="subproblems", unit="mip", disable=progress is False if progress is not None
                else None, leave=False)
     for sub in subs:
@@ -92,13 +99,25 @@ def optimize(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, ca
         remaining = None if time_limit is None else time_limit - (time.perf_counter() - start)
         if not sub.feasible_strategies:
             result = SubproblemResult(sub.deg, sub.c, "no_strategy")
+        elif bounds[id(sub)] == float("inf"):
+            result = SubproblemResult(sub.deg, sub.c, "infeasible")  # the memory bound alone rules it out
+        elif best is not None and best[1] is sub and bounds[id(sub)] >= incumbent * (1 - 1e-12):
+            # This subproblem's uniform plan meets its lower bound: it is the subproblem's optimum.
+            result = SubproblemResult(sub.deg, sub.c, "optimal", objective=incumbent, bound=bounds[id(sub)],
+                                      gap=0.0, stage_of=best[0].stage_of, strategy_of=best[0].strategy_of)
+            best = (result, sub)
         elif incumbent is not None and bounds[id(sub)] >= incumbent:
             result = SubproblemResult(sub.deg, sub.c, "pruned", bound=bounds[id(sub)])
         elif remaining is not None and remaining <= 0:
             result = SubproblemResult(sub.deg, sub.c, "not_solved", bound=bounds[id(sub)])
         else:
-            result = solve_subproblem(sub, time_limit=remaining, gap=gap)
-            if result.objective is not None and (incumbent is None or result.objective < incumbent):
+            result = solve_subproblem(sub, time_limit=remaining, gap=gap, cutoff=incumbent)
+            if result.status == "pruned" and best[1] is sub:
+                # Nothing beats this subproblem's own uniform plan: that plan is its optimum.
+                result = SubproblemResult(sub.deg, sub.c, "optimal", objective=incumbent, bound=incumbent,
+                                          gap=0.0, solve_seconds=result.solve_seconds,
+                                          stage_of=best[0].stage_of, strategy_of=best[0].strategy_of)
+            if result.objective is not None and (incumbent is None or result.objective <= incumbent):
                 best = (result, sub)
         results.append(result)
         bar.update(1)

@@ -1,0 +1,47 @@
+"""The best uniform plan of a subproblem: one strategy for every layer (as far as each layer has it)
+and the even split. A valid plan, so its time is an upper bound: the UOP uses it as the first
+incumbent, to order subproblems and as the cutoff that lets SCIP discard a subproblem at its root."""
+from __future__ import annotations
+
+from ..cost.evaluate import Prediction, evaluate, even_split
+from ..cost.strategy import Strategy
+from ..cost.tables import Subproblem
+from ..errors import SpecError
+
+
+def best_uniform_plan(sub: Subproblem) -> tuple[Prediction, list[int], list[Strategy]] | None:
+    """The fastest fitting plan where all layers share (tp, zero, recompute) where they can, or None."""
+    if not sub.feasible_strategies:
+        return None
+    g = sub.graph
+    try:
+        stage_of = even_split(g, sub.deg)
+    except SpecError:
+        return None
+    main = max(sub.runs, key=lambda rt: rt.run.size)
+    best = None
+    for choice in main.strategies:
+        strategy_of = []
+        for u in range(len(g.layers)):
+            rt = sub.runs[g.run_of[u]]
+            strategy_of.append(_closest(rt.strategies, choice))
+        if None in strategy_of:
+            continue
+        try:
+            pred = evaluate(sub, stage_of, strategy_of)
+        except SpecError:
+            continue
+        if pred.fits and (best is None or pred.time_per_iteration < best[0].time_per_iteration):
+            best = (pred, stage_of, strategy_of)
+    return best
+
+
+def _closest(options: list[Strategy], want: Strategy) -> Strategy | None:
+    """`want` itself, else the same TP and ZeRO without recompute, else the same TP."""
+    for ok in (lambda s: s == want,
+               lambda s: (s.tp, s.zero, s.recompute) == (want.tp, want.zero, "none"),
+               lambda s: s.tp == want.tp):
+        for s in options:
+            if ok(s):
+                return s
+    return None
