@@ -751,3 +751,18 @@ def test_subprocess_module_presets():
     assert proc.returncode == 0
     assert "models:" in proc.stdout and "clusters:" in proc.stdout and "targets:" in proc.stdout
     assert proc.stderr == ""
+
+
+def test_time_limit_returns_best_plan_with_gap(capsys):
+    """A time limit too short to solve every subproblem still returns the best plan found, says so,
+    and reports the gap; nothing hangs."""
+    code = main(["plan", "--model", "llama2-70b", "--nodes", "8", "--global-batch-size", "1024",
+                 "--time-limit", "0.001", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    plan = Plan.from_dict(json.loads(out))
+    assert plan.solver["status"] == "time_limit"
+    assert 0 < plan.solver["gap"] < 1
+    assert plan.solver["subproblem_counts"].get("not_solved", 0) > 0
+    assert "time limit" in err and "%" in err
+    assert all(s.memory_bytes <= plan.memory_capacity_bytes for s in plan.stages)
