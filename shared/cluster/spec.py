@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import SpecError, UnknownPresetError
 from ..io import is_file_ref, read_mapping
-from ..model.spec import _from_dict, _require
+from ..model.spec import _from_dict, _positive_ints, _require
 
 GB = 1e9
 GiB = 2 ** 30
@@ -38,10 +38,7 @@ class ClusterSpec:
     collective_latency_us: float = 20.0
 
     def __post_init__(self) -> None:
-        for name in ("num_nodes", "gpus_per_node"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, name,
-                     f"must be a positive integer (got {v!r})")
+        _positive_ints(self, ("num_nodes", "gpus_per_node"))
         for name in ("gpu_memory_gib", "peak_tflops", "hbm_bandwidth_gbps", "intra_node_bandwidth_gbps",
                      "inter_node_bandwidth_gbps", "reserved_memory_gib", "matmul_efficiency",
                      "intra_node_efficiency", "inter_node_efficiency", "collective_latency_us"):
