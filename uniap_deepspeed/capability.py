@@ -17,4 +17,11 @@ DEEPSPEED = Capability(
     uniform_zero=True,
     uniform_recompute=True,
     max_zero_with_pipeline=1,
+    reasons={
+        "tp_degrees": "DeepSpeed has no tensor parallelism of its own (a PipelineModule's layers would have to "
+                      "be TP-sharded by Megatron-DeepSpeed)",
+        "max_zero_with_pipeline": "DeepSpeed's pipeline engine asserts \"ZeRO-2 and ZeRO-3 are incompatible with "
+                                  "pipeline parallelism\" (deepspeed/runtime/pipe/engine.py)",
+        "recompute_modes": "DeepSpeed checkpoints whole layers (activation_checkpoint_interval), not modules",
+    },
 )

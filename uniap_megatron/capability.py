@@ -18,4 +18,9 @@ MEGATRON = Capability(
     uniform_zero=True,
     uniform_recompute=True,
     max_zero_with_pipeline=1,
+    reasons={
+        "zero_stages": "Megatron-LM shards optimizer states (--use-distributed-optimizer, ZeRO-1) or everything "
+                       "(--use-torch-fsdp2, ZeRO-3), nothing in between",
+        "max_zero_with_pipeline": "--use-torch-fsdp2 requires --pipeline-model-parallel-size 1 (validate_args)",
+    },
 )

@@ -61,13 +61,9 @@ def check_assignment(sub: Subproblem, stage_of: list[int], strategy_of: list[Str
         key = (g.run_of[u], stage_of[u])
         if layout.setdefault(key, s.tp) != s.tp:
             raise SpecError(f"layers of one run on one stage must share a TP degree ({g.layers[u].name})")
-    transformer = [s for u, s in enumerate(strategy_of) if g.layers[u].kind in ("transformer", "cross_transformer")]
-    if cap.uniform_tp and len({s.tp for s in strategy_of}) > 1:
-        raise SpecError(f"target '{cap.name}' runs one TP degree for all layers")
-    if cap.uniform_zero and len({s.zero for s in strategy_of if s.dp > 1}) > 1:
-        raise SpecError(f"target '{cap.name}' runs one ZeRO stage for all layers")
-    if cap.uniform_recompute and len({s.recompute for s in transformer}) > 1:
-        raise SpecError(f"target '{cap.name}' runs one recompute mode for all transformer layers")
+    problems = cap.violations([(layer.kind, s) for layer, s in zip(g.layers, strategy_of)], sub.deg)
+    if problems:
+        raise SpecError(problems[0])
 
 
 def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) -> Prediction:

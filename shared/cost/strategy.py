@@ -7,7 +7,7 @@ layer also chooses activation recompute. TP stays inside a node.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -70,6 +70,7 @@ class Capability:
     uniform_recompute: bool = False
     max_zero_with_pipeline: int = 3
     max_pipeline_degree: int | None = None
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not set(self.zero_stages) <= set(ZERO_NAMES) or 0 not in self.zero_stages:
@@ -85,6 +86,47 @@ class Capability:
         if pipeline_degree > 1 and s.zero > self.max_zero_with_pipeline:
             return False
         return s.recompute in self.recompute_modes
+
+    def violations(self, layers: list[tuple[str, Strategy]], pipeline_degree: int) -> list[str]:
+        """Why an assignment of (layer kind, strategy) pairs cannot run on this target; empty if it can."""
+        out = []
+        for _, s in layers:
+            if not self.allows(s, pipeline_degree):
+                out.append(f"target '{self.name}' cannot run {s.label} with {pipeline_degree} pipeline stage(s)")
+                break
+        if self.uniform_tp and len({s.tp for _, s in layers}) > 1:
+            out.append(f"target '{self.name}' runs one TP degree for all layers")
+        if self.uniform_zero and len({s.zero for _, s in layers if s.dp > 1}) > 1:
+            out.append(f"target '{self.name}' runs one ZeRO stage for all layers")
+        if self.uniform_recompute and len({s.recompute for kind, s in layers
+                                           if kind in ("transformer", "cross_transformer")}) > 1:
+            out.append(f"target '{self.name}' runs one recompute mode for all transformer layers")
+        return out
+
+    def check_pins(self, pins: "Pins") -> None:
+        """Refuse pinned choices the target cannot run, saying which limit and why (`reasons`)."""
+        def refuse(what: str, limit: str, hint: str) -> None:
+            why = self.reasons.get(limit, "")
+            raise SpecError(f"target '{self.name}' cannot run the pinned {what}" + (f": {why}" if why else ""), hint)
+
+        if pins.tp is not None and self.tp_degrees is not None and pins.tp not in self.tp_degrees:
+            refuse(f"TP degree {pins.tp}", "tp_degrees",
+                   f"pin a TP degree in {', '.join(map(str, self.tp_degrees))} or choose another --target")
+        if pins.zero is not None and pins.zero not in self.zero_stages:
+            refuse(f"ZeRO stage {pins.zero}", "zero_stages",
+                   f"pin a ZeRO stage in {', '.join(map(str, self.zero_stages))}")
+        if (pins.zero is not None and pins.pipeline_degree is not None and pins.pipeline_degree > 1
+                and pins.zero > self.max_zero_with_pipeline):
+            refuse(f"ZeRO stage {pins.zero} with {pins.pipeline_degree} pipeline stages", "max_zero_with_pipeline",
+                   f"pin ZeRO <= {self.max_zero_with_pipeline} with a pipeline, or one pipeline stage with "
+                   f"ZeRO {pins.zero}")
+        if pins.recompute is not None and pins.recompute not in self.recompute_modes:
+            refuse(f"recompute mode '{pins.recompute}'", "recompute_modes",
+                   f"pin one of {', '.join(self.recompute_modes)}")
+        if (pins.pipeline_degree is not None and self.max_pipeline_degree is not None
+                and pins.pipeline_degree > self.max_pipeline_degree):
+            refuse(f"pipeline degree {pins.pipeline_degree}", "max_pipeline_degree",
+                   f"pin at most {self.max_pipeline_degree} stages")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

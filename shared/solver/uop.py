@@ -79,6 +79,7 @@ def optimize(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, ca
     Raises InfeasibleError when no plan fits (with the least memory any candidate needs) and
     SolverTimeLimitError when the time limit passed before any plan was found."""
     start = time.perf_counter()
+    capability.check_pins(pins)
     pairs = candidate_pairs(graph, cluster, training, capability, pins)
     subs = [build_subproblem(graph, cluster, training, capability, cost_model, d, c, pins) for d, c in pairs]
     bounds = {id(s): s.lower_bound() for s in subs}

@@ -1,0 +1,107 @@
+"""Plan -> DeepSpeed 0.19 JSON config: a thin translation (the planning happened in the core).
+
+Batch identity (ds/runtime/config.py): train_batch_size = train_micro_batch_size_per_gpu x
+gradient_accumulation_steps x data-parallel size; the pipeline engine runs gradient_accumulation_steps
+micro-batches per step. Keys DeepSpeed does not read are not emitted, except the top-level "uniap"
+section (DeepSpeed ignores unknown top-level keys) that carries the plan's pipeline split and
+prediction for the training script and for humans.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from uniap.cluster.spec import load_cluster
+from uniap.cost.model import CostModel
+from uniap.cost.strategy import Pins, capability_for
+from uniap.errors import SpecError
+from uniap.model.graph import build_graph
+from uniap.model.loaders import load_model
+from uniap.model.spec import TrainingSpec
+from uniap.plan import Plan, make_plan
+from uniap.solver.uop import optimize
+
+from .capability import DEEPSPEED
+
+BUCKET = 500_000_000
+
+
+def zero_section(stage: int, pipeline: bool) -> dict[str, Any]:
+    """zero_optimization for `stage`; overlap_comm is off under a pipeline (the engine forces it off)."""
+    if stage == 0:
+        return {"stage": 0}
+    section: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": not pipeline,
+                               "reduce_scatter": True, "reduce_bucket_size": BUCKET}
+    if stage in (1, 2):
+        section["allgather_bucket_size"] = BUCKET
+    if stage == 3:
+        section.update({"stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
+                        "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000,
+                        "stage3_gather_16bit_weights_on_model_save": True})
+    return section
+
+
+def deepspeed_config(plan: Plan) -> dict[str, Any]:
+    """The DeepSpeed config of a plan made for (or runnable by) the deepspeed target."""
+    problems = DEEPSPEED.violations([(lp.kind, lp.strategy) for lp in plan.layers], plan.pipeline_degree)
+    if problems:
+        raise SpecError(f"plan (target '{plan.target}') is not runnable by DeepSpeed: {problems[0]}",
+                        "re-plan with --target deepspeed")
+    strategy = plan.uniform_strategy or plan.layers[0].strategy
+    dp = strategy.dp
+    pipeline = plan.pipeline_degree > 1
+    recompute = strategy.recompute == "full"
+    config: dict[str, Any] = {
+        "train_batch_size": plan.training["global_batch_size"],
+        "train_micro_batch_size_per_gpu": plan.micro_batch // dp,
+        "gradient_accumulation_steps": plan.micro_batches,
+        "zero_optimization": zero_section(strategy.zero, pipeline),
+        "steps_per_print": 10,
+        "wall_clock_breakdown": False,
+    }
+    precision = plan.training["precision"]
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if recompute:
+        config["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False,
+                                              "cpu_checkpointing": False}
+    if pipeline:
+        config["pipeline"] = {"activation_checkpoint_interval": 1 if recompute else 0,
+                              "pipe_partitioned": True, "grad_partitioned": True}
+    config["uniap"] = {
+        "target": plan.target,
+        "pipeline_stages": plan.pipeline_degree,
+        "data_parallel_size": dp,
+        "transformer_layers_per_stage": plan.stage_layer_counts(),
+        "layer_stages": [lp.stage for lp in plan.layers],
+        "activation_checkpointing": recompute,
+        "predicted_time_per_iteration_s": round(plan.time_per_iteration, 6),
+        "basis": plan.basis,
+    }
+    return config
+
+
+def plan_for_deepspeed(model: str, cluster: str = "dgx-a100-80g", nodes: int | None = None,
+                       gpus_per_node: int | None = None, global_batch_size: int = 512, seq_length: int | None = None,
+                       zero_stage: int | None = None, pipeline_stages: int | None = None,
+                       precision: str = "bf16", profile: str | None = None, time_limit: float | None = None) -> Plan:
+    """Plan `model` on `cluster` for DeepSpeed; pinned ZeRO stage / pipeline stages are constraints."""
+    from uniap.profile.schema import Profile
+
+    spec = load_model(model)
+    cl = load_cluster(cluster, nodes, gpus_per_node)
+    seq = seq_length or (spec.vit_seq_length if spec.architecture == "vit" else spec.max_position_embeddings)
+    training = TrainingSpec(global_batch_size=global_batch_size, seq_length=seq, precision=precision)
+    graph = build_graph(spec, training)
+    cost_model = CostModel(cl, training, Profile.load(profile) if profile else None)
+    pins = Pins(zero=zero_stage, pipeline_degree=pipeline_stages)
+    outcome = optimize(graph, cl, training, capability_for("deepspeed"), cost_model, pins=pins,
+                       time_limit=time_limit, progress=False)
+    return make_plan(outcome.sub, outcome.best.stage_of, outcome.best.strategy_of, outcome.prediction,
+                     spec.to_dict(), outcome.solver_report(), pins.to_dict())
+
+
+def plan_config(model: str, **kwargs: Any) -> dict[str, Any]:
+    """The DeepSpeed config dict for a training script: plans, then translates (see plan_for_deepspeed)."""
+    return deepspeed_config(plan_for_deepspeed(model, **kwargs))

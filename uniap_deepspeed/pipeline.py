@@ -1,0 +1,85 @@
+"""Impose a plan's layer -> stage split on a DeepSpeed PipelineModule.
+
+DeepSpeed has no option for an explicit partition (its methods are uniform, parameters, type:regex),
+so `PlannedPipelineModule` overrides `_partition_layers`, as DeepSpeed's own DualPipeVModule does.
+The plan's layers are mapped onto the user's LayerSpec list: entries whose class name matches
+`layer_type` (a regex, as in DeepSpeed's `type:` method) are the plan's transformer layers, in order;
+entries before the first of them go with the plan's first layer (the embedding), entries after the
+last with the plan's last layer (the head), others with the next transformer layer.
+"""
+from __future__ import annotations
+
+import re
+
+from deepspeed.pipe import PipelineModule
+
+from uniap.errors import SpecError
+from uniap.plan import Plan
+
+TRANSFORMER_KINDS = ("transformer", "cross_transformer")
+
+
+def entry_stages(plan: Plan, is_transformer: list[bool]) -> list[int]:
+    """The stage of each entry of the user's layer list under `plan` (raises SpecError if they differ)."""
+    stages = [lp.stage for lp in plan.layers if lp.kind in TRANSFORMER_KINDS]
+    matched = sum(is_transformer)
+    if matched != len(stages):
+        raise SpecError(f"the plan has {len(stages)} transformer layers but {matched} entries of the layer list "
+                        f"match the layer type", "pass layer_type= a regex matching exactly the transformer "
+                        "layers' class names")
+    out: list[int | None] = []
+    k = 0
+    for flag in is_transformer:
+        out.append(stages[k] if flag else None)
+        k += flag
+    first = next((i for i, f in enumerate(is_transformer) if f), len(out))
+    last = max((i for i, f in enumerate(is_transformer) if f), default=-1)
+    for i in range(len(out)):
+        if out[i] is None:
+            if i < first:
+                out[i] = plan.layers[0].stage
+            elif i > last:
+                out[i] = plan.layers[-1].stage
+    for i in reversed(range(len(out))):
+        if out[i] is None:
+            out[i] = out[i + 1]
+    return out
+
+
+def parts_from_stages(stages: list[int], num_stages: int) -> list[int]:
+    """DeepSpeed's `parts`: num_stages + 1 boundaries of contiguous, non-empty stages."""
+    if any(b < a for a, b in zip(stages, stages[1:])) or set(stages) != set(range(num_stages)):
+        raise SpecError(f"the layer list cannot follow the plan's split (stages per entry {stages})",
+                        "order the layer list like the model: embedding, transformer layers, head")
+    return [stages.index(s) for s in range(num_stages)] + [len(stages)]
+
+
+class PlannedPipelineModule(PipelineModule):
+    """A PipelineModule whose stages hold exactly the layers the plan puts there.
+
+    `PlannedPipelineModule(layers, plan, loss_fn=..., layer_type="transformer|block")`; the other
+    keyword arguments are PipelineModule's. The number of stages is the plan's pipeline degree."""
+
+    def __init__(self, layers, plan: Plan, layer_type: str = "transformer|decoderlayer|encoderlayer|block",
+                 **kwargs):
+        if "num_stages" in kwargs or "topology" in kwargs:
+            raise SpecError("PlannedPipelineModule takes its number of stages from the plan")
+        self._uniap_plan = plan
+        self._uniap_layer_type = layer_type
+        if plan.uniform_strategy is not None and plan.uniform_strategy.recompute == "full":
+            kwargs.setdefault("activation_checkpoint_interval", 1)
+        super().__init__(layers=layers, num_stages=plan.pipeline_degree, partition_method="uniap", **kwargs)
+
+    def _partition_layers(self, method="uniap"):
+        pattern = re.compile(self._uniap_layer_type, re.IGNORECASE)
+        is_transformer = [bool(pattern.search(_entry_name(spec))) for spec in self._layer_specs]
+        self.parts = parts_from_stages(entry_stages(self._uniap_plan, is_transformer), self.num_stages)
+        stage_id = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+
+def _entry_name(spec) -> str:
+    typename = getattr(spec, "typename", None)
+    if typename is not None:
+        return typename.__name__
+    return type(spec).__name__ if not isinstance(spec, type) else spec.__name__
