@@ -100,7 +100,9 @@ def test_every_preset_builds_a_graph(name):
             assert layer.flops_fwd > 0 and layer.params_tp > 0 and layer.act_split > 0
     assert g.divisibility == {"num_attention_heads": model.num_attention_heads,
                               "num_query_groups": model.query_groups,
-                              "ffn_hidden_size": model.ffn_hidden_size}
+                              "ffn_hidden_size": model.ffn_hidden_size,
+                              "sequence_length": model.vit_seq_length if model.architecture == "vit"
+                              else _seq_for(model)}
 
 
 @pytest.mark.parametrize("name", [n for n, m in MODEL_PRESETS.items()

@@ -197,8 +197,11 @@ def known_targets() -> list[str]:
 
 
 def tp_fits_layer(tp: int, divisibility: dict[str, int], kind: str) -> bool:
-    """Megatron-core's partitioning rules for a transformer layer: heads and FFN divisible by TP, query
-    groups divisible by TP or TP by groups. Embeddings and heads pad the vocabulary, so any TP fits."""
+    """Megatron-core's partitioning rules: sequence parallelism splits every layer's sequence over the
+    TP ranks; a transformer layer also needs heads and FFN divisible by TP and query groups divisible by
+    TP or TP by groups. Embeddings and heads pad the vocabulary, so TP fits them otherwise."""
+    if divisibility.get("sequence_length", tp) % tp:
+        return False
     if kind not in ("transformer", "cross_transformer"):
         return True
     heads, groups, ffn = (divisibility["num_attention_heads"], divisibility["num_query_groups"],

@@ -11,6 +11,7 @@ instead of per-layer binaries (see solver.miqp).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import SpecError
@@ -180,10 +181,14 @@ class _Builder:
         return LayerGraph(self.layers, self.edges, divisibility=self._divisibility(), tokens_per_sample=tokens)
 
     def _divisibility(self) -> dict[str, int]:
-        """Quantities a TP degree must divide (megatron-core: heads, query groups, FFN; see capability)."""
-        m = self.m
+        """Quantities a TP degree must divide (megatron-core: heads, query groups, FFN, and under sequence
+        parallelism the sequence; see strategy.tp_fits_layer)."""
+        m, t = self.m, self.t
+        seqs = {"vit": (m.vit_seq_length,),
+                "encoder_decoder": (t.seq_length, t.decoder_seq_length or t.seq_length)}.get(m.architecture,
+                                                                                             (t.seq_length,))
         return {"num_attention_heads": m.num_attention_heads, "num_query_groups": m.query_groups,
-                "ffn_hidden_size": m.ffn_hidden_size}
+                "ffn_hidden_size": m.ffn_hidden_size, "sequence_length": math.gcd(*seqs)}
 
     def _add(self, layer: Layer, chain_from: int | None = None) -> int:
         self.layers.append(layer)

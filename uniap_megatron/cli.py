@@ -1,0 +1,256 @@
+"""`uniap-megatron`: plan a Megatron-LM job and launch it (`run`), print a plan's Megatron arguments
+(`args`), or write a launch script for a saved plan (`script`).
+
+  uniap-megatron args plan.json [--with-model]
+  uniap-megatron run [--nproc-per-node N] [--nnodes M] [--node-rank R] [--master-addr A] [--master-port P]
+                     [--cluster C] [--profile F] [--time-limit S] [--plan plan.json] [--plan-out plan.json]
+                     [--dry-run] [--slurm OUT.sbatch [--slurm-mode torchrun-per-node|task-per-gpu]] [--force]
+                     -- pretrain_gpt.py --auto-parallel <Megatron arguments>
+  uniap-megatron script plan.json --kind single-node|multi-node|slurm|slurm-task-per-gpu [-o FILE]
+                     -- pretrain_gpt.py <Megatron arguments>
+
+`run` plans once (the parallel flags in the Megatron arguments are pins), prints the plan and the final
+command, and runs torchrun with the script's arguments rewritten: --auto-parallel* dropped, the plan's
+parallel flags added where the user gave none (explicit flags are never dropped or replaced), and
+CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment when the plan uses tensor parallelism. Its exit code is
+torchrun's. Exit codes otherwise as `uniap`: 0 ok, 1 bug, 2 invalid input, 3 no plan fits, 4 time limit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from uniap.cluster.spec import load_cluster
+from uniap.errors import EXIT_INTERNAL, SpecError, UniapError
+from uniap.model.spec import ModelSpec, TrainingSpec
+from uniap.plan import Plan
+from uniap.report import render
+
+from .args import megatron_launch, model_args
+from .launch import (
+    DEFAULT_CLUSTER,
+    DEFAULT_MASTER_PORT,
+    LAUNCH_KINDS,
+    check_plan_fits,
+    flag_of,
+    launch_script,
+    merged_argv,
+    plan_megatron,
+    show_value,
+    torchrun_command,
+)
+from .plugin import auto_parallel_args
+
+PROG = "uniap-megatron"
+SLURM_MODES = {"torchrun-per-node": "slurm", "task-per-gpu": "slurm-task-per-gpu"}
+
+
+def _refuse_overwrite(paths: list[str | None], force: bool) -> None:
+    for path in paths:
+        if path and Path(path).exists() and not force:
+            raise SpecError(f"{path} exists; not overwriting it", "pass --force, or choose another path")
+
+
+def _split_command(script_args: list[str]) -> tuple[str, list[str]]:
+    if not script_args:
+        raise SpecError("no training script given", "append `-- pretrain_gpt.py <Megatron arguments>`")
+    script, rest = script_args[0], script_args[1:]
+    if script.startswith("-"):
+        raise SpecError(f"the first word after -- must be the training script, not the option {script!r}",
+                        "write `-- pretrain_gpt.py <Megatron arguments>`")
+    return script, rest
+
+
+def _launcher() -> list[str]:
+    """torchrun beside this Python (the same environment), else on PATH, else `python -m torch.distributed.run`."""
+    beside = Path(sys.executable).parent / "torchrun"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("torchrun")
+    return [found] if found else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _print_merge(merge) -> None:
+    print("  Megatron arguments from the plan: " + (shlex.join(merge.args) or "(none; all given on the command line)"))
+    if merge.kept:
+        print("  kept from your command line (the plan would differ): " + ", ".join(
+            f"{flag_of(d)} {show_value(u)} (plan: {show_value(p)})" for d, (u, p) in merge.kept.items()))
+    if merge.env:
+        print("  environment: " + " ".join(f"{k}={v}" for k, v in merge.env.items()))
+
+
+# --- args --------------------------------------------------------------------------------------------
+
+def cmd_args(args) -> int:
+    plan = Plan.load(args.plan)
+    launch = megatron_launch(plan)
+    words = list(launch.args)
+    if args.with_model:
+        words = model_args(ModelSpec.from_dict(plan.model), TrainingSpec.from_dict(plan.training)) + words
+    print(shlex.join(words))
+    for k, v in launch.env.items():
+        print(f"export {k}={shlex.quote(v)}")
+    return 0
+
+
+# --- run ---------------------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    script, margs = _split_command(args.script_args)
+    _refuse_overwrite([args.plan_out, args.slurm], args.force)
+    # The plugin's own options in the script's arguments serve as defaults for ours.
+    own, _ = auto_parallel_args(argparse.ArgumentParser(add_help=False, allow_abbrev=False)).parse_known_args(margs)
+    cluster = args.cluster or own.auto_parallel_cluster or DEFAULT_CLUSTER
+    profile = args.profile or own.auto_parallel_profile
+    time_limit = args.time_limit if args.time_limit is not None else own.auto_parallel_time_limit
+    saved = args.plan or own.auto_parallel_plan
+    dry_run = args.dry_run or own.auto_parallel_dry_run
+    for name in ("nproc_per_node", "nnodes", "master_port"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise SpecError(f"--{name.replace('_', '-')} must be a positive integer (got {v})")
+    if saved:
+        plan = Plan.load(saved)
+        nnodes = args.nnodes or plan.cluster["num_nodes"]
+        nproc = args.nproc_per_node or plan.cluster["gpus_per_node"]
+        check_plan_fits(plan, margs, nnodes, nproc, source=saved)
+    else:
+        shape = load_cluster(cluster)
+        nnodes = args.nnodes or shape.num_nodes
+        nproc = args.nproc_per_node or shape.gpus_per_node
+        plan = plan_megatron(margs, nnodes, nproc, cluster=cluster, profile=profile, time_limit=time_limit,
+                             progress=None)
+    final, merge = merged_argv(plan, margs)
+    command = [script, *final]
+    print(render(plan, "uniap-megatron plan"))
+    print()
+    _print_merge(merge)
+    if args.plan_out:
+        plan.save(args.plan_out)
+        print(f"  plan written to {args.plan_out}")
+    if args.slurm:
+        text = launch_script(SLURM_MODES[args.slurm_mode], plan, command, env=merge.env, nnodes=nnodes,
+                             nproc_per_node=nproc, master_port=args.master_port or DEFAULT_MASTER_PORT,
+                             job_name=args.job_name, python=args.python)
+        Path(args.slurm).write_text(text)
+        Path(args.slurm).chmod(0o755)
+        print(f"  Slurm script written to {args.slurm} (submit with: sbatch {shlex.quote(args.slurm)})")
+        return 0
+    cmd = torchrun_command(_launcher(), command, nnodes, nproc, args.node_rank, args.master_addr, args.master_port)
+    print("command:")
+    print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in merge.env.items()), shlex.join(cmd)]), flush=True)
+    if dry_run:
+        return 0
+    if nnodes > 1 and not saved:
+        print(f"{PROG}: warning: every node plans on its own; with --time-limit the plans may differ. Plan once "
+              f"(--plan-out on one node) and pass --plan on every node, or use --slurm", file=sys.stderr)
+    env = dict(os.environ)
+    for k, v in merge.env.items():
+        if env.get(k) not in (None, v):
+            print(f"{PROG}: note: setting {k}={v} for the plan (it was {env[k]!r})", file=sys.stderr)
+        env[k] = v
+    if "use_megatron_fsdp" in {s.dest for s in merge.apply} and env.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+        print(f"{PROG}: warning: the plan uses Megatron-FSDP, which expects CUDA_DEVICE_MAX_CONNECTIONS other than "
+              f"1; it is 1 in your environment", file=sys.stderr)
+    try:
+        return subprocess.run(cmd, env=env).returncode
+    except FileNotFoundError as exc:
+        raise SpecError(f"cannot run {cmd[0]}: {exc.strerror}", "install torch (it provides torchrun)") from None
+
+
+# --- script ------------------------------------------------------------------------------------------
+
+def cmd_script(args) -> int:
+    script, margs = _split_command(args.script_args)
+    _refuse_overwrite([args.output], args.force)
+    plan = Plan.load(args.plan)
+    nnodes, nproc = plan.cluster["num_nodes"], plan.cluster["gpus_per_node"]
+    check_plan_fits(plan, margs, nnodes, nproc, source=args.plan)
+    final, merge = merged_argv(plan, margs)
+    text = launch_script(args.kind, plan, [script, *final], env=merge.env, master_addr=args.master_addr,
+                         master_port=args.master_port, job_name=args.job_name, python=args.python)
+    if args.output:
+        Path(args.output).write_text(text)
+        Path(args.output).chmod(0o755)
+        print(f"wrote {args.output} ({args.kind})")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="exit codes: 0 ok, 1 internal error, 2 invalid input, 3 no plan fits in "
+                                            "memory, 4 time limit before any plan; `run` returns torchrun's code")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("args", help="print a saved plan's Megatron arguments (one shell-quoted line) and env")
+    p.add_argument("plan", help="plan JSON (uniap plan --target megatron -o plan.json)")
+    p.add_argument("--with-model", action="store_true", help="also print the model-shape arguments")
+
+    p = sub.add_parser("run", help="plan, then launch the script with torchrun (arguments after --)")
+    g = p.add_argument_group("torchrun")
+    g.add_argument("--nproc-per-node", type=int, help="GPUs per node (default: the cluster's)")
+    g.add_argument("--nnodes", type=int, help="nodes (default: the cluster's)")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's rank (default 0)")
+    g.add_argument("--master-addr", help="host of node rank 0 (required with --nnodes > 1)")
+    g.add_argument("--master-port", type=int, help=f"rendezvous port (default {DEFAULT_MASTER_PORT} on several nodes)")
+    g = p.add_argument_group("planning")
+    g.add_argument("--cluster", help=f"cluster preset or YAML/JSON file (default: the script's "
+                                     f"--auto-parallel-cluster, else {DEFAULT_CLUSTER})")
+    g.add_argument("--profile", help="measured profile JSON (default: analytic estimate)")
+    g.add_argument("--time-limit", type=float, help="solver time limit in seconds")
+    g.add_argument("--plan", help="use this saved plan instead of planning")
+    g.add_argument("--plan-out", help="also write the plan JSON here")
+    g = p.add_argument_group("output")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and the command, do not launch")
+    g.add_argument("--slurm", metavar="OUT.sbatch", help="write a Slurm batch script instead of launching")
+    g.add_argument("--slurm-mode", choices=tuple(SLURM_MODES), default="torchrun-per-node",
+                   help="one task per node running torchrun (default), or one task per GPU")
+    g.add_argument("--job-name", default="uniap-megatron", help="Slurm job name")
+    g.add_argument("--python", default="python", help="Python on the compute nodes (task-per-gpu mode)")
+    g.add_argument("--force", action="store_true", help="overwrite --plan-out / --slurm files")
+
+    p = sub.add_parser("script", help="write a launch script for a saved plan (arguments after --)")
+    p.add_argument("plan", help="plan JSON")
+    p.add_argument("--kind", choices=tuple(LAUNCH_KINDS), default="single-node")
+    p.add_argument("-o", "--output", help="write here (default: print)")
+    p.add_argument("--master-addr", default="localhost", help="host of node rank 0 (multi-node)")
+    p.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
+    p.add_argument("--job-name", default="uniap-megatron", help="Slurm job name")
+    p.add_argument("--python", default="python", help="Python on the compute nodes (slurm-task-per-gpu)")
+    p.add_argument("--force", action="store_true", help="overwrite --output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_args(argv[:cut])
+    args.script_args = argv[cut + 1:]
+    if args.command == "args" and args.script_args:
+        print(f"{PROG}: error: `args` takes no arguments after --", file=sys.stderr)
+        return 2
+    try:
+        return {"args": cmd_args, "run": cmd_run, "script": cmd_script}[args.command](args)
+    except UniapError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not the user's input
+        print(f"{PROG}: internal error (a bug, please report it): {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
