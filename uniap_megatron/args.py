@@ -9,6 +9,7 @@ command line. Flag spellings and rules: ../shared/reference/frameworks.md sectio
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from uniap.plan import Plan
 from .capability import MEGATRON
 
 TRANSFORMER_KINDS = ("transformer", "cross_transformer")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,14 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
     if s is None:
         raise SpecError("plan has no transformer layers for Megatron-LM to run")
     pp = plan.pipeline_degree
+    seq = plan.training["seq_length"]
+    if s.tp > 1 and seq % s.tp:
+        # The plan is priced with sequence parallelism at TP > 1; Megatron's sequence-parallel scatter
+        # asserts that the sequence splits evenly over the TP ranks (megatron/core/tensor_parallel/mappings.py).
+        raise SpecError(f"plan has tensor parallelism {s.tp}, which does not divide the sequence length {seq}: "
+                        "Megatron-LM's sequence parallelism needs seq_length % TP == 0",
+                        f"use a sequence length divisible by {s.tp}, or re-plan with --tp pinned to a divisor "
+                        f"of {seq}")
     args = ["--tensor-model-parallel-size", str(s.tp), "--pipeline-model-parallel-size", str(pp),
             "--micro-batch-size", str(plan.micro_batch // s.dp),
             "--global-batch-size", str(plan.training["global_batch_size"])]
@@ -167,7 +177,11 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
                         "pass the global batch size the job should train with")
     if ns.bf16 and ns.fp16:
         raise SpecError("--bf16 and --fp16 are mutually exclusive (Megatron validate_args)")
-    vocab = ns.padded_vocab_size or ns.vocab_size or 50257
+    vocab = ns.padded_vocab_size or ns.vocab_size
+    if vocab is None:
+        vocab = 50257
+        log.warning("no --vocab-size or --padded-vocab-size: planning with GPT-2's 50257 tokens; pass the "
+                    "tokenizer's vocabulary size for accurate embedding and LM-head costs")
     gated = ns.swiglu
     ffn = ns.ffn_hidden_size or (int((4 * ns.hidden_size * 2 / 3) / 64) * 64 if gated else 4 * ns.hidden_size)
     model = ModelSpec(

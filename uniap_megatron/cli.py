@@ -228,11 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-name", default="uniap-megatron", help="Slurm job name")
     p.add_argument("--python", default="python", help="Python on the compute nodes (slurm-task-per-gpu)")
     p.add_argument("--force", action="store_true", help="overwrite --output")
+    sub.add_parser("profile", help="profile layers (megatron-core) and collectives (see --help)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["profile"]:
+        from .profile import main_profile
+
+        return main_profile(argv[1:])
     cut = argv.index("--") if "--" in argv else len(argv)
     args = build_parser().parse_args(argv[:cut])
     args.script_args = argv[cut + 1:]
