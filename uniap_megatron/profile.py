@@ -149,7 +149,6 @@ def _all_ranks_ok(ok: bool) -> bool:
 def _cpu_core_attention_class():
     """A CPU-safe replacement of megatron-core's DotProductAttention (same constructor and forward
     signature): SDPA, causal for a causal mask type, K/V groups repeated for GQA."""
-    import torch
     import torch.nn.functional as F
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.module import MegatronModule
@@ -335,7 +334,6 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
                   warmup: int, repeats: int, device_name: str | None = None) -> Profile:
     """Measure every transformer-layer signature of `model` through megatron-core. Every rank must call
     it after init_distributed; rank 0's numbers are returned."""
-    import megatron.core
     import torch.distributed as dist
 
     notes: list[str] = []
