@@ -38,6 +38,7 @@ from uniap.errors import EXIT_INVALID_INPUT, EXIT_OK, ProfileError, SpecError, U
 from uniap.model.graph import Layer, build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
+from uniap.profile.options import float_list, int_list
 from uniap.profile.schema import CollectiveBandwidth, LayerTiming, Profile
 
 log = logging.getLogger("uniap.deepspeed.profile")
@@ -771,26 +772,6 @@ def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precis
 # CLI
 # ==================================================================================================
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
-    return values
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive sizes in MB, got '{text}'")
-    return values
-
-
 def build_parser(prog: str = "uniap-deepspeed profile") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Measure layer times and collective bandwidths through DeepSpeed; write a uniap "
@@ -801,7 +782,7 @@ def build_parser(prog: str = "uniap-deepspeed profile") -> argparse.ArgumentPars
     p.add_argument("--model", required=True, help="preset, uniap YAML/JSON spec, or Hugging Face config.json")
     p.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
     p.add_argument("--decoder-seq-length", type=int, help="target length of an encoder-decoder model")
-    p.add_argument("--micro-batch-sizes", type=_int_list, default=[1, 2], help="comma-separated (default 1,2)")
+    p.add_argument("--micro-batch-sizes", type=int_list, default=[1, 2], help="comma-separated (default 1,2)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="the plan's precision (part of the layer signature; default bf16). GPUs compute in it; "
                         "the CPU computes in fp32")
@@ -810,7 +791,7 @@ def build_parser(prog: str = "uniap-deepspeed profile") -> argparse.ArgumentPars
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed iterations: layers keep the median; collectives average max(repeats, 5) (default 5)")
-    p.add_argument("--collective-sizes-mb", type=_float_list,
+    p.add_argument("--collective-sizes-mb", type=float_list,
                    help="message sizes in MiB (default 1,4 on CPU, 16,64,256 on GPU); the best bus bandwidth is kept")
     p.add_argument("--no-collectives", action="store_true", help="time layers only")
     p.add_argument("--no-layers", action="store_true", help="measure collectives only")

@@ -42,6 +42,7 @@ from uniap.errors import EXIT_INVALID_INPUT, EXIT_OK, ProfileError, SpecError, U
 from uniap.model.graph import build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
+from uniap.profile.options import float_list, int_list
 from uniap.profile.schema import CollectiveBandwidth, LayerTiming, Profile
 
 log = logging.getLogger("uniap.megatron.profile")
@@ -485,26 +486,6 @@ def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precis
 # CLI
 # ==================================================================================================
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
-    return values
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive sizes in MB, got '{text}'")
-    return values
-
-
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Measure transformer-layer times (megatron-core) and collective bandwidths "
@@ -513,8 +494,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                "-m uniap_megatron.profile ... Exit codes: 0 ok, 1 internal error, 2 invalid input.")
     p.add_argument("--model", required=True, help="preset, uniap YAML/JSON spec, or Hugging Face config.json")
     p.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
-    p.add_argument("--micro-batch-sizes", type=_int_list, default=[1, 2], help="comma-separated (default 1,2)")
-    p.add_argument("--tp-degrees", type=_int_list, default=[1],
+    p.add_argument("--micro-batch-sizes", type=int_list, default=[1, 2], help="comma-separated (default 1,2)")
+    p.add_argument("--tp-degrees", type=int_list, default=[1],
                    help="comma-separated tensor-parallel degrees (default 1); those not dividing the world "
                         "size are skipped")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
@@ -523,7 +504,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed iterations: layers keep the median; collectives average max(repeats, 5) (default 5)")
-    p.add_argument("--collective-sizes-mb", type=_float_list,
+    p.add_argument("--collective-sizes-mb", type=float_list,
                    help="message sizes in MiB (default 1,4 on CPU, 16,64,256 on GPU)")
     p.add_argument("--no-collectives", action="store_true", help="time layers only")
     p.add_argument("--device-name", help="the profile's device label (default: detected)")
