@@ -24,7 +24,6 @@ import gc
 import logging
 import math
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -34,15 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from uniap.errors import EXIT_INVALID_INPUT, EXIT_OK, ProfileError, SpecError, UniapError
+from uniap.errors import EXIT_OK, ProfileError, SpecError
 from uniap.model.graph import Layer, build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.profile.options import float_list, int_list
-from uniap.profile.schema import CollectiveBandwidth, LayerTiming, Profile
+from uniap.profile.runner import (default_single_process_env, print_summary, processor_name,
+                                 run_profiler_cli)
+from uniap.profile.schema import CollectiveBandwidth, LayerTiming, Profile, bus_factor
 
 log = logging.getLogger("uniap.deepspeed.profile")
 
+# Set by torchrun / the deepspeed launcher, or by MPI launchers DeepSpeed can discover.
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
 CPU_NOTE = "CPU timings: for testing the pipeline, not for planning GPU jobs"
 DEFAULT_SIZES_MB_CPU = (1.0, 4.0)
 DEFAULT_SIZES_MB_GPU = (16.0, 64.0, 256.0)
@@ -332,25 +335,6 @@ def _quiet_deepspeed(verbose: bool) -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _default_single_process_env() -> None:
-    """Without a launcher (no RANK/WORLD_SIZE, no MPI), set up a 1-process group on localhost."""
-    env = os.environ
-    launched = any(k in env for k in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
-    if launched:
-        return
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
-    env["RANK"], env["WORLD_SIZE"] = "0", "1"
-    env.setdefault("LOCAL_RANK", "0")
-    env.setdefault("LOCAL_WORLD_SIZE", "1")
-
-
 def init_distributed() -> tuple[int, int, str]:
     """deepspeed.init_distributed with the accelerator's backend (gloo on the CPU accelerator unless
     oneCCL is installed); (rank, world size, backend)."""
@@ -391,17 +375,7 @@ def device_description() -> str:
         return torch.cuda.get_device_name(torch.cuda.current_device())
     if acc.device_name() != "cpu":
         return acc.device_name()
-    return f"cpu ({_processor_name()})"
-
-
-def _processor_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown processor"
+    return f"cpu ({processor_name()})"
 
 
 def _ds_config(rt: _Runtime, micro_batch_size: int) -> dict[str, Any]:
@@ -559,7 +533,7 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
     if warmup < 0 or repeats < 1:
         raise SpecError(f"warmup must be >= 0 and repeats >= 1 (got warmup={warmup}, repeats={repeats})")
     if not dist.is_initialized():
-        _default_single_process_env()
+        default_single_process_env(LAUNCHER_VARS)
         init_distributed()
     rt = _runtime(training.precision)
     layers = profile_layers(model, training, micro_batch_sizes, warmup, repeats)
@@ -596,11 +570,6 @@ def _node_layout(world: int) -> list[list[int]]:
     for rank, name in enumerate(names):
         nodes.setdefault(name, []).append(rank)
     return list(nodes.values())
-
-
-def _bus_factor(op: str, n: int) -> float:
-    return {"all_reduce": 2.0 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-            "all_to_all": (n - 1) / n, "p2p": 1.0}[op]
 
 
 def _max_over_ranks(seconds: float, rt: _Runtime) -> float:
@@ -688,7 +657,7 @@ def _group_collectives(ranks_per_group: list[list[int]], scope: str, sizes: list
         for nbytes in sizes:
             seconds = _max_over_ranks(_measure(_collective_call(op, nbytes, n, group, rt), warmup, repeats, rt,
                                                group), rt)
-            busbw = nbytes / seconds * _bus_factor(op, n) / 1e9
+            busbw = nbytes / seconds * bus_factor(op, n) / 1e9
             report.append(f"{op:15s} {scope:10s} n={n:<4d} {nbytes / 2**20:9.2f} MiB {seconds * 1e3:10.3f} ms "
                           f"busbw {busbw:9.3f} GB/s")
             best = max(best, busbw)
@@ -747,7 +716,7 @@ def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precis
         raise SpecError(f"collective message sizes must be positive (got {sizes_mb!r})")
     import deepspeed.comm as dist
     if not dist.is_initialized():
-        _default_single_process_env()
+        default_single_process_env(LAUNCHER_VARS)
         init_distributed()
     rt = _runtime(precision)
     if rt.world_size < 2:
@@ -825,19 +794,7 @@ def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
 
 def main_profile(argv: list[str] | None = None, prog: str = "uniap-deepspeed profile") -> int:
     """`uniap-deepspeed profile ...`: returns the exit code (0 ok, 2 invalid input)."""
-    parser = build_parser(prog)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message already printed)
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(name)s: %(levelname)s: %(message)s")
-    try:
-        model, training = _check_args(args)
-        return _run(args, model, training)
-    except UniapError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return exc.exit_code or EXIT_INVALID_INPUT
+    return run_profiler_cli(build_parser(prog), argv, prog, _check_args, _run)
 
 
 def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
@@ -848,7 +805,7 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
         raise SpecError(f"the profiler needs torch and deepspeed ({exc})",
                         "pip install 'uniap[deepspeed]'") from None
     _quiet_deepspeed(args.verbose)
-    _default_single_process_env()
+    default_single_process_env(LAUNCHER_VARS)
     rank, world, backend = init_distributed()
     import deepspeed.comm as dist
 
@@ -872,26 +829,11 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
             profile.save(args.output)
         except OSError as exc:
             raise ProfileError(f"cannot write profile {args.output}: {exc.strerror or exc}") from None
-        _summary(profile, report, args.output, world, time.perf_counter() - started)
+        print_summary("uniap-deepspeed profile", profile, report, args.output, world, time.perf_counter() - started, show_tp=False)
     if world > 1:
         dist.barrier()  # nobody leaves while rank 0 still writes
     dist.destroy_process_group()  # an orderly teardown of the gloo/nccl pairs before the process exits
     return EXIT_OK
-
-
-def _summary(profile: Profile, report: list[str], output: str, world: int, seconds: float) -> None:
-    lines = [f"uniap-deepspeed profile: {profile.device}, {profile.runtime}, backend {profile.backend}, "
-             f"{world} rank(s), {seconds:.1f} s"]
-    for sig, timings in profile.layers.items():
-        for t in timings:
-            act = f"  act {t.activation_bytes / 2**20:.1f} MiB" if t.activation_bytes is not None else ""
-            lines.append(f"  {sig}  mbs {t.micro_batch_size}: fwd {t.forward_ms:.3f} ms  "
-                         f"bwd {t.backward_ms:.3f} ms{act}")
-    lines += [f"  {r}" for r in report]
-    if profile.notes:
-        lines.append(f"  notes: {profile.notes}")
-    lines.append(f"  profile written to {output}")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

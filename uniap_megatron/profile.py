@@ -29,8 +29,6 @@ import gc
 import logging
 import math
 import os
-import platform
-import socket
 import statistics
 import sys
 import time
@@ -38,12 +36,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from uniap.errors import EXIT_INVALID_INPUT, EXIT_OK, ProfileError, SpecError, UniapError
+from uniap.errors import EXIT_OK, ProfileError, SpecError
 from uniap.model.graph import build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.profile.options import float_list, int_list
-from uniap.profile.schema import CollectiveBandwidth, LayerTiming, Profile
+from uniap.profile.runner import (default_single_process_env, print_summary, processor_name,
+                                 run_profiler_cli)
+from uniap.profile.schema import CollectiveBandwidth, LayerTiming, Profile, bus_factor
 
 log = logging.getLogger("uniap.megatron.profile")
 
@@ -57,23 +57,6 @@ PROG = "uniap-megatron profile"
 # ==================================================================================================
 # Runtime
 # ==================================================================================================
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _default_single_process_env() -> None:
-    """Without a launcher (no RANK/WORLD_SIZE), set up a 1-process group on localhost."""
-    env = os.environ
-    if any(k in env for k in ("RANK", "WORLD_SIZE")):
-        return
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
-    env["RANK"], env["WORLD_SIZE"] = "0", "1"
-    env.setdefault("LOCAL_RANK", "0")
-    env.setdefault("LOCAL_WORLD_SIZE", "1")
 
 
 def _cuda() -> bool:
@@ -109,22 +92,12 @@ def _dtype(precision: str):
     return torch.float32
 
 
-def _processor_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown processor"
-
-
 def device_description() -> str:
     """The GPU's name, or 'cpu (<processor>)'."""
     if _cuda():
         import torch
         return torch.cuda.get_device_name(torch.cuda.current_device())
-    return f"cpu ({_processor_name()})"
+    return f"cpu ({processor_name()})"
 
 
 def _sync() -> None:
@@ -366,10 +339,6 @@ def _mcore_version() -> str:
 # Collectives (plain torch.distributed)
 # ==================================================================================================
 
-def _bus_factor(op: str, n: int) -> float:
-    return {"all_reduce": 2.0 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-            "all_to_all": (n - 1) / n, "p2p": 1.0}[op]
-
 
 def _max_over_ranks(seconds: float) -> float:
     import torch
@@ -440,7 +409,7 @@ def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precis
                 call()
             _sync()
             seconds = _max_over_ranks((time.perf_counter() - t0) / repeats)
-            busbw = nbytes / seconds * _bus_factor(op, world) / 1e9
+            busbw = nbytes / seconds * bus_factor(op, world) / 1e9
             report.append(f"{op:15s} {scope:10s} n={world:<4d} {nbytes / 2**20:9.2f} MiB {seconds * 1e3:10.3f} ms "
                           f"busbw {busbw:9.3f} GB/s")
             best = max(best, busbw)
@@ -533,19 +502,7 @@ def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
 
 def main_profile(argv: list[str] | None = None, prog: str = PROG) -> int:
     """`uniap-megatron profile ...`: returns the exit code (0 ok, 2 invalid input)."""
-    parser = build_parser(prog)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message already printed)
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(name)s: %(levelname)s: %(message)s")
-    try:
-        model, training = _check_args(args)
-        return _run(args, model, training)
-    except UniapError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return exc.exit_code or EXIT_INVALID_INPUT
+    return run_profiler_cli(build_parser(prog), argv, prog, _check_args, _run)
 
 
 def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
@@ -557,7 +514,7 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
                         "pip install 'uniap[megatron]'") from None
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron.*")
-    _default_single_process_env()
+    default_single_process_env()
     rank, world, _backend = init_distributed()
     import torch.distributed as dist
 
@@ -574,26 +531,11 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
             profile.save(args.output)
         except OSError as exc:
             raise ProfileError(f"cannot write profile {args.output}: {exc.strerror or exc}") from None
-        _summary(profile, report, args.output, world, time.perf_counter() - started)
+        print_summary(PROG, profile, report, args.output, world, time.perf_counter() - started, show_tp=True)
     if world > 1:
         dist.barrier()  # nobody leaves while rank 0 still writes
     dist.destroy_process_group()
     return EXIT_OK
-
-
-def _summary(profile: Profile, report: list[str], output: str, world: int, seconds: float) -> None:
-    lines = [f"{PROG}: {profile.device}, {profile.runtime}, backend {profile.backend}, {world} rank(s), "
-             f"{seconds:.1f} s"]
-    for sig, timings in profile.layers.items():
-        for t in timings:
-            act = f"  act {t.activation_bytes / 2**20:.1f} MiB" if t.activation_bytes is not None else ""
-            lines.append(f"  {sig}  tp {t.tp} mbs {t.micro_batch_size}: fwd {t.forward_ms:.3f} ms  "
-                         f"bwd {t.backward_ms:.3f} ms{act}")
-    lines += [f"  {r}" for r in report]
-    if profile.notes:
-        lines.append(f"  notes: {profile.notes}")
-    lines.append(f"  profile written to {output}")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

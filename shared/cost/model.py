@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..cluster.spec import ClusterSpec
 from ..model.graph import Layer
 from ..model.spec import TrainingSpec
-from ..profile.schema import Profile
+from ..profile.schema import Profile, bus_factor
 from .strategy import Strategy
 
 MEASURED, ESTIMATED = "measured", "estimated"
@@ -88,9 +88,8 @@ class CostModel:
         """Seconds for a ring collective on `nbytes` (the full tensor) over `group` ranks."""
         if group <= 1 or nbytes <= 0:
             return 0.0
-        factor = {"all_reduce": 2.0 * (group - 1) / group, "all_gather": (group - 1) / group,
-                  "reduce_scatter": (group - 1) / group, "all_to_all": (group - 1) / group}[op]
-        return self.cluster.collective_latency_us * 1e-6 + factor * nbytes / self.bus_bandwidth(op, group, intra_node)
+        return (self.cluster.collective_latency_us * 1e-6
+                + bus_factor(op, group) * nbytes / self.bus_bandwidth(op, group, intra_node))
 
     def p2p(self, nbytes: float, intra_node: bool) -> float:
         if nbytes <= 0:

@@ -22,6 +22,14 @@ SCOPES = ("intra_node", "inter_node")
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
 
 
+def bus_factor(op: str, group: int) -> float:
+    """NCCL-tests' bus-bandwidth factor: bus bandwidth = (bytes of the full tensor / time) x factor, and
+    a ring collective takes factor x bytes / bus bandwidth. The profilers measure with it, the cost
+    model prices with it."""
+    return {"all_reduce": 2.0 * (group - 1) / group, "all_gather": (group - 1) / group,
+            "reduce_scatter": (group - 1) / group, "all_to_all": (group - 1) / group, "p2p": 1.0}[op]
+
+
 @dataclass(frozen=True)
 class LayerTiming:
     """One measurement of one layer signature at (tp, micro_batch_size): per-device times in ms."""
