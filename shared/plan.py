@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from .cost.evaluate import Prediction
-from .cost.model import ESTIMATED, MEASURED
+from .cost.model import CALIBRATED, ESTIMATED, MEASURED
 from .cost.strategy import Strategy
 from .cost.tables import Subproblem
 from .errors import SpecError
 from .io import read_text, write_json_atomic
 
 PLAN_FORMAT = "uniap-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 2 added each stage's memory breakdown
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class StagePlan:
+    """One pipeline stage: its layers, time per micro-batch, once-per-iteration time, and memory per GPU:
+    `memory_bytes` is the predicted peak the allocator reserves; the rest are allocated bytes (model states,
+    in-flight activations, peaks while computing, the states at the optimizer step with its temporaries)."""
+
     index: int
     first_layer: str
     last_layer: str
@@ -40,6 +45,10 @@ class StagePlan:
     time_per_microbatch: float
     time_per_iteration_extra: float
     memory_bytes: float
+    states_bytes: float | None = None
+    activation_bytes: float | None = None
+    transient_bytes: float | None = None
+    step_bytes: float | None = None
 
 
 @dataclass
@@ -110,9 +119,9 @@ class Plan:
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise SpecError(f"{source} is not a uniap plan (no \"format\": \"{PLAN_FORMAT}\")",
                             "create one with `uniap plan ... -o plan.json`")
-        if data.get("version") != PLAN_VERSION:
-            raise SpecError(f"{source} has plan version {data.get('version')!r}; this uniap reads {PLAN_VERSION}",
-                            "re-plan with this uniap version")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise SpecError(f"{source} has plan version {data.get('version')!r}; this uniap reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}", "re-plan with this uniap version")
         body = {k: v for k, v in data.items() if k not in ("format", "version")}
         try:
             body["layers"] = [LayerPlan(name=lp["name"], kind=lp["kind"], stage=lp["stage"],
@@ -145,27 +154,34 @@ def make_plan(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy],
     stages = []
     for i in range(sub.deg):
         members = [lp.name for lp in layers if lp.stage == i]
+        mem = pred.stage_breakdown[i]
         stages.append(StagePlan(index=i, first_layer=members[0], last_layer=members[-1], num_layers=len(members),
                                 time_per_microbatch=pred.stage_time[i],
                                 time_per_iteration_extra=pred.stage_iteration_time[i],
-                                memory_bytes=pred.stage_memory[i]))
+                                memory_bytes=pred.stage_memory[i], states_bytes=mem.states,
+                                activation_bytes=mem.activations, transient_bytes=mem.transients,
+                                step_bytes=mem.step_states))
     tpi = pred.time_per_iteration
     samples = sub.training.global_batch_size / tpi
     c = sub.cluster
     mfu = model_flops_per_iteration(sub) / (tpi * c.num_gpus * c.peak_tflops * 1e12)
-    compute = sub.compute_basis
+    costs = [sub.cost_of(u, s) for u, s in enumerate(strategy_of)]
+    cm = sub.cost_model
     basis = {
-        "compute": MEASURED if compute == {MEASURED} else ESTIMATED if compute == {ESTIMATED} else "mixed",
-        "communication": _basis(sub.cost_model.comm_bases),
-        "overlap": sub.cost_model.overlap_basis,
-        "memory": ESTIMATED,
+        "compute": _basis({cost.compute_basis for cost in costs})
+        + (f" x{cm.compute_scale:.3g} {CALIBRATED}" if cm.compute_scale != 1 else ""),
+        "communication": _basis(cm.comm_bases),
+        "overlap": cm.overlap_basis,
+        "activations": _basis({cost.activation_basis for cost in costs if cost.activation_bytes}),
+        "memory": f"{sub.capability.accounting.name} states, reserved = allocated x{cm.reserved_per_allocated:.3g} "
+                  f"{cm.reserved_basis}",
     }
     return Plan(target=sub.capability.name, model=model, cluster=c.to_dict(), training=sub.training.to_dict(),
                 pipeline_degree=sub.deg, micro_batches=sub.c, micro_batch=sub.micro_batch,
                 devices_per_stage=sub.stage_devices, layers=layers, stages=stages,
                 boundary_time=pred.boundary_time, time_per_iteration=tpi, samples_per_second=samples,
                 tokens_per_second=samples * g.tokens_per_sample, mfu=mfu,
-                memory_capacity_bytes=sub.memory_capacity, basis=basis, solver=solver, pins=pins or {})
+                memory_capacity_bytes=pred.memory_capacity, basis=basis, solver=solver, pins=pins or {})
 
 
 def _basis(bases: set[str]) -> str:

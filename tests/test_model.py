@@ -638,13 +638,15 @@ CLUSTER_FIELDS = dict(name="c", num_nodes=2, gpus_per_node=4, gpu_name="X", gpu_
                       inter_node_bandwidth_gbps=10.0)
 
 
-@pytest.mark.parametrize("name", ["dgx-a100-80g", "dgx-h100", "pcie-a100-8g"])
-def test_cluster_presets_exist(name):
+@pytest.mark.parametrize("name, capacity", [("dgx-a100-80g", 79.35), ("dgx-h100", 79.11), ("dgx-h200", 139.8),
+                                            ("pcie-a100-8g", 79.35)])
+def test_cluster_presets_exist(name, capacity):
+    """Capacities as PyTorch reports them (an 80 GB card is not 80 GiB)."""
     c = cluster_preset(name)
     assert c is CLUSTER_PRESETS[name] and c.name == name
     assert (c.num_nodes, c.gpus_per_node, c.num_gpus) == (1, 8, 8)
-    assert c.gpu_memory_gib == 80.0
-    assert c.usable_memory_bytes == (80.0 - c.reserved_memory_gib) * 2 ** 30
+    assert c.gpu_memory_gib == capacity
+    assert c.usable_memory_bytes == (capacity - c.reserved_memory_gib) * 2 ** 30
     assert load_cluster(name) == c
 
 

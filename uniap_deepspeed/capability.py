@@ -1,11 +1,57 @@
-"""What DeepSpeed 0.19 can run, declared once for the core's planner.
+"""What DeepSpeed 0.19 can run and how it keeps model states, declared once for the core's planner.
 
 - no tensor parallelism (a plain model or a PipelineModule has no TP of its own);
 - one ZeRO stage for the whole engine; ZeRO-2/3 only without pipeline parallelism (the pipeline engine
   asserts "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism");
 - one activation-checkpointing setting for all transformer layers.
+
+Model states, for the config uniap emits (no data_types.grad_accum_dtype: gradients accumulate in the model's
+dtype) and an Adam/AdamW optimizer section, which DeepSpeed runs as its FusedAdam (DeepSpeed 0.19.8
+deepspeed/runtime/engine.py `_do_optimizer_sanity_check`, `_configure_optimizer`). Bytes per parameter over d
+data-parallel ranks, read from the source and measured on 2 CPU ranks (bf16 and fp32; fp16 runs the same
+classes as bf16 but CPUs refuse it), while computing / at the optimizer step's peak:
+- bf16/fp16 ZeRO-0 (FP16_Optimizer, runtime/fp16/fused_optimizer.py): 2 weights + 4 fp32 master + 8 moments
+  + 2 gradients = 16; the step casts every gradient to fp32 and flattens: 24.
+- bf16 ZeRO-0 in a PipelineModule (BF16_Optimizer, runtime/bf16_optimizer.py: a full bf16 accumulation buffer,
+  fp32 master and moments partitioned): 6 + 12/d; at the step 6 + 16/d.
+- ZeRO-1 (DeepSpeedZeroOptimizer, runtime/zero/stage_1_and_2.py): full gradients until the end of backward,
+  4 + 12/d; then a partition, its fp32 cast at the step: 2 + 20/d. ZeRO-2: 2 + 14/d, at the step 2 + 20/d.
+- ZeRO-3 (runtime/zero/stage3.py): 16/d (the bf16 gradient partition is made at init); at the step 22/d.
+- fp32: ZeRO-0 16; ZeRO-1 8 + 12/d, at the step 4 + 20/d; ZeRO-2 4 + 16/d, 4 + 20/d; ZeRO-3 20/d, 24/d.
+Buckets (elements in the model's dtype): ZeRO-1/2 allocate two reduce buckets per backward (overlap_comm, or a
+PipelineModule's extra one) and flatten a bucket's worth more while reducing; ZeRO-3 keeps one reduce bucket,
+prefetches up to stage3_prefetch_bucket_size and keeps parameters gathered up to stage3_max_live_parameters
+(with stage3_max_reuse_distance 1e9 most of a forward's parameters stay gathered until backward); ZeRO-0
+flattens gradients in reduce-bucket-sized chunks for the all-reduce.
 """
+from uniap.cost.accounting import Accounting, PerParam
 from uniap.cost.strategy import Capability
+
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size / allgather_bucket_size default (zero/config.py)
+STAGE3_PREFETCH_BUCKET = 50_000_000
+STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
+STAGE3_MAX_REUSE_DISTANCE = 1_000_000_000
+
+_HALF = {0: (PerParam(16.0), PerParam(24.0)), 1: (PerParam(4.0, 12.0), PerParam(2.0, 20.0)),
+         2: (PerParam(2.0, 14.0), PerParam(2.0, 20.0)), 3: (PerParam(0.0, 16.0), PerParam(0.0, 22.0))}
+_FP32 = {0: (PerParam(16.0), PerParam(16.0)), 1: (PerParam(8.0, 12.0), PerParam(4.0, 20.0)),
+         2: (PerParam(4.0, 16.0), PerParam(4.0, 20.0)), 3: (PerParam(0.0, 20.0), PerParam(0.0, 24.0))}
+_TABLES = {"bf16": _HALF, "fp16": _HALF, "fp32": _FP32}
+
+DEEPSPEED_ACCOUNTING = Accounting(
+    name="deepspeed",
+    source="DeepSpeed 0.19.8 runtime/fp16/fused_optimizer.py, runtime/bf16_optimizer.py, "
+           "runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py; measured on CPU ranks",
+    states={(p, z): rows[z][0] for p, rows in _TABLES.items() for z in rows},
+    step={(p, z): rows[z][1] for p, rows in _TABLES.items() for z in rows},
+    pipelined_states={(p, 0): PerParam(6.0, 12.0) for p in ("bf16", "fp16")},
+    pipelined_step={(p, 0): PerParam(6.0, 16.0) for p in ("bf16", "fp16")},
+    # The engine adds each micro-batch's gradients into its buffers: read, read, write in the model's dtype.
+    grad_accumulation_traffic={"bf16": 6.0, "fp16": 6.0, "fp32": 12.0},
+    buffer_elements={0: REDUCE_BUCKET, 1: 3 * REDUCE_BUCKET, 2: 3 * REDUCE_BUCKET,
+                     3: REDUCE_BUCKET + STAGE3_PREFETCH_BUCKET + STAGE3_MAX_LIVE_PARAMETERS},
+)
 
 DEEPSPEED = Capability(
     name="deepspeed",
@@ -24,4 +70,5 @@ DEEPSPEED = Capability(
                                   "pipeline parallelism\" (deepspeed/runtime/pipe/engine.py)",
         "recompute_modes": "DeepSpeed checkpoints whole layers (activation_checkpoint_interval), not modules",
     },
+    accounting=DEEPSPEED_ACCOUNTING,
 )

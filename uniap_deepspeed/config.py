@@ -20,9 +20,8 @@ from uniap.model.spec import TrainingSpec
 from uniap.plan import Plan, make_plan
 from uniap.solver.uop import optimize
 
-from .capability import DEEPSPEED
-
-BUCKET = 500_000_000
+from .capability import (DEEPSPEED, REDUCE_BUCKET, STAGE3_MAX_LIVE_PARAMETERS, STAGE3_MAX_REUSE_DISTANCE,
+                         STAGE3_PARAM_PERSISTENCE_THRESHOLD, STAGE3_PREFETCH_BUCKET)
 
 
 def zero_section(stage: int, pipeline: bool) -> dict[str, Any]:
@@ -30,12 +29,14 @@ def zero_section(stage: int, pipeline: bool) -> dict[str, Any]:
     if stage == 0:
         return {"stage": 0}
     section: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": not pipeline,
-                               "reduce_scatter": True, "reduce_bucket_size": BUCKET}
+                               "reduce_scatter": True, "reduce_bucket_size": REDUCE_BUCKET}
     if stage in (1, 2):
-        section["allgather_bucket_size"] = BUCKET
+        section["allgather_bucket_size"] = REDUCE_BUCKET
     if stage == 3:
-        section.update({"stage3_prefetch_bucket_size": 50_000_000, "stage3_param_persistence_threshold": 100_000,
-                        "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000,
+        section.update({"stage3_prefetch_bucket_size": STAGE3_PREFETCH_BUCKET,
+                        "stage3_param_persistence_threshold": STAGE3_PARAM_PERSISTENCE_THRESHOLD,
+                        "stage3_max_live_parameters": STAGE3_MAX_LIVE_PARAMETERS,
+                        "stage3_max_reuse_distance": STAGE3_MAX_REUSE_DISTANCE,
                         "stage3_gather_16bit_weights_on_model_save": True})
     return section
 

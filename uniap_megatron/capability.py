@@ -1,4 +1,4 @@
-"""What Megatron-LM (core_v0.16.1) can run, declared once for the core's planner.
+"""What Megatron-LM (core_v0.16.1) can run and how it keeps model states, declared once for the planner.
 
 - one TP degree for every layer (`--tensor-model-parallel-size`), DP = world / (TP * PP);
 - ZeRO: none, the distributed optimizer (ZeRO-1), or Megatron-FSDP (ZeRO-3, optim_grads_params) only
@@ -7,8 +7,33 @@
 - one recompute setting for all transformer layers (`--recompute-granularity full --recompute-method
   uniform --recompute-num-layers 1`, or selective);
 - heads, query groups and FFN divisible by TP (checked by the core's strategy enumeration).
+
+Model states (Megatron Core developer guide, "Distributed Optimizer", bytes per parameter without / with
+the distributed optimizer over d data-parallel ranks): bf16 params with fp32 gradients, Megatron-LM's
+default for bf16 (megatron/training/arguments.py sets accumulate_allreduce_grads_in_fp32), 18 vs 6 + 12/d;
+fp16 params and gradients 20 vs 4 + 16/d (the optimizer keeps an fp32 copy of the gradients); fp32 16 vs
+8 + 8/d. Measured with megatron-core 0.16.1 on an H200 (bf16, distributed optimizer, d = 1): 10.0 bytes
+per parameter before the first step, Adam's moments add 8 at it. Megatron-FSDP shards all of it.
+Without Transformer Engine or Apex, megatron/core/optimizer/__init__.py falls back to torch.optim.AdamW
+(foreach on a GPU), and gradients are added into the fp32 buffer by a hook after each micro-batch
+(megatron/core/distributed/distributed_data_parallel.py): read 2 + read and write 4 + 4 bytes.
 """
+from uniap.cost.accounting import Accounting, PerParam
 from uniap.cost.strategy import Capability
+
+MEGATRON_ACCOUNTING = Accounting(
+    name="megatron",
+    source="Megatron Core developer guide (Distributed Optimizer) and megatron-core 0.16.1 "
+           "distributed/param_and_grad_buffer.py, optimizer/distrib_optimizer.py",
+    states={
+        ("bf16", 0): PerParam(18.0), ("bf16", 1): PerParam(6.0, 12.0), ("bf16", 3): PerParam(0.0, 18.0),
+        ("fp16", 0): PerParam(20.0), ("fp16", 1): PerParam(4.0, 16.0), ("fp16", 3): PerParam(0.0, 20.0),
+        ("fp32", 0): PerParam(16.0), ("fp32", 1): PerParam(8.0, 8.0), ("fp32", 3): PerParam(0.0, 16.0),
+    },
+    torch_adam_without_fused_kernels=True,
+    grad_accumulation_traffic={"bf16": 10.0, "fp16": 6.0, "fp32": 12.0},
+    fusable_grad_accumulation=True,
+)
 
 MEGATRON = Capability(
     name="megatron",
@@ -26,4 +51,5 @@ MEGATRON = Capability(
         "max_zero_with_pipeline": "Megatron-LM's fully sharded data parallelism is run with one pipeline stage "
                                   "(--use-torch-fsdp2 asserts --pipeline-model-parallel-size 1 in validate_args)",
     },
+    accounting=MEGATRON_ACCOUNTING,
 )

@@ -8,8 +8,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import SpecError
+from .model import TRANSIENT_CLASSES
 from .strategy import Strategy
 from .tables import Subproblem
+
+MEMORY_TOLERANCE = 1e-6  # relative: a plan at its capacity up to rounding fits
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Allocated bytes on one GPU of a stage: model states, in-flight activations, the peaks on top of them
+    while computing (recompute, FSDP gathers, buckets), and the model states at the optimizer step's peak
+    (its temporaries included)."""
+
+    states: float
+    activations: float
+    transients: float
+    buffers: float
+    step_states: float
+
+    @property
+    def training_peak(self) -> float:
+        return self.states + self.activations + self.transients
+
+    @property
+    def step_peak(self) -> float:
+        """During the optimizer step activations are freed; the step's states and the buckets live."""
+        return self.step_states + self.buffers
+
+    @property
+    def allocated_peak(self) -> float:
+        return max(self.training_peak, self.step_peak)
 
 
 @dataclass(frozen=True)
@@ -18,7 +47,9 @@ class Prediction:
 
     TPI = sum_i p_i + sum_j o_j + (c - 1) * max(max_i p_i, max_j o_j) + max_i g_i
     with p_i the stage's time per micro-batch, o_j the boundary's P2P time per micro-batch and g_i the
-    stage's once-per-iteration time (exposed gradient sync, optimizer step)."""
+    stage's once-per-iteration time (exposed gradient sync, optimizer step). `stage_memory` is the peak
+    the allocator reserves per GPU (allocated peak x reserved_per_allocated), `memory_capacity` what it may
+    reserve (the device minus what lives outside it)."""
 
     time_per_iteration: float
     stage_time: list[float]
@@ -26,10 +57,12 @@ class Prediction:
     stage_iteration_time: list[float]
     stage_memory: list[float]
     memory_capacity: float
+    stage_breakdown: list[StageMemory]
+    reserved_per_allocated: float
 
     @property
     def fits(self) -> bool:
-        return all(m <= self.memory_capacity * (1 + 1e-6) for m in self.stage_memory)
+        return all(m <= self.memory_capacity * (1 + MEMORY_TOLERANCE) for m in self.stage_memory)
 
 
 def pipeline_time(stage_time: list[float], boundary_time: list[float], stage_iter: list[float], c: int) -> float:
@@ -73,18 +106,18 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
     deg = sub.deg
     p = [0.0] * deg
     it = [0.0] * deg
-    state_act = [0.0] * deg
-    rc_peak = [0.0] * deg
-    fsdp_peak = [0.0] * deg
+    states, acts, step = [0.0] * deg, [0.0] * deg, [0.0] * deg
+    peaks = [dict.fromkeys(TRANSIENT_CLASSES, 0.0) for _ in range(deg)]
     for u, s in enumerate(strategy_of):
-        rt = sub.runs[g.run_of[u]]
-        cost = rt.costs[rt.strategies.index(s)]
+        cost = sub.cost_of(u, s)
         i = stage_of[u]
         p[i] += cost.time_per_microbatch
         it[i] += cost.time_per_iteration
-        state_act[i] += cost.state_bytes + sub.inflight[i] * cost.activation_bytes
-        rc_peak[i] = max(rc_peak[i], cost.recompute_transient_bytes)
-        fsdp_peak[i] = max(fsdp_peak[i], cost.fsdp_transient_bytes)
+        states[i] += cost.state_bytes
+        acts[i] += sub.inflight[i] * cost.activation_bytes
+        step[i] += cost.step_bytes
+        for name in TRANSIENT_CLASSES:
+            peaks[i][name] = max(peaks[i][name], getattr(cost, name))
     for e in g.edges:
         if e.kind == "chain" and stage_of[e.src] == stage_of[e.dst]:
             p[stage_of[e.src]] += sub.reshard_time(g.layers[e.src], strategy_of[e.src].tp, strategy_of[e.dst].tp)
@@ -93,9 +126,12 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
         last_consumer = max((stage_of[e.dst] for e in g.succ(u)), default=stage_of[u])
         for boundary in range(stage_of[u], last_consumer):
             o[boundary] += sub.p2p_time(layer, boundary)
-    memory = [state_act[i] + rc_peak[i] + fsdp_peak[i] for i in range(deg)]
+    breakdown = [StageMemory(states=states[i], activations=acts[i], transients=sum(peaks[i].values()),
+                             buffers=peaks[i]["buffer_bytes"], step_states=step[i]) for i in range(deg)]
+    ratio = sub.cost_model.reserved_per_allocated
     return Prediction(time_per_iteration=pipeline_time(p, o, it, sub.c), stage_time=p, boundary_time=o,
-                      stage_iteration_time=it, stage_memory=memory, memory_capacity=sub.memory_capacity)
+                      stage_iteration_time=it, stage_memory=[m.allocated_peak * ratio for m in breakdown],
+                      memory_capacity=sub.usable_memory, stage_breakdown=breakdown, reserved_per_allocated=ratio)
 
 
 def even_split(graph, deg: int) -> list[int]:

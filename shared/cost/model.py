@@ -3,13 +3,17 @@
 Per layer and strategy (for one stage of `tp*dp` devices and a pipeline micro-batch of `micro_batch`
 samples, so each replica processes b = micro_batch/dp samples):
 - time per micro-batch (the paper's A): forward + backward (+ recomputed forward) compute, TP
-  collectives on the critical path, and FSDP/ZeRO-2 collectives overlapped with compute;
+  collectives on the critical path, FSDP/ZeRO-2 collectives overlapped with compute, and adding the
+  micro-batch's gradients into the framework's gradient buffer;
 - time per iteration: the exposed part of the data-parallel gradient sync and the optimizer step;
-- memory: model states per ZeRO stage (16 bytes/parameter with mixed-precision Adam), activations per
-  in-flight micro-batch (Korthikanti et al.), and transient memory (a recomputed layer's activations,
-  FSDP's gathered parameters).
-Compute times come from a measured profile when it has the layer, else from FLOPs at a fraction of
-peak; collective times from measured bus bandwidths, else from datasheet link bandwidths.
+- memory, as the target framework allocates it (its `Accounting`): model states, activations per
+  in-flight micro-batch (measured by a profiler where it has the layer, else Korthikanti et al.), and
+  the peaks on top of them (a recomputed layer's activations, FSDP's gathered parameters,
+  communication buckets, the optimizer step's temporaries).
+Compute times come from a measured profile when it has the layer, else from FLOPs and memory traffic at
+the fractions of peak measured for the GPU model (uniap.cluster.devices); collective times from measured
+bus bandwidths, else from datasheet link bandwidths. A profile's calibration (fitted to whole
+iterations, `uniap calibrate`) scales compute time and turns allocated into reserved memory.
 """
 from __future__ import annotations
 
@@ -19,12 +23,19 @@ from ..cluster.spec import ClusterSpec
 from ..model.graph import Layer
 from ..model.spec import TrainingSpec
 from ..profile.schema import Profile, bus_factor
+from .accounting import Accounting
 from .strategy import Strategy
 
-MEASURED, ESTIMATED = "measured", "estimated"
-OPTIMIZER_BYTES_PER_PARAM = 12  # fp32 master weights + Adam m and v (mixed precision)
-OPTIMIZER_STEP_TRAFFIC = 32  # bytes of HBM traffic per parameter in an Adam step (read + write)
+MEASURED, ESTIMATED, CALIBRATED = "measured", "estimated", "calibrated"
 DEFAULT_OVERLAP = 1.15  # slowdown of overlapped compute/communication when nothing was measured
+# PyTorch's caching allocator keeps freed blocks for reuse, so at the peak the memory it has reserved from
+# the GPU (what runs out) exceeds what tensors occupy. 5 % is an estimate, not a measurement; a profile's
+# calibration replaces it with the ratio fitted to measured peaks (`uniap calibrate`).
+DEFAULT_RESERVED_PER_ALLOCATED = 1.05
+# A flash kernel's backward recomputes the attention scores: 2.5x the forward's FLOPs instead of 2x.
+FLASH_BACKWARD_FLOPS = 2.5
+# Peaks a stage holds on top of states and activations: the largest of each class among its layers.
+TRANSIENT_CLASSES = ("recompute_transient_bytes", "fsdp_transient_bytes", "buffer_bytes")
 
 
 def overlapped(a: float, b: float, coefficient: float) -> float:
@@ -35,13 +46,21 @@ def overlapped(a: float, b: float, coefficient: float) -> float:
 
 @dataclass(frozen=True)
 class LayerCost:
+    """One layer under one strategy, on one device. Memory in bytes allocated (not reserved):
+    state_bytes: model states resident from the first step on; activation_bytes: kept per in-flight
+    micro-batch; the TRANSIENT_CLASSES: peaks while the layer computes or communicates; step_bytes: the layer's
+    bytes at the optimizer step's peak, temporaries included (activations are freed by then)."""
+
     time_per_microbatch: float
     time_per_iteration: float
     state_bytes: float
     activation_bytes: float
     recompute_transient_bytes: float
     fsdp_transient_bytes: float
+    buffer_bytes: float
+    step_bytes: float
     compute_basis: str
+    activation_basis: str
 
 
 def activation_bytes(layer: Layer, tp: int, samples: float, recompute: str, sequence_parallel: bool = True) -> float:
@@ -64,9 +83,15 @@ class CostModel:
     def __init__(self, cluster: ClusterSpec, training: TrainingSpec, profile: Profile | None = None):
         self.cluster, self.training, self.profile = cluster, training, profile
         self.bpv = training.bytes_per_value
+        self.coefficients = cluster.coefficients
         measured_overlap = profile.overlap_coefficient if profile else None
         self.overlap = measured_overlap or DEFAULT_OVERLAP
         self.overlap_basis = MEASURED if measured_overlap else ESTIMATED
+        calibration = profile.calibration if profile else None
+        self.compute_scale = calibration.compute_scale if calibration else 1.0
+        fitted = calibration.reserved_per_allocated if calibration else None
+        self.reserved_per_allocated = fitted or DEFAULT_RESERVED_PER_ALLOCATED
+        self.reserved_basis = CALIBRATED if fitted else ESTIMATED
         self.comm_bases: set[str] = set()
 
     # --- collectives ------------------------------------------------------------------------------
@@ -98,28 +123,90 @@ class CostModel:
 
     # --- layers -----------------------------------------------------------------------------------
 
-    def compute_times(self, layer: Layer, tp: int, samples: int) -> tuple[float, float, str]:
-        """(forward, backward) seconds of one replica's micro-batch on one device, and their basis."""
+    @property
+    def hbm_bytes_per_second(self) -> float:
+        """HBM bandwidth memory-bound kernels achieve on this GPU model."""
+        return self.cluster.hbm_bandwidth_gbps * 1e9 * self.coefficients.memory
+
+    def compute_times(self, layer: Layer, tp: int, samples: float) -> tuple[float, float, str]:
+        """(forward, backward) seconds of one replica's micro-batch on one device, and their basis; the
+        calibration's compute scale applies to both bases."""
         if self.profile:
             measured = self.profile.layer_times(layer.signature, tp, samples)
             if measured:
-                return measured[0], measured[1], MEASURED
-        c = self.cluster
-        matmul = layer.flops_fwd * samples / tp / (c.peak_tflops * 1e12 * c.matmul_efficiency)
-        elementwise = 2.0 * activation_bytes(layer, tp, samples, "none") / (c.hbm_bandwidth_gbps * 1e9)
-        fwd = matmul + elementwise
-        return fwd, 2.0 * fwd, ESTIMATED
+                return measured[0] * self.compute_scale, measured[1] * self.compute_scale, MEASURED
+        fwd, bwd = self.estimated_compute_times(layer, tp, samples)
+        return fwd * self.compute_scale, bwd * self.compute_scale, ESTIMATED
+
+    def estimated_compute_times(self, layer: Layer, tp: int, samples: float) -> tuple[float, float]:
+        """GEMM and attention FLOPs at the GPU model's achieved fractions of peak, memory-bound traffic at
+        its achieved HBM bandwidth (twice the activations in forward, four times in backward, plus a layer's
+        extra traffic in each), plus the fixed part of each pass (see uniap.cluster.devices). A flash
+        kernel executes half the scores under a causal mask and recomputes them in backward; without it the
+        scores are batched GEMMs and their softmax traffic is part of the activations."""
+        co, peak = self.coefficients, self.cluster.peak_tflops * 1e12
+        flash = self.training.flash_attention
+        attention = layer.attention_flops - (0.5 * layer.causal_attention_flops if flash else 0.0)
+        gemm = layer.flops_fwd - layer.attention_flops
+        if flash:
+            attn_fwd = attention / (peak * co.attention)
+            attn_bwd = FLASH_BACKWARD_FLOPS * attention / (peak * co.attention)
+        else:
+            attn_fwd = attention / (peak * co.gemm_forward)
+            attn_bwd = 2.0 * attention / (peak * co.gemm_backward)
+        traffic = 2.0 * activation_bytes(layer, tp, samples, "none") / self.hbm_bytes_per_second
+        extra = samples * layer.extra_traffic / tp / self.hbm_bytes_per_second
+        overhead = co.layer_overhead_ms * 1e-3
+        # An embedding's backward writes a dense gradient of its whole table (zero-fill, then scatter-add).
+        table = 2.0 * self.bpv * layer.params_tp / tp / self.hbm_bytes_per_second if layer.flops_fwd == 0 else 0.0
+        fwd = samples * (gemm / (peak * co.gemm_forward) + attn_fwd) / tp + traffic + extra + overhead
+        bwd = (samples * (2.0 * gemm / (peak * co.gemm_backward) + attn_bwd) / tp + 2.0 * traffic + extra + table
+               + 2.0 * overhead)
+        return fwd, bwd
+
+    def activation(self, layer: Layer, tp: int, samples: float, recompute: str) -> tuple[float, str]:
+        """Bytes kept per in-flight micro-batch and their basis: the profile's measurement without
+        recompute where it has the layer, else Korthikanti et al.'s count."""
+        if recompute == "none" and self.profile:
+            measured = self.profile.layer_activation_bytes(layer.signature, tp, samples)
+            if measured is not None:
+                return measured, MEASURED
+        return activation_bytes(layer, tp, samples, recompute), ESTIMATED
+
+    def optimizer_step(self, params: float, optimizer_params: float, s: Strategy, pipelined: bool,
+                       accounting: Accounting) -> tuple[float, float]:
+        """(seconds, bytes at the step's peak) of the optimizer step for a layer's `params` on this device, of
+        which this rank updates `optimizer_params`: the profile's measured step scaled by parameters where it
+        has one (its temporaries on top of the framework's resident states), else the framework's HBM
+        traffic and bytes (uniap.cost.accounting)."""
+        precision, fused = self.training.precision, self.training.fused_kernels
+        measured = self.profile.optimizer if self.profile else None
+        if measured is not None:
+            per_param = optimizer_params / measured.num_params
+            resident = params * accounting.state_bytes(precision, s.zero, pipelined).at(s.dp)
+            if measured.extra_peak_bytes is None:
+                extra = optimizer_params * accounting.foreach_temporary(fused)
+            else:
+                extra = measured.extra_peak_bytes * per_param
+            return measured.step_ms * 1e-3 * per_param, resident + extra
+        seconds = optimizer_params * accounting.step_traffic(fused) / self.hbm_bytes_per_second
+        peak = params * accounting.step_bytes(precision, s.zero, pipelined).at(s.dp)
+        return seconds, peak + optimizer_params * accounting.foreach_temporary(fused)
 
     def layer_cost(self, layer: Layer, s: Strategy, micro_batch: int, pipeline_degree: int,
-                   stage_intra_node: bool) -> LayerCost:
-        """Cost of `layer` under `s` for micro-batches of `micro_batch` samples (the whole pipeline's)."""
+                   stage_intra_node: bool, accounting: Accounting) -> LayerCost:
+        """Cost of `layer` under `s` for micro-batches of `micro_batch` samples (the whole pipeline's), with
+        the target framework's `accounting` of model states."""
         b = micro_batch // s.dp
         bpv, tp, dp = self.bpv, s.tp, s.dp
+        precision, fused = self.training.precision, self.training.fused_kernels
         fwd, bwd, basis = self.compute_times(layer, tp, b)
+        act, act_basis = self.activation(layer, tp, b, s.recompute)
+        full_act = self.activation(layer, tp, b, "none")[0]
         if s.recompute == "full":
             compute = 2 * fwd + bwd
         elif s.recompute == "selective":
-            compute = fwd + bwd + 2.0 * b * layer.act_scores / tp / (self.cluster.hbm_bandwidth_gbps * 1e9)
+            compute = fwd + bwd + 2.0 * b * layer.act_scores / tp / self.hbm_bytes_per_second
         else:
             compute = fwd + bwd
 
@@ -143,20 +230,20 @@ class CostModel:
             else:
                 ar = self.collective("all_reduce", weight_bytes, dp, stage_intra_node)
                 exposed_iter = overlapped(bwd, ar, self.overlap) - bwd
-        opt_params = params / dp if s.zero >= 1 else params
-        optimizer = opt_params * OPTIMIZER_STEP_TRAFFIC / (self.cluster.hbm_bandwidth_gbps * 1e9) if params else 0.0
-
-        state = params * {0: 2 * bpv + OPTIMIZER_BYTES_PER_PARAM,
-                          1: 2 * bpv + OPTIMIZER_BYTES_PER_PARAM / dp,
-                          2: bpv + (bpv + OPTIMIZER_BYTES_PER_PARAM) / dp,
-                          3: (2 * bpv + OPTIMIZER_BYTES_PER_PARAM) / dp}[s.zero]
-        act = activation_bytes(layer, tp, b, s.recompute)
+        # Gradient accumulation into the framework's buffer after each micro-batch's backward, and the
+        # optimizer step over the parameters this rank updates.
+        accumulate = params * accounting.accumulation_traffic(precision, fused) / self.hbm_bytes_per_second
+        optimizer_params = params / dp if s.zero >= 1 else params
+        pipelined = pipeline_degree > 1
+        optimizer, step_bytes = self.optimizer_step(params, optimizer_params, s, pipelined, accounting)
+        state = params * accounting.state_bytes(precision, s.zero, pipelined).at(dp)
         # While one layer recomputes, its full activations live; FSDP holds a layer's gathered weights
         # and prefetches the next one's.
-        rc_transient = {"none": 0.0, "full": activation_bytes(layer, tp, b, "none"),
-                        "selective": b * layer.act_scores / tp}[s.recompute]
+        rc_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
         fsdp_transient = 2 * weight_bytes if s.zero == 3 else 0.0
-        return LayerCost(time_per_microbatch=overlapped(compute, per_mb_comm, self.overlap) + tp_comm,
+        buffers = accounting.buffer_elements.get(s.zero, 0.0) * bpv if dp > 1 and params else 0.0
+        return LayerCost(time_per_microbatch=overlapped(compute, per_mb_comm, self.overlap) + tp_comm + accumulate,
                          time_per_iteration=exposed_iter + optimizer, state_bytes=state, activation_bytes=act,
                          recompute_transient_bytes=rc_transient, fsdp_transient_bytes=fsdp_transient,
-                         compute_basis=basis)
+                         buffer_bytes=buffers, step_bytes=step_bytes, compute_basis=basis,
+                         activation_basis=act_basis)

@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from ..errors import SpecError, UnknownPresetError
+from .accounting import GENERIC_ACCOUNTING, Accounting
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 ZERO_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "FSDP"}
@@ -57,7 +58,8 @@ class Capability:
 
     uniform_*: one value for every transformer layer of every stage (a framework-wide flag) instead
     of a per-layer choice. max_zero_with_pipeline: the highest ZeRO stage allowed when the pipeline
-    has more than one stage. tp_degrees None: any degree that divides a node's GPUs.
+    has more than one stage. tp_degrees None: any degree that divides a node's GPUs. accounting: how the
+    framework keeps model states in memory and updates them (bytes per parameter, optimizer traffic).
     """
 
     name: str
@@ -71,6 +73,7 @@ class Capability:
     max_zero_with_pipeline: int = 3
     max_pipeline_degree: int | None = None
     reasons: dict[str, str] = field(default_factory=dict)
+    accounting: Accounting = GENERIC_ACCOUNTING
 
     def __post_init__(self) -> None:
         if not set(self.zero_stages) <= set(ZERO_NAMES) or 0 not in self.zero_stages:
@@ -129,7 +132,7 @@ class Capability:
                    f"pin at most {self.max_pipeline_degree} stages")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "accounting": self.accounting.to_dict()}
 
 
 @dataclass(frozen=True)

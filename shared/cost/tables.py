@@ -35,7 +35,8 @@ class RunTable:
 
 @dataclass
 class Subproblem:
-    """Tables for one (pipeline degree, micro-batch count) pair."""
+    """Tables for one (pipeline degree, micro-batch count) pair. `memory_capacity` is the budget in
+    allocated bytes per GPU (see build_subproblem)."""
 
     graph: LayerGraph
     capability: Capability
@@ -48,6 +49,11 @@ class Subproblem:
     memory_capacity: float
     boundary_intra_node: list[bool]
     cost_model: CostModel = field(repr=False)
+
+    @property
+    def usable_memory(self) -> float:
+        """Bytes per GPU the caching allocator may reserve (the device minus what lives outside it)."""
+        return self.cluster.usable_memory_bytes
 
     @property
     def micro_batch(self) -> int:
@@ -130,17 +136,18 @@ class Subproblem:
         return float(max(0.0, dual.max()))
 
     def least_memory(self) -> float:
-        """Lower bound on the memory of the fullest stage: every layer at its leanest strategy, spread
-        perfectly over the stages."""
+        """Lower bound on the memory the allocator reserves on the fullest stage: every layer at its leanest
+        strategy, spread perfectly over the stages."""
         if not self.feasible_strategies:
             return float("inf")
         total = sum(rt.run.size * min(cost.state_bytes + cost.activation_bytes for cost in rt.costs)
                     for rt in self.runs)
-        return total / self.deg
+        return total / self.deg * self.cost_model.reserved_per_allocated
 
-    @cached_property
-    def compute_basis(self) -> set[str]:
-        return {cost.compute_basis for rt in self.runs for cost in rt.costs}
+    def cost_of(self, u: int, s: Strategy) -> LayerCost:
+        """The cost of layer u under strategy s (one of its run's strategies)."""
+        rt = self.runs[self.graph.run_of[u]]
+        return rt.costs[rt.strategies.index(s)]
 
 
 def build_subproblem(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, capability: Capability,
@@ -153,13 +160,16 @@ def build_subproblem(graph: LayerGraph, cluster: ClusterSpec, training: Training
         layer = graph.layers[run.first]
         strategies = stage_strategies(n, G, mb, deg, capability, layer.kind, graph.divisibility,
                                       training.flash_attention, pins)
-        costs = [cost_model.layer_cost(layer, s, mb, deg, n <= G) for s in strategies]
+        costs = [cost_model.layer_cost(layer, s, mb, deg, n <= G, capability.accounting) for s in strategies]
         runs.append(RunTable(run, layer, strategies, costs))
     # Stage i of a 1F1B pipeline keeps the activations of min(deg - i, c) micro-batches alive.
     inflight = [min(deg - i, c) for i in range(deg)]
     # Stages are consecutive blocks of n ranks; a boundary stays inside a node when both sides do.
     boundary_intra = [n < G and ((i + 1) * n) % G != 0 for i in range(deg - 1)]
+    # Every memory figure of the tables is allocated bytes; the allocator reserves more than that at the
+    # peak, so the allocated budget is the usable memory over the reserved-per-allocated ratio.
+    capacity = cluster.usable_memory_bytes / cost_model.reserved_per_allocated
     return Subproblem(graph=graph, capability=capability, training=training, cluster=cluster, deg=deg, c=c,
-                      runs=runs, inflight=inflight, memory_capacity=cluster.usable_memory_bytes,
+                      runs=runs, inflight=inflight, memory_capacity=capacity,
                       boundary_intra_node=boundary_intra, cost_model=cost_model)
 

@@ -18,11 +18,21 @@ from ..errors import SpecError
 from .spec import ModelSpec, TrainingSpec
 
 CHAIN, SKIP = "chain", "skip"
+# HBM bytes per logit the cross-entropy moves beyond the logits' own activations, in forward and again in
+# backward (fp32 cast, max, shift, exp, sum, normalisation; the gradient's update and cast back): fitted to
+# an LM head with its loss measured on an H200 (benchmarks/data/h200-2026-11-27-deepspeed-profile.json).
+CROSS_ENTROPY_TRAFFIC = 18
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One node of the graph. `signature` is equal for layers with equal costs (profile key)."""
+    """One node of the graph. `signature` is equal for layers with equal costs (profile key).
+
+    `flops_fwd` counts every matmul as the MFU convention does (the full s x s attention scores);
+    `attention_flops` is the part of it in the attention scores and their product with V;
+    `causal_attention_flops` the part of that under a causal mask, of which a flash kernel executes half.
+    `extra_traffic` is memory-bound traffic per sample beyond its activations, in forward and again in
+    backward (the LM head's cross-entropy over the vocabulary), split by TP."""
 
     name: str
     kind: str
@@ -37,10 +47,14 @@ class Layer:
     output_bytes: float
     tp_comm_bytes: float
     tied_weights: bool = False
+    attention_flops: float = 0.0
+    causal_attention_flops: float = 0.0
+    extra_traffic: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("params_tp", "params_rep", "flops_fwd", "act_split", "act_seq", "act_scores",
-                     "input_bytes", "output_bytes", "tp_comm_bytes"):
+                     "input_bytes", "output_bytes", "tp_comm_bytes", "attention_flops", "causal_attention_flops",
+                     "extra_traffic"):
             if getattr(self, name) < 0:
                 raise SpecError(f"invalid layer '{self.name}': field '{name}' must be >= 0")
 
@@ -214,7 +228,7 @@ class _Builder:
     def _norm_params(self) -> int:
         return (2 if self.m.normalization == "layernorm" else 1) * self.m.hidden_size
 
-    def _attention(self, s_q: int, s_kv: int, self_attn: bool) -> dict[str, float]:
+    def _attention(self, s_q: int, s_kv: int, self_attn: bool, causal: bool = False) -> dict[str, float]:
         """One attention block (its norm included): parameters, FLOPs and saved bytes per sample."""
         m, bpv = self.m, self.bpv
         h, q, kv = m.hidden_size, m.num_attention_heads * m.head_dim, m.query_groups * m.head_dim
@@ -222,7 +236,8 @@ class _Builder:
         mask = 1 if drop else 0
         params_tp = h * (q + 2 * kv) + q * h + (q + 2 * kv if m.add_bias else 0)
         params_rep = self._norm_params() + (h if m.add_bias else 0)
-        flops = 2 * s_q * h * q + 2 * s_kv * h * 2 * kv + 2 * s_q * q * h + 4 * s_q * s_kv * q
+        attention_flops = 4 * s_q * s_kv * q  # Q K^T and the product with V
+        flops = 2 * s_q * h * q + 2 * s_kv * h * 2 * kv + 2 * s_q * q * h + attention_flops
         act_seq = bpv * s_q * h * 2 + mask * s_q * h  # norm input, Q(KV) input, output dropout mask
         if not self_attn:
             act_seq += bpv * s_kv * h  # the encoder output that K and V are computed from
@@ -232,7 +247,8 @@ class _Builder:
         else:
             scores = m.num_attention_heads * s_q * s_kv * (bpv + (mask + bpv if drop else 0))
         return dict(params_tp=params_tp, params_rep=params_rep, flops=flops, act_seq=act_seq,
-                    act_split=act_split, scores=scores)
+                    act_split=act_split, scores=scores, attention_flops=attention_flops,
+                    causal_attention_flops=attention_flops if causal else 0.0)
 
     def _mlp(self, s: int) -> dict[str, float]:
         m, bpv = self.m, self.bpv
@@ -244,7 +260,7 @@ class _Builder:
         act_seq = bpv * s * h * 2 + (s * h if m.dropout > 0 else 0)  # norm input, fc1 input, mask
         act_split = bpv * s * f * (up + 1)  # fc1 output(s), fc2 input
         return dict(params_tp=params_tp, params_rep=params_rep, flops=flops, act_seq=act_seq,
-                    act_split=act_split, scores=0.0)
+                    act_split=act_split, scores=0.0, attention_flops=0.0, causal_attention_flops=0.0)
 
     def _combine(self, name: str, kind: str, s: int, parts: list[dict[str, float]], tp_comm: float,
                  extra_sig: str = "") -> Layer:
@@ -254,17 +270,21 @@ class _Builder:
             params_tp=int(sum(p["params_tp"] for p in parts)), params_rep=int(sum(p["params_rep"] for p in parts)),
             flops_fwd=float(sum(p["flops"] for p in parts)), act_split=float(sum(p["act_split"] for p in parts)),
             act_seq=float(sum(p["act_seq"] for p in parts)), act_scores=float(sum(p["scores"] for p in parts)),
-            input_bytes=float(bpv * s * h), output_bytes=float(bpv * s * h), tp_comm_bytes=float(tp_comm))
+            input_bytes=float(bpv * s * h), output_bytes=float(bpv * s * h), tp_comm_bytes=float(tp_comm),
+            attention_flops=float(sum(p["attention_flops"] for p in parts)),
+            causal_attention_flops=float(sum(p["causal_attention_flops"] for p in parts)))
 
     def _transformer(self, kind: str, s: int) -> Layer:
         h = self.m.hidden_size
-        return self._combine(kind, "transformer", s, [self._attention(s, s, True), self._mlp(s)],
+        causal = self.m.architecture == "decoder"  # GPT/Llama; encoders and ViT attend both ways
+        return self._combine(kind, "transformer", s, [self._attention(s, s, True, causal), self._mlp(s)],
                              tp_comm=2 * self.bpv * s * h)
 
     def _cross_transformer(self, s: int, s_enc: int, i: int) -> Layer:
         h, bpv = self.m.hidden_size, self.bpv
         layer = self._combine(f"decoder_layer.{i}", "cross_transformer", s,
-                              [self._attention(s, s, True), self._attention(s, s_enc, False), self._mlp(s)],
+                              [self._attention(s, s, True, causal=True), self._attention(s, s_enc, False),
+                               self._mlp(s)],
                               tp_comm=3 * bpv * s * h + bpv * s_enc * h, extra_sig=f"/x{s_enc}")
         return layer
 
@@ -280,14 +300,16 @@ class _Builder:
                      tp_comm_bytes=float(bpv * s * h), tied_weights=tied)
 
     def _lm_head(self, s: int, tied: bool) -> Layer:
-        """Final norm, output projection and vocab-parallel cross-entropy (fp32 logits kept)."""
+        """Final norm, output projection and vocab-parallel cross-entropy: the logits in the compute precision
+        and their fp32 softmax live together at the loss (megatron-core tensor_parallel/cross_entropy.py
+        casts the logits to fp32 and keeps exp_logits for backward)."""
         m, bpv = self.m, self.bpv
         h, v = m.hidden_size, m.vocab_size
         return Layer(name="lm_head", kind="head", signature=self._signature("lm_head", s, f"/v{v}"),
                      params_tp=v * h, params_rep=self._norm_params(), flops_fwd=float(2 * s * h * v),
                      act_split=float((bpv + 4) * s * v), act_seq=float(2 * bpv * s * h), act_scores=0.0,
                      input_bytes=float(bpv * s * h), output_bytes=0.0, tp_comm_bytes=float(bpv * s * h),
-                     tied_weights=tied)
+                     tied_weights=tied, extra_traffic=float(CROSS_ENTROPY_TRAFFIC * s * v))
 
     def _bert_head(self, s: int) -> Layer:
         """Pooler, masked-LM transform (dense + norm) and the tied output projection."""

@@ -122,6 +122,10 @@ class TrainingSpec:
     `flash_attention` True means the attention kernel keeps no s x s score matrix (FlashAttention,
     Transformer Engine fused attention); False keeps the Korthikanti et al. 5*a*s^2*b bytes per layer.
     `decoder_seq_length` is the target length of an encoder-decoder model (defaults to seq_length).
+    `fused_kernels` True means Transformer Engine or Apex is installed beside Megatron-LM: a fused Adam and
+    weight-gradient GEMMs that accumulate straight into the fp32 gradient buffer. False is megatron-core's
+    fallback (megatron/core/optimizer/__init__.py): torch's foreach AdamW, whose step holds an fp32
+    temporary per parameter, and a separate pass adding each micro-batch's gradients into the buffer.
     """
 
     global_batch_size: int
@@ -129,13 +133,15 @@ class TrainingSpec:
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     flash_attention: bool = True
     decoder_seq_length: int | None = None
+    fused_kernels: bool = True
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("global_batch_size", "seq_length"))
         if self.decoder_seq_length is not None:
             _positive_ints(self, ("decoder_seq_length",))
         _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
-        _require(isinstance(self.flash_attention, bool), "flash_attention", "must be true or false")
+        for name in ("flash_attention", "fused_kernels"):
+            _require(isinstance(getattr(self, name), bool), name, "must be true or false")
 
     @property
     def bytes_per_value(self) -> int:

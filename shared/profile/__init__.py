@@ -1,4 +1,6 @@
-"""Measured profiles (versioned JSON) and the analytic estimate used where nothing was measured."""
-from .schema import PROFILE_VERSION, CollectiveBandwidth, LayerTiming, Profile
+"""Measured profiles (versioned JSON), training logs and the calibration fitted to them."""
+from .schema import (PROFILE_VERSION, Calibration, CalibrationRun, CollectiveBandwidth, LayerTiming, OptimizerTiming,
+                     Profile)
 
-__all__ = ["PROFILE_VERSION", "CollectiveBandwidth", "LayerTiming", "Profile"]
+__all__ = ["PROFILE_VERSION", "Calibration", "CalibrationRun", "CollectiveBandwidth", "LayerTiming", "OptimizerTiming",
+           "Profile"]

@@ -19,6 +19,7 @@ import cvxpy as cp
 import numpy as np
 
 from ..cost.evaluate import evaluate
+from ..cost.model import TRANSIENT_CLASSES
 from ..cost.strategy import Strategy
 from ..cost.tables import RunTable, Subproblem
 
@@ -68,13 +69,14 @@ class _Formulation:
 
     def _count_bounds(self, rt: RunTable) -> np.ndarray:
         """U[i, k]: most layers of the run stage i can hold under strategy k, implied by the memory
-        limit alone (states + in-flight activations of those layers). Tighter than the run's size,
-        these bounds make every linking constraint below tighter in the LP relaxation."""
+        limit alone (states + in-flight activations, or the states at the optimizer step, of those layers).
+        Tighter than the run's size, these bounds make every linking constraint below tighter in the LP
+        relaxation."""
         cap = SCALE
         U = np.full((self.deg, len(rt.strategies)), float(rt.run.size))
         for i, inflight in enumerate(self.sub.inflight):
             for k, cost in enumerate(rt.costs):
-                need = (cost.state_bytes + inflight * cost.activation_bytes) / self.memory_unit
+                need = max(cost.state_bytes + inflight * cost.activation_bytes, cost.step_bytes) / self.memory_unit
                 if need > 0:
                     U[i, k] = min(U[i, k], np.floor(cap / need + 1e-9))
         return U
@@ -221,32 +223,39 @@ class _Formulation:
         return sum(N @ np.array([c.time_per_iteration / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
 
     def memory(self, limit) -> None:
-        """Model states + in-flight activations (1F1B) + transient peaks <= `limit` (memory units)."""
+        """Allocated bytes per GPU of every stage i, in both phases of an iteration, within `limit`:
+
+            training: sum_r N_r[i] . state_r + inflight_i * N_r[i] . act_r + sum_classes peak_class[i] <= limit
+            step:     sum_r N_r[i] . step_r + peak_buffers[i] <= limit
+
+        A transient class's peak is the largest among the stage's layers (peak >= value * used, with the
+        binary `used` forced to 1 by any layer whose strategy has that value: N <= U * used)."""
         sub, deg = self.sub, self.deg
         inflight = np.array(sub.inflight, dtype=float)
-        mem = 0
+        training, step = 0, 0
         mu = self.memory_unit
-        peaks: dict[str, cp.Variable] = {}
+        peaks = {name: cp.Variable(deg, nonneg=True) for name in TRANSIENT_CLASSES}
+        used_classes: set[str] = set()
         for rt, N, U in zip(sub.runs, self.N, self.U):
-            mem = mem + N @ np.array([c.state_bytes / mu for c in rt.costs])
-            mem = mem + cp.multiply(inflight, N @ np.array([c.activation_bytes / mu for c in rt.costs]))
-            # The peak of each transient class is the largest among the layers on the stage: one
-            # indicator per (class, mode, layout) that some layer uses it, forced by the counts.
-            for kind, attr, select in (("rc", "recompute_transient_bytes", lambda s: s.recompute == "full"),
-                                       ("rc", "recompute_transient_bytes", lambda s: s.recompute == "selective"),
-                                       ("fsdp", "fsdp_transient_bytes", lambda s: s.zero == 3)):
-                for tp in rt.layouts:
-                    cols = [k for k, s in enumerate(rt.strategies)
-                            if s.tp == tp and select(s) and getattr(rt.costs[k], attr) > 0]
-                    if not cols:
-                        continue
-                    peak = peaks.setdefault(kind, cp.Variable(deg, nonneg=True))
+            state = N @ np.array([c.state_bytes / mu for c in rt.costs])
+            training = training + state + cp.multiply(inflight, N @ np.array([c.activation_bytes / mu
+                                                                              for c in rt.costs]))
+            step = step + N @ np.array([c.step_bytes / mu for c in rt.costs])
+            for name in TRANSIENT_CLASSES:
+                by_value: dict[float, list[int]] = {}
+                for k, cost in enumerate(rt.costs):
+                    if getattr(cost, name) > 0:
+                        by_value.setdefault(getattr(cost, name), []).append(k)
+                for value, cols in by_value.items():
                     used = cp.Variable(deg, boolean=True)
                     self.cons.append(N[:, cols] <= cp.multiply(U[:, cols], used[:, None] @ np.ones((1, len(cols)))))
-                    self.cons.append(peak >= max(getattr(rt.costs[k], attr) for k in cols) / mu * used)
-        for peak in peaks.values():
-            mem = mem + peak
-        self.cons.append(mem <= limit)
+                    self.cons.append(peaks[name] >= value / mu * used)
+                    used_classes.add(name)
+        for name in used_classes:
+            training = training + peaks[name]
+        if "buffer_bytes" in used_classes:
+            step = step + peaks["buffer_bytes"]
+        self.cons += [training <= limit, step <= limit]
 
     def objective(self) -> cp.Expression:
         """TPI = sum p + sum o + (c - 1) * max(p, o) + max g."""
@@ -310,8 +319,8 @@ def _solve(problem: cp.Problem, time_limit: float | None, gap: float) -> None:
 
 
 def least_memory_needed(sub: Subproblem, time_limit: float | None = None) -> float | None:
-    """Bytes per device of the fullest stage in the leanest plan of this subproblem (None if the
-    subproblem has no plan at all, or the solver ran out of time)."""
+    """Bytes per device the allocator reserves on the fullest stage in the leanest plan of this subproblem
+    (None if the subproblem has no plan at all, or the solver ran out of time)."""
     if not sub.feasible_strategies or sub.deg > len(sub.graph.layers):
         return None
     form = _Formulation(sub)
@@ -319,7 +328,7 @@ def least_memory_needed(sub: Subproblem, time_limit: float | None = None) -> flo
     _solve(problem, time_limit, DEFAULT_GAP)
     if problem.value is None or not np.isfinite(problem.value):
         return None
-    return float(problem.value) * form.memory_unit
+    return float(problem.value) * form.memory_unit * sub.cost_model.reserved_per_allocated
 
 
 def solve_subproblem(sub: Subproblem, time_limit: float | None = None, gap: float = DEFAULT_GAP,

@@ -1,0 +1,156 @@
+"""How a framework keeps and updates model states: bytes per parameter it holds, and the memory traffic of
+gradient accumulation and of the optimizer step.
+
+Each target declares one `Accounting` in its capability (the adapters declare Megatron-LM's and
+DeepSpeed's from their sources); the cost model prices memory and time from it. `PerParam` is the ZeRO
+picture of a parameter's bytes: what every data-parallel rank holds in full plus what the d ranks split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SpecError
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+FP32_BYTES = 4
+# torch.optim.AdamW's foreach step (torch 2.x, torch/optim/adamw.py _multi_tensor_adamw) allocates
+# sqrt(exp_avg_sq) for every parameter of a group at once: one fp32 value per optimizer-local parameter.
+FOREACH_ADAM_TEMPORARY = FP32_BYTES
+# HBM bytes per optimizer-local parameter of one Adam step, counting each kernel's reads and writes:
+# fused (one multi-tensor kernel: read param, grad, m, v; write param, m, v; then the low-precision copy of
+# the updated param, the gradient-norm read and the gradient-buffer reset) and foreach (torch's separate
+# lerp/mul/addcmul/sqrt/div/add/addcdiv/weight-decay passes, each over every tensor).
+FUSED_ADAM_STEP_TRAFFIC = 46.0
+FOREACH_ADAM_STEP_TRAFFIC = 94.0
+
+
+@dataclass(frozen=True)
+class PerParam:
+    """Bytes per parameter: `replicated` on every data-parallel rank plus `sharded` split over the d ranks."""
+
+    replicated: float = 0.0
+    sharded: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.replicated < 0 or self.sharded < 0:
+            raise SpecError(f"invalid bytes per parameter {self.replicated!r} + {self.sharded!r}/d (must be >= 0)")
+
+    def at(self, dp: int) -> float:
+        return self.replicated + self.sharded / dp
+
+    def __str__(self) -> str:
+        if not self.sharded:
+            return f"{self.replicated:g}"
+        return f"{self.replicated:g} + {self.sharded:g}/d" if self.replicated else f"{self.sharded:g}/d"
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """A framework's model-state memory and optimizer traffic, per (precision, ZeRO stage).
+
+    states: bytes per parameter resident while the model computes, from the second iteration on (weights,
+      gradient buffers, fp32 master copy, Adam moments, any fp32 gradient copy), keyed by (precision, zero).
+    step: bytes per parameter at the optimizer step's peak (what is resident then plus the step's
+      temporaries), same keys; missing keys mean the same as `states`.
+    pipelined_states / pipelined_step: what replaces them when the pipeline has more than one stage (a
+      framework that wraps its optimizer differently there).
+    torch_adam_without_fused_kernels: without Transformer Engine/Apex the framework steps with torch's
+      foreach AdamW (megatron-core's fallback), which adds FOREACH_ADAM_TEMPORARY per optimizer-local
+      parameter and its traffic.
+    grad_accumulation_traffic: HBM bytes per parameter per micro-batch to add the micro-batch's gradients
+      into the gradient buffer, per precision; `fusable_grad_accumulation`: fused kernels do it inside the
+      weight-gradient GEMM (Megatron's gradient-accumulation fusion), costing nothing extra.
+    buffer_elements: elements (in the model's dtype) per GPU that do not scale with parameters
+      (communication buckets), per ZeRO stage, when there is data parallelism.
+    """
+
+    name: str
+    source: str
+    states: dict[tuple[str, int], PerParam]
+    step: dict[tuple[str, int], PerParam] = field(default_factory=dict)
+    pipelined_states: dict[tuple[str, int], PerParam] = field(default_factory=dict)
+    pipelined_step: dict[tuple[str, int], PerParam] = field(default_factory=dict)
+    torch_adam_without_fused_kernels: bool = False
+    grad_accumulation_traffic: dict[str, float] = field(default_factory=dict)
+    fusable_grad_accumulation: bool = False
+    buffer_elements: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for table in (self.states, self.step, self.pipelined_states, self.pipelined_step):
+            for precision, zero in table:
+                if precision not in PRECISIONS or zero not in (0, 1, 2, 3):
+                    raise SpecError(f"invalid accounting '{self.name}': key ({precision!r}, {zero!r})")
+
+    def state_bytes(self, precision: str, zero: int, pipelined: bool = False) -> PerParam:
+        """Bytes per parameter resident while computing."""
+        key = (precision, zero)
+        if pipelined and key in self.pipelined_states:
+            return self.pipelined_states[key]
+        try:
+            return self.states[key]
+        except KeyError:
+            raise SpecError(f"accounting '{self.name}' has no model-state bytes for {precision} with ZeRO "
+                            f"stage {zero}") from None
+
+    def step_bytes(self, precision: str, zero: int, pipelined: bool = False) -> PerParam:
+        """Bytes per parameter at the optimizer step's peak, with fused kernels."""
+        key = (precision, zero)
+        if pipelined and key in self.pipelined_step:
+            return self.pipelined_step[key]
+        if pipelined and key in self.pipelined_states:
+            return self.pipelined_states[key]
+        return self.step.get(key) or self.state_bytes(precision, zero)
+
+    def foreach_temporary(self, fused_kernels: bool) -> float:
+        """Bytes per optimizer-local parameter torch's foreach AdamW adds at the step, when it is used."""
+        return 0.0 if fused_kernels or not self.torch_adam_without_fused_kernels else FOREACH_ADAM_TEMPORARY
+
+    def step_traffic(self, fused_kernels: bool) -> float:
+        """HBM bytes per optimizer-local parameter of one optimizer step."""
+        torch_adam = not fused_kernels and self.torch_adam_without_fused_kernels
+        return FOREACH_ADAM_STEP_TRAFFIC if torch_adam else FUSED_ADAM_STEP_TRAFFIC
+
+    def accumulation_traffic(self, precision: str, fused_kernels: bool) -> float:
+        """HBM bytes per parameter per micro-batch spent adding its gradients into the gradient buffer."""
+        if fused_kernels and self.fusable_grad_accumulation:
+            return 0.0
+        return self.grad_accumulation_traffic.get(precision, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        def table(rows: dict[tuple[str, int], PerParam]) -> dict[str, str]:
+            return {f"{p}/zero{z}": str(v) for (p, z), v in rows.items()}
+
+        return {"name": self.name, "source": self.source, "states": table(self.states), "step": table(self.step),
+                "pipelined_states": table(self.pipelined_states), "pipelined_step": table(self.pipelined_step),
+                "torch_adam_without_fused_kernels": self.torch_adam_without_fused_kernels,
+                "grad_accumulation_traffic": dict(self.grad_accumulation_traffic),
+                "fusable_grad_accumulation": self.fusable_grad_accumulation,
+                "buffer_elements": {str(k): v for k, v in self.buffer_elements.items()}}
+
+
+def zero_sharded(weights: float, grads: float, optimizer: float) -> dict[int, PerParam]:
+    """The ZeRO paper's picture (Rajbhandari et al. 2020): stage 1 shards the optimizer states, 2 also the
+    gradients, 3 also the weights."""
+    return {0: PerParam(weights + grads + optimizer),
+            1: PerParam(weights + grads, optimizer),
+            2: PerParam(weights, grads + optimizer),
+            3: PerParam(0.0, weights + grads + optimizer)}
+
+
+def _generic_states() -> dict[tuple[str, int], PerParam]:
+    out = {}
+    for precision in PRECISIONS:
+        value = 4 if precision == "fp32" else 2
+        master = 0 if precision == "fp32" else FP32_BYTES
+        for zero, per_param in zero_sharded(value, value, master + 2 * FP32_BYTES).items():
+            out[(precision, zero)] = per_param
+    return out
+
+
+GENERIC_ACCOUNTING = Accounting(
+    name="generic",
+    source="the ZeRO paper's mixed-precision Adam (2 + 2 + 12 bytes per parameter in bf16/fp16, 4 + 4 + 8 "
+           "in fp32), sharded per ZeRO stage; an idealised runtime with fused kernels and no buffers",
+    states=_generic_states(),
+)
