@@ -1,4 +1,5 @@
-"""`uniap`: plan a parallelization (`plan`), price a hand-made one (`evaluate`), list presets.
+"""`uniap`: plan a parallelization (`plan`), price a hand-made or saved one (`evaluate`), fit the cost model
+to training logs (`calibrate`), list presets.
 
 Exit codes: 0 success; 1 internal error (a bug: please report); 2 invalid input (spec, preset, file,
 profile, option); 3 no plan fits in memory; 4 time limit reached before any plan was found.
@@ -6,44 +7,53 @@ profile, option); 3 no plan fits in memory; 4 time limit reached before any plan
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from . import __version__
 from .cluster.spec import CLUSTER_PRESETS, load_cluster
-from .cost.evaluate import check_assignment, evaluate, even_split, split_by_counts
 from .cost.model import CostModel
-from .cost.strategy import RECOMPUTE_MODES, Pins, Strategy, capability_for, known_targets
-from .cost.tables import build_subproblem
-from .errors import EXIT_INTERNAL, SpecError, UniapError
+from .cost.strategy import RECOMPUTE_MODES, Pins, capability_for, known_targets
+from .errors import EXIT_INFEASIBLE, EXIT_INTERNAL, SpecError, UniapError
 from .model.graph import build_graph
 from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
 from .model.spec import TrainingSpec
 from .plan import Plan, make_plan
+from .planner import configure, price
 from .profile.schema import Profile
-from .report import render
+from .profile.calibrate import Measurement, fit
+from .profile.logs import read_log
+from .report import render, render_calibration
 from .solver.uop import optimize
 
 log = logging.getLogger("uniap")
 DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_BATCH = "llama2-7b", "dgx-a100-80g", 512
 
 
+JOB_DEFAULTS = {"model": DEFAULT_MODEL, "cluster": DEFAULT_CLUSTER, "global_batch_size": DEFAULT_BATCH,
+                "precision": "bf16", "target": "generic"}
+
+
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job")
-    g.add_argument("--model", default=DEFAULT_MODEL,
+    g.add_argument("--model",
                    help=f"preset, uniap YAML/JSON spec, or Hugging Face config.json (default {DEFAULT_MODEL})")
-    g.add_argument("--cluster", default=DEFAULT_CLUSTER, help=f"preset or YAML/JSON file (default {DEFAULT_CLUSTER})")
+    g.add_argument("--cluster", help=f"preset or YAML/JSON file (default {DEFAULT_CLUSTER})")
     g.add_argument("--nodes", type=int, help="number of nodes (default: the cluster's)")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the cluster's)")
-    g.add_argument("--global-batch-size", type=int, default=DEFAULT_BATCH, help="samples per iteration")
+    g.add_argument("--global-batch-size", type=int, help=f"samples per iteration (default {DEFAULT_BATCH})")
     g.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
     g.add_argument("--decoder-seq-length", type=int, help="target length of an encoder-decoder model")
-    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default bf16")
     g.add_argument("--no-flash-attention", action="store_true",
                    help="the attention kernel keeps the s x s score matrix (adds selective recompute)")
-    g.add_argument("--target", default="generic", help=f"what the plan must run on: {', '.join(known_targets())}")
+    g.add_argument("--no-fused-kernels", action="store_true",
+                   help="Megatron-LM without Transformer Engine or Apex: torch's foreach AdamW (+4 bytes per "
+                        "parameter at the step) and unfused gradient accumulation")
+    g.add_argument("--target", help=f"what the plan must run on: {', '.join(known_targets())} (default generic)")
     g.add_argument("--profile", help="measured profile JSON (default: analytic estimate from the cluster)")
 
 
@@ -52,6 +62,11 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     p.add_argument("--json", action="store_true", help="print the plan as JSON on stdout instead of the table")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+EVALUATE_CONFIG = (("--tp", int, 1, "tensor-parallel degree"), ("--pp", int, 1, "pipeline degree"),
+                   ("--micro-batch-size", int, 1, "samples per replica per micro-batch"))
+EVALUATE_DEFAULTS = {"tp": 1, "pp": 1, "micro_batch_size": 1, "zero": 0, "recompute": "none"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,15 +89,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gap", type=float, default=1e-4, help="relative optimality gap (default 1e-4)")
     _add_output_args(p)
 
-    p = sub.add_parser("evaluate", help="price a hand-made configuration with the same cost model")
+    p = sub.add_parser("evaluate", help="price a hand-made configuration or a saved plan with the same cost model")
     _add_job_args(p)
-    g = p.add_argument_group("the configuration")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
-    g.add_argument("--pp", type=int, default=1, help="pipeline degree (default 1)")
-    g.add_argument("--micro-batch-size", type=int, default=1, help="samples per replica per micro-batch (default 1)")
-    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage (default 0)")
-    g.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none", help="transformer-layer recompute")
+    g = p.add_argument_group("the configuration (or --plan)")
+    g.add_argument("--plan", help="price this saved plan JSON as it is (its model, cluster, training, split and "
+                                  "strategies; only --profile applies on top)")
+    for name, kind, default, text in EVALUATE_CONFIG:
+        g.add_argument(name, type=kind, help=f"{text} (default {default})")
+    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 0)")
+    g.add_argument("--recompute", choices=RECOMPUTE_MODES, help="transformer-layer recompute (default none)")
     g.add_argument("--split", help="transformer layers per stage, e.g. 9,8,8,7 (default: even)")
+    _add_output_args(p)
+
+    p = sub.add_parser("calibrate", help="fit the cost model to training logs of plans that ran; write a profile",
+                       description="Read Megatron-LM or DeepSpeed training logs (their time per iteration and memory "
+                                   "lines) with the plan each ran, fit the compute scale and the reserved/allocated "
+                                   "memory ratio, print the prediction error before and after, and write a profile "
+                                   "that `--profile` reads.")
+    p.add_argument("--log", action="append", required=True, help="training log (repeat, paired with --plan in order)")
+    p.add_argument("--plan", action="append", required=True, help="the plan JSON that produced the log")
+    p.add_argument("--profile", help="a measured profile to keep (its layer times and bandwidths); its old "
+                                     "calibration is replaced")
+    p.add_argument("--framework", choices=("megatron", "deepspeed"), help="the log's framework (default: detected)")
+    p.add_argument("--skip-warmup", type=int, help="leading logged intervals to ignore (default: the warm-up ones)")
     _add_output_args(p)
 
     sub.add_parser("presets", help="list model and cluster presets and targets")
@@ -90,12 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _job(args):
+    for name, default in JOB_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     model = load_model(args.model)
     cluster = load_cluster(args.cluster, args.nodes, args.gpus_per_node)
     seq = args.seq_length or (model.vit_seq_length if model.architecture == "vit" else model.max_position_embeddings)
     training = TrainingSpec(global_batch_size=args.global_batch_size, seq_length=seq, precision=args.precision,
                             flash_attention=not args.no_flash_attention,
-                            decoder_seq_length=args.decoder_seq_length)
+                            decoder_seq_length=args.decoder_seq_length, fused_kernels=not args.no_fused_kernels)
     graph = build_graph(model, training)
     profile = Profile.load(args.profile) if args.profile else None
     capability = capability_for(args.target)
@@ -141,35 +173,42 @@ def cmd_plan(args) -> int:
 
 def cmd_evaluate(args) -> int:
     _check_output(args)
-    model, cluster, training, graph, cost_model, capability = _job(args)
-    if args.tp < 1 or args.pp < 1 or args.micro_batch_size < 1:
-        raise SpecError("--tp, --pp and --micro-batch-size must be positive")
-    n = cluster.num_gpus
-    if n % (args.tp * args.pp):
-        raise SpecError(f"the {n} GPUs are not divisible by tp*pp = {args.tp * args.pp}",
-                        "choose degrees whose product divides the GPU count")
-    dp = n // (args.tp * args.pp)
-    micro_batch = args.micro_batch_size * dp
-    if training.global_batch_size % micro_batch:
-        raise SpecError(f"global batch {training.global_batch_size} is not divisible by micro-batch-size x dp = "
-                        f"{args.micro_batch_size} x {dp}", "change --global-batch-size or --micro-batch-size")
-    c = training.global_batch_size // micro_batch
-    sub = build_subproblem(graph, cluster, training, capability, cost_model, args.pp, c)
-    if args.zero and dp == 1:
-        raise SpecError(f"--zero {args.zero} needs data parallelism, but dp = 1 here")
-    stage_of = split_by_counts(graph, _split(args.split, args.pp)) if args.split else even_split(graph, args.pp)
-    strategy_of = [Strategy(args.tp, dp, args.zero if dp > 1 else 0,
-                            args.recompute if layer.kind in ("transformer", "cross_transformer") else "none")
-                   for layer in graph.layers]
-    check_assignment(sub, stage_of, strategy_of)
-    pred = evaluate(sub, stage_of, strategy_of)
-    plan = make_plan(sub, stage_of, strategy_of, pred, model.to_dict(), {})
+    if args.plan:
+        return _evaluate_plan(args)
+    for name, default in EVALUATE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    model, cluster, training, _graph, _cost_model, _capability = _job(args)
+    plan, pred = configure(model, cluster, training, args.target, args.tp, args.pp, args.micro_batch_size, args.zero,
+                           args.recompute, _split(args.split, args.pp) if args.split else None,
+                           Profile.load(args.profile) if args.profile else None)
+    return _emit_priced(plan, pred, args)
+
+
+def _evaluate_plan(args) -> int:
+    """`evaluate --plan`: the saved plan as it is, priced with today's cost model (and --profile)."""
+    given = [f"--{name.replace('_', '-')}" for name in (*JOB_DEFAULTS, *EVALUATE_DEFAULTS, "nodes", "gpus_per_node",
+                                                          "seq_length", "decoder_seq_length", "split")
+             if getattr(args, name) is not None]
+    given += [flag for flag, on in (("--no-flash-attention", args.no_flash_attention),
+                                    ("--no-fused-kernels", args.no_fused_kernels)) if on]
+    if given:
+        raise SpecError(f"--plan prices the saved plan as it is; it cannot be combined with {', '.join(given)}",
+                        "drop those options, or re-plan with them")
+    saved = Plan.load(args.plan)
+    priced = price(saved, Profile.load(args.profile) if args.profile else None)
+    plan = make_plan(priced.sub, priced.stage_of, priced.strategy_of, priced.prediction, saved.model, {},
+                     saved.pins)
+    return _emit_priced(plan, priced.prediction, args)
+
+
+def _emit_priced(plan: Plan, pred, args) -> int:
     _emit(plan, args, "uniap evaluate")
     if not pred.fits:
         worst = max(pred.stage_memory) / 2 ** 30
         print(f"uniap: warning: this configuration does not fit: its fullest stage needs {worst:.1f} GiB of "
-              f"{sub.memory_capacity / 2 ** 30:.1f} GiB usable", file=sys.stderr)
-        return 3
+              f"{pred.memory_capacity / 2 ** 30:.1f} GiB usable", file=sys.stderr)
+        return EXIT_INFEASIBLE
     return 0
 
 
@@ -181,6 +220,33 @@ def _split(text: str, pp: int) -> list[int]:
     if len(counts) != pp:
         raise SpecError(f"--split lists {len(counts)} stages, --pp is {pp}")
     return counts
+
+
+def cmd_calibrate(args) -> int:
+    """`calibrate`: measured runs -> fitted profile, with the error before and after per run."""
+    if not args.output and not args.json:
+        raise SpecError("calibrate writes a profile: pass -o PROFILE.json (or --json to print it)")
+    _check_output(args)
+    if len(args.log) != len(args.plan):
+        raise SpecError(f"{len(args.log)} --log but {len(args.plan)} --plan: give one plan per log, in order")
+    measurements = []
+    for log_path, plan_path in zip(args.log, args.plan):
+        plan = Plan.load(plan_path)
+        batch = plan.training["global_batch_size"]
+        found = read_log(log_path, framework=args.framework, skip_warmup=args.skip_warmup, train_batch_size=batch)
+        measurements.append(Measurement(label=Path(log_path).name, plan=plan,
+                                        time_per_iteration_s=found.time_per_iteration_s,
+                                        peak_reserved_bytes=found.peak_reserved_bytes,
+                                        peak_allocated_bytes=found.peak_allocated_bytes))
+    base = Profile.load(args.profile) if args.profile else None
+    result = fit(measurements, base, source=f"uniap calibrate on {', '.join(Path(p).name for p in args.log)}")
+    if args.output:
+        result.profile.save(args.output)
+    if args.json:
+        print(json.dumps(result.profile.to_dict(), indent=2))
+    else:
+        print(render_calibration(result.profile.calibration, args.output))
+    return 0
 
 
 def cmd_presets(args) -> int:
@@ -195,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"plan": cmd_plan, "evaluate": cmd_evaluate, "presets": cmd_presets}[args.command](args)
+        return {"plan": cmd_plan, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
+                "presets": cmd_presets}[args.command](args)
     except UniapError as exc:
         print(f"uniap: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 from .plan import Plan
+from .profile.schema import Calibration
 
 GiB = 2 ** 30
 
@@ -48,4 +49,31 @@ def render(plan: Plan, title: str) -> str:
                       f"subproblems ({counts}), {sv['seconds']:.2f} s"]
     if plan.pins:
         lines.append("  pinned: " + ", ".join(f"{k}={v}" for k, v in plan.pins.items()))
+    return "\n".join(lines)
+
+
+def _error(predicted: float | None, measured: float | None) -> str:
+    if predicted is None or not measured:
+        return "-"
+    return f"{(predicted / measured - 1) * 100:+.1f}%"
+
+
+def render_calibration(calibration: Calibration, output: str | None) -> str:
+    """Per run: measured vs predicted time and peak memory, before and after the fit; the coefficients."""
+    lines = [f"uniap calibrate: compute scale {calibration.compute_scale:.4f}, reserved/allocated "
+             + (f"{calibration.reserved_per_allocated:.4f}" if calibration.reserved_per_allocated else "not fitted "
+                "(no memory in the logs)"),
+             "",
+             f"  {'run':<28} {'measured s/it':>13} {'before':>8} {'after':>8}   {'measured GiB':>12} {'before':>8} "
+             f"{'after':>8}"]
+    for r in calibration.runs:
+        peak = f"{r.measured_peak_bytes / GiB:.2f} {r.memory_kind[:3]}" if r.measured_peak_bytes else "-"
+        lines.append(f"  {r.label[:28]:<28} {r.measured_time_s:>13.4f} "
+                     f"{_error(r.predicted_time_s, r.measured_time_s):>8} "
+                     f"{_error(r.fitted_time_s, r.measured_time_s):>8}   {peak:>12} "
+                     f"{_error(r.predicted_peak_bytes, r.measured_peak_bytes):>8} "
+                     f"{_error(r.fitted_peak_bytes, r.measured_peak_bytes):>8}")
+    lines.append("  (before/after: prediction error vs the measurement, before and after the fit)")
+    if output:
+        lines.append(f"\n  profile written to {output}; plan with --profile {output}")
     return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""Pricing one configuration: a hand-made one (`configure`, what `uniap evaluate` and the profilers'
+calibration runs price) or a saved plan (`price`: its job rebuilt and its exact assignment evaluated
+with today's cost model and an optional profile, any split the planner can emit included).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cluster.spec import ClusterSpec
+from .cost.evaluate import Prediction, check_assignment, evaluate, even_split, split_by_counts
+from .cost.model import CostModel
+from .cost.strategy import Strategy, capability_for
+from .cost.tables import Subproblem, build_subproblem
+from .errors import SpecError
+from .model.graph import build_graph
+from .model.spec import ModelSpec, TrainingSpec
+from .plan import Plan, make_plan
+from .profile.schema import Profile
+
+
+@dataclass(frozen=True)
+class PricedPlan:
+    """A plan's subproblem tables, assignment and prediction under one cost model."""
+
+    sub: Subproblem
+    stage_of: list[int]
+    strategy_of: list
+    prediction: Prediction
+
+
+def price(plan: Plan, profile: Profile | None = None) -> PricedPlan:
+    """Evaluate `plan`'s placement and strategies; SpecError when the plan does not match its own model."""
+    model = ModelSpec.from_dict(plan.model)
+    cluster = ClusterSpec.from_dict(plan.cluster)
+    training = TrainingSpec.from_dict(plan.training)
+    graph = build_graph(model, training)
+    names = [layer.name for layer in graph.layers]
+    if [lp.name for lp in plan.layers] != names:
+        raise SpecError(f"the plan lists {len(plan.layers)} layers that do not match its model's "
+                        f"{len(names)} ({names[0]} .. {names[-1]})", "re-plan with this uniap version")
+    sub = build_subproblem(graph, cluster, training, capability_for(plan.target), CostModel(cluster, training, profile),
+                           plan.pipeline_degree, plan.micro_batches)
+    stage_of = [lp.stage for lp in plan.layers]
+    strategy_of = [lp.strategy for lp in plan.layers]
+    return PricedPlan(sub, stage_of, strategy_of, evaluate(sub, stage_of, strategy_of))
+
+
+def configure(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, target: str = "generic", tp: int = 1,
+              pp: int = 1, micro_batch_size: int = 1, zero: int = 0, recompute: str = "none",
+              split: list[int] | None = None, profile: Profile | None = None) -> tuple[Plan, Prediction]:
+    """The plan of one configuration as Megatron-LM names it (TP, PP, micro-batch size per replica, DP =
+    GPUs / (TP x PP)), every transformer layer alike, the split even unless `split` lists transformer
+    layers per stage; SpecError names the rule a configuration breaks."""
+    if tp < 1 or pp < 1 or micro_batch_size < 1:
+        raise SpecError("tp, pp and the micro-batch size must be positive")
+    n = cluster.num_gpus
+    if n % (tp * pp):
+        raise SpecError(f"the {n} GPUs are not divisible by tp*pp = {tp * pp}",
+                        "choose degrees whose product divides the GPU count")
+    dp = n // (tp * pp)
+    micro_batch = micro_batch_size * dp
+    if training.global_batch_size % micro_batch:
+        raise SpecError(f"global batch {training.global_batch_size} is not divisible by micro-batch-size x dp = "
+                        f"{micro_batch_size} x {dp}", "change the global batch size or the micro-batch size")
+    if zero and dp == 1:
+        raise SpecError(f"ZeRO stage {zero} needs data parallelism, but dp = 1 here")
+    graph = build_graph(model, training)
+    sub = build_subproblem(graph, cluster, training, capability_for(target), CostModel(cluster, training, profile),
+                           pp, training.global_batch_size // micro_batch)
+    stage_of = split_by_counts(graph, split) if split else even_split(graph, pp)
+    strategy_of = [Strategy(tp, dp, zero if dp > 1 else 0,
+                            recompute if layer.kind in ("transformer", "cross_transformer") else "none")
+                   for layer in graph.layers]
+    check_assignment(sub, stage_of, strategy_of)
+    prediction = evaluate(sub, stage_of, strategy_of)
+    return make_plan(sub, stage_of, strategy_of, prediction, model.to_dict(), {}), prediction

@@ -1,0 +1,121 @@
+"""Fit the cost model to measured training iterations (`uniap calibrate`, the profilers' calibration runs).
+
+Each measurement is a plan that really ran and what its iterations took: time per iteration and, when the
+log reports it, the peak memory. Two coefficients are fitted (uniap.profile.schema.Calibration):
+- compute_scale: for each run, the factor on every layer's compute time that makes the predicted time per
+  iteration equal the measured one (solved by bisection: the prediction grows with it); the fit is the
+  median over runs, robust to one odd log;
+- reserved_per_allocated: for each run, the measured peak reserved memory over the predicted allocated
+  peak of the fullest stage; the fit is the largest over runs, so no measured run is predicted to need
+  less than it did. A log with only allocated peaks scales the default fragmentation allowance by the
+  measured-over-predicted allocation instead.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, replace
+
+from ..cost.model import DEFAULT_RESERVED_PER_ALLOCATED
+from ..errors import ProfileError
+from ..plan import Plan
+from ..planner import price
+from .schema import Calibration, CalibrationRun, Profile
+
+SCALE_RANGE = (0.2, 5.0)  # the compute scales a fit may reach (Calibration's validity range)
+BISECTION_STEPS = 60
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one run of `plan` measured: seconds per iteration and peak bytes (None where not logged)."""
+
+    label: str
+    plan: Plan
+    time_per_iteration_s: float
+    peak_reserved_bytes: float | None = None
+    peak_allocated_bytes: float | None = None
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The fitted profile and, per run, predicted vs measured before and after the fit."""
+
+    profile: Profile
+    runs: tuple[CalibrationRun, ...]
+
+
+def _uncalibrated(profile: Profile | None, device: str, runtime: str) -> Profile:
+    if profile is None:
+        return Profile(device=device, runtime=runtime, notes="calibration only; layer times estimated")
+    return replace(profile, calibration=None)
+
+
+def _with(profile: Profile, calibration: Calibration) -> Profile:
+    return replace(profile, calibration=calibration)
+
+
+def _time_at(m: Measurement, base: Profile, scale: float) -> float:
+    return price(m.plan, _with(base, Calibration(compute_scale=scale))).prediction.time_per_iteration
+
+
+def _scale_for(m: Measurement, base: Profile) -> float:
+    """The compute scale at which the plan's predicted time equals the measured one (bisection in log space)."""
+    lo, hi = SCALE_RANGE
+    if _time_at(m, base, hi) < m.time_per_iteration_s or _time_at(m, base, lo) > m.time_per_iteration_s:
+        raise ProfileError(f"{m.label}: the measured {m.time_per_iteration_s:.4g} s per iteration is outside what "
+                           f"compute {lo:g}x to {hi:g}x as slow as predicted can explain",
+                           "check that the plan is the configuration that produced the log")
+    for _ in range(BISECTION_STEPS):
+        mid = math.sqrt(lo * hi)
+        if _time_at(m, base, mid) < m.time_per_iteration_s:
+            lo = mid
+        else:
+            hi = mid
+    return math.sqrt(lo * hi)
+
+
+def _allocated_peak(m: Measurement, profile: Profile) -> float:
+    pred = price(m.plan, profile).prediction
+    return max(stage.allocated_peak for stage in pred.stage_breakdown)
+
+
+def fit(measurements: list[Measurement], profile: Profile | None = None, source: str = "") -> Fit:
+    """A profile (the given one's measurements plus a fresh calibration) fitted to the measurements."""
+    if not measurements:
+        raise ProfileError("nothing to calibrate: no measured run was given")
+    first = measurements[0].plan
+    base = _uncalibrated(profile, first.cluster.get("gpu_name", ""), f"calibrated for target {first.target}")
+    scale = statistics.median(_scale_for(m, base) for m in measurements)
+    ratios = []
+    for m in measurements:
+        allocated = _allocated_peak(m, base)
+        if m.peak_reserved_bytes is not None:
+            ratios.append(m.peak_reserved_bytes / allocated)
+        elif m.peak_allocated_bytes is not None:
+            ratios.append(m.peak_allocated_bytes / allocated * DEFAULT_RESERVED_PER_ALLOCATED)
+    reserved = max(ratios) if ratios else None
+    fitted = Calibration(compute_scale=scale, reserved_per_allocated=reserved, source=source)
+    runs = []
+    for m in measurements:
+        before, after = price(m.plan, base).prediction, price(m.plan, _with(base, fitted)).prediction
+        measured_peak = m.peak_reserved_bytes if m.peak_reserved_bytes is not None else m.peak_allocated_bytes
+        kind = "reserved" if m.peak_reserved_bytes is not None else "allocated"
+        peak_of = (lambda p: max(p.stage_memory)) if kind == "reserved" else \
+            (lambda p: max(s.allocated_peak for s in p.stage_breakdown))
+        runs.append(CalibrationRun(
+            label=m.label, job=_job_summary(m.plan), measured_time_s=m.time_per_iteration_s,
+            predicted_time_s=before.time_per_iteration, fitted_time_s=after.time_per_iteration,
+            measured_peak_bytes=measured_peak, predicted_peak_bytes=peak_of(before) if measured_peak else None,
+            fitted_peak_bytes=peak_of(after) if measured_peak else None, memory_kind=kind))
+    runs = tuple(runs)
+    return Fit(profile=_with(base, replace(fitted, runs=runs)), runs=runs)
+
+
+def _job_summary(plan: Plan) -> dict:
+    """What ran, in the plan's own terms (enough to recognise it, not to rebuild it)."""
+    strategy = plan.uniform_strategy or plan.layers[0].strategy
+    return {"target": plan.target, "model": plan.model.get("name"), "cluster": plan.cluster.get("name"),
+            "gpus": plan.cluster.get("num_nodes", 1) * plan.cluster.get("gpus_per_node", 1),
+            "global_batch_size": plan.training.get("global_batch_size"), "seq_length": plan.training.get("seq_length"),
+            "pipeline_degree": plan.pipeline_degree, "micro_batches": plan.micro_batches, "strategy": strategy.label}
