@@ -1,4 +1,5 @@
-"""`uniap-deepspeed profile`: measure layer times and collective bandwidths through DeepSpeed's runtime.
+"""`uniap-deepspeed profile`: measure layer times, the optimizer step and collective bandwidths through
+DeepSpeed's runtime, and calibrate them against a whole-model training run.
 
 Layers: for every distinct layer signature of the model's graph (the profile key, see
 uniap.model.graph), a faithful torch module of that layer is built from the ModelSpec (pre-norm
@@ -14,12 +15,23 @@ world through `deepspeed.comm`, plus P2P send/recv (ping-pong between rank 0 and
 the first rank of the next node when there is one); bus bandwidth in the NCCL-tests convention, the
 best over the message sizes. On several nodes the collectives are also measured inside each node.
 
+Optimizer: one `engine.step()` over the parameters of a transformer layer (the layer module itself),
+ZeRO 0, the layers' precision, an AdamW optimizer section (DeepSpeed's FusedAdam on a GPU,
+torch.optim.AdamW via `torch_adam` on the CPU or where FusedAdam does not build): the median step
+after a warm-up step, and on CUDA the memory the step allocates beyond what was allocated before it.
+
+Calibration (--calibration-layers N, default 2): a whole model of the real dimensions with N
+transformer layers trained through DeepSpeed with the config uniap emits for it, every rank a
+data-parallel replica; its time per iteration (and peak memory on CUDA) fitted into the profile's
+Calibration (see uniap_deepspeed.training_run).
+
 Run it single-process (`python -m uniap_deepspeed.profile ...`) or under torchrun / the deepspeed
 launcher; rank 0 writes the profile JSON atomically.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import math
@@ -29,18 +41,30 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from uniap.errors import EXIT_OK, ProfileError, SpecError
 from uniap.model.graph import Layer, build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.profile.options import float_list, int_list
-from uniap.profile.runner import (default_single_process_env, print_summary, processor_name,
-                                 run_profiler_cli)
-from uniap.profile.schema import CollectiveBandwidth, LayerTiming, Profile, bus_factor
+from uniap.profile.runner import (
+    default_single_process_env,
+    print_summary,
+    processor_name,
+    run_profiler_cli,
+)
+from uniap.profile.schema import (
+    CollectiveBandwidth,
+    LayerTiming,
+    OptimizerTiming,
+    Profile,
+    bus_factor,
+)
 
 log = logging.getLogger("uniap.deepspeed.profile")
 
@@ -50,6 +74,11 @@ CPU_NOTE = "CPU timings: for testing the pipeline, not for planning GPU jobs"
 DEFAULT_SIZES_MB_CPU = (1.0, 4.0)
 DEFAULT_SIZES_MB_GPU = (16.0, 64.0, 256.0)
 WORLD_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+# Timed optimizer steps and calibration iterations at least: both are short, and a median of two is a mean.
+OPTIMIZER_MIN_STEPS = 5
+CALIBRATION_MIN_ITERATIONS = 3
+# The AdamW the optimizer timing and the calibration run step with (a typical pretraining setting).
+ADAMW_PARAMS: dict[str, Any] = {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
 
 
 # ==================================================================================================
@@ -272,9 +301,9 @@ def _layer_modules():
             return (torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
                     torch.randint(0, self.classes, (b,), device=device))
 
-    return dict(TransformerLayer=TransformerLayer, CrossTransformerLayer=CrossTransformerLayer,
-                Embedding=Embedding, PatchEmbedding=PatchEmbedding, LMHead=LMHead, MLMHead=MLMHead,
-                ClsHead=ClsHead)
+    return {"TransformerLayer": TransformerLayer, "CrossTransformerLayer": CrossTransformerLayer,
+            "Embedding": Embedding, "PatchEmbedding": PatchEmbedding, "LMHead": LMHead, "MLMHead": MLMHead,
+            "ClsHead": ClsHead}
 
 
 def build_layer_module(model: ModelSpec, training: TrainingSpec, layer: Layer):
@@ -326,11 +355,9 @@ def _accelerator():
 
 
 def _quiet_deepspeed(verbose: bool) -> None:
-    try:
+    with contextlib.suppress(ImportError, AttributeError):  # pragma: no cover - logging only
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    except Exception:  # pragma: no cover - logging only
-        pass
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
 
@@ -519,11 +546,158 @@ def profile_layers(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: 
     return out
 
 
+# ==================================================================================================
+# Optimizer step
+# ==================================================================================================
+
+@cache
+def _fused_adam_problem(device_kind: str) -> str | None:
+    """Why DeepSpeed's FusedAdam cannot step here (None when it can). On a GPU, FusedAdam is what an
+    `"optimizer": {"type": "AdamW"}` section builds (DeepSpeed 0.19.8 deepspeed/runtime/engine.py
+    get_optimizer_configuration); its op is prebuilt or JIT-compiled by FusedAdamBuilder().load(). On the CPU
+    accelerator that op is a C++ build of its own (deepspeed/ops/op_builder/cpu/fused_adam.py), so the CPU
+    path steps with torch.optim.AdamW (`torch_adam`) instead of paying for a compiler run."""
+    if device_kind == "cpu":
+        return "the CPU accelerator steps with torch.optim.AdamW (torch_adam)"
+    try:
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+        FusedAdamBuilder().load()
+    except Exception as exc:  # noqa: BLE001 - a missing compiler or CUDA toolkit: whatever the build raises
+        first = (str(exc).splitlines() or [""])[0]
+        return f"DeepSpeed FusedAdam unavailable ({type(exc).__name__}: {first})"
+    return None
+
+
+def use_torch_adam(rt: _Runtime) -> bool:
+    """Whether the AdamW section needs `torch_adam` (FusedAdam does not load on some rank); all ranks agree."""
+    problem = _fused_adam_problem(rt.device_kind)
+    ok = _all_ranks_ok(problem is None, rt)
+    if not ok and rt.device_kind != "cpu" and rt.rank == 0:
+        log.warning("%s; stepping with torch.optim.AdamW", problem or "FusedAdam failed on another rank")
+    return not ok
+
+
+def optimizer_section(torch_adam: bool) -> dict[str, Any]:
+    """The DeepSpeed config's optimizer section uniap's measurements step with: AdamW with ADAMW_PARAMS,
+    DeepSpeed's FusedAdam, or torch.optim.AdamW when `torch_adam` (DeepSpeed 0.19.8
+    deepspeed/runtime/engine.py _configure_basic_optimizer)."""
+    params = dict(ADAMW_PARAMS)
+    if torch_adam:
+        params["torch_adam"] = True
+    return {"type": "AdamW", "params": params}
+
+
+def optimizer_name(engine) -> str:
+    """What engine.step() runs: the basic optimizer and the precision wrapper DeepSpeed put around it."""
+    import torch
+
+    basic = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    cls = type(basic)
+    if cls.__name__ == "FusedAdam" and cls.__module__.startswith("deepspeed"):
+        name = "DeepSpeed FusedAdam"
+    elif isinstance(basic, torch.optim.Optimizer) and cls.__module__.startswith("torch.optim"):
+        foreach = basic.defaults.get("foreach")
+        if foreach is None:  # torch's default: foreach when every tensor is on a CUDA device
+            foreach = all(p.is_cuda for group in basic.param_groups for p in group["params"])
+        name = f"torch.optim.{cls.__name__} ({'foreach' if foreach else 'for-loop'})"
+    else:
+        name = f"{cls.__module__}.{cls.__name__}"
+    if engine.optimizer is not basic:
+        name += f" in DeepSpeed {type(engine.optimizer).__name__}"
+    return name
+
+
+def time_optimizer_step(module, rt: _Runtime, micro_batch_size: int, warmup: int, repeats: int,
+                        torch_adam: bool) -> OptimizerTiming:
+    """One engine.step() over `module`'s parameters as DeepSpeed runs it (ZeRO 0, the runtime's precision,
+    the AdamW of optimizer_section): after a forward/backward that leaves gradients, the median step time of
+    `repeats` steps after max(warmup, 1) (the first step creates the Adam moments). On CUDA also the most
+    allocated during a step beyond what was allocated before it. A step the fp16 loss scaler skips (an
+    overflow) is not kept."""
+    import deepspeed
+
+    acc = _accelerator()
+    config = _ds_config(rt, micro_batch_size)
+    config["optimizer"] = optimizer_section(torch_adam)
+    if rt.ds_precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 1.0}  # static: no overflow-skipped steps to time
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
+    try:
+        inputs = module.example_inputs(micro_batch_size, rt.device, rt.dtype)
+        timer, cuda = _Timer(rt), rt.device_kind == "cuda"
+        times, extras = [], []
+        for i in range(max(warmup, 1) + repeats):
+            for x in inputs:
+                x.grad = None
+            loss = _scalar(engine(*inputs))
+            engine.backward(loss)
+            del loss
+            acc.synchronize()
+            before = 0
+            if cuda:
+                acc.reset_peak_memory_stats()
+                before = acc.memory_allocated()
+            skipped = engine.skipped_steps
+            t0 = timer.mark()
+            engine.step()
+            t1 = timer.mark()
+            acc.synchronize()
+            if i >= max(warmup, 1) and engine.skipped_steps == skipped:
+                times.append(timer.elapsed_ms(t0, t1))
+                if cuda:
+                    extras.append(acc.max_memory_allocated() - before)
+        if not times:
+            raise RuntimeError("every timed optimizer step was skipped by the loss scaler")
+        num_params = sum(p.numel() for p in module.parameters())
+        return OptimizerTiming(implementation=optimizer_name(engine), num_params=num_params,
+                               step_ms=statistics.median(times),
+                               extra_peak_bytes=float(max(0, max(extras))) if extras else None)
+    finally:
+        if hasattr(engine, "destroy"):
+            engine.destroy()
+        del engine
+        gc.collect()
+        acc.empty_cache()
+
+
+def profile_optimizer(model: ModelSpec, training: TrainingSpec, micro_batch_size: int, warmup: int,
+                      repeats: int) -> OptimizerTiming | None:
+    """The optimizer step over the parameters of the model's first transformer layer (the layer module
+    itself), through a DeepSpeed engine; None (with a warning) when it runs out of memory on any rank."""
+    import torch
+
+    rt = _runtime(training.precision)
+    graph = build_graph(model, training)
+    layer = next((x for x in graph.layers if x.kind in ("transformer", "cross_transformer")), None)
+    if layer is None:  # pragma: no cover - every architecture has transformer layers
+        return None
+    torch_adam = use_torch_adam(rt)
+    torch.manual_seed(1234)
+    with torch.device(rt.device):
+        module = build_layer_module(model, training, layer)
+    timing, ok = None, True
+    try:
+        timing = time_optimizer_step(module, rt, micro_batch_size, warmup, repeats, torch_adam)
+    except torch.OutOfMemoryError:
+        ok = False
+    del module
+    if not _all_ranks_ok(ok, rt):
+        log.warning("the optimizer step over %s ran out of memory; it stays estimated", layer.signature)
+        gc.collect()
+        _accelerator().empty_cache()
+        return None
+    if rt.rank == 0:
+        log.info("optimizer %s: %.3f ms per step over %d parameters", timing.implementation, timing.step_ms,
+                 timing.num_params)
+    return timing
+
+
 def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: list[int], warmup: int,
-                  repeats: int, device_name: str | None = None) -> Profile:
-    """Measure every layer signature of `model` through DeepSpeed. Initializes deepspeed.comm if
-    nothing did (a 1-process gloo/nccl group without a launcher). Every rank must call it; rank 0's
-    numbers are returned. The Profile has layers only; add collectives with profile_collectives."""
+                  repeats: int, device_name: str | None = None, optimizer: bool = True) -> Profile:
+    """Measure every layer signature of `model` through DeepSpeed, and (`optimizer`) one optimizer step
+    over a transformer layer's parameters. Initializes deepspeed.comm if nothing did (a 1-process
+    gloo/nccl group without a launcher). Every rank must call it; rank 0's numbers are returned. Add
+    collectives with profile_collectives and a calibration with uniap_deepspeed.training_run.calibrate."""
     import deepspeed
     import deepspeed.comm as dist
     import torch.distributed as tdist
@@ -537,10 +711,15 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
         init_distributed()
     rt = _runtime(training.precision)
     layers = profile_layers(model, training, micro_batch_sizes, warmup, repeats)
-    notes = [f"DeepSpeed engine (ZeRO 0, {rt.ds_precision} compute), tp=1; median forward/backward ms of "
-             f"{repeats} iterations after {warmup} warmup"]
+    steps = max(repeats, OPTIMIZER_MIN_STEPS)
+    timing = profile_optimizer(model, training, min(micro_batch_sizes), warmup, steps) if optimizer else None
+    notes = [(f"DeepSpeed engine (ZeRO 0, {rt.ds_precision} compute), tp=1; median forward/backward ms of "
+              f"{repeats} iterations after {warmup} warmup")]
     if rt.device_kind == "cuda":
         notes.append("activation_bytes = allocator bytes held from before forward to after it (kept for backward)")
+    if timing is not None:
+        notes.append(f"optimizer: engine.step() of {timing.implementation} over one transformer layer's "
+                     f"parameters, median of {steps} steps after {max(warmup, 1)} warmup")
     if rt.device_kind == "cpu":
         notes.insert(0, CPU_NOTE)
     if rt.ds_precision != training.precision:
@@ -548,7 +727,7 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
     if model.position_embedding == "relative":
         notes.append("T5 relative position bias not modelled in attention")
     return Profile(device=device_name or device_description(), runtime=f"deepspeed {deepspeed.__version__}",
-                   layers=layers, backend=str(tdist.get_backend()), notes="; ".join(notes))
+                   layers=layers, backend=str(tdist.get_backend()), notes="; ".join(notes), optimizer=timing)
 
 
 # ==================================================================================================
@@ -722,7 +901,7 @@ def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precis
     if rt.world_size < 2:
         return []
     report = report if report is not None else []
-    sizes = [max(1, int(round(s * 2 ** 20))) for s in sizes_mb]
+    sizes = [max(1, round(s * 2 ** 20)) for s in sizes_mb]
     nodes = _node_layout(rt.world_size)
     single_node = len(nodes) == 1
     out = _group_collectives([list(range(rt.world_size))], "intra_node" if single_node else "inter_node",
@@ -759,11 +938,18 @@ def build_parser(prog: str = "uniap-deepspeed profile") -> argparse.ArgumentPars
                    help="time the unfused attention (s x s scores), as `uniap plan --no-flash-attention` plans")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     p.add_argument("--repeats", type=int, default=5,
-                   help="timed iterations: layers keep the median; collectives average max(repeats, 5) (default 5)")
+                   help="timed iterations: layers keep the median, the optimizer the median of max(repeats, 5) "
+                        "steps, the calibration of max(repeats, 3) iterations; collectives average max(repeats, 5) "
+                        "(default 5)")
     p.add_argument("--collective-sizes-mb", type=float_list,
                    help="message sizes in MiB (default 1,4 on CPU, 16,64,256 on GPU); the best bus bandwidth is kept")
     p.add_argument("--no-collectives", action="store_true", help="time layers only")
     p.add_argument("--no-layers", action="store_true", help="measure collectives only")
+    p.add_argument("--calibration-layers", type=int, default=2,
+                   help="transformer layers of the whole model trained to fit the profile's calibration "
+                        "(default 2; 0: no calibration run)")
+    p.add_argument("--calibration-micro-batches", type=int, default=2,
+                   help="micro-batches (of the smallest --micro-batch-sizes) per calibration iteration (default 2)")
     p.add_argument("--device-name", help="the profile's device label (default: detected)")
     p.add_argument("-o", "--output", required=True, help="profile JSON to write (refuses to overwrite without --force)")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
@@ -784,6 +970,10 @@ def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
         raise SpecError(f"--repeats must be >= 1 (got {args.repeats})")
     if args.no_layers and args.no_collectives:
         raise SpecError("--no-layers and --no-collectives together leave nothing to measure")
+    if args.calibration_layers < 0:
+        raise SpecError(f"--calibration-layers must be >= 0 (got {args.calibration_layers})")
+    if args.calibration_micro_batches < 1:
+        raise SpecError(f"--calibration-micro-batches must be >= 1 (got {args.calibration_micro_batches})")
     model = load_model(args.model)
     seq = args.seq_length or (model.vit_seq_length if model.architecture == "vit" else model.max_position_embeddings)
     training = TrainingSpec(global_batch_size=max(args.micro_batch_sizes), seq_length=seq, precision=args.precision,
@@ -824,12 +1014,23 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
             DEFAULT_SIZES_MB_CPU if _accelerator().device_name() == "cpu" else DEFAULT_SIZES_MB_GPU)
         profile.collectives = profile_collectives(sizes, args.warmup, max(args.repeats, 5), training.precision,
                                                   report)
+    if profile.optimizer is not None and rank == 0:
+        o = profile.optimizer
+        extra = f", {o.extra_peak_bytes / 2**20:.1f} MiB extra" if o.extra_peak_bytes is not None else ""
+        report.append(f"optimizer {o.implementation}: {o.step_ms:.3f} ms per step over {o.num_params:,} "
+                      f"parameters{extra}")
+    if not args.no_layers and args.calibration_layers > 0:  # after the collectives: the plan prices DP with them
+        from .training_run import calibrate
+        profile, _ = calibrate(profile, model, training, args.calibration_layers, min(args.micro_batch_sizes),
+                               args.calibration_micro_batches, args.warmup,
+                               max(args.repeats, CALIBRATION_MIN_ITERATIONS), report)
     if rank == 0:
         try:
             profile.save(args.output)
         except OSError as exc:
             raise ProfileError(f"cannot write profile {args.output}: {exc.strerror or exc}") from None
-        print_summary("uniap-deepspeed profile", profile, report, args.output, world, time.perf_counter() - started, show_tp=False)
+        print_summary("uniap-deepspeed profile", profile, report, args.output, world, time.perf_counter() - started,
+                      show_tp=False)
     if world > 1:
         dist.barrier()  # nobody leaves while rank 0 still writes
     dist.destroy_process_group()  # an orderly teardown of the gloo/nccl pairs before the process exits

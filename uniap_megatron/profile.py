@@ -1,19 +1,32 @@
-"""`uniap-megatron profile`: measure layer times and collective bandwidths through megatron-core.
+"""`uniap-megatron profile`: measure what a Megatron-LM job runs, through megatron-core, and label it.
 
-Layers: for every distinct transformer-layer signature of the model's graph (the profile key, see
-uniap.model.graph), a megatron-core `TransformerLayer` is built from a `TransformerConfig` mirroring
-the ModelSpec (hidden, heads, query groups, FFN, SwiGLU for a gated MLP, LayerNorm or RMSNorm, linear
-biases, dropout 0) with `get_gpt_layer_local_spec()`, under
-`parallel_state.initialize_model_parallel(tp, 1)` for each requested TP degree that divides the world
-size, and timed as forward + backward of the output sum for each micro-batch size: the median of
-`repeats` iterations after `warmup` (CUDA events on a GPU, perf_counter on the CPU). Embedding and
-head layers are not timed (a plan built from the profile says `compute mixed`).
+Layers: for every distinct layer signature of the model's graph (the profile key, see uniap.model.graph) the
+module Megatron-LM builds for it, timed as forward + backward for each micro-batch size under
+`parallel_state.initialize_model_parallel(tp, 1)` for each requested TP degree that divides the world size:
+the median of `repeats` iterations after `warmup` (CUDA events on a GPU, perf_counter on the CPU), and on a
+GPU `activation_bytes`, what the forward leaves allocated for the backward (allocated after it minus before).
+- transformer layers: a `TransformerLayer` from a `TransformerConfig` mirroring the ModelSpec (hidden,
+  heads, query groups, FFN, SwiGLU for a gated MLP, LayerNorm or RMSNorm, linear biases, dropout 0), RoPE
+  applied where the model has it, with the attention kernel the plan assumes (`Kernels`): Transformer
+  Engine's spec when TE is importable, else the local spec with an SDPA core attention (flash on a GPU for
+  bf16/fp16); megatron-core's unfused DotProductAttention only with `--no-flash-attention`;
+- the embedding: `LanguageModelEmbedding`; the LM head: the final norm GPTModel builds, the output
+  `ColumnParallelLinear` and `vocab_parallel_cross_entropy`, whose loss is back-propagated. The vocabulary
+  is padded to a multiple of 128 x TP as Megatron-LM pads it (--make-vocab-size-divisible-by 128);
+- other embeddings and heads (ViT's, BERT's masked-LM head) and cross-attention layers stay estimated.
+Parameters are in the plan's precision on a GPU (as Float16Module casts them), fp32 on the CPU.
 
-On a GPU the stock spec runs (sequence parallelism when tp > 1, params in the plan's precision). On
-the CPU megatron-core's DotProductAttention cannot run (it allocates on torch.cuda.current_device()
-and forks the CUDA RNG tracker), so the core attention is replaced by `CpuCoreAttention` (SDPA with
-the same interface), parameters are fp32, and tp > 1 runs without sequence parallelism (its
-gather/scatter buffers are CUDA-only). CPU timings are for testing the pipeline only.
+Optimizer: one step of the Adam megatron-core constructs (TE FusedAdam, else Apex FusedAdam, else
+torch.optim.AdamW) over fp32 master parameters shaped like one transformer layer's, after a warm-up
+step that creates the moments.
+
+Calibration (world size 1, `--calibration-layers`, uniap_megatron.training_run): a GPTModel of the real
+dimensions with a few layers trained the way Megatron-LM trains it, fitted into the profile's Calibration.
+
+On the CPU megatron-core's DotProductAttention cannot run (it allocates on torch.cuda.current_device()
+and forks the CUDA RNG tracker): the unfused kernel is SDPA's math backend there. TP > 1 runs without
+sequence parallelism on the CPU, and on a GPU whenever the norms refuse it (torch's norms, megatron-core
+0.16.1 transformer/torch_norm.py). CPU timings are for testing the pipeline only.
 
 Collectives (world size >= 2): all_reduce, all_gather, reduce_scatter and all_to_all over the world
 through torch.distributed (those the backend supports), plus P2P ping-pong rank 0 <-> 1; bus
@@ -25,6 +38,7 @@ profile JSON atomically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import math
@@ -33,17 +47,30 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from uniap.errors import EXIT_OK, ProfileError, SpecError
 from uniap.model.graph import build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.profile.options import float_list, int_list
-from uniap.profile.runner import (default_single_process_env, print_summary, processor_name,
-                                 run_profiler_cli)
-from uniap.profile.schema import CollectiveBandwidth, LayerTiming, Profile, bus_factor
+from uniap.profile.runner import (
+    default_single_process_env,
+    print_summary,
+    processor_name,
+    run_profiler_cli,
+)
+from uniap.profile.schema import (
+    CollectiveBandwidth,
+    LayerTiming,
+    OptimizerTiming,
+    Profile,
+    bus_factor,
+)
 
 log = logging.getLogger("uniap.megatron.profile")
 
@@ -52,6 +79,8 @@ DEFAULT_SIZES_MB_CPU = (1.0, 4.0)
 DEFAULT_SIZES_MB_GPU = (16.0, 64.0, 256.0)
 WORLD_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 PROG = "uniap-megatron profile"
+VOCAB_MULTIPLE = 128  # Megatron-LM's --make-vocab-size-divisible-by default (megatron/training/arguments.py)
+SEED = 1234
 
 
 # ==================================================================================================
@@ -106,6 +135,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _free_cached_memory() -> None:
+    gc.collect()
+    if _cuda():
+        import torch
+        torch.cuda.empty_cache()
+
+
 def _all_ranks_ok(ok: bool) -> bool:
     import torch
     import torch.distributed as dist
@@ -116,18 +152,96 @@ def _all_ranks_ok(ok: bool) -> bool:
     return bool(flag.item() > 0.5)
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _seed() -> None:
+    """The same weights and inputs on every rank; on a GPU also megatron-core's CUDA RNG tracker (TE's and
+    the attention's dropout forks draw from it)."""
+    import torch
+    torch.manual_seed(SEED)
+    if _cuda():
+        from megatron.core import tensor_parallel
+        tensor_parallel.model_parallel_cuda_manual_seed(SEED)
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # noqa: BLE001 - a broken install raises whatever its import raises
+        return False
+    return True
+
+
+@cache
+def transformer_engine_available() -> bool:
+    """Transformer Engine's PyTorch modules import (megatron-core 0.16.1 models/gpt/gpt_layer_specs.py)."""
+    return _importable("transformer_engine.pytorch")
+
+
+@cache
+def fused_kernels_available() -> bool:
+    """TrainingSpec.fused_kernels: Transformer Engine or Apex is importable, so megatron-core steps with a
+    fused Adam (megatron-core 0.16.1 megatron/core/optimizer/__init__.py imports TE's FusedAdam, else
+    Apex's, else falls back to torch.optim.AdamW)."""
+    return transformer_engine_available() or _importable("apex.optimizers")
+
+
 # ==================================================================================================
-# Layers
+# Kernels: the layer spec and core attention the plan assumes
 # ==================================================================================================
 
-def _cpu_core_attention_class():
-    """A CPU-safe replacement of megatron-core's DotProductAttention (same constructor and forward
-    signature): SDPA, causal for a causal mask type, K/V groups repeated for GQA."""
+ATTENTION_TE = "Transformer Engine"
+ATTENTION_SDPA = "SDPA (flash when the GPU/dtype allow)"
+ATTENTION_UNFUSED = "megatron-core DotProductAttention (unfused)"
+ATTENTION_UNFUSED_CPU = "SDPA math backend (unfused; megatron-core DotProductAttention needs CUDA)"
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which megatron-core layer spec and core attention the profiler and the calibration run build:
+    `spec` 'transformer_engine' or 'local', `attention` the kernel's label, `flash` whether it keeps no
+    s x s score matrix (TrainingSpec.flash_attention, the signature's '/flash')."""
+
+    spec: str
+    attention: str
+    flash: bool
+
+    @property
+    def te(self) -> bool:
+        return self.spec == "transformer_engine"
+
+    @property
+    def spec_label(self) -> str:
+        return ("Transformer Engine spec (get_gpt_layer_with_transformer_engine_spec)" if self.te
+                else "local spec (get_gpt_layer_local_spec)")
+
+
+def choose_kernels(flash_attention: bool) -> Kernels:
+    """The attention kernel the plan assumes: with flash attention Transformer Engine's spec where TE is
+    importable (and a GPU present), else the local spec with SDPA; without it megatron-core's unfused
+    DotProductAttention (on the CPU, which it cannot run on, SDPA's math backend computes the same)."""
+    if flash_attention:
+        if _cuda() and transformer_engine_available():
+            return Kernels("transformer_engine", ATTENTION_TE, True)
+        return Kernels("local", ATTENTION_SDPA, True)
+    return Kernels("local", ATTENTION_UNFUSED if _cuda() else ATTENTION_UNFUSED_CPU, False)
+
+
+@cache
+def _sdpa_core_attention_class(math_only: bool):
+    """A core attention with megatron-core DotProductAttention's constructor and forward signature
+    (megatron-core 0.16.1 megatron/core/transformer/dot_product_attention.py) computed by
+    torch.nn.functional.scaled_dot_product_attention: causal for a causal mask type, K/V groups repeated for
+    GQA. SDPA picks its kernel (flash for bf16/fp16 on a GPU); `math_only` forces the math backend, which
+    materialises the scores as the unfused kernel does."""
     import torch.nn.functional as F
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.module import MegatronModule
 
-    class CpuCoreAttention(MegatronModule):
+    class SdpaCoreAttention(MegatronModule):
         def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                      softmax_scale=None, cp_comm_type=None, pg_collection=None, **_):
             super().__init__(config=config)
@@ -136,7 +250,7 @@ def _cpu_core_attention_class():
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):
-            assert packed_seq_params is None, "packed sequences are not supported by CpuCoreAttention"
+            assert packed_seq_params is None, "packed sequences are not supported by SdpaCoreAttention"
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
             s, b, heads, d = query.shape
             groups = key.shape[2]
@@ -148,119 +262,389 @@ def _cpu_core_attention_class():
             mask = None
             if not causal and attention_mask is not None:
                 mask = ~attention_mask  # megatron masks are True where attention is NOT allowed
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                               scale=self.softmax_scale)
+            with _sdpa_backend(math_only):
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                                   scale=self.softmax_scale)
             return o.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
-    return CpuCoreAttention
+    SdpaCoreAttention.__qualname__ = SdpaCoreAttention.__name__ = \
+        "UnfusedSdpaCoreAttention" if math_only else "SdpaCoreAttention"
+    return SdpaCoreAttention
 
 
-def transformer_config(model: ModelSpec, training: TrainingSpec, tp: int):
-    """A megatron-core TransformerConfig mirroring the ModelSpec at tensor-parallel degree `tp`."""
-    import torch
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def _sdpa_backend(math_only: bool):
+    if not math_only:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
 
-    cuda = _cuda()
-    dtype = _dtype(training.precision)
-    kw: dict[str, Any] = dict(
-        num_layers=1, hidden_size=model.hidden_size, num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.query_groups, ffn_hidden_size=model.ffn_hidden_size, kv_channels=model.head_dim,
-        normalization="RMSNorm" if model.normalization == "rmsnorm" else "LayerNorm",
-        add_bias_linear=model.add_bias, hidden_dropout=0.0, attention_dropout=0.0,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
-        sequence_parallel=tp > 1 and cuda, use_cpu_initialization=not cuda,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        gradient_accumulation_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+
+def layer_spec(model: ModelSpec, kernels: Kernels):
+    """The megatron-core ModuleSpec of one transformer layer: TE's or the local spec, the core attention
+    `kernels` names, no causal mask for an encoder."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
     )
-    if model.gated_mlp:
-        kw.update(gated_linear_unit=True, activation_func=torch.nn.functional.silu)
-    return TransformerConfig(**kw)
-
-
-def build_transformer_layer(model: ModelSpec, training: TrainingSpec, tp: int):
-    """A megatron-core TransformerLayer (local spec; CPU-safe core attention on the CPU)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    config = transformer_config(model, training, tp)
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    if kernels.te:
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization=_normalization(model))
     attn = spec.submodules.self_attention
     if model.architecture != "decoder":
         attn.params = {**(attn.params or {}), "attn_mask_type": AttnMaskType.no_mask}
+    if kernels.attention in (ATTENTION_SDPA, ATTENTION_UNFUSED_CPU):
+        attn.submodules.core_attention = _sdpa_core_attention_class(not kernels.flash)
+    return spec
+
+
+def _normalization(model: ModelSpec) -> str:
+    return "RMSNorm" if model.normalization == "rmsnorm" else "LayerNorm"
+
+
+def sequence_parallel_supported(model: ModelSpec, kernels: Kernels) -> bool:
+    """Whether the layer's norms take sequence parallelism: TE's and Apex's do; torch's (the local spec
+    without Apex, and with RMSNorm always) refuse it (megatron-core 0.16.1 transformer/torch_norm.py,
+    models/backends.py LocalSpecProvider.layer_norm)."""
     if not _cuda():
-        attn.submodules.core_attention = _cpu_core_attention_class()
-    layer = TransformerLayer(config=config, submodules=spec.submodules, layer_number=1)
-    return layer.to(_device()), config
+        return False
+    if kernels.te:
+        return True
+    from megatron.core.models.gpt import gpt_layer_specs
+    return bool(getattr(gpt_layer_specs, "HAVE_APEX", False)) and model.normalization == "layernorm"
 
 
-def _seq_for(model: ModelSpec, training: TrainingSpec) -> int:
-    return model.vit_seq_length if model.architecture == "vit" else training.seq_length
+def activation_fusion(model: ModelSpec) -> bool:
+    """Megatron-LM's default --bias-swiglu-fusion / --bias-gelu-fusion (megatron/training/arguments.py): the
+    activation is a fused function that keeps only its input for backward (megatron-core 0.16.1
+    megatron/core/fusions/fused_bias_swiglu.py), as uniap's activation count assumes. On a GPU only (its
+    jit fuser); megatron-core fuses GELU only with biases."""
+    return _cuda() and (model.gated_mlp or model.add_bias)
 
 
-def time_layer(layer, config, seq: int, micro_batch_size: int, tp: int, warmup: int, repeats: int) -> LayerTiming:
-    """Forward + backward of the output sum: medians over `repeats` iterations after `warmup`."""
+def transformer_config(model: ModelSpec, training: TrainingSpec, tp: int, kernels: Kernels | None = None,
+                       num_layers: int = 1, gradient_accumulation_fusion: bool = False, recompute: str = "none"):
+    """A megatron-core TransformerConfig mirroring the ModelSpec at tensor-parallel degree `tp`, with
+    `recompute` as the Megatron-LM arguments uniap emits set it (full: uniform, one layer per chunk)."""
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kernels = kernels or choose_kernels(training.flash_attention)
+    cuda = _cuda()
+    dtype = _dtype(training.precision)
+    gated = {"gated_linear_unit": True, "activation_func": torch.nn.functional.silu} if model.gated_mlp else {}
+    return TransformerConfig(
+        num_layers=num_layers, hidden_size=model.hidden_size, num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups, ffn_hidden_size=model.ffn_hidden_size, kv_channels=model.head_dim,
+        normalization=_normalization(model), add_bias_linear=model.add_bias, hidden_dropout=0.0,
+        attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
+        sequence_parallel=tp > 1 and sequence_parallel_supported(model, kernels), use_cpu_initialization=not cuda,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        gradient_accumulation_fusion=gradient_accumulation_fusion, bias_activation_fusion=activation_fusion(model),
+        masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        **_recompute_fields(recompute), **gated)
+
+
+def _recompute_fields(recompute: str) -> dict[str, Any]:
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    return {}
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """The vocabulary Megatron-LM builds: padded to a multiple of 128 x TP (megatron/training/tokenizer
+    _vocab_size_with_padding)."""
+    multiple = VOCAB_MULTIPLE * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def _in_precision(module, config):
+    """`module` on this device in the precision Megatron-LM trains it in: Float16Module casts every
+    parameter (megatron-core 0.16.1 megatron/core/transformer/module.py), fp32 otherwise."""
+    module = module.to(_device())
+    if config.bf16:
+        return module.bfloat16()
+    if config.fp16:
+        return module.half()
+    return module
+
+
+def norm_label(layer) -> str:
+    """The norm a built TransformerLayer runs: its own module, or the linear TE fused it into."""
+    norm = layer.input_layernorm
+    kind = layer.config.normalization
+    if type(norm).__name__ == "IdentityOp":
+        fused = type(layer.self_attention.linear_qkv)
+        return f"{kind} fused into {fused.__module__.split('.')[0]} {fused.__name__}"
+    cls = type(norm)
+    return f"{kind}: {cls.__module__.split('.')[0]} {cls.__name__}"
+
+
+def build_transformer_layer(model: ModelSpec, training: TrainingSpec, tp: int, kernels: Kernels | None = None):
+    """A megatron-core TransformerLayer of `kernels`' spec, in the training precision; (layer, config)."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    kernels = kernels or choose_kernels(training.flash_attention)
+    config = transformer_config(model, training, tp, kernels)
+    layer = TransformerLayer(config=config, submodules=layer_spec(model, kernels).submodules, layer_number=1)
+    return _in_precision(layer, config), config
+
+
+def build_embedding(model: ModelSpec, training: TrainingSpec, tp: int, kernels: Kernels | None = None):
+    """megatron-core's LanguageModelEmbedding as GPTModel (BERT: with two token types) builds it."""
+    from megatron.core.models.common.embeddings.language_model_embedding import (
+        LanguageModelEmbedding,
+    )
+
+    config = transformer_config(model, training, tp, kernels)
+    position = {"learned": "learned_absolute", "rope": "rope"}.get(model.position_embedding, "none")
+    module = LanguageModelEmbedding(config=config, vocab_size=padded_vocab_size(model.vocab_size, tp),
+                                    max_sequence_length=model.max_position_embeddings,
+                                    position_embedding_type=position,
+                                    num_tokentypes=2 if model.architecture == "encoder" else 0)
+    return _in_precision(module, config), config
+
+
+@cache
+def _lm_head_class():
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_block import LayerNormImpl
+
+    class LMHead(MegatronModule):
+        """GPTModel's last stage (megatron-core 0.16.1 megatron/core/models/gpt/gpt_model.py): the
+        TransformerBlock's final norm, the output ColumnParallelLinear (parallel output) and
+        vocab_parallel_cross_entropy; forward returns the mean loss over the tokens."""
+
+        def __init__(self, config, vocab_size: int):
+            super().__init__(config=config)
+            self.final_layernorm = build_module(LayerNormImpl, config=config, hidden_size=config.hidden_size,
+                                                eps=config.layernorm_epsilon)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
+                skip_bias_add=False, gather_output=False)
+
+        def forward(self, hidden, labels):
+            logits, _ = self.output_layer(self.final_layernorm(hidden))
+            return tensor_parallel.vocab_parallel_cross_entropy(logits, labels).float().mean()
+
+    return LMHead
+
+
+def build_lm_head(model: ModelSpec, training: TrainingSpec, tp: int, kernels: Kernels | None = None):
+    config = transformer_config(model, training, tp, kernels)
+    module = _lm_head_class()(config, padded_vocab_size(model.vocab_size, tp))
+    return _in_precision(module, config), config
+
+
+def rotary_embedding(model: ModelSpec, config, seq: int):
+    """The RoPE frequencies GPTModel passes its layers (megatron-core 0.16.1 models/common/embeddings/
+    rotary_pos_embedding.py RotaryEmbedding, rotary_percent 1, base 10000), or None without RoPE."""
+    if model.position_embedding != "rope":
+        return None
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import (
+        RotaryEmbedding,
+    )
+
+    from .training_run import current_device_on_cpu
+
+    rope = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0, use_cpu_initialization=not _cuda())
+    with current_device_on_cpu():  # get_emb moves the frequencies to torch.cuda.current_device()
+        return rope(seq)
+
+
+# ==================================================================================================
+# Timing
+# ==================================================================================================
+
+class _Timer:
+    """CUDA events on a GPU (read after a synchronize), perf_counter on the CPU."""
+
+    def __init__(self) -> None:
+        self.cuda = _cuda()
+
+    def mark(self):
+        if self.cuda:
+            import torch
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, a, b) -> float:
+        return float(a.elapsed_time(b)) if self.cuda else (b - a) * 1e3
+
+
+def time_passes(forward: Callable[[], Any], reset: Callable[[], None], warmup: int,
+                repeats: int) -> tuple[float, float, float | None]:
+    """(forward ms, backward ms, activation bytes): medians over `repeats` iterations after `warmup`.
+    `forward()` returns a scalar loss or an output whose gradient is taken as ones; `reset()` drops the
+    previous iteration's gradients. Activation bytes (GPU only): allocated after the forward minus before."""
     import torch
 
-    cuda = _cuda()
+    cuda, timer = _cuda(), _Timer()
+    forward_ms, backward_ms, kept = [], [], []
+    grad = None
+    for i in range(warmup + repeats):
+        reset()
+        _sync()
+        before = torch.cuda.memory_allocated() if cuda else 0
+        t0 = timer.mark()
+        out = forward()
+        t1 = timer.mark()
+        after = torch.cuda.memory_allocated() if cuda else 0
+        if out.dim() == 0:
+            out.backward()
+        else:
+            if grad is None or grad.shape != out.shape:
+                grad = torch.ones_like(out)
+            out.backward(grad)
+        t2 = timer.mark()
+        _sync()
+        if i >= warmup:
+            forward_ms.append(timer.ms(t0, t1))
+            backward_ms.append(timer.ms(t1, t2))
+            kept.append(after - before)
+        del out
+    activation = float(max(0, statistics.median(kept))) if cuda else None
+    return statistics.median(forward_ms), statistics.median(backward_ms), activation
+
+
+def time_layer(layer, config, seq: int, micro_batch_size: int, tp: int, warmup: int, repeats: int,
+               rotary=None) -> LayerTiming:
+    """A TransformerLayer's forward and backward on a random input (its sequence shard under sequence
+    parallelism), the gradient of its output all ones."""
+    import torch
+
     s_local = seq // tp if config.sequence_parallel else seq
     x = torch.randn(s_local, micro_batch_size, config.hidden_size, device=_device(), dtype=config.params_dtype,
                     requires_grad=True)
 
-    def mark():
-        if cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
+    def forward():
+        out = layer(x, attention_mask=None, rotary_pos_emb=rotary)
+        return out[0] if isinstance(out, tuple) else out
 
-    def elapsed(a, b) -> float:
-        return float(a.elapsed_time(b)) if cuda else (b - a) * 1e3
-
-    forward, backward, kept = [], [], []
-    for i in range(warmup + repeats):
+    def reset():
         x.grad = None
         layer.zero_grad(set_to_none=True)
-        _sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated() if cuda else 0
-        t0 = mark()
-        out = layer(x, attention_mask=None)
-        out = out[0] if isinstance(out, tuple) else out
-        t1 = mark()
-        peak = torch.cuda.max_memory_allocated() if cuda else 0
-        out.float().sum().backward()
-        t2 = mark()
-        _sync()
-        if i >= warmup:
-            forward.append(elapsed(t0, t1))
-            backward.append(elapsed(t1, t2))
-            kept.append(peak - before)
-        del out
-    activation = float(statistics.median(kept)) if cuda else None
-    return LayerTiming(tp=tp, micro_batch_size=micro_batch_size, forward_ms=statistics.median(forward),
-                       backward_ms=statistics.median(backward), activation_bytes=activation)
+
+    fwd, bwd, act = time_passes(forward, reset, warmup, repeats)
+    return LayerTiming(tp=tp, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd,
+                       activation_bytes=act)
+
+
+def time_embedding(module, config, vocab: int, seq: int, micro_batch_size: int, tp: int, warmup: int,
+                   repeats: int) -> LayerTiming:
+    """LanguageModelEmbedding on random token ids (positions 0..s-1; token type 0 where it has types)."""
+    import torch
+
+    device = _device()
+    ids = torch.randint(0, vocab, (micro_batch_size, seq), device=device)
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(micro_batch_size, -1)
+    types = torch.zeros_like(ids) if module.num_tokentypes > 0 else None
+    fwd, bwd, act = time_passes(lambda: module(ids, positions, tokentype_ids=types),
+                                lambda: module.zero_grad(set_to_none=True), warmup, repeats)
+    return LayerTiming(tp=tp, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd,
+                       activation_bytes=act)
+
+
+def time_head(module, config, vocab: int, seq: int, micro_batch_size: int, tp: int, warmup: int,
+              repeats: int) -> LayerTiming:
+    """The LM head from hidden states (its sequence shard under sequence parallelism) to the loss."""
+    import torch
+
+    device = _device()
+    s_local = seq // tp if config.sequence_parallel else seq
+    x = torch.randn(s_local, micro_batch_size, config.hidden_size, device=device, dtype=config.params_dtype,
+                    requires_grad=True)
+    labels = torch.randint(0, vocab, (seq, micro_batch_size), device=device)
+
+    def reset():
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+
+    fwd, bwd, act = time_passes(lambda: module(x, labels), reset, warmup, repeats)
+    return LayerTiming(tp=tp, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd,
+                       activation_bytes=act)
+
+
+# ==================================================================================================
+# Layers
+# ==================================================================================================
+
+@dataclass(frozen=True)
+class Target:
+    """One layer signature to time: its kind ('transformer', 'embedding', 'head') and sequence length."""
+
+    signature: str
+    kind: str
+    seq: int
+
+
+def profile_targets(model: ModelSpec, training: TrainingSpec, notes: list[str] | None = None) -> list[Target]:
+    """The graph's layer signatures this profiler times (transformer layers, LanguageModelEmbedding-style
+    embeddings, the LM head), one per signature; the others stay estimated (logged and added to `notes`
+    when it is given)."""
+    graph = build_graph(model, training)
+    decoder_seq = training.decoder_seq_length or training.seq_length
+    seq_of = {"decoder_embedding": decoder_seq, "lm_head": decoder_seq if model.architecture == "encoder_decoder"
+              else training.seq_length}
+    targets: dict[str, Target] = {}
+    skipped: dict[str, str] = {}
+    for layer in graph.layers:
+        if layer.signature in targets or layer.signature in skipped:
+            continue
+        if layer.kind == "transformer":
+            seq = model.vit_seq_length if model.architecture == "vit" else training.seq_length
+            targets[layer.signature] = Target(layer.signature, "transformer", seq)
+        elif layer.kind == "embedding" and layer.signature.startswith("embedding/"):
+            targets[layer.signature] = Target(layer.signature, "embedding", seq_of.get(layer.name, training.seq_length))
+        elif layer.kind == "head" and layer.name == "lm_head":
+            targets[layer.signature] = Target(layer.signature, "head", seq_of["lm_head"])
+        else:
+            skipped[layer.signature] = layer.name
+    if notes is not None and _rank() == 0:
+        for signature, name in skipped.items():
+            log.warning("layer %s (%s) is not profiled; it stays estimated", name, signature)
+    if skipped and notes is not None:
+        notes.append(f"not timed (estimated): {', '.join(sorted(set(skipped.values())))}")
+    return list(targets.values())
+
+
+def _time_target(target: Target, model: ModelSpec, training: TrainingSpec, kernels: Kernels, tp: int, mbs: int,
+                 warmup: int, repeats: int, facts: dict[str, str]) -> LayerTiming:
+    vocab = padded_vocab_size(model.vocab_size, tp)
+    if target.kind == "transformer":
+        layer, config = build_transformer_layer(model, training, tp, kernels)
+        facts.setdefault("norm", norm_label(layer))
+        return time_layer(layer, config, target.seq, mbs, tp, warmup, repeats,
+                          rotary_embedding(model, config, target.seq))
+    if target.kind == "embedding":
+        module, config = build_embedding(model, training, tp, kernels)
+        return time_embedding(module, config, vocab, target.seq, mbs, tp, warmup, repeats)
+    module, config = build_lm_head(model, training, tp, kernels)
+    return time_head(module, config, vocab, target.seq, mbs, tp, warmup, repeats)
 
 
 def profile_layers(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: list[int], tp_degrees: list[int],
-                   warmup: int, repeats: int, notes: list[str]) -> dict[str, list[LayerTiming]]:
-    """Timings per transformer-layer signature for each TP degree dividing the world size (every rank
-    times; rank 0's numbers are kept). An out-of-memory micro-batch size skips the larger ones."""
+                   warmup: int, repeats: int, notes: list[str], kernels: Kernels | None = None,
+                   facts: dict[str, str] | None = None) -> dict[str, list[LayerTiming]]:
+    """Timings per layer signature (profile_targets) for each TP degree dividing the world size (every rank
+    times; rank 0's numbers are kept). An out-of-memory micro-batch size skips the larger ones. `facts`
+    receives what ran ('norm')."""
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
+    kernels = kernels or choose_kernels(training.flash_attention)
+    facts = facts if facts is not None else {}
     world = dist.get_world_size()
-    graph = build_graph(model, training)
-    first: dict[str, Any] = {}
-    for layer in graph.layers:
-        if layer.kind == "transformer":
-            first.setdefault(layer.signature, layer)
-        elif layer.kind == "cross_transformer" and layer.signature not in first:
-            log.warning("cross-attention layer %s is not profiled; it stays estimated", layer.signature)
-    seq = _seq_for(model, training)
+    targets = profile_targets(model, training, notes)
     out: dict[str, list[LayerTiming]] = {}
     for tp in sorted(set(tp_degrees)):
         if world % tp:
@@ -271,66 +655,191 @@ def profile_layers(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: 
             log.warning("tp=%d does not divide the heads/query groups/FFN size; skipped", tp)
             notes.append(f"tp={tp} skipped (does not divide heads, query groups or FFN)")
             continue
-        if _cuda() and tp > 1 and seq % tp:
-            log.warning("tp=%d does not divide the sequence length %d (sequence parallel); skipped", tp, seq)
+        sp = tp > 1 and sequence_parallel_supported(model, kernels)
+        if sp and any(t.seq % tp for t in targets):
+            log.warning("tp=%d does not divide the sequence length (sequence parallel); skipped", tp)
+            notes.append(f"tp={tp} skipped (does not divide the sequence length)")
             continue
+        if tp > 1 and not sp:
+            why = "torch norms refuse it" if _cuda() else "CPU"
+            notes.append(f"tp={tp} without sequence parallelism ({why})")
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
         try:
-            if _cuda():
-                tensor_parallel.model_parallel_cuda_manual_seed(1234)
-            for signature in first:
+            for target in targets:
                 for mbs in sorted(set(micro_batch_sizes)):
-                    torch.manual_seed(1234)
+                    _seed()
                     ok, timing = True, None
                     try:
-                        layer, config = build_transformer_layer(model, training, tp)
-                        timing = time_layer(layer, config, seq, mbs, tp, warmup, repeats)
-                        del layer
+                        timing = _time_target(target, model, training, kernels, tp, mbs, warmup, repeats, facts)
                     except torch.OutOfMemoryError:
                         ok = False
-                    gc.collect()
-                    if _cuda():
-                        torch.cuda.empty_cache()
+                    _free_cached_memory()
                     if not _all_ranks_ok(ok):
                         log.warning("%s tp=%d: micro-batch size %d ran out of memory; larger ones skipped",
-                                    signature, tp, mbs)
+                                    target.signature, tp, mbs)
                         break
-                    out.setdefault(signature, []).append(timing)
+                    out.setdefault(target.signature, []).append(timing)
                     if dist.get_rank() == 0:
-                        log.info("%-60s tp %d mbs %3d  fwd %9.3f ms  bwd %9.3f ms", signature, tp, mbs,
+                        log.info("%-60s tp %d mbs %3d  fwd %9.3f ms  bwd %9.3f ms", target.signature, tp, mbs,
                                  timing.forward_ms, timing.backward_ms)
         finally:
             parallel_state.destroy_model_parallel()
     return out
 
 
+# ==================================================================================================
+# Optimizer
+# ==================================================================================================
+
+def megatron_adam(params: list) -> tuple[Any, str]:
+    """The Adam megatron-core 0.16.1 constructs for OptimizerConfig(optimizer='adam') and its defaults
+    (megatron/core/optimizer/__init__.py _get_megatron_optimizer_based_on_param_groups): TE's FusedAdam,
+    else Apex's, in AdamW mode; else torch.optim.AdamW. (optimizer, its name)."""
+    import torch
+    from megatron.core import optimizer as mcore_optimizer
+    from megatron.core.optimizer import OptimizerConfig
+
+    config = OptimizerConfig(optimizer="adam", lr=1e-4)
+    kwargs: dict[str, Any] = {"params": [{"params": params}], "lr": config.lr, "weight_decay": config.weight_decay,
+                              "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
+    if mcore_optimizer.USING_PYTORCH_OPTIMIZER:
+        cls = torch.optim.AdamW if config.decoupled_weight_decay else torch.optim.Adam
+    else:
+        cls = mcore_optimizer.Adam
+        kwargs["adam_w_mode"] = config.decoupled_weight_decay
+    optimizer = cls(**kwargs)
+    return optimizer, adam_name(optimizer)
+
+
+def adam_name(optimizer) -> str:
+    """'Transformer Engine FusedAdam', 'Apex FusedAdam', or 'torch.optim.AdamW (foreach|for-loop|fused)'."""
+    cls = type(optimizer)
+    if cls.__module__.startswith("transformer_engine"):
+        return f"Transformer Engine {cls.__name__}"
+    if cls.__module__.startswith("apex"):
+        return f"Apex {cls.__name__}"
+    if cls.__module__.startswith("torch.optim"):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        fused, foreach = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
+        if not fused and foreach is None:  # torch's default: foreach when every tensor is on a CUDA device
+            foreach = bool(params) and all(p.is_cuda for p in params)
+        mode = "fused" if fused else "foreach" if foreach else "for-loop"
+        return f"torch.optim.{cls.__name__} ({mode})"
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def time_optimizer_step(shapes: list, warmup: int, repeats: int) -> OptimizerTiming:
+    """megatron_adam over fp32 parameters of `shapes` with fp32 gradients: the median step of `repeats`
+    after max(warmup, 1) (the first creates the moments); on a GPU the most allocated during a step
+    beyond what was allocated before it."""
+    import torch
+
+    cuda, timer = _cuda(), _Timer()
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, device=_device(), dtype=torch.float32) * 0.02)
+        p.grad = torch.randn_like(p) * 1e-3
+        params.append(p)
+    optimizer, name = megatron_adam(params)
+    times, extras = [], []
+    for i in range(max(warmup, 1) + repeats):
+        _sync()
+        before = 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        t0 = timer.mark()
+        optimizer.step()
+        t1 = timer.mark()
+        _sync()
+        if i >= max(warmup, 1):
+            times.append(timer.ms(t0, t1))
+            if cuda:
+                extras.append(torch.cuda.max_memory_allocated() - before)
+    num_params = sum(p.numel() for p in params)
+    del optimizer, params
+    return OptimizerTiming(implementation=name, num_params=num_params, step_ms=statistics.median(times),
+                           extra_peak_bytes=float(max(0, max(extras))) if extras else None)
+
+
+def profile_optimizer(model: ModelSpec, training: TrainingSpec, warmup: int, repeats: int,
+                      kernels: Kernels | None = None) -> OptimizerTiming | None:
+    """One optimizer step over fp32 master parameters shaped like one transformer layer's (TP 1; the
+    distributed optimizer's main parameters at DP 1); None (with a warning) when it runs out of memory
+    on any rank. Every rank must call it."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    timing, ok = None, True
+    try:
+        _seed()
+        layer, _ = build_transformer_layer(model, training, 1, kernels)
+        shapes = [tuple(p.shape) for p in layer.parameters()]
+        del layer
+        _free_cached_memory()
+        timing = time_optimizer_step(shapes, warmup, repeats)
+    except torch.OutOfMemoryError:
+        ok = False
+    finally:
+        parallel_state.destroy_model_parallel()
+        _free_cached_memory()
+    if not _all_ranks_ok(ok):
+        log.warning("the optimizer step over one transformer layer ran out of memory; it stays estimated")
+        return None
+    if dist.get_rank() == 0:
+        log.info("optimizer %s: %.3f ms per step over %d parameters", timing.implementation, timing.step_ms,
+                 timing.num_params)
+    return timing
+
+
+# ==================================================================================================
+# The profile
+# ==================================================================================================
+
 def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: list[int], tp_degrees: list[int],
-                  warmup: int, repeats: int, device_name: str | None = None) -> Profile:
-    """Measure every transformer-layer signature of `model` through megatron-core. Every rank must call
-    it after init_distributed; rank 0's numbers are returned."""
+                  warmup: int, repeats: int, device_name: str | None = None, optimizer: bool = True) -> Profile:
+    """Measure `model`'s layer signatures through megatron-core and (`optimizer`) one optimizer step. Every
+    rank must call it after init_distributed; rank 0's numbers are returned. The notes say which spec,
+    attention kernel and norm ran. Add a calibration with uniap_megatron.training_run.calibrate."""
     import torch.distributed as dist
 
+    kernels = choose_kernels(training.flash_attention)
     notes: list[str] = []
-    layers = profile_layers(model, training, micro_batch_sizes, tp_degrees, warmup, repeats, notes)
+    facts: dict[str, str] = {}
+    layers = profile_layers(model, training, micro_batch_sizes, tp_degrees, warmup, repeats, notes, kernels, facts)
+    opt = profile_optimizer(model, training, warmup, repeats, kernels) if optimizer else None
     dtype = str(_dtype(training.precision)).replace("torch.", "")
-    head = [f"megatron-core TransformerLayer (local spec, {dtype}); median forward/backward ms of {repeats} "
-            f"iterations after {warmup} warmup; embedding and head layers not timed"]
+    head = [(f"megatron-core {_mcore_version()} {kernels.spec_label}: attention {kernels.attention}, "
+             f"norm {facts.get('norm', _normalization(model))}, {dtype}; activation fusion "
+             f"{'on' if activation_fusion(model) else 'off'}, bias/dropout/softmax/RoPE fusions off"),
+            f"median forward/backward ms of {repeats} iterations after {warmup} warmup"]
+    timed = {t.kind for t in profile_targets(model, training)}
+    if "embedding" in timed:
+        head.append("embedding: LanguageModelEmbedding")
+    if "head" in timed:
+        head.append("head: final norm + ColumnParallelLinear + vocab_parallel_cross_entropy")
+    if timed & {"embedding", "head"}:
+        head.append(f"vocabulary padded to a multiple of {VOCAB_MULTIPLE} x tp")
     if _cuda():
-        head.append("sequence parallel when tp > 1; activation_bytes = peak allocator bytes during forward")
+        head.append("activation_bytes = allocated after the forward minus before it; sequence parallel when "
+                    "tp > 1 and the norms take it")
     else:
         head.insert(0, CPU_NOTE)
-        head.append("CPU: SDPA core attention, fp32, no sequence parallelism")
-    if model.position_embedding == "rope":
-        head.append("RoPE not applied")
+        head.append("CPU: fp32, no sequence parallelism, no activation bytes")
+    if opt is not None:
+        head.append(f"optimizer: {opt.implementation} step over the fp32 master parameters of one transformer "
+                    f"layer ({opt.num_params:,})")
     return Profile(device=device_name or device_description(), runtime=f"megatron-core {_mcore_version()}",
-                   layers=layers, backend=str(dist.get_backend()), notes="; ".join(head + notes))
+                   layers=layers, backend=str(dist.get_backend()), notes="; ".join(head + notes), optimizer=opt)
 
 
 def _mcore_version() -> str:
     try:
         from importlib.metadata import version
         return version("megatron-core")
-    except Exception:  # pragma: no cover
+    except Exception:  # noqa: BLE001  # pragma: no cover - an install without metadata
         import megatron.core
         return getattr(megatron.core, "__version__", "unknown")
 
@@ -392,7 +901,7 @@ def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precis
     dtype = _dtype(precision)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
     scope = "intra_node" if local >= world else "inter_node"
-    sizes = [max(1, int(round(s * 2 ** 20))) for s in sizes_mb]
+    sizes = [max(1, round(s * 2 ** 20)) for s in sizes_mb]
     out: list[CollectiveBandwidth] = []
     for op in WORLD_OPS:
         if not _supported(op, world, dtype):
@@ -425,7 +934,7 @@ def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precis
             buf = torch.ones(max(1, nbytes // elem), dtype=dtype, device=_device())
             peer = 1 - rank
 
-            def round_trip():
+            def round_trip(buf=buf, peer=peer):
                 if rank == 0:
                     dist.send(buf, peer)
                     dist.recv(buf, peer)
@@ -457,8 +966,9 @@ def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precis
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Measure transformer-layer times (megatron-core) and collective bandwidths "
-                               "(torch.distributed); write a uniap profile JSON for `uniap plan --profile`.",
+        prog=prog, description="Measure layer times and an optimizer step (megatron-core), collective bandwidths "
+                               "(torch.distributed) and a calibration against a short whole-model training run; "
+                               "write a uniap profile JSON for `uniap plan --profile`.",
         epilog="single process: python -m uniap_megatron.profile ...; several: torchrun --nproc-per-node N "
                "-m uniap_megatron.profile ... Exit codes: 0 ok, 1 internal error, 2 invalid input.")
     p.add_argument("--model", required=True, help="preset, uniap YAML/JSON spec, or Hugging Face config.json")
@@ -470,12 +980,21 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="the plan's precision (part of the layer signature; default bf16). GPUs compute in it; "
                         "the CPU computes in fp32")
+    p.add_argument("--no-flash-attention", action="store_true",
+                   help="time megatron-core's unfused DotProductAttention (the plan's --no-flash-attention) instead "
+                        "of Transformer Engine's or SDPA's flash attention")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
     p.add_argument("--repeats", type=int, default=5,
-                   help="timed iterations: layers keep the median; collectives average max(repeats, 5) (default 5)")
+                   help="timed iterations: layers, the optimizer step and the calibration run keep the median; "
+                        "collectives average max(repeats, 5) (default 5)")
+    p.add_argument("--calibration-layers", type=int, default=2,
+                   help="transformer layers of the whole-model calibration run (default 2; 0: no calibration). "
+                        "Runs with one process only")
+    p.add_argument("--calibration-micro-batches", type=int, default=2,
+                   help="micro-batches per calibration iteration, of the smallest --micro-batch-sizes (default 2)")
     p.add_argument("--collective-sizes-mb", type=float_list,
                    help="message sizes in MiB (default 1,4 on CPU, 16,64,256 on GPU)")
-    p.add_argument("--no-collectives", action="store_true", help="time layers only")
+    p.add_argument("--no-collectives", action="store_true", help="no collective bandwidths")
     p.add_argument("--device-name", help="the profile's device label (default: detected)")
     p.add_argument("-o", "--output", required=True, help="profile JSON to write (refuses to overwrite without --force)")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
@@ -493,9 +1012,14 @@ def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
         raise SpecError(f"--warmup must be >= 0 (got {args.warmup})")
     if args.repeats < 1:
         raise SpecError(f"--repeats must be >= 1 (got {args.repeats})")
+    if args.calibration_layers < 0:
+        raise SpecError(f"--calibration-layers must be >= 0 (got {args.calibration_layers})")
+    if args.calibration_micro_batches < 1:
+        raise SpecError(f"--calibration-micro-batches must be >= 1 (got {args.calibration_micro_batches})")
     model = load_model(args.model)
     seq = args.seq_length or (model.vit_seq_length if model.architecture == "vit" else model.max_position_embeddings)
-    training = TrainingSpec(global_batch_size=max(args.micro_batch_sizes), seq_length=seq, precision=args.precision)
+    training = TrainingSpec(global_batch_size=max(args.micro_batch_sizes), seq_length=seq, precision=args.precision,
+                            flash_attention=not args.no_flash_attention)
     build_graph(model, training)  # the rules that involve both specs, before any process group exists
     return model, training
 
@@ -506,6 +1030,7 @@ def main_profile(argv: list[str] | None = None, prog: str = PROG) -> int:
 
 
 def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # -v: uniap's measurements, not megatron's setup
     try:
         import megatron.core  # noqa: F401
         import torch  # noqa: F401
@@ -518,6 +1043,7 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
     rank, world, _backend = init_distributed()
     import torch.distributed as dist
 
+    training = replace(training, fused_kernels=fused_kernels_available())
     started = time.perf_counter()
     profile = profile_model(model, training, args.micro_batch_sizes, args.tp_degrees, args.warmup, args.repeats,
                             args.device_name)
@@ -526,6 +1052,15 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
         sizes = args.collective_sizes_mb or list(DEFAULT_SIZES_MB_GPU if _cuda() else DEFAULT_SIZES_MB_CPU)
         profile.collectives = profile_collectives(sizes, args.warmup, max(args.repeats, 5), training.precision,
                                                   report)
+    if profile.optimizer is not None:
+        opt = profile.optimizer
+        report.append(f"optimizer {opt.implementation}: {opt.step_ms:.3f} ms per step over {opt.num_params:,} "
+                      f"parameters" + (f", {opt.extra_peak_bytes / 2**20:.1f} MiB extra at the step"
+                                       if opt.extra_peak_bytes is not None else ""))
+    if args.calibration_layers > 0:
+        from .training_run import calibrate
+        profile, _ = calibrate(profile, model, training, args.calibration_layers, min(args.micro_batch_sizes),
+                               args.calibration_micro_batches, args.warmup, args.repeats, report)
     if rank == 0:
         try:
             profile.save(args.output)

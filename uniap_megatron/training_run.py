@@ -1,0 +1,401 @@
+"""Whole-model calibration for `uniap-megatron profile`: train a GPTModel of the real dimensions with a few
+layers the way Megatron-LM trains it, and fit the profile's Calibration to what the iterations took.
+
+- The model: megatron-core's GPTModel with `layers` transformer layers of the profiled model's dimensions,
+  the layer spec and core attention of uniap_megatron.profile.choose_kernels (what the profile timed),
+  the vocabulary padded as Megatron-LM pads it, embeddings tied as the ModelSpec says.
+- The wrappers, as Megatron-LM's get_model and setup_model_and_optimizer apply them
+  (megatron/training/training.py): Float16Module for bf16/fp16 on a GPU (fp32 on the CPU), megatron-core
+  DistributedDataParallel with an fp32 gradient buffer and the distributed optimizer's layout, and the
+  optimizer from get_megatron_optimizer(OptimizerConfig(optimizer='adam', use_distributed_optimizer=True)).
+- The iteration, as Megatron-LM's train_step runs it: zero the gradient buffer and the optimizer; for each
+  micro-batch forward (the loss averaged over its tokens and divided by the micro-batch count), loss
+  scaling and backward, all but the last micro-batch under the DDP's no_sync(); finalize_model_grads; the
+  optimizer step. The loop is written out here rather than taken from get_forward_backward_func: the
+  schedules allocate on "cuda" (megatron-core 0.16.1 megatron/core/pipeline_parallel/schedules.py), and
+  this one is the no-pipelining schedule's (forward_backward_no_pipelining) step for step.
+- The measurement: seconds per iteration (CUDA-synchronised; the median of the timed iterations after
+  warm-up) and on a GPU the peak reserved and allocated bytes over the timed iterations.
+- The plan: uniap.planner.configure of that exact job (the model cut to `layers` layers, one GPU of the
+  detected kind, tp 1, pp 1, ZeRO 0 (the distributed optimizer at DP 1 shards nothing), no recompute),
+  priced with the profile just measured; uniap.profile.calibrate.fit turns the measurement into the
+  Calibration.
+
+It runs with one process only (world size 1): with several ranks the calibration is skipped with a note,
+since megatron-core's process groups would make it a data-parallel run over every rank. Decoder (GPT)
+models only.
+
+On the CPU (tests), megatron-core 0.16.1's DDP and optimizers stop at a few CUDA-only calls;
+`cuda_calls_on_cpu` redirects exactly those, around their construction and the optimizer step.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass, replace
+
+from uniap.cluster.spec import CLUSTER_PRESETS, ClusterSpec
+from uniap.errors import ProfileError, SpecError, UniapError
+from uniap.model.spec import ModelSpec, TrainingSpec
+from uniap.plan import Plan
+from uniap.planner import configure
+from uniap.profile.calibrate import Measurement, fit
+from uniap.profile.schema import Profile
+
+from .profile import (
+    Kernels,
+    _cuda,
+    _device,
+    _free_cached_memory,
+    _mcore_version,
+    _seed,
+    _sync,
+    adam_name,
+    choose_kernels,
+    device_description,
+    fused_kernels_available,
+    layer_spec,
+    padded_vocab_size,
+    transformer_config,
+)
+
+log = logging.getLogger("uniap.megatron.training_run")
+
+# GPU families -> the preset whose peak FLOP/s and bandwidths a detected GPU of that family gets.
+PRESET_OF_FAMILY = (("H200", "dgx-h200"), ("H100", "dgx-h100"), ("A100", "dgx-a100-80g"))
+DEFAULT_PRESET = "dgx-h100"
+DEFAULT_LR = 1e-4
+
+
+# ==================================================================================================
+# The cluster and the model
+# ==================================================================================================
+
+def device_cluster() -> ClusterSpec:
+    """One GPU of the device this process drives: its name and total memory as torch reports them; peak
+    FLOP/s and bandwidths from the preset of its family (dgx-a100-80g, dgx-h100, dgx-h200), else dgx-h100's.
+    On the CPU: the processor, the host's memory and dgx-h100's figures."""
+    import torch
+
+    name = device_description()
+    if _cuda():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    key = name.upper()
+    preset = CLUSTER_PRESETS[next((p for family, p in PRESET_OF_FAMILY if family in key), DEFAULT_PRESET)]
+    gib = total / 2 ** 30
+    return replace(preset.with_shape(1, 1), name=f"detected {name}", gpu_name=name, gpu_memory_gib=gib,
+                   reserved_memory_gib=min(preset.reserved_memory_gib, gib / 2))
+
+
+def reduced_model(model: ModelSpec, layers: int) -> ModelSpec:
+    """`model` with `layers` transformer layers; SpecError for what the calibration run cannot build."""
+    if layers < 1:
+        raise SpecError(f"a calibration model needs at least one transformer layer (got {layers})")
+    if model.architecture != "decoder":
+        raise SpecError(f"the calibration run trains a GPTModel: decoder models only (this is {model.architecture})")
+    if model.position_embedding not in ("learned", "rope"):
+        raise SpecError(f"GPTModel has no '{model.position_embedding}' position embedding")
+    return replace(model, name=f"{model.name}-{layers}l", num_layers=layers)
+
+
+def build_gpt_model(model: ModelSpec, training: TrainingSpec, kernels: Kernels | None = None,
+                    recompute: str = "none"):
+    """megatron-core's GPTModel of `model` (all its layers; cut it first with reduced_model) on this device,
+    in fp32 parameters on the CPU and the training precision's on a GPU; (model, config). Gradient
+    accumulation fusion where Megatron-LM enables it: on a GPU with Apex's fused_weight_gradient_mlp_cuda
+    (megatron-core 0.16.1 megatron/core/tensor_parallel/layers.py requires it)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    kernels = kernels or choose_kernels(training.flash_attention)
+    fusion = _cuda() and bool(getattr(tp_layers, "_grad_accum_fusion_available", False))
+    config = transformer_config(model, training, 1, kernels, num_layers=model.num_layers,
+                                gradient_accumulation_fusion=fusion, recompute=recompute)
+    gpt = GPTModel(config=config, transformer_layer_spec=layer_spec(model, kernels),
+                   vocab_size=padded_vocab_size(model.vocab_size, 1), max_sequence_length=model.max_position_embeddings,
+                   pre_process=True, post_process=True, parallel_output=True,
+                   share_embeddings_and_output_weights=model.tied_embeddings,
+                   position_embedding_type="rope" if model.position_embedding == "rope" else "learned_absolute")
+    return gpt.to(_device()), config
+
+
+# ==================================================================================================
+# megatron-core's training wrappers
+# ==================================================================================================
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True
+    return str(device).startswith("cuda")
+
+
+@contextlib.contextmanager
+def current_device_on_cpu():
+    """Without CUDA, torch.cuda.current_device() answers 'cpu' inside; a no-op with CUDA. GPTModel's RoPE
+    moves its frequencies to that device on every forward (megatron-core 0.16.1
+    models/common/embeddings/rotary_pos_embedding.py RotaryEmbedding.get_emb)."""
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = saved
+
+
+@contextlib.contextmanager
+def cuda_calls_on_cpu():
+    """Without CUDA, let megatron-core 0.16.1's DDP and optimizers work on CPU tensors; a no-op with CUDA.
+
+    They allocate with `device=torch.cuda.current_device()` or `device='cuda'`
+    (distributed/param_and_grad_buffer.py _ParamAndGradBuffer, optimizer/optimizer.py
+    MixedPrecisionOptimizer, optimizer/clip_grads.py, utils.py local_multi_tensor_l2_norm) and accept only
+    parameters and gradients whose Tensor.type() is 'torch.cuda.*' (optimizer/distrib_optimizer.py,
+    optimizer/clip_grads.py). Inside: torch.cuda.current_device() answers 'cpu', a CUDA `device=` of a
+    torch function becomes the CPU, and Tensor.type() of a CPU tensor answers its CUDA name. Nothing else
+    changes."""
+    import torch
+
+    if torch.cuda.is_available():
+        yield
+        return
+    from torch.overrides import TorchFunctionMode
+
+    class CpuForCuda(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if _is_cuda_device(kwargs.get("device", "cpu")):
+                kwargs = {**kwargs, "device": "cpu"}
+            out = func(*args, **kwargs)
+            if (func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str)
+                    and out.startswith("torch.") and not out.startswith("torch.cuda.")):
+                out = "torch.cuda." + out[len("torch."):]
+            return out
+
+    with current_device_on_cpu(), CpuForCuda():
+        yield
+
+
+def wrap_for_training(module, config):
+    """`module` as Megatron-LM's get_model wraps it: Float16Module for bf16/fp16, then megatron-core
+    DistributedDataParallel with an fp32 gradient buffer laid out for the distributed optimizer."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+    )
+    from megatron.core.transformer.module import Float16Module
+
+    if config.bf16 or config.fp16:
+        module = Float16Module(config, module)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    with cuda_calls_on_cpu():
+        return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+
+
+def megatron_optimizer(model, config, lr: float = DEFAULT_LR):
+    """get_megatron_optimizer(OptimizerConfig(optimizer='adam', use_distributed_optimizer=True)) with
+    Megatron-LM's defaults otherwise (weight decay 0.01, gradient clipping at 1.0); fp16 with a dynamic loss
+    scale starting at 2^16."""
+    import torch
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    fp16_scale = {"initial_loss_scale": 2.0 ** 16} if config.fp16 else {}
+    optimizer_config = OptimizerConfig(optimizer="adam", lr=lr, bf16=bool(config.bf16), fp16=bool(config.fp16),
+                                       params_dtype=config.params_dtype or torch.float32,
+                                       use_distributed_optimizer=True, **fp16_scale)
+    with cuda_calls_on_cpu():
+        return get_megatron_optimizer(optimizer_config, [model])
+
+
+def optimizer_name(optimizer) -> str:
+    """The Adam inside megatron-core's optimizer wrappers, and the wrapper: e.g. 'Transformer Engine
+    FusedAdam in megatron-core DistributedOptimizer'."""
+    inner = optimizer
+    while hasattr(inner, "chained_optimizers") and len(inner.chained_optimizers) == 1:
+        inner = inner.chained_optimizers[0]
+    base = getattr(inner, "optimizer", None)
+    if base is None:
+        return f"megatron-core {type(inner).__name__}"
+    return f"{adam_name(base)} in megatron-core {type(inner).__name__}"
+
+
+# ==================================================================================================
+# The run
+# ==================================================================================================
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One whole-model run: the plan of its configuration, the optimizer, the loss of every iteration (mean
+    over its micro-batches, warm-up included), the timed iterations' seconds and their median, peak bytes
+    over the timed iterations (GPU only), and the optimizer steps the fp16 loss scaler skipped while timing."""
+
+    plan: Plan
+    optimizer: str
+    losses: tuple[float, ...]
+    iteration_times_s: tuple[float, ...]
+    time_per_iteration_s: float
+    peak_reserved_bytes: float | None = None
+    peak_allocated_bytes: float | None = None
+    skipped_steps: int = 0
+
+    def measurement(self, label: str) -> Measurement:
+        return Measurement(label=label, plan=self.plan, time_per_iteration_s=self.time_per_iteration_s,
+                           peak_reserved_bytes=self.peak_reserved_bytes,
+                           peak_allocated_bytes=self.peak_allocated_bytes)
+
+
+def _train(ddp, optimizer, batches: list, positions, warm: int, iterations: int):
+    """`warm` + `iterations` iterations as Megatron-LM's train_step runs them with the no-pipelining schedule
+    (megatron/training/training.py train_step; megatron-core 0.16.1 pipeline_parallel/schedules.py
+    forward_backward_no_pipelining): zero the gradient buffer and the optimizer; per micro-batch the loss
+    averaged over its tokens and divided by the micro-batch count, scaled by the optimizer's loss scale and
+    back-propagated, every micro-batch but the last under no_sync(); finalize_model_grads; the optimizer step.
+    On a GPU the peak memory statistics restart after the warm-up. (losses, seconds, skipped steps)."""
+    import torch
+    from megatron.core.distributed import finalize_model_grads
+
+    cuda = _cuda()
+    losses: list[float] = []
+    times: list[float] = []
+    skipped = 0
+    for i in range(warm + iterations):
+        _sync()
+        if i == warm and cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        step_losses = []
+        for k, (tokens, labels) in enumerate(batches):
+            sync = contextlib.nullcontext() if k == len(batches) - 1 else ddp.no_sync()
+            with sync:
+                per_token = ddp(tokens, positions, None, labels=labels)
+                loss = per_token.float().mean() / len(batches)
+                optimizer.scale_loss(loss).backward()
+            step_losses.append(loss.detach())
+        finalize_model_grads([ddp])
+        with cuda_calls_on_cpu():
+            updated, _grad_norm, _zeros = optimizer.step()
+        _sync()
+        seconds = time.perf_counter() - t0
+        losses.append(float(torch.stack(step_losses).sum()))
+        if i >= warm:
+            times.append(seconds)
+            skipped += 0 if updated else 1
+    return losses, times, skipped
+
+
+def run_training(model: ModelSpec, training: TrainingSpec, profile: Profile | None, micro_batch_size: int,
+                 micro_batches: int, warmup: int, iterations: int, lr: float = DEFAULT_LR,
+                 cluster: ClusterSpec | None = None, recompute: str = "none") -> TrainingRun:
+    """Train `model` as it is (cut it first with reduced_model) on fixed, seeded micro-batches for
+    max(warmup, 1) + `iterations` iterations of `micro_batches` micro-batches of `micro_batch_size`, every
+    transformer layer with `recompute` (none or full), and price its plan with `profile`. Needs
+    torch.distributed with world size 1 and no model-parallel state; torch.OutOfMemoryError propagates."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if micro_batch_size < 1 or micro_batches < 1 or iterations < 1 or warmup < 0:
+        raise SpecError("micro-batch size, micro-batches and iterations must be >= 1, warm-up >= 0")
+    if dist.get_world_size() != 1:
+        raise SpecError(f"the calibration run needs one process (world size {dist.get_world_size()})")
+    reduced_model(model, model.num_layers)  # the architecture checks
+    job = replace(training, global_batch_size=micro_batch_size * micro_batches, fused_kernels=fused_kernels_available())
+    plan, _ = configure(model, cluster or device_cluster(), job, target="megatron", tp=1, pp=1,
+                        micro_batch_size=micro_batch_size, zero=0, recompute=recompute, profile=profile)
+    cuda = _cuda()
+    _free_cached_memory()  # the allocator's peaks below are this run's alone
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    ddp = optimizer = None
+    try:
+        _seed()
+        gpt, config = build_gpt_model(model, job, recompute=recompute)
+        ddp = wrap_for_training(gpt, config)
+        del gpt
+        optimizer = megatron_optimizer(ddp, config, lr)
+        device, seq, vocab = _device(), training.seq_length, model.vocab_size
+        batches = [(torch.randint(0, vocab, (micro_batch_size, seq), device=device),
+                    torch.randint(0, vocab, (micro_batch_size, seq), device=device)) for _ in range(micro_batches)]
+        positions = torch.arange(seq, device=device).unsqueeze(0).expand(micro_batch_size, -1)
+        ddp.train()
+        with current_device_on_cpu():
+            losses, times, skipped = _train(ddp, optimizer, batches, positions, max(warmup, 1), iterations)
+        reserved = float(torch.cuda.max_memory_reserved()) if cuda else None
+        allocated = float(torch.cuda.max_memory_allocated()) if cuda else None
+        return TrainingRun(plan=plan, optimizer=optimizer_name(optimizer), losses=tuple(losses),
+                           iteration_times_s=tuple(times), time_per_iteration_s=statistics.median(times),
+                           peak_reserved_bytes=reserved, peak_allocated_bytes=allocated, skipped_steps=skipped)
+    finally:
+        del ddp, optimizer
+        parallel_state.destroy_model_parallel()
+        _free_cached_memory()
+
+
+def calibrate(profile: Profile, model: ModelSpec, training: TrainingSpec, layers: int, micro_batch_size: int,
+              micro_batches: int, warmup: int, iterations: int,
+              report: list[str] | None = None) -> tuple[Profile, TrainingRun | None]:
+    """`profile` with a Calibration fitted to one whole-model run of `model` cut to `layers` transformer
+    layers (run_training), and the run. Skipped with a note with several ranks (every rank must call it;
+    none runs). A run that cannot be made (architecture, out of memory, a failure in megatron-core) or fitted
+    (a time the compute scale range cannot explain) leaves the profile uncalibrated, with a warning and a
+    note: the layer timings already measured are kept."""
+    import torch
+    import torch.distributed as dist
+
+    report = report if report is not None else []
+    run, problem = None, None
+    world = dist.get_world_size()
+    if world > 1:
+        problem = (f"not calibrated: the calibration run needs one process (world size {world}); run the "
+                   f"profiler single-process for it")
+    else:
+        try:
+            small = reduced_model(model, layers)
+            run = run_training(small, training, profile, micro_batch_size, micro_batches, warmup, iterations)
+        except UniapError as exc:  # an architecture GPTModel cannot build, a plan that does not fit
+            problem = f"not calibrated: {exc.message}"
+        except torch.OutOfMemoryError:
+            problem = f"not calibrated: the {layers}-layer model ran out of memory"
+        except Exception as exc:
+            log.warning("the calibration run failed", exc_info=True)
+            problem = f"not calibrated: the run failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+    if run is not None:
+        kernels = choose_kernels(training.flash_attention)
+        what = (f"megatron-core GPTModel of {layers} layer(s), micro-batch {micro_batch_size} x {micro_batches}, "
+                f"{iterations} iterations after {max(warmup, 1)} warmup")
+        source = f"uniap-megatron profile: megatron-core {_mcore_version()} run of {what}"
+        try:
+            fitted = fit([run.measurement(f"megatron {small.name} mbs {micro_batch_size}x{micro_batches}")],
+                         profile, source=source).profile
+        except ProfileError as exc:
+            problem = f"not calibrated: {exc.message}"
+        else:
+            c = fitted.calibration
+            r = c.runs[0]
+            report.append(f"calibration {what}: {r.measured_time_s * 1e3:.3f} ms/iteration measured, "
+                          f"{r.predicted_time_s * 1e3:.3f} ms predicted; compute scale {c.compute_scale:.4f}"
+                          + (f", reserved/allocated {c.reserved_per_allocated:.4f}"
+                             if c.reserved_per_allocated else ""))
+            if run.skipped_steps:
+                report.append(f"calibration: the fp16 loss scaler skipped {run.skipped_steps} timed step(s)")
+            wrappers = "Float16Module + " if _cuda() and training.precision != "fp32" else ""
+            note = (f"calibration: whole-model run of {what} ({kernels.spec_label}, attention {kernels.attention}; "
+                    f"{wrappers}DistributedDataParallel with fp32 gradient buffer + {run.optimizer})")
+            profile = replace(fitted, notes="; ".join(n for n in (profile.notes, note) if n))
+    if problem is not None:
+        if dist.get_rank() == 0:
+            log.warning("%s", problem)
+        profile = replace(profile, notes="; ".join(n for n in (profile.notes, problem) if n))
+    return profile, run
