@@ -1,0 +1,55 @@
+"""The accuracy benchmark stays alive and honest: its published comparison (Megatron-LM's SC'21 Table 1) holds,
+and its whole-job harness trains a tiny megatron-core job and a tiny DeepSpeed job on the CPU (--smoke).
+The GPU grid itself is a benchmark (benchmarks/cost_model_accuracy.py), never a timed test."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import cost_model_accuracy as accuracy  # noqa: E402
+
+
+def test_sc21_table1_within_six_percent():
+    """Each row's own TP, PP, GPUs and batch on DGX A100 nodes, uniap's TFLOP/s per GPU against the paper's."""
+    rows = accuracy.published()
+    assert len(rows) == len(accuracy.SC21_TABLE1)
+    for row in rows:
+        assert abs(row["error_percent"]) <= accuracy.PUBLISHED_TARGET * 100, row
+
+
+def test_layer_section_reads_the_measured_data():
+    rows = accuracy.layers()
+    assert {r["gpu"] for r in rows} == {"H200", "A100"}
+    pytorch_layers = [r for r in rows if "(PyTorch)" in r["layer"]]
+    assert pytorch_layers and all(abs(accuracy._percent(r["estimated_ms"][0], r["measured_ms"][0])) < 10
+                                  for r in pytorch_layers)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("torch", "megatron.core", "deepspeed")),
+                    reason="the whole-job harness needs torch, megatron-core and deepspeed")
+def test_smoke_run_trains_both_frameworks(tmp_path):
+    out = tmp_path / "accuracy.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "cost_model_accuracy.py"), "--smoke", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3. jobs" in done.stdout and "CPU smoke run" in done.stdout
+    jobs = json.loads(out.read_text())["jobs"]
+    assert {j["framework"] for j in jobs} == {"megatron", "deepspeed"}
+    for job in jobs:
+        assert "error" not in job, job
+        assert job["measured_time_s"] > 0 and job["predicted_time_s"] > 0
+        assert math.isfinite(job["loss_first"]) and math.isfinite(job["loss_last"])
