@@ -284,13 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="run the whole-job section on the CPU, tiny cases")
     parser.add_argument("--skip-jobs", action="store_true", help="sections 1 and 2 only")
+    parser.add_argument("--skip-published", action="store_true", help="section 3 only")
     parser.add_argument("--profile", help="price the jobs with this measured profile (default: estimates)")
     parser.add_argument("--json", help="also write every row to this JSON file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    result = {"published": published(), "layers": layers()}
-    print_published(result["published"])
-    print_layers(result["layers"])
+    result = {}
+    if not args.skip_published:
+        result = {"published": published(), "layers": layers()}
+        print_published(result["published"])
+        print_layers(result["layers"])
     device = _device()
     if not args.skip_jobs and (args.smoke or device not in ("cpu", "no torch")):
         result["device"] = device

@@ -75,6 +75,7 @@ class Plan:
     basis: dict[str, str]
     solver: dict[str, Any] = field(default_factory=dict)
     pins: dict[str, Any] = field(default_factory=dict)
+    reserved_per_allocated: float | None = None
 
     def __post_init__(self) -> None:
         if self.pipeline_degree < 1 or self.micro_batches < 1 or self.micro_batch < 1:
@@ -181,7 +182,8 @@ def make_plan(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy],
                 devices_per_stage=sub.stage_devices, layers=layers, stages=stages,
                 boundary_time=pred.boundary_time, time_per_iteration=tpi, samples_per_second=samples,
                 tokens_per_second=samples * g.tokens_per_sample, mfu=mfu,
-                memory_capacity_bytes=pred.memory_capacity, basis=basis, solver=solver, pins=pins or {})
+                memory_capacity_bytes=pred.memory_capacity, basis=basis, solver=solver, pins=pins or {},
+                reserved_per_allocated=pred.reserved_per_allocated)
 
 
 def _basis(bases: set[str]) -> str:

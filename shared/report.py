@@ -24,6 +24,17 @@ def describe_stage(plan: Plan, stage: int) -> str:
     return text
 
 
+def _memory_note(plan: Plan) -> list[str]:
+    """What the fullest stage's memory is made of (plans of format 2 carry the breakdown)."""
+    full = max(plan.stages, key=lambda s: s.memory_bytes)
+    if full.states_bytes is None or plan.reserved_per_allocated is None:
+        return []
+    return [f"  memory of stage {full.index}, GiB per GPU: {full.states_bytes / GiB:.1f} model states + "
+            f"{full.activation_bytes / GiB:.1f} activations + {full.transient_bytes / GiB:.1f} peaks while computing,",
+            f"    {full.step_bytes / GiB:.1f} at the optimizer step; reserved = the larger phase x"
+            f"{plan.reserved_per_allocated:.3g} (allocator), of {plan.memory_capacity_bytes / GiB:.1f} usable"]
+
+
 def render(plan: Plan, title: str) -> str:
     m, c, t = plan.model, plan.cluster, plan.training
     lines = [
@@ -42,6 +53,7 @@ def render(plan: Plan, title: str) -> str:
         span = f"{s.first_layer}..{s.last_layer} ({s.num_layers})"
         lines.append(f"  {s.index:>5}  {span:<34} {_seconds(s.time_per_microbatch):>16}  "
                      f"{s.memory_bytes / GiB:>6.1f} / {cap:<5.1f}  {describe_stage(plan, s.index)}")
+    lines += _memory_note(plan)
     if plan.solver:
         sv = plan.solver
         counts = ", ".join(f"{n} {k}" for k, n in sorted(sv.get("subproblem_counts", {}).items()))

@@ -76,4 +76,5 @@ def random_instance(seed: int):
     deg = rng.choice(degs)
     c = rng.choice([1, 2, 4])
     sub = build_subproblem(graph, cluster, training, capability, CostModel(cluster, training), deg, c)
-    return sub, f"seed={seed} shape={shape} target={capability.name} gpus={cluster.num_gpus} mem={memory} deg={deg} c={c}"
+    what = f"seed={seed} shape={shape} target={capability.name} gpus={cluster.num_gpus} mem={memory} deg={deg} c={c}"
+    return sub, what

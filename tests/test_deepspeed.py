@@ -156,7 +156,8 @@ def run_ds_train(tmp_path: Path, *args: str, nproc: int = 2, timeout: int = 300)
             proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"ds_train.py ran past {timeout} s\nSTDOUT:\n{exc.stdout}\nSTDERR:\n{exc.stderr}")
-        output = f"command: {shlex.join(cmd)}\nexit code {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+        output = (f"command: {shlex.join(cmd)}\nexit code {proc.returncode}\nSTDOUT:\n{proc.stdout}\n"
+                  f"STDERR:\n{proc.stderr}")
         if proc.returncode != 0 and "address already in use" in output.lower() and attempt == 0:
             continue
         break
@@ -201,7 +202,8 @@ def check_config(plan: Plan, config: dict) -> DeepSpeedConfig:
     assert config["zero_optimization"]["stage"] == zero
     if plan.pipeline_degree > 1:
         assert zero <= 1, "the pipeline engine asserts ZeRO < 2"
-        assert config["pipeline"]["activation_checkpoint_interval"] == (1 if "activation_checkpointing" in config else 0)
+        checkpointing = "activation_checkpointing" in config
+        assert config["pipeline"]["activation_checkpoint_interval"] == (1 if checkpointing else 0)
         assert config["zero_optimization"].get("overlap_comm", False) is False
     else:
         assert "pipeline" not in config
@@ -226,6 +228,7 @@ def check_config(plan: Plan, config: dict) -> DeepSpeedConfig:
     return ds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, cluster, batch", list(itertools.product(MODELS, CLUSTERS, BATCHES)),
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_config_accepted_by_deepspeed(ds_world, model, cluster, batch):
@@ -510,6 +513,7 @@ def test_planned_module_takes_stages_from_the_plan(tmp_path):
 STEPS = 6
 
 
+@pytest.mark.slow
 def test_real_zero3_training(tmp_path):
     plan = plan_for_deepspeed(str(tiny_yaml(tmp_path)), cluster="dgx-a100-80g", gpus_per_node=2,
                               global_batch_size=4, seq_length=16, precision="fp32", zero_stage=3,
@@ -535,6 +539,7 @@ def test_real_zero3_training(tmp_path):
     assert reports[0]["losses"] == pytest.approx(reports[1]["losses"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_real_pipeline_with_uneven_split(capsys, tmp_path):
     spec = tiny_yaml(tmp_path)
     plan_path, config_path = tmp_path / "plan.json", tmp_path / "ds_config.json"

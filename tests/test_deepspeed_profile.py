@@ -78,6 +78,7 @@ def tiny(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_single_process_profile_feeds_the_planner(tiny, tmp_path):
     out = tmp_path / "profile.json"
     proc = _single(["--model", str(tiny), "--seq-length", "32", "--micro-batch-sizes", "1,2", "--warmup", "1",
@@ -133,6 +134,7 @@ def test_single_process_profile_feeds_the_planner(tiny, tmp_path):
     assert tp2["basis"]["compute"] == "estimated" + scaled
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_measure_collectives(tiny, tmp_path):
     out = tmp_path / "profile2.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -176,6 +178,7 @@ def test_existing_output_is_not_overwritten(tiny, tmp_path):
     assert out.read_text() == "keep me\n" and out.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_calibration_layers_0_skips_the_training_run(tiny, tmp_path):
     out = tmp_path / "profile.json"
     proc = _single(["--model", str(tiny), "--seq-length", "32", "--micro-batch-sizes", "1", "--warmup", "0",

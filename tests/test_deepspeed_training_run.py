@@ -125,6 +125,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_training_run_through_deepspeed_with_uniaps_config(tmp_path):
     """One process, DeepSpeed's CPU accelerator: the config is the one uniap emits for the plan plus an AdamW
     section; the loss on the fixed batch is finite and falls; timings are positive; no CUDA peaks."""

@@ -29,6 +29,8 @@ import pytest
 from uniap.errors import EXIT_INVALID_INPUT
 from uniap.profile.logs import LogError, LogMeasurement, parse_log, read_log
 
+pytestmark = pytest.mark.slow  # the logs come from DeepSpeed and Megatron-LM run in subprocesses
+
 TESTS = Path(__file__).resolve().parent
 MEGATRON_LM_ENV = "MEGATRON_LM_PATH"
 MEGATRON_LM_NAME = "megatron-lm-core_v0.16.1"

@@ -509,6 +509,7 @@ with open(os.path.join(args.record_dir, "rank%s.json" % os.environ["RANK"]), "w"
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_plan_once_through_the_installed_hook(tmp_path):
     torchrun = plugin.Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():

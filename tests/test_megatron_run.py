@@ -45,7 +45,8 @@ TRAIN = TESTS / "megatron_train.py"
 RUN_TIMEOUT = 300  # seconds per launch; a launch takes ~15-20 s (1-2 ranks) to ~25 s (4 ranks) on 2 CPU cores
 
 # megatron-core warns about Apex/TE being absent; not our concern.
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:megatron")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:megatron"),
+              pytest.mark.slow]  # every test runs megatron-core in subprocesses
 
 # A tiny Llama-style decoder: GQA (4 heads, 2 query groups), SwiGLU, RMSNorm, RoPE, untied, no bias.
 TINY = """\

@@ -285,7 +285,8 @@ SMALL_JOB = ["--model=bert-large", "--gpus-per-node=1", "--global-batch-size=2",
 
 
 @CLI_SETTINGS
-@given(command=st.sampled_from(["plan", "evaluate"]), name=_argv_text.filter(lambda t: _not_a_known_name(t, MODEL_PRESETS)))
+@given(command=st.sampled_from(["plan", "evaluate"]),
+       name=_argv_text.filter(lambda t: _not_a_known_name(t, MODEL_PRESETS)))
 def test_cli_random_model_names(capsys, command, name):
     rc, err = _run([command, f"--model={name}", "--gpus-per-node=1", "--global-batch-size=2"], capsys)
     assert rc == 2, err

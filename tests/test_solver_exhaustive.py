@@ -43,6 +43,7 @@ def test_miqp_matches_exhaustive_search(seed):
     assert pred.time_per_iteration == pytest.approx(expected[0], rel=REL), what
 
 
+@pytest.mark.slow
 def test_instances_cover_feasible_infeasible_and_pipelines():
     kinds = set()
     for seed in SEEDS:
@@ -73,6 +74,7 @@ def test_least_memory_needed_matches_exhaustive(seed):
         assert got == pytest.approx(best, rel=1e-4), what
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(24))
 def test_unified_optimization_matches_exhaustive_over_all_subproblems(seed):
     """The UOP (bounds, pruning, uniform-plan incumbent, cutoffs) finds the best plan over every

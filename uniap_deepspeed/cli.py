@@ -37,7 +37,8 @@ def cmd_config(args) -> int:
     if args.output:
         write_json_atomic(Path(args.output), config)
         u = config["uniap"]
-        print(f"wrote {args.output}: {u['pipeline_stages']} pipeline stage(s), data parallel {u['data_parallel_size']}, "
+        print(f"wrote {args.output}: {u['pipeline_stages']} pipeline stage(s), "
+              f"data parallel {u['data_parallel_size']}, "
               f"ZeRO-{config['zero_optimization']['stage']}, micro-batch {config['train_micro_batch_size_per_gpu']} "
               f"x {config['gradient_accumulation_steps']} accumulation steps; predicted "
               f"{u['predicted_time_per_iteration_s']:.3f} s/iteration ({u['basis']['compute']} compute)")
@@ -61,7 +62,8 @@ def cmd_launch(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config_path, config)
     hostfile.write_text("".join(f"{h} slots={gpus}\n" for h in hosts))
-    script.write_text(render("deepspeed_multinode.sh.tmpl", summary=" ".join(f"{plan.model['name']} on {nodes}x{gpus} GPUs".split()),
+    summary = " ".join(f"{plan.model['name']} on {nodes}x{gpus} GPUs".split())
+    script.write_text(render("deepspeed_multinode.sh.tmpl", summary=summary,
                              hostfile="hostfile", num_nodes=nodes, gpus_per_node=gpus, master_addr=hosts[0],
                              master_port=args.master_port, script=args.script, script_args=args.script_args,
                              config="ds_config.json"))
