@@ -23,17 +23,18 @@ import gc
 import logging
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cache
 from typing import Any
 
-from uniap.cluster.spec import CLUSTER_PRESETS, ClusterSpec
+from uniap.cluster.spec import ClusterSpec
+from uniap.cluster.spec import device_cluster as detected_cluster
 from uniap.errors import ProfileError, SpecError
 from uniap.model.graph import build_graph
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 from uniap.planner import configure
-from uniap.profile.calibrate import Measurement, fit
+from uniap.profile.calibrate import Measurement, TrainingRun, fit
 from uniap.profile.schema import Profile
 
 from .config import deepspeed_config
@@ -54,8 +55,6 @@ from .profile import (
 log = logging.getLogger("uniap.deepspeed.training_run")
 
 # GPU families -> the preset whose peak FLOP/s and link bandwidths a detected GPU of that family gets.
-PRESET_OF_FAMILY = (("H200", "dgx-h200"), ("H100", "dgx-h100"), ("A100", "dgx-a100-80g"))
-DEFAULT_PRESET = "dgx-h100"
 SEED = 1234
 
 
@@ -64,17 +63,11 @@ SEED = 1234
 # ==================================================================================================
 
 def device_cluster(nodes: int = 1, gpus_per_node: int = 1) -> ClusterSpec:
-    """`nodes` x `gpus_per_node` of the device this process drives: its name and total memory as the
-    accelerator reports them; peak FLOP/s and bandwidths from the preset of its GPU family (dgx-a100-80g,
-    dgx-h100, dgx-h200), else dgx-h100's. On the CPU accelerator: the processor and the host's memory."""
+    """`nodes` x `gpus_per_node` of the device this process drives (uniap.cluster.spec.device_cluster); on the
+    CPU accelerator the processor and the host's memory."""
     acc = _accelerator()
-    name = device_description()
     total = acc.total_memory(acc.current_device()) if acc.device_name() != "cpu" else acc.total_memory()
-    key = name.upper()
-    preset = CLUSTER_PRESETS[next((p for family, p in PRESET_OF_FAMILY if family in key), DEFAULT_PRESET)]
-    gib = total / 2 ** 30
-    return replace(preset.with_shape(nodes, gpus_per_node), name=f"detected {name}", gpu_name=name,
-                   gpu_memory_gib=gib, reserved_memory_gib=min(preset.reserved_memory_gib, gib / 2))
+    return detected_cluster(device_description(), total, nodes, gpus_per_node)
 
 
 def world_cluster(rt: _Runtime) -> ClusterSpec:
@@ -174,30 +167,6 @@ def training_config(plan: Plan, rt: _Runtime, torch_adam: bool) -> dict[str, Any
 # ==================================================================================================
 # The run
 # ==================================================================================================
-
-@dataclass(frozen=True)
-class TrainingRun:
-    """One whole-model run: the plan and config it ran, the loss of every iteration (mean over its
-    micro-batches, warm-up included), the timed iterations' seconds (this rank's), the time per
-    iteration (median, the slowest rank's), peak bytes over the timed iterations (CUDA only), and the
-    optimizer steps the fp16 loss scaler skipped while timing (engine.skipped_steps, DeepSpeed 0.19.8
-    deepspeed/runtime/engine.py)."""
-
-    plan: Plan
-    config: dict[str, Any]
-    optimizer: str
-    losses: tuple[float, ...]
-    iteration_times_s: tuple[float, ...]
-    time_per_iteration_s: float
-    peak_reserved_bytes: float | None = None
-    peak_allocated_bytes: float | None = None
-    skipped_steps: int = 0
-
-    def measurement(self, label: str) -> Measurement:
-        return Measurement(label=label, plan=self.plan, time_per_iteration_s=self.time_per_iteration_s,
-                           peak_reserved_bytes=self.peak_reserved_bytes,
-                           peak_allocated_bytes=self.peak_allocated_bytes)
-
 
 def run_training(model: ModelSpec, training: TrainingSpec, profile: Profile | None, micro_batch_size: int,
                  micro_batches: int, warmup: int, iterations: int,

@@ -35,14 +35,14 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from uniap.cluster.spec import CLUSTER_PRESETS, ClusterSpec
+from uniap.cluster.spec import ClusterSpec
+from uniap.cluster.spec import device_cluster as detected_cluster
 from uniap.errors import ProfileError, SpecError, UniapError
 from uniap.model.spec import ModelSpec, TrainingSpec
-from uniap.plan import Plan
 from uniap.planner import configure
-from uniap.profile.calibrate import Measurement, fit
+from uniap.profile.calibrate import TrainingRun, fit
 from uniap.profile.schema import Profile
 
 from .profile import (
@@ -64,9 +64,6 @@ from .profile import (
 
 log = logging.getLogger("uniap.megatron.training_run")
 
-# GPU families -> the preset whose peak FLOP/s and bandwidths a detected GPU of that family gets.
-PRESET_OF_FAMILY = (("H200", "dgx-h200"), ("H100", "dgx-h100"), ("A100", "dgx-a100-80g"))
-DEFAULT_PRESET = "dgx-h100"
 DEFAULT_LR = 1e-4
 
 
@@ -75,21 +72,15 @@ DEFAULT_LR = 1e-4
 # ==================================================================================================
 
 def device_cluster() -> ClusterSpec:
-    """One GPU of the device this process drives: its name and total memory as torch reports them; peak
-    FLOP/s and bandwidths from the preset of its family (dgx-a100-80g, dgx-h100, dgx-h200), else dgx-h100's.
-    On the CPU: the processor, the host's memory and dgx-h100's figures."""
+    """One GPU of the device this process drives (uniap.cluster.spec.device_cluster); on the CPU the processor
+    and the host's memory."""
     import torch
 
-    name = device_description()
     if _cuda():
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    key = name.upper()
-    preset = CLUSTER_PRESETS[next((p for family, p in PRESET_OF_FAMILY if family in key), DEFAULT_PRESET)]
-    gib = total / 2 ** 30
-    return replace(preset.with_shape(1, 1), name=f"detected {name}", gpu_name=name, gpu_memory_gib=gib,
-                   reserved_memory_gib=min(preset.reserved_memory_gib, gib / 2))
+    return detected_cluster(device_description(), total)
 
 
 def reduced_model(model: ModelSpec, layers: int) -> ModelSpec:
@@ -233,27 +224,6 @@ def optimizer_name(optimizer) -> str:
 # ==================================================================================================
 # The run
 # ==================================================================================================
-
-@dataclass(frozen=True)
-class TrainingRun:
-    """One whole-model run: the plan of its configuration, the optimizer, the loss of every iteration (mean
-    over its micro-batches, warm-up included), the timed iterations' seconds and their median, peak bytes
-    over the timed iterations (GPU only), and the optimizer steps the fp16 loss scaler skipped while timing."""
-
-    plan: Plan
-    optimizer: str
-    losses: tuple[float, ...]
-    iteration_times_s: tuple[float, ...]
-    time_per_iteration_s: float
-    peak_reserved_bytes: float | None = None
-    peak_allocated_bytes: float | None = None
-    skipped_steps: int = 0
-
-    def measurement(self, label: str) -> Measurement:
-        return Measurement(label=label, plan=self.plan, time_per_iteration_s=self.time_per_iteration_s,
-                           peak_reserved_bytes=self.peak_reserved_bytes,
-                           peak_allocated_bytes=self.peak_allocated_bytes)
-
 
 def _train(ddp, optimizer, batches: list, positions, warm: int, iterations: int):
     """`warm` + `iterations` iterations as Megatron-LM's train_step runs them with the no-pipelining schedule

@@ -111,6 +111,21 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {c.name: c for c in (
 )}
 
 
+# GPU family -> the preset whose peak FLOP/s and link bandwidths a detected GPU of that family gets.
+PRESET_OF_FAMILY = (("H200", "dgx-h200"), ("H100", "dgx-h100"), ("A100", "dgx-a100-80g"))
+DEFAULT_DEVICE_PRESET = "dgx-h100"
+
+
+def device_cluster(gpu_name: str, memory_bytes: float, nodes: int = 1, gpus_per_node: int = 1) -> ClusterSpec:
+    """`nodes` x `gpus_per_node` of a device a profiler or training run detected: its name and total memory as
+    the runtime reports them, peak FLOP/s and bandwidths from the preset of its family, else dgx-h100's."""
+    key = gpu_name.upper()
+    preset = CLUSTER_PRESETS[next((p for family, p in PRESET_OF_FAMILY if family in key), DEFAULT_DEVICE_PRESET)]
+    gib = memory_bytes / GiB
+    return replace(preset.with_shape(nodes, gpus_per_node), name=f"detected {gpu_name}", gpu_name=gpu_name,
+                   gpu_memory_gib=gib, reserved_memory_gib=min(preset.reserved_memory_gib, gib / 2))
+
+
 def cluster_preset(name: str) -> ClusterSpec:
     try:
         return CLUSTER_PRESETS[name]

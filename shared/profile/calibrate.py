@@ -38,6 +38,30 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class TrainingRun:
+    """One whole-model run a profiler or benchmark made: the plan of its configuration (and the framework
+    config it ran, where there is one), the optimizer, the loss of every iteration (mean over its
+    micro-batches, warm-up included), the timed iterations' seconds and the time per iteration (their median;
+    over ranks the slowest), peak bytes over the timed iterations (GPU only), and the optimizer steps an fp16
+    loss scaler skipped while timing."""
+
+    plan: Plan
+    optimizer: str
+    losses: tuple[float, ...]
+    iteration_times_s: tuple[float, ...]
+    time_per_iteration_s: float
+    peak_reserved_bytes: float | None = None
+    peak_allocated_bytes: float | None = None
+    skipped_steps: int = 0
+    config: dict | None = None
+
+    def measurement(self, label: str) -> Measurement:
+        return Measurement(label=label, plan=self.plan, time_per_iteration_s=self.time_per_iteration_s,
+                           peak_reserved_bytes=self.peak_reserved_bytes,
+                           peak_allocated_bytes=self.peak_allocated_bytes)
+
+
+@dataclass(frozen=True)
 class Fit:
     """The fitted profile and, per run, predicted vs measured before and after the fit."""
 
