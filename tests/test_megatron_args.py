@@ -23,6 +23,7 @@ environment, and the split encoder on splits the evaluator cannot produce (empty
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import re
@@ -37,6 +38,7 @@ from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 
 from uniap_megatron.args import job_from_args, megatron_launch, model_args, pipeline_split_args, world_size
+from uniap_megatron.environment import fused_kernels_available
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
@@ -871,6 +873,16 @@ def test_job_from_args_follows_megatron_defaults():
     # No abbreviations (Megatron's parser has allow_abbrev=False): --num-layer is not --num-layers.
     with pytest.raises(SpecError):
         job_from_args(["--num-layer", "32"] + base[2:])
+
+
+def test_job_from_args_plans_with_the_kernels_of_this_environment():
+    """The plugin and `uniap-megatron run` plan where the job runs: without Transformer Engine or Apex (as here)
+    megatron-core steps with torch's foreach AdamW, and the plan must count its temporary."""
+    job = job_from_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length",
+                         "128", "--global-batch-size", "8"])
+    assert job.training.fused_kernels == fused_kernels_available()
+    if importlib.util.find_spec("transformer_engine") is None and importlib.util.find_spec("apex") is None:
+        assert job.training.fused_kernels is False
 
 
 @pytest.mark.parametrize("drop", ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",

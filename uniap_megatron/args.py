@@ -19,6 +19,7 @@ from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 
 from .capability import MEGATRON
+from .environment import fused_kernels_available
 
 TRANSFORMER_KINDS = ("transformer", "cross_transformer")
 log = logging.getLogger(__name__)
@@ -195,7 +196,8 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         max_position_embeddings=ns.max_position_embeddings or ns.seq_length, add_bias=not ns.disable_bias_linear,
         dropout=ns.hidden_dropout)
     training = TrainingSpec(global_batch_size=ns.global_batch_size, seq_length=ns.seq_length,
-                            precision="bf16" if ns.bf16 else "fp16" if ns.fp16 else "fp32")
+                            precision="bf16" if ns.bf16 else "fp16" if ns.fp16 else "fp32",
+                            fused_kernels=fused_kernels_available())
     recompute = "selective" if ns.recompute_activations else ns.recompute_granularity
     zero = 1 if ns.use_distributed_optimizer and not (ns.use_torch_fsdp2 or ns.use_megatron_fsdp) else \
         3 if (ns.use_torch_fsdp2 or ns.use_megatron_fsdp) else None

@@ -72,6 +72,8 @@ from uniap.profile.schema import (
     bus_factor,
 )
 
+from .environment import fused_kernels_available, transformer_engine_available
+
 log = logging.getLogger("uniap.megatron.profile")
 
 CPU_NOTE = "CPU timings: for testing the pipeline, not for planning GPU jobs"
@@ -165,28 +167,6 @@ def _seed() -> None:
     if _cuda():
         from megatron.core import tensor_parallel
         tensor_parallel.model_parallel_cuda_manual_seed(SEED)
-
-
-def _importable(module: str) -> bool:
-    try:
-        __import__(module)
-    except Exception:  # noqa: BLE001 - a broken install raises whatever its import raises
-        return False
-    return True
-
-
-@cache
-def transformer_engine_available() -> bool:
-    """Transformer Engine's PyTorch modules import (megatron-core 0.16.1 models/gpt/gpt_layer_specs.py)."""
-    return _importable("transformer_engine.pytorch")
-
-
-@cache
-def fused_kernels_available() -> bool:
-    """TrainingSpec.fused_kernels: Transformer Engine or Apex is importable, so megatron-core steps with a
-    fused Adam (megatron-core 0.16.1 megatron/core/optimizer/__init__.py imports TE's FusedAdam, else
-    Apex's, else falls back to torch.optim.AdamW)."""
-    return transformer_engine_available() or _importable("apex.optimizers")
 
 
 # ==================================================================================================

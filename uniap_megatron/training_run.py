@@ -45,6 +45,7 @@ from uniap.planner import configure
 from uniap.profile.calibrate import TrainingRun, fit
 from uniap.profile.schema import Profile
 
+from .environment import fused_kernels_available
 from .profile import (
     Kernels,
     _cuda,
@@ -56,7 +57,6 @@ from .profile import (
     adam_name,
     choose_kernels,
     device_description,
-    fused_kernels_available,
     layer_spec,
     padded_vocab_size,
     transformer_config,

@@ -47,9 +47,10 @@ def overlapped(a: float, b: float, coefficient: float) -> float:
 @dataclass(frozen=True)
 class LayerCost:
     """One layer under one strategy, on one device. Memory in bytes allocated (not reserved):
-    state_bytes: model states resident from the first step on; activation_bytes: kept per in-flight
-    micro-batch; the TRANSIENT_CLASSES: peaks while the layer computes or communicates; step_bytes: the layer's
-    bytes at the optimizer step's peak, temporaries included (activations are freed by then)."""
+    state_bytes: model states resident while computing (from the second iteration on); activation_bytes: kept
+    per in-flight micro-batch; the TRANSIENT_CLASSES: peaks while the layer computes or communicates;
+    step_bytes: its model states at the optimizer step's peak, temporaries included (activations are freed
+    by then)."""
 
     time_per_microbatch: float
     time_per_iteration: float
