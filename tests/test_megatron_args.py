@@ -6,10 +6,10 @@ DGX A100 nodes, several global batches / sequence lengths, pins such as --pp, --
 --decoder-first/last-pipeline-num-layers, --pipeline-model-parallel-layout) occur. For every plan,
 `megatron_launch(plan).args + model_args(model, training)` is checked three ways:
 
-1. `megatron_violations` below: an independent re-statement of the rules of
-   shared/reference/frameworks.md sections 1.4 and 5 (Megatron-LM core_v0.16.1 validate_args, the
-   micro-batch calculator, TransformerConfig, get_num_layers_to_build, the layout parser), written from
-   the document, not by calling the generator's helpers; plus the translation (the arguments say what
+1. `megatron_violations` below: an independent re-statement of the rules a plan must satisfy in
+   Megatron-LM core_v0.16.1 (megatron/training/arguments.py validate_args, the micro-batch calculator,
+   megatron-core's TransformerConfig, get_num_layers_to_build, the layout parser), written from those
+   sources, not by calling the generator's helpers; plus the translation (the arguments say what
    the plan and the model say).
 2. megatron-core's own `PipelineParallelLayerLayout` parses an emitted layout, and its per-stage layer
    counts must equal `plan.stage_layer_counts()`.

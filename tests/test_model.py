@@ -1,8 +1,8 @@
 """Tests of model specs, presets, loaders, the layer graph, activation memory and cluster specs.
 
 Reference numbers: published parameter counts (Hugging Face checkpoints / papers), the GPT FLOPs
-formula of Narayanan et al. (SC'21) and the activation-memory formulas of Korthikanti et al. (2022),
-as collected in /work/shared/reference/uniap.md section 2.
+formula of Narayanan et al. (SC'21, arXiv 2104.04473) and the activation-memory formulas of Korthikanti
+et al. (2022, arXiv 2205.05198).
 """
 from __future__ import annotations
 
