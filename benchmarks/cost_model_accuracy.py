@@ -155,7 +155,7 @@ def print_layers(rows: list[dict]) -> None:
         print(f"  {r['gpu']:<5} {r['layer']:<34} {r['seq']:>5} {r['micro_batch_size']:>4} {measured:>17} "
               f"{estimated:>17} {error:>15}")
     print(f"  mean |error| {statistics.mean(errors):.1f} %, worst {max(errors):.1f} % (the H200 and A100 defaults "
-          f"in uniap/cluster/devices.py are fitted to these points)\n")
+          f"in shared/uniap/cluster/devices.py are fitted to these points)\n")
 
 
 # --- 3. whole jobs -----------------------------------------------------------------------------------------
