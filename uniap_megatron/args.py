@@ -4,7 +4,8 @@ plan -> arguments: parallel sizes, batch sizes, sequence parallelism, distribute
 Megatron-FSDP, recompute, the pipeline split (even, --decoder-first/last-pipeline-num-layers, or a
 full --pipeline-model-parallel-layout), precision; the environment Megatron needs
 (CUDA_DEVICE_MAX_CONNECTIONS). arguments -> model spec: what the planner needs from a pretraining
-command line. Flag spellings and rules: ../shared/reference/frameworks.md sections 1.2-1.5 and 5.
+command line. Flag spellings and rules: Megatron-LM core_v0.16.1 megatron/training/arguments.py
+(add_megatron_arguments, validate_args).
 """
 from __future__ import annotations
 
