@@ -255,6 +255,13 @@ def test_plan_from_dict_rejects_non_mapping(value):
 
 # --- targets ------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_non_positive_sequence_length_is_refused(capsys, value):
+    code, _, err = run_main(capsys, "plan", "--seq-length", value)
+    assert code == 2 and "sequence length" in err and value in err
+    assert_clean_error(err)
+
+
 def test_target_generic(capsys):
     plan, _ = plan_json(capsys, *JOB, "--target", "generic")
     check_plan_invariants(plan)

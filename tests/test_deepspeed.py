@@ -319,6 +319,16 @@ def test_quoted_reason_is_deepspeeds_assertion():
     assert DEEPSPEED.max_zero_with_pipeline == 1 and DEEPSPEED.tp_degrees == (1,)
 
 
+def test_deepspeed_plans_take_the_same_training_options_as_the_core():
+    """One planning path: the DeepSpeed adapter sets the attention kernel and a decoder length as `uniap plan`
+    does, and refuses a non-positive sequence length instead of replacing it."""
+    plan = plan_for_deepspeed("t5-large", nodes=1, gpus_per_node=4, global_batch_size=16, seq_length=256,
+                              decoder_seq_length=64, flash_attention=False, time_limit=60)
+    assert plan.training["decoder_seq_length"] == 64 and plan.training["flash_attention"] is False
+    with pytest.raises(SpecError, match="sequence length"):
+        plan_for_deepspeed("gpt3-1.3b", nodes=1, gpus_per_node=2, global_batch_size=8, seq_length=0)
+
+
 def test_cli_incompatible_pins_exit_2(capsys, tmp_path):
     out = tmp_path / "ds.json"
     rc, _, err = run_cli(capsys, ds_main, "config", "--model", "gpt3-1.3b", "--gpus-per-node", "8",

@@ -30,7 +30,9 @@ def cmd_config(args) -> int:
         plan = plan_for_deepspeed(args.model, cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                                   global_batch_size=args.global_batch_size, seq_length=args.seq_length,
                                   zero_stage=args.zero_stage, pipeline_stages=args.pipeline_stages,
-                                  precision=args.precision, profile=args.profile, time_limit=args.time_limit)
+                                  precision=args.precision, profile=args.profile, time_limit=args.time_limit,
+                                  flash_attention=not args.no_flash_attention,
+                                  decoder_seq_length=args.decoder_seq_length)
     config = deepspeed_config(plan)
     if args.save_plan:
         plan.save(args.save_plan)
@@ -82,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int)
     p.add_argument("--gpus-per-node", type=int)
     p.add_argument("--global-batch-size", type=int, default=512)
-    p.add_argument("--seq-length", type=int)
+    p.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
+    p.add_argument("--decoder-seq-length", type=int, help="target length of an encoder-decoder model")
+    p.add_argument("--no-flash-attention", action="store_true",
+                   help="the attention kernel keeps the s x s score matrix")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="pinned ZeRO stage (a constraint)")
     p.add_argument("--pipeline-stages", type=int, help="pinned pipeline stages (a constraint)")

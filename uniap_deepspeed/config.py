@@ -11,14 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from uniap.cluster.spec import load_cluster
-from uniap.cost.model import CostModel
-from uniap.cost.strategy import Pins, capability_for
+from uniap.cost.strategy import Pins
 from uniap.errors import SpecError
-from uniap.model.graph import build_graph
 from uniap.model.loaders import load_model
-from uniap.model.spec import TrainingSpec
-from uniap.plan import Plan, make_plan
-from uniap.solver.uop import optimize
+from uniap.plan import Plan
+from uniap.planner import Job, training_spec
+from uniap.planner import plan as solve
 
 from .capability import (DEEPSPEED, REDUCE_BUCKET, STAGE3_MAX_LIVE_PARAMETERS, STAGE3_MAX_REUSE_DISTANCE,
                          STAGE3_PARAM_PERSISTENCE_THRESHOLD, STAGE3_PREFETCH_BUCKET)
@@ -86,21 +84,18 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
 def plan_for_deepspeed(model: str, cluster: str = "dgx-a100-80g", nodes: int | None = None,
                        gpus_per_node: int | None = None, global_batch_size: int = 512, seq_length: int | None = None,
                        zero_stage: int | None = None, pipeline_stages: int | None = None,
-                       precision: str = "bf16", profile: str | None = None, time_limit: float | None = None) -> Plan:
+                       precision: str = "bf16", profile: str | None = None, time_limit: float | None = None,
+                       flash_attention: bool = True, decoder_seq_length: int | None = None) -> Plan:
     """Plan `model` on `cluster` for DeepSpeed; pinned ZeRO stage / pipeline stages are constraints."""
     from uniap.profile.schema import Profile
 
     spec = load_model(model)
-    cl = load_cluster(cluster, nodes, gpus_per_node)
-    seq = seq_length or (spec.vit_seq_length if spec.architecture == "vit" else spec.max_position_embeddings)
-    training = TrainingSpec(global_batch_size=global_batch_size, seq_length=seq, precision=precision)
-    graph = build_graph(spec, training)
-    cost_model = CostModel(cl, training, Profile.load(profile) if profile else None)
-    pins = Pins(zero=zero_stage, pipeline_degree=pipeline_stages)
-    outcome = optimize(graph, cl, training, capability_for("deepspeed"), cost_model, pins=pins,
-                       time_limit=time_limit, progress=False)
-    return make_plan(outcome.sub, outcome.best.stage_of, outcome.best.strategy_of, outcome.prediction,
-                     spec.to_dict(), outcome.solver_report(), pins.to_dict())
+    training = training_spec(spec, global_batch_size, seq_length, precision=precision,
+                             flash_attention=flash_attention, decoder_seq_length=decoder_seq_length)
+    job = Job(model=spec, cluster=load_cluster(cluster, nodes, gpus_per_node), training=training,
+              target=DEEPSPEED.name, pins=Pins(zero=zero_stage, pipeline_degree=pipeline_stages),
+              profile=Profile.load(profile) if profile else None)
+    return solve(job, time_limit=time_limit, progress=False)[0]
 
 
 def plan_config(model: str, **kwargs: Any) -> dict[str, Any]:

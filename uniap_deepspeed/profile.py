@@ -51,6 +51,7 @@ from uniap.errors import EXIT_OK, ProfileError, SpecError
 from uniap.model.graph import Layer, build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
+from uniap.planner import training_spec
 from uniap.profile.options import float_list, int_list
 from uniap.profile.runner import (
     default_single_process_env,
@@ -975,10 +976,8 @@ def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
     if args.calibration_micro_batches < 1:
         raise SpecError(f"--calibration-micro-batches must be >= 1 (got {args.calibration_micro_batches})")
     model = load_model(args.model)
-    seq = args.seq_length or (model.vit_seq_length if model.architecture == "vit" else model.max_position_embeddings)
-    training = TrainingSpec(global_batch_size=max(args.micro_batch_sizes), seq_length=seq, precision=args.precision,
-                            flash_attention=not args.no_flash_attention, decoder_seq_length=args.decoder_seq_length)
-    build_graph(model, training)  # the rules that involve both specs, before any process group exists
+    training = training_spec(model, max(args.micro_batch_sizes), args.seq_length, precision=args.precision,
+                             flash_attention=not args.no_flash_attention, decoder_seq_length=args.decoder_seq_length)
     return model, training
 
 

@@ -204,11 +204,10 @@ def plan_megatron(argv: list[str], nodes: int, gpus_per_node: int, cluster: str 
     flags pinned. Raises SpecError / InfeasibleError / SolverTimeLimitError with the planner's message."""
     # The solver (cvxpy, SCIP) is imported only when planning: printing and launching stay fast.
     from uniap.cluster.spec import load_cluster
-    from uniap.cost.model import CostModel
     from uniap.model.graph import build_graph
-    from uniap.plan import make_plan
+    from uniap.planner import Job
+    from uniap.planner import plan as solve
     from uniap.profile.schema import Profile
-    from uniap.solver.uop import optimize
 
     if time_limit is not None and not time_limit > 0:
         raise SpecError(f"the planning time limit must be positive (got {time_limit:g})")
@@ -226,14 +225,9 @@ def plan_megatron(argv: list[str], nodes: int, gpus_per_node: int, cluster: str 
         # Selective recompute (Megatron's core_attn) is what drops the s x s scores; the cost model
         # offers it only for an attention that keeps them, so price the pinned choice that way.
         training = replace(training, flash_attention=False)
-    graph = build_graph(job.model, training)
-    check_pins(job, graph.divisibility, nodes, gpus_per_node)
-    cost_model = CostModel(cl, training, Profile.load(profile) if profile else None)
-    outcome = optimize(graph, cl, training, MEGATRON, cost_model, pins=job.pins, time_limit=time_limit,
-                       progress=progress)
-    best = outcome.best
-    plan = make_plan(outcome.sub, best.stage_of, best.strategy_of, outcome.prediction, job.model.to_dict(),
-                     outcome.solver_report(), job.pins.to_dict())
+    check_pins(job, build_graph(job.model, training).divisibility, nodes, gpus_per_node)
+    plan, _ = solve(Job(model=job.model, cluster=cl, training=training, target=MEGATRON.name, pins=job.pins,
+                        profile=Profile.load(profile) if profile else None), time_limit=time_limit, progress=progress)
     megatron_launch(plan)  # a plan for target megatron is always runnable; fail here if not
     return plan
 

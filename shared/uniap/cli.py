@@ -11,24 +11,22 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
 from .cluster.spec import CLUSTER_PRESETS, load_cluster
-from .cost.model import CostModel
 from .cost.strategy import RECOMPUTE_MODES, Pins, capability_for, known_targets
 from .errors import EXIT_INFEASIBLE, EXIT_INTERNAL, SpecError, UniapError
-from .model.graph import build_graph
 from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
-from .model.spec import TrainingSpec
 from .plan import Plan, make_plan
-from .planner import configure, price
+from .planner import Job, configure, price, training_spec
+from .planner import plan as solve
 from .profile.schema import Profile
 from .profile.calibrate import Measurement, fit
 from .profile.logs import read_log
 from .report import render, render_calibration
-from .solver.uop import optimize
 
 log = logging.getLogger("uniap")
 DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_BATCH = "llama2-7b", "dgx-a100-80g", 512
@@ -125,14 +123,12 @@ def _job(args):
             setattr(args, name, default)
     model = load_model(args.model)
     cluster = load_cluster(args.cluster, args.nodes, args.gpus_per_node)
-    seq = args.seq_length or (model.vit_seq_length if model.architecture == "vit" else model.max_position_embeddings)
-    training = TrainingSpec(global_batch_size=args.global_batch_size, seq_length=seq, precision=args.precision,
-                            flash_attention=not args.no_flash_attention,
-                            decoder_seq_length=args.decoder_seq_length, fused_kernels=not args.no_fused_kernels)
-    graph = build_graph(model, training)
-    profile = Profile.load(args.profile) if args.profile else None
-    capability = capability_for(args.target)
-    return model, cluster, training, graph, CostModel(cluster, training, profile), capability
+    training = training_spec(model, args.global_batch_size, args.seq_length, precision=args.precision,
+                             flash_attention=not args.no_flash_attention, decoder_seq_length=args.decoder_seq_length,
+                             fused_kernels=not args.no_fused_kernels)
+    capability_for(args.target)  # an unknown target is an input error before anything is solved
+    return Job(model=model, cluster=cluster, training=training, target=args.target,
+               profile=Profile.load(args.profile) if args.profile else None)
 
 
 def _check_output(args) -> None:
@@ -159,12 +155,8 @@ def cmd_plan(args) -> int:
         raise SpecError("--gap must be in [0, 1)")
     pins = Pins(tp=args.tp, pipeline_degree=args.pp, zero=args.zero, recompute=args.recompute,
                 micro_batch_size=args.micro_batch_size)
-    model, cluster, training, graph, cost_model, capability = _job(args)
-    outcome = optimize(graph, cluster, training, capability, cost_model, pins=pins, time_limit=args.time_limit,
-                       gap=args.gap, progress=None if not args.json else False)
-    best = outcome.best
-    plan = make_plan(outcome.sub, best.stage_of, best.strategy_of, outcome.prediction, model.to_dict(),
-                     outcome.solver_report(), pins.to_dict())
+    job = replace(_job(args), pins=pins)
+    plan, outcome = solve(job, time_limit=args.time_limit, gap=args.gap, progress=None if not args.json else False)
     _emit(plan, args, "uniap plan")
     if outcome.status != "optimal":
         print(f"uniap: warning: stopped at the time limit; best plan found is within {outcome.gap * 100:.2f}% "
@@ -179,10 +171,9 @@ def cmd_evaluate(args) -> int:
     for name, default in EVALUATE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    model, cluster, training, _graph, _cost_model, _capability = _job(args)
-    plan, pred = configure(model, cluster, training, args.target, args.tp, args.pp, args.micro_batch_size, args.zero,
-                           args.recompute, _split(args.split, args.pp) if args.split else None,
-                           Profile.load(args.profile) if args.profile else None)
+    job = _job(args)
+    plan, pred = configure(job.model, job.cluster, job.training, job.target, args.tp, args.pp, args.micro_batch_size,
+                           args.zero, args.recompute, _split(args.split, args.pp) if args.split else None, job.profile)
     return _emit_priced(plan, pred, args)
 
 

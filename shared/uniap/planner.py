@@ -1,6 +1,12 @@
-"""Pricing one configuration: a hand-made one (`configure`, what `uniap evaluate` and the profilers'
-calibration runs price) or a saved plan (`price`: its job rebuilt and its exact assignment evaluated
-with today's cost model and an optional profile, any split the planner can emit included).
+"""The one planning path: a job (model, cluster, training, target, pins, profile) in, a `Plan` out.
+
+- `training_spec` applies the training defaults once (the sequence length a model trains at by default);
+- `plan` solves the job (the unified optimization process over one MIQP per subproblem): the `uniap plan`
+  command and both adapters call it;
+- `configure` prices one hand-made configuration (what `uniap evaluate`, the profilers' calibration runs
+  and the benchmarks price);
+- `price` rebuilds a saved plan's job and evaluates its exact assignment with today's cost model and an
+  optional profile (any split the planner can emit, a stage with only the head included).
 """
 from __future__ import annotations
 
@@ -9,13 +15,59 @@ from dataclasses import dataclass
 from .cluster.spec import ClusterSpec
 from .cost.evaluate import Prediction, check_assignment, evaluate, even_split, split_by_counts
 from .cost.model import CostModel
-from .cost.strategy import Strategy, capability_for
+from .cost.strategy import NO_PINS, Pins, Strategy, capability_for
 from .cost.tables import Subproblem, build_subproblem
 from .errors import SpecError
 from .model.graph import build_graph
 from .model.spec import ModelSpec, TrainingSpec
 from .plan import Plan, make_plan
 from .profile.schema import Profile
+from .solver.miqp import DEFAULT_GAP
+from .solver.uop import Outcome, optimize
+
+
+def default_seq_length(model: ModelSpec) -> int:
+    """The sequence a model trains at unless told: a ViT's patches plus its class token, else the model's
+    maximum position."""
+    return model.vit_seq_length if model.architecture == "vit" else model.max_position_embeddings
+
+
+def training_spec(model: ModelSpec, global_batch_size: int, seq_length: int | None = None, **fields) -> TrainingSpec:
+    """The job's TrainingSpec with the defaults applied (the sequence length; TrainingSpec's own for the
+    rest); SpecError names a field that breaks a rule, including one that involves the model."""
+    if seq_length is not None and (not isinstance(seq_length, int) or seq_length < 1):
+        raise SpecError(f"invalid sequence length: must be a positive integer (got {seq_length!r})")
+    training = TrainingSpec(global_batch_size=global_batch_size, seq_length=seq_length or default_seq_length(model),
+                            **fields)
+    training.check_against(model)
+    return training
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to plan: the model, the cluster, the training, the target framework, the user's fixed choices
+    (pins) and an optional measured profile."""
+
+    model: ModelSpec
+    cluster: ClusterSpec
+    training: TrainingSpec
+    target: str = "generic"
+    pins: Pins = NO_PINS
+    profile: Profile | None = None
+
+
+def plan(job: Job, time_limit: float | None = None, gap: float = DEFAULT_GAP,
+         progress: bool | None = None) -> tuple[Plan, Outcome]:
+    """The optimal plan of `job` (or the best found within `time_limit`) and the search's outcome; raises
+    InfeasibleError when no plan fits, SolverTimeLimitError when time ran out before any plan."""
+    graph = build_graph(job.model, job.training)
+    cost_model = CostModel(job.cluster, job.training, job.profile)
+    outcome = optimize(graph, job.cluster, job.training, capability_for(job.target), cost_model, pins=job.pins,
+                       time_limit=time_limit, gap=gap, progress=progress)
+    best = outcome.best
+    made = make_plan(outcome.sub, best.stage_of, best.strategy_of, outcome.prediction, job.model.to_dict(),
+                     outcome.solver_report(), job.pins.to_dict())
+    return made, outcome
 
 
 @dataclass(frozen=True)
