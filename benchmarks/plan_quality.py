@@ -29,6 +29,7 @@ from uniap.model import TrainingSpec, build_graph, model_preset
 from uniap.solver.heuristic import _closest
 from uniap.solver.uop import candidate_pairs, optimize
 from solve_time import CASES
+from uniap.model.graph import TRANSFORMER_KINDS
 
 
 def best_split_time(sub: Subproblem, choice: Strategy) -> float | None:
@@ -132,7 +133,7 @@ def hand_made(graph, cluster, training, cap, cm, tp: int, pp: int, zero: int) ->
         try:
             sub = build_subproblem(graph, cluster, training, cap, cm, pp, c)
             strategies = [Strategy(tp, dp, zero if dp > 1 else 0,
-                                   rc if layer.kind in ("transformer", "cross_transformer") else "none")
+                                   rc if layer.kind in TRANSFORMER_KINDS else "none")
                           for layer in graph.layers]
             pred = evaluate(sub, even_split(graph, pp), strategies)
         except SpecError:

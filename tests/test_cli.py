@@ -364,11 +364,31 @@ def test_pinned_plan_is_never_faster_than_free_plan(capsys):
     assert free.time_per_iteration <= pinned.time_per_iteration * (1 + 2e-4)
 
 
+@pytest.mark.parametrize("pins, rule", [
+    (["--tp", "3"], "--tp 3 does not divide the 8 GPUs per node"),
+    (["--tp", "16"], "--tp 16 does not divide the 8 GPUs per node"),
+    (["--nodes", "8", "--pp", "64"], "--pp 64 exceeds the model's 34 layers"),
+    (["--micro-batch-size", "1000"], "--micro-batch-size 1000 does not divide the global batch size 512"),
+    (["--model", "vit-huge", "--tp", "2"], "--tp 2 does not divide the sequence length 257"),
+    (["--model", "bert-large", "--gpus-per-node", "32", "--tp", "32"],
+     "--tp 32 does not split the transformer layers: attention heads 16"),
+    (["--tp", "2", "--pp", "2", "--micro-batch-size", "3"], "--micro-batch-size 3 does not divide"),
+    (["--tp", "2", "--pp", "2", "--micro-batch-size", "4", "--global-batch-size", "12"],
+     "global batch size 12 is not a multiple of --micro-batch-size 4 x the data-parallel size 2"),
+])
+def test_impossible_pins_name_the_rule_before_solving(capsys, pins, rule):
+    """Exit 2 with the rule and its numbers, not exit 3's 'no plan fits'."""
+    rc, out, err = run_main(capsys, "plan", *pins)
+    assert rc == 2, err
+    assert rule in err and out == ""
+    assert_clean_error(err)
+
+
 def test_impossible_pin_pp_not_dividing_gpus(capsys):
     rc, out, err = run_main(capsys, "plan", *JOB, "--pp", "3")
     assert rc == 2
     assert_clean_error(err)
-    assert "pipeline degree 3" in err and "8 GPUs" in err
+    assert "--pp 3 does not divide the 8 GPUs" in err
     assert out == ""
 
 

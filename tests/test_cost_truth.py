@@ -267,3 +267,20 @@ def test_fit_matches_measured_time_and_never_under_predicts_memory():
     assert one.fitted_time_s == pytest.approx(one.measured_time_s, rel=1e-6)
     with pytest.raises(ProfileError, match="outside what"):
         fit([Measurement("x", plans[0], predicted[0].time_per_iteration * 50)])
+
+
+def test_pinned_selective_recompute_with_flash_attention_repeats_the_attention(capsys):
+    """With flash attention there are no scores to drop: selective recompute is offered only when pinned, and
+    costs the attention's forward again (the core prices it; no adapter switches flash attention off)."""
+    training = TrainingSpec(global_batch_size=4, seq_length=4096)
+    _, none = configure(_llama(2), H200_1, training, "megatron")
+    _, selective = configure(_llama(2), H200_1, training, "megatron", recompute="selective")
+    assert selective.time_per_iteration > none.time_per_iteration
+    assert selective.stage_breakdown[0].activations <= none.stage_breakdown[0].activations
+    job = ("plan", "--model", "llama2-7b", "--target", "megatron", "--json")
+    code, out, _ = run_main(capsys, *job, "--recompute", "selective")
+    plan = Plan.from_dict(json.loads(out))
+    assert code == 0 and plan.training["flash_attention"] is True
+    assert {lp.strategy.recompute for lp in plan.layers if lp.kind == "transformer"} == {"selective"}
+    code, out, _ = run_main(capsys, *job)
+    assert "selective" not in {lp.strategy.recompute for lp in Plan.from_dict(json.loads(out)).layers}

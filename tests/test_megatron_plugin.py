@@ -263,10 +263,10 @@ def test_waiting_rank_fails_with_rank0s_error(world):
 
 @pytest.mark.parametrize("pin, message", [
     (["--tensor-model-parallel-size", "3"], "does not divide the 2 GPUs per node"),
-    (["--pipeline-model-parallel-size", "4"], "does not divide the world size 2"),
-    (["--micro-batch-size", "3"], "does not divide --global-batch-size 8"),
+    (["--pipeline-model-parallel-size", "4"], "--pipeline-model-parallel-size 4 does not divide the 2 GPUs"),
+    (["--micro-batch-size", "3"], "--micro-batch-size 3 does not divide the global batch size 8"),
     (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "16"],
-     "does not divide --global-batch-size 8"),
+     "--micro-batch-size 16 does not divide the global batch size 8"),
 ])
 def test_impossible_pin_is_a_clear_error(world, pin, message):
     with pytest.raises(UniapError, match=message) as info:

@@ -14,9 +14,9 @@ import re
 from deepspeed.pipe import PipelineModule
 
 from uniap.errors import SpecError
+from uniap.model.graph import TRANSFORMER_KINDS
 from uniap.plan import Plan
 
-TRANSFORMER_KINDS = ("transformer", "cross_transformer")
 
 
 def entry_stages(plan: Plan, is_transformer: list[bool]) -> list[int]:

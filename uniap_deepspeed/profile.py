@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from uniap.errors import EXIT_OK, ProfileError, SpecError
-from uniap.model.graph import Layer, build_graph
+from uniap.model.graph import (CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, TRANSFORMER_KINDS, Layer,
+                               build_graph)
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
@@ -318,15 +319,15 @@ def build_layer_module(model: ModelSpec, training: TrainingSpec, layer: Layer):
     if arch == "vit":
         s = model.vit_seq_length
     base = layer.name.split(".")[0]
-    if layer.kind == "transformer":
+    if layer.kind == TRANSFORMER:
         return mods["TransformerLayer"](model, s, causal=arch == "decoder", flash=flash)
-    if layer.kind == "cross_transformer":
+    if layer.kind == CROSS_TRANSFORMER:
         return mods["CrossTransformerLayer"](model, s_dec, s, flash=flash)
-    if layer.kind == "embedding":
+    if layer.kind == EMBEDDING:
         if base == "patch_embedding":
             return mods["PatchEmbedding"](model)
         return mods["Embedding"](model, s_dec if base == "decoder_embedding" else s)
-    if layer.kind == "head":
+    if layer.kind == HEAD:
         if base == "lm_head":
             return mods["LMHead"](model, s_dec if arch == "encoder_decoder" else s)
         if base == "mlm_head":
@@ -669,7 +670,7 @@ def profile_optimizer(model: ModelSpec, training: TrainingSpec, micro_batch_size
 
     rt = _runtime(training.precision)
     graph = build_graph(model, training)
-    layer = next((x for x in graph.layers if x.kind in ("transformer", "cross_transformer")), None)
+    layer = next((x for x in graph.layers if x.kind in TRANSFORMER_KINDS), None)
     if layer is None:  # pragma: no cover - every architecture has transformer layers
         return None
     torch_adam = use_torch_adam(rt)

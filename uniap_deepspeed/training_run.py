@@ -30,7 +30,7 @@ from typing import Any
 from uniap.cluster.spec import ClusterSpec
 from uniap.cluster.spec import device_cluster as detected_cluster
 from uniap.errors import ProfileError, SpecError
-from uniap.model.graph import build_graph
+from uniap.model.graph import CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, build_graph
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 from uniap.planner import configure
@@ -130,23 +130,23 @@ def build_training_module(model: ModelSpec, training: TrainingSpec):
     the graph marks tied shares the first embedding's word embeddings (the LM head's output projection,
     an encoder-decoder's decoder embedding), as the graph counts its parameters."""
     graph = build_graph(model, training)
-    parts: dict[str, list] = {"embedding": [], "transformer": [], "cross_transformer": [], "head": []}
+    parts: dict[str, list] = {EMBEDDING: [], TRANSFORMER: [], CROSS_TRANSFORMER: [], HEAD: []}
     for layer in graph.layers:
         module = build_layer_module(model, training, layer)
         if module is None or layer.kind not in parts:
             raise SpecError(f"no module for layer '{layer.name}' (kind {layer.kind}); not calibrated")
         parts[layer.kind].append((layer, module))
-    (_, embedding), *rest = parts["embedding"]
+    (_, embedding), *rest = parts[EMBEDDING]
     decoder_embedding = rest[0][1] if rest else None
-    (head_layer, head), = parts["head"]
+    (head_layer, head), = parts[HEAD]
     words = getattr(embedding, "word_embeddings", None)
     if words is not None:
         if rest and rest[0][0].tied_weights:
             decoder_embedding.word_embeddings.weight = words.weight
         if head_layer.tied_weights and hasattr(head, "output_layer"):
             head.output_layer.weight = words.weight
-    return _training_model_class()(embedding, [m for _, m in parts["transformer"]], decoder_embedding,
-                                   [m for _, m in parts["cross_transformer"]], head)
+    return _training_model_class()(embedding, [m for _, m in parts[TRANSFORMER]], decoder_embedding,
+                                   [m for _, m in parts[CROSS_TRANSFORMER]], head)
 
 
 def training_config(plan: Plan, rt: _Runtime, torch_adam: bool) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from uniap.plan import Plan
 from .capability import MEGATRON
 from .environment import fused_kernels_available
 
-TRANSFORMER_KINDS = ("transformer", "cross_transformer")
 log = logging.getLogger(__name__)
 
 

@@ -204,7 +204,6 @@ def plan_megatron(argv: list[str], nodes: int, gpus_per_node: int, cluster: str 
     flags pinned. Raises SpecError / InfeasibleError / SolverTimeLimitError with the planner's message."""
     # The solver (cvxpy, SCIP) is imported only when planning: printing and launching stay fast.
     from uniap.cluster.spec import load_cluster
-    from uniap.model.graph import build_graph
     from uniap.planner import Job
     from uniap.planner import plan as solve
     from uniap.profile.schema import Profile
@@ -221,54 +220,25 @@ def plan_megatron(argv: list[str], nodes: int, gpus_per_node: int, cluster: str 
         job = replace(job, pins=replace(job.pins, pipeline_degree=1))
     cl = load_cluster(cluster, nodes, gpus_per_node)
     training = job.training
-    if job.pins.recompute == "selective" and training.flash_attention:
-        # Selective recompute (Megatron's core_attn) is what drops the s x s scores; the cost model
-        # offers it only for an attention that keeps them, so price the pinned choice that way.
-        training = replace(training, flash_attention=False)
-    check_pins(job, build_graph(job.model, training).divisibility, nodes, gpus_per_node)
+    check_megatron_pins(job)
     plan, _ = solve(Job(model=job.model, cluster=cl, training=training, target=MEGATRON.name, pins=job.pins,
-                        profile=Profile.load(profile) if profile else None), time_limit=time_limit, progress=progress)
+                        profile=Profile.load(profile) if profile else None, pin_flags=PIN_FLAGS),
+                    time_limit=time_limit, progress=progress)
     megatron_launch(plan)  # a plan for target megatron is always runnable; fail here if not
     return plan
 
 
-def check_pins(job: ParsedJob, divisibility: dict[str, int], nodes: int, gpus_per_node: int) -> None:
-    """Name the rule a pinned parallel flag breaks (Megatron's, frameworks.md 1.4 and 5) before the
-    planner reports only that no strategy is left."""
-    from uniap.cost.strategy import tp_fits_layer
+# How Megatron-LM spells the pins the core checks (uniap.planner.check_pins names them in its refusals).
+PIN_FLAGS = {"tp": "--tensor-model-parallel-size", "pipeline_degree": "--pipeline-model-parallel-size",
+             "micro_batch_size": "--micro-batch-size"}
 
-    p, world = job.pins, nodes * gpus_per_node
-    gbs = job.training.global_batch_size
-    hint = "drop the flag to let the planner choose, or change it"
-    if p.tp is not None:
-        if world % p.tp or gpus_per_node % p.tp:
-            raise SpecError(f"--tensor-model-parallel-size {p.tp} does not divide the {gpus_per_node} GPUs per node "
-                            f"(tensor parallelism stays inside a node; world size {world})", hint)
-        seq = job.training.seq_length
-        if p.tp > 1 and seq % p.tp:
-            raise SpecError(f"--tensor-model-parallel-size {p.tp} does not divide --seq-length {seq} (sequence "
-                            f"parallelism splits the sequence over the TP ranks)", hint)
-        if not tp_fits_layer(p.tp, divisibility, "transformer"):
-            d = divisibility
-            raise SpecError(f"--tensor-model-parallel-size {p.tp} does not split the layers: attention heads "
-                            f"{d['num_attention_heads']}, query groups {d['num_query_groups']} and FFN size "
-                            f"{d['ffn_hidden_size']} must be divisible by it (query groups: or divide it)", hint)
-    if p.pipeline_degree is not None:
-        if world % (p.pipeline_degree * (p.tp or 1)):
-            raise SpecError(f"--pipeline-model-parallel-size {p.pipeline_degree}"
-                            + (f" x --tensor-model-parallel-size {p.tp}" if p.tp else "")
-                            + f" does not divide the world size {world}", hint)
-        if p.pipeline_degree > job.model.num_layers:
-            raise SpecError(f"--pipeline-model-parallel-size {p.pipeline_degree} exceeds --num-layers "
-                            f"{job.model.num_layers}", hint)
-    if p.micro_batch_size is not None:
-        if gbs % p.micro_batch_size:
-            raise SpecError(f"--micro-batch-size {p.micro_batch_size} does not divide --global-batch-size {gbs}", hint)
-        if p.tp is not None and p.pipeline_degree is not None:
-            dp = world // (p.tp * p.pipeline_degree)
-            if gbs % (p.micro_batch_size * dp):
-                raise SpecError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size "
-                                f"{p.micro_batch_size} x data-parallel size {dp}", hint)
+
+def check_megatron_pins(job: ParsedJob) -> None:
+    """Megatron's own limit beyond the core's pin rules: no more pipeline stages than transformer layers."""
+    p = job.pins
+    if p.pipeline_degree is not None and p.pipeline_degree > job.model.num_layers:
+        raise SpecError(f"--pipeline-model-parallel-size {p.pipeline_degree} exceeds --num-layers "
+                        f"{job.model.num_layers}", "drop the flag to let the planner choose, or change it")
 
 
 def check_plan_fits(plan: Plan, argv: list[str], nodes: int, gpus_per_node: int, source: str = "the plan") -> ParsedJob:

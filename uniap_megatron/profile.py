@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from uniap.errors import EXIT_OK, ProfileError, SpecError
-from uniap.model.graph import build_graph
+from uniap.model.graph import EMBEDDING, HEAD, TRANSFORMER, build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
@@ -580,13 +580,13 @@ def profile_targets(model: ModelSpec, training: TrainingSpec, notes: list[str] |
     for layer in graph.layers:
         if layer.signature in targets or layer.signature in skipped:
             continue
-        if layer.kind == "transformer":
+        if layer.kind == TRANSFORMER:
             seq = model.vit_seq_length if model.architecture == "vit" else training.seq_length
-            targets[layer.signature] = Target(layer.signature, "transformer", seq)
-        elif layer.kind == "embedding" and layer.signature.startswith("embedding/"):
-            targets[layer.signature] = Target(layer.signature, "embedding", seq_of.get(layer.name, training.seq_length))
-        elif layer.kind == "head" and layer.name == "lm_head":
-            targets[layer.signature] = Target(layer.signature, "head", seq_of["lm_head"])
+            targets[layer.signature] = Target(layer.signature, TRANSFORMER, seq)
+        elif layer.kind == EMBEDDING and layer.signature.startswith("embedding/"):
+            targets[layer.signature] = Target(layer.signature, EMBEDDING, seq_of.get(layer.name, training.seq_length))
+        elif layer.kind == HEAD and layer.name == "lm_head":
+            targets[layer.signature] = Target(layer.signature, HEAD, seq_of["lm_head"])
         else:
             skipped[layer.signature] = layer.name
     if notes is not None and _rank() == 0:
@@ -600,12 +600,12 @@ def profile_targets(model: ModelSpec, training: TrainingSpec, notes: list[str] |
 def _time_target(target: Target, model: ModelSpec, training: TrainingSpec, kernels: Kernels, tp: int, mbs: int,
                  warmup: int, repeats: int, facts: dict[str, str]) -> LayerTiming:
     vocab = padded_vocab_size(model.vocab_size, tp)
-    if target.kind == "transformer":
+    if target.kind == TRANSFORMER:
         layer, config = build_transformer_layer(model, training, tp, kernels)
         facts.setdefault("norm", norm_label(layer))
         return time_layer(layer, config, target.seq, mbs, tp, warmup, repeats,
                           rotary_embedding(model, config, target.seq))
-    if target.kind == "embedding":
+    if target.kind == EMBEDDING:
         module, config = build_embedding(model, training, tp, kernels)
         return time_embedding(module, config, vocab, target.seq, mbs, tp, warmup, repeats)
     module, config = build_lm_head(model, training, tp, kernels)
@@ -797,11 +797,11 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
              f"{'on' if activation_fusion(model) else 'off'}, bias/dropout/softmax/RoPE fusions off"),
             f"median forward/backward ms of {repeats} iterations after {warmup} warmup"]
     timed = {t.kind for t in profile_targets(model, training)}
-    if "embedding" in timed:
+    if EMBEDDING in timed:
         head.append("embedding: LanguageModelEmbedding")
-    if "head" in timed:
+    if HEAD in timed:
         head.append("head: final norm + ColumnParallelLinear + vocab_parallel_cross_entropy")
-    if timed & {"embedding", "head"}:
+    if timed & {EMBEDDING, HEAD}:
         head.append(f"vocabulary padded to a multiple of {VOCAB_MULTIPLE} x tp")
     if _cuda():
         head.append("activation_bytes = allocated after the forward minus before it; sequence parallel when "

@@ -18,6 +18,7 @@ from .cost.strategy import Strategy
 from .cost.tables import Subproblem
 from .errors import SpecError
 from .io import read_text, write_json_atomic
+from .model.graph import TRANSFORMER_KINDS
 
 PLAN_FORMAT = "uniap-plan"
 PLAN_VERSION = 2
@@ -92,10 +93,10 @@ class Plan:
     @property
     def uniform_strategy(self) -> Strategy | None:
         """The strategy shared by every transformer layer, if there is one (Megatron, DeepSpeed)."""
-        found = {lp.strategy for lp in self.layers if lp.kind in ("transformer", "cross_transformer")}
+        found = {lp.strategy for lp in self.layers if lp.kind in TRANSFORMER_KINDS}
         return next(iter(found)) if len(found) == 1 else None
 
-    def stage_layer_counts(self, kinds: tuple[str, ...] = ("transformer", "cross_transformer")) -> list[int]:
+    def stage_layer_counts(self, kinds: tuple[str, ...] = TRANSFORMER_KINDS) -> list[int]:
         counts = [0] * self.pipeline_degree
         for lp in self.layers:
             if lp.kind in kinds:

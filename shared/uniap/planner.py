@@ -10,15 +10,15 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .cluster.spec import ClusterSpec
 from .cost.evaluate import Prediction, check_assignment, evaluate, even_split, split_by_counts
 from .cost.model import CostModel
-from .cost.strategy import NO_PINS, Pins, Strategy, capability_for
+from .cost.strategy import NO_PINS, Pins, Strategy, capability_for, tp_fits_layer
 from .cost.tables import Subproblem, build_subproblem
 from .errors import SpecError
-from .model.graph import build_graph
+from .model.graph import TRANSFORMER, TRANSFORMER_KINDS, LayerGraph, build_graph
 from .model.spec import ModelSpec, TrainingSpec
 from .plan import Plan, make_plan
 from .profile.schema import Profile
@@ -43,10 +43,14 @@ def training_spec(model: ModelSpec, global_batch_size: int, seq_length: int | No
     return training
 
 
+# How the `uniap` command spells each pin; an adapter passes its framework's spelling (Job.pin_flags).
+PIN_FLAGS = {"tp": "--tp", "pipeline_degree": "--pp", "micro_batch_size": "--micro-batch-size"}
+
+
 @dataclass(frozen=True)
 class Job:
     """What to plan: the model, the cluster, the training, the target framework, the user's fixed choices
-    (pins) and an optional measured profile."""
+    (pins, spelled in refusals as `pin_flags` says) and an optional measured profile."""
 
     model: ModelSpec
     cluster: ClusterSpec
@@ -54,6 +58,48 @@ class Job:
     target: str = "generic"
     pins: Pins = NO_PINS
     profile: Profile | None = None
+    pin_flags: dict[str, str] = field(default_factory=lambda: dict(PIN_FLAGS))
+
+
+def check_pins(job: Job, graph: LayerGraph) -> None:
+    """Refuse, before solving, a pinned choice no plan can have, naming the rule and the numbers (SpecError,
+    exit 2): a TP degree must divide a node's GPUs and, under sequence parallelism, the sequence, and split
+    the transformer layers (heads, FFN, query groups); the pipeline degree times the TP degree must divide
+    the GPUs, with at most one stage per layer; the micro-batch size per replica must divide the global
+    batch, and so must micro-batch size x data-parallel size when both degrees are pinned."""
+    p, flags, c = job.pins, job.pin_flags, job.cluster
+    world, node, gbs = c.num_gpus, c.gpus_per_node, job.training.global_batch_size
+    hint = f"drop the pin to let the planner choose, or change it (target '{job.target}')"
+    if p.tp is not None:
+        if p.tp > node or node % p.tp or world % p.tp:
+            raise SpecError(f"{flags['tp']} {p.tp} does not divide the {node} GPUs per node (tensor parallelism "
+                            f"stays inside a node; {world} GPUs in all)", hint)
+        seq = graph.divisibility.get("sequence_length", 0)
+        if p.tp > 1 and seq % p.tp:
+            raise SpecError(f"{flags['tp']} {p.tp} does not divide the sequence length {seq} (sequence parallelism "
+                            f"splits the sequence over the TP ranks)", hint)
+        if not tp_fits_layer(p.tp, graph.divisibility, TRANSFORMER):
+            d = graph.divisibility
+            raise SpecError(f"{flags['tp']} {p.tp} does not split the transformer layers: attention heads "
+                            f"{d['num_attention_heads']}, query groups {d['num_query_groups']} and FFN size "
+                            f"{d['ffn_hidden_size']} must be divisible by it (query groups: or divide it)", hint)
+    if p.pipeline_degree is not None:
+        if world % (p.pipeline_degree * (p.tp or 1)):
+            raise SpecError(f"{flags['pipeline_degree']} {p.pipeline_degree}"
+                            + (f" x {flags['tp']} {p.tp}" if p.tp else "") + f" does not divide the {world} GPUs",
+                            hint)
+        if p.pipeline_degree > len(graph.layers):
+            raise SpecError(f"{flags['pipeline_degree']} {p.pipeline_degree} exceeds the model's {len(graph.layers)} "
+                            f"layers (every pipeline stage needs at least one)", hint)
+    if p.micro_batch_size is not None:
+        if gbs % p.micro_batch_size:
+            raise SpecError(f"{flags['micro_batch_size']} {p.micro_batch_size} does not divide the global batch "
+                            f"size {gbs}", hint)
+        if p.tp is not None and p.pipeline_degree is not None:
+            dp = world // (p.tp * p.pipeline_degree)
+            if gbs % (p.micro_batch_size * dp):
+                raise SpecError(f"the global batch size {gbs} is not a multiple of {flags['micro_batch_size']} "
+                                f"{p.micro_batch_size} x the data-parallel size {dp}", hint)
 
 
 def plan(job: Job, time_limit: float | None = None, gap: float = DEFAULT_GAP,
@@ -61,6 +107,7 @@ def plan(job: Job, time_limit: float | None = None, gap: float = DEFAULT_GAP,
     """The optimal plan of `job` (or the best found within `time_limit`) and the search's outcome; raises
     InfeasibleError when no plan fits, SolverTimeLimitError when time ran out before any plan."""
     graph = build_graph(job.model, job.training)
+    check_pins(job, graph)
     cost_model = CostModel(job.cluster, job.training, job.profile)
     outcome = optimize(graph, job.cluster, job.training, capability_for(job.target), cost_model, pins=job.pins,
                        time_limit=time_limit, gap=gap, progress=progress)
@@ -117,11 +164,12 @@ def configure(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, ta
     if zero and dp == 1:
         raise SpecError(f"ZeRO stage {zero} needs data parallelism, but dp = 1 here")
     graph = build_graph(model, training)
+    pins = Pins(tp=tp, pipeline_degree=pp, zero=zero, recompute=recompute, micro_batch_size=micro_batch_size)
     sub = build_subproblem(graph, cluster, training, capability_for(target), CostModel(cluster, training, profile),
-                           pp, training.global_batch_size // micro_batch)
+                           pp, training.global_batch_size // micro_batch, pins)
     stage_of = split_by_counts(graph, split) if split else even_split(graph, pp)
     strategy_of = [Strategy(tp, dp, zero if dp > 1 else 0,
-                            recompute if layer.kind in ("transformer", "cross_transformer") else "none")
+                            recompute if layer.kind in TRANSFORMER_KINDS else "none")
                    for layer in graph.layers]
     check_assignment(sub, stage_of, strategy_of)
     prediction = evaluate(sub, stage_of, strategy_of)

@@ -5,6 +5,7 @@ from collections import Counter
 
 from .plan import Plan
 from .profile.schema import Calibration
+from .model.graph import TRANSFORMER_KINDS
 
 GiB = 2 ** 30
 
@@ -15,9 +16,9 @@ def _seconds(t: float) -> str:
 
 def describe_stage(plan: Plan, stage: int) -> str:
     counts = Counter(lp.strategy.label for lp in plan.layers if lp.stage == stage
-                     and lp.kind in ("transformer", "cross_transformer"))
+                     and lp.kind in TRANSFORMER_KINDS)
     others = Counter(lp.strategy.label for lp in plan.layers if lp.stage == stage
-                     and lp.kind not in ("transformer", "cross_transformer"))
+                     and lp.kind not in TRANSFORMER_KINDS)
     text = ", ".join(f"{n}x {label}" for label, n in counts.most_common())
     if others:
         text += ("; " if text else "") + "other: " + ", ".join(f"{label}" for label in others)

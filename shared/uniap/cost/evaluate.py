@@ -11,6 +11,7 @@ from ..errors import SpecError
 from .model import TRANSIENT_CLASSES
 from .strategy import Strategy
 from .tables import Subproblem
+from ..model.graph import TRANSFORMER_KINDS
 
 MEMORY_TOLERANCE = 1e-6  # relative: a plan at its capacity up to rounding fits
 
@@ -137,14 +138,14 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
 def even_split(graph, deg: int) -> list[int]:
     """Megatron-style placement: transformer layers spread as evenly as possible (earlier stages take the
     remainder), every other layer on the stage of the next transformer layer (else the previous one)."""
-    main = [u for u, layer in enumerate(graph.layers) if layer.kind in ("transformer", "cross_transformer")]
+    main = [u for u, layer in enumerate(graph.layers) if layer.kind in TRANSFORMER_KINDS]
     base, extra = divmod(len(main), deg)
     return split_by_counts(graph, [base + (1 if i < extra else 0) for i in range(deg)])
 
 
 def split_by_counts(graph, counts: list[int]) -> list[int]:
     """Stage of every layer when stage i holds counts[i] consecutive transformer layers."""
-    main = [u for u, layer in enumerate(graph.layers) if layer.kind in ("transformer", "cross_transformer")]
+    main = [u for u, layer in enumerate(graph.layers) if layer.kind in TRANSFORMER_KINDS]
     if any(c < 0 for c in counts) or sum(counts) != len(main):
         raise SpecError(f"split {','.join(map(str, counts))} must list non-negative transformer-layer counts per "
                         f"stage summing to {len(main)}")

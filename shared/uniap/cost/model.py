@@ -165,6 +165,11 @@ class CostModel:
                + 2.0 * overhead)
         return fwd, bwd
 
+    def attention_forward(self, layer: Layer, tp: int, samples: float) -> float:
+        """Seconds of a flash attention kernel's forward for `samples` (what selective recompute repeats)."""
+        executed = layer.attention_flops - 0.5 * layer.causal_attention_flops
+        return samples * executed / tp / (self.cluster.peak_tflops * 1e12 * self.coefficients.attention)
+
     def activation(self, layer: Layer, tp: int, samples: float, recompute: str) -> tuple[float, str]:
         """Bytes kept per in-flight micro-batch and their basis: the profile's measurement without
         recompute where it has the layer, else Korthikanti et al.'s count."""
@@ -206,6 +211,8 @@ class CostModel:
         full_act = self.activation(layer, tp, b, "none")[0]
         if s.recompute == "full":
             compute = 2 * fwd + bwd
+        elif s.recompute == "selective" and self.training.flash_attention:
+            compute = fwd + bwd + self.attention_forward(layer, tp, b)  # the flash kernel runs again
         elif s.recompute == "selective":
             compute = fwd + bwd + 2.0 * b * layer.act_scores / tp / self.hbm_bytes_per_second
         else:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import SpecError, UnknownPresetError
 from .accounting import GENERIC_ACCOUNTING, Accounting
+from ..model.graph import TRANSFORMER_KINDS
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 ZERO_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "FSDP"}
@@ -102,7 +103,7 @@ class Capability:
         if self.uniform_zero and len({s.zero for _, s in layers if s.dp > 1}) > 1:
             out.append(f"target '{self.name}' runs one ZeRO stage for all layers")
         if self.uniform_recompute and len({s.recompute for kind, s in layers
-                                           if kind in ("transformer", "cross_transformer")}) > 1:
+                                           if kind in TRANSFORMER_KINDS}) > 1:
             out.append(f"target '{self.name}' runs one recompute mode for all transformer layers")
         return out
 
@@ -205,7 +206,7 @@ def tp_fits_layer(tp: int, divisibility: dict[str, int], kind: str) -> bool:
     TP or TP by groups. Embeddings and heads pad the vocabulary, so TP fits them otherwise."""
     if divisibility.get("sequence_length", tp) % tp:
         return False
-    if kind not in ("transformer", "cross_transformer"):
+    if kind not in TRANSFORMER_KINDS:
         return True
     heads, groups, ffn = (divisibility["num_attention_heads"], divisibility["num_query_groups"],
                           divisibility["ffn_hidden_size"])
@@ -218,7 +219,7 @@ def stage_strategies(devices: int, gpus_per_node: int, micro_batch: int, pipelin
     """All strategies for a layer of `kind` on a stage of `devices` devices that the capability and the
     pins allow, with TP inside a node and the micro-batch (samples per pipeline micro-batch) divisible
     by dp."""
-    transformer = kind in ("transformer", "cross_transformer")
+    transformer = kind in TRANSFORMER_KINDS
     out = []
     for tp in range(1, devices + 1):
         if devices % tp or tp > gpus_per_node or gpus_per_node % tp or not tp_fits_layer(tp, divisibility, kind):
@@ -228,8 +229,10 @@ def stage_strategies(devices: int, gpus_per_node: int, micro_batch: int, pipelin
             continue
         for zero in ((0,) if dp == 1 else (0, 1, 2, 3)):
             for rc in RECOMPUTE_MODES:
-                if rc == "selective" and flash_attention:
-                    continue  # with FlashAttention there is no score matrix for selective recompute to drop
+                if rc == "selective" and flash_attention and pins.recompute != "selective":
+                    # With FlashAttention there is no score matrix for selective recompute to drop: never
+                    # better than none, offered only when the user pinned it (it recomputes the attention).
+                    continue
                 if rc != "none" and not transformer:
                     continue
                 s = Strategy(tp, dp, zero, rc)

@@ -18,6 +18,10 @@ from ..errors import SpecError
 from .spec import ModelSpec, TrainingSpec
 
 CHAIN, SKIP = "chain", "skip"
+# Layer kinds. Transformer layers (self-attention, or self- and cross-attention in T5's decoder) are the runs
+# a framework parallelizes uniformly; embeddings and heads sit at the ends.
+TRANSFORMER, CROSS_TRANSFORMER, EMBEDDING, HEAD = "transformer", "cross_transformer", "embedding", "head"
+TRANSFORMER_KINDS = (TRANSFORMER, CROSS_TRANSFORMER)
 # HBM bytes per logit the cross-entropy moves beyond the logits' own activations, in forward and again in
 # backward (fp32 cast, max, shift, exp, sum, normalisation; the gradient's update and cast back): fitted to
 # an LM head with its loss measured on an H200 (benchmarks/data/h200-2026-11-27-deepspeed-profile.json).
@@ -277,12 +281,12 @@ class _Builder:
     def _transformer(self, kind: str, s: int) -> Layer:
         h = self.m.hidden_size
         causal = self.m.architecture == "decoder"  # GPT/Llama; encoders and ViT attend both ways
-        return self._combine(kind, "transformer", s, [self._attention(s, s, True, causal), self._mlp(s)],
+        return self._combine(kind, TRANSFORMER, s, [self._attention(s, s, True, causal), self._mlp(s)],
                              tp_comm=2 * self.bpv * s * h)
 
     def _cross_transformer(self, s: int, s_enc: int, i: int) -> Layer:
         h, bpv = self.m.hidden_size, self.bpv
-        layer = self._combine(f"decoder_layer.{i}", "cross_transformer", s,
+        layer = self._combine(f"decoder_layer.{i}", CROSS_TRANSFORMER, s,
                               [self._attention(s, s, True, causal=True), self._attention(s, s_enc, False),
                                self._mlp(s)],
                               tp_comm=3 * bpv * s * h + bpv * s_enc * h, extra_sig=f"/x{s_enc}")
@@ -293,7 +297,7 @@ class _Builder:
         h = m.hidden_size
         pos = m.max_position_embeddings * h if m.position_embedding == "learned" else 0
         types = 2 * h if m.architecture == "encoder" else 0
-        return Layer(name=name, kind="embedding", signature=self._signature("embedding", s, f"/v{m.vocab_size}"),
+        return Layer(name=name, kind=EMBEDDING, signature=self._signature("embedding", s, f"/v{m.vocab_size}"),
                      params_tp=m.vocab_size * h, params_rep=pos + types,
                      flops_fwd=0.0, act_split=0.0, act_seq=float(s * h if m.dropout > 0 else 0),
                      act_scores=0.0, input_bytes=float(8 * s), output_bytes=float(bpv * s * h),
@@ -305,7 +309,7 @@ class _Builder:
         casts the logits to fp32 and keeps exp_logits for backward)."""
         m, bpv = self.m, self.bpv
         h, v = m.hidden_size, m.vocab_size
-        return Layer(name="lm_head", kind="head", signature=self._signature("lm_head", s, f"/v{v}"),
+        return Layer(name="lm_head", kind=HEAD, signature=self._signature("lm_head", s, f"/v{v}"),
                      params_tp=v * h, params_rep=self._norm_params(), flops_fwd=float(2 * s * h * v),
                      act_split=float((bpv + 4) * s * v), act_seq=float(2 * bpv * s * h), act_scores=0.0,
                      input_bytes=float(bpv * s * h), output_bytes=0.0, tp_comm_bytes=float(bpv * s * h),
@@ -315,7 +319,7 @@ class _Builder:
         """Pooler, masked-LM transform (dense + norm) and the tied output projection."""
         m, bpv = self.m, self.bpv
         h, v = m.hidden_size, m.vocab_size
-        return Layer(name="mlm_head", kind="head", signature=self._signature("mlm_head", s, f"/v{v}"),
+        return Layer(name="mlm_head", kind=HEAD, signature=self._signature("mlm_head", s, f"/v{v}"),
                      params_tp=v * h, params_rep=2 * (h * h + h) + self._norm_params(),
                      flops_fwd=float(2 * s * h * h + 2 * s * h * v), act_split=float((bpv + 4) * s * v),
                      act_seq=float(3 * bpv * s * h), act_scores=0.0, input_bytes=float(bpv * s * h),
@@ -324,7 +328,7 @@ class _Builder:
     def _patch_embedding(self, s: int) -> Layer:
         m, bpv = self.m, self.bpv
         h, pix = m.hidden_size, m.patch_size ** 2 * m.num_channels
-        return Layer(name="patch_embedding", kind="embedding",
+        return Layer(name="patch_embedding", kind=EMBEDDING,
                      signature=self._signature("patch_embedding", s, f"/p{m.patch_size}"),
                      params_tp=0, params_rep=pix * h + h + s * h + h, flops_fwd=float(2 * (s - 1) * pix * h),
                      act_split=0.0, act_seq=float(bpv * (s - 1) * pix), act_scores=0.0,
@@ -333,7 +337,7 @@ class _Builder:
     def _vit_head(self, s: int) -> Layer:
         m, bpv = self.m, self.bpv
         h = m.hidden_size
-        return Layer(name="cls_head", kind="head", signature=self._signature("cls_head", s, f"/c{m.num_classes}"),
+        return Layer(name="cls_head", kind=HEAD, signature=self._signature("cls_head", s, f"/c{m.num_classes}"),
                      params_tp=0, params_rep=self._norm_params() + h * m.num_classes + m.num_classes,
                      flops_fwd=float(2 * h * m.num_classes), act_split=0.0, act_seq=float(bpv * s * h),
                      act_scores=0.0, input_bytes=float(bpv * s * h), output_bytes=0.0, tp_comm_bytes=0.0)

@@ -22,6 +22,7 @@ from ..cost.evaluate import evaluate
 from ..cost.model import TRANSIENT_CLASSES
 from ..cost.strategy import Strategy
 from ..cost.tables import RunTable, Subproblem
+from ..model.graph import TRANSFORMER_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class _Formulation:
         if cap.uniform_zero:
             self._tie(lambda s: s.zero, lambda rt, s: s.dp > 1)
         if cap.uniform_recompute:
-            self._tie(lambda s: s.recompute, lambda rt, s: rt.layer.kind in ("transformer", "cross_transformer"))
+            self._tie(lambda s: s.recompute, lambda rt, s: rt.layer.kind in TRANSFORMER_KINDS)
 
     def _tie(self, value, applies) -> None:
         """One value of `value(strategy)` for every (run, strategy) where `applies`."""
