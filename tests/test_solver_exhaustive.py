@@ -93,3 +93,24 @@ def test_unified_optimization_matches_exhaustive_over_all_subproblems(seed):
     outcome = optimize(graph, cluster, training, cap, cm, progress=False)
     assert outcome.status == "optimal", what
     assert outcome.prediction.time_per_iteration == pytest.approx(best, rel=REL), what
+
+
+def test_constraints_are_grouped_by_family():
+    """Each method of the formulation adds one family, and the problem is exactly their union (so a subproblem
+    can be examined family by family)."""
+    from uniap.cluster.spec import cluster_preset
+    from uniap.cost.model import CostModel
+    from uniap.cost.strategy import GENERIC
+    from uniap.model import TrainingSpec, build_graph, model_preset
+    from uniap.solver.miqp import COMMUNICATION, FAMILIES, MEMORY, OBJECTIVE, ORDER, PLACEMENT, _Formulation
+
+    training = TrainingSpec(global_batch_size=8, seq_length=1024)
+    cluster = cluster_preset("dgx-a100-80g").with_shape(1, 2)
+    graph = build_graph(model_preset("gpt3-1.3b"), training)
+    sub = build_subproblem(graph, cluster, training, GENERIC, CostModel(cluster, training), 2, 4)
+    form = _Formulation(sub)
+    problem = form.build()
+    assert list(form.families) == list(FAMILIES)
+    # one GPU per stage: a single layout, so no strategy-selection or resharding constraints here
+    assert all(form.families[f] for f in (PLACEMENT, ORDER, COMMUNICATION, MEMORY, OBJECTIVE))
+    assert problem.constraints == [c for f in FAMILIES for c in form.families[f]]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import SpecError
-from .model import TRANSIENT_CLASSES
+from .model import BUFFERS, TRANSIENT_CLASSES
 from .strategy import Strategy
 from .tables import Subproblem
 from ..model.graph import TRANSFORMER_KINDS
@@ -128,7 +128,7 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
         for boundary in range(stage_of[u], last_consumer):
             o[boundary] += sub.p2p_time(layer, boundary)
     breakdown = [StageMemory(states=states[i], activations=acts[i], transients=sum(peaks[i].values()),
-                             buffers=peaks[i]["buffer_bytes"], step_states=step[i]) for i in range(deg)]
+                             buffers=peaks[i][BUFFERS], step_states=step[i]) for i in range(deg)]
     ratio = sub.cost_model.reserved_per_allocated
     return Prediction(time_per_iteration=pipeline_time(p, o, it, sub.c), stage_time=p, boundary_time=o,
                       stage_iteration_time=it, stage_memory=[m.allocated_peak * ratio for m in breakdown],

@@ -35,7 +35,8 @@ DEFAULT_RESERVED_PER_ALLOCATED = 1.05
 # A flash kernel's backward recomputes the attention scores: 2.5x the forward's FLOPs instead of 2x.
 FLASH_BACKWARD_FLOPS = 2.5
 # Peaks a stage holds on top of states and activations: the largest of each class among its layers.
-TRANSIENT_CLASSES = ("recompute_transient_bytes", "fsdp_transient_bytes", "buffer_bytes")
+BUFFERS = "buffer_bytes"  # the one class that lives through the optimizer step too
+TRANSIENT_CLASSES = ("recompute_transient_bytes", "fsdp_transient_bytes", BUFFERS)
 
 
 def overlapped(a: float, b: float, coefficient: float) -> float:

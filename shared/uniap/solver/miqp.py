@@ -19,7 +19,7 @@ import cvxpy as cp
 import numpy as np
 
 from ..cost.evaluate import evaluate
-from ..cost.model import TRANSIENT_CLASSES
+from ..cost.model import BUFFERS, TRANSIENT_CLASSES
 from ..cost.strategy import Strategy
 from ..cost.tables import RunTable, Subproblem
 from ..model.graph import TRANSFORMER_KINDS
@@ -27,6 +27,11 @@ from ..model.graph import TRANSFORMER_KINDS
 log = logging.getLogger(__name__)
 
 DEFAULT_GAP = 1e-4
+# The constraint families, in the order the MIQP is built; each method of _Formulation adds one.
+PLACEMENT, ORDER, STRATEGY, STAGE_TIME, COMMUNICATION, MEMORY, OBJECTIVE = (
+    "placement", "order preservation", "strategy selection", "stage time", "communication time", "memory",
+    "objective")
+FAMILIES = (PLACEMENT, ORDER, STRATEGY, STAGE_TIME, COMMUNICATION, MEMORY, OBJECTIVE)
 SCALE = 100.0  # the objective's lower bound and the memory capacity both become 100 model units
 
 
@@ -56,7 +61,7 @@ class _Formulation:
     def __init__(self, sub: Subproblem):
         self.sub = sub
         self.deg = sub.deg
-        self.cons: list = []
+        self.families: dict[str, list] = {family: [] for family in FAMILIES}  # constraints by family
         # Units: SCIP's tolerances are absolute (1e-6), and a plan's times span 1e-5..1e3 s and its
         # memory 1e3..1e11 bytes, so both are rescaled to put the numbers that matter near 100.
         bound = sub.lower_bound()
@@ -90,14 +95,28 @@ class _Formulation:
 
     # --- placement and order preservation --------------------------------------------------------
 
+    @property
+    def cons(self) -> list:
+        """Every constraint, family by family."""
+        return [c for family in FAMILIES for c in self.families[family]]
+
     def placement(self) -> None:
-        """Every layer on exactly one stage; no stage empty."""
+        """Every layer on exactly one stage, no stage empty (C_r[i] = sum_k N_r[i, k]):
+
+            0 <= N_r[i, k] <= U_r[i, k],   sum_i C_r[i] = |r|,   sum_r C_r[i] >= 1."""
+        cons = self.families[PLACEMENT]
         for rt, N, C, U in zip(self.sub.runs, self.N, self.C, self.U):
-            self.cons += [N >= 0, N <= U, cp.sum(C) == rt.run.size]
-        self.cons.append(sum(self.C) >= 1)
+            cons += [N >= 0, N <= U, cp.sum(C) == rt.run.size]
+        cons.append(sum(self.C) >= 1)
 
     def order_preserving(self) -> None:
-        """Stage of a layer never exceeds its successors' (contiguous stages on the DAG)."""
+        """A layer's stage never exceeds its successors' (contiguous stages on the DAG). With F_r[i] the
+        layers of run r on stages <= i, binaries Zf_r[i] (its first layer is on a stage <= i) and Zl_r[i]
+        (its last one is):
+
+            Zf_r[i] <= F_r[i] <= |r| Zf_r[i],   |r| Zl_r[i] <= F_r[i] <= |r| - 1 + Zl_r[i],
+            Z[i] <= Z[i+1] (cumulative),   Zl_a[i] >= Zf_b[i] for every edge a -> b between runs."""
+        cons = self.families[ORDER]
         one = np.ones(1)
         for rt, C in zip(self.sub.runs, self.C):
             n = rt.run.size
@@ -111,25 +130,30 @@ class _Formulation:
             else:
                 zf = cp.Variable(self.deg - 1, boolean=True)
                 zl = cp.Variable(self.deg - 1, boolean=True)
-                self.cons += [F >= zf, F <= n * zf, F >= n * zl, F <= n - 1 + zl]
+                cons += [F >= zf, F <= n * zf, F >= n * zl, F <= n - 1 + zl]
                 if self.deg > 2:
-                    self.cons += [zf[1:] >= zf[:-1], zl[1:] >= zl[:-1]]
+                    cons += [zf[1:] >= zf[:-1], zl[1:] >= zl[:-1]]
             self.Zf.append(cp.hstack([zf, one]))
             self.Zl.append(cp.hstack([zl, one]))
         for a, succ in self.sub.run_successors.items():
             for b, _kind in succ:
-                self.cons.append(self.Zl[a][:-1] >= self.Zf[b][:-1])
+                cons.append(self.Zl[a][:-1] >= self.Zf[b][:-1])
 
     # --- strategy selection ----------------------------------------------------------------------
 
     def strategy_selection(self) -> None:
-        """One layout per run and stage; the capability's framework-wide ties as shared one-hots."""
+        """One TP degree (activation layout) per run and stage, Lay_r[i, l] binary, and the capability's
+        framework-wide ties as shared one-hots g:
+
+            sum_l Lay_r[i, l] = 1,   N_r[i, k] <= U_r[i, k] Lay_r[i, tp(k)],
+            uniform TP / ZeRO / recompute: sum_v g_v = 1,   N_r[i, k] <= U_r[i, k] g_{value(k)}."""
+        cons = self.families[STRATEGY]
         cap, runs, deg = self.sub.capability, self.sub.runs, self.deg
         ones = np.ones((deg, 1))
         if cap.uniform_tp:
             tps = sorted({tp for rt in runs for tp in rt.layouts})
             g_tp = cp.Variable(len(tps), boolean=True)
-            self.cons.append(cp.sum(g_tp) == 1)
+            cons.append(cp.sum(g_tp) == 1)
         for r, (rt, N) in enumerate(zip(runs, self.N)):
             L = rt.layouts
             if len(L) == 1 and not cap.uniform_tp:
@@ -138,13 +162,13 @@ class _Formulation:
             if cap.uniform_tp:
                 idx = [tps.index(tp) for tp in L]
                 chosen = g_tp[idx]
-                self.cons.append(cp.sum(chosen) == 1)
+                cons.append(cp.sum(chosen) == 1)
                 lay = ones @ cp.reshape(chosen, (1, len(L)), order="C")
             else:
                 lay = cp.Variable((deg, len(L)), boolean=True)
-                self.cons.append(cp.sum(lay, axis=1) == 1)
+                cons.append(cp.sum(lay, axis=1) == 1)
             self.Lay[r] = lay
-            self.cons.append(N <= cp.multiply(self.U[r], lay @ to_strat))
+            cons.append(N <= cp.multiply(self.U[r], lay @ to_strat))
         if cap.uniform_zero:
             self._tie(lambda s: s.zero, lambda rt, s: s.dp > 1)
         if cap.uniform_recompute:
@@ -156,7 +180,8 @@ class _Formulation:
         if len(values) <= 1:
             return
         g = cp.Variable(len(values), boolean=True)
-        self.cons.append(cp.sum(g) == 1)
+        cons = self.families[STRATEGY]
+        cons.append(cp.sum(g) == 1)
         ones = np.ones((self.deg, 1))
         for rt, N, U in zip(self.sub.runs, self.N, self.U):
             cols = [k for k, s in enumerate(rt.strategies) if applies(rt, s)]
@@ -166,7 +191,7 @@ class _Formulation:
             for j, k in enumerate(cols):
                 pick[values.index(value(rt.strategies[k])), j] = 1.0
             allowed = ones @ cp.reshape(g @ pick, (1, len(cols)), order="C")
-            self.cons.append(N[:, cols] <= cp.multiply(U[:, cols], allowed))
+            cons.append(N[:, cols] <= cp.multiply(U[:, cols], allowed))
 
     # --- costs -----------------------------------------------------------------------------------
 
@@ -182,7 +207,11 @@ class _Formulation:
         return Z - cp.hstack([np.zeros(1), Z[:-1]])
 
     def stage_time(self) -> cp.Expression:
-        """p_i: the layers' time per micro-batch plus resharding between runs on the stage."""
+        """p_i: the layers' time per micro-batch plus resharding between runs on the stage,
+
+            p_i = sum_r N_r[i] . A_r + sum_(a,b) t_ab[i],
+            t_ab[i] >= R_ab(la, lb) (last_a[i] + first_b[i] + Lay_a[i, la] + Lay_b[i, lb] - 3),
+        the linearized product of four binaries (run a ends and run b starts on stage i in those layouts)."""
         tu = self.time_unit
         p = sum(N @ np.array([c.time_per_microbatch / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
         for a, b in self.sub.chain_run_edges:
@@ -194,12 +223,16 @@ class _Formulation:
             t = cp.Variable(self.deg, nonneg=True)
             both = self._on_stage(self.Zl[a]) + self._on_stage(self.Zf[b])
             for la, lb, cost in pairs:
-                self.cons.append(t >= cost * (both + self._layout_col(a, la) + self._layout_col(b, lb) - 3))
+                self.families[STAGE_TIME].append(
+                    t >= cost * (both + self._layout_col(a, la) + self._layout_col(b, lb) - 3))
             p = p + t
         return p
 
     def communication_time(self) -> cp.Expression | None:
-        """o_j: P2P of every tensor crossing boundary j (a layer on a stage <= j feeding one > j)."""
+        """o_j: P2P of every tensor crossing boundary j (a layer on a stage <= j feeding one > j),
+
+            o_j = sum_r R'_r[j] ((Zf_r[j] - Zl_r[j]) + x_r[j]),   x_r[j] >= Zl_r[j] - Z_b[j] for each consumer b
+        (Z_b = Zf_b for a chain edge, Zl_b for a skip edge: the last consumer decides)."""
         if self.deg == 1:
             return None
         sub, deg = self.sub, self.deg
@@ -214,7 +247,7 @@ class _Formulation:
                 x = cp.Variable(deg - 1, nonneg=True)
                 for b, kind in sub.run_successors[r]:
                     consumer = self.Zf[b] if kind == "chain" else self.Zl[b]
-                    self.cons.append(x >= self.Zl[r][:-1] - consumer[:-1])
+                    self.families[COMMUNICATION].append(x >= self.Zl[r][:-1] - consumer[:-1])
                 o = o + cp.multiply(cost, x)
         return o
 
@@ -231,7 +264,7 @@ class _Formulation:
 
         A transient class's peak is the largest among the stage's layers (peak >= value * used, with the
         binary `used` forced to 1 by any layer whose strategy has that value: N <= U * used)."""
-        sub, deg = self.sub, self.deg
+        sub, deg, cons = self.sub, self.deg, self.families[MEMORY]
         inflight = np.array(sub.inflight, dtype=float)
         training, step = 0, 0
         mu = self.memory_unit
@@ -249,30 +282,33 @@ class _Formulation:
                         by_value.setdefault(getattr(cost, name), []).append(k)
                 for value, cols in by_value.items():
                     used = cp.Variable(deg, boolean=True)
-                    self.cons.append(N[:, cols] <= cp.multiply(U[:, cols], used[:, None] @ np.ones((1, len(cols)))))
-                    self.cons.append(peaks[name] >= value / mu * used)
+                    cons.append(N[:, cols] <= cp.multiply(U[:, cols], used[:, None] @ np.ones((1, len(cols)))))
+                    cons.append(peaks[name] >= value / mu * used)
                     used_classes.add(name)
         for name in used_classes:
             training = training + peaks[name]
-        if "buffer_bytes" in used_classes:
-            step = step + peaks["buffer_bytes"]
-        self.cons += [training <= limit, step <= limit]
+        if BUFFERS in used_classes:
+            step = step + peaks[BUFFERS]
+        cons += [training <= limit, step <= limit]
 
     def objective(self) -> cp.Expression:
-        """TPI = sum p + sum o + (c - 1) * max(p, o) + max g."""
+        """TPI = sum p + sum o + (c - 1) * max(p, o) + max g, the maxima as epigraph variables:
+
+            gmax >= g_i,   bottleneck >= p_i,   bottleneck >= o_j."""
+        cons = self.families[OBJECTIVE]
         p = self.stage_time()
         o = self.communication_time()
         g = self.iteration_time()
         gmax = cp.Variable(nonneg=True)
-        self.cons.append(gmax >= g)
+        cons.append(gmax >= g)
         total = cp.sum(p) + gmax
         if o is not None:
             total = total + cp.sum(o)
         if self.sub.c > 1:
             bottleneck = cp.Variable(nonneg=True)
-            self.cons.append(bottleneck >= p)
+            cons.append(bottleneck >= p)
             if o is not None:
-                self.cons.append(bottleneck >= o)
+                cons.append(bottleneck >= o)
             total = total + (self.sub.c - 1) * bottleneck
         return total
 
@@ -291,7 +327,7 @@ class _Formulation:
         self.memory(limit=SCALE)
         objective = self.objective()
         if cutoff is not None:
-            self.cons.append(objective <= cutoff / self.time_unit * (1 + 1e-7))
+            self.families[OBJECTIVE].append(objective <= cutoff / self.time_unit * (1 + 1e-7))
         return cp.Problem(cp.Minimize(objective), self.cons)
 
     def extract(self) -> tuple[list[int], list[Strategy]]:
