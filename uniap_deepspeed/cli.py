@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from uniap.errors import EXIT_INTERNAL, SpecError, UniapError
+from uniap.errors import EXIT_INTERNAL, EXIT_OK, SpecError, UniapError
 from uniap.io import write_json_atomic
 from uniap.launch_templates import render
 from uniap.plan import Plan
@@ -46,7 +46,7 @@ def cmd_config(args) -> int:
               f"{u['predicted_time_per_iteration_s']:.3f} s/iteration ({u['basis']['compute']} compute)")
     else:
         print(json.dumps(config, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def cmd_launch(args) -> int:
@@ -71,7 +71,7 @@ def cmd_launch(args) -> int:
                              config="ds_config.json"))
     script.chmod(0o755)
     print(f"wrote {hostfile}, {config_path} and {script}")
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

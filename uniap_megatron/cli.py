@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from uniap.cluster.spec import load_cluster
-from uniap.errors import EXIT_INTERNAL, SpecError, UniapError
+from uniap.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_OK, SpecError, UniapError
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 from uniap.report import render
@@ -95,7 +95,7 @@ def cmd_args(args) -> int:
     print(shlex.join(words))
     for k, v in launch.env.items():
         print(f"export {k}={shlex.quote(v)}")
-    return 0
+    return EXIT_OK
 
 
 # --- run ---------------------------------------------------------------------------------------------
@@ -140,12 +140,12 @@ def cmd_run(args) -> int:
         Path(args.slurm).write_text(text)
         Path(args.slurm).chmod(0o755)
         print(f"  Slurm script written to {args.slurm} (submit with: sbatch {shlex.quote(args.slurm)})")
-        return 0
+        return EXIT_OK
     cmd = torchrun_command(_launcher(), command, nnodes, nproc, args.node_rank, args.master_addr, args.master_port)
     print("command:")
     print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in merge.env.items()), shlex.join(cmd)]), flush=True)
     if dry_run:
-        return 0
+        return EXIT_OK
     if nnodes > 1 and not saved:
         print(f"{PROG}: warning: every node plans on its own; with --time-limit the plans may differ. Plan once "
               f"(--plan-out on one node) and pass --plan on every node, or use --slurm", file=sys.stderr)
@@ -180,7 +180,7 @@ def cmd_script(args) -> int:
         print(f"wrote {args.output} ({args.kind})")
     else:
         sys.stdout.write(text)
-    return 0
+    return EXIT_OK
 
 
 # --- parser ------------------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     args.script_args = argv[cut + 1:]
     if args.command == "args" and args.script_args:
         print(f"{PROG}: error: `args` takes no arguments after --", file=sys.stderr)
-        return 2
+        return EXIT_INVALID_INPUT
     try:
         return {"args": cmd_args, "run": cmd_run, "script": cmd_script}[args.command](args)
     except UniapError as exc:
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug, not the user's input
         print(f"{PROG}: internal error (a bug, please report it): {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INTERNAL

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import __version__
 from .cluster.spec import CLUSTER_PRESETS, load_cluster
 from .cost.strategy import RECOMPUTE_MODES, Pins, capability_for, known_targets
-from .errors import EXIT_INFEASIBLE, EXIT_INTERNAL, SpecError, UniapError
+from .errors import EXIT_INFEASIBLE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, SpecError, UniapError
 from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
 from .plan import Plan, make_plan
@@ -161,7 +161,7 @@ def cmd_plan(args) -> int:
     if outcome.status != "optimal":
         print(f"uniap: warning: stopped at the time limit; best plan found is within {outcome.gap * 100:.2f}% "
               f"of optimal", file=sys.stderr)
-    return 0
+    return EXIT_OK
 
 
 def cmd_evaluate(args) -> int:
@@ -201,7 +201,7 @@ def _emit_priced(plan: Plan, pred, args) -> int:
         print(f"uniap: warning: this configuration does not fit: its fullest stage needs {worst:.1f} GiB of "
               f"{pred.memory_capacity / 2 ** 30:.1f} GiB usable", file=sys.stderr)
         return EXIT_INFEASIBLE
-    return 0
+    return EXIT_OK
 
 
 def _split(text: str, pp: int) -> list[int]:
@@ -238,14 +238,14 @@ def cmd_calibrate(args) -> int:
         print(json.dumps(result.profile.to_dict(), indent=2))
     else:
         print(render_calibration(result.profile.calibration, args.output))
-    return 0
+    return EXIT_OK
 
 
 def cmd_presets(args) -> int:
     print("models:   " + ", ".join(MODEL_PRESETS))
     print("clusters: " + ", ".join(CLUSTER_PRESETS))
     print("targets:  " + ", ".join(known_targets()))
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("uniap: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of stdout went away (`uniap plan | head`): nothing left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return EXIT_OK
     except Exception as exc:  # a bug, not the user's input
         if getattr(args, "verbose", False):
             raise
