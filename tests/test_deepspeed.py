@@ -18,7 +18,6 @@ import math
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from deepspeed.launcher.runner import parse_args as ds_launcher_args  # noqa: E4
 from deepspeed.runtime.config import DeepSpeedConfig  # noqa: E402
 from deepspeed.runtime.utils import partition_uniform  # noqa: E402
 
+from uniap.profile.runner import free_port
 from uniap.cli import main as uniap_main  # noqa: E402
 from uniap.errors import InfeasibleError, SpecError  # noqa: E402
 from uniap.plan import Plan  # noqa: E402
@@ -134,12 +134,6 @@ def split_plan(tmp_path: Path, split: str, num_layers: int = 4, gpus: int = 2, b
                      "--split", split, "-o", str(out), "--force"])
     assert rc == 0
     return Plan.load(out)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ds_train(tmp_path: Path, *args: str, nproc: int = 2, timeout: int = 300) -> list[dict]:

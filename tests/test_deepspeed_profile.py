@@ -10,11 +10,11 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from uniap.profile.runner import free_port
 from uniap.cli import main as uniap_main
 from uniap.model import TrainingSpec, build_graph, load_model
 from uniap.profile import Profile
@@ -38,12 +38,6 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_
                  "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env["DS_ACCELERATOR"] = "cpu"
@@ -56,7 +50,7 @@ def _env() -> dict[str, str]:
 
 def _single(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     env = _env()
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     return subprocess.run([sys.executable, "-m", "uniap_deepspeed.profile", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
 
@@ -138,7 +132,7 @@ def test_single_process_profile_feeds_the_planner(tiny, tmp_path):
 def test_two_processes_under_torchrun_measure_collectives(tiny, tmp_path):
     out = tmp_path / "profile2.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "uniap_deepspeed.profile", "--model", str(tiny),
+           "--master-port", str(free_port()), "-m", "uniap_deepspeed.profile", "--model", str(tiny),
            "--seq-length", "32", "--micro-batch-sizes", "1", "--warmup", "1", "--repeats", "2",
            "--collective-sizes-mb", "1,2", "-o", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, check=False)

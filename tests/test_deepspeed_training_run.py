@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from uniap.profile.runner import free_port
 from uniap.cluster import CLUSTER_PRESETS
 from uniap.model import ModelSpec, TrainingSpec, build_graph
 from uniap.planner import configure
@@ -119,12 +119,6 @@ def test_fit_keeps_the_time_when_the_memory_ratio_is_out_of_range(reserved_per_a
         assert "memory not fitted" in problem and calibration.reserved_per_allocated is None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_training_run_through_deepspeed_with_uniaps_config(tmp_path):
     """One process, DeepSpeed's CPU accelerator: the config is the one uniap emits for the plan plus an AdamW
@@ -132,7 +126,7 @@ def test_training_run_through_deepspeed_with_uniaps_config(tmp_path):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    env.update(DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, "-c", RUN, str(spec)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
+from uniap.profile.runner import free_port
 from uniap.cli import main as uniap_main
 from uniap.model import TrainingSpec, build_graph, load_model
 from uniap.profile import Profile
@@ -35,12 +35,6 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_
 FAST = ["--seq-length", "32", "--warmup", "1", "--repeats", "2", "--collective-sizes-mb", "0.25"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env["OMP_NUM_THREADS"] = "1"
@@ -51,7 +45,7 @@ def _env() -> dict[str, str]:
 
 def _single(args: list[str], cwd) -> subprocess.CompletedProcess:
     env = _env()
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     return subprocess.run([sys.executable, "-m", "uniap_megatron.profile", *args], cwd=cwd, env=env, check=False,
                           capture_output=True, text=True, timeout=300)
 
@@ -146,7 +140,7 @@ def test_no_flash_attention_profiles_the_unfused_kernel(tiny, tmp_path):
 @pytest.mark.slow  # ~10-20 s: a profiler subprocess
 def test_two_processes_under_torchrun_measure_tp2_and_collectives(tiny, tmp_path):
     out = tmp_path / "profile.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "uniap_megatron.profile", "--model", str(tiny), "--micro-batch-sizes", "1", "--tp-degrees", "1,2",
            *FAST, "-o", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, check=False)

@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
+from uniap.profile.runner import free_port
 from uniap.cli import main
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
@@ -68,12 +68,6 @@ dropout: 0.0
 """
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _uniap(*argv: str) -> None:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -101,7 +95,7 @@ def launch(plan: Plan, out_dir: Path, *, reinit_by_name: bool = False) -> dict:
     env = {**os.environ, **megatron_launch(plan).env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(TRAIN),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(TRAIN),
            "--args-json", str(args_json), "--out-dir", str(out_dir)]
     try:
         proc = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT,

@@ -107,9 +107,11 @@ def plan(job: Job, time_limit: float | None = None, gap: float = DEFAULT_GAP,
     """The optimal plan of `job` (or the best found within `time_limit`) and the search's outcome; raises
     InfeasibleError when no plan fits, SolverTimeLimitError when time ran out before any plan."""
     graph = build_graph(job.model, job.training)
+    capability = capability_for(job.target)
+    capability.check_pins(job.pins)  # what the framework cannot run, in its own words, first
     check_pins(job, graph)
     cost_model = CostModel(job.cluster, job.training, job.profile)
-    outcome = optimize(graph, job.cluster, job.training, capability_for(job.target), cost_model, pins=job.pins,
+    outcome = optimize(graph, job.cluster, job.training, capability, cost_model, pins=job.pins,
                        time_limit=time_limit, gap=gap, progress=progress)
     best = outcome.best
     made = make_plan(outcome.sub, best.stage_of, best.strategy_of, outcome.prediction, job.model.to_dict(),
