@@ -44,7 +44,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from uniap.errors import EXIT_OK, ProfileError, SpecError
@@ -55,6 +54,7 @@ from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
 from uniap.profile.options import float_list, int_list
 from uniap.profile.runner import (
+    check_common_args,
     default_single_process_env,
     print_summary,
     processor_name,
@@ -961,21 +961,9 @@ def build_parser(prog: str = "uniap-deepspeed profile") -> argparse.ArgumentPars
 
 
 def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
-    out = Path(args.output)
-    if out.is_dir():
-        raise SpecError(f"--output {out} is a folder", "give a file path such as profile.json")
-    if out.exists() and not args.force:
-        raise SpecError(f"{out} exists; not overwriting it", "pass --force, or choose another -o path")
-    if args.warmup < 0:
-        raise SpecError(f"--warmup must be >= 0 (got {args.warmup})")
-    if args.repeats < 1:
-        raise SpecError(f"--repeats must be >= 1 (got {args.repeats})")
+    check_common_args(args)
     if args.no_layers and args.no_collectives:
         raise SpecError("--no-layers and --no-collectives together leave nothing to measure")
-    if args.calibration_layers < 0:
-        raise SpecError(f"--calibration-layers must be >= 0 (got {args.calibration_layers})")
-    if args.calibration_micro_batches < 1:
-        raise SpecError(f"--calibration-micro-batches must be >= 1 (got {args.calibration_micro_batches})")
     model = load_model(args.model)
     training = training_spec(model, max(args.micro_batch_sizes), args.seq_length, precision=args.precision,
                              flash_attention=not args.no_flash_attention, decoder_seq_length=args.decoder_seq_length)

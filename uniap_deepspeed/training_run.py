@@ -34,7 +34,7 @@ from uniap.model.graph import CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, b
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 from uniap.planner import configure
-from uniap.profile.calibrate import Measurement, TrainingRun, fit
+from uniap.profile.calibrate import Measurement, TrainingRun, fit, report_lines
 from uniap.profile.schema import Profile
 
 from .config import deepspeed_config
@@ -286,14 +286,7 @@ def calibrate(profile: Profile, model: ModelSpec, training: TrainingSpec, layers
         except ProfileError as exc:
             problem = f"not calibrated: {exc.message}"
         else:
-            c = fitted.calibration
-            r = c.runs[0]
-            report.append(f"calibration {what}: {r.measured_time_s * 1e3:.3f} ms/iteration measured, "
-                          f"{r.predicted_time_s * 1e3:.3f} ms predicted; compute scale {c.compute_scale:.4f}"
-                          + (f", reserved/allocated {c.reserved_per_allocated:.4f}"
-                             if c.reserved_per_allocated else ""))
-            if run.skipped_steps:
-                report.append(f"calibration: the fp16 loss scaler skipped {run.skipped_steps} timed step(s)")
+            report += report_lines(fitted.calibration, what, run.skipped_steps)
             note = f"calibration: whole-model run of {what} ({run.optimizer}), config as uniap emits it"
             notes = [profile.notes, note]
             if memory_problem:

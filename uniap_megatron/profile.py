@@ -50,7 +50,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from uniap.errors import EXIT_OK, ProfileError, SpecError
@@ -60,6 +59,7 @@ from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
 from uniap.profile.options import float_list, int_list
 from uniap.profile.runner import (
+    check_common_args,
     default_single_process_env,
     print_summary,
     processor_name,
@@ -984,19 +984,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
-    out = Path(args.output)
-    if out.is_dir():
-        raise SpecError(f"--output {out} is a folder", "give a file path such as profile.json")
-    if out.exists() and not args.force:
-        raise SpecError(f"{out} exists; not overwriting it", "pass --force, or choose another -o path")
-    if args.warmup < 0:
-        raise SpecError(f"--warmup must be >= 0 (got {args.warmup})")
-    if args.repeats < 1:
-        raise SpecError(f"--repeats must be >= 1 (got {args.repeats})")
-    if args.calibration_layers < 0:
-        raise SpecError(f"--calibration-layers must be >= 0 (got {args.calibration_layers})")
-    if args.calibration_micro_batches < 1:
-        raise SpecError(f"--calibration-micro-batches must be >= 1 (got {args.calibration_micro_batches})")
+    check_common_args(args)
     model = load_model(args.model)
     training = training_spec(model, max(args.micro_batch_sizes), args.seq_length, precision=args.precision,
                              flash_attention=not args.no_flash_attention)

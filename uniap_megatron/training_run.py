@@ -42,7 +42,7 @@ from uniap.cluster.spec import device_cluster as detected_cluster
 from uniap.errors import ProfileError, SpecError, UniapError
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import configure
-from uniap.profile.calibrate import TrainingRun, fit
+from uniap.profile.calibrate import TrainingRun, fit, report_lines
 from uniap.profile.schema import Profile
 
 from .environment import fused_kernels_available
@@ -352,14 +352,7 @@ def calibrate(profile: Profile, model: ModelSpec, training: TrainingSpec, layers
         except ProfileError as exc:
             problem = f"not calibrated: {exc.message}"
         else:
-            c = fitted.calibration
-            r = c.runs[0]
-            report.append(f"calibration {what}: {r.measured_time_s * 1e3:.3f} ms/iteration measured, "
-                          f"{r.predicted_time_s * 1e3:.3f} ms predicted; compute scale {c.compute_scale:.4f}"
-                          + (f", reserved/allocated {c.reserved_per_allocated:.4f}"
-                             if c.reserved_per_allocated else ""))
-            if run.skipped_steps:
-                report.append(f"calibration: the fp16 loss scaler skipped {run.skipped_steps} timed step(s)")
+            report += report_lines(fitted.calibration, what, run.skipped_steps)
             wrappers = "Float16Module + " if _cuda() and training.precision != "fp32" else ""
             note = (f"calibration: whole-model run of {what} ({kernels.spec_label}, attention {kernels.attention}; "
                     f"{wrappers}DistributedDataParallel with fp32 gradient buffer + {run.optimizer})")

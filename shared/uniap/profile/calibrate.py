@@ -136,6 +136,18 @@ def fit(measurements: list[Measurement], profile: Profile | None = None, source:
     return Fit(profile=_with(base, replace(fitted, runs=runs)), runs=runs)
 
 
+def report_lines(calibration: Calibration, what: str, skipped_steps: int = 0) -> list[str]:
+    """What a profiler prints about its calibration run: measured vs predicted, the fitted coefficients."""
+    run = calibration.runs[0]
+    lines = [f"calibration {what}: {run.measured_time_s * 1e3:.3f} ms/iteration measured, "
+             f"{run.predicted_time_s * 1e3:.3f} ms predicted; compute scale {calibration.compute_scale:.4f}"
+             + (f", reserved/allocated {calibration.reserved_per_allocated:.4f}"
+                if calibration.reserved_per_allocated else "")]
+    if skipped_steps:
+        lines.append(f"calibration: the fp16 loss scaler skipped {skipped_steps} timed step(s)")
+    return lines
+
+
 def _job_summary(plan: Plan) -> dict:
     """What ran, in the plan's own terms (enough to recognise it, not to rebuild it)."""
     strategy = plan.uniform_strategy or plan.layers[0].strategy

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import EXIT_INVALID_INPUT, UniapError
+from ..errors import EXIT_INVALID_INPUT, SpecError, UniapError
 from .schema import Profile
 
 
@@ -58,6 +58,24 @@ def print_summary(prog: str, profile: Profile, report: list[str], output: str, w
         lines.append(f"  notes: {profile.notes}")
     lines.append(f"  profile written to {output}")
     print("\n".join(lines))
+
+
+def check_common_args(args) -> None:
+    """The options every profiler has: an output file it may write, warm-up and repeats, the calibration
+    run's size. SpecError names the option."""
+    out = Path(args.output)
+    if out.is_dir():
+        raise SpecError(f"--output {out} is a folder", "give a file path such as profile.json")
+    if out.exists() and not args.force:
+        raise SpecError(f"{out} exists; not overwriting it", "pass --force, or choose another -o path")
+    if args.warmup < 0:
+        raise SpecError(f"--warmup must be >= 0 (got {args.warmup})")
+    if args.repeats < 1:
+        raise SpecError(f"--repeats must be >= 1 (got {args.repeats})")
+    if args.calibration_layers < 0:
+        raise SpecError(f"--calibration-layers must be >= 0 (got {args.calibration_layers})")
+    if args.calibration_micro_batches < 1:
+        raise SpecError(f"--calibration-micro-batches must be >= 1 (got {args.calibration_micro_batches})")
 
 
 def run_profiler_cli(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str,
