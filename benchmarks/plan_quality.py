@@ -26,10 +26,10 @@ from uniap.cost.strategy import NO_PINS, Strategy, capability_for
 from uniap.cost.tables import Subproblem, build_subproblem
 from uniap.errors import SpecError, UniapError
 from uniap.model import TrainingSpec, build_graph, model_preset
+from uniap.model.graph import TRANSFORMER_KINDS
 from uniap.solver.heuristic import _closest
 from uniap.solver.uop import candidate_pairs, optimize
 from solve_time import CASES
-from uniap.model.graph import TRANSFORMER_KINDS
 
 
 def best_split_time(sub: Subproblem, choice: Strategy) -> float | None:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .model.graph import TRANSFORMER_KINDS
 from .plan import Plan
 from .profile.schema import Calibration
-from .model.graph import TRANSFORMER_KINDS
 
 GiB = 2 ** 30
 

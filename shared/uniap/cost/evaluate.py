@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import SpecError
+from ..model.graph import TRANSFORMER_KINDS
 from .model import BUFFERS, TRANSIENT_CLASSES
 from .strategy import Strategy
 from .tables import Subproblem
-from ..model.graph import TRANSFORMER_KINDS
 
 MEMORY_TOLERANCE = 1e-6  # relative: a plan at its capacity up to rounding fits
 

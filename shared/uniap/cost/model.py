@@ -148,7 +148,7 @@ class CostModel:
         scores are batched GEMMs and their softmax traffic is part of the activations."""
         co, peak = self.coefficients, self.cluster.peak_tflops * 1e12
         flash = self.training.flash_attention
-        attention = layer.attention_flops - (0.5 * layer.causal_attention_flops if flash else 0.0)
+        attention = self.executed_attention_flops(layer)
         gemm = layer.flops_fwd - layer.attention_flops
         if flash:
             attn_fwd = attention / (peak * co.attention)
@@ -166,10 +166,15 @@ class CostModel:
                + 2.0 * overhead)
         return fwd, bwd
 
+    def executed_attention_flops(self, layer: Layer) -> float:
+        """Attention FLOPs per sample the kernel executes: a flash kernel skips the masked half of causal scores."""
+        skipped = 0.5 * layer.causal_attention_flops if self.training.flash_attention else 0.0
+        return layer.attention_flops - skipped
+
     def attention_forward(self, layer: Layer, tp: int, samples: float) -> float:
         """Seconds of a flash attention kernel's forward for `samples` (what selective recompute repeats)."""
-        executed = layer.attention_flops - 0.5 * layer.causal_attention_flops
-        return samples * executed / tp / (self.cluster.peak_tflops * 1e12 * self.coefficients.attention)
+        flops = samples * self.executed_attention_flops(layer) / tp
+        return flops / (self.cluster.peak_tflops * 1e12 * self.coefficients.attention)
 
     def activation(self, layer: Layer, tp: int, samples: float, recompute: str) -> tuple[float, str]:
         """Bytes kept per in-flight micro-batch and their basis: the profile's measurement without
@@ -180,17 +185,16 @@ class CostModel:
                 return measured, MEASURED
         return activation_bytes(layer, tp, samples, recompute), ESTIMATED
 
-    def optimizer_step(self, params: float, optimizer_params: float, s: Strategy, pipelined: bool,
+    def optimizer_step(self, params: float, optimizer_params: float, resident: float, s: Strategy, pipelined: bool,
                        accounting: Accounting) -> tuple[float, float]:
         """(seconds, bytes at the step's peak) of the optimizer step for a layer's `params` on this device, of
-        which this rank updates `optimizer_params`: the profile's measured step scaled by parameters where it
-        has one (its temporaries on top of the framework's resident states), else the framework's HBM
-        traffic and bytes (uniap.cost.accounting)."""
+        which this rank updates `optimizer_params` and which hold `resident` bytes of states while computing:
+        the profile's measured step scaled by parameters where it has one (its temporaries on top of the
+        resident states), else the framework's HBM traffic and bytes (uniap.cost.accounting)."""
         precision, fused = self.training.precision, self.training.fused_kernels
         measured = self.profile.optimizer if self.profile else None
         if measured is not None:
             per_param = optimizer_params / measured.num_params
-            resident = params * accounting.state_bytes(precision, s.zero, pipelined).at(s.dp)
             if measured.extra_peak_bytes is None:
                 extra = optimizer_params * accounting.foreach_temporary(fused)
             else:
@@ -244,8 +248,8 @@ class CostModel:
         accumulate = params * accounting.accumulation_traffic(precision, fused) / self.hbm_bytes_per_second
         optimizer_params = params / dp if s.zero >= 1 else params
         pipelined = pipeline_degree > 1
-        optimizer, step_bytes = self.optimizer_step(params, optimizer_params, s, pipelined, accounting)
         state = params * accounting.state_bytes(precision, s.zero, pipelined).at(dp)
+        optimizer, step_bytes = self.optimizer_step(params, optimizer_params, state, s, pipelined, accounting)
         # While one layer recomputes, its full activations live; FSDP holds a layer's gathered weights
         # and prefetches the next one's.
         rc_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]

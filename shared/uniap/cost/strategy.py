@@ -12,8 +12,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from ..errors import SpecError, UnknownPresetError
-from .accounting import GENERIC_ACCOUNTING, Accounting
 from ..model.graph import TRANSFORMER_KINDS
+from .accounting import GENERIC_ACCOUNTING, Accounting
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 ZERO_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "FSDP"}
