@@ -18,7 +18,7 @@ import pytest
 
 from uniap.cli import main
 from uniap.cluster.spec import CLUSTER_PRESETS
-from uniap.cost.strategy import known_targets
+from uniap.cost.strategy import Pins, known_targets
 from uniap.errors import SpecError
 from uniap.model.presets import MODEL_PRESETS
 from uniap.plan import PLAN_FORMAT, PLAN_VERSION, Plan
@@ -81,16 +81,16 @@ def check_plan_invariants(plan: Plan) -> None:
     """What every plan the CLI prints must satisfy."""
     assert plan.time_per_iteration > 0
     assert plan.samples_per_second > 0
-    assert plan.micro_batch * plan.micro_batches == plan.training["global_batch_size"]
+    assert plan.micro_batch_all_replicas * plan.micro_batches == plan.training.global_batch_size
     assert len(plan.stages) == plan.pipeline_degree
-    assert plan.devices_per_stage * plan.pipeline_degree == plan.cluster["num_nodes"] * plan.cluster["gpus_per_node"]
+    assert plan.devices_per_stage * plan.pipeline_degree == plan.cluster.num_nodes * plan.cluster.gpus_per_node
     for stage in plan.stages:
         assert 0 < stage.memory_bytes <= plan.memory_capacity_bytes
         assert stage.time_per_microbatch >= 0
     # every layer's strategy covers exactly one stage's devices, and dp divides the micro-batch
     for lp in plan.layers:
         assert lp.strategy.tp * lp.strategy.dp == plan.devices_per_stage
-        assert plan.micro_batch % lp.strategy.dp == 0
+        assert plan.micro_batch_all_replicas % lp.strategy.dp == 0
     # stages are contiguous and in order
     stages = [lp.stage for lp in plan.layers]
     assert stages == sorted(stages)
@@ -119,9 +119,9 @@ def test_plan_json_loads_and_fits(capsys):
     assert 0 <= plan.solver["gap"] <= 1e-4
     assert plan.solver["lower_bound"] <= plan.time_per_iteration * (1 + 1e-9)
     assert plan.target == "generic"
-    assert plan.model["name"] == "gpt3-1.3b"
-    assert plan.training["global_batch_size"] == 16 and plan.training["seq_length"] == 512
-    assert plan.pins == {}
+    assert plan.model.name == "gpt3-1.3b"
+    assert plan.training.global_batch_size == 16 and plan.training.seq_length == 512
+    assert plan.pins == Pins()
     counts = plan.solver["subproblem_counts"]
     assert sum(counts.values()) == len(plan.solver["subproblems"]) > 0
     assert counts.get("optimal", 0) >= 1
@@ -169,7 +169,7 @@ def test_plan_output_file_refuses_overwrite_then_force(capsys, tmp_path):
     assert path.read_bytes() != first
     replaced = Plan.load(path)
     assert replaced.pipeline_degree == 2
-    assert replaced.pins == {"pipeline_degree": 2}
+    assert replaced.pins == Pins(pipeline_degree=2)
     # no temporary files are left beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
 
@@ -318,7 +318,7 @@ def test_pin_tp(capsys):
     plan, _ = plan_json(capsys, *JOB, "--tp", "2")
     check_plan_invariants(plan)
     assert all(lp.strategy.tp == 2 for lp in plan.layers)
-    assert plan.pins == {"tp": 2}
+    assert plan.pins == Pins(tp=2)
 
 
 def test_pin_pp(capsys):
@@ -326,7 +326,7 @@ def test_pin_pp(capsys):
     check_plan_invariants(plan)
     assert plan.pipeline_degree == 2
     assert plan.devices_per_stage == 4
-    assert plan.pins == {"pipeline_degree": 2}
+    assert plan.pins == Pins(pipeline_degree=2)
 
 
 def test_pin_zero(capsys):
@@ -334,15 +334,15 @@ def test_pin_zero(capsys):
     check_plan_invariants(plan)
     assert all(lp.strategy.zero == 1 for lp in plan.layers if lp.strategy.dp > 1)
     assert all(lp.strategy.zero == 0 for lp in plan.layers if lp.strategy.dp == 1)
-    assert plan.pins == {"zero": 1}
+    assert plan.pins == Pins(zero=1)
 
 
 def test_pin_micro_batch_size(capsys):
     plan, _ = plan_json(capsys, *JOB, "--micro-batch-size", "1")
     check_plan_invariants(plan)
     # samples per replica per micro-batch = micro_batch / dp == 1 for every layer
-    assert all(plan.micro_batch == lp.strategy.dp for lp in plan.layers)
-    assert plan.pins == {"micro_batch_size": 1}
+    assert all(plan.micro_batch_all_replicas == lp.strategy.dp for lp in plan.layers)
+    assert plan.pins == Pins(micro_batch_per_replica=1)
 
 
 def test_pin_recompute(capsys):
@@ -355,7 +355,7 @@ def test_pins_combined_and_shown_in_table(capsys):
                             "--micro-batch-size", "1")
     assert rc == 0, err
     assert "pipeline degree 2" in out
-    assert "pinned: tp=2, pipeline_degree=2, micro_batch_size=1" in out
+    assert "pinned: TP 2, PP 2, micro-batch size 1" in out
 
 
 def test_pinned_plan_is_never_faster_than_free_plan(capsys):
@@ -431,7 +431,7 @@ def test_evaluate_is_never_better_than_plan(capsys):
     """The megatron plan is optimal over everything Megatron can run, which includes TP2 PP2 mbs1."""
     ev, _ = plan_json_evaluate(capsys, *JOB, "--target", "megatron", "--tp", "2", "--pp", "2",
                                "--micro-batch-size", "1")
-    assert ev.pipeline_degree == 2 and ev.micro_batch == 2 and ev.micro_batches == 8
+    assert ev.pipeline_degree == 2 and ev.micro_batch_all_replicas == 2 and ev.micro_batches == 8
     assert all(lp.strategy.tp == 2 and lp.strategy.dp == 2 for lp in ev.layers)
     assert all(s.memory_bytes <= ev.memory_capacity_bytes for s in ev.stages)  # it fits
     best, _ = plan_json(capsys, *JOB, "--target", "megatron")
@@ -546,7 +546,7 @@ def test_model_yaml_plans(capsys, tmp_path):
                     "ffn_hidden_size: 1024\nvocab_size: 1000\nmax_position_embeddings: 256\n")
     plan, _ = plan_json(capsys, "--model", str(spec), "--gpus-per-node", "2", "--global-batch-size", "4",
                         "--seq-length", "128")
-    assert plan.model["name"] == "tiny"
+    assert plan.model.name == "tiny"
     check_plan_invariants(plan)
 
 
@@ -635,7 +635,7 @@ def test_cluster_file(capsys, tmp_path):
                     "hbm_bandwidth_gbps: 1000\nintra_node_bandwidth_gbps: 100\ninter_node_bandwidth_gbps: 10\n")
     plan, _ = plan_json(capsys, "--model", "bert-large", "--cluster", str(path), "--global-batch-size", "8",
                         "--seq-length", "128")
-    assert plan.cluster["name"] == "small" and plan.cluster["gpus_per_node"] == 2
+    assert plan.cluster.name == "small" and plan.cluster.gpus_per_node == 2
     assert plan.memory_capacity_bytes == (16 - 4) * 2 ** 30
 
 

@@ -280,7 +280,7 @@ def test_pinned_selective_recompute_with_flash_attention_repeats_the_attention(c
     job = ("plan", "--model", "llama2-7b", "--target", "megatron", "--json")
     code, out, _ = run_main(capsys, *job, "--recompute", "selective")
     plan = Plan.from_dict(json.loads(out))
-    assert code == 0 and plan.training["flash_attention"] is True
+    assert code == 0 and plan.training.flash_attention is True
     assert {lp.strategy.recompute for lp in plan.layers if lp.kind == "transformer"} == {"selective"}
     code, out, _ = run_main(capsys, *job)
     assert "selective" not in {lp.strategy.recompute for lp in Plan.from_dict(json.loads(out)).layers}

@@ -185,10 +185,10 @@ def check_config(plan: Plan, config: dict) -> DeepSpeedConfig:
     strategies = {(lp.strategy.tp, lp.strategy.dp, lp.strategy.zero) for lp in plan.layers}
     assert len(strategies) == 1, f"DeepSpeed runs one (tp, dp, zero) for the whole engine: {strategies}"
     tp, dp, zero = strategies.pop()
-    gpus = plan.cluster["num_nodes"] * plan.cluster["gpus_per_node"]
+    gpus = plan.cluster.num_nodes * plan.cluster.gpus_per_node
     assert tp == 1 and dp * plan.pipeline_degree == gpus
-    gbs = plan.training["global_batch_size"]
-    assert plan.micro_batch % dp == 0
+    gbs = plan.training.global_batch_size
+    assert plan.micro_batch_all_replicas % dp == 0
     # the batch identity, as DeepSpeed states it, and GAS = the plan's number of micro-batches
     assert config["train_batch_size"] == gbs
     assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * dp == gbs
@@ -212,9 +212,9 @@ def check_config(plan: Plan, config: dict) -> DeepSpeedConfig:
     ds = accepted_by_deepspeed(config, dp)
     assert ds.world_size == dp
     assert (ds.train_batch_size, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == (
-        gbs, plan.micro_batch // dp, plan.micro_batches)
+        gbs, plan.micro_batch_all_replicas // dp, plan.micro_batches)
     assert ds.zero_optimization_stage == zero
-    precision = plan.training["precision"]
+    precision = plan.training.precision
     assert ds.bfloat16_config.enabled == (precision == "bf16")
     assert ds.float16_config.enabled == (precision == "fp16")
     if plan.pipeline_degree > 1:
@@ -318,7 +318,7 @@ def test_deepspeed_plans_take_the_same_training_options_as_the_core():
     does, and refuses a non-positive sequence length instead of replacing it."""
     plan = plan_for_deepspeed("t5-large", nodes=1, gpus_per_node=4, global_batch_size=16, seq_length=256,
                               decoder_seq_length=64, flash_attention=False, time_limit=60)
-    assert plan.training["decoder_seq_length"] == 64 and plan.training["flash_attention"] is False
+    assert plan.training.decoder_seq_length == 64 and plan.training.flash_attention is False
     with pytest.raises(SpecError, match="sequence length"):
         plan_for_deepspeed("gpt3-1.3b", nodes=1, gpus_per_node=2, global_batch_size=8, seq_length=0)
 
@@ -629,7 +629,7 @@ def two_node_plan(tmp_path) -> Path:
                   "-o", str(tmp_path / "unused.json")])
     assert rc == 0
     plan = Plan.load(path)
-    assert (plan.cluster["num_nodes"], plan.cluster["gpus_per_node"]) == (2, 8)
+    assert (plan.cluster.num_nodes, plan.cluster.gpus_per_node) == (2, 8)
     return path
 
 

@@ -181,7 +181,7 @@ def get_plan(name: str, argv: list[str]) -> Plan:
 
 
 def emitted(plan: Plan) -> tuple[list[str], dict[str, str], ModelSpec, TrainingSpec]:
-    model, training = ModelSpec.from_dict(plan.model), TrainingSpec.from_dict(plan.training)
+    model, training = plan.model, plan.training
     launch = megatron_launch(plan)
     return launch.args + model_args(model, training), launch.env, model, training
 
@@ -412,11 +412,11 @@ def split_encoding(flags: dict) -> str:
 def translation_mismatches(flags: dict, plan: Plan, model: ModelSpec, training: TrainingSpec) -> list[str]:
     """The arguments say what the plan and the model say."""
     s = plan.uniform_strategy
-    world = plan.cluster["num_nodes"] * plan.cluster["gpus_per_node"]
+    world = plan.cluster.num_nodes * plan.cluster.gpus_per_node
     g = flags.get
     want = {
         "--tensor-model-parallel-size": s.tp, "--pipeline-model-parallel-size": plan.pipeline_degree,
-        "--global-batch-size": training.global_batch_size, "--micro-batch-size": plan.micro_batch // s.dp,
+        "--global-batch-size": training.global_batch_size, "--micro-batch-size": plan.micro_batch_all_replicas // s.dp,
         "--num-layers": model.num_layers, "--hidden-size": model.hidden_size,
         "--num-attention-heads": model.num_attention_heads, "--ffn-hidden-size": model.ffn_hidden_size,
         "--seq-length": training.seq_length, "--max-position-embeddings": model.max_position_embeddings,
@@ -515,7 +515,7 @@ def test_arguments_follow_megatron_rules(name, argv):
     plan = get_plan(name, argv)
     words, env, model, training = emitted(plan)
     flags = parse_flags(words)
-    world = plan.cluster["num_nodes"] * plan.cluster["gpus_per_node"]
+    world = plan.cluster.num_nodes * plan.cluster.gpus_per_node
     assert megatron_violations(flags, env, world) == [], words
     assert translation_mismatches(flags, plan, model, training) == [], words
 
@@ -559,8 +559,8 @@ def test_arguments_parse_back_to_the_job(name, argv):
         (training.global_batch_size, training.seq_length, training.precision)
     s = plan.uniform_strategy
     pins = job.pins
-    assert (pins.tp, pins.pipeline_degree, pins.micro_batch_size) == \
-        (s.tp, plan.pipeline_degree, plan.micro_batch // s.dp)
+    assert (pins.tp, pins.pipeline_degree, pins.micro_batch_per_replica) == \
+        (s.tp, plan.pipeline_degree, plan.micro_batch_all_replicas // s.dp)
     assert pins.zero == (s.zero if s.dp > 1 and s.zero else None)
     assert pins.recompute == (None if s.recompute == "none" else s.recompute)
 
@@ -620,7 +620,7 @@ def test_grid_covers_every_split_encoding_and_parallelism():
         seen["dp"].add(s.dp)
         seen["zero"].add(s.zero)
         seen["recompute"].add(s.recompute)
-        seen["precision"].add(plan.training["precision"])
+        seen["precision"].add(plan.training.precision)
         if split_encoding(flags) == "first/last":
             seen["split"].add("first only" if "--decoder-last-pipeline-num-layers" not in flags else
                               "last only" if "--decoder-first-pipeline-num-layers" not in flags else "first+last")
@@ -836,7 +836,7 @@ def test_job_from_llama2_command_line():
     t = job.training
     assert (t.global_batch_size, t.seq_length, t.precision) == (1024, 4096, "bf16")
     p = job.pins
-    assert (p.tp, p.pipeline_degree, p.zero, p.recompute, p.micro_batch_size) == (8, 4, 1, "selective", 1)
+    assert (p.tp, p.pipeline_degree, p.zero, p.recompute, p.micro_batch_per_replica) == (8, 4, 1, "selective", 1)
 
 
 def test_job_from_args_pins_only_what_was_given():
@@ -844,7 +844,7 @@ def test_job_from_args_pins_only_what_was_given():
             "--max-position-embeddings", "2048", "--global-batch-size", "512"]
     job = job_from_args(argv)
     p = job.pins
-    assert (p.tp, p.pipeline_degree, p.zero, p.recompute, p.micro_batch_size) == (None,) * 5
+    assert (p.tp, p.pipeline_degree, p.zero, p.recompute, p.micro_batch_per_replica) == (None,) * 5
     m = job.model
     assert m.ffn_hidden_size == 4 * 2048 and m.num_query_groups is None and m.query_groups == 16
     assert m.tied_embeddings and m.add_bias and m.normalization == "layernorm" and m.position_embedding == "learned"

@@ -58,7 +58,7 @@ def test_run_dry_run_prints_plan_and_torchrun_command(capsys, tmp_path):
     rc, out, err = run_main(capsys, "run", "--dry-run", "--nproc-per-node", "2", "--plan-out", str(plan_out),
                             "--", "pretrain_gpt.py", "--auto-parallel", *user)
     assert rc == 0, err
-    assert "uniap-megatron plan:" in out and "pipeline degree" in out and "pinned: tp=2" in out
+    assert "uniap-megatron plan:" in out and "pipeline degree" in out and "pinned: TP 2" in out
     plan = Plan.load(plan_out)
     launch = megatron_launch(plan)
     tokens = command_line(out)
@@ -97,7 +97,7 @@ def test_run_honours_the_scripts_auto_parallel_options(capsys, tmp_path):
                             "--", "pretrain_gpt.py", *TINY, "--auto-parallel", "--auto-parallel-cluster", "dgx-h100",
                             "--auto-parallel-time-limit=30", "--auto-parallel-dry-run")
     assert rc == 0, err
-    assert Plan.load(plan_out).cluster["name"] == "dgx-h100"
+    assert Plan.load(plan_out).cluster.name == "dgx-h100"
     assert not any(t.startswith("--auto-parallel") for t in command_line(out))
 
 
@@ -159,10 +159,9 @@ def test_args_prints_plan_arguments_and_env(capsys, tmp_path):
     assert lines[1:] == ["export CUDA_DEVICE_MAX_CONNECTIONS=1"]
     rc, out, err = run_main(capsys, "args", str(path), "--with-model")
     assert rc == 0, err
-    from uniap.model.spec import ModelSpec, TrainingSpec
 
     words = shlex.split(out.splitlines()[0])
-    assert words == model_args(ModelSpec.from_dict(plan.model), TrainingSpec.from_dict(plan.training)) + launch.args
+    assert words == model_args(plan.model, plan.training) + launch.args
     assert words[:2] == ["--num-layers", "4"]
 
 

@@ -19,6 +19,7 @@ import types
 
 import pytest
 from uniap.errors import InfeasibleError, SpecError, UniapError
+from uniap.cost.strategy import Pins
 from uniap.plan import Plan
 
 from uniap_megatron import plugin
@@ -190,9 +191,9 @@ def test_rank0_plans_and_sets_args_from_the_plan(world, capsys):
         assert getattr(args, dest) == value, dest
     assert args.tensor_model_parallel_size == plan.uniform_strategy.tp
     assert args.pipeline_model_parallel_size == plan.pipeline_degree
-    assert args.micro_batch_size == plan.micro_batch // plan_dp(plan)
-    assert args.global_batch_size == 8 == plan.training["global_batch_size"]
-    assert plan.cluster["num_nodes"] * plan.cluster["gpus_per_node"] == 2
+    assert args.micro_batch_size == plan.micro_batch_all_replicas // plan_dp(plan)
+    assert args.global_batch_size == 8 == plan.training.global_batch_size
+    assert plan.cluster.num_nodes * plan.cluster.gpus_per_node == 2
     assert_megatron_accepts(args)
     assert "uniap: auto-parallel: planned on rank 0" in capsys.readouterr().out
     files = list((plugin.Path(os.environ["UNIAP_PLAN_DIR"])).glob("uniap-megatron-plan-*.json"))
@@ -203,9 +204,9 @@ def test_pinned_tensor_parallel_size_stays(world):
     argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
     args, plan = run_hook(argv)
     assert args.tensor_model_parallel_size == 2 == plan.uniform_strategy.tp
-    assert plan.pins == {"tp": 2}
+    assert plan.pins == Pins(tp=2)
     assert args.pipeline_model_parallel_size == plan.pipeline_degree == 1
-    assert args.micro_batch_size == plan.micro_batch // plan_dp(plan)
+    assert args.micro_batch_size == plan.micro_batch_all_replicas // plan_dp(plan)
     assert args.global_batch_size == 8
     assert args.sequence_parallel is True  # TP > 1 with sequence parallelism
     assert_megatron_accepts(args)
@@ -362,7 +363,7 @@ def test_saved_plan_is_used_as_is(world, monkeypatch, tmp_path):
     args, plan = run_hook(TINY + ["--auto-parallel", "--auto-parallel-plan", str(path)])
     assert plan.to_dict() == saved.to_dict()
     assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
-    assert args.micro_batch_size == saved.micro_batch // plan_dp(saved)
+    assert args.micro_batch_size == saved.micro_batch_all_replicas // plan_dp(saved)
     assert not (tmp_path / "plans").exists()  # nothing written
 
 
@@ -530,6 +531,6 @@ def test_two_ranks_plan_once_through_the_installed_hook(tmp_path):
     (plan_file,) = plans.glob("uniap-megatron-plan-*.json")
     plan = Plan.load(plan_file)
     assert rank0["tensor_model_parallel_size"] == 2 == plan.uniform_strategy.tp
-    assert rank0["micro_batch_size"] == plan.micro_batch // plan.uniform_strategy.dp
+    assert rank0["micro_batch_size"] == plan.micro_batch_all_replicas // plan.uniform_strategy.dp
     assert rank0["sequence_parallel"] is True
     assert r.stdout.count("uniap: auto-parallel: planned on rank 0") == 1

@@ -35,7 +35,6 @@ pytest.importorskip("megatron.core")
 
 from uniap.profile.runner import free_port
 from uniap.cli import main
-from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 
 from uniap_megatron.args import megatron_launch, model_args
@@ -82,13 +81,13 @@ def _job(model: Path, gpus: int, *extra: str) -> list[str]:
 
 
 def _argv(plan: Plan) -> list[str]:
-    return megatron_launch(plan).args + model_args(ModelSpec.from_dict(plan.model),
-                                                    TrainingSpec.from_dict(plan.training))
+    return megatron_launch(plan).args + model_args(plan.model,
+                                                    plan.training)
 
 
 def launch(plan: Plan, out_dir: Path, *, reinit_by_name: bool = False) -> dict:
     """Run megatron_train.py on as many processes as the plan has GPUs; return the rank and loss files."""
-    nproc = plan.cluster["num_nodes"] * plan.cluster["gpus_per_node"]
+    nproc = plan.cluster.num_nodes * plan.cluster.gpus_per_node
     out_dir.mkdir(parents=True)
     args_json = out_dir / "args.json"
     args_json.write_text(json.dumps({"argv": _argv(plan), "reinit_by_name": reinit_by_name}))

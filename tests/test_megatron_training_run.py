@@ -43,7 +43,7 @@ print(json.dumps({"losses": run.losses, "times": run.iteration_times_s, "median"
                   "reserved": run.peak_reserved_bytes, "allocated": run.peak_allocated_bytes,
                   "optimizer": run.optimizer, "skipped": run.skipped_steps, "micro_batches": run.plan.micro_batches,
                   "target": run.plan.target, "layers": [lp.name for lp in run.plan.layers],
-                  "training": run.plan.training, "gpus": run.plan.cluster["gpus_per_node"]}))
+                  "training": run.plan.training.to_dict(), "gpus": run.plan.cluster.gpus_per_node}))
 """
 
 

@@ -91,9 +91,9 @@ def test_measured_profile_drives_costs_and_labels():
     measured_model = CostModel(cluster, training, _measured_profile(graph))
     measured = optimize(graph, cluster, training, GENERIC, measured_model, progress=False)
     plan_e = make_plan(estimated.sub, estimated.best.stage_of, estimated.best.strategy_of, estimated.prediction,
-                       model.to_dict(), estimated.solver_report())
+                       model, estimated.solver_report())
     plan_m = make_plan(measured.sub, measured.best.stage_of, measured.best.strategy_of, measured.prediction,
-                       model.to_dict(), measured.solver_report())
+                       model, measured.solver_report())
     assert plan_e.basis["compute"] == "estimated" and plan_e.basis["overlap"] == "estimated"
     assert plan_m.basis["compute"] == "measured" and plan_m.basis["overlap"] == "measured"
     assert plan_m.basis["communication"] in ("measured", "mixed")

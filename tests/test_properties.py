@@ -120,7 +120,9 @@ def test_optimize_returns_valid_plan_or_uniap_error(model, cluster, training, ta
     sub, best = out.sub, out.best
     # it fits
     assert pred.fits
-    assert all(m <= sub.memory_capacity * (1 + 1e-9) for m in pred.stage_memory)
+    # reserved bytes against the usable memory; allocated (reserved / ratio) against the MIQP's budget
+    assert all(m <= pred.memory_capacity * (1 + 1e-9) for m in pred.stage_memory)
+    assert all(m / pred.reserved_per_allocated <= sub.memory_capacity * (1 + 1e-9) for m in pred.stage_memory)
     assert pred.memory_capacity == cluster.usable_memory_bytes
     # the evaluator prices the returned assignment exactly as the outcome says
     again = evaluate(sub, best.stage_of, best.strategy_of)
@@ -130,7 +132,7 @@ def test_optimize_returns_valid_plan_or_uniap_error(model, cluster, training, ta
     # the assignment is in the search space and respects the target's rules
     check_assignment(sub, best.stage_of, best.strategy_of)
     assert all(capability.allows(s, sub.deg) for s in best.strategy_of)
-    assert all(s.tp * s.dp == sub.stage_devices and sub.micro_batch % s.dp == 0 for s in best.strategy_of)
+    assert all(s.tp * s.dp == sub.stage_devices and sub.micro_batch_all_replicas % s.dp == 0 for s in best.strategy_of)
     if capability.uniform_tp:
         assert len({s.tp for s in best.strategy_of}) == 1
     assert sub.deg * sub.c >= 1 and cluster.num_gpus % sub.deg == 0
@@ -143,7 +145,7 @@ def test_optimize_returns_valid_plan_or_uniap_error(model, cluster, training, ta
     assert any(r.status == "optimal" for r in out.results) or out.status == "time_limit"
 
     # a Plan that round-trips through JSON
-    plan = make_plan(sub, best.stage_of, best.strategy_of, pred, model.to_dict(), out.solver_report())
+    plan = make_plan(sub, best.stage_of, best.strategy_of, pred, model, out.solver_report())
     data = json.loads(plan.to_json())
     again_plan = Plan.from_dict(data)
     assert again_plan.to_dict() == plan.to_dict()
@@ -154,7 +156,7 @@ def test_optimize_returns_valid_plan_or_uniap_error(model, cluster, training, ta
     assert [lp.stage for lp in plan.layers] == best.stage_of
     assert sum(s.num_layers for s in plan.stages) == len(graph.layers)
     assert all(s.memory_bytes <= plan.memory_capacity_bytes * (1 + 1e-9) for s in plan.stages)
-    assert plan.micro_batch * plan.micro_batches == training.global_batch_size
+    assert plan.micro_batch_all_replicas * plan.micro_batches == training.global_batch_size
     assert plan.mfu > 0
 
 

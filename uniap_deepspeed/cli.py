@@ -53,7 +53,7 @@ def cmd_launch(args) -> int:
     """Write a hostfile and a launch script for the plan's nodes."""
     plan = Plan.load(args.plan)
     hosts = [h for h in args.hosts.split(",") if h]
-    nodes, gpus = plan.cluster["num_nodes"], plan.cluster["gpus_per_node"]
+    nodes, gpus = plan.cluster.num_nodes, plan.cluster.gpus_per_node
     if len(hosts) != nodes or len(set(hosts)) != len(hosts):
         raise SpecError(f"--hosts names {len(hosts)} distinct host(s); the plan is for {nodes} node(s)",
                         "list one host name per node, comma-separated")
@@ -64,7 +64,7 @@ def cmd_launch(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config_path, config)
     hostfile.write_text("".join(f"{h} slots={gpus}\n" for h in hosts))
-    summary = " ".join(f"{plan.model['name']} on {nodes}x{gpus} GPUs".split())
+    summary = " ".join(f"{plan.model.name} on {nodes}x{gpus} GPUs".split())
     script.write_text(render("deepspeed_multinode.sh.tmpl", summary=summary,
                              hostfile="hostfile", num_nodes=nodes, gpus_per_node=gpus, master_addr=hosts[0],
                              master_port=args.master_port, script=args.script, script_args=args.script_args,

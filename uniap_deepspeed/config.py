@@ -50,14 +50,14 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
     pipeline = plan.pipeline_degree > 1
     recompute = strategy.recompute == "full"
     config: dict[str, Any] = {
-        "train_batch_size": plan.training["global_batch_size"],
-        "train_micro_batch_size_per_gpu": plan.micro_batch // dp,
+        "train_batch_size": plan.training.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_per_replica,
         "gradient_accumulation_steps": plan.micro_batches,
         "zero_optimization": zero_section(strategy.zero, pipeline),
         "steps_per_print": 10,
         "wall_clock_breakdown": False,
     }
-    precision = plan.training["precision"]
+    precision = plan.training.precision
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":

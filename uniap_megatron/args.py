@@ -63,7 +63,7 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
     if s is None:
         raise SpecError("plan has no transformer layers for Megatron-LM to run")
     pp = plan.pipeline_degree
-    seq = plan.training["seq_length"]
+    seq = plan.training.seq_length
     if s.tp > 1 and seq % s.tp:
         # The plan is priced with sequence parallelism at TP > 1; Megatron's sequence-parallel scatter
         # asserts that the sequence splits evenly over the TP ranks (megatron/core/tensor_parallel/mappings.py).
@@ -72,8 +72,8 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
                         f"use a sequence length divisible by {s.tp}, or re-plan with --tp pinned to a divisor "
                         f"of {seq}")
     args = ["--tensor-model-parallel-size", str(s.tp), "--pipeline-model-parallel-size", str(pp),
-            "--micro-batch-size", str(plan.micro_batch // s.dp),
-            "--global-batch-size", str(plan.training["global_batch_size"])]
+            "--micro-batch-size", str(plan.micro_batch_per_replica),
+            "--global-batch-size", str(plan.training.global_batch_size)]
     args += pipeline_split_args(plan.stage_layer_counts())
     if s.tp > 1:
         args.append("--sequence-parallel")
@@ -89,7 +89,7 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
         args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     elif s.recompute == "selective":
         args += ["--recompute-granularity", "selective"]
-    precision = plan.training["precision"]
+    precision = plan.training.precision
     if precision in ("bf16", "fp16"):
         args.append(f"--{precision}")
     # TP on pre-Blackwell GPUs needs one CUDA connection; Megatron-FSDP needs more than one (it warns).
@@ -202,7 +202,7 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
     zero = 1 if ns.use_distributed_optimizer and not (ns.use_torch_fsdp2 or ns.use_megatron_fsdp) else \
         3 if (ns.use_torch_fsdp2 or ns.use_megatron_fsdp) else None
     pins = Pins(tp=ns.tensor_model_parallel_size, pipeline_degree=ns.pipeline_model_parallel_size, zero=zero,
-                recompute=recompute, micro_batch_size=ns.micro_batch_size)
+                recompute=recompute, micro_batch_per_replica=ns.micro_batch_size)
     return ParsedJob(model=model, training=training, pins=pins)
 
 

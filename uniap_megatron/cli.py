@@ -27,7 +27,6 @@ from pathlib import Path
 
 from uniap.cluster.spec import load_cluster
 from uniap.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_OK, SpecError, UniapError
-from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 from uniap.report import render
 
@@ -91,7 +90,7 @@ def cmd_args(args) -> int:
     launch = megatron_launch(plan)
     words = list(launch.args)
     if args.with_model:
-        words = model_args(ModelSpec.from_dict(plan.model), TrainingSpec.from_dict(plan.training)) + words
+        words = model_args(plan.model, plan.training) + words
     print(shlex.join(words))
     for k, v in launch.env.items():
         print(f"export {k}={shlex.quote(v)}")
@@ -116,8 +115,8 @@ def cmd_run(args) -> int:
             raise SpecError(f"--{name.replace('_', '-')} must be a positive integer (got {v})")
     if saved:
         plan = Plan.load(saved)
-        nnodes = args.nnodes or plan.cluster["num_nodes"]
-        nproc = args.nproc_per_node or plan.cluster["gpus_per_node"]
+        nnodes = args.nnodes or plan.cluster.num_nodes
+        nproc = args.nproc_per_node or plan.cluster.gpus_per_node
         check_plan_fits(plan, margs, nnodes, nproc, source=saved)
     else:
         shape = load_cluster(cluster)
@@ -169,7 +168,7 @@ def cmd_script(args) -> int:
     script, margs = _split_command(args.script_args)
     _refuse_overwrite([args.output], args.force)
     plan = Plan.load(args.plan)
-    nnodes, nproc = plan.cluster["num_nodes"], plan.cluster["gpus_per_node"]
+    nnodes, nproc = plan.cluster.num_nodes, plan.cluster.gpus_per_node
     check_plan_fits(plan, margs, nnodes, nproc, source=args.plan)
     final, merge = merged_argv(plan, margs)
     text = launch_script(args.kind, plan, [script, *final], env=merge.env, master_addr=args.master_addr,

@@ -19,6 +19,7 @@ from typing import Any
 from uniap.errors import SpecError
 from uniap.launch_templates import render
 from uniap.plan import Plan
+from uniap.report import plural
 
 from .args import ParsedJob, job_from_args, megatron_launch
 from .capability import MEGATRON
@@ -230,7 +231,7 @@ def plan_megatron(argv: list[str], nodes: int, gpus_per_node: int, cluster: str 
 
 # How Megatron-LM spells the pins the core checks (uniap.planner.check_pins names them in its refusals).
 PIN_FLAGS = {"tp": "--tensor-model-parallel-size", "pipeline_degree": "--pipeline-model-parallel-size",
-             "micro_batch_size": "--micro-batch-size"}
+             "micro_batch_per_replica": "--micro-batch-size"}
 
 
 def check_megatron_pins(job: ParsedJob) -> None:
@@ -244,17 +245,17 @@ def check_megatron_pins(job: ParsedJob) -> None:
 def check_plan_fits(plan: Plan, argv: list[str], nodes: int, gpus_per_node: int, source: str = "the plan") -> ParsedJob:
     """Refuse a saved plan made for another model, batch, precision or GPU count than this job's."""
     job = job_from_args(strip_auto_parallel(argv))
-    planned = plan.cluster["num_nodes"] * plan.cluster["gpus_per_node"]
+    planned = plan.cluster.num_nodes * plan.cluster.gpus_per_node
     if planned != nodes * gpus_per_node:
-        raise SpecError(f"{source} is for {planned} GPUs ({plan.cluster['num_nodes']} x "
-                        f"{plan.cluster['gpus_per_node']}); this job has {nodes * gpus_per_node} ({nodes} x "
+        raise SpecError(f"{source} is for {planned} GPUs ({plan.cluster.num_nodes} x "
+                        f"{plan.cluster.gpus_per_node}); this job has {nodes * gpus_per_node} ({nodes} x "
                         f"{gpus_per_node})", "re-plan for this world size")
     wanted = {"num_layers": job.model.num_layers, "hidden_size": job.model.hidden_size,
               "num_attention_heads": job.model.num_attention_heads, "ffn_hidden_size": job.model.ffn_hidden_size}
-    have = {k: plan.model.get(k) for k in wanted}
+    have = {k: getattr(plan.model, k) for k in wanted}
     wanted_t = {"global_batch_size": job.training.global_batch_size, "seq_length": job.training.seq_length,
                 "precision": job.training.precision}
-    have_t = {k: plan.training.get(k) for k in wanted_t}
+    have_t = {k: getattr(plan.training, k) for k in wanted_t}
     diffs = [f"{k} {have[k]} (command line: {v})" for k, v in wanted.items() if have[k] != v]
     diffs += [f"{k} {have_t[k]} (command line: {v})" for k, v in wanted_t.items() if have_t[k] != v]
     if diffs:
@@ -270,8 +271,8 @@ def plan_summary(plan: Plan) -> str:
     s = plan.uniform_strategy
     c = plan.cluster
     par = f"TP{s.tp} PP{plan.pipeline_degree} DP{s.dp}" if s else f"PP{plan.pipeline_degree}"
-    text = (f"{plan.model.get('name', 'model')} on {c['num_nodes']}x{c['gpus_per_node']} {c['gpu_name']}: {par}, "
-            f"{plan.micro_batches} micro-batch(es) of {plan.micro_batch} samples, predicted "
+    text = (f"{plan.model.name} on {c.num_nodes}x{c.gpus_per_node} {c.gpu_name}: {par}, "
+            f"micro-batch size {plan.micro_batch_per_replica} x {plural(plan.micro_batches, 'micro-batch')}, predicted "
             f"{plan.time_per_iteration:.4g} s/iteration ({plan.basis.get('compute', 'estimated')} compute)")
     return " ".join(text.split())
 
@@ -306,8 +307,8 @@ def launch_script(kind: str, plan: Plan, command: list[str], env: dict[str, str]
         raise SpecError(f"unknown launch script kind '{kind}'; known: {', '.join(LAUNCH_KINDS)}")
     if not command:
         raise SpecError("no training script to launch", "pass the script and its arguments after --")
-    nnodes = nnodes or plan.cluster["num_nodes"]
-    nproc_per_node = nproc_per_node or plan.cluster["gpus_per_node"]
+    nnodes = nnodes or plan.cluster.num_nodes
+    nproc_per_node = nproc_per_node or plan.cluster.gpus_per_node
     if kind == "single-node" and nnodes != 1:
         raise SpecError(f"the single-node script runs one node; the plan is for {nnodes}",
                         "use the multi-node or a Slurm script")

@@ -21,7 +21,7 @@ from .errors import EXIT_INFEASIBLE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, S
 from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
 from .plan import Plan, make_plan
-from .planner import Job, configure, price, training_spec
+from .planner import DEFAULT_GAP, Job, configure, price, training_spec
 from .planner import plan as solve
 from .profile.schema import Profile
 from .profile.calibrate import Measurement, fit
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, help="samples per data-parallel replica per micro-batch")
     g = p.add_argument_group("solver")
     g.add_argument("--time-limit", type=float, help="seconds for the whole search; returns the best plan found")
-    g.add_argument("--gap", type=float, default=1e-4, help="relative optimality gap (default 1e-4)")
+    g.add_argument("--gap", type=float, default=DEFAULT_GAP, help=f"relative optimality gap (default {DEFAULT_GAP:g})")
     _add_output_args(p)
 
     p = sub.add_parser("evaluate", help="price a hand-made configuration or a saved plan with the same cost model")
@@ -154,7 +154,7 @@ def cmd_plan(args) -> int:
     if not 0 <= args.gap < 1:
         raise SpecError("--gap must be in [0, 1)")
     pins = Pins(tp=args.tp, pipeline_degree=args.pp, zero=args.zero, recompute=args.recompute,
-                micro_batch_size=args.micro_batch_size)
+                micro_batch_per_replica=args.micro_batch_size)
     job = replace(_job(args), pins=pins)
     plan, outcome = solve(job, time_limit=args.time_limit, gap=args.gap, progress=None if not args.json else False)
     _emit(plan, args, "uniap plan")
@@ -224,7 +224,7 @@ def cmd_calibrate(args) -> int:
     measurements = []
     for log_path, plan_path in zip(args.log, args.plan):
         plan = Plan.load(plan_path)
-        batch = plan.training["global_batch_size"]
+        batch = plan.training.global_batch_size
         found = read_log(log_path, framework=args.framework, skip_warmup=args.skip_warmup, train_batch_size=batch)
         measurements.append(Measurement(label=Path(log_path).name, plan=plan,
                                         time_per_iteration_s=found.time_per_iteration_s,

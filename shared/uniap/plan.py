@@ -8,21 +8,25 @@ status, gap and time per subproblem.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .cost.evaluate import Prediction
 from .cost.model import CALIBRATED, ESTIMATED, MEASURED
-from .cost.strategy import Strategy
+from .cluster.spec import ClusterSpec
+from .cost.strategy import NO_PINS, Pins, Strategy
 from .cost.tables import Subproblem
 from .errors import SpecError
 from .io import read_text, write_json_atomic
 from .model.graph import TRANSFORMER_KINDS
+from .model.spec import ModelSpec, TrainingSpec
 
 PLAN_FORMAT = "uniap-plan"
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 2 added each stage's memory breakdown
+PLAN_VERSION = 3
+# Version 2 added each stage's memory breakdown; version 3 renamed micro_batch -> micro_batch_all_replicas
+# and the pin micro_batch_size -> micro_batch_per_replica.
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -54,16 +58,20 @@ class StagePlan:
 
 @dataclass
 class Plan:
-    """A parallelization plan with its predicted performance. `micro_batch` is the number of samples
-    in one pipeline micro-batch (all data-parallel replicas of a stage together)."""
+    """A parallelization plan with its predicted performance, for the job its specs describe.
+
+    `micro_batches` is the paper's c (micro-batches per iteration, Megatron's accumulation steps x the
+    pipeline's); `micro_batch_all_replicas` = global batch / c is the samples of one pipeline micro-batch
+    over all data-parallel replicas of a stage together; `micro_batch_per_replica` is what each replica
+    computes (Megatron's --micro-batch-size, DeepSpeed's train_micro_batch_size_per_gpu)."""
 
     target: str
-    model: dict[str, Any]
-    cluster: dict[str, Any]
-    training: dict[str, Any]
+    model: ModelSpec
+    cluster: ClusterSpec
+    training: TrainingSpec
     pipeline_degree: int
     micro_batches: int
-    micro_batch: int
+    micro_batch_all_replicas: int
     devices_per_stage: int
     layers: list[LayerPlan]
     stages: list[StagePlan]
@@ -75,14 +83,17 @@ class Plan:
     memory_capacity_bytes: float
     basis: dict[str, str]
     solver: dict[str, Any] = field(default_factory=dict)
-    pins: dict[str, Any] = field(default_factory=dict)
+    pins: Pins = NO_PINS
     reserved_per_allocated: float | None = None
 
     def __post_init__(self) -> None:
-        if self.pipeline_degree < 1 or self.micro_batches < 1 or self.micro_batch < 1:
-            raise SpecError("invalid plan: pipeline_degree, micro_batches and micro_batch must be >= 1")
-        if self.micro_batch * self.micro_batches != self.training["global_batch_size"]:
-            raise SpecError("invalid plan: micro_batch * micro_batches must equal the global batch size")
+        for name, kind in (("model", ModelSpec), ("cluster", ClusterSpec), ("training", TrainingSpec), ("pins", Pins)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"Plan.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.pipeline_degree < 1 or self.micro_batches < 1 or self.micro_batch_all_replicas < 1:
+            raise SpecError("invalid plan: pipeline_degree, micro_batches and micro_batch_all_replicas must be >= 1")
+        if self.micro_batch_all_replicas * self.micro_batches != self.training.global_batch_size:
+            raise SpecError("invalid plan: micro_batch_all_replicas * micro_batches must equal the global batch size")
         if {lp.stage for lp in self.layers} != set(range(self.pipeline_degree)):
             raise SpecError("invalid plan: every stage must hold at least one layer")
         if len(self.stages) != self.pipeline_degree:
@@ -96,6 +107,17 @@ class Plan:
         found = {lp.strategy for lp in self.layers if lp.kind in TRANSFORMER_KINDS}
         return next(iter(found)) if len(found) == 1 else None
 
+    @property
+    def data_parallel_size(self) -> int:
+        """Replicas of each stage, for plans whose layers share one (every plan an adapter runs): the
+        transformer layers' data-parallel degree, else the first layer's."""
+        return (self.uniform_strategy or self.layers[0].strategy).dp
+
+    @property
+    def micro_batch_per_replica(self) -> int:
+        """Samples each data-parallel replica computes per micro-batch (see `data_parallel_size`)."""
+        return self.micro_batch_all_replicas // self.data_parallel_size
+
     def stage_layer_counts(self, kinds: tuple[str, ...] = TRANSFORMER_KINDS) -> list[int]:
         counts = [0] * self.pipeline_degree
         for lp in self.layers:
@@ -106,8 +128,10 @@ class Plan:
     # --- JSON -------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["layers"] = [{**asdict(lp), "strategy": lp.strategy.to_dict()} for lp in self.layers]
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(model=self.model.to_dict(), cluster=self.cluster.to_dict(), training=self.training.to_dict(),
+                    layers=[{**asdict(lp), "strategy": lp.strategy.to_dict()} for lp in self.layers],
+                    stages=[asdict(sp) for sp in self.stages], pins=self.pins.to_dict())
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **data}
 
     def to_json(self) -> str:
@@ -124,8 +148,12 @@ class Plan:
         if data.get("version") not in READABLE_VERSIONS:
             raise SpecError(f"{source} has plan version {data.get('version')!r}; this uniap reads versions "
                             f"{', '.join(map(str, READABLE_VERSIONS))}", "re-plan with this uniap version")
-        body = {k: v for k, v in data.items() if k not in ("format", "version")}
+        body = _upgrade({k: v for k, v in data.items() if k not in ("format", "version")}, data["version"])
         try:
+            body["model"] = ModelSpec.from_dict(body["model"])
+            body["cluster"] = ClusterSpec.from_dict(body["cluster"])
+            body["training"] = TrainingSpec.from_dict(body["training"])
+            body["pins"] = Pins(**body.get("pins", {}))
             body["layers"] = [LayerPlan(name=lp["name"], kind=lp["kind"], stage=lp["stage"],
                                         strategy=Strategy(**lp["strategy"])) for lp in body["layers"]]
             body["stages"] = [StagePlan(**sp) for sp in body["stages"]]
@@ -143,13 +171,25 @@ class Plan:
         return cls.from_dict(data, source=str(path))
 
 
+def _upgrade(body: dict[str, Any], version: int) -> dict[str, Any]:
+    """A version 1 or 2 plan's fields under version 3's names."""
+    if version < 3:
+        if "micro_batch" in body:
+            body["micro_batch_all_replicas"] = body.pop("micro_batch")
+        pins = dict(body.get("pins") or {})
+        if "micro_batch_size" in pins:
+            pins["micro_batch_per_replica"] = pins.pop("micro_batch_size")
+        body["pins"] = pins
+    return body
+
+
 def model_flops_per_iteration(sub: Subproblem) -> float:
     """Forward + backward FLOPs of one iteration without recompute (3x forward), for MFU."""
     return 3.0 * sum(layer.flops_fwd for layer in sub.graph.layers) * sub.training.global_batch_size
 
 
 def make_plan(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy], pred: Prediction,
-              model: dict[str, Any], solver: dict[str, Any], pins: dict[str, Any] | None = None) -> Plan:
+              model: ModelSpec, solver: dict[str, Any], pins: Pins = NO_PINS) -> Plan:
     """Assemble the Plan for one priced assignment."""
     g = sub.graph
     layers = [LayerPlan(layer.name, layer.kind, stage_of[u], strategy_of[u]) for u, layer in enumerate(g.layers)]
@@ -178,12 +218,12 @@ def make_plan(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy],
         "memory": f"{sub.capability.accounting.name} states, reserved = allocated x{cm.reserved_per_allocated:.3g} "
                   f"{cm.reserved_basis}",
     }
-    return Plan(target=sub.capability.name, model=model, cluster=c.to_dict(), training=sub.training.to_dict(),
-                pipeline_degree=sub.deg, micro_batches=sub.c, micro_batch=sub.micro_batch,
+    return Plan(target=sub.capability.name, model=model, cluster=c, training=sub.training,
+                pipeline_degree=sub.deg, micro_batches=sub.c, micro_batch_all_replicas=sub.micro_batch_all_replicas,
                 devices_per_stage=sub.stage_devices, layers=layers, stages=stages,
                 boundary_time=pred.boundary_time, time_per_iteration=tpi, samples_per_second=samples,
                 tokens_per_second=samples * g.tokens_per_sample, mfu=mfu,
-                memory_capacity_bytes=pred.memory_capacity, basis=basis, solver=solver, pins=pins or {},
+                memory_capacity_bytes=pred.memory_capacity, basis=basis, solver=solver, pins=pins,
                 reserved_per_allocated=pred.reserved_per_allocated)
 
 

@@ -44,7 +44,7 @@ def training_spec(model: ModelSpec, global_batch_size: int, seq_length: int | No
 
 
 # How the `uniap` command spells each pin; an adapter passes its framework's spelling (Job.pin_flags).
-PIN_FLAGS = {"tp": "--tp", "pipeline_degree": "--pp", "micro_batch_size": "--micro-batch-size"}
+PIN_FLAGS = {"tp": "--tp", "pipeline_degree": "--pp", "micro_batch_per_replica": "--micro-batch-size"}
 
 
 @dataclass(frozen=True)
@@ -91,15 +91,16 @@ def check_pins(job: Job, graph: LayerGraph) -> None:
         if p.pipeline_degree > len(graph.layers):
             raise SpecError(f"{flags['pipeline_degree']} {p.pipeline_degree} exceeds the model's {len(graph.layers)} "
                             f"layers (every pipeline stage needs at least one)", hint)
-    if p.micro_batch_size is not None:
-        if gbs % p.micro_batch_size:
-            raise SpecError(f"{flags['micro_batch_size']} {p.micro_batch_size} does not divide the global batch "
-                            f"size {gbs}", hint)
+    mbs = p.micro_batch_per_replica
+    if mbs is not None:
+        if gbs % mbs:
+            raise SpecError(f"{flags['micro_batch_per_replica']} {mbs} does not divide the global batch size {gbs}",
+                            hint)
         if p.tp is not None and p.pipeline_degree is not None:
             dp = world // (p.tp * p.pipeline_degree)
-            if gbs % (p.micro_batch_size * dp):
-                raise SpecError(f"the global batch size {gbs} is not a multiple of {flags['micro_batch_size']} "
-                                f"{p.micro_batch_size} x the data-parallel size {dp}", hint)
+            if gbs % (mbs * dp):
+                raise SpecError(f"the global batch size {gbs} is not a multiple of {flags['micro_batch_per_replica']} "
+                                f"{mbs} x the data-parallel size {dp}", hint)
 
 
 def plan(job: Job, time_limit: float | None = None, gap: float = DEFAULT_GAP,
@@ -114,8 +115,8 @@ def plan(job: Job, time_limit: float | None = None, gap: float = DEFAULT_GAP,
     outcome = optimize(graph, job.cluster, job.training, capability, cost_model, pins=job.pins,
                        time_limit=time_limit, gap=gap, progress=progress)
     best = outcome.best
-    made = make_plan(outcome.sub, best.stage_of, best.strategy_of, outcome.prediction, job.model.to_dict(),
-                     outcome.solver_report(), job.pins.to_dict())
+    made = make_plan(outcome.sub, best.stage_of, best.strategy_of, outcome.prediction, job.model,
+                     outcome.solver_report(), job.pins)
     return made, outcome
 
 
@@ -131,9 +132,7 @@ class PricedPlan:
 
 def price(plan: Plan, profile: Profile | None = None) -> PricedPlan:
     """Evaluate `plan`'s placement and strategies; SpecError when the plan does not match its own model."""
-    model = ModelSpec.from_dict(plan.model)
-    cluster = ClusterSpec.from_dict(plan.cluster)
-    training = TrainingSpec.from_dict(plan.training)
+    model, cluster, training = plan.model, plan.cluster, plan.training
     graph = build_graph(model, training)
     names = [layer.name for layer in graph.layers]
     if [lp.name for lp in plan.layers] != names:
@@ -166,7 +165,7 @@ def configure(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, ta
     if zero and dp == 1:
         raise SpecError(f"ZeRO stage {zero} needs data parallelism, but dp = 1 here")
     graph = build_graph(model, training)
-    pins = Pins(tp=tp, pipeline_degree=pp, zero=zero, recompute=recompute, micro_batch_size=micro_batch_size)
+    pins = Pins(tp=tp, pipeline_degree=pp, zero=zero, recompute=recompute, micro_batch_per_replica=micro_batch_size)
     sub = build_subproblem(graph, cluster, training, capability_for(target), CostModel(cluster, training, profile),
                            pp, training.global_batch_size // micro_batch, pins)
     stage_of = split_by_counts(graph, split) if split else even_split(graph, pp)
@@ -175,4 +174,4 @@ def configure(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, ta
                    for layer in graph.layers]
     check_assignment(sub, stage_of, strategy_of)
     prediction = evaluate(sub, stage_of, strategy_of)
-    return make_plan(sub, stage_of, strategy_of, prediction, model.to_dict(), {}), prediction
+    return make_plan(sub, stage_of, strategy_of, prediction, model, {}), prediction

@@ -8,6 +8,9 @@ from .plan import Plan
 from .profile.schema import Calibration
 
 GiB = 2 ** 30
+# How the table names each pin (Pins fields), in the terms Megatron-LM and DeepSpeed users know.
+PIN_WORDS = {"tp": "TP", "pipeline_degree": "PP", "zero": "ZeRO", "recompute": "recompute",
+             "micro_batch_per_replica": "micro-batch size", "micro_batches": "micro-batches"}
 
 
 def _seconds(t: float) -> str:
@@ -25,6 +28,21 @@ def describe_stage(plan: Plan, stage: int) -> str:
     return text
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def batch_line(plan: Plan) -> str:
+    """The batch as Megatron-LM and DeepSpeed name it: per-replica micro-batch size, data-parallel size and
+    micro-batches per iteration (Megatron's number of micro-batches, DeepSpeed's gradient_accumulation_steps)."""
+    head = f"pipeline degree {plan.pipeline_degree}, {plan.devices_per_stage} GPUs per stage"
+    steps = plural(plan.micro_batches, "micro-batch")
+    if plan.uniform_strategy is None:  # layers differ in data-parallel size (generic target)
+        return f"{head}; {steps} of {plan.micro_batch_all_replicas} samples over all replicas per iteration"
+    return (f"{head}, data-parallel size {plan.data_parallel_size}; micro-batch size {plan.micro_batch_per_replica} "
+            f"per replica x {steps} per iteration (accumulation steps)")
+
+
 def _memory_note(plan: Plan) -> list[str]:
     """What the fullest stage's memory is made of (plans of format 2 carry the breakdown)."""
     full = max(plan.stages, key=lambda s: s.memory_bytes)
@@ -39,10 +57,9 @@ def _memory_note(plan: Plan) -> list[str]:
 def render(plan: Plan, title: str) -> str:
     m, c, t = plan.model, plan.cluster, plan.training
     lines = [
-        f"{title}: {m['name']} on {c['name']} ({c['num_nodes']} x {c['gpus_per_node']} {c['gpu_name']}), "
-        f"global batch {t['global_batch_size']}, seq {t['seq_length']}, {t['precision']}, target {plan.target}",
-        f"  pipeline degree {plan.pipeline_degree}, {plan.micro_batches} micro-batches of {plan.micro_batch} samples, "
-        f"{plan.devices_per_stage} GPUs per stage",
+        f"{title}: {m.name} on {c.name} ({c.num_nodes} x {c.gpus_per_node} {c.gpu_name}), "
+        f"global batch {t.global_batch_size}, seq {t.seq_length}, {t.precision}, target {plan.target}",
+        "  " + batch_line(plan),
         f"  predicted: {plan.time_per_iteration:.3f} s/iteration, {plan.samples_per_second:.2f} samples/s, "
         f"{plan.tokens_per_second:,.0f} tokens/s, MFU {plan.mfu * 100:.1f}%",
         "  basis: " + ", ".join(f"{k} {v}" for k, v in plan.basis.items()),
@@ -60,8 +77,9 @@ def render(plan: Plan, title: str) -> str:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(sv.get("subproblem_counts", {}).items()))
         lines += ["", f"  solver: {sv['status']} (gap {sv['gap'] * 100:.3f}%), {len(sv.get('subproblems', []))} "
                       f"subproblems ({counts}), {sv['seconds']:.2f} s"]
-    if plan.pins:
-        lines.append("  pinned: " + ", ".join(f"{k}={v}" for k, v in plan.pins.items()))
+    pinned = plan.pins.to_dict()
+    if pinned:
+        lines.append("  pinned: " + ", ".join(f"{PIN_WORDS[k]} {v}" for k, v in pinned.items()))
     return "\n".join(lines)
 
 

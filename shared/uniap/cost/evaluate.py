@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from ..errors import SpecError
 from ..model.graph import TRANSFORMER_KINDS
+from ..tolerances import MEMORY_FIT
 from .model import BUFFERS, TRANSIENT_CLASSES
 from .strategy import Strategy
 from .tables import Subproblem
 
-MEMORY_TOLERANCE = 1e-6  # relative: a plan at its capacity up to rounding fits
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Prediction:
 
     @property
     def fits(self) -> bool:
-        return all(m <= self.memory_capacity * (1 + MEMORY_TOLERANCE) for m in self.stage_memory)
+        return all(m <= self.memory_capacity * (1 + MEMORY_FIT) for m in self.stage_memory)
 
 
 def pipeline_time(stage_time: list[float], boundary_time: list[float], stage_iter: list[float], c: int) -> float:
@@ -91,7 +91,7 @@ def check_assignment(sub: Subproblem, stage_of: list[int], strategy_of: list[Str
         if s not in rt.strategies:
             raise SpecError(f"strategy {s.label} is not available to {g.layers[u].name} on a stage of "
                             f"{sub.stage_devices} devices under target '{cap.name}' "
-                            f"(micro-batch {sub.micro_batch} samples)")
+                            f"(micro-batch {sub.micro_batch_all_replicas} samples)")
         key = (g.run_of[u], stage_of[u])
         if layout.setdefault(key, s.tp) != s.tp:
             raise SpecError(f"layers of one run on one stage must share a TP degree ({g.layers[u].name})")

@@ -1,7 +1,7 @@
 """The cost model: time and memory of one layer under one strategy, and of collectives.
 
-Per layer and strategy (for one stage of `tp*dp` devices and a pipeline micro-batch of `micro_batch`
-samples, so each replica processes b = micro_batch/dp samples):
+Per layer and strategy (for one stage of `tp*dp` devices and a pipeline micro-batch of
+`micro_batch_all_replicas` samples, so each replica processes b = micro_batch_all_replicas/dp samples):
 - time per micro-batch (the paper's A): forward + backward (+ recomputed forward) compute, TP
   collectives on the critical path, FSDP/ZeRO-2 collectives overlapped with compute, and adding the
   micro-batch's gradients into the framework's gradient buffer;
@@ -204,11 +204,11 @@ class CostModel:
         peak = params * accounting.step_bytes(precision, s.zero, pipelined).at(s.dp)
         return seconds, peak + optimizer_params * accounting.foreach_temporary(fused)
 
-    def layer_cost(self, layer: Layer, s: Strategy, micro_batch: int, pipeline_degree: int,
+    def layer_cost(self, layer: Layer, s: Strategy, micro_batch_all_replicas: int, pipeline_degree: int,
                    stage_intra_node: bool, accounting: Accounting) -> LayerCost:
-        """Cost of `layer` under `s` for micro-batches of `micro_batch` samples (the whole pipeline's), with
+        """Cost of `layer` under `s` for micro-batches of `micro_batch_all_replicas` samples, with
         the target framework's `accounting` of model states."""
-        b = micro_batch // s.dp
+        b = micro_batch_all_replicas // s.dp  # per replica
         bpv, tp, dp = self.bpv, s.tp, s.dp
         precision, fused = self.training.precision, self.training.fused_kernels
         fwd, bwd, basis = self.compute_times(layer, tp, b)

@@ -140,17 +140,17 @@ class Capability:
 class Pins:
     """Choices the user fixed (e.g. `--tensor-model-parallel-size 4`): constraints, never overridden.
 
-    `micro_batch_size` is per data-parallel replica (Megatron's --micro-batch-size)."""
+    `micro_batch_per_replica` is per data-parallel replica (Megatron's --micro-batch-size)."""
 
     tp: int | None = None
     pipeline_degree: int | None = None
     zero: int | None = None
     recompute: str | None = None
-    micro_batch_size: int | None = None
+    micro_batch_per_replica: int | None = None
     micro_batches: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pipeline_degree", "micro_batch_size", "micro_batches"):
+        for name in ("tp", "pipeline_degree", "micro_batch_per_replica", "micro_batches"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise SpecError(f"invalid pin '{name}': must be a positive integer (got {v!r})")
@@ -159,14 +159,14 @@ class Pins:
         if self.recompute is not None and self.recompute not in RECOMPUTE_MODES:
             raise SpecError(f"invalid pin 'recompute': {self.recompute!r} ({', '.join(RECOMPUTE_MODES)})")
 
-    def allows(self, s: Strategy, micro_batch: int, transformer: bool) -> bool:
+    def allows(self, s: Strategy, micro_batch_all_replicas: int, transformer: bool) -> bool:
         if self.tp is not None and s.tp != self.tp:
             return False
         if self.zero is not None and s.dp > 1 and s.zero != self.zero:
             return False
         if self.recompute is not None and transformer and s.recompute != self.recompute:
             return False
-        return self.micro_batch_size is None or micro_batch == self.micro_batch_size * s.dp
+        return self.micro_batch_per_replica is None or micro_batch_all_replicas == self.micro_batch_per_replica * s.dp
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -213,7 +213,7 @@ def tp_fits_layer(tp: int, divisibility: dict[str, int], kind: str) -> bool:
     return heads % tp == 0 and ffn % tp == 0 and (groups % tp == 0 or tp % groups == 0)
 
 
-def stage_strategies(devices: int, gpus_per_node: int, micro_batch: int, pipeline_degree: int,
+def stage_strategies(devices: int, gpus_per_node: int, micro_batch_all_replicas: int, pipeline_degree: int,
                      capability: Capability, kind: str, divisibility: dict[str, int],
                      flash_attention: bool, pins: Pins = NO_PINS) -> list[Strategy]:
     """All strategies for a layer of `kind` on a stage of `devices` devices that the capability and the
@@ -225,7 +225,7 @@ def stage_strategies(devices: int, gpus_per_node: int, micro_batch: int, pipelin
         if devices % tp or tp > gpus_per_node or gpus_per_node % tp or not tp_fits_layer(tp, divisibility, kind):
             continue
         dp = devices // tp
-        if micro_batch % dp:
+        if micro_batch_all_replicas % dp:
             continue
         for zero in ((0,) if dp == 1 else (0, 1, 2, 3)):
             for rc in RECOMPUTE_MODES:
@@ -236,6 +236,6 @@ def stage_strategies(devices: int, gpus_per_node: int, micro_batch: int, pipelin
                 if rc != "none" and not transformer:
                     continue
                 s = Strategy(tp, dp, zero, rc)
-                if capability.allows(s, pipeline_degree) and pins.allows(s, micro_batch, transformer):
+                if capability.allows(s, pipeline_degree) and pins.allows(s, micro_batch_all_replicas, transformer):
                     out.append(s)
     return out

@@ -14,6 +14,7 @@ import numpy as np
 from ..cluster.spec import ClusterSpec
 from ..model.graph import CHAIN, Layer, LayerGraph, Run
 from ..model.spec import TrainingSpec
+from ..tolerances import ROUNDING
 from .model import CostModel, LayerCost
 from .strategy import NO_PINS, Capability, Pins, Strategy, stage_strategies
 
@@ -56,7 +57,8 @@ class Subproblem:
         return self.cluster.usable_memory_bytes
 
     @property
-    def micro_batch(self) -> int:
+    def micro_batch_all_replicas(self) -> int:
+        """Samples in one pipeline micro-batch, all data-parallel replicas of a stage together."""
         return self.training.global_batch_size // self.c
 
     @property
@@ -77,14 +79,14 @@ class Subproblem:
         if tp_from == tp_to or layer.output_bytes == 0:
             return 0.0
         group = max(tp_from, tp_to) // min(tp_from, tp_to)
-        per_device = layer.output_bytes * self.micro_batch / self.stage_devices
+        per_device = layer.output_bytes * self.micro_batch_all_replicas / self.stage_devices
         return 2.0 * self.cost_model.collective("all_to_all", per_device * group, group, True)
 
     def p2p_time(self, layer: Layer, boundary: int) -> float:
         """Sending `layer`'s output across pipeline boundary `boundary` (stage b to b+1) for one
         micro-batch, forward activation and backward gradient (the paper's R'). Activations are split
         over all of a stage's devices (sequence parallel x data parallel), each sending its share."""
-        per_device = layer.output_bytes * self.micro_batch / self.stage_devices
+        per_device = layer.output_bytes * self.micro_batch_all_replicas / self.stage_devices
         return 2.0 * self.cost_model.p2p(per_device, self.boundary_intra_node[boundary])
 
     @cached_property
@@ -121,7 +123,7 @@ class Subproblem:
                                      for c in rt.costs]))
             memory.append(np.array([c.state_bytes + c.activation_bytes for c in rt.costs]) / self.memory_capacity)
         budget = float(self.deg)
-        if sum(rt.run.size * m.min() for rt, m in zip(self.runs, memory)) > budget * (1 + 1e-9):
+        if sum(rt.run.size * m.min() for rt, m in zip(self.runs, memory)) > budget * (1 + ROUNDING):
             return float("inf")
         multipliers = {0.0}
         for w, m in zip(weights, memory):

@@ -109,7 +109,7 @@ def fit(measurements: list[Measurement], profile: Profile | None = None, source:
     if not measurements:
         raise ProfileError("nothing to calibrate: no measured run was given")
     first = measurements[0].plan
-    base = _uncalibrated(profile, first.cluster.get("gpu_name", ""), f"calibrated for target {first.target}")
+    base = _uncalibrated(profile, first.cluster.gpu_name, f"calibrated for target {first.target}")
     scale = statistics.median(_scale_for(m, base) for m in measurements)
     ratios = []
     for m in measurements:
@@ -151,7 +151,7 @@ def report_lines(calibration: Calibration, what: str, skipped_steps: int = 0) ->
 def _job_summary(plan: Plan) -> dict:
     """What ran, in the plan's own terms (enough to recognise it, not to rebuild it)."""
     strategy = plan.uniform_strategy or plan.layers[0].strategy
-    return {"target": plan.target, "model": plan.model.get("name"), "cluster": plan.cluster.get("name"),
-            "gpus": plan.cluster.get("num_nodes", 1) * plan.cluster.get("gpus_per_node", 1),
-            "global_batch_size": plan.training.get("global_batch_size"), "seq_length": plan.training.get("seq_length"),
+    return {"target": plan.target, "model": plan.model.name, "cluster": plan.cluster.name,
+            "gpus": plan.cluster.num_nodes * plan.cluster.gpus_per_node,
+            "global_batch_size": plan.training.global_batch_size, "seq_length": plan.training.seq_length,
             "pipeline_degree": plan.pipeline_degree, "micro_batches": plan.micro_batches, "strategy": strategy.label}

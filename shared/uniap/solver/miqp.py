@@ -23,6 +23,7 @@ from ..cost.model import BUFFERS, TRANSIENT_CLASSES
 from ..cost.strategy import Strategy
 from ..cost.tables import RunTable, Subproblem
 from ..model.graph import TRANSFORMER_KINDS
+from ..tolerances import CUTOFF_SLACK, ROUNDING
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class _Formulation:
             for k, cost in enumerate(rt.costs):
                 need = max(cost.state_bytes + inflight * cost.activation_bytes, cost.step_bytes) / self.memory_unit
                 if need > 0:
-                    U[i, k] = min(U[i, k], np.floor(cap / need + 1e-9))
+                    U[i, k] = min(U[i, k], np.floor(cap / need + ROUNDING))
         return U
 
     def _counts(self, rt: RunTable) -> cp.Variable:
@@ -327,7 +328,7 @@ class _Formulation:
         self.memory(limit=SCALE)
         objective = self.objective()
         if cutoff is not None:
-            self.families[OBJECTIVE].append(objective <= cutoff / self.time_unit * (1 + 1e-7))
+            self.families[OBJECTIVE].append(objective <= cutoff / self.time_unit * (1 + CUTOFF_SLACK))
         return cp.Problem(cp.Minimize(objective), self.cons)
 
     def extract(self) -> tuple[list[int], list[Strategy]]:

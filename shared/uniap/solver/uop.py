@@ -20,6 +20,7 @@ from ..cost.tables import Subproblem, build_subproblem
 from ..errors import InfeasibleError, SolverTimeLimitError, SpecError
 from ..model.graph import LayerGraph
 from ..model.spec import TrainingSpec
+from ..tolerances import SAME_OBJECTIVE
 from .heuristic import best_uniform_plan
 from .miqp import DEFAULT_GAP, SubproblemResult, least_memory_needed, solve_subproblem
 
@@ -102,7 +103,7 @@ def optimize(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, ca
             result = SubproblemResult(sub.deg, sub.c, "no_strategy")
         elif bounds[id(sub)] == float("inf"):
             result = SubproblemResult(sub.deg, sub.c, "infeasible")  # the memory bound alone rules it out
-        elif best is not None and best[1] is sub and bounds[id(sub)] >= incumbent * (1 - 1e-12):
+        elif best is not None and best[1] is sub and bounds[id(sub)] >= incumbent * (1 - SAME_OBJECTIVE):
             # This subproblem's uniform plan meets its lower bound: it is the subproblem's optimum.
             result = SubproblemResult(sub.deg, sub.c, "optimal", objective=incumbent, bound=bounds[id(sub)],
                                       gap=0.0, stage_of=best[0].stage_of, strategy_of=best[0].strategy_of)
@@ -187,5 +188,6 @@ def _infeasible(subs: list[Subproblem], cluster: ClusterSpec, capability: Capabi
     return InfeasibleError(
         f"no plan fits in {usable_gib:.1f} GiB usable per GPU ({cluster.gpu_memory_gib:g} GiB minus "
         f"{cluster.reserved_memory_gib:g} reserved); the leanest candidate needs {need / GiB:.1f} GiB on its "
-        f"fullest stage (pipeline degree {sub.deg}, {sub.c} micro-batches of {sub.micro_batch} samples)",
+        f"fullest stage (pipeline degree {sub.deg}, {sub.c} micro-batch(es) of {sub.micro_batch_all_replicas} samples"
+        " over all replicas)",
         "; ".join(hints))
