@@ -2,18 +2,19 @@
 DeepSpeed's runtime, and calibrate them against a whole-model training run.
 
 Layers: for every distinct layer signature of the model's graph (the profile key, see
-uniap.model.graph), a faithful torch module of that layer is built from the ModelSpec (pre-norm
-attention with grouped K/V heads, causal for a decoder, RoPE, MLP or SwiGLU, LayerNorm or RMSNorm,
+uniap.model.graph), a faithful torch module of that layer is built from the ModelSpec (uniap_deepspeed.layers:
+pre-norm attention with grouped K/V heads, causal for a decoder, RoPE, MLP or SwiGLU, LayerNorm or RMSNorm,
 optional biases, dropout 0), wrapped with `deepspeed.initialize` (ZeRO stage 0, bf16/fp16 on a GPU,
 fp32 on the CPU) and timed as engine forward + `engine.backward` for each micro-batch size: the
 median of `repeats` iterations after `warmup`. Embedding and head layers are timed too, so a plan
 built from the profile can say `compute measured`. DeepSpeed has no tensor parallelism of its own,
 so every timing is at tp=1.
 
-Collectives (world size >= 2): all_reduce, all_gather, reduce_scatter and all_to_all over the whole
-world through `deepspeed.comm`, plus P2P send/recv (ping-pong between rank 0 and rank 1, and with
-the first rank of the next node when there is one); bus bandwidth in the NCCL-tests convention, the
-best over the message sizes. On several nodes the collectives are also measured inside each node.
+Collectives (world size >= 2): uniap.profile.collectives through `deepspeed.comm`: all_reduce,
+all_gather, reduce_scatter and all_to_all over the whole world, plus P2P send/recv (ping-pong between
+rank 0 and rank 1, and with the first rank of the next node when there is one); bus bandwidth in the
+NCCL-tests convention, the best over the message sizes. On several nodes the collectives are also
+measured inside each node.
 
 Optimizer: one `engine.step()` over the parameters of a transformer layer (the layer module itself),
 ZeRO 0, the layers' precision, an AdamW optimizer section (DeepSpeed's FusedAdam on a GPU,
@@ -34,17 +35,14 @@ import argparse
 import contextlib
 import gc
 import logging
-import math
 import os
-import socket
-import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
-from typing import Any
+from functools import cache, partial
+from typing import Any, TypeVar
 
 from uniap.errors import EXIT_OK, ProfileError, SpecError
 from uniap.model.graph import (CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, TRANSFORMER_KINDS, Layer,
@@ -52,30 +50,22 @@ from uniap.model.graph import (CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, 
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
-from uniap.profile.options import float_list, int_list
+from uniap.profile import collectives, harness
+from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE, Device
+from uniap.profile.options import profiler_parser
 from uniap.profile.runner import (
     check_common_args,
     default_single_process_env,
     print_summary,
-    processor_name,
     run_profiler_cli,
 )
-from uniap.profile.schema import (
-    CollectiveBandwidth,
-    LayerTiming,
-    OptimizerTiming,
-    Profile,
-    bus_factor,
-)
+from uniap.profile.schema import CollectiveBandwidth, LayerTiming, OptimizerTiming, Profile
 
 log = logging.getLogger("uniap.deepspeed.profile")
+T = TypeVar("T")
 
 # Set by torchrun / the deepspeed launcher, or by MPI launchers DeepSpeed can discover.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
-CPU_NOTE = "CPU timings: for testing the pipeline, not for planning GPU jobs"
-DEFAULT_SIZES_MB_CPU = (1.0, 4.0)
-DEFAULT_SIZES_MB_GPU = (16.0, 64.0, 256.0)
-WORLD_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 # Timed optimizer steps and calibration iterations at least: both are short, and a median of two is a mean.
 OPTIMIZER_MIN_STEPS = 5
 CALIBRATION_MIN_ITERATIONS = 3
@@ -84,234 +74,13 @@ ADAMW_PARAMS: dict[str, Any] = {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "
 
 
 # ==================================================================================================
-# Layer modules (built lazily: torch is imported only when profiling)
+# Layer modules
 # ==================================================================================================
-
-def _layer_modules():
-    """The torch module classes, defined on first use so that importing this file needs no torch."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    def norm(m: ModelSpec) -> nn.Module:
-        if m.normalization == "rmsnorm":
-            return nn.RMSNorm(m.hidden_size, eps=1e-5)
-        return nn.LayerNorm(m.hidden_size, eps=1e-5)
-
-    def rope_tables(s: int, d: int, device, dtype):
-        inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
-        angles = torch.outer(torch.arange(s, device=device, dtype=torch.float32), inv)
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-    def apply_rope(x, cos, sin):  # x: (b, heads, s, d)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-    class Attention(nn.Module):
-        """Pre-norm attention block (its norm included), output projection; no residual add.
-        Self-attention uses one fused QKV projection (as megatron-core does); cross-attention a Q
-        projection of the input and a KV projection of the encoder output."""
-
-        def __init__(self, m: ModelSpec, causal: bool, cross: bool, flash: bool):
-            super().__init__()
-            self.heads, self.groups, self.d = m.num_attention_heads, m.query_groups, m.head_dim
-            h, q, kv = m.hidden_size, self.heads * self.d, self.groups * self.d
-            self.causal, self.cross, self.flash = causal, cross, flash
-            self.rope = m.position_embedding == "rope" and not cross and self.d % 2 == 0
-            self.norm = norm(m)
-            if cross:
-                self.linear_q = nn.Linear(h, q, bias=m.add_bias)
-                self.linear_kv = nn.Linear(h, 2 * kv, bias=m.add_bias)
-            else:
-                self.linear_qkv = nn.Linear(h, q + 2 * kv, bias=m.add_bias)
-            self.linear_proj = nn.Linear(q, h, bias=m.add_bias)
-
-        def forward(self, x, memory=None):
-            b, s, _ = x.shape
-            y = self.norm(x)
-            q_width, kv_width = self.heads * self.d, self.groups * self.d
-            if self.cross:
-                q = self.linear_q(y)
-                k, v = self.linear_kv(memory).split([kv_width, kv_width], dim=-1)
-            else:
-                q, k, v = self.linear_qkv(y).split([q_width, kv_width, kv_width], dim=-1)
-            s_kv = k.shape[1]
-            q = q.view(b, s, self.heads, self.d).transpose(1, 2)
-            k = k.view(b, s_kv, self.groups, self.d).transpose(1, 2)
-            v = v.view(b, s_kv, self.groups, self.d).transpose(1, 2)
-            if self.rope:
-                cos, sin = rope_tables(s, self.d, x.device, x.dtype)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if self.groups != self.heads:  # grouped-query attention: each K/V head serves heads/groups Q heads
-                k = k.repeat_interleave(self.heads // self.groups, dim=1)
-                v = v.repeat_interleave(self.heads // self.groups, dim=1)
-            if self.flash:
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-            else:  # the unfused kernel: materializes the s x s scores (what --no-flash-attention plans for)
-                scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.d)
-                if self.causal:
-                    mask = torch.ones(s, s_kv, dtype=torch.bool, device=x.device).triu(1)
-                    scores = scores.masked_fill(mask, float("-inf"))
-                o = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
-            return self.linear_proj(o.transpose(1, 2).reshape(b, s, q_width))
-
-    class MLP(nn.Module):
-        """Pre-norm MLP: GeLU, or SwiGLU when gated (fc1 produces gate and up halves)."""
-
-        def __init__(self, m: ModelSpec):
-            super().__init__()
-            self.gated = m.gated_mlp
-            self.norm = norm(m)
-            self.linear_fc1 = nn.Linear(m.hidden_size, m.ffn_hidden_size * (2 if m.gated_mlp else 1), bias=m.add_bias)
-            self.linear_fc2 = nn.Linear(m.ffn_hidden_size, m.hidden_size, bias=m.add_bias)
-
-        def forward(self, x):
-            u = self.linear_fc1(self.norm(x))
-            if self.gated:
-                gate, up = u.chunk(2, dim=-1)
-                u = F.silu(gate) * up
-            else:
-                u = F.gelu(u)
-            return self.linear_fc2(u)
-
-    class TransformerLayer(nn.Module):
-        def __init__(self, m: ModelSpec, s: int, causal: bool, flash: bool):
-            super().__init__()
-            self.s, self.h = s, m.hidden_size
-            self.self_attention = Attention(m, causal=causal, cross=False, flash=flash)
-            self.mlp = MLP(m)
-
-        def forward(self, x):
-            x = x + self.self_attention(x)
-            return x + self.mlp(x)
-
-        def example_inputs(self, b, device, dtype):
-            return (torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),)
-
-    class CrossTransformerLayer(nn.Module):
-        """An encoder-decoder decoder layer: causal self-attention, cross-attention, MLP."""
-
-        def __init__(self, m: ModelSpec, s: int, s_enc: int, flash: bool):
-            super().__init__()
-            self.s, self.s_enc, self.h = s, s_enc, m.hidden_size
-            self.self_attention = Attention(m, causal=True, cross=False, flash=flash)
-            self.cross_attention = Attention(m, causal=False, cross=True, flash=flash)
-            self.mlp = MLP(m)
-
-        def forward(self, x, memory):
-            x = x + self.self_attention(x)
-            x = x + self.cross_attention(x, memory)
-            return x + self.mlp(x)
-
-        def example_inputs(self, b, device, dtype):
-            return (torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
-                    torch.randn(b, self.s_enc, self.h, device=device, dtype=dtype, requires_grad=True))
-
-    class Embedding(nn.Module):
-        """Word embedding (+ learned positions, + token types for an encoder)."""
-
-        def __init__(self, m: ModelSpec, s: int):
-            super().__init__()
-            self.s, self.vocab = s, m.vocab_size
-            self.word_embeddings = nn.Embedding(m.vocab_size, m.hidden_size)
-            self.position_embeddings = (nn.Embedding(m.max_position_embeddings, m.hidden_size)
-                                        if m.position_embedding == "learned" else None)
-            self.tokentype_embeddings = nn.Embedding(2, m.hidden_size) if m.architecture == "encoder" else None
-
-        def forward(self, ids):
-            out = self.word_embeddings(ids)
-            if self.position_embeddings is not None:
-                out = out + self.position_embeddings(torch.arange(ids.shape[1], device=ids.device))
-            if self.tokentype_embeddings is not None:
-                out = out + self.tokentype_embeddings(torch.zeros_like(ids))
-            return out
-
-        def example_inputs(self, b, device, dtype):
-            return (torch.randint(0, self.vocab, (b, self.s), device=device),)
-
-    class PatchEmbedding(nn.Module):
-        """ViT: patches -> hidden (a strided convolution), class token, learned positions."""
-
-        def __init__(self, m: ModelSpec):
-            super().__init__()
-            self.m = m
-            self.proj = nn.Conv2d(m.num_channels, m.hidden_size, kernel_size=m.patch_size, stride=m.patch_size)
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, m.hidden_size))
-            self.position_embeddings = nn.Parameter(torch.zeros(1, m.vit_seq_length, m.hidden_size))
-
-        def forward(self, images):
-            x = self.proj(images).flatten(2).transpose(1, 2)
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-            return x + self.position_embeddings
-
-        def example_inputs(self, b, device, dtype):
-            m = self.m
-            return (torch.randn(b, m.num_channels, m.image_size, m.image_size, device=device, dtype=dtype),)
-
-    class LMHead(nn.Module):
-        """Final norm, output projection, cross-entropy on fp32 logits; returns the loss."""
-
-        def __init__(self, m: ModelSpec, s: int):
-            super().__init__()
-            self.s, self.h, self.vocab = s, m.hidden_size, m.vocab_size
-            self.final_norm = norm(m)
-            self.output_layer = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
-
-        def forward(self, x, labels):
-            logits = self.output_layer(self.final_norm(x)).float()
-            return F.cross_entropy(logits.view(-1, self.vocab), labels.view(-1))
-
-        def example_inputs(self, b, device, dtype):
-            return (torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
-                    torch.randint(0, self.vocab, (b, self.s), device=device))
-
-    class MLMHead(nn.Module):
-        """BERT: pooler on the first token, masked-LM transform (dense, GeLU, norm), output projection."""
-
-        def __init__(self, m: ModelSpec, s: int):
-            super().__init__()
-            self.s, self.h, self.vocab = s, m.hidden_size, m.vocab_size
-            self.pooler = nn.Linear(m.hidden_size, m.hidden_size)
-            self.dense = nn.Linear(m.hidden_size, m.hidden_size)
-            self.norm = norm(m)
-            self.output_layer = nn.Linear(m.hidden_size, m.vocab_size, bias=False)  # as the graph counts it
-
-        def forward(self, x, labels):
-            pooled = torch.tanh(self.pooler(x[:, 0]))
-            logits = self.output_layer(self.norm(F.gelu(self.dense(x)))).float()
-            return F.cross_entropy(logits.view(-1, self.vocab), labels.view(-1)) + pooled.float().mean()
-
-        def example_inputs(self, b, device, dtype):
-            return (torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
-                    torch.randint(0, self.vocab, (b, self.s), device=device))
-
-    class ClsHead(nn.Module):
-        """ViT: final norm, classifier on the class token, cross-entropy."""
-
-        def __init__(self, m: ModelSpec, s: int):
-            super().__init__()
-            self.s, self.h, self.classes = s, m.hidden_size, m.num_classes
-            self.final_norm = norm(m)
-            self.classifier = nn.Linear(m.hidden_size, m.num_classes)
-
-        def forward(self, x, labels):
-            logits = self.classifier(self.final_norm(x)[:, 0]).float()
-            return F.cross_entropy(logits, labels)
-
-        def example_inputs(self, b, device, dtype):
-            return (torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
-                    torch.randint(0, self.classes, (b,), device=device))
-
-    return {"TransformerLayer": TransformerLayer, "CrossTransformerLayer": CrossTransformerLayer,
-            "Embedding": Embedding, "PatchEmbedding": PatchEmbedding, "LMHead": LMHead, "MLMHead": MLMHead,
-            "ClsHead": ClsHead}
-
 
 def build_layer_module(model: ModelSpec, training: TrainingSpec, layer: Layer):
     """A torch module computing `layer` of the graph (one instance, dropout 0) with `example_inputs(b,
     device, dtype)`; None for a layer kind this profiler does not know."""
-    mods = _layer_modules()
+    from . import layers  # imports torch
     flash = training.flash_attention
     s = training.seq_length
     s_dec = training.decoder_seq_length or s
@@ -320,20 +89,20 @@ def build_layer_module(model: ModelSpec, training: TrainingSpec, layer: Layer):
         s = model.vit_seq_length
     base = layer.name.split(".")[0]
     if layer.kind == TRANSFORMER:
-        return mods["TransformerLayer"](model, s, causal=arch == "decoder", flash=flash)
+        return layers.TransformerLayer(model, s, causal=arch == "decoder", flash=flash)
     if layer.kind == CROSS_TRANSFORMER:
-        return mods["CrossTransformerLayer"](model, s_dec, s, flash=flash)
+        return layers.CrossTransformerLayer(model, s_dec, s, flash=flash)
     if layer.kind == EMBEDDING:
         if base == "patch_embedding":
-            return mods["PatchEmbedding"](model)
-        return mods["Embedding"](model, s_dec if base == "decoder_embedding" else s)
+            return layers.PatchEmbedding(model)
+        return layers.Embedding(model, s_dec if base == "decoder_embedding" else s)
     if layer.kind == HEAD:
         if base == "lm_head":
-            return mods["LMHead"](model, s_dec if arch == "encoder_decoder" else s)
+            return layers.LMHead(model, s_dec if arch == "encoder_decoder" else s)
         if base == "mlm_head":
-            return mods["MLMHead"](model, s)
+            return layers.MLMHead(model, s)
         if base == "cls_head":
-            return mods["ClsHead"](model, s)
+            return layers.ClsHead(model, s)
     return None
 
 
@@ -349,6 +118,11 @@ class _Runtime:
     ds_precision: str  # 'bf16', 'fp16' or 'fp32': the DeepSpeed config's precision section
     rank: int
     world_size: int
+
+    @property
+    def harness_device(self) -> Device:
+        """This rank's device as uniap.profile.harness measures on it."""
+        return Device(self.device, self.device_kind, _accelerator().synchronize)
 
 
 def _accelerator():
@@ -397,14 +171,8 @@ def _runtime(precision: str) -> _Runtime:
 
 
 def device_description() -> str:
-    """The GPU's name, or 'cpu (<processor>)'."""
-    acc = _accelerator()
-    if acc.device_name() == "cuda":
-        import torch
-        return torch.cuda.get_device_name(torch.cuda.current_device())
-    if acc.device_name() != "cpu":
-        return acc.device_name()
-    return f"cpu ({processor_name()})"
+    """The GPU's name, another accelerator's kind, or 'cpu (<processor>)'."""
+    return harness.device_description(_accelerator().device_name())
 
 
 def _ds_config(rt: _Runtime, micro_batch_size: int) -> dict[str, Any]:
@@ -424,28 +192,6 @@ def _ds_config(rt: _Runtime, micro_batch_size: int) -> dict[str, Any]:
     return config
 
 
-class _Timer:
-    """Forward/backward durations in ms: CUDA events on CUDA, perf_counter (after synchronize) otherwise."""
-
-    def __init__(self, rt: _Runtime):
-        self.cuda = rt.device_kind == "cuda"
-        self.acc = _accelerator()
-
-    def mark(self):
-        if self.cuda:
-            import torch
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        self.acc.synchronize()
-        return time.perf_counter()
-
-    def elapsed_ms(self, a, b) -> float:
-        if self.cuda:
-            return float(a.elapsed_time(b))
-        return (b - a) * 1e3
-
-
 def _scalar(out):
     return out if out.dim() == 0 else out.mean()
 
@@ -454,52 +200,69 @@ def time_layer(module, rt: _Runtime, micro_batch_size: int, warmup: int, repeats
     """Wrap `module` in a DeepSpeed engine and time engine forward + engine.backward: medians over
     `repeats` iterations after `warmup`. Gradient reduction across ranks is off (engine.no_sync),
     so the times are compute only; DP communication is costed from the collective bandwidths."""
+    def measure(engine) -> tuple[float, float, float | None]:
+        inputs = module.example_inputs(micro_batch_size, rt.device, rt.dtype)
+        with engine.no_sync():
+            return harness.time_passes(partial(_loss, engine, inputs), engine.backward, partial(_drop_grads, inputs),
+                                       warmup, repeats, rt.harness_device)
+
+    fwd, bwd, act = _with_engine(module, _ds_config(rt, micro_batch_size), measure)
+    return LayerTiming(tp=1, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd,
+                       activation_bytes=act)
+
+
+def _with_engine(module, config: dict[str, Any], measure: Callable[[Any], T]) -> T:
+    """`measure(engine)` of a DeepSpeed engine wrapping `module`; the engine is torn down and its cached memory
+    given back afterwards, even when `measure` raises."""
     import deepspeed
 
-    acc = _accelerator()
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
-                                           config=_ds_config(rt, micro_batch_size))
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
     try:
-        inputs = module.example_inputs(micro_batch_size, rt.device, rt.dtype)
-        timer = _Timer(rt)
-        forward, backward, kept = [], [], []
-        with engine.no_sync():
-            for i in range(warmup + repeats):
-                for x in inputs:
-                    x.grad = None
-                acc.synchronize()
-                before = acc.memory_allocated() if rt.device_kind == "cuda" else 0
-                t0 = timer.mark()
-                loss = _scalar(engine(*inputs))
-                t1 = timer.mark()
-                after = acc.memory_allocated() if rt.device_kind == "cuda" else 0
-                engine.backward(loss)
-                t2 = timer.mark()
-                acc.synchronize()
-                if i >= warmup:
-                    forward.append(timer.elapsed_ms(t0, t1))
-                    backward.append(timer.elapsed_ms(t1, t2))
-                    kept.append(after - before)
-                del loss
-        activation = float(statistics.median(kept)) if rt.device_kind == "cuda" else None
-        return LayerTiming(tp=1, micro_batch_size=micro_batch_size, forward_ms=statistics.median(forward),
-                           backward_ms=statistics.median(backward), activation_bytes=activation)
+        return measure(engine)
     finally:
         if hasattr(engine, "destroy"):
             engine.destroy()
         del engine
-        gc.collect()
-        acc.empty_cache()
+        _free_cached_memory()
+
+
+def _loss(engine, inputs):
+    return _scalar(engine(*inputs))
+
+
+def _drop_grads(inputs) -> None:
+    for x in inputs:
+        x.grad = None
+
+
+def _leave_gradients(engine, inputs) -> None:
+    """A forward and backward that leave fresh gradients for the step."""
+    _drop_grads(inputs)
+    engine.backward(_loss(engine, inputs))
+
+
+def _counted_step(engine) -> bool:
+    """engine.step(); whether it stepped (the fp16 loss scaler skips a step that overflows)."""
+    skipped = engine.skipped_steps
+    engine.step()
+    return engine.skipped_steps == skipped
+
+
+def _free_cached_memory() -> None:
+    gc.collect()
+    _accelerator().empty_cache()
 
 
 def _all_ranks_ok(ok: bool, rt: _Runtime) -> bool:
-    if rt.world_size == 1:
-        return ok
+    """uniap.profile.harness.all_ranks_ok through deepspeed.comm."""
     import deepspeed.comm as dist
-    import torch
-    flag = torch.tensor([1.0 if ok else 0.0], device=rt.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0.5)
+    return harness.all_ranks_ok(ok, dist, rt.harness_device)
+
+
+def _max_over_ranks(value: float, rt: _Runtime) -> float:
+    """uniap.profile.harness.max_over_ranks through deepspeed.comm."""
+    import deepspeed.comm as dist
+    return harness.max_over_ranks(value, dist, rt.harness_device)
 
 
 # ==================================================================================================
@@ -536,8 +299,7 @@ def profile_layers(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: 
             del module
             if not _all_ranks_ok(ok, rt):
                 log.warning("%s: micro-batch size %d ran out of memory; larger ones skipped", signature, mbs)
-                gc.collect()
-                _accelerator().empty_cache()
+                _free_cached_memory()
                 break
             timings.append(timing)
             if rt.rank == 0:
@@ -615,51 +377,21 @@ def time_optimizer_step(module, rt: _Runtime, micro_batch_size: int, warmup: int
     the AdamW of optimizer_section): after a forward/backward that leaves gradients, the median step time of
     `repeats` steps after max(warmup, 1) (the first step creates the Adam moments). On CUDA also the most
     allocated during a step beyond what was allocated before it. A step the fp16 loss scaler skips (an
-    overflow) is not kept."""
-    import deepspeed
-
-    acc = _accelerator()
+    overflow) is not kept. Timed by uniap.profile.harness.time_steps."""
     config = _ds_config(rt, micro_batch_size)
     config["optimizer"] = optimizer_section(torch_adam)
     if rt.ds_precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 1.0}  # static: no overflow-skipped steps to time
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
-    try:
+
+    def measure(engine) -> OptimizerTiming:
         inputs = module.example_inputs(micro_batch_size, rt.device, rt.dtype)
-        timer, cuda = _Timer(rt), rt.device_kind == "cuda"
-        times, extras = [], []
-        for i in range(max(warmup, 1) + repeats):
-            for x in inputs:
-                x.grad = None
-            loss = _scalar(engine(*inputs))
-            engine.backward(loss)
-            del loss
-            acc.synchronize()
-            before = 0
-            if cuda:
-                acc.reset_peak_memory_stats()
-                before = acc.memory_allocated()
-            skipped = engine.skipped_steps
-            t0 = timer.mark()
-            engine.step()
-            t1 = timer.mark()
-            acc.synchronize()
-            if i >= max(warmup, 1) and engine.skipped_steps == skipped:
-                times.append(timer.elapsed_ms(t0, t1))
-                if cuda:
-                    extras.append(acc.max_memory_allocated() - before)
-        if not times:
-            raise RuntimeError("every timed optimizer step was skipped by the loss scaler")
-        num_params = sum(p.numel() for p in module.parameters())
-        return OptimizerTiming(implementation=optimizer_name(engine), num_params=num_params,
-                               step_ms=statistics.median(times),
-                               extra_peak_bytes=float(max(0, max(extras))) if extras else None)
-    finally:
-        if hasattr(engine, "destroy"):
-            engine.destroy()
-        del engine
-        gc.collect()
-        acc.empty_cache()
+        step_ms, extra = harness.time_steps(partial(_counted_step, engine), warmup, repeats, rt.harness_device,
+                                            prepare=partial(_leave_gradients, engine, inputs))
+        return OptimizerTiming(implementation=optimizer_name(engine),
+                               num_params=sum(p.numel() for p in module.parameters()), step_ms=step_ms,
+                               extra_peak_bytes=extra)
+
+    return _with_engine(module, config, measure)
 
 
 def profile_optimizer(model: ModelSpec, training: TrainingSpec, micro_batch_size: int, warmup: int,
@@ -685,8 +417,7 @@ def profile_optimizer(model: ModelSpec, training: TrainingSpec, micro_batch_size
     del module
     if not _all_ranks_ok(ok, rt):
         log.warning("the optimizer step over %s ran out of memory; it stays estimated", layer.signature)
-        gc.collect()
-        _accelerator().empty_cache()
+        _free_cached_memory()
         return None
     if rt.rank == 0:
         log.info("optimizer %s: %.3f ms per step over %d parameters", timing.implementation, timing.step_ms,
@@ -718,7 +449,7 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
     notes = [(f"DeepSpeed engine (ZeRO 0, {rt.ds_precision} compute), tp=1; median forward/backward ms of "
               f"{repeats} iterations after {warmup} warmup")]
     if rt.device_kind == "cuda":
-        notes.append("activation_bytes = allocator bytes held from before forward to after it (kept for backward)")
+        notes.append(ACTIVATION_NOTE)
     if timing is not None:
         notes.append(f"optimizer: engine.step() of {timing.implementation} over one transformer layer's "
                      f"parameters, median of {steps} steps after {max(warmup, 1)} warmup")
@@ -737,185 +468,23 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
 # ==================================================================================================
 
 def _node_layout(world: int) -> list[list[int]]:
-    """Ranks per node: contiguous blocks of LOCAL_WORLD_SIZE (torchrun) / LOCAL_SIZE (deepspeed
-    launcher), else grouped by host name."""
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
-        value = os.environ.get(key)
-        if value and value.isdigit() and int(value) > 0 and world % int(value) == 0:
-            local = int(value)
-            return [list(range(start, start + local)) for start in range(0, world, local)]
+    """uniap.profile.collectives.node_layout through deepspeed.comm."""
     import deepspeed.comm as dist
-    names: list[Any] = [None] * world
-    dist.all_gather_object(names, socket.gethostname())
-    nodes: dict[str, list[int]] = {}
-    for rank, name in enumerate(names):
-        nodes.setdefault(name, []).append(rank)
-    return list(nodes.values())
+    return collectives.node_layout(dist, world)
 
 
-def _max_over_ranks(seconds: float, rt: _Runtime) -> float:
-    import deepspeed.comm as dist
-    import torch
-    t = torch.tensor([seconds], dtype=torch.float64 if rt.device_kind == "cpu" else torch.float32,
-                     device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def _collective_call(op: str, nbytes: int, n: int, group, rt: _Runtime) -> Callable[[], None]:
-    """A closure running `op` on a tensor of `nbytes` (the full tensor: all_reduce's buffer,
-    all_gather's output, reduce_scatter's input, all_to_all's per-rank buffer)."""
-    import deepspeed.comm as dist
-    import torch
-
-    elem = torch.tensor([], dtype=rt.dtype).element_size()
-    numel = max(n, nbytes // elem // n * n)
-    full = torch.ones(numel, dtype=rt.dtype, device=rt.device)
-    if op == "all_reduce":
-        return lambda: dist.all_reduce(full, group=group)
-    if op == "all_to_all":
-        out = torch.empty_like(full)
-        return lambda: dist.all_to_all_single(out, full, group=group)
-    shard = torch.ones(numel // n, dtype=rt.dtype, device=rt.device)
-    if op == "all_gather":
-        if dist.has_all_gather_into_tensor():
-            return lambda: dist.all_gather_into_tensor(full, shard, group=group)
-        parts = list(full.chunk(n))
-        return lambda: dist.all_gather(parts, shard, group=group)
-    if op == "reduce_scatter":
-        if dist.has_reduce_scatter_tensor():
-            return lambda: dist.reduce_scatter_tensor(shard, full, group=group)
-        parts = list(full.chunk(n))
-        return lambda: dist.reduce_scatter(shard, parts, group=group)
-    raise ValueError(op)
-
-
-def _measure(call: Callable[[], None], warmup: int, repeats: int, rt: _Runtime, group=None) -> float:
-    import deepspeed.comm as dist
-    acc = _accelerator()
-    for _ in range(warmup):
-        call()
-    acc.synchronize()
-    dist.barrier(group=group)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        call()
-    acc.synchronize()
-    return (time.perf_counter() - t0) / repeats
-
-
-def _supported(op: str, n: int, group, rt: _Runtime) -> bool:
-    """Whether the backend runs `op` (probed on a tiny tensor; all ranks agree)."""
-    ok = True
-    try:
-        _collective_call(op, 64 * n, n, group, rt)()
-        _accelerator().synchronize()
-    except (RuntimeError, NotImplementedError, ValueError) as exc:
-        log.warning("%s is not supported by this backend (%s); not measured", op, str(exc).splitlines()[0])
-        ok = False
-    return _all_ranks_ok(ok, rt)
-
-
-def _group_collectives(ranks_per_group: list[list[int]], scope: str, sizes: list[int], warmup: int, repeats: int,
-                       rt: _Runtime, report: list[str]) -> list[CollectiveBandwidth]:
-    """Every op over groups of equal size running concurrently (one group: the world)."""
-    import deepspeed.comm as dist
-
-    n = len(ranks_per_group[0])
-    if len(ranks_per_group) == 1:
-        group = None
-    else:
-        group = None
-        for ranks in ranks_per_group:  # every rank creates every group, in the same order
-            g = dist.new_group(ranks)
-            if rt.rank in ranks:
-                group = g
-    out = []
-    for op in WORLD_OPS:
-        if not _supported(op, n, group, rt):
-            continue
-        best = 0.0
-        for nbytes in sizes:
-            seconds = _max_over_ranks(_measure(_collective_call(op, nbytes, n, group, rt), warmup, repeats, rt,
-                                               group), rt)
-            busbw = nbytes / seconds * bus_factor(op, n) / 1e9
-            report.append(f"{op:15s} {scope:10s} n={n:<4d} {nbytes / 2**20:9.2f} MiB {seconds * 1e3:10.3f} ms "
-                          f"busbw {busbw:9.3f} GB/s")
-            best = max(best, busbw)
-        if best > 0 and math.isfinite(best):
-            out.append(CollectiveBandwidth(op=op, group_size=n, scope=scope, bus_bandwidth_gbps=best))
-    return out
-
-
-def _p2p(peer: int, scope: str, sizes: list[int], warmup: int, repeats: int, rt: _Runtime,
-         report: list[str]) -> list[CollectiveBandwidth]:
-    """Ping-pong between rank 0 and `peer`: one-way time = round trip / 2; bandwidth = size / time.
-    Other ranks wait at the final agreement all-reduce."""
-    import deepspeed.comm as dist
-    import torch
-
-    acc = _accelerator()
-    best = 0.0
-    for nbytes in sizes:
-        seconds = 0.0
-        if rt.rank in (0, peer):
-            buf = torch.ones(max(1, nbytes // torch.tensor([], dtype=rt.dtype).element_size()), dtype=rt.dtype,
-                             device=rt.device)
-
-            def round_trip(buf=buf):
-                if rt.rank == 0:
-                    dist.send(buf, peer)
-                    dist.recv(buf, peer)
-                else:
-                    dist.recv(buf, 0)
-                    dist.send(buf, 0)
-
-            for _ in range(warmup):
-                round_trip()
-            acc.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                round_trip()
-            acc.synchronize()
-            seconds = (time.perf_counter() - t0) / repeats / 2
-        seconds = _max_over_ranks(seconds, rt)
-        busbw = nbytes / seconds / 1e9
-        report.append(f"{'p2p':15s} {scope:10s} 0<->{peer:<3d} {nbytes / 2**20:9.2f} MiB {seconds * 1e3:10.3f} ms "
-                      f"busbw {busbw:9.3f} GB/s")
-        best = max(best, busbw)
-    if best > 0 and math.isfinite(best):
-        return [CollectiveBandwidth(op="p2p", group_size=2, scope=scope, bus_bandwidth_gbps=best)]
-    return []
-
-
-def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precision: str = "bf16",
+def profile_collectives(sizes_mb: list[float] | None, warmup: int, repeats: int, precision: str = "bf16",
                         report: list[str] | None = None) -> list[CollectiveBandwidth]:
-    """Bus bandwidths through deepspeed.comm (empty when the world has one rank). On one node: the
-    collectives over the world (scope intra_node) and P2P rank 0 <-> 1. On several nodes: the world
-    (inter_node), each node's ranks concurrently (intra_node), P2P inside node 0 and across nodes."""
-    if any(not s > 0 for s in sizes_mb):
-        raise SpecError(f"collective message sizes must be positive (got {sizes_mb!r})")
+    """uniap.profile.collectives through deepspeed.comm in the layers' dtype (`sizes_mb` None: its defaults;
+    empty when the world has one rank). On one node: the collectives over the world (scope intra_node) and
+    P2P rank 0 <-> 1. On several nodes: the world (inter_node), each node's ranks concurrently (intra_node),
+    P2P inside node 0 and across nodes."""
     import deepspeed.comm as dist
     if not dist.is_initialized():
         default_single_process_env(LAUNCHER_VARS)
         init_distributed()
     rt = _runtime(precision)
-    if rt.world_size < 2:
-        return []
-    report = report if report is not None else []
-    sizes = [max(1, round(s * 2 ** 20)) for s in sizes_mb]
-    nodes = _node_layout(rt.world_size)
-    single_node = len(nodes) == 1
-    out = _group_collectives([list(range(rt.world_size))], "intra_node" if single_node else "inter_node",
-                             sizes, warmup, repeats, rt, report)
-    local = len(nodes[0])
-    if not single_node and local >= 2 and all(len(n) == local for n in nodes):
-        out += _group_collectives(nodes, "intra_node", sizes, warmup, repeats, rt, report)
-    if local >= 2:
-        out += _p2p(nodes[0][1], "intra_node", sizes, warmup, repeats, rt, report)
-    if not single_node:
-        out += _p2p(nodes[1][0], "inter_node", sizes, warmup, repeats, rt, report)
-    return out
+    return collectives.profile_collectives(dist, rt.harness_device, rt.dtype, sizes_mb, warmup, repeats, report)
 
 
 # ==================================================================================================
@@ -923,39 +492,15 @@ def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precis
 # ==================================================================================================
 
 def build_parser(prog: str = "uniap-deepspeed profile") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description="Measure layer times and collective bandwidths through DeepSpeed; write a uniap "
-                               "profile JSON for `uniap plan --profile`.",
-        epilog="single process: python -m uniap_deepspeed.profile ...; several: torchrun --nproc-per-node N "
-               "-m uniap_deepspeed.profile ... (or the deepspeed launcher). Exit codes: 0 ok, 1 internal error, "
-               "2 invalid input.")
-    p.add_argument("--model", required=True, help="preset, uniap YAML/JSON spec, or Hugging Face config.json")
-    p.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
+    p = profiler_parser(
+        prog, "uniap_deepspeed.profile", "Measure layer times, an optimizer step and collective bandwidths "
+        "through DeepSpeed, and a calibration against a short whole-model training run",
+        repeats_use=f"layers keep the median, the optimizer the median of max(repeats, {OPTIMIZER_MIN_STEPS}) "
+                    f"steps, the calibration of max(repeats, {CALIBRATION_MIN_ITERATIONS}) iterations",
+        unfused_attention="the unfused attention (s x s scores)", launcher_note=" (or the deepspeed launcher)",
+        verbose_note=" and DeepSpeed's info")
     p.add_argument("--decoder-seq-length", type=int, help="target length of an encoder-decoder model")
-    p.add_argument("--micro-batch-sizes", type=int_list, default=[1, 2], help="comma-separated (default 1,2)")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="the plan's precision (part of the layer signature; default bf16). GPUs compute in it; "
-                        "the CPU computes in fp32")
-    p.add_argument("--no-flash-attention", action="store_true",
-                   help="time the unfused attention (s x s scores), as `uniap plan --no-flash-attention` plans")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed iterations: layers keep the median, the optimizer the median of max(repeats, 5) "
-                        "steps, the calibration of max(repeats, 3) iterations; collectives average max(repeats, 5) "
-                        "(default 5)")
-    p.add_argument("--collective-sizes-mb", type=float_list,
-                   help="message sizes in MiB (default 1,4 on CPU, 16,64,256 on GPU); the best bus bandwidth is kept")
-    p.add_argument("--no-collectives", action="store_true", help="time layers only")
     p.add_argument("--no-layers", action="store_true", help="measure collectives only")
-    p.add_argument("--calibration-layers", type=int, default=2,
-                   help="transformer layers of the whole model trained to fit the profile's calibration "
-                        "(default 2; 0: no calibration run)")
-    p.add_argument("--calibration-micro-batches", type=int, default=2,
-                   help="micro-batches (of the smallest --micro-batch-sizes) per calibration iteration (default 2)")
-    p.add_argument("--device-name", help="the profile's device label (default: detected)")
-    p.add_argument("-o", "--output", required=True, help="profile JSON to write (refuses to overwrite without --force)")
-    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every measurement and DeepSpeed's info")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher adds it
     return p
 
@@ -990,17 +535,15 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
     started = time.perf_counter()
     if args.no_layers:
         import deepspeed as ds
-        rt = _runtime(training.precision)
-        notes = [CPU_NOTE] if rt.device_kind == "cpu" else []
+        notes = [CPU_NOTE] if _accelerator().device_name() == "cpu" else []
         profile = Profile(device=args.device_name or device_description(), runtime=f"deepspeed {ds.__version__}",
                           backend=backend, notes="; ".join(notes + ["collectives only"]))
     else:
         profile = profile_model(model, training, args.micro_batch_sizes, args.warmup, args.repeats, args.device_name)
     report: list[str] = []
     if not args.no_collectives:
-        sizes = args.collective_sizes_mb or list(
-            DEFAULT_SIZES_MB_CPU if _accelerator().device_name() == "cpu" else DEFAULT_SIZES_MB_GPU)
-        profile.collectives = profile_collectives(sizes, args.warmup, max(args.repeats, 5), training.precision,
+        repeats = max(args.repeats, collectives.COLLECTIVE_MIN_REPEATS)
+        profile.collectives = profile_collectives(args.collective_sizes_mb, args.warmup, repeats, training.precision,
                                                   report)
     if profile.optimizer is not None and rank == 0:
         o = profile.optimizer

@@ -28,9 +28,9 @@ and forks the CUDA RNG tracker): the unfused kernel is SDPA's math backend there
 sequence parallelism on the CPU, and on a GPU whenever the norms refuse it (torch's norms, megatron-core
 0.16.1 transformer/torch_norm.py). CPU timings are for testing the pipeline only.
 
-Collectives (world size >= 2): all_reduce, all_gather, reduce_scatter and all_to_all over the world
-through torch.distributed (those the backend supports), plus P2P ping-pong rank 0 <-> 1; bus
-bandwidth in the NCCL-tests convention, the best over the message sizes.
+Collectives (world size >= 2): uniap.profile.collectives through torch.distributed: all_reduce,
+all_gather, reduce_scatter and all_to_all over the world (those the backend supports), plus P2P
+ping-pong rank 0 <-> 1; bus bandwidth in the NCCL-tests convention, the best over the message sizes.
 
 Run it single-process (`python -m uniap_megatron.profile ...`) or under torchrun; rank 0 writes the
 profile JSON atomically.
@@ -41,9 +41,7 @@ import argparse
 import contextlib
 import gc
 import logging
-import math
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -57,30 +55,21 @@ from uniap.model.graph import EMBEDDING, HEAD, TRANSFORMER, build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
-from uniap.profile.options import float_list, int_list
+from uniap.profile import collectives, harness
+from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE, Device
+from uniap.profile.options import int_list, profiler_parser
 from uniap.profile.runner import (
     check_common_args,
     default_single_process_env,
     print_summary,
-    processor_name,
     run_profiler_cli,
 )
-from uniap.profile.schema import (
-    CollectiveBandwidth,
-    LayerTiming,
-    OptimizerTiming,
-    Profile,
-    bus_factor,
-)
+from uniap.profile.schema import CollectiveBandwidth, LayerTiming, OptimizerTiming, Profile
 
 from .environment import fused_kernels_available, transformer_engine_available
 
 log = logging.getLogger("uniap.megatron.profile")
 
-CPU_NOTE = "CPU timings: for testing the pipeline, not for planning GPU jobs"
-DEFAULT_SIZES_MB_CPU = (1.0, 4.0)
-DEFAULT_SIZES_MB_GPU = (16.0, 64.0, 256.0)
-WORLD_OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 PROG = "uniap-megatron profile"
 VOCAB_MULTIPLE = 128  # Megatron-LM's --make-vocab-size-divisible-by default (megatron/training/arguments.py)
 SEED = 1234
@@ -124,12 +113,14 @@ def _dtype(precision: str):
     return torch.float32
 
 
+def _harness_device() -> Device:
+    """This rank's device as uniap.profile.harness measures on it."""
+    return Device(_device(), "cuda" if _cuda() else "cpu", _sync)
+
+
 def device_description() -> str:
     """The GPU's name, or 'cpu (<processor>)'."""
-    if _cuda():
-        import torch
-        return torch.cuda.get_device_name(torch.cuda.current_device())
-    return f"cpu ({processor_name()})"
+    return harness.device_description(_harness_device().kind)
 
 
 def _sync() -> None:
@@ -146,13 +137,8 @@ def _free_cached_memory() -> None:
 
 
 def _all_ranks_ok(ok: bool) -> bool:
-    import torch
     import torch.distributed as dist
-    if dist.get_world_size() == 1:
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0], device=_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0.5)
+    return harness.all_ranks_ok(ok, dist, _harness_device())
 
 
 def _rank() -> int:
@@ -443,57 +429,25 @@ def rotary_embedding(model: ModelSpec, config, seq: int):
 # Timing
 # ==================================================================================================
 
-class _Timer:
-    """CUDA events on a GPU (read after a synchronize), perf_counter on the CPU."""
-
-    def __init__(self) -> None:
-        self.cuda = _cuda()
-
-    def mark(self):
-        if self.cuda:
-            import torch
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def ms(self, a, b) -> float:
-        return float(a.elapsed_time(b)) if self.cuda else (b - a) * 1e3
-
-
 def time_passes(forward: Callable[[], Any], reset: Callable[[], None], warmup: int,
                 repeats: int) -> tuple[float, float, float | None]:
-    """(forward ms, backward ms, activation bytes): medians over `repeats` iterations after `warmup`.
-    `forward()` returns a scalar loss or an output whose gradient is taken as ones; `reset()` drops the
-    previous iteration's gradients. Activation bytes (GPU only): allocated after the forward minus before."""
+    """uniap.profile.harness.time_passes on this rank's device: (forward ms, backward ms, activation bytes).
+    `forward()` returns a scalar loss, back-propagated as it is, or an output whose gradient is taken as ones;
+    `reset()` drops the previous iteration's gradients."""
     import torch
 
-    cuda, timer = _cuda(), _Timer()
-    forward_ms, backward_ms, kept = [], [], []
-    grad = None
-    for i in range(warmup + repeats):
-        reset()
-        _sync()
-        before = torch.cuda.memory_allocated() if cuda else 0
-        t0 = timer.mark()
-        out = forward()
-        t1 = timer.mark()
-        after = torch.cuda.memory_allocated() if cuda else 0
+    ones = None
+
+    def backward(out) -> None:
+        nonlocal ones
         if out.dim() == 0:
             out.backward()
-        else:
-            if grad is None or grad.shape != out.shape:
-                grad = torch.ones_like(out)
-            out.backward(grad)
-        t2 = timer.mark()
-        _sync()
-        if i >= warmup:
-            forward_ms.append(timer.ms(t0, t1))
-            backward_ms.append(timer.ms(t1, t2))
-            kept.append(after - before)
-        del out
-    activation = float(max(0, statistics.median(kept))) if cuda else None
-    return statistics.median(forward_ms), statistics.median(backward_ms), activation
+            return
+        if ones is None or ones.shape != out.shape:
+            ones = torch.ones_like(out)
+        out.backward(ones)
+
+    return harness.time_passes(forward, backward, reset, warmup, repeats, _harness_device())
 
 
 def time_layer(layer, config, seq: int, micro_batch_size: int, tp: int, warmup: int, repeats: int,
@@ -710,37 +664,25 @@ def adam_name(optimizer) -> str:
 
 
 def time_optimizer_step(shapes: list, warmup: int, repeats: int) -> OptimizerTiming:
-    """megatron_adam over fp32 parameters of `shapes` with fp32 gradients: the median step of `repeats`
-    after max(warmup, 1) (the first creates the moments); on a GPU the most allocated during a step
-    beyond what was allocated before it."""
+    """megatron_adam over fp32 parameters of `shapes` with fp32 gradients, timed by
+    uniap.profile.harness.time_steps: the median step of `repeats` after max(warmup, 1) (the first creates the
+    moments); on a GPU the most allocated during a step beyond what was allocated before it."""
     import torch
 
-    cuda, timer = _cuda(), _Timer()
     params = []
     for shape in shapes:
         p = torch.nn.Parameter(torch.randn(shape, device=_device(), dtype=torch.float32) * 0.02)
         p.grad = torch.randn_like(p) * 1e-3
         params.append(p)
     optimizer, name = megatron_adam(params)
-    times, extras = [], []
-    for i in range(max(warmup, 1) + repeats):
-        _sync()
-        before = 0
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        t0 = timer.mark()
+
+    def step() -> bool:
         optimizer.step()
-        t1 = timer.mark()
-        _sync()
-        if i >= max(warmup, 1):
-            times.append(timer.ms(t0, t1))
-            if cuda:
-                extras.append(torch.cuda.max_memory_allocated() - before)
-    num_params = sum(p.numel() for p in params)
-    del optimizer, params
-    return OptimizerTiming(implementation=name, num_params=num_params, step_ms=statistics.median(times),
-                           extra_peak_bytes=float(max(0, max(extras))) if extras else None)
+        return True
+
+    step_ms, extra = harness.time_steps(step, warmup, repeats, _harness_device())
+    return OptimizerTiming(implementation=name, num_params=sum(p.numel() for p in params), step_ms=step_ms,
+                           extra_peak_bytes=extra)
 
 
 def profile_optimizer(model: ModelSpec, training: TrainingSpec, warmup: int, repeats: int,
@@ -804,8 +746,7 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
     if timed & {EMBEDDING, HEAD}:
         head.append(f"vocabulary padded to a multiple of {VOCAB_MULTIPLE} x tp")
     if _cuda():
-        head.append("activation_bytes = allocated after the forward minus before it; sequence parallel when "
-                    "tp > 1 and the norms take it")
+        head.append(f"{ACTIVATION_NOTE}; sequence parallel when tp > 1 and the norms take it")
     else:
         head.insert(0, CPU_NOTE)
         head.append("CPU: fp32, no sequence parallelism, no activation bytes")
@@ -826,119 +767,16 @@ def _mcore_version() -> str:
 
 
 # ==================================================================================================
-# Collectives (plain torch.distributed)
+# Collectives
 # ==================================================================================================
 
-
-def _max_over_ranks(seconds: float) -> float:
-    import torch
-    import torch.distributed as dist
-    t = torch.tensor([seconds], dtype=torch.float64 if not _cuda() else torch.float32, device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def _collective_call(op: str, nbytes: int, n: int, dtype) -> Callable[[], None]:
-    import torch
-    import torch.distributed as dist
-
-    elem = torch.tensor([], dtype=dtype).element_size()
-    numel = max(n, nbytes // elem // n * n)
-    full = torch.ones(numel, dtype=dtype, device=_device())
-    if op == "all_reduce":
-        return lambda: dist.all_reduce(full)
-    if op == "all_to_all":
-        out = torch.empty_like(full)
-        return lambda: dist.all_to_all_single(out, full)
-    shard = torch.ones(numel // n, dtype=dtype, device=_device())
-    if op == "all_gather":
-        return lambda: dist.all_gather_into_tensor(full, shard)
-    if op == "reduce_scatter":
-        return lambda: dist.reduce_scatter_tensor(shard, full)
-    raise ValueError(op)
-
-
-def _supported(op: str, n: int, dtype) -> bool:
-    ok = True
-    try:
-        _collective_call(op, 64 * n, n, dtype)()
-        _sync()
-    except (RuntimeError, NotImplementedError, ValueError) as exc:
-        log.warning("%s is not supported by this backend (%s); not measured", op, str(exc).splitlines()[0])
-        ok = False
-    return _all_ranks_ok(ok)
-
-
-def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precision: str = "bf16",
+def profile_collectives(sizes_mb: list[float] | None, warmup: int, repeats: int, precision: str = "bf16",
                         report: list[str] | None = None) -> list[CollectiveBandwidth]:
-    """Bus bandwidths over the world (scope intra_node on one node, else inter_node) and P2P rank 0 <-> 1."""
-    import torch
+    """uniap.profile.collectives through torch.distributed in the layers' dtype (`sizes_mb` None: its defaults):
+    bus bandwidths over the world (scope intra_node on one node, else inter_node) and P2P rank 0 <-> 1."""
     import torch.distributed as dist
-
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if world < 2:
-        return []
-    report = report if report is not None else []
-    dtype = _dtype(precision)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
-    scope = "intra_node" if local >= world else "inter_node"
-    sizes = [max(1, round(s * 2 ** 20)) for s in sizes_mb]
-    out: list[CollectiveBandwidth] = []
-    for op in WORLD_OPS:
-        if not _supported(op, world, dtype):
-            continue
-        best = 0.0
-        for nbytes in sizes:
-            call = _collective_call(op, nbytes, world, dtype)
-            for _ in range(warmup):
-                call()
-            _sync()
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                call()
-            _sync()
-            seconds = _max_over_ranks((time.perf_counter() - t0) / repeats)
-            busbw = nbytes / seconds * bus_factor(op, world) / 1e9
-            report.append(f"{op:15s} {scope:10s} n={world:<4d} {nbytes / 2**20:9.2f} MiB {seconds * 1e3:10.3f} ms "
-                          f"busbw {busbw:9.3f} GB/s")
-            best = max(best, busbw)
-        if best > 0 and math.isfinite(best):
-            out.append(CollectiveBandwidth(op=op, group_size=world, scope=scope, bus_bandwidth_gbps=best))
-    # P2P ping-pong rank 0 <-> 1: one-way time = round trip / 2
-    p2p_scope = "intra_node" if local >= 2 else "inter_node"
-    best = 0.0
-    elem = torch.tensor([], dtype=dtype).element_size()
-    for nbytes in sizes:
-        seconds = 0.0
-        if rank in (0, 1):
-            buf = torch.ones(max(1, nbytes // elem), dtype=dtype, device=_device())
-            peer = 1 - rank
-
-            def round_trip(buf=buf, peer=peer):
-                if rank == 0:
-                    dist.send(buf, peer)
-                    dist.recv(buf, peer)
-                else:
-                    dist.recv(buf, peer)
-                    dist.send(buf, peer)
-
-            for _ in range(warmup):
-                round_trip()
-            _sync()
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                round_trip()
-            _sync()
-            seconds = (time.perf_counter() - t0) / repeats / 2
-        seconds = _max_over_ranks(seconds)
-        busbw = nbytes / seconds / 1e9
-        report.append(f"{'p2p':15s} {p2p_scope:10s} 0<->1   {nbytes / 2**20:9.2f} MiB {seconds * 1e3:10.3f} ms "
-                      f"busbw {busbw:9.3f} GB/s")
-        best = max(best, busbw)
-    if best > 0 and math.isfinite(best):
-        out.append(CollectiveBandwidth(op="p2p", group_size=2, scope=p2p_scope, bus_bandwidth_gbps=best))
-    return out
+    return collectives.profile_collectives(dist, _harness_device(), _dtype(precision), sizes_mb, warmup, repeats,
+                                           report, per_node=False)
 
 
 # ==================================================================================================
@@ -946,40 +784,15 @@ def profile_collectives(sizes_mb: list[float], warmup: int, repeats: int, precis
 # ==================================================================================================
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description="Measure layer times and an optimizer step (megatron-core), collective bandwidths "
-                               "(torch.distributed) and a calibration against a short whole-model training run; "
-                               "write a uniap profile JSON for `uniap plan --profile`.",
-        epilog="single process: python -m uniap_megatron.profile ...; several: torchrun --nproc-per-node N "
-               "-m uniap_megatron.profile ... Exit codes: 0 ok, 1 internal error, 2 invalid input.")
-    p.add_argument("--model", required=True, help="preset, uniap YAML/JSON spec, or Hugging Face config.json")
-    p.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
-    p.add_argument("--micro-batch-sizes", type=int_list, default=[1, 2], help="comma-separated (default 1,2)")
+    p = profiler_parser(
+        prog, "uniap_megatron.profile", "Measure layer times and an optimizer step (megatron-core), collective "
+        "bandwidths (torch.distributed) and a calibration against a short whole-model training run",
+        repeats_use="layers, the optimizer step and the calibration run keep the median",
+        unfused_attention="megatron-core's unfused DotProductAttention",
+        calibration_note=". Runs with one process only")
     p.add_argument("--tp-degrees", type=int_list, default=[1],
                    help="comma-separated tensor-parallel degrees (default 1); those not dividing the world "
                         "size are skipped")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
-                   help="the plan's precision (part of the layer signature; default bf16). GPUs compute in it; "
-                        "the CPU computes in fp32")
-    p.add_argument("--no-flash-attention", action="store_true",
-                   help="time megatron-core's unfused DotProductAttention (the plan's --no-flash-attention) instead "
-                        "of Transformer Engine's or SDPA's flash attention")
-    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default 2)")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed iterations: layers, the optimizer step and the calibration run keep the median; "
-                        "collectives average max(repeats, 5) (default 5)")
-    p.add_argument("--calibration-layers", type=int, default=2,
-                   help="transformer layers of the whole-model calibration run (default 2; 0: no calibration). "
-                        "Runs with one process only")
-    p.add_argument("--calibration-micro-batches", type=int, default=2,
-                   help="micro-batches per calibration iteration, of the smallest --micro-batch-sizes (default 2)")
-    p.add_argument("--collective-sizes-mb", type=float_list,
-                   help="message sizes in MiB (default 1,4 on CPU, 16,64,256 on GPU)")
-    p.add_argument("--no-collectives", action="store_true", help="no collective bandwidths")
-    p.add_argument("--device-name", help="the profile's device label (default: detected)")
-    p.add_argument("-o", "--output", required=True, help="profile JSON to write (refuses to overwrite without --force)")
-    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every measurement")
     return p
 
 
@@ -1016,8 +829,8 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
                             args.device_name)
     report: list[str] = []
     if not args.no_collectives:
-        sizes = args.collective_sizes_mb or list(DEFAULT_SIZES_MB_GPU if _cuda() else DEFAULT_SIZES_MB_CPU)
-        profile.collectives = profile_collectives(sizes, args.warmup, max(args.repeats, 5), training.precision,
+        repeats = max(args.repeats, collectives.COLLECTIVE_MIN_REPEATS)
+        profile.collectives = profile_collectives(args.collective_sizes_mb, args.warmup, repeats, training.precision,
                                                   report)
     if profile.optimizer is not None:
         opt = profile.optimizer
