@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import megatron_lm
 import pytest
 from uniap.errors import EXIT_INVALID_INPUT
 from uniap.profile.logs import LogError, LogMeasurement, parse_log, read_log
@@ -32,8 +33,6 @@ from uniap.profile.logs import LogError, LogMeasurement, parse_log, read_log
 pytestmark = pytest.mark.slow  # the logs come from DeepSpeed and Megatron-LM run in subprocesses
 
 TESTS = Path(__file__).resolve().parent
-MEGATRON_LM_ENV = "MEGATRON_LM_PATH"
-MEGATRON_LM_NAME = "megatron-lm-core_v0.16.1"
 MIB, GIB = 2.0**20, 2.0**30
 RUN_TIMEOUT_S = 600
 
@@ -55,23 +54,10 @@ def megatron_memory_mib(iteration: int) -> dict[str, float]:
             "reserved": 300 + iteration, "max_reserved": 400 + 8 * iteration + 0.5, "device_used": 500 + iteration}
 
 
-MEGATRON_PROGRAM = f'''
+MEGATRON_PROGRAM = megatron_lm.PREAMBLE + f'''
 """Megatron-LM core_v0.16.1's training_log, called as train() calls it (training.py:2571-2911), on CPU."""
-import importlib.util
 import json
-import sys
 import time
-import types
-
-# Import-time only: megatron.training's tokenizer modules import six and regex, and its initialize module
-# imports megatron-core's Triton kernels; none of them runs here. Stand-ins only where not installed.
-for name in ("six", "regex"):
-    if importlib.util.find_spec(name) is None:
-        sys.modules[name] = types.ModuleType(name)
-if importlib.util.find_spec("triton") is None:
-    kernels = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
-    kernels.enable_batch_invariant_mode = None
-    sys.modules[kernels.__name__] = kernels
 
 import torch
 import torch.distributed as dist
@@ -199,11 +185,6 @@ class Run:
     skip: str | None = None  # why it cannot run here
 
 
-def megatron_lm_path() -> Path | None:
-    path = os.environ.get(MEGATRON_LM_ENV)
-    return Path(path) if path and (Path(path) / "megatron" / "training" / "training.py").is_file() else None
-
-
 def _start(tmp: Path) -> tuple[dict[str, subprocess.Popen], dict[str, str]]:
     """The DeepSpeed program and the Megatron-LM program, started at once; the reasons for those that cannot."""
     base = {k: v for k, v in os.environ.items()
@@ -221,12 +202,9 @@ def _start(tmp: Path) -> tuple[dict[str, subprocess.Popen], dict[str, str]]:
                "PYTHONPATH": os.pathsep.join([str(TESTS), pythonpath])}
         commands["deepspeed"] = ([sys.executable, str(tmp / "ds_program.py"), str(tmp / "deepspeed.pg"),
                                   json.dumps(DS_RUNS)], env)
-    vendor = megatron_lm_path()
-    if vendor is None:
-        skips["megatron"] = (f"Megatron-LM core_v0.16.1's training package not found: set {MEGATRON_LM_ENV} to the "
-                             f"folder holding megatron/training ({MEGATRON_LM_NAME})")
-    elif importlib.util.find_spec("torch") is None or importlib.util.find_spec("megatron.core") is None:
-        skips["megatron"] = "torch or megatron-core is not installed"
+    vendor = megatron_lm.megatron_lm_path()
+    if megatron_lm.skip_reason():
+        skips["megatron"] = megatron_lm.skip_reason()
     else:
         (tmp / "megatron_program.py").write_text(MEGATRON_PROGRAM)
         env = {**base, "PYTHONPATH": os.pathsep.join([str(vendor), pythonpath])}

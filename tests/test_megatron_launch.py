@@ -20,7 +20,9 @@ from uniap.plan import Plan
 
 from uniap_megatron.args import megatron_launch, model_args
 from uniap_megatron.cli import main
-from uniap_megatron.launch import LAUNCH_KINDS, launch_script, merged_argv, plan_megatron
+from uniap_megatron.launch import LAUNCH_KINDS, launch_script
+from uniap_megatron.merge import merged_argv
+from uniap_megatron.planning import plan_megatron
 
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
         "--max-position-embeddings", "128", "--vocab-size", "1000", "--global-batch-size", "8", "--bf16"]

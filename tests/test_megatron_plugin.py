@@ -24,7 +24,9 @@ from uniap.plan import Plan
 
 from uniap_megatron import plugin
 from uniap_megatron.args import megatron_launch
-from uniap_megatron.launch import PLAN_FLAGS, merge_plan, plan_megatron, plan_settings
+from uniap_megatron.flags import PLAN_FLAGS
+from uniap_megatron.merge import merge_plan, plan_settings
+from uniap_megatron.planning import plan_megatron
 from uniap_megatron.plugin import auto_parallel_args, chain_providers, install, plan_file_path, rewrite_args
 
 TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
@@ -402,7 +404,7 @@ def test_every_plan_flag_maps_to_megatrons_dest():
             "--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params",
             "--no-gradient-accumulation-fusion", "--ckpt-format", "fsdp_dtensor", "--recompute-granularity", "full",
             "--recompute-method", "uniform", "--recompute-num-layers", "1", "--bf16", "--fp16"]
-    assert {a for a in argv if a.startswith("--")} == set(PLAN_FLAGS)
+    assert {a for a in argv if a.startswith("--")} == {f.spelling for f in PLAN_FLAGS}
     mine = {s.dest: s.value for s in plan_settings(argv)}
     theirs = vars(megatron_parser().parse_args(argv))
     assert mine == {k: theirs[k] for k in mine}

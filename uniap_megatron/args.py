@@ -19,6 +19,7 @@ from uniap.errors import SpecError
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 
+from . import flags as F
 from .capability import MEGATRON
 from .environment import fused_kernels_available
 
@@ -43,14 +44,14 @@ def pipeline_split_args(counts: list[int]) -> list[str]:
     if first > 0 and last > 0 and len(set(middle)) <= 1 and (not middle or middle[0] > 0):
         flags = []
         if not middle or first != middle[0]:
-            flags += ["--decoder-first-pipeline-num-layers", str(first)]
+            flags += F.FIRST_STAGE_LAYERS.tokens(first)
         if not middle or last != middle[0]:
-            flags += ["--decoder-last-pipeline-num-layers", str(last)]
+            flags += F.LAST_STAGE_LAYERS.tokens(last)
         return flags
     stages = [("t*%d" % n) if n else "" for n in counts]
     stages[0] = "E" + ("," + stages[0] if stages[0] else "")
     stages[-1] = (stages[-1] + "," if stages[-1] else "") + "L"
-    return ["--pipeline-model-parallel-layout", "|".join(stages)]
+    return F.PIPELINE_LAYOUT.tokens("|".join(stages))
 
 
 def megatron_launch(plan: Plan) -> MegatronLaunch:
@@ -71,27 +72,27 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
                         "Megatron-LM's sequence parallelism needs seq_length % TP == 0",
                         f"use a sequence length divisible by {s.tp}, or re-plan with --tp pinned to a divisor "
                         f"of {seq}")
-    args = ["--tensor-model-parallel-size", str(s.tp), "--pipeline-model-parallel-size", str(pp),
-            "--micro-batch-size", str(plan.micro_batch_per_replica),
-            "--global-batch-size", str(plan.training.global_batch_size)]
+    args = (F.TENSOR_PARALLEL.tokens(s.tp) + F.PIPELINE_PARALLEL.tokens(pp)
+            + F.MICRO_BATCH_SIZE.tokens(plan.micro_batch_per_replica)
+            + F.GLOBAL_BATCH_SIZE.tokens(plan.training.global_batch_size))
     args += pipeline_split_args(plan.stage_layer_counts())
     if s.tp > 1:
-        args.append("--sequence-parallel")
+        args += F.SEQUENCE_PARALLEL.tokens()
     fsdp = s.zero == 3 and s.dp > 1
     if s.zero == 1 and s.dp > 1:
-        args += ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+        args += F.DISTRIBUTED_OPTIMIZER.tokens() + F.OVERLAP_GRAD_REDUCE.tokens() + F.OVERLAP_PARAM_GATHER.tokens()
     elif fsdp:
-        args += ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params",
-                 "--no-gradient-accumulation-fusion", "--use-distributed-optimizer", "--ckpt-format", "fsdp_dtensor"]
+        args += (F.MEGATRON_FSDP.tokens() + F.SHARDING_STRATEGY.tokens(F.OPTIM_GRADS_PARAMS)
+                 + F.NO_GRAD_ACCUMULATION_FUSION.tokens() + F.DISTRIBUTED_OPTIMIZER.tokens()
+                 + F.CHECKPOINT_FORMAT.tokens(F.FSDP_DTENSOR))
     elif s.dp > 1:
-        args.append("--overlap-grad-reduce")
-    if s.recompute == "full":
-        args += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
-    elif s.recompute == "selective":
-        args += ["--recompute-granularity", "selective"]
-    precision = plan.training.precision
-    if precision in ("bf16", "fp16"):
-        args.append(f"--{precision}")
+        args += F.OVERLAP_GRAD_REDUCE.tokens()
+    if s.recompute == F.FULL:
+        args += (F.RECOMPUTE_GRANULARITY.tokens(F.FULL) + F.RECOMPUTE_METHOD.tokens(F.UNIFORM)
+                 + F.RECOMPUTE_NUM_LAYERS.tokens(1))
+    elif s.recompute == F.SELECTIVE:
+        args += F.RECOMPUTE_GRANULARITY.tokens(F.SELECTIVE)
+    args += {"bf16": F.BF16.tokens(), "fp16": F.FP16.tokens()}.get(plan.training.precision, [])
     # TP on pre-Blackwell GPUs needs one CUDA connection; Megatron-FSDP needs more than one (it warns).
     env = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if s.tp > 1 and not fsdp else {}
     return MegatronLaunch(args=args, env=env)
@@ -101,64 +102,28 @@ def model_args(model: ModelSpec, training: TrainingSpec) -> list[str]:
     """Megatron model-shape arguments for a decoder-only ModelSpec (for `uniap-megatron args --with-model`)."""
     if model.architecture != "decoder":
         raise SpecError(f"Megatron arguments are generated for decoder-only models (got {model.architecture})")
-    args = ["--num-layers", str(model.num_layers), "--hidden-size", str(model.hidden_size),
-            "--num-attention-heads", str(model.num_attention_heads), "--ffn-hidden-size", str(model.ffn_hidden_size),
-            "--seq-length", str(training.seq_length), "--max-position-embeddings", str(model.max_position_embeddings),
-            "--vocab-size", str(model.vocab_size)]
+    args = (F.NUM_LAYERS.tokens(model.num_layers) + F.HIDDEN_SIZE.tokens(model.hidden_size)
+            + F.NUM_ATTENTION_HEADS.tokens(model.num_attention_heads) + F.FFN_HIDDEN_SIZE.tokens(model.ffn_hidden_size)
+            + F.SEQ_LENGTH.tokens(training.seq_length)
+            + F.MAX_POSITION_EMBEDDINGS.tokens(model.max_position_embeddings) + F.VOCAB_SIZE.tokens(model.vocab_size))
     if model.num_query_groups and model.num_query_groups != model.num_attention_heads:
-        args += ["--group-query-attention", "--num-query-groups", str(model.num_query_groups)]
+        args += F.GROUP_QUERY_ATTENTION.tokens() + F.NUM_QUERY_GROUPS.tokens(model.num_query_groups)
     if model.kv_channels:
-        args += ["--kv-channels", str(model.kv_channels)]
+        args += F.KV_CHANNELS.tokens(model.kv_channels)
     if model.gated_mlp:
-        args.append("--swiglu")
+        args += F.SWIGLU.tokens()
     if not model.tied_embeddings:
-        args.append("--untie-embeddings-and-output-weights")
+        args += F.UNTIE_EMBEDDINGS.tokens()
     if model.normalization == "rmsnorm":
-        args += ["--normalization", "RMSNorm"]
+        args += F.NORMALIZATION.tokens(F.RMSNORM)
     if model.position_embedding == "rope":
-        args += ["--position-embedding-type", "rope"]
+        args += F.POSITION_EMBEDDING.tokens(F.ROPE)
     if not model.add_bias:
-        args.append("--disable-bias-linear")
+        args += F.DISABLE_BIAS_LINEAR.tokens()
     return args
 
 
 # --- Megatron command line -> planning inputs -----------------------------------------------------
-
-def _megatron_parser() -> argparse.ArgumentParser:
-    """The Megatron-LM flags uniap reads (spellings and defaults of core_v0.16.1); others are ignored."""
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    a = p.add_argument
-    a("--num-layers", type=int)
-    a("--hidden-size", type=int)
-    a("--num-attention-heads", type=int)
-    a("--group-query-attention", action="store_true")
-    a("--num-query-groups", type=int, default=1)
-    a("--ffn-hidden-size", type=int)
-    a("--kv-channels", type=int)
-    a("--seq-length", type=int)
-    a("--max-position-embeddings", type=int)
-    a("--vocab-size", type=int)
-    a("--padded-vocab-size", type=int)
-    a("--make-vocab-size-divisible-by", type=int, default=128)
-    a("--swiglu", action="store_true")
-    a("--untie-embeddings-and-output-weights", action="store_true")
-    a("--normalization", default="LayerNorm")
-    a("--position-embedding-type", default="learned_absolute")
-    a("--disable-bias-linear", action="store_true")
-    a("--hidden-dropout", type=float, default=0.1)
-    a("--global-batch-size", type=int)
-    a("--micro-batch-size", type=int)
-    a("--bf16", action="store_true")
-    a("--fp16", action="store_true")
-    a("--tensor-model-parallel-size", type=int)
-    a("--pipeline-model-parallel-size", type=int)
-    a("--recompute-granularity", choices=("full", "selective"))
-    a("--recompute-activations", action="store_true")
-    a("--use-distributed-optimizer", action="store_true")
-    a("--use-torch-fsdp2", action="store_true")
-    a("--use-megatron-fsdp", action="store_true")
-    return p
-
 
 @dataclass(frozen=True)
 class ParsedJob:
@@ -169,14 +134,18 @@ class ParsedJob:
 
 def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
     """Model spec, training spec and pins (the parallel flags the user set) from Megatron arguments."""
-    ns, _unknown = _megatron_parser().parse_known_args(argv)
-    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-        if getattr(ns, flag) is None:
-            raise SpecError(f"Megatron argument --{flag.replace('_', '-')} is required for planning")
-    if ns.global_batch_size is None:
-        raise SpecError("Megatron argument --global-batch-size is required for planning",
+    try:
+        ns, _unknown = F.read_parser().parse_known_args(argv)
+    except argparse.ArgumentError as exc:
+        raise SpecError(f"invalid Megatron argument: {exc}") from None
+    given = vars(ns).get  # the plan's flags are absent unless the user passed them
+    for flag in (F.NUM_LAYERS, F.HIDDEN_SIZE, F.NUM_ATTENTION_HEADS, F.SEQ_LENGTH):
+        if getattr(ns, flag.dest) is None:
+            raise SpecError(f"Megatron argument {flag.spelling} is required for planning")
+    if given(F.GLOBAL_BATCH_SIZE.dest) is None:
+        raise SpecError(f"Megatron argument {F.GLOBAL_BATCH_SIZE.spelling} is required for planning",
                         "pass the global batch size the job should train with")
-    if ns.bf16 and ns.fp16:
+    if given(F.BF16.dest) and given(F.FP16.dest):
         raise SpecError("--bf16 and --fp16 are mutually exclusive (Megatron validate_args)")
     vocab = ns.padded_vocab_size or ns.vocab_size
     if vocab is None:
@@ -190,19 +159,19 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         num_attention_heads=ns.num_attention_heads,
         num_query_groups=ns.num_query_groups if ns.group_query_attention else None, kv_channels=ns.kv_channels,
         ffn_hidden_size=ffn, vocab_size=vocab, gated_mlp=gated,
-        normalization="rmsnorm" if ns.normalization.lower() == "rmsnorm" else "layernorm",
+        normalization="rmsnorm" if ns.normalization == F.RMSNORM else "layernorm",
         tied_embeddings=not ns.untie_embeddings_and_output_weights,
-        position_embedding="rope" if ns.position_embedding_type == "rope" else "learned",
-        max_position_embeddings=ns.max_position_embeddings or ns.seq_length, add_bias=not ns.disable_bias_linear,
+        position_embedding="rope" if ns.position_embedding_type == F.ROPE else "learned",
+        max_position_embeddings=ns.max_position_embeddings or ns.seq_length, add_bias=ns.add_bias_linear,
         dropout=ns.hidden_dropout)
-    training = TrainingSpec(global_batch_size=ns.global_batch_size, seq_length=ns.seq_length,
-                            precision="bf16" if ns.bf16 else "fp16" if ns.fp16 else "fp32",
+    training = TrainingSpec(global_batch_size=given(F.GLOBAL_BATCH_SIZE.dest), seq_length=ns.seq_length,
+                            precision="bf16" if given(F.BF16.dest) else "fp16" if given(F.FP16.dest) else "fp32",
                             fused_kernels=fused_kernels_available())
-    recompute = "selective" if ns.recompute_activations else ns.recompute_granularity
-    zero = 1 if ns.use_distributed_optimizer and not (ns.use_torch_fsdp2 or ns.use_megatron_fsdp) else \
-        3 if (ns.use_torch_fsdp2 or ns.use_megatron_fsdp) else None
-    pins = Pins(tp=ns.tensor_model_parallel_size, pipeline_degree=ns.pipeline_model_parallel_size, zero=zero,
-                recompute=recompute, micro_batch_per_replica=ns.micro_batch_size)
+    fsdp = given(F.TORCH_FSDP2.dest) or given(F.MEGATRON_FSDP.dest)
+    zero = 3 if fsdp else 1 if given(F.DISTRIBUTED_OPTIMIZER.dest) else None
+    pins = Pins(tp=given(F.TENSOR_PARALLEL.dest), pipeline_degree=given(F.PIPELINE_PARALLEL.dest), zero=zero,
+                recompute=given(F.RECOMPUTE_GRANULARITY.dest),  # --recompute-activations: 'selective'
+                micro_batch_per_replica=given(F.MICRO_BATCH_SIZE.dest))
     return ParsedJob(model=model, training=training, pins=pins)
 
 

@@ -31,18 +31,10 @@ from uniap.plan import Plan
 from uniap.report import render
 
 from .args import megatron_launch, model_args
-from .launch import (
-    DEFAULT_CLUSTER,
-    DEFAULT_MASTER_PORT,
-    LAUNCH_KINDS,
-    check_plan_fits,
-    flag_of,
-    launch_script,
-    merged_argv,
-    plan_megatron,
-    show_value,
-    torchrun_command,
-)
+from .flags import flag_of
+from .launch import DEFAULT_MASTER_PORT, LAUNCH_KINDS, launch_script, torchrun_command
+from .merge import merged_argv, show_value
+from .planning import DEFAULT_CLUSTER, check_plan_fits, plan_megatron
 from .plugin import auto_parallel_args
 
 PROG = "uniap-megatron"

@@ -69,18 +69,16 @@ from uniap.plan import Plan
 from uniap.report import render
 
 from .args import megatron_launch, world_size
-from .launch import (
+from .flags import flag_of
+from .merge import (
     AUTO_PARALLEL_SWITCHES,
     AUTO_PARALLEL_VALUE_FLAGS,
-    DEFAULT_CLUSTER,
     Merge,
-    check_plan_fits,
-    flag_of,
     merge_plan,
-    plan_megatron,
     show_value,
     strip_auto_parallel,
 )
+from .planning import DEFAULT_CLUSTER, check_plan_fits, plan_megatron
 
 PLAN_DIR_ENV = "UNIAP_PLAN_DIR"
 DEFAULT_WAIT = 1800.0

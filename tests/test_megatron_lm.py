@@ -1,0 +1,113 @@
+"""uniap's Megatron-LM flags and emitted arguments against Megatron-LM core_v0.16.1's own argument code.
+
+Run for real (tests/megatron_lm.py; skipped with the reason where Megatron-LM's training package is not
+found): its parser defines every flag of uniap's table the way the table says, and its `parse_args` +
+`validate_args` accept the arguments of every plan of the grid (tests/megatron_plans.py) and of a plan merged
+into a user's command line, deriving the data-parallel size and micro-batch count the plan was priced with.
+"""
+from __future__ import annotations
+
+import megatron_lm
+import pytest
+from megatron_plans import ALL_JOBS, emitted, get_plan
+
+from uniap_megatron import flags as F
+from uniap_megatron.merge import merged_argv
+from uniap_megatron.planning import plan_megatron
+
+pytestmark = pytest.mark.slow  # Megatron-LM's argument code in a subprocess
+
+ACTION_OF_KIND = {F.Kind.VALUE: "_StoreAction", F.Kind.SWITCH: "_StoreTrueAction",
+                  F.Kind.NEGATION: "_StoreFalseAction", F.Kind.IMPLIES: "_StoreTrueAction"}
+# What validate_args reports back about a plan (the attributes Megatron derives or reads).
+REPORTED = ("data_parallel_size", "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+            "global_batch_size", "sequence_parallel", "recompute_granularity")
+
+
+def test_flag_table_matches_megatron_lm_parser():
+    """Each flag of uniap's table exists in Megatron-LM's parser with the same attribute, action, type and
+    default; an alias that implies a value (--recompute-activations) is Megatron's own switch, and
+    validate_args turns it into the value the table says."""
+    megatron_lm.require()
+    actions = megatron_lm.parser_actions([f.spelling for f in F.ALL_FLAGS])
+    problems = []
+    for flag in F.ALL_FLAGS:
+        got = actions[flag.spelling]
+        if got is None:
+            problems.append(f"{flag.spelling}: not a Megatron-LM flag")
+            continue
+        if got["action"] != ACTION_OF_KIND[flag.kind]:
+            problems.append(f"{flag.spelling}: Megatron's action is {got['action']}, the table says {flag.kind}")
+        if flag.kind is F.Kind.IMPLIES:
+            continue  # its own dest in Megatron; the implication is checked below
+        if got["dest"] != flag.dest:
+            problems.append(f"{flag.spelling}: Megatron sets args.{got['dest']}, the table says {flag.dest}")
+        if flag.kind is F.Kind.VALUE and (got["type"] or "str") != flag.type.__name__:
+            problems.append(f"{flag.spelling}: Megatron's type is {got['type']}, the table says {flag.type.__name__}")
+        if got["default"] != flag.default:
+            problems.append(f"{flag.spelling}: Megatron's default is {got['default']!r}, the table says "
+                            f"{flag.default!r}")
+    assert problems == []
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--max-position-embeddings", "32", "--micro-batch-size", "1", "--global-batch-size", "2"]
+    implied = [f for f in F.ALL_FLAGS if f.kind is F.Kind.IMPLIES]
+    results = megatron_lm.validate([(base + f.tokens(), {}, 1) for f in implied], report=tuple(f.dest for f in implied))
+    for flag, result in zip(implied, results):
+        assert result.get("args", {}).get(flag.dest) == flag.const, (flag.spelling, result)
+
+
+def test_megatron_lm_validates_every_plan_of_the_grid():
+    """parse_args + validate_args accept each plan's arguments in the plan's environment, and derive the
+    parallel sizes and batch the plan was priced with."""
+    megatron_lm.require()
+    plans = [get_plan(name, argv) for name, argv in ALL_JOBS]
+    cases = []
+    for plan in plans:
+        words, env, _model, _training = emitted(plan)
+        cases.append((words, env, plan.cluster.num_gpus))
+    results = megatron_lm.validate(cases, report=REPORTED)
+    failures = []
+    for (name, _argv), plan, result in zip(ALL_JOBS, plans, results):
+        if "error" in result:
+            failures.append(f"{name}: {result['error']}")
+            continue
+        got, s = result["args"], plan.uniform_strategy
+        expected = {"data_parallel_size": s.dp, "tensor_model_parallel_size": s.tp,
+                    "pipeline_model_parallel_size": plan.pipeline_degree,
+                    "micro_batch_size": plan.micro_batch_per_replica,
+                    "global_batch_size": plan.training.global_batch_size, "sequence_parallel": s.tp > 1,
+                    "recompute_granularity": None if s.recompute == "none" else s.recompute}
+        wrong = {k: (got[k], v) for k, v in expected.items() if got[k] != v}
+        if wrong:
+            failures.append(f"{name}: Megatron derived {wrong} (Megatron's value, the plan's)")
+        elif got["global_batch_size"] // (got["micro_batch_size"] * got["data_parallel_size"]) != plan.micro_batches:
+            failures.append(f"{name}: Megatron runs another number of micro-batches than the plan's "
+                            f"{plan.micro_batches}")
+    assert failures == [], f"{len(failures)} of {len(plans)} plans:\n" + "\n".join(failures)
+
+
+# A user's command line in the style of Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh, cut to a
+# small GPT: model and training flags, logging, data; no parallel flags (the plan chooses them) except a
+# pinned pipeline size.
+USER_ARGV = """
+--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --seq-length 2048 --max-position-embeddings 2048
+--micro-batch-size 2 --global-batch-size 256 --train-iters 500000 --weight-decay 0.1 --adam-beta1 0.9
+--adam-beta2 0.95 --init-method-std 0.006 --clip-grad 1.0 --bf16 --lr 6.0e-5 --lr-decay-style cosine
+--min-lr 6.0e-6 --lr-warmup-fraction .001 --lr-decay-iters 430000 --pipeline-model-parallel-size 2
+--data-path /data/gpt/text_document --vocab-file /data/gpt2-vocab.json --merge-file /data/gpt2-merges.txt
+--split 949,50,1 --log-interval 100 --save-interval 10000 --eval-interval 1000 --eval-iters 10
+""".split()
+
+
+def test_megatron_lm_validates_a_plan_merged_into_a_user_command_line():
+    """The user's flags kept, the plan's added: Megatron-LM accepts the whole command line and runs the
+    plan's configuration (the user's pinned pipeline and micro-batch size among it)."""
+    megatron_lm.require()
+    plan = plan_megatron(USER_ARGV, nodes=2, gpus_per_node=8)
+    argv, merge = merged_argv(plan, USER_ARGV)
+    (result,) = megatron_lm.validate([(argv, merge.env, 16)], report=REPORTED)
+    assert "error" not in result, result
+    got = result["args"]
+    assert got["pipeline_model_parallel_size"] == plan.pipeline_degree == 2
+    assert got["micro_batch_size"] == plan.micro_batch_per_replica == 2
+    assert got["data_parallel_size"] == plan.data_parallel_size

@@ -1,0 +1,155 @@
+"""Every Megatron-LM flag uniap writes or reads, declared once (Megatron-LM core_v0.16.1,
+megatron/training/arguments.py and the config dataclasses it derives flags from).
+
+Everything else derives from this table: the arguments a plan emits (`Flag.tokens`, in args.py), parsing
+them back into Megatron's `args` attributes (merge.py), and reading a user's command line for the
+model, the batch and the parallel settings they pinned (args.py, `read_parser`). A test checks each
+entry's dest, kind and default against Megatron-LM's own parser.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class Kind(Enum):
+    """How argparse stores a flag (Megatron's action for it)."""
+
+    VALUE = "value"  # takes a value of `Flag.type`
+    SWITCH = "store_true"
+    NEGATION = "store_false"  # a `--no-<x>` / `--disable-<x>` flag clearing `dest`
+    IMPLIES = "store_const"  # sets `dest` to `Flag.const` (an alias such as --recompute-activations)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One Megatron-LM command-line flag: its spelling, the `args` attribute it sets, how, and Megatron's
+    default (what the attribute holds when the flag is absent)."""
+
+    spelling: str
+    kind: Kind = Kind.VALUE
+    type: type | None = None
+    default: Any = None
+    dest: str = ""
+    const: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.dest:
+            object.__setattr__(self, "dest", self.spelling.lstrip("-").replace("-", "_"))
+        if self.kind is Kind.VALUE and self.type is None:
+            raise TypeError(f"{self.spelling}: a value flag needs a type")
+        if self.kind is Kind.SWITCH and self.default is None:
+            object.__setattr__(self, "default", False)
+        if self.kind is Kind.NEGATION and self.default is None:
+            object.__setattr__(self, "default", True)
+
+    @property
+    def takes_value(self) -> bool:
+        return self.kind is Kind.VALUE
+
+    def tokens(self, value: Any = True) -> list[str]:
+        """The command-line words that set this flag to `value` (a switch: just its spelling)."""
+        return [self.spelling, str(value)] if self.takes_value else [self.spelling]
+
+    def add_to(self, parser: argparse.ArgumentParser, with_default: bool) -> None:
+        """Add as Megatron defines it; without a default the namespace holds only what was given."""
+        default = self.default if with_default else argparse.SUPPRESS
+        if self.kind is Kind.VALUE:
+            parser.add_argument(self.spelling, dest=self.dest, type=self.type, default=default)
+        elif self.kind is Kind.IMPLIES:
+            parser.add_argument(self.spelling, dest=self.dest, action="store_const", const=self.const,
+                                default=default)
+        else:
+            parser.add_argument(self.spelling, dest=self.dest, action=self.kind.value, default=default)
+
+
+# --- parallelism and batch (a plan sets these) --------------------------------------------------------
+TENSOR_PARALLEL = Flag("--tensor-model-parallel-size", type=int, default=1)
+PIPELINE_PARALLEL = Flag("--pipeline-model-parallel-size", type=int, default=1)
+MICRO_BATCH_SIZE = Flag("--micro-batch-size", type=int)  # per data-parallel replica
+GLOBAL_BATCH_SIZE = Flag("--global-batch-size", type=int)
+FIRST_STAGE_LAYERS = Flag("--decoder-first-pipeline-num-layers", type=int)
+LAST_STAGE_LAYERS = Flag("--decoder-last-pipeline-num-layers", type=int)
+PIPELINE_LAYOUT = Flag("--pipeline-model-parallel-layout", type=str)
+SEQUENCE_PARALLEL = Flag("--sequence-parallel", Kind.SWITCH)
+DISTRIBUTED_OPTIMIZER = Flag("--use-distributed-optimizer", Kind.SWITCH)
+OVERLAP_GRAD_REDUCE = Flag("--overlap-grad-reduce", Kind.SWITCH)
+OVERLAP_PARAM_GATHER = Flag("--overlap-param-gather", Kind.SWITCH)
+MEGATRON_FSDP = Flag("--use-megatron-fsdp", Kind.SWITCH)
+SHARDING_STRATEGY = Flag("--data-parallel-sharding-strategy", type=str, default="no_shard")
+NO_GRAD_ACCUMULATION_FUSION = Flag("--no-gradient-accumulation-fusion", Kind.NEGATION,
+                                   dest="gradient_accumulation_fusion")
+CHECKPOINT_FORMAT = Flag("--ckpt-format", type=str, default="torch_dist")
+RECOMPUTE_GRANULARITY = Flag("--recompute-granularity", type=str)
+RECOMPUTE_METHOD = Flag("--recompute-method", type=str)
+RECOMPUTE_NUM_LAYERS = Flag("--recompute-num-layers", type=int)
+BF16 = Flag("--bf16", Kind.SWITCH)
+FP16 = Flag("--fp16", Kind.SWITCH)
+
+# The flags a plan sets, in the order args.py emits them.
+PLAN_FLAGS = (TENSOR_PARALLEL, PIPELINE_PARALLEL, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, FIRST_STAGE_LAYERS,
+              LAST_STAGE_LAYERS, PIPELINE_LAYOUT, SEQUENCE_PARALLEL, DISTRIBUTED_OPTIMIZER, OVERLAP_GRAD_REDUCE,
+              OVERLAP_PARAM_GATHER, MEGATRON_FSDP, SHARDING_STRATEGY, NO_GRAD_ACCUMULATION_FUSION, CHECKPOINT_FORMAT,
+              RECOMPUTE_GRANULARITY, RECOMPUTE_METHOD, RECOMPUTE_NUM_LAYERS, BF16, FP16)
+
+# --- other spellings of the same settings a user may pass (Megatron's aliases and implications) -------
+RECOMPUTE_ACTIVATIONS = Flag("--recompute-activations", Kind.IMPLIES, dest="recompute_granularity",
+                             const="selective")  # validate_args turns it into granularity 'selective'
+TORCH_FSDP2 = Flag("--use-torch-fsdp2", Kind.SWITCH)
+USER_ALIASES = (RECOMPUTE_ACTIVATIONS, TORCH_FSDP2)
+
+# --- the model and the job (read from a user's command line; emitted by `model_args`) -----------------
+NUM_LAYERS = Flag("--num-layers", type=int)
+HIDDEN_SIZE = Flag("--hidden-size", type=int)
+NUM_ATTENTION_HEADS = Flag("--num-attention-heads", type=int)
+GROUP_QUERY_ATTENTION = Flag("--group-query-attention", Kind.SWITCH)
+NUM_QUERY_GROUPS = Flag("--num-query-groups", type=int, default=1)
+FFN_HIDDEN_SIZE = Flag("--ffn-hidden-size", type=int)
+KV_CHANNELS = Flag("--kv-channels", type=int)
+SEQ_LENGTH = Flag("--seq-length", type=int)
+MAX_POSITION_EMBEDDINGS = Flag("--max-position-embeddings", type=int)
+VOCAB_SIZE = Flag("--vocab-size", type=int)
+PADDED_VOCAB_SIZE = Flag("--padded-vocab-size", type=int)
+VOCAB_DIVISIBLE_BY = Flag("--make-vocab-size-divisible-by", type=int, default=128)
+SWIGLU = Flag("--swiglu", Kind.SWITCH)
+UNTIE_EMBEDDINGS = Flag("--untie-embeddings-and-output-weights", Kind.SWITCH)
+NORMALIZATION = Flag("--normalization", type=str, default="LayerNorm")
+POSITION_EMBEDDING = Flag("--position-embedding-type", type=str, default="learned_absolute")
+DISABLE_BIAS_LINEAR = Flag("--disable-bias-linear", Kind.NEGATION, dest="add_bias_linear")
+HIDDEN_DROPOUT = Flag("--hidden-dropout", type=float, default=0.1)
+MODEL_FLAGS = (NUM_LAYERS, HIDDEN_SIZE, NUM_ATTENTION_HEADS, GROUP_QUERY_ATTENTION, NUM_QUERY_GROUPS, FFN_HIDDEN_SIZE,
+               KV_CHANNELS, SEQ_LENGTH, MAX_POSITION_EMBEDDINGS, VOCAB_SIZE, PADDED_VOCAB_SIZE, VOCAB_DIVISIBLE_BY,
+               SWIGLU, UNTIE_EMBEDDINGS, NORMALIZATION, POSITION_EMBEDDING, DISABLE_BIAS_LINEAR, HIDDEN_DROPOUT)
+
+ALL_FLAGS = PLAN_FLAGS + USER_ALIASES + MODEL_FLAGS
+BY_SPELLING = {f.spelling: f for f in ALL_FLAGS}
+# Megatron's values for the choices a plan makes (megatron/training/arguments.py).
+LAYERNORM, RMSNORM = "LayerNorm", "RMSNorm"
+LEARNED_ABSOLUTE, ROPE = "learned_absolute", "rope"
+OPTIM_GRADS_PARAMS = "optim_grads_params"  # Megatron-FSDP sharding of everything (ZeRO-3)
+FSDP_DTENSOR = "fsdp_dtensor"  # the checkpoint format Megatron-FSDP saves
+FULL, SELECTIVE, UNIFORM = "full", "selective", "uniform"
+
+
+def parser(flags: tuple[Flag, ...], with_defaults: bool) -> argparse.ArgumentParser:
+    """A parser of `flags` exactly as Megatron maps them (no abbreviations, no help, errors raised)."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    for flag in flags:
+        flag.add_to(p, with_defaults)
+    return p
+
+
+def read_parser() -> argparse.ArgumentParser:
+    """What uniap reads from a user's Megatron command line: the model flags with Megatron's defaults, the
+    plan's flags and their aliases only where given (those are the user's pins); other flags pass."""
+    p = parser(MODEL_FLAGS, with_defaults=True)
+    for flag in PLAN_FLAGS + USER_ALIASES:
+        flag.add_to(p, with_default=False)
+    return p
+
+
+def flag_of(dest: str) -> str:
+    """The spelling a plan uses for Megatron attribute `dest`."""
+    return next((f.spelling for f in PLAN_FLAGS + USER_ALIASES if f.dest == dest), "--" + dest.replace("_", "-"))
