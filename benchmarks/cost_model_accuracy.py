@@ -19,6 +19,7 @@ Sections:
    worst <= 10 %; mean |memory error| <= 5 % and never more than 3 % under. On the CPU the numbers only show
    that the harness runs: the cost model is for GPUs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,16 @@ PUBLISHED_TARGET = 0.06
 
 # SC'21 Table 1: (billions of parameters, heads, hidden, layers, TP, PP, GPUs, batch, achieved TFLOP/s per GPU).
 SC21_TABLE1 = (
-    (1.7, 24, 2304, 24, 1, 1, 32, 512, 137), (3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
-    (7.5, 32, 4096, 36, 4, 1, 128, 512, 142), (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135),
-    (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138), (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140),
-    (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148), (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
-    (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163), (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
+    (1.7, 24, 2304, 24, 1, 1, 32, 512, 137),
+    (3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
+    (7.5, 32, 4096, 36, 4, 1, 128, 512, 142),
+    (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135),
+    (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138),
+    (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140),
+    (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148),
+    (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
+    (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163),
+    (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
 )
 SC21_SEQ, SC21_VOCAB = 2048, 51200
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
@@ -59,18 +65,32 @@ def _percent(predicted: float, measured: float) -> float:
 
 # --- 1. published ------------------------------------------------------------------------------------------
 
+
 def published() -> list[dict]:
     rows = []
     for params, heads, hidden, layers, tp, pp, gpus, batch, tflops in SC21_TABLE1:
-        model = ModelSpec(name=f"gpt-{params}b", architecture="decoder", num_layers=layers, hidden_size=hidden,
-                          num_attention_heads=heads, ffn_hidden_size=4 * hidden, vocab_size=SC21_VOCAB,
-                          max_position_embeddings=SC21_SEQ)
+        model = ModelSpec(
+            name=f"gpt-{params}b",
+            architecture="decoder",
+            num_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            ffn_hidden_size=4 * hidden,
+            vocab_size=SC21_VOCAB,
+            max_position_embeddings=SC21_SEQ,
+        )
         training = TrainingSpec(global_batch_size=batch, seq_length=SC21_SEQ, flash_attention=False)
         cluster = cluster_preset("dgx-a100-80g").with_shape(gpus // 8, 8)
         dp = gpus // (tp * pp)
         # Narayanan et al.'s count with activation recompute: 96 B s l h^2 (1 + s/6h + V/16lh).
-        flops = 96 * batch * SC21_SEQ * layers * hidden ** 2 * (
-            1 + SC21_SEQ / (6 * hidden) + SC21_VOCAB / (16 * layers * hidden))
+        flops = (
+            96
+            * batch
+            * SC21_SEQ
+            * layers
+            * hidden**2
+            * (1 + SC21_SEQ / (6 * hidden) + SC21_VOCAB / (16 * layers * hidden))
+        )
         best = None
         for mbs in MICRO_BATCH_SIZES:
             try:
@@ -80,25 +100,42 @@ def published() -> list[dict]:
             predicted = flops / pred.time_per_iteration / gpus / 1e12
             if pred.fits and (best is None or predicted > best[0]):
                 best = (predicted, mbs, pred.time_per_iteration)
-        rows.append({"model": f"{params}B", "tp": tp, "pp": pp, "gpus": gpus, "batch": batch,
-                     "micro_batch_size": best[1], "published_tflops": tflops, "predicted_tflops": best[0],
-                     "error_percent": _percent(best[0], tflops)})
+        rows.append(
+            {
+                "model": f"{params}B",
+                "tp": tp,
+                "pp": pp,
+                "gpus": gpus,
+                "batch": batch,
+                "micro_batch_size": best[1],
+                "published_tflops": tflops,
+                "predicted_tflops": best[0],
+                "error_percent": _percent(best[0], tflops),
+            }
+        )
     return rows
 
 
 def print_published(rows: list[dict]) -> None:
     print("1. published: Megatron-LM SC'21 Table 1 (A100-80GB, no flash attention, full recompute), TFLOP/s/GPU")
-    print(f"  {'model':>8} {'TP':>3} {'PP':>3} {'GPUs':>5} {'batch':>5} {'mbs':>4} {'published':>9} {'uniap':>7} "
-          f"{'error':>7}")
+    print(
+        f"  {'model':>8} {'TP':>3} {'PP':>3} {'GPUs':>5} {'batch':>5} {'mbs':>4} {'published':>9} {'uniap':>7} "
+        f"{'error':>7}"
+    )
     for r in rows:
-        print(f"  {r['model']:>8} {r['tp']:>3} {r['pp']:>3} {r['gpus']:>5} {r['batch']:>5} {r['micro_batch_size']:>4} "
-              f"{r['published_tflops']:>9} {r['predicted_tflops']:>7.1f} {r['error_percent']:>+6.1f}%")
+        print(
+            f"  {r['model']:>8} {r['tp']:>3} {r['pp']:>3} {r['gpus']:>5} {r['batch']:>5} {r['micro_batch_size']:>4} "
+            f"{r['published_tflops']:>9} {r['predicted_tflops']:>7.1f} {r['error_percent']:>+6.1f}%"
+        )
     errors = [abs(r["error_percent"]) for r in rows]
-    print(f"  mean |error| {statistics.mean(errors):.1f} %, worst {max(errors):.1f} % "
-          f"(target: every row within {PUBLISHED_TARGET * 100:.0f} %)\n")
+    print(
+        f"  mean |error| {statistics.mean(errors):.1f} %, worst {max(errors):.1f} % "
+        f"(target: every row within {PUBLISHED_TARGET * 100:.0f} %)\n"
+    )
 
 
 # --- 2. layers ---------------------------------------------------------------------------------------------
+
 
 def _layer(model: ModelSpec, seq: int):
     training = TrainingSpec(global_batch_size=1, seq_length=seq)
@@ -115,9 +152,16 @@ def layers() -> list[dict]:
         cm = CostModel(h200, training)
         for p in entry["points"]:
             fwd, bwd = cm.estimated_compute_times(graph.layers[1], 1, p["micro_batch_size"])
-            rows.append({"gpu": "H200", "layer": f"{entry['shape']} layer (PyTorch)", "seq": entry["seq_length"],
-                         "micro_batch_size": p["micro_batch_size"], "measured_ms": (p["forward_ms"], p["backward_ms"]),
-                         "estimated_ms": (fwd * 1e3, bwd * 1e3)})
+            rows.append(
+                {
+                    "gpu": "H200",
+                    "layer": f"{entry['shape']} layer (PyTorch)",
+                    "seq": entry["seq_length"],
+                    "micro_batch_size": p["micro_batch_size"],
+                    "measured_ms": (p["forward_ms"], p["backward_ms"]),
+                    "estimated_ms": (fwd * 1e3, bwd * 1e3),
+                }
+            )
     profile = Profile.load(DATA / "h200-2026-11-27-deepspeed-profile.json")
     graph, training = _layer(model_preset("llama2-7b"), 4096)
     cm = CostModel(h200, training)
@@ -126,17 +170,32 @@ def layers() -> list[dict]:
             continue
         for t in profile.layers.get(layer.signature, ()):
             fwd, bwd = cm.estimated_compute_times(layer, 1, t.micro_batch_size)
-            rows.append({"gpu": "H200", "layer": f"llama2-7b {layer.kind} (DeepSpeed)", "seq": 4096,
-                         "micro_batch_size": t.micro_batch_size, "measured_ms": (t.forward_ms, t.backward_ms),
-                         "estimated_ms": (fwd * 1e3, bwd * 1e3)})
+            rows.append(
+                {
+                    "gpu": "H200",
+                    "layer": f"llama2-7b {layer.kind} (DeepSpeed)",
+                    "seq": 4096,
+                    "micro_batch_size": t.micro_batch_size,
+                    "measured_ms": (t.forward_ms, t.backward_ms),
+                    "estimated_ms": (fwd * 1e3, bwd * 1e3),
+                }
+            )
     galvatron = json.loads((DATA / "galvatron-llama2-7b-computation.json").read_text())
     graph, training = _layer(model_preset("llama2-7b"), 2048)
     cm = CostModel(cluster_preset("dgx-a100-80g"), training)
     for mbs in (1, 2, 4, 8, 12):
         fwd, _ = cm.estimated_compute_times(graph.layers[1], 1, mbs)
         per_sample = galvatron[f"layertype_0_bsz{mbs}_seq2048"]
-        rows.append({"gpu": "A100", "layer": "llama2-7b layer (Galvatron)", "seq": 2048, "micro_batch_size": mbs,
-                     "measured_ms": (per_sample * mbs, None), "estimated_ms": (fwd * 1e3, None)})
+        rows.append(
+            {
+                "gpu": "A100",
+                "layer": "llama2-7b layer (Galvatron)",
+                "seq": 2048,
+                "micro_batch_size": mbs,
+                "measured_ms": (per_sample * mbs, None),
+                "estimated_ms": (fwd * 1e3, None),
+            }
+        )
     return rows
 
 
@@ -152,13 +211,18 @@ def print_layers(rows: list[dict]) -> None:
         error = f"{_percent(ef, mf):+6.1f}% / " + (f"{_percent(eb, mb):+5.1f}%" if mb is not None else "     -")
         if mb is not None:
             errors.append(abs(_percent(eb, mb)))
-        print(f"  {r['gpu']:<5} {r['layer']:<34} {r['seq']:>5} {r['micro_batch_size']:>4} {measured:>17} "
-              f"{estimated:>17} {error:>15}")
-    print(f"  mean |error| {statistics.mean(errors):.1f} %, worst {max(errors):.1f} % (the H200 and A100 defaults "
-          f"in shared/uniap/cluster/devices.py are fitted to these points)\n")
+        print(
+            f"  {r['gpu']:<5} {r['layer']:<34} {r['seq']:>5} {r['micro_batch_size']:>4} {measured:>17} "
+            f"{estimated:>17} {error:>15}"
+        )
+    print(
+        f"  mean |error| {statistics.mean(errors):.1f} %, worst {max(errors):.1f} % (the H200 and A100 defaults "
+        f"in shared/uniap/cluster/devices.py are fitted to these points)\n"
+    )
 
 
 # --- 3. whole jobs -----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Job:
@@ -176,25 +240,39 @@ class Job:
     @property
     def label(self) -> str:
         rc = "" if self.recompute == "none" else f" +{self.recompute}-rc"
-        return (f"{self.framework} {self.shape} L{self.layers} s{self.seq_length} mbs{self.micro_batch_size} "
-                f"x{self.micro_batches}{rc}")
+        return (
+            f"{self.framework} {self.shape} L{self.layers} s{self.seq_length} mbs{self.micro_batch_size} "
+            f"x{self.micro_batches}{rc}"
+        )
 
 
 # Sized for one H100/H200 in about five minutes together (a few layers of each shape).
 GPU_JOBS = (
-    Job("megatron", "llama2-7b", 4, 4096, 1, 4), Job("megatron", "llama2-7b", 4, 4096, 2, 2),
-    Job("megatron", "llama2-7b", 4, 4096, 1, 4, "full"), Job("megatron", "llama2-7b", 4, 2048, 4, 2),
-    Job("megatron", "gpt3-2.7b", 8, 2048, 2, 4), Job("megatron", "gpt3-2.7b", 8, 2048, 8, 1, "full"),
-    Job("megatron", "gpt3-13b", 4, 2048, 2, 2), Job("megatron", "llama3-8b", 2, 8192, 1, 4),
-    Job("deepspeed", "llama2-7b", 4, 4096, 1, 4), Job("deepspeed", "gpt3-2.7b", 8, 2048, 4, 2),
+    Job("megatron", "llama2-7b", 4, 4096, 1, 4),
+    Job("megatron", "llama2-7b", 4, 4096, 2, 2),
+    Job("megatron", "llama2-7b", 4, 4096, 1, 4, "full"),
+    Job("megatron", "llama2-7b", 4, 2048, 4, 2),
+    Job("megatron", "gpt3-2.7b", 8, 2048, 2, 4),
+    Job("megatron", "gpt3-2.7b", 8, 2048, 8, 1, "full"),
+    Job("megatron", "gpt3-13b", 4, 2048, 2, 2),
+    Job("megatron", "llama3-8b", 2, 8192, 1, 4),
+    Job("deepspeed", "llama2-7b", 4, 4096, 1, 4),
+    Job("deepspeed", "gpt3-2.7b", 8, 2048, 4, 2),
 )
 
 
 def _tiny(shape: str) -> ModelSpec:
     base = model_preset(shape)
-    return replace(base, name=f"tiny-{shape}", hidden_size=64, num_attention_heads=4,
-                   num_query_groups=2 if base.num_query_groups else None, ffn_hidden_size=128, vocab_size=256,
-                   max_position_embeddings=64)
+    return replace(
+        base,
+        name=f"tiny-{shape}",
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2 if base.num_query_groups else None,
+        ffn_hidden_size=128,
+        vocab_size=256,
+        max_position_embeddings=64,
+    )
 
 
 SMOKE_JOBS = (Job("megatron", "llama2-7b", 2, 32, 2, 2), Job("deepspeed", "gpt3-1.3b", 2, 32, 2, 2))
@@ -212,20 +290,44 @@ def _run_job(job: Job, smoke: bool, profile: Profile | None) -> dict:
     try:
         if job.framework == "megatron":
             from uniap_megatron import training_run as runner
-            run = runner.run_training(runner.reduced_model(model, job.layers), training, profile, job.micro_batch_size,
-                                      job.micro_batches, WARMUP, ITERATIONS, recompute=job.recompute)
+
+            run = runner.run_training(
+                runner.reduced_model(model, job.layers),
+                training,
+                profile,
+                job.micro_batch_size,
+                job.micro_batches,
+                WARMUP,
+                ITERATIONS,
+                recompute=job.recompute,
+            )
         else:
             from uniap_deepspeed import training_run as runner
-            run = runner.run_training(runner.reduced_model(model, job.layers), training, profile, job.micro_batch_size,
-                                      job.micro_batches, WARMUP, ITERATIONS)
+
+            run = runner.run_training(
+                runner.reduced_model(model, job.layers),
+                training,
+                profile,
+                job.micro_batch_size,
+                job.micro_batches,
+                WARMUP,
+                ITERATIONS,
+            )
     except Exception as exc:  # an out-of-memory or a framework error is a result of this benchmark too
         return {**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     plan = run.plan
-    row.update(measured_time_s=run.time_per_iteration_s, predicted_time_s=plan.time_per_iteration,
-               time_error_percent=_percent(plan.time_per_iteration, run.time_per_iteration_s),
-               predicted_reserved_bytes=plan.stages[0].memory_bytes, measured_reserved_bytes=run.peak_reserved_bytes,
-               measured_allocated_bytes=run.peak_allocated_bytes, basis=plan.basis, optimizer=run.optimizer,
-               loss_first=run.losses[0], loss_last=run.losses[-1])
+    row.update(
+        measured_time_s=run.time_per_iteration_s,
+        predicted_time_s=plan.time_per_iteration,
+        time_error_percent=_percent(plan.time_per_iteration, run.time_per_iteration_s),
+        predicted_reserved_bytes=plan.stages[0].memory_bytes,
+        measured_reserved_bytes=run.peak_reserved_bytes,
+        measured_allocated_bytes=run.peak_allocated_bytes,
+        basis=plan.basis,
+        optimizer=run.optimizer,
+        loss_first=run.losses[0],
+        loss_last=run.losses[-1],
+    )
     if run.peak_reserved_bytes:
         row["memory_error_percent"] = _percent(plan.stages[0].memory_bytes, run.peak_reserved_bytes)
     return row
@@ -248,27 +350,35 @@ def print_jobs(rows: list[dict], device: str, smoke: bool) -> None:
     print(f"3. jobs: whole training iterations on {device} vs uniap's prediction for the same configuration")
     if smoke:
         print("   (CPU smoke run: shows that the harness runs; the cost model is for GPUs, these errors mean nothing)")
-    print(f"  {'job':<44} {'measured s/it':>13} {'predicted':>10} {'error':>7}   {'reserved GiB':>12} {'predicted':>9} "
-          f"{'error':>7}")
+    print(
+        f"  {'job':<44} {'measured s/it':>13} {'predicted':>10} {'error':>7}   {'reserved GiB':>12} {'predicted':>9} "
+        f"{'error':>7}"
+    )
     time_errors, memory_errors = [], []
     for r in rows:
         if "error" in r:
             print(f"  {r['job']:<44} failed: {r['error']}")
             continue
         time_errors.append(r["time_error_percent"])
-        line = (f"  {r['job']:<44} {r['measured_time_s']:>13.4f} {r['predicted_time_s']:>10.4f} "
-                f"{r['time_error_percent']:>+6.1f}%")
+        line = (
+            f"  {r['job']:<44} {r['measured_time_s']:>13.4f} {r['predicted_time_s']:>10.4f} "
+            f"{r['time_error_percent']:>+6.1f}%"
+        )
         if "memory_error_percent" in r:
             memory_errors.append(r["memory_error_percent"])
-            measured, predicted = r["measured_reserved_bytes"] / 2 ** 30, r["predicted_reserved_bytes"] / 2 ** 30
+            measured, predicted = r["measured_reserved_bytes"] / 2**30, r["predicted_reserved_bytes"] / 2**30
             line += f"   {measured:>12.2f} {predicted:>9.2f} {r['memory_error_percent']:>+6.1f}%"
         print(line)
     if time_errors:
-        print(f"  time: mean |error| {statistics.mean(map(abs, time_errors)):.1f} %, worst "
-              f"{max(map(abs, time_errors)):.1f} % (targets {JOB_TIME_TARGET:g} %, {JOB_TIME_WORST:g} %)")
+        print(
+            f"  time: mean |error| {statistics.mean(map(abs, time_errors)):.1f} %, worst "
+            f"{max(map(abs, time_errors)):.1f} % (targets {JOB_TIME_TARGET:g} %, {JOB_TIME_WORST:g} %)"
+        )
     if memory_errors:
-        print(f"  peak reserved memory: mean |error| {statistics.mean(map(abs, memory_errors)):.1f} %, most under "
-              f"{-min(memory_errors):.1f} % (targets {JOB_MEMORY_TARGET:g} %, under by at most {JOB_MEMORY_UNDER:g} %)")
+        print(
+            f"  peak reserved memory: mean |error| {statistics.mean(map(abs, memory_errors)):.1f} %, most under "
+            f"{-min(memory_errors):.1f} % (targets {JOB_MEMORY_TARGET:g} %, under by at most {JOB_MEMORY_UNDER:g} %)"
+        )
     print()
 
 

@@ -12,6 +12,7 @@ tests/test_solver_exhaustive.py checks on small cases.
 
 Run: python benchmarks/plan_quality.py [--cases llama2-7b,...] [--targets megatron,deepspeed,generic]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -132,9 +133,10 @@ def hand_made(graph, cluster, training, cap, cm, tp: int, pp: int, zero: int) ->
     for rc in ("none", "full"):
         try:
             sub = build_subproblem(graph, cluster, training, cap, cm, pp, c)
-            strategies = [Strategy(tp, dp, zero if dp > 1 else 0,
-                                   rc if layer.kind in TRANSFORMER_KINDS else "none")
-                          for layer in graph.layers]
+            strategies = [
+                Strategy(tp, dp, zero if dp > 1 else 0, rc if layer.kind in TRANSFORMER_KINDS else "none")
+                for layer in graph.layers
+            ]
             pred = evaluate(sub, even_split(graph, pp), strategies)
         except SpecError:
             continue
@@ -154,8 +156,10 @@ def main() -> None:
     args = ap.parse_args()
     cases = [c for c in CASES if not args.cases or any(c.name.startswith(x) for x in args.cases.split(","))]
     print("speedup of the plan = configuration's time per iteration / plan's (1.000 = as fast as the plan)\n")
-    print(f"{'case':<18} {'target':<10} {'plan s/it':>10}  {'(a) best expressible':<36} {'ratio':>6}  "
-          f"{'TPxPP':>6} {'ZeRO-3':>6} {'even':>6}")
+    print(
+        f"{'case':<18} {'target':<10} {'plan s/it':>10}  {'(a) best expressible':<36} {'ratio':>6}  "
+        f"{'TPxPP':>6} {'ZeRO-3':>6} {'even':>6}"
+    )
     for case in cases:
         training = TrainingSpec(global_batch_size=case.batch, seq_length=case.seq)
         model = model_preset(case.model)
@@ -172,15 +176,31 @@ def main() -> None:
             found = best_expressible(graph, cluster, training, cap, cm) if target != "generic" else None
             megatron_like = hand_made(graph, cluster, training, cap, cm, cluster.gpus_per_node, cluster.num_nodes, 1)
             zero3 = hand_made(graph, cluster, training, cap, cm, 1, 1, 3)
-            even = min((u[0].time_per_iteration for d, c in candidate_pairs(graph, cluster, training, cap, NO_PINS)
-                        if (u := _uniform(graph, cluster, training, cap, cm, d, c))), default=None)
-            label = "n/a (generic)" if target == "generic" else "n/a (DAG)" if found is None else \
-                f"{found[0]:.4f} {found[1]}"
-            print(f"{case.name:<18} {target:<10} {plan:>10.4f}  {label:<36} "
-                  f"{ratio(found[0] if found else None, plan)}  {ratio(megatron_like, plan)} {ratio(zero3, plan)} "
-                  f"{ratio(even, plan)}", flush=True)
-    print("\nTPxPP: TP = GPUs per node, PP = nodes, distributed optimizer, micro-batch 1, even split; ZeRO-3: "
-          "pure FSDP, micro-batch 1; even: the best uniform strategy with the even split over all (pp, c).")
+            even = min(
+                (
+                    u[0].time_per_iteration
+                    for d, c in candidate_pairs(graph, cluster, training, cap, NO_PINS)
+                    if (u := _uniform(graph, cluster, training, cap, cm, d, c))
+                ),
+                default=None,
+            )
+            label = (
+                "n/a (generic)"
+                if target == "generic"
+                else "n/a (DAG)"
+                if found is None
+                else f"{found[0]:.4f} {found[1]}"
+            )
+            print(
+                f"{case.name:<18} {target:<10} {plan:>10.4f}  {label:<36} "
+                f"{ratio(found[0] if found else None, plan)}  {ratio(megatron_like, plan)} {ratio(zero3, plan)} "
+                f"{ratio(even, plan)}",
+                flush=True,
+            )
+    print(
+        "\nTPxPP: TP = GPUs per node, PP = nodes, distributed optimizer, micro-batch 1, even split; ZeRO-3: "
+        "pure FSDP, micro-batch 1; even: the best uniform strategy with the even split over all (pp, c)."
+    )
 
 
 def _uniform(graph, cluster, training, cap, cm, deg, c):

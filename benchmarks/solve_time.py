@@ -4,6 +4,7 @@ Prints a table: case, subproblems solved / pruned, seconds, optimal time per ite
 small sanity case the exhaustive-search optimum. Run: python benchmarks/solve_time.py [--cases a,b]
 [--time-limit S] [--target generic]. A benchmark, not a test: numbers depend on the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,16 @@ CASES = [
     Case("gpt3-175b 128x8", "gpt3-175b", 128, 1536, 2048, 60.0),
 ]
 
-TINY = ModelSpec(name="tiny-gpt", architecture="decoder", num_layers=3, hidden_size=256, num_attention_heads=8,
-                 ffn_hidden_size=1024, vocab_size=1000, max_position_embeddings=512)
+TINY = ModelSpec(
+    name="tiny-gpt",
+    architecture="decoder",
+    num_layers=3,
+    hidden_size=256,
+    num_attention_heads=8,
+    ffn_hidden_size=1024,
+    vocab_size=1000,
+    max_position_embeddings=512,
+)
 
 
 def tiny_exhaustive(target: str) -> tuple[float, float, float]:
@@ -49,9 +58,15 @@ def tiny_exhaustive(target: str) -> tuple[float, float, float]:
     graph, cap = build_graph(TINY, training), capability_for(target)
     cm = CostModel(cluster, training)
     outcome = optimize(graph, cluster, training, cap, cm, progress=False)
-    best = min((found[0] for d in (1, 2) for c in (1, 2, 4)
-                if (found := exhaustive_optimum(build_subproblem(graph, cluster, training, cap, cm, d, c)))),
-               default=float("nan"))
+    best = min(
+        (
+            found[0]
+            for d in (1, 2)
+            for c in (1, 2, 4)
+            if (found := exhaustive_optimum(build_subproblem(graph, cluster, training, cap, cm, d, c)))
+        ),
+        default=float("nan"),
+    )
     return outcome.prediction.time_per_iteration, best, outcome.seconds
 
 
@@ -63,16 +78,25 @@ def main() -> None:
     args = ap.parse_args()
     cases = [c for c in CASES if not args.cases or any(c.name.startswith(x) for x in args.cases.split(","))]
     print(f"target {args.target}; every subproblem solved to relative gap <= 1e-4 or pruned by a valid bound\n")
-    print(f"{'case':<18} {'subproblems':>11} {'solved':>6} {'pruned':>6} {'other':>5} {'seconds':>8} "
-          f"{'goal':>5} {'status':>10} {'gap':>8} {'s/iteration':>12} {'plan':<14}")
+    print(
+        f"{'case':<18} {'subproblems':>11} {'solved':>6} {'pruned':>6} {'other':>5} {'seconds':>8} "
+        f"{'goal':>5} {'status':>10} {'gap':>8} {'s/iteration':>12} {'plan':<14}"
+    )
     for case in cases:
         training = TrainingSpec(global_batch_size=case.batch, seq_length=case.seq)
         model = model_preset(case.model)
         cluster = load_cluster("dgx-a100-80g", case.nodes)
         start = time.perf_counter()
         graph = build_graph(model, training)
-        outcome = optimize(graph, cluster, training, capability_for(args.target), CostModel(cluster, training),
-                           time_limit=args.time_limit, progress=False)
+        outcome = optimize(
+            graph,
+            cluster,
+            training,
+            capability_for(args.target),
+            CostModel(cluster, training),
+            time_limit=args.time_limit,
+            progress=False,
+        )
         seconds = time.perf_counter() - start
         counts: dict[str, int] = {}
         for r in outcome.results:
@@ -80,12 +104,17 @@ def main() -> None:
         solved = counts.get("optimal", 0) + counts.get("infeasible", 0)
         pruned = counts.get("pruned", 0)
         other = len(outcome.results) - solved - pruned
-        print(f"{case.name:<18} {len(outcome.results):>11} {solved:>6} {pruned:>6} {other:>5} {seconds:>8.2f} "
-              f"{case.target_s:>5.0f} {outcome.status:>10} {outcome.gap:>8.1e} "
-              f"{outcome.prediction.time_per_iteration:>12.4f} pp{outcome.sub.deg} c{outcome.sub.c}", flush=True)
+        print(
+            f"{case.name:<18} {len(outcome.results):>11} {solved:>6} {pruned:>6} {other:>5} {seconds:>8.2f} "
+            f"{case.target_s:>5.0f} {outcome.status:>10} {outcome.gap:>8.1e} "
+            f"{outcome.prediction.time_per_iteration:>12.4f} pp{outcome.sub.deg} c{outcome.sub.c}",
+            flush=True,
+        )
     miqp, exhaustive, seconds = tiny_exhaustive(args.target)
-    print(f"\nsanity: tiny 3-layer GPT on 2 GPUs: UOP optimum {miqp:.6e} s, exhaustive search {exhaustive:.6e} s "
-          f"({'equal' if abs(miqp - exhaustive) <= 1e-4 * exhaustive else 'DIFFERENT'}), {seconds:.2f} s")
+    print(
+        f"\nsanity: tiny 3-layer GPT on 2 GPUs: UOP optimum {miqp:.6e} s, exhaustive search {exhaustive:.6e} s "
+        f"({'equal' if abs(miqp - exhaustive) <= 1e-4 * exhaustive else 'DIFFERENT'}), {seconds:.2f} s"
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak planner memory (max RSS): {peak:.0f} MiB")
 

@@ -35,6 +35,7 @@ engine.backward(loss), engine.step() per micro-batch, as tests/ds_train.py does)
 - what DeepSpeed runs (optimizer wrapper, basic optimizer, ZeRO stage, skipped steps) and the numbers the test
   needs for what does not scale with the model (parameters, the largest one, ZeRO-3's persistent parameters).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -99,8 +100,9 @@ class Storages:
                 if isinstance(obj, torch.Tensor):
                     self.add_tensor(path, obj)
                 elif isinstance(obj, dict):
-                    following += [(v, f"{path}[{k}]" if isinstance(k, (str, int)) else f"{path}[.]")
-                                  for k, v in list(obj.items())]
+                    following += [
+                        (v, f"{path}[{k}]" if isinstance(k, (str, int)) else f"{path}[.]") for k, v in list(obj.items())
+                    ]
                     following += [(k, f"{path}[key]") for k in list(obj) if isinstance(k, torch.Tensor)]
                 elif isinstance(obj, (list, tuple, set, frozenset)):
                     following += [(v, f"{path}[{i}]") for i, v in enumerate(list(obj))]
@@ -121,8 +123,11 @@ class Storages:
 
 
 def live_storages() -> set[int]:
-    return {obj.untyped_storage().data_ptr() for obj in gc.get_objects()
-            if isinstance(obj, torch.Tensor) and obj.device.type != "meta"}
+    return {
+        obj.untyped_storage().data_ptr()
+        for obj in gc.get_objects()
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta"
+    }
 
 
 def model_states(engine, earlier: set[int]) -> dict:
@@ -140,11 +145,13 @@ def model_states(engine, earlier: set[int]) -> dict:
     s.walk(engine, "engine")
     held = sum(nbytes for _, nbytes in s.seen.values())
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta" and \
-                obj.untyped_storage().data_ptr() not in earlier:
+        if (
+            isinstance(obj, torch.Tensor)
+            and obj.device.type != "meta"
+            and obj.untyped_storage().data_ptr() not in earlier
+        ):
             s.add_tensor("<gc>", obj)
-    return {"held": held, "unreached": sum(nbytes for _, nbytes in s.seen.values()) - held,
-            "breakdown": s.breakdown()}
+    return {"held": held, "unreached": sum(nbytes for _, nbytes in s.seen.values()) - held, "breakdown": s.breakdown()}
 
 
 def settled_states(engine, earlier: set[int], tries: int = 20) -> dict:
@@ -235,11 +242,16 @@ def run_config(name: str, config: dict, rank: int) -> dict:
                     engine.step()
         report["snapshots"]["after_step"] = settled_states(engine, earlier)
         params = list(engine.module.parameters())
-        report.update(zero_stage=engine.zero_optimization_stage(), wrapper=type(engine.optimizer).__name__,
-                      basic_optimizer=type(engine.basic_optimizer).__name__, dp_world_size=engine.dp_world_size,
-                      gradient_accumulation_steps=engine.gradient_accumulation_steps(),
-                      skipped_steps=engine.skipped_steps, global_steps=engine.global_steps,
-                      persistent_numel=sum(p.ds_numel for p in params if getattr(p, "ds_persist", False)))
+        report.update(
+            zero_stage=engine.zero_optimization_stage(),
+            wrapper=type(engine.optimizer).__name__,
+            basic_optimizer=type(engine.basic_optimizer).__name__,
+            dp_world_size=engine.dp_world_size,
+            gradient_accumulation_steps=engine.gradient_accumulation_steps(),
+            skipped_steps=engine.skipped_steps,
+            global_steps=engine.global_steps,
+            persistent_numel=sum(p.ds_numel for p in params if getattr(p, "ds_persist", False)),
+        )
         engine.destroy()
         del engine, params
     seconds = time.monotonic() - t0

@@ -13,6 +13,7 @@ Two modes:
 Every rank writes `<out>/rank<r>.json` with its losses, what the engine runs (ZeRO stage, micro-batch,
 accumulation steps) and, for pipe, the partition it holds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,7 +102,7 @@ def micro_batches(ids, labels, dp_rank: int, dp: int, micro: int, gas: int):
     out = []
     for i in range(gas):
         start = (i * dp + dp_rank) * micro
-        out.append((ids[start:start + micro], labels[start:start + micro]))
+        out.append((ids[start : start + micro], labels[start : start + micro]))
     return out
 
 
@@ -136,8 +137,9 @@ def main() -> None:
         optimizer = None
         if "optimizer" not in config:
             optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=args.config,
-                                          optimizer=optimizer)
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=args.config, optimizer=optimizer
+        )
         micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
         dp = engine.dp_world_size
         batches = micro_batches(ids, labels, deepspeed.comm.get_rank() % dp, dp, micro, gas)
@@ -153,8 +155,11 @@ def main() -> None:
             report["losses"].append(float(mean) / dp)
         # ZeRO-3 wraps every parameter (ds_id); ones below stage3_param_persistence_threshold stay whole
         params = list(engine.module.parameters())
-        report.update(parameters=len(params), zero3_managed=sum(hasattr(p, "ds_id") for p in params),
-                      zero3_persistent=sum(bool(getattr(p, "ds_persist", False)) for p in params))
+        report.update(
+            parameters=len(params),
+            zero3_managed=sum(hasattr(p, "ds_id") for p in params),
+            zero3_persistent=sum(bool(getattr(p, "ds_persist", False)) for p in params),
+        )
     else:
         from deepspeed.pipe import LayerSpec
 
@@ -162,15 +167,19 @@ def main() -> None:
         from uniap_deepspeed.pipeline import PlannedPipelineModule
 
         plan = Plan.load(args.plan)
-        layers = [LayerSpec(EmbeddingPipe), *[LayerSpec(TransformerLayerPipe) for _ in range(LAYERS)],
-                  LayerSpec(HeadPipe)]
+        layers = [
+            LayerSpec(EmbeddingPipe),
+            *[LayerSpec(TransformerLayerPipe) for _ in range(LAYERS)],
+            LayerSpec(HeadPipe),
+        ]
         module = PlannedPipelineModule(layers, plan=plan, loss_fn=lm_loss)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = None
         if "optimizer" not in config:
             optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=args.config,
-                                          optimizer=optimizer)
+        engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=params, config=args.config, optimizer=optimizer
+        )
         micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
         dp = engine.grid.data_parallel_size
         batches = micro_batches(ids, labels, engine.grid.data_parallel_id, dp, micro, gas)
@@ -178,14 +187,25 @@ def main() -> None:
         for _ in range(args.steps):
             loss = engine.train_batch(data_iter=data_iter)
             report["losses"].append(float(loss))
-        report.update(parts=list(module.parts), stage_id=engine.stage_id, num_stages=engine.num_stages,
-                      local_start=module._local_start, local_stop=module._local_stop,
-                      local_layers=[type(layer).__name__ for layer in module.forward_funcs],
-                      local_parameters=sum(p.numel() for p in params), dp=dp)
+        report.update(
+            parts=list(module.parts),
+            stage_id=engine.stage_id,
+            num_stages=engine.num_stages,
+            local_start=module._local_start,
+            local_stop=module._local_stop,
+            local_layers=[type(layer).__name__ for layer in module.forward_funcs],
+            local_parameters=sum(p.numel() for p in params),
+            dp=dp,
+        )
 
-    report.update(zero_stage=engine.zero_optimization_stage(), micro_batch_per_gpu=micro,
-                  gradient_accumulation_steps=gas, train_batch_size=engine.train_batch_size(),
-                  dp_world_size=engine.dp_world_size, optimizer=type(engine.optimizer).__name__)
+    report.update(
+        zero_stage=engine.zero_optimization_stage(),
+        micro_batch_per_gpu=micro,
+        gradient_accumulation_steps=gas,
+        train_batch_size=engine.train_batch_size(),
+        dp_world_size=engine.dp_world_size,
+        optimizer=type(engine.optimizer).__name__,
+    )
     report["finite"] = all(math.isfinite(v) for v in report["losses"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

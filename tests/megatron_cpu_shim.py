@@ -19,6 +19,7 @@ process that calls it (the per-rank program tests/megatron_train.py); the produc
    is per token, so it computes the same on a sequence shard: build the torch norm and tag its
    parameters the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,7 @@ def _cpu_get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
     required_len = reduce(operator.mul, tensor_shape, 1)
     buf = self.buffer.get((name, dtype))
     if buf is None or buf.numel() < required_len:
-        buf = self.buffer[(name, dtype)] = torch.empty(required_len, dtype=dtype, device=CPU,
-                                                        requires_grad=False)
+        buf = self.buffer[(name, dtype)] = torch.empty(required_len, dtype=dtype, device=CPU, requires_grad=False)
     return buf[0:required_len].view(*tensor_shape)
 
 

@@ -5,6 +5,7 @@ sets to the vendored one) and skip with a reason elsewhere. PREAMBLE makes its m
 CPU-only torch; `validate` runs Megatron's `parse_args` + `validate_args` on many command lines in one
 process, `parser_actions` reports how Megatron's parser defines a list of flags.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import child_env
 
 MEGATRON_LM_ENV = "MEGATRON_LM_PATH"
 MEGATRON_LM_NAME = "megatron-lm-core_v0.16.1"
@@ -23,7 +25,7 @@ RUN_TIMEOUT_S = 600
 # device's architecture (utils.get_device_arch_version) to choose CUDA_DEVICE_MAX_CONNECTIONS rules.
 DEVICE_ARCH = 9
 
-PREAMBLE = f'''
+PREAMBLE = f"""
 import importlib.util
 import sys
 import types
@@ -42,9 +44,11 @@ import megatron.training.arguments as megatron_arguments
 
 # validate_args reads the GPU's architecture through torch.cuda (a CPU build here): the planned GPU's.
 megatron_arguments.get_device_arch_version = lambda: {DEVICE_ARCH}
-'''
+"""
 
-VALIDATE_PROGRAM = PREAMBLE + '''
+VALIDATE_PROGRAM = (
+    PREAMBLE
+    + """
 import contextlib
 import io
 import json
@@ -67,9 +71,12 @@ for case in cases:
         continue
     results.append({"args": {k: getattr(args, k, None) for k in case["report"]}})
 print(json.dumps(results))
-'''
+"""
+)
 
-ACTIONS_PROGRAM = PREAMBLE + '''
+ACTIONS_PROGRAM = (
+    PREAMBLE
+    + """
 import argparse
 import json
 
@@ -83,7 +90,8 @@ for spelling in json.loads(sys.stdin.read()):
         "default": a.default if isinstance(a.default, (int, float, str, bool, type(None))) else repr(a.default),
         "const": a.const if isinstance(a.const, (int, float, str, bool, type(None))) else repr(a.const)}
 print(json.dumps(out))
-'''
+"""
+)
 
 
 def megatron_lm_path() -> Path | None:
@@ -94,8 +102,10 @@ def megatron_lm_path() -> Path | None:
 def skip_reason() -> str | None:
     """Why Megatron-LM's own code cannot run here, or None."""
     if megatron_lm_path() is None:
-        return (f"Megatron-LM core_v0.16.1's training package not found: set {MEGATRON_LM_ENV} to the folder "
-                f"holding megatron/training ({MEGATRON_LM_NAME})")
+        return (
+            f"Megatron-LM core_v0.16.1's training package not found: set {MEGATRON_LM_ENV} to the folder "
+            f"holding megatron/training ({MEGATRON_LM_NAME})"
+        )
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("megatron.core") is None:
         return "torch or megatron-core is not installed"
     return None
@@ -109,19 +119,24 @@ def require() -> Path:
     return megatron_lm_path()
 
 
-def environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without launcher variables, Megatron-LM importable."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES",
-                        "CUDA_DEVICE_MAX_CONNECTIONS")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+def environment() -> dict[str, str]:
+    """A child's environment (tests/processes.py) with Megatron-LM importable; each case sets the plan's
+    CUDA_DEVICE_MAX_CONNECTIONS itself."""
+    env = child_env(PYTHONUNBUFFERED="1")
+    env.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(require()), env.get("PYTHONPATH", "")) if p)
-    return {**env, **(extra or {})}
+    return env
 
 
 def _run(program: str, payload) -> object:
-    proc = subprocess.run([sys.executable, "-c", program], input=json.dumps(payload), env=environment(),
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, "-c", program],
+        input=json.dumps(payload),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     if proc.returncode:
         pytest.fail(f"Megatron-LM's argument code failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -134,8 +149,7 @@ def validate(cases: list[tuple[list[str], dict[str, str], int]], report: tuple[s
     payload = []
     for argv, env, world in cases:
         argv = list(argv) if "--tokenizer-type" in argv else [*argv, "--tokenizer-type", "NullTokenizer"]
-        payload.append({"argv": argv, "env": {**env, "WORLD_SIZE": str(world), "RANK": "0"},
-                        "report": list(report)})
+        payload.append({"argv": argv, "env": {**env, "WORLD_SIZE": str(world), "RANK": "0"}, "report": list(report)})
     return _run(VALIDATE_PROGRAM, payload)
 
 

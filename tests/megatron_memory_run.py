@@ -27,6 +27,7 @@ Writes DIR/rank<R>.json:
   second optimizer.step(): the highest and the final CPU bytes allocated relative to its start;
   inner_step_peak_bytes: the same within torch's AdamW.step alone (its "Optimizer.step#AdamW.step" record).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -207,30 +208,62 @@ def main() -> int:
     dp = parallel_state.get_data_parallel_world_size()
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     config = TransformerConfig(
-        num_layers=2, hidden_size=160, ffn_hidden_size=448, num_attention_heads=4,
-        bf16=bf16, fp16=fp16, params_dtype=dtype, pipeline_dtype=dtype,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-        gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
-        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
+        num_layers=2,
+        hidden_size=160,
+        ffn_hidden_size=448,
+        num_attention_heads=4,
+        bf16=bf16,
+        fp16=fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
     torch.manual_seed(SEED)
-    model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-                     vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=False,
+    )
     nparam = sum(p.numel() for p in model.parameters())
 
     # Megatron-LM's wrapping (megatron/training/training.py get_model / setup_model_and_optimizer).
     if bf16 or fp16:
         model = Float16Module(config, model)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=bf16, use_distributed_optimizer=distopt,
-                                               overlap_grad_reduce=False)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=bf16, use_distributed_optimizer=distopt, overlap_grad_reduce=False
+    )
     ddp = DistributedDataParallel(config, ddp_config, model)
     # fp16: a dynamic loss scale as Megatron-LM uses, started low enough that no step is skipped for
     # overflow (a skipped first step would never create Adam's moments).
     opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-4, weight_decay=0.01, clip_grad=1.0, bf16=bf16, fp16=fp16,
-                        params_dtype=dtype, use_distributed_optimizer=distopt, initial_loss_scale=2.0**12),
-        [ddp])
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-4,
+            weight_decay=0.01,
+            clip_grad=1.0,
+            bf16=bf16,
+            fp16=fp16,
+            params_dtype=dtype,
+            use_distributed_optimizer=distopt,
+            initial_loss_scale=2.0**12,
+        ),
+        [ddp],
+    )
     # Without Transformer Engine or Apex megatron-core steps with torch.optim.AdamW
     # (megatron/core/optimizer/__init__.py). On a GPU torch then takes the foreach path
     # (_default_to_fused_or_foreach in torch/optim/optimizer.py); on a CPU it would take the per-tensor
@@ -255,8 +288,15 @@ def main() -> int:
         # megatron/training/training.py train_step: zero the grad buffers, forward/backward, step.
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=None, model=[ddp],
-                                    num_microbatches=1, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=None,
+            model=[ddp],
+            num_microbatches=1,
+            seq_length=SEQ,
+            micro_batch_size=MBS,
+            forward_only=False,
+        )
         if not profiled:
             return opt.step()[0], None
         from torch.profiler import ProfilerActivity, profile
@@ -275,17 +315,25 @@ def main() -> int:
     group_numel = [sum(p.numel() for p in g["params"]) for inner in inners for g in inner.param_groups]
     rank = dist.get_rank()
     result = {
-        "rank": rank, "dp": dp, "precision": opts.precision, "distributed_optimizer": distopt,
+        "rank": rank,
+        "dp": dp,
+        "precision": opts.precision,
+        "distributed_optimizer": distopt,
         "inner_optimizer": sorted({f"{type(i).__module__}.{type(i).__name__}" for i in inners}),
         "foreach": all(g.get("foreach") for i in inners for g in i.param_groups),
         "steps_successful": [bool(ok1), bool(ok2)],
         "nparam": nparam,
         "param_buffer_numel": sum(b.param_data.numel() for b in ddp.buffers if b.param_data is not None),
         "grad_buffer_numel": sum(b.grad_data.numel() for b in ddp.buffers),
-        "optimizer_numel": sum(group_numel), "optimizer_group_numel": group_numel,
-        "state_bytes_before_first_step": sum(before.values()), "state_breakdown_before_first_step": before,
-        "state_bytes": sum(after.values()), "state_breakdown": after,
-        "step_peak_bytes": step_peak, "step_end_bytes": step_end, "inner_step_peak_bytes": inner_peak,
+        "optimizer_numel": sum(group_numel),
+        "optimizer_group_numel": group_numel,
+        "state_bytes_before_first_step": sum(before.values()),
+        "state_breakdown_before_first_step": before,
+        "state_bytes": sum(after.values()),
+        "state_breakdown": after,
+        "step_peak_bytes": step_peak,
+        "step_end_bytes": step_end,
+        "inner_step_peak_bytes": inner_peak,
     }
     Path(opts.out_dir, f"rank{rank}.json").write_text(json.dumps(result, indent=1))
     dist.barrier()

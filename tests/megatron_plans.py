@@ -4,6 +4,7 @@ decoder models, one to eight DGX A100 nodes, several global batches / sequence l
 all three split encodings (even, --decoder-first/last-pipeline-num-layers, --pipeline-model-parallel-layout)
 occur. Each plan is solved once per test session.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ import io
 import json
 
 import pytest
+from sweep import sampled
 from uniap.cli import main
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
@@ -26,10 +28,20 @@ MODEL_JOBS = {  # (global batch, sequence length) per model, within its max_posi
 }
 # At Megatron's 18 bytes per parameter (bf16 weights, fp32 gradients, fp32 Adam), 70B needs more than 16 A100s.
 MODEL_CLUSTERS = {"llama2-70b": [(4, 8), (8, 8)]}
-PINS = [[], ["--pp", "2"], ["--pp", "4"], ["--tp", "2"], ["--tp", "4"], ["--zero", "1"], ["--zero", "3"],
-        ["--recompute", "full"], ["--recompute", "selective", "--no-flash-attention"],
-        ["--precision", "fp16"], ["--precision", "fp32"],
-        ["--tp", "2", "--pp", "2", "--zero", "1", "--recompute", "full"]]
+PINS = [
+    [],
+    ["--pp", "2"],
+    ["--pp", "4"],
+    ["--tp", "2"],
+    ["--tp", "4"],
+    ["--zero", "1"],
+    ["--zero", "3"],
+    ["--recompute", "full"],
+    ["--recompute", "selective", "--no-flash-attention"],
+    ["--precision", "fp16"],
+    ["--precision", "fp32"],
+    ["--tp", "2", "--pp", "2", "--zero", "1", "--recompute", "full"],
+]
 
 
 def _plan_grid() -> list[tuple[str, list[str]]]:
@@ -43,17 +55,52 @@ def _plan_grid() -> list[tuple[str, list[str]]]:
                     pin = ["--tp", "8", "--pp", "2", "--zero", "1", "--recompute", "full"]  # TP 2 does not fit
                 gbs, seq = jobs[(pi + ci) % len(jobs)]
                 name = f"{model}-{nodes}x{gpus}-b{gbs}-s{seq}" + ("-" + "".join(pin).replace("--", "") if pin else "")
-                grid.append((name, ["plan", "--model", model, "--cluster", "dgx-a100-80g", "--nodes", str(nodes),
-                                    "--gpus-per-node", str(gpus), "--global-batch-size", str(gbs),
-                                    "--seq-length", str(seq), "--target", "megatron", *pin]))
+                grid.append(
+                    (
+                        name,
+                        [
+                            "plan",
+                            "--model",
+                            model,
+                            "--cluster",
+                            "dgx-a100-80g",
+                            "--nodes",
+                            str(nodes),
+                            "--gpus-per-node",
+                            str(gpus),
+                            "--global-batch-size",
+                            str(gbs),
+                            "--seq-length",
+                            str(seq),
+                            "--target",
+                            "megatron",
+                            *pin,
+                        ],
+                    )
+                )
     return grid
 
 
 def _evaluate(model: str, nodes: int, gpus: int, gbs: int, seq: int, *config: str) -> tuple[str, list[str]]:
     name = f"eval-{model}-{nodes}x{gpus}-" + "-".join(word.lstrip("-") for word in config)
-    return name, ["evaluate", "--model", model, "--cluster", "dgx-a100-80g", "--nodes", str(nodes),
-                  "--gpus-per-node", str(gpus), "--global-batch-size", str(gbs), "--seq-length", str(seq),
-                  "--target", "megatron", *config]
+    return name, [
+        "evaluate",
+        "--model",
+        model,
+        "--cluster",
+        "dgx-a100-80g",
+        "--nodes",
+        str(nodes),
+        "--gpus-per-node",
+        str(gpus),
+        "--global-batch-size",
+        str(gbs),
+        "--seq-length",
+        str(seq),
+        "--target",
+        "megatron",
+        *config,
+    ]
 
 
 # Hand-made configurations with uneven splits (uniap evaluate --split): first/last flags with both ends
@@ -80,8 +127,20 @@ EVAL_GRID = [
     _evaluate("llama2-7b", 1, 8, 32, 2048, "--tp", "2", "--pp", "2", "--zero", "1", "--split", "2,30"),
     _evaluate("llama2-7b", 1, 8, 16, 2048, "--pp", "4", "--zero", "1", "--split", "2,10,12,8"),
     _evaluate("llama2-7b", 1, 8, 16, 2048, "--tp", "2", "--pp", "2", "--recompute", "full", "--split", "17,15"),
-    _evaluate("llama2-7b", 1, 8, 16, 2048, "--pp", "4", "--recompute", "selective", "--no-flash-attention",
-              "--split", "3,13,13,3"),
+    _evaluate(
+        "llama2-7b",
+        1,
+        8,
+        16,
+        2048,
+        "--pp",
+        "4",
+        "--recompute",
+        "selective",
+        "--no-flash-attention",
+        "--split",
+        "3,13,13,3",
+    ),
     _evaluate("llama2-7b", 1, 8, 16, 2048, "--pp", "4", "--precision", "fp16", "--split", "7,9,9,7"),
     _evaluate("llama2-7b", 1, 8, 16, 2048, "--pp", "4", "--precision", "fp32", "--split", "6,6,10,10"),
     _evaluate("gpt3-1.3b", 1, 6, 12, 2048, "--pp", "3", "--split", "10,7,7"),
@@ -104,6 +163,8 @@ EVAL_GRID = [
 ]
 
 ALL_JOBS = _plan_grid() + EVAL_GRID
+# The grid as test parameters: every plan in the full suite, every twelfth in the fast command.
+JOB_PARAMS = sampled(ALL_JOBS, 12, ids=[name for name, _ in ALL_JOBS])
 
 
 def eval_job(suffix: str) -> tuple[str, list[str]]:

@@ -4,6 +4,7 @@ TransformerConfig, get_num_layers_to_build and the layout parser -- written from
 calling uniap's generator, so it can catch the generator's mistakes even where Megatron-LM's own training
 package is not available (tests/megatron_lm.py runs that one for real where it is).
 """
+
 from __future__ import annotations
 
 import re
@@ -25,10 +26,22 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 INT_FLAGS = {
-    "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--micro-batch-size", "--global-batch-size",
-    "--decoder-first-pipeline-num-layers", "--decoder-last-pipeline-num-layers", "--recompute-num-layers",
-    "--num-layers", "--hidden-size", "--num-attention-heads", "--num-query-groups", "--ffn-hidden-size",
-    "--kv-channels", "--seq-length", "--max-position-embeddings", "--vocab-size",
+    "--tensor-model-parallel-size",
+    "--pipeline-model-parallel-size",
+    "--micro-batch-size",
+    "--global-batch-size",
+    "--decoder-first-pipeline-num-layers",
+    "--decoder-last-pipeline-num-layers",
+    "--recompute-num-layers",
+    "--num-layers",
+    "--hidden-size",
+    "--num-attention-heads",
+    "--num-query-groups",
+    "--ffn-hidden-size",
+    "--kv-channels",
+    "--seq-length",
+    "--max-position-embeddings",
+    "--vocab-size",
 }
 CHOICE_FLAGS = {
     "--recompute-granularity": {"full", "selective"},
@@ -37,15 +50,28 @@ CHOICE_FLAGS = {
     "--ckpt-format": {"torch", "torch_dist", "torch_dcp", "fsdp_dtensor"},
     "--normalization": {"LayerNorm", "RMSNorm"},
     # GPTModel(position_embedding_type=...) accepts these (megatron/core/models/gpt/gpt_model.py)
-    "--position-embedding-type": set(typing.get_args(
-        __import__("inspect").signature(GPTModel.__init__).parameters["position_embedding_type"].annotation))
+    "--position-embedding-type": set(
+        typing.get_args(
+            __import__("inspect").signature(GPTModel.__init__).parameters["position_embedding_type"].annotation
+        )
+    )
     or {"learned_absolute", "rope", "mrope", "yarn", "none"},
 }
 STR_FLAGS = {"--pipeline-model-parallel-layout"}
 SWITCHES = {
-    "--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
-    "--use-megatron-fsdp", "--use-torch-fsdp2", "--no-gradient-accumulation-fusion", "--bf16", "--fp16",
-    "--group-query-attention", "--swiglu", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+    "--sequence-parallel",
+    "--use-distributed-optimizer",
+    "--overlap-grad-reduce",
+    "--overlap-param-gather",
+    "--use-megatron-fsdp",
+    "--use-torch-fsdp2",
+    "--no-gradient-accumulation-fusion",
+    "--bf16",
+    "--fp16",
+    "--group-query-attention",
+    "--swiglu",
+    "--untie-embeddings-and-output-weights",
+    "--disable-bias-linear",
 }
 DEPRECATED = {"--model-parallel-size", "--batch-size", "--warmup", "--checkpoint-activations"}
 
@@ -104,8 +130,16 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
     mbs, gbs = g("--micro-batch-size"), g("--global-batch-size")
     layers, hidden, heads = g("--num-layers"), g("--hidden-size"), g("--num-attention-heads")
     ffn, seq = g("--ffn-hidden-size") or 4 * hidden, g("--seq-length")
-    for name, v in (("TP", tp), ("PP", pp), ("MBS", mbs), ("GBS", gbs), ("L", layers), ("h", hidden),
-                    ("heads", heads), ("seq", seq)):
+    for name, v in (
+        ("TP", tp),
+        ("PP", pp),
+        ("MBS", mbs),
+        ("GBS", gbs),
+        ("L", layers),
+        ("h", hidden),
+        ("heads", heads),
+        ("seq", seq),
+    ):
         if not isinstance(v, int) or v < 1:
             bad.append(f"{name} must be a positive integer (got {v!r})")
     if bad:
@@ -202,10 +236,15 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
     # A.12: FSDP2.
     tfsdp = bool(g("--use-torch-fsdp2"))
     if tfsdp:
-        if pp != 1 or g("--use-distributed-optimizer") or g("--fp16") \
-                or not g("--no-gradient-accumulation-fusion") or not g("--untie-embeddings-and-output-weights") \
-                or g("--ckpt-format", "torch_dist") not in ("torch_dist", "torch_dcp") \
-                or env.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+        if (
+            pp != 1
+            or g("--use-distributed-optimizer")
+            or g("--fp16")
+            or not g("--no-gradient-accumulation-fusion")
+            or not g("--untie-embeddings-and-output-weights")
+            or g("--ckpt-format", "torch_dist") not in ("torch_dist", "torch_dcp")
+            or env.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1"
+        ):
             bad.append("--use-torch-fsdp2 requirements (A.12) not met")
     if mfsdp and tfsdp:
         bad.append("both FSDP implementations")
@@ -251,11 +290,16 @@ def translation_mismatches(flags: dict, plan: Plan, model: ModelSpec, training: 
     world = plan.cluster.num_nodes * plan.cluster.gpus_per_node
     g = flags.get
     want = {
-        "--tensor-model-parallel-size": s.tp, "--pipeline-model-parallel-size": plan.pipeline_degree,
-        "--global-batch-size": training.global_batch_size, "--micro-batch-size": plan.micro_batch_all_replicas // s.dp,
-        "--num-layers": model.num_layers, "--hidden-size": model.hidden_size,
-        "--num-attention-heads": model.num_attention_heads, "--ffn-hidden-size": model.ffn_hidden_size,
-        "--seq-length": training.seq_length, "--max-position-embeddings": model.max_position_embeddings,
+        "--tensor-model-parallel-size": s.tp,
+        "--pipeline-model-parallel-size": plan.pipeline_degree,
+        "--global-batch-size": training.global_batch_size,
+        "--micro-batch-size": plan.micro_batch_all_replicas // s.dp,
+        "--num-layers": model.num_layers,
+        "--hidden-size": model.hidden_size,
+        "--num-attention-heads": model.num_attention_heads,
+        "--ffn-hidden-size": model.ffn_hidden_size,
+        "--seq-length": training.seq_length,
+        "--max-position-embeddings": model.max_position_embeddings,
         "--vocab-size": model.vocab_size,
     }
     bad = [f"{k} {g(k)!r}, expected {v!r}" for k, v in want.items() if g(k) != v]
@@ -269,10 +313,14 @@ def translation_mismatches(flags: dict, plan: Plan, model: ModelSpec, training: 
         bad.append(f"query groups {groups}, model has {model.query_groups}")
     if g("--kv-channels", model.hidden_size // model.num_attention_heads) != model.head_dim:
         bad.append("kv channels differ from the model's head dim")
-    for flag, cond in (("--swiglu", model.gated_mlp),
-                       ("--untie-embeddings-and-output-weights", not model.tied_embeddings),
-                       ("--disable-bias-linear", not model.add_bias), ("--sequence-parallel", s.tp > 1),
-                       ("--bf16", training.precision == "bf16"), ("--fp16", training.precision == "fp16")):
+    for flag, cond in (
+        ("--swiglu", model.gated_mlp),
+        ("--untie-embeddings-and-output-weights", not model.tied_embeddings),
+        ("--disable-bias-linear", not model.add_bias),
+        ("--sequence-parallel", s.tp > 1),
+        ("--bf16", training.precision == "bf16"),
+        ("--fp16", training.precision == "fp16"),
+    ):
         if bool(g(flag)) != cond:
             bad.append(f"{flag} {'missing' if cond else 'unexpected'}")
     if g("--normalization", "LayerNorm") != {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}[model.normalization]:
@@ -295,27 +343,37 @@ def translation_mismatches(flags: dict, plan: Plan, model: ModelSpec, training: 
 
 # --- megatron-core's own validation --------------------------------------------------------------------
 
+
 def transformer_config(flags: dict) -> TransformerConfig:
     """TransformerConfig as Megatron-LM's core_transformer_config_from_args builds it from these flags."""
     g = flags.get
     dtype = torch.bfloat16 if g("--bf16") else torch.float16 if g("--fp16") else torch.float32
     return TransformerConfig(
-        num_layers=g("--num-layers"), hidden_size=g("--hidden-size"), num_attention_heads=g("--num-attention-heads"),
+        num_layers=g("--num-layers"),
+        hidden_size=g("--hidden-size"),
+        num_attention_heads=g("--num-attention-heads"),
         num_query_groups=g("--num-query-groups") if g("--group-query-attention") else None,
-        ffn_hidden_size=g("--ffn-hidden-size"), kv_channels=g("--kv-channels"),
+        ffn_hidden_size=g("--ffn-hidden-size"),
+        kv_channels=g("--kv-channels"),
         tensor_model_parallel_size=g("--tensor-model-parallel-size", 1),
         pipeline_model_parallel_size=g("--pipeline-model-parallel-size", 1),
         sequence_parallel=bool(g("--sequence-parallel")),
         num_layers_in_first_pipeline_stage=g("--decoder-first-pipeline-num-layers"),
         num_layers_in_last_pipeline_stage=g("--decoder-last-pipeline-num-layers"),
         pipeline_model_parallel_layout=g("--pipeline-model-parallel-layout"),
-        recompute_granularity=g("--recompute-granularity"), recompute_method=g("--recompute-method"),
+        recompute_granularity=g("--recompute-granularity"),
+        recompute_method=g("--recompute-method"),
         recompute_num_layers=g("--recompute-num-layers"),
-        bf16=bool(g("--bf16")), fp16=bool(g("--fp16")), params_dtype=dtype, pipeline_dtype=dtype,
-        gated_linear_unit=bool(g("--swiglu")), add_bias_linear=not g("--disable-bias-linear"),
+        bf16=bool(g("--bf16")),
+        fp16=bool(g("--fp16")),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        gated_linear_unit=bool(g("--swiglu")),
+        add_bias_linear=not g("--disable-bias-linear"),
         normalization=g("--normalization", "LayerNorm"),
         gradient_accumulation_fusion=not g("--no-gradient-accumulation-fusion"),
-        use_cpu_initialization=True)
+        use_cpu_initialization=True,
+    )
 
 
 def core_stage_layers(config: TransformerConfig) -> tuple[list[int], list[int]]:
@@ -323,14 +381,23 @@ def core_stage_layers(config: TransformerConfig) -> tuple[list[int], list[int]]:
     pp = config.pipeline_model_parallel_size
     layout = config.pipeline_model_parallel_layout
     if layout is not None:  # the layout path reads the PP rank from parallel_state unless given directly
-        return ([layout.get_num_layers_to_build(LayerType.decoder, pp_rank=i) for i in range(pp)],
-                [layout.get_layer_offset(LayerType.decoder, pp_rank=i) for i in range(pp)])
-    return ([get_num_layers_to_build(config, pp_rank=i) for i in range(pp)],
-            [get_transformer_layer_offset(config, pp_rank=i) for i in range(pp)])
+        return (
+            [layout.get_num_layers_to_build(LayerType.decoder, pp_rank=i) for i in range(pp)],
+            [layout.get_layer_offset(LayerType.decoder, pp_rank=i) for i in range(pp)],
+        )
+    return (
+        [get_num_layers_to_build(config, pp_rank=i) for i in range(pp)],
+        [get_transformer_layer_offset(config, pp_rank=i) for i in range(pp)],
+    )
 
 
-DDP_FLAGS = {"--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather", "--use-megatron-fsdp",
-             "--data-parallel-sharding-strategy"}
+DDP_FLAGS = {
+    "--use-distributed-optimizer",
+    "--overlap-grad-reduce",
+    "--overlap-param-gather",
+    "--use-megatron-fsdp",
+    "--data-parallel-sharding-strategy",
+}
 
 
 def ddp_config(flags: dict) -> DistributedDataParallelConfig:

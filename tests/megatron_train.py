@@ -19,6 +19,7 @@ Writes DIR/rank<R>.json on every rank (its TP/PP/DP ranks, the number of transfo
 and their global layer numbers, the squared gradient norm of its parameters) and DIR/loss.json on the
 first rank of the last stage (the mean LM loss over the micro-batches, and num_microbatches).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,30 +119,52 @@ def main() -> int:
 
     dtype = torch.bfloat16 if ns.bf16 else torch.float16 if ns.fp16 else torch.float32
     config = TransformerConfig(
-        num_layers=ns.num_layers, hidden_size=ns.hidden_size, num_attention_heads=ns.num_attention_heads,
+        num_layers=ns.num_layers,
+        hidden_size=ns.hidden_size,
+        num_attention_heads=ns.num_attention_heads,
         num_query_groups=ns.num_query_groups if ns.group_query_attention else None,
-        ffn_hidden_size=ns.ffn_hidden_size, kv_channels=ns.kv_channels,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=ns.sequence_parallel,
+        ffn_hidden_size=ns.ffn_hidden_size,
+        kv_channels=ns.kv_channels,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=ns.sequence_parallel,
         num_layers_in_first_pipeline_stage=ns.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=ns.decoder_last_pipeline_num_layers,
         pipeline_model_parallel_layout=ns.pipeline_model_parallel_layout,
-        recompute_granularity=ns.recompute_granularity, recompute_method=ns.recompute_method,
+        recompute_granularity=ns.recompute_granularity,
+        recompute_method=ns.recompute_method,
         recompute_num_layers=ns.recompute_num_layers,
-        bf16=ns.bf16, fp16=ns.fp16, params_dtype=dtype, pipeline_dtype=dtype,
-        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
-        gated_linear_unit=ns.swiglu, activation_func=F.silu if ns.swiglu else F.gelu,
-        normalization=ns.normalization, add_bias_linear=not ns.disable_bias_linear,
-        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        deterministic_mode=True)
+        bf16=ns.bf16,
+        fp16=ns.fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        gated_linear_unit=ns.swiglu,
+        activation_func=F.silu if ns.swiglu else F.gelu,
+        normalization=ns.normalization,
+        add_bias_linear=not ns.disable_bias_linear,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        deterministic_mode=True,
+    )
 
     torch.manual_seed(SEED)  # same on every rank: the CPU-initialized master weights agree across TP
     model = GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization=ns.normalization),
-        vocab_size=ns.vocab_size, max_sequence_length=ns.max_position_embeddings,
-        pre_process=first, post_process=last,
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization=ns.normalization),
+        vocab_size=ns.vocab_size,
+        max_sequence_length=ns.max_position_embeddings,
+        pre_process=first,
+        post_process=last,
         share_embeddings_and_output_weights=not ns.untie_embeddings_and_output_weights,
-        position_embedding_type="rope" if ns.position_embedding_type == "rope" else "learned_absolute")
+        position_embedding_type="rope" if ns.position_embedding_type == "rope" else "learned_absolute",
+    )
     layer_numbers = [layer.layer_number for layer in model.decoder.layers]
     if spec.get("reinit_by_name"):
         assert tp == 1, "reinit_by_name draws whole (unsharded) matrices"
@@ -168,8 +191,14 @@ def main() -> int:
 
     model.train()
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=batches, model=[model], num_microbatches=num_microbatches,
-        seq_length=seq, micro_batch_size=mbs, forward_only=False)
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=seq,
+        micro_batch_size=mbs,
+        forward_only=False,
+    )
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_sq = float(sum((g.float() ** 2).sum() for g in grads)) if grads else 0.0
     with torch.no_grad():  # one plain SGD step (one iteration: forward, backward, update)
@@ -178,18 +207,38 @@ def main() -> int:
                 p.add_(p.grad, alpha=-1e-3)
 
     rank = dist.get_rank()
-    (out / f"rank{rank}.json").write_text(json.dumps({
-        "rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "dp_rank": dp_rank, "dp": dp,
-        "num_layers_built": len(model.decoder.layers), "layer_numbers": layer_numbers,
-        "num_microbatches": num_microbatches, "grad_sq": grad_sq, "sequence_parallel": config.sequence_parallel,
-        "pre_process": first, "post_process": last}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "tp_rank": tp_rank,
+                "pp_rank": pp_rank,
+                "dp_rank": dp_rank,
+                "dp": dp,
+                "num_layers_built": len(model.decoder.layers),
+                "layer_numbers": layer_numbers,
+                "num_microbatches": num_microbatches,
+                "grad_sq": grad_sq,
+                "sequence_parallel": config.sequence_parallel,
+                "pre_process": first,
+                "post_process": last,
+            }
+        )
+    )
     if last and tp_rank == 0 and dp_rank == 0:
         values = [float(d["lm loss"]) for d in losses]
         assert len(values) == num_microbatches, (len(values), num_microbatches)
         mean = sum(values) / len(values)
-        (out / "loss.json").write_text(json.dumps({"loss": mean, "per_microbatch": values,
-                                                   "num_microbatches": num_microbatches,
-                                                   "finite": math.isfinite(mean)}))
+        (out / "loss.json").write_text(
+            json.dumps(
+                {
+                    "loss": mean,
+                    "per_microbatch": values,
+                    "num_microbatches": num_microbatches,
+                    "finite": math.isfinite(mean),
+                }
+            )
+        )
     dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

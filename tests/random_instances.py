@@ -1,4 +1,5 @@
 """Random small planning instances (chains, runs of identical layers, DAGs) for solver tests."""
+
 from __future__ import annotations
 
 import random
@@ -11,18 +12,28 @@ from uniap.model.graph import CHAIN, SKIP, Edge, Layer, LayerGraph
 from uniap.model.spec import TrainingSpec
 
 # A reduced generic target (ZeRO 0/3, recompute none/full) keeps exhaustive search small.
-SMALL_GENERIC = Capability(name="small-generic", description="test", zero_stages=(0, 3),
-                           recompute_modes=("none", "full"))
+SMALL_GENERIC = Capability(
+    name="small-generic", description="test", zero_stages=(0, 3), recompute_modes=("none", "full")
+)
 DIVISIBILITY = {"num_attention_heads": 8, "num_query_groups": 8, "ffn_hidden_size": 1024}
 
 
 def random_layer(rng: random.Random, name: str, kind: str, signature: str | None = None) -> Layer:
     h = rng.choice([256, 512, 1024])
-    return Layer(name=name, kind=kind, signature=signature or f"{name}-{rng.random()}",
-                 params_tp=rng.randint(1, 50) * 10 ** 6, params_rep=rng.randint(0, 10) * 10 ** 4,
-                 flops_fwd=rng.uniform(1e9, 5e10), act_split=rng.uniform(1e5, 3e7), act_seq=rng.uniform(1e5, 1e7),
-                 act_scores=rng.uniform(0, 1e7), input_bytes=2 * h * 512, output_bytes=2 * h * 512,
-                 tp_comm_bytes=rng.uniform(1e5, 1e7))
+    return Layer(
+        name=name,
+        kind=kind,
+        signature=signature or f"{name}-{rng.random()}",
+        params_tp=rng.randint(1, 50) * 10**6,
+        params_rep=rng.randint(0, 10) * 10**4,
+        flops_fwd=rng.uniform(1e9, 5e10),
+        act_split=rng.uniform(1e5, 3e7),
+        act_seq=rng.uniform(1e5, 1e7),
+        act_scores=rng.uniform(0, 1e7),
+        input_bytes=2 * h * 512,
+        output_bytes=2 * h * 512,
+        tp_comm_bytes=rng.uniform(1e5, 1e7),
+    )
 
 
 def random_graph(rng: random.Random, shape: str) -> LayerGraph:
@@ -67,9 +78,18 @@ def random_instance(seed: int):
     graph = random_graph(rng, shape)
     nodes, gpn = rng.choice([(1, 2), (2, 2), (1, 4), (2, 1)])
     memory = rng.choice([1.0, 1.5, 2.0, 3.0, 5.0, 40.0])
-    cluster = ClusterSpec(name="test", num_nodes=nodes, gpus_per_node=gpn, gpu_name="test", gpu_memory_gib=memory,
-                          peak_tflops=100, hbm_bandwidth_gbps=1000, intra_node_bandwidth_gbps=100,
-                          inter_node_bandwidth_gbps=10, reserved_memory_gib=0.5)
+    cluster = ClusterSpec(
+        name="test",
+        num_nodes=nodes,
+        gpus_per_node=gpn,
+        gpu_name="test",
+        gpu_memory_gib=memory,
+        peak_tflops=100,
+        hbm_bandwidth_gbps=1000,
+        intra_node_bandwidth_gbps=100,
+        inter_node_bandwidth_gbps=10,
+        reserved_memory_gib=0.5,
+    )
     training = TrainingSpec(global_batch_size=8, seq_length=512)
     capability = rng.choice([SMALL_GENERIC, capability_for("megatron"), capability_for("deepspeed")])
     degs = [d for d in (1, 2, 4) if cluster.num_gpus % d == 0 and d <= len(graph.layers)]

@@ -1,6 +1,7 @@
 """The accuracy benchmark stays alive and honest: its published comparison (Megatron-LM's SC'21 Table 1) holds,
 and its whole-job harness trains a tiny megatron-core job and a tiny DeepSpeed job on the CPU (--smoke).
 The GPU grid itself is a benchmark (benchmarks/cost_model_accuracy.py), never a timed test."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,20 +32,29 @@ def test_layer_section_reads_the_measured_data():
     rows = accuracy.layers()
     assert {r["gpu"] for r in rows} == {"H200", "A100"}
     pytorch_layers = [r for r in rows if "(PyTorch)" in r["layer"]]
-    assert pytorch_layers and all(abs(accuracy._percent(r["estimated_ms"][0], r["measured_ms"][0])) < 10
-                                  for r in pytorch_layers)
+    assert pytorch_layers and all(
+        abs(accuracy._percent(r["estimated_ms"][0], r["measured_ms"][0])) < 10 for r in pytorch_layers
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("torch", "megatron.core", "deepspeed")),
-                    reason="the whole-job harness needs torch, megatron-core and deepspeed")
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("torch", "megatron.core", "deepspeed")),
+    reason="the whole-job harness needs torch, megatron-core and deepspeed",
+)
 def test_smoke_run_trains_both_frameworks(tmp_path):
     out = tmp_path / "accuracy.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "cost_model_accuracy.py"), "--smoke", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "cost_model_accuracy.py"), "--smoke", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "3. jobs" in done.stdout and "CPU smoke run" in done.stdout
     jobs = json.loads(out.read_text())["jobs"]

@@ -4,6 +4,7 @@ capsys) and the installed console script in a real subprocess (exit codes, no tr
 Every planning job here is small (gpt3-1.3b or bert-large on one DGX A100 node, global batch 16) so
 each solve takes well under a second.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,15 +26,36 @@ from uniap.plan import PLAN_FORMAT, PLAN_VERSION, Plan
 from uniap.profile.schema import CollectiveBandwidth, LayerTiming, Profile
 
 # A small job: 8 GPUs, 26 layers, global batch 16, seq 512.
-JOB = ["--model", "gpt3-1.3b", "--cluster", "dgx-a100-80g", "--gpus-per-node", "8",
-       "--global-batch-size", "16", "--seq-length", "512"]
+JOB = [
+    "--model",
+    "gpt3-1.3b",
+    "--cluster",
+    "dgx-a100-80g",
+    "--gpus-per-node",
+    "8",
+    "--global-batch-size",
+    "16",
+    "--seq-length",
+    "512",
+]
 # The same on 4 GPUs (fewer subproblems).
-JOB4 = ["--model", "gpt3-1.3b", "--cluster", "dgx-a100-80g", "--gpus-per-node", "4",
-        "--global-batch-size", "16", "--seq-length", "512"]
+JOB4 = [
+    "--model",
+    "gpt3-1.3b",
+    "--cluster",
+    "dgx-a100-80g",
+    "--gpus-per-node",
+    "4",
+    "--global-batch-size",
+    "16",
+    "--seq-length",
+    "512",
+]
 TRANSFORMER_KINDS = ("transformer", "cross_transformer")
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
 
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     """Call `main(argv)`; return (exit code, stdout, stderr). argparse errors come back as their code."""
@@ -73,8 +95,7 @@ def uniap_command() -> list[str]:
 
 def run_subprocess(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([*uniap_command(), *argv], capture_output=True, text=True, timeout=120, cwd=cwd,
-                          env=env)
+    return subprocess.run([*uniap_command(), *argv], capture_output=True, text=True, timeout=120, cwd=cwd, env=env)
 
 
 def check_plan_invariants(plan: Plan) -> None:
@@ -98,6 +119,7 @@ def check_plan_invariants(plan: Plan) -> None:
 
 
 # --- plan: table and JSON -----------------------------------------------------------------------------
+
 
 def test_plan_defaults_prints_table(capsys):
     rc, out, err = run_main(capsys, "plan", *JOB)
@@ -183,6 +205,7 @@ def test_plan_output_and_json_together(capsys, tmp_path):
 
 # --- Plan JSON loading errors -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def saved_plan_dict() -> dict:
     """One valid plan dict (the megatron plan of the 4-GPU job), made once."""
@@ -221,21 +244,24 @@ def test_plan_load_binary_garbage_is_spec_error(tmp_path):
         Plan.load(path)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(format="something-else"), "not a uniap plan"),
-    (lambda d: d.pop("format"), "not a uniap plan"),
-    (lambda d: d.update(version=PLAN_VERSION + 1), "plan version"),
-    (lambda d: d.update(version="1"), "plan version"),
-    (lambda d: d.pop("version"), "plan version"),
-    (lambda d: d.pop("stages"), "corrupt plan"),
-    (lambda d: d.pop("layers"), "corrupt plan"),
-    (lambda d: d.update(layers=[{"name": "x"}]), "corrupt plan"),
-    (lambda d: d.update(stages="nope"), "corrupt plan"),
-    (lambda d: d.update(unexpected_field=1), "corrupt plan"),
-    (lambda d: d.update(micro_batches=d["micro_batches"] + 1), "invalid plan"),
-    (lambda d: d.update(pipeline_degree=0), "invalid plan"),
-    (lambda d: d["layers"][0]["strategy"].update(tp=0), "invalid strategy"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(format="something-else"), "not a uniap plan"),
+        (lambda d: d.pop("format"), "not a uniap plan"),
+        (lambda d: d.update(version=PLAN_VERSION + 1), "plan version"),
+        (lambda d: d.update(version="1"), "plan version"),
+        (lambda d: d.pop("version"), "plan version"),
+        (lambda d: d.pop("stages"), "corrupt plan"),
+        (lambda d: d.pop("layers"), "corrupt plan"),
+        (lambda d: d.update(layers=[{"name": "x"}]), "corrupt plan"),
+        (lambda d: d.update(stages="nope"), "corrupt plan"),
+        (lambda d: d.update(unexpected_field=1), "corrupt plan"),
+        (lambda d: d.update(micro_batches=d["micro_batches"] + 1), "invalid plan"),
+        (lambda d: d.update(pipeline_degree=0), "invalid plan"),
+        (lambda d: d["layers"][0]["strategy"].update(tp=0), "invalid strategy"),
+    ],
+)
 def test_plan_from_dict_rejects_bad_data(saved_plan_dict, tmp_path, mutate, message):
     data = json.loads(json.dumps(saved_plan_dict))
     mutate(data)
@@ -254,6 +280,7 @@ def test_plan_from_dict_rejects_non_mapping(value):
 
 
 # --- targets ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_non_positive_sequence_length_is_refused(capsys, value):
@@ -306,13 +333,26 @@ def test_restricted_targets_never_beat_generic(capsys):
 
 
 def test_bert_large_megatron_plan(capsys):
-    rc, out, err = run_main(capsys, "plan", "--model", "bert-large", "--gpus-per-node", "8",
-                            "--global-batch-size", "32", "--seq-length", "128", "--target", "megatron")
+    rc, out, err = run_main(
+        capsys,
+        "plan",
+        "--model",
+        "bert-large",
+        "--gpus-per-node",
+        "8",
+        "--global-batch-size",
+        "32",
+        "--seq-length",
+        "128",
+        "--target",
+        "megatron",
+    )
     assert rc == 0, err
     assert "bert-large" in out and "target megatron" in out and "solver: optimal" in out
 
 
 # --- pins ---------------------------------------------------------------------------------------------
+
 
 def test_pin_tp(capsys):
     plan, _ = plan_json(capsys, *JOB, "--tp", "2")
@@ -351,8 +391,9 @@ def test_pin_recompute(capsys):
 
 
 def test_pins_combined_and_shown_in_table(capsys):
-    rc, out, err = run_main(capsys, "plan", *JOB, "--target", "megatron", "--tp", "2", "--pp", "2",
-                            "--micro-batch-size", "1")
+    rc, out, err = run_main(
+        capsys, "plan", *JOB, "--target", "megatron", "--tp", "2", "--pp", "2", "--micro-batch-size", "1"
+    )
     assert rc == 0, err
     assert "pipeline degree 2" in out
     assert "pinned: TP 2, PP 2, micro-batch size 1" in out
@@ -364,18 +405,25 @@ def test_pinned_plan_is_never_faster_than_free_plan(capsys):
     assert free.time_per_iteration <= pinned.time_per_iteration * (1 + 2e-4)
 
 
-@pytest.mark.parametrize("pins, rule", [
-    (["--tp", "3"], "--tp 3 does not divide the 8 GPUs per node"),
-    (["--tp", "16"], "--tp 16 does not divide the 8 GPUs per node"),
-    (["--nodes", "8", "--pp", "64"], "--pp 64 exceeds the model's 34 layers"),
-    (["--micro-batch-size", "1000"], "--micro-batch-size 1000 does not divide the global batch size 512"),
-    (["--model", "vit-huge", "--tp", "2"], "--tp 2 does not divide the sequence length 257"),
-    (["--model", "bert-large", "--gpus-per-node", "32", "--tp", "32"],
-     "--tp 32 does not split the transformer layers: attention heads 16"),
-    (["--tp", "2", "--pp", "2", "--micro-batch-size", "3"], "--micro-batch-size 3 does not divide"),
-    (["--tp", "2", "--pp", "2", "--micro-batch-size", "4", "--global-batch-size", "12"],
-     "global batch size 12 is not a multiple of --micro-batch-size 4 x the data-parallel size 2"),
-])
+@pytest.mark.parametrize(
+    "pins, rule",
+    [
+        (["--tp", "3"], "--tp 3 does not divide the 8 GPUs per node"),
+        (["--tp", "16"], "--tp 16 does not divide the 8 GPUs per node"),
+        (["--nodes", "8", "--pp", "64"], "--pp 64 exceeds the model's 34 layers"),
+        (["--micro-batch-size", "1000"], "--micro-batch-size 1000 does not divide the global batch size 512"),
+        (["--model", "vit-huge", "--tp", "2"], "--tp 2 does not divide the sequence length 257"),
+        (
+            ["--model", "bert-large", "--gpus-per-node", "32", "--tp", "32"],
+            "--tp 32 does not split the transformer layers: attention heads 16",
+        ),
+        (["--tp", "2", "--pp", "2", "--micro-batch-size", "3"], "--micro-batch-size 3 does not divide"),
+        (
+            ["--tp", "2", "--pp", "2", "--micro-batch-size", "4", "--global-batch-size", "12"],
+            "global batch size 12 is not a multiple of --micro-batch-size 4 x the data-parallel size 2",
+        ),
+    ],
+)
 def test_impossible_pins_name_the_rule_before_solving(capsys, pins, rule):
     """Exit 2 with the rule and its numbers, not exit 3's 'no plan fits'."""
     rc, out, err = run_main(capsys, "plan", *pins)
@@ -392,12 +440,15 @@ def test_impossible_pin_pp_not_dividing_gpus(capsys):
     assert out == ""
 
 
-@pytest.mark.parametrize("extra", [
-    ["--target", "deepspeed", "--tp", "2"],        # DeepSpeed has no TP
-    ["--tp", "3"],                                 # 3 divides no stage of 8 GPUs
-    ["--target", "deepspeed", "--pp", "2", "--zero", "2"],  # ZeRO-2 is incompatible with PP
-    ["--micro-batch-size", "32"],                  # 32 samples per replica > global batch 16
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--target", "deepspeed", "--tp", "2"],  # DeepSpeed has no TP
+        ["--tp", "3"],  # 3 divides no stage of 8 GPUs
+        ["--target", "deepspeed", "--pp", "2", "--zero", "2"],  # ZeRO-2 is incompatible with PP
+        ["--micro-batch-size", "32"],  # 32 samples per replica > global batch 16
+    ],
+)
 def test_impossible_pins_exit_cleanly(capsys, extra):
     """A pin nothing can satisfy is the user's input, not a bug: exit 2 or 3 with a message that names
     the pinned choices as the cause (never exit 1 / an internal error)."""
@@ -418,6 +469,7 @@ def test_non_positive_pins(capsys, flag, value):
 
 # --- evaluate -----------------------------------------------------------------------------------------
 
+
 def test_evaluate_prints_table(capsys):
     rc, out, err = run_main(capsys, "evaluate", *JOB, "--tp", "2", "--pp", "2", "--micro-batch-size", "1")
     assert rc == 0, err
@@ -429,8 +481,9 @@ def test_evaluate_prints_table(capsys):
 
 def test_evaluate_is_never_better_than_plan(capsys):
     """The megatron plan is optimal over everything Megatron can run, which includes TP2 PP2 mbs1."""
-    ev, _ = plan_json_evaluate(capsys, *JOB, "--target", "megatron", "--tp", "2", "--pp", "2",
-                               "--micro-batch-size", "1")
+    ev, _ = plan_json_evaluate(
+        capsys, *JOB, "--target", "megatron", "--tp", "2", "--pp", "2", "--micro-batch-size", "1"
+    )
     assert ev.pipeline_degree == 2 and ev.micro_batch_all_replicas == 2 and ev.micro_batches == 8
     assert all(lp.strategy.tp == 2 and lp.strategy.dp == 2 for lp in ev.layers)
     assert all(s.memory_bytes <= ev.memory_capacity_bytes for s in ev.stages)  # it fits
@@ -438,8 +491,7 @@ def test_evaluate_is_never_better_than_plan(capsys):
     assert best.solver["status"] == "optimal"
     assert ev.time_per_iteration >= best.time_per_iteration * (1 - 2e-4)
     # and with the same pins the planner finds at least as good a plan as the even split
-    pinned, _ = plan_json(capsys, *JOB, "--target", "megatron", "--tp", "2", "--pp", "2",
-                          "--micro-batch-size", "1")
+    pinned, _ = plan_json(capsys, *JOB, "--target", "megatron", "--tp", "2", "--pp", "2", "--micro-batch-size", "1")
     assert pinned.time_per_iteration <= ev.time_per_iteration * (1 + 2e-4)
 
 
@@ -455,16 +507,19 @@ def test_evaluate_split(capsys):
     assert ev.stage_layer_counts() == [10, 14]
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--tp", "3"], "not divisible"),
-    (["--pp", "2", "--split", "10,10,4"], "--split"),
-    (["--pp", "2", "--split", "0,24"], "empty"),
-    (["--pp", "2", "--split", "5,5"], "summing to 24"),
-    (["--micro-batch-size", "3"], "not divisible"),
-    (["--target", "deepspeed", "--tp", "2"], "not available"),
-    (["--tp", "4", "--pp", "2", "--zero", "1"], "needs data parallelism"),
-    (["--tp", "0"], "positive"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--tp", "3"], "not divisible"),
+        (["--pp", "2", "--split", "10,10,4"], "--split"),
+        (["--pp", "2", "--split", "0,24"], "empty"),
+        (["--pp", "2", "--split", "5,5"], "summing to 24"),
+        (["--micro-batch-size", "3"], "not divisible"),
+        (["--target", "deepspeed", "--tp", "2"], "not available"),
+        (["--tp", "4", "--pp", "2", "--zero", "1"], "needs data parallelism"),
+        (["--tp", "0"], "positive"),
+    ],
+)
 def test_evaluate_invalid_configurations(capsys, extra, needle):
     rc, out, err = run_main(capsys, "evaluate", *JOB, *extra)
     assert rc == 2, err
@@ -480,8 +535,18 @@ def test_evaluate_split_not_numbers(capsys):
 
 
 def test_evaluate_not_fitting_exits_3(capsys):
-    rc, out, err = run_main(capsys, "evaluate", "--model", "gpt3-13b", "--gpus-per-node", "1",
-                            "--global-batch-size", "1", "--seq-length", "512")
+    rc, out, err = run_main(
+        capsys,
+        "evaluate",
+        "--model",
+        "gpt3-13b",
+        "--gpus-per-node",
+        "1",
+        "--global-batch-size",
+        "1",
+        "--seq-length",
+        "512",
+    )
     assert rc == 3
     assert "does not fit" in err and "GiB" in err
     assert "Traceback" not in err
@@ -489,6 +554,7 @@ def test_evaluate_not_fitting_exits_3(capsys):
 
 
 # --- input errors -------------------------------------------------------------------------------------
+
 
 def test_unknown_model_preset(capsys):
     rc, out, err = run_main(capsys, "plan", "--model", "no-such-model")
@@ -513,24 +579,36 @@ def test_unknown_target(capsys):
 
 def test_invalid_model_yaml(capsys, tmp_path):
     spec = tmp_path / "bad.yaml"
-    spec.write_text("architecture: decoder\nnum_layers: 2\nhidden_size: 100\nnum_attention_heads: 3\n"
-                    "ffn_hidden_size: 256\nvocab_size: 1000\n")
-    rc, out, err = run_main(capsys, "plan", "--model", str(spec), "--gpus-per-node", "1",
-                            "--global-batch-size", "4", "--seq-length", "64")
+    spec.write_text(
+        "architecture: decoder\nnum_layers: 2\nhidden_size: 100\nnum_attention_heads: 3\n"
+        "ffn_hidden_size: 256\nvocab_size: 1000\n"
+    )
+    rc, out, err = run_main(
+        capsys, "plan", "--model", str(spec), "--gpus-per-node", "1", "--global-batch-size", "4", "--seq-length", "64"
+    )
     assert rc == 2
     assert_clean_error(err)
     assert "hidden_size" in err
 
 
-@pytest.mark.parametrize("content, needle", [
-    ("name: x\narchitecture: decoder\nnum_layers: 2\n", "missing"),
-    ("architecture: decoder\nnum_layers: 2\nhidden_size: 64\nnum_attention_heads: 2\nffn_hidden_size: 128\n"
-     "vocab_size: 100\nbogus: 1\n", "bogus"),
-    ("architecture: decoder\nnum_layers: -1\nhidden_size: 64\nnum_attention_heads: 2\nffn_hidden_size: 128\n"
-     "vocab_size: 100\n", "num_layers"),
-    ("- just\n- a list\n", "mapping"),
-    ("key: [unclosed\n", "YAML"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("name: x\narchitecture: decoder\nnum_layers: 2\n", "missing"),
+        (
+            "architecture: decoder\nnum_layers: 2\nhidden_size: 64\nnum_attention_heads: 2\nffn_hidden_size: 128\n"
+            "vocab_size: 100\nbogus: 1\n",
+            "bogus",
+        ),
+        (
+            "architecture: decoder\nnum_layers: -1\nhidden_size: 64\nnum_attention_heads: 2\nffn_hidden_size: 128\n"
+            "vocab_size: 100\n",
+            "num_layers",
+        ),
+        ("- just\n- a list\n", "mapping"),
+        ("key: [unclosed\n", "YAML"),
+    ],
+)
 def test_invalid_model_files(capsys, tmp_path, content, needle):
     spec = tmp_path / "model.yaml"
     spec.write_text(content)
@@ -542,10 +620,13 @@ def test_invalid_model_files(capsys, tmp_path, content, needle):
 
 def test_model_yaml_plans(capsys, tmp_path):
     spec = tmp_path / "tiny.yaml"
-    spec.write_text("architecture: decoder\nnum_layers: 2\nhidden_size: 256\nnum_attention_heads: 4\n"
-                    "ffn_hidden_size: 1024\nvocab_size: 1000\nmax_position_embeddings: 256\n")
-    plan, _ = plan_json(capsys, "--model", str(spec), "--gpus-per-node", "2", "--global-batch-size", "4",
-                        "--seq-length", "128")
+    spec.write_text(
+        "architecture: decoder\nnum_layers: 2\nhidden_size: 256\nnum_attention_heads: 4\n"
+        "ffn_hidden_size: 1024\nvocab_size: 1000\nmax_position_embeddings: 256\n"
+    )
+    plan, _ = plan_json(
+        capsys, "--model", str(spec), "--gpus-per-node", "2", "--global-batch-size", "4", "--seq-length", "128"
+    )
     assert plan.model.name == "tiny"
     check_plan_invariants(plan)
 
@@ -559,10 +640,13 @@ def test_seq_length_above_max_positions(capsys):
 
 @pytest.fixture()
 def profile_path(tmp_path) -> Path:
-    prof = Profile(device="NVIDIA A100", runtime="test",
-                   layers={"sig": [LayerTiming(tp=1, micro_batch_size=1, forward_ms=1.0, backward_ms=2.0)]},
-                   collectives=[CollectiveBandwidth("all_reduce", 8, "intra_node", 200.0)],
-                   overlap_coefficient=1.2)
+    prof = Profile(
+        device="NVIDIA A100",
+        runtime="test",
+        layers={"sig": [LayerTiming(tp=1, micro_batch_size=1, forward_ms=1.0, backward_ms=2.0)]},
+        collectives=[CollectiveBandwidth("all_reduce", 8, "intra_node", 200.0)],
+        overlap_coefficient=1.2,
+    )
     path = tmp_path / "profile.json"
     prof.save(path)
     return path
@@ -582,16 +666,22 @@ def test_truncated_profile(capsys, profile_path):
     assert "profile" in err
 
 
-@pytest.mark.parametrize("data", [
-    {"format": "uniap-profile", "version": 99},
-    {"format": "other", "version": 1},
-    {"format": "uniap-profile", "version": 1, "layers": {"x": [{"tp": 0}]}},
-    {"format": "uniap-profile", "version": 1, "layers": [1, 2]},
-    {"format": "uniap-profile", "version": 1, "collectives": [{"op": "broadcast", "group_size": 2,
-                                                               "scope": "intra_node", "bus_bandwidth_gbps": 1}]},
-    {"format": "uniap-profile", "version": 1, "overlap_coefficient": 5},
-    [1, 2, 3],
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"format": "uniap-profile", "version": 99},
+        {"format": "other", "version": 1},
+        {"format": "uniap-profile", "version": 1, "layers": {"x": [{"tp": 0}]}},
+        {"format": "uniap-profile", "version": 1, "layers": [1, 2]},
+        {
+            "format": "uniap-profile",
+            "version": 1,
+            "collectives": [{"op": "broadcast", "group_size": 2, "scope": "intra_node", "bus_bandwidth_gbps": 1}],
+        },
+        {"format": "uniap-profile", "version": 1, "overlap_coefficient": 5},
+        [1, 2, 3],
+    ],
+)
 def test_bad_profiles(capsys, tmp_path, data):
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(data))
@@ -613,9 +703,11 @@ def test_binary_input_files_are_invalid_input(capsys, tmp_path, option):
     """A non-UTF-8 file given as profile, model or cluster is invalid input (exit 2), not a crash."""
     path = tmp_path / ("garbage.json" if option == "--profile" else "garbage.yaml")
     path.write_bytes(b"\xff\xfe\x00\x81\x92garbage")
-    argv = {"--profile": [*JOB4, "--profile", str(path)],
-            "--model": ["--model", str(path)],
-            "--cluster": ["--model", "gpt3-1.3b", "--cluster", str(path)]}[option]
+    argv = {
+        "--profile": [*JOB4, "--profile", str(path)],
+        "--model": ["--model", str(path)],
+        "--cluster": ["--model", "gpt3-1.3b", "--cluster", str(path)],
+    }[option]
     rc, out, err = run_main(capsys, "plan", *argv)
     assert rc == 2, err
     assert_clean_error(err)
@@ -631,19 +723,24 @@ def test_overlong_names_are_invalid_input(capsys, option):
 
 def test_cluster_file(capsys, tmp_path):
     path = tmp_path / "small.yaml"
-    path.write_text("num_nodes: 1\ngpus_per_node: 2\ngpu_name: g\ngpu_memory_gib: 16\npeak_tflops: 100\n"
-                    "hbm_bandwidth_gbps: 1000\nintra_node_bandwidth_gbps: 100\ninter_node_bandwidth_gbps: 10\n")
-    plan, _ = plan_json(capsys, "--model", "bert-large", "--cluster", str(path), "--global-batch-size", "8",
-                        "--seq-length", "128")
+    path.write_text(
+        "num_nodes: 1\ngpus_per_node: 2\ngpu_name: g\ngpu_memory_gib: 16\npeak_tflops: 100\n"
+        "hbm_bandwidth_gbps: 1000\nintra_node_bandwidth_gbps: 100\ninter_node_bandwidth_gbps: 10\n"
+    )
+    plan, _ = plan_json(
+        capsys, "--model", "bert-large", "--cluster", str(path), "--global-batch-size", "8", "--seq-length", "128"
+    )
     assert plan.cluster.name == "small" and plan.cluster.gpus_per_node == 2
-    assert plan.memory_capacity_bytes == (16 - 4) * 2 ** 30
+    assert plan.memory_capacity_bytes == (16 - 4) * 2**30
 
 
 def test_invalid_cluster_file(capsys, tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("num_nodes: 1\ngpus_per_node: 2\ngpu_name: g\ngpu_memory_gib: 4\nreserved_memory_gib: 8\n"
-                    "peak_tflops: 100\nhbm_bandwidth_gbps: 1000\nintra_node_bandwidth_gbps: 100\n"
-                    "inter_node_bandwidth_gbps: 10\n")
+    path.write_text(
+        "num_nodes: 1\ngpus_per_node: 2\ngpu_name: g\ngpu_memory_gib: 4\nreserved_memory_gib: 8\n"
+        "peak_tflops: 100\nhbm_bandwidth_gbps: 1000\nintra_node_bandwidth_gbps: 100\n"
+        "inter_node_bandwidth_gbps: 10\n"
+    )
     rc, out, err = run_main(capsys, "plan", "--model", "bert-large", "--cluster", str(path))
     assert rc == 2
     assert_clean_error(err)
@@ -651,8 +748,20 @@ def test_invalid_cluster_file(capsys, tmp_path):
 
 
 def test_impossible_memory_exits_3_with_hint(capsys):
-    rc, out, err = run_main(capsys, "plan", "--model", "gpt3-175b", "--nodes", "1", "--gpus-per-node", "8",
-                            "--global-batch-size", "8", "--seq-length", "2048")
+    rc, out, err = run_main(
+        capsys,
+        "plan",
+        "--model",
+        "gpt3-175b",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--global-batch-size",
+        "8",
+        "--seq-length",
+        "2048",
+    )
     assert rc == 3
     assert_clean_error(err)
     assert "needs" in err and "GiB" in err
@@ -686,15 +795,18 @@ def test_generous_time_limit_still_optimal(capsys):
     assert plan.solver["status"] == "optimal"
 
 
-@pytest.mark.parametrize("argv", [
-    ["plan", "--global-batch-size", "0"],
-    ["plan", "--global-batch-size", "-16"],
-    ["plan", "--nodes", "-1"],
-    ["plan", "--nodes", "0"],
-    ["plan", "--gpus-per-node", "-8"],
-    ["plan", "--seq-length", "-5"],
-    ["evaluate", "--global-batch-size", "-1"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--global-batch-size", "0"],
+        ["plan", "--global-batch-size", "-16"],
+        ["plan", "--nodes", "-1"],
+        ["plan", "--nodes", "0"],
+        ["plan", "--gpus-per-node", "-8"],
+        ["plan", "--seq-length", "-5"],
+        ["evaluate", "--global-batch-size", "-1"],
+    ],
+)
 def test_non_positive_job_numbers(capsys, argv):
     rc, out, err = run_main(capsys, *argv[:1], "--model", "gpt3-1.3b", *argv[1:])
     assert rc == 2
@@ -709,6 +821,7 @@ def test_argparse_errors_exit_2(capsys):
 
 
 # --- presets and version ------------------------------------------------------------------------------
+
 
 def test_presets_lists_models_clusters_targets(capsys):
     rc, out, err = run_main(capsys, "presets")
@@ -732,6 +845,7 @@ def test_version(capsys):
 
 
 # --- the real console script --------------------------------------------------------------------------
+
 
 def test_subprocess_plan_succeeds(tmp_path):
     proc = run_subprocess("plan", *JOB4, "-o", "plan.json", cwd=tmp_path)
@@ -759,8 +873,9 @@ def test_subprocess_unknown_model():
 
 
 def test_subprocess_infeasible_memory():
-    proc = run_subprocess("plan", "--model", "gpt3-175b", "--gpus-per-node", "8", "--global-batch-size", "8",
-                          "--seq-length", "2048")
+    proc = run_subprocess(
+        "plan", "--model", "gpt3-175b", "--gpus-per-node", "8", "--global-batch-size", "8", "--seq-length", "2048"
+    )
     assert proc.returncode == 3
     assert "Traceback" not in proc.stderr
     assert "needs" in proc.stderr and "GiB" in proc.stderr and "try:" in proc.stderr
@@ -773,8 +888,7 @@ def test_subprocess_impossible_pin():
 
 
 def test_subprocess_module_presets():
-    proc = subprocess.run([sys.executable, "-m", "uniap.cli", "presets"], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "uniap.cli", "presets"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "models:" in proc.stdout and "clusters:" in proc.stdout and "targets:" in proc.stdout
     assert proc.stderr == ""
@@ -783,8 +897,20 @@ def test_subprocess_module_presets():
 def test_time_limit_returns_best_plan_with_gap(capsys):
     """A time limit too short to solve every subproblem still returns the best plan found, says so,
     and reports the gap; nothing hangs."""
-    code = main(["plan", "--model", "llama2-70b", "--nodes", "8", "--global-batch-size", "1024",
-                 "--time-limit", "0.001", "--json"])
+    code = main(
+        [
+            "plan",
+            "--model",
+            "llama2-70b",
+            "--nodes",
+            "8",
+            "--global-batch-size",
+            "1024",
+            "--time-limit",
+            "0.001",
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0
     plan = Plan.from_dict(json.loads(out))

@@ -1,6 +1,7 @@
 """The cost model as frameworks allocate and compute: model-state bytes per target, the optimizer step's
 temporaries, reserved vs allocated memory, per-GPU compute coefficients, profile interpolation, pricing saved
 plans (any split) and calibration to measured runs."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ from uniap.planner import configure, price
 from uniap.profile import Calibration, LayerTiming, OptimizerTiming, Profile
 from uniap.profile.calibrate import Measurement, fit
 
-GiB = 2 ** 30
+GiB = 2**30
 H200_1 = cluster_preset("dgx-h200").with_shape(1, 1)
 
 
@@ -31,8 +32,10 @@ def _llama(layers: int = 4):
 
 # --- model states as each framework keeps them --------------------------------------------------------
 
-@pytest.mark.parametrize("precision, plain, distributed", [
-    ("bf16", 18, (6, 12)), ("fp16", 20, (4, 16)), ("fp32", 16, (8, 8))])
+
+@pytest.mark.parametrize(
+    "precision, plain, distributed", [("bf16", 18, (6, 12)), ("fp16", 20, (4, 16)), ("fp32", 16, (8, 8))]
+)
 def test_megatron_state_bytes_are_the_developer_guide_table(precision, plain, distributed):
     """Megatron Core developer guide, "Distributed Optimizer": bytes per parameter without / with it."""
     accounting = capability_for("megatron").accounting
@@ -86,8 +89,22 @@ def test_reserved_memory_is_allocated_times_the_allocator_ratio():
 def test_llama2_7b_on_one_h200_without_fused_kernels_does_not_fit(capsys):
     """Measured on an H200 with megatron-core 0.16.1 and torch's AdamW: this job ran out of memory even with
     full recompute. With fused kernels it fits only with full recompute."""
-    job = ("--model", "llama2-7b", "--cluster", "dgx-h200", "--nodes", "1", "--gpus-per-node", "1",
-           "--global-batch-size", "8", "--seq-length", "4096", "--target", "megatron")
+    job = (
+        "--model",
+        "llama2-7b",
+        "--cluster",
+        "dgx-h200",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--global-batch-size",
+        "8",
+        "--seq-length",
+        "4096",
+        "--target",
+        "megatron",
+    )
     code, _, err = run_main(capsys, "plan", *job, "--no-fused-kernels")
     assert code == 3 and "no plan fits" in err
     assert_clean_error(err)
@@ -98,6 +115,7 @@ def test_llama2_7b_on_one_h200_without_fused_kernels_does_not_fit(capsys):
 
 
 # --- compute time ------------------------------------------------------------------------------------
+
 
 def test_device_coefficients_by_gpu_name():
     assert device_coefficients("NVIDIA H200") is DEVICE_COEFFICIENTS["H200"]
@@ -145,10 +163,19 @@ def test_causal_flash_attention_executes_half_the_scores():
 
 # --- profiles: interpolation, measured activations and optimizer step --------------------------------
 
+
 def _profile(points, **kw) -> Profile:
-    return Profile(device="d", runtime="r", layers={"sig": [
-        LayerTiming(tp=1, micro_batch_size=b, forward_ms=f, backward_ms=2 * f, activation_bytes=a) for b, f, a in points
-    ]}, **kw)
+    return Profile(
+        device="d",
+        runtime="r",
+        layers={
+            "sig": [
+                LayerTiming(tp=1, micro_batch_size=b, forward_ms=f, backward_ms=2 * f, activation_bytes=a)
+                for b, f, a in points
+            ]
+        },
+        **kw,
+    )
 
 
 def test_profile_interpolates_and_extrapolates_within_proportional_bounds():
@@ -171,10 +198,18 @@ def test_measured_activation_bytes_and_optimizer_step_drive_the_cost():
     training = TrainingSpec(global_batch_size=2, seq_length=1024)
     graph = build_graph(_llama(1), training)
     layer = graph.layers[1]
-    profile = Profile(device="H200", runtime="r", layers={layer.signature: [
-        LayerTiming(tp=1, micro_batch_size=1, forward_ms=1.0, backward_ms=2.0, activation_bytes=123456.0)]},
-        optimizer=OptimizerTiming(implementation="test Adam", num_params=1_000_000, step_ms=2.0,
-                                  extra_peak_bytes=4_000_000.0))
+    profile = Profile(
+        device="H200",
+        runtime="r",
+        layers={
+            layer.signature: [
+                LayerTiming(tp=1, micro_batch_size=1, forward_ms=1.0, backward_ms=2.0, activation_bytes=123456.0)
+            ]
+        },
+        optimizer=OptimizerTiming(
+            implementation="test Adam", num_params=1_000_000, step_ms=2.0, extra_peak_bytes=4_000_000.0
+        ),
+    )
     cm = CostModel(H200_1, training, profile)
     accounting = capability_for("megatron").accounting
     cost = cm.layer_cost(layer, Strategy(1, 1), 1, 1, True, accounting)
@@ -188,9 +223,14 @@ def test_measured_activation_bytes_and_optimizer_step_drive_the_cost():
 def test_profile_v2_round_trip_and_v1_still_read(tmp_path):
     run = dict(label="r", job={"model": "m"}, measured_time_s=1.0, predicted_time_s=0.9, fitted_time_s=1.0)
     from uniap.profile import CalibrationRun
-    p = _profile([(1, 1.0, 10.0)], optimizer=OptimizerTiming("a", 10, 1.0),
-                 calibration=Calibration(compute_scale=1.1, reserved_per_allocated=1.07,
-                                         runs=(CalibrationRun(**run),), source="test"))
+
+    p = _profile(
+        [(1, 1.0, 10.0)],
+        optimizer=OptimizerTiming("a", 10, 1.0),
+        calibration=Calibration(
+            compute_scale=1.1, reserved_per_allocated=1.07, runs=(CalibrationRun(**run),), source="test"
+        ),
+    )
     path = tmp_path / "p.json"
     p.save(path)
     again = Profile.load(path)
@@ -200,11 +240,18 @@ def test_profile_v2_round_trip_and_v1_still_read(tmp_path):
     assert Profile.load(path).calibration is None
 
 
-@pytest.mark.parametrize("calibration, words", [
-    ({"compute_scale": 9.0}, "compute_scale"), ({"compute_scale": 1.0, "reserved_per_allocated": 0.1},
-                                                "reserved_per_allocated"),
-    ({"runs": [{"label": "r", "job": {}, "measured_time_s": -1, "predicted_time_s": 1, "fitted_time_s": 1}]},
-     "measured_time_s"), ("nope", "calibration must be a mapping")])
+@pytest.mark.parametrize(
+    "calibration, words",
+    [
+        ({"compute_scale": 9.0}, "compute_scale"),
+        ({"compute_scale": 1.0, "reserved_per_allocated": 0.1}, "reserved_per_allocated"),
+        (
+            {"runs": [{"label": "r", "job": {}, "measured_time_s": -1, "predicted_time_s": 1, "fitted_time_s": 1}]},
+            "measured_time_s",
+        ),
+        ("nope", "calibration must be a mapping"),
+    ],
+)
 def test_corrupt_calibration_is_a_profile_error(tmp_path, calibration, words):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"format": "uniap-profile", "version": 2, "calibration": calibration}))
@@ -213,6 +260,7 @@ def test_corrupt_calibration_is_a_profile_error(tmp_path, calibration, words):
 
 
 # --- saved plans priced as they are ------------------------------------------------------------------
+
 
 def _head_alone_plan() -> Plan:
     """A two-stage plan whose last stage holds only the LM head (no --split can say that)."""
@@ -225,8 +273,14 @@ def _head_alone_plan() -> Plan:
 
 
 def test_price_reproduces_a_plan_and_prices_a_head_only_stage():
-    plan, pred = configure(_llama(4), H200_1, TrainingSpec(global_batch_size=4, seq_length=1024), "megatron",
-                           micro_batch_size=2, recompute="full")
+    plan, pred = configure(
+        _llama(4),
+        H200_1,
+        TrainingSpec(global_batch_size=4, seq_length=1024),
+        "megatron",
+        micro_batch_size=2,
+        recompute="full",
+    )
     assert price(plan).prediction.time_per_iteration == pytest.approx(pred.time_per_iteration, rel=1e-12)
     priced = price(_head_alone_plan())
     assert len(priced.prediction.stage_time) == 2
@@ -247,15 +301,29 @@ def test_evaluate_plan_cli(capsys, tmp_path):
 
 # --- calibration -------------------------------------------------------------------------------------
 
+
 def test_fit_matches_measured_time_and_never_under_predicts_memory():
-    plans = [configure(_llama(2), H200_1, TrainingSpec(global_batch_size=b, seq_length=1024), "megatron",
-                       micro_batch_size=b)[0] for b in (1, 2)]
+    plans = [
+        configure(
+            _llama(2), H200_1, TrainingSpec(global_batch_size=b, seq_length=1024), "megatron", micro_batch_size=b
+        )[0]
+        for b in (1, 2)
+    ]
     predicted = [price(p).prediction for p in plans]
     measurements = [
-        Measurement("a", plans[0], predicted[0].time_per_iteration * 1.20,
-                    peak_reserved_bytes=predicted[0].stage_breakdown[0].allocated_peak * 1.10),
-        Measurement("b", plans[1], predicted[1].time_per_iteration * 1.25,
-                    peak_reserved_bytes=predicted[1].stage_breakdown[0].allocated_peak * 1.02)]
+        Measurement(
+            "a",
+            plans[0],
+            predicted[0].time_per_iteration * 1.20,
+            peak_reserved_bytes=predicted[0].stage_breakdown[0].allocated_peak * 1.10,
+        ),
+        Measurement(
+            "b",
+            plans[1],
+            predicted[1].time_per_iteration * 1.25,
+            peak_reserved_bytes=predicted[1].stage_breakdown[0].allocated_peak * 1.02,
+        ),
+    ]
     result = fit(measurements)
     cal = result.profile.calibration
     assert cal.reserved_per_allocated == pytest.approx(1.10)

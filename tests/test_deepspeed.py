@@ -9,6 +9,7 @@ split imposed on a PipelineModule, the `uniap-deepspeed` command line, and real 
   tests/ds_train.py, which trains a tiny GPT with DeepSpeed's engine under the uniap config: ZeRO-3
   data parallelism, and a 2-stage pipeline with the uneven split 3,1 from `uniap evaluate --split`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,12 @@ from uniap.plan import Plan  # noqa: E402
 from uniap_deepspeed.capability import DEEPSPEED  # noqa: E402
 from uniap_deepspeed.cli import main as ds_main  # noqa: E402
 from uniap_deepspeed.config import deepspeed_config, plan_config, plan_for_deepspeed  # noqa: E402
-from uniap_deepspeed.pipeline import (PlannedPipelineModule, _entry_name, entry_stages,  # noqa: E402
-                                      parts_from_stages)
+from uniap_deepspeed.pipeline import (
+    PlannedPipelineModule,
+    _entry_name,
+    entry_stages,  # noqa: E402
+    parts_from_stages,
+)
 
 TESTS = Path(__file__).parent
 DS_TRAIN = TESTS / "ds_train.py"
@@ -64,6 +69,7 @@ dropout: 0.0
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
 
 class DataParallelMPU:
     """DeepSpeed's documented `mpu` interface (as Megatron's mpu provides it) for a job with no
@@ -93,8 +99,14 @@ def ds_world():
         yield
         return
     with tempfile.TemporaryDirectory() as tmp:
-        ds_dist.init_distributed(dist_backend="gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1,
-                                 auto_mpi_discovery=False, verbose=False)
+        ds_dist.init_distributed(
+            dist_backend="gloo",
+            init_method=f"file://{tmp}/pg",
+            rank=0,
+            world_size=1,
+            auto_mpi_discovery=False,
+            verbose=False,
+        )
         try:
             yield
         finally:
@@ -122,16 +134,41 @@ def tiny_yaml(tmp_path: Path) -> Path:
     return path
 
 
-def split_plan(tmp_path: Path, split: str, num_layers: int = 4, gpus: int = 2, batch: int = 4,
-               name: str = "plan.json") -> Plan:
+def split_plan(
+    tmp_path: Path, split: str, num_layers: int = 4, gpus: int = 2, batch: int = 4, name: str = "plan.json"
+) -> Plan:
     """A deepspeed-target Plan for a hand-given split (`uniap evaluate --split`), 1 GPU per stage."""
     spec = tmp_path / f"model{num_layers}.yaml"
     spec.write_text(TINY_GPT_YAML.replace("num_layers: 4", f"num_layers: {num_layers}"))
     out = tmp_path / name
-    rc = uniap_main(["evaluate", "--model", str(spec), "--cluster", "dgx-a100-80g", "--gpus-per-node", str(gpus),
-                     "--global-batch-size", str(batch), "--seq-length", "16", "--precision", "fp32",
-                     "--target", "deepspeed", "--pp", str(len(split.split(","))), "--micro-batch-size", "1",
-                     "--split", split, "-o", str(out), "--force"])
+    rc = uniap_main(
+        [
+            "evaluate",
+            "--model",
+            str(spec),
+            "--cluster",
+            "dgx-a100-80g",
+            "--gpus-per-node",
+            str(gpus),
+            "--global-batch-size",
+            str(batch),
+            "--seq-length",
+            "16",
+            "--precision",
+            "fp32",
+            "--target",
+            "deepspeed",
+            "--pp",
+            str(len(split.split(","))),
+            "--micro-batch-size",
+            "1",
+            "--split",
+            split,
+            "-o",
+            str(out),
+            "--force",
+        ]
+    )
     assert rc == 0
     return Plan.load(out)
 
@@ -143,15 +180,28 @@ def run_ds_train(tmp_path: Path, *args: str, nproc: int = 2, timeout: int = 300)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     for attempt in range(2):  # a port picked with bind(0) can be taken before torchrun binds it
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(DS_TRAIN), *args,
-               "--out", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            str(DS_TRAIN),
+            *args,
+            "--out",
+            str(out),
+        ]
         try:
             proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"ds_train.py ran past {timeout} s\nSTDOUT:\n{exc.stdout}\nSTDERR:\n{exc.stderr}")
-        output = (f"command: {shlex.join(cmd)}\nexit code {proc.returncode}\nSTDOUT:\n{proc.stdout}\n"
-                  f"STDERR:\n{proc.stderr}")
+        output = (
+            f"command: {shlex.join(cmd)}\nexit code {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+        )
         if proc.returncode != 0 and "address already in use" in output.lower() and attempt == 0:
             continue
         break
@@ -204,15 +254,19 @@ def check_config(plan: Plan, config: dict) -> DeepSpeedConfig:
     u = config["uniap"]
     assert u["pipeline_stages"] == plan.pipeline_degree and u["data_parallel_size"] == dp
     assert u["transformer_layers_per_stage"] == plan.stage_layer_counts()
-    assert sum(u["transformer_layers_per_stage"]) == sum(lp.kind in ("transformer", "cross_transformer")
-                                                         for lp in plan.layers)
+    assert sum(u["transformer_layers_per_stage"]) == sum(
+        lp.kind in ("transformer", "cross_transformer") for lp in plan.layers
+    )
     assert u["layer_stages"] == sorted(u["layer_stages"])
     assert json.loads(json.dumps(config)) == config  # plain JSON
 
     ds = accepted_by_deepspeed(config, dp)
     assert ds.world_size == dp
     assert (ds.train_batch_size, ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == (
-        gbs, plan.micro_batch_all_replicas // dp, plan.micro_batches)
+        gbs,
+        plan.micro_batch_all_replicas // dp,
+        plan.micro_batches,
+    )
     assert ds.zero_optimization_stage == zero
     precision = plan.training.precision
     assert ds.bfloat16_config.enabled == (precision == "bf16")
@@ -223,15 +277,25 @@ def check_config(plan: Plan, config: dict) -> DeepSpeedConfig:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, cluster, batch", list(itertools.product(MODELS, CLUSTERS, BATCHES)),
-                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize(
+    "model, cluster, batch",
+    list(itertools.product(MODELS, CLUSTERS, BATCHES)),
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)
 def test_config_accepted_by_deepspeed(ds_world, model, cluster, batch):
     nodes, gpus_per_node = cluster
     gpus = nodes * gpus_per_node
     outcomes = {"ok": 0, "infeasible": 0, "refused": 0}
     for zero, pp in itertools.product(ZERO_PINS, PP_PINS):
-        kwargs = dict(nodes=nodes, gpus_per_node=gpus_per_node, global_batch_size=batch, zero_stage=zero,
-                      pipeline_stages=pp, precision=BATCHES[batch], time_limit=60)
+        kwargs = dict(
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            global_batch_size=batch,
+            zero_stage=zero,
+            pipeline_stages=pp,
+            precision=BATCHES[batch],
+            time_limit=60,
+        )
         if pp is not None and pp > 1 and zero is not None and zero >= 2:
             with pytest.raises(SpecError, match="incompatible with pipeline parallelism"):
                 plan_for_deepspeed(model, **kwargs)
@@ -275,9 +339,29 @@ def test_plan_config_is_plan_then_translate(ds_world):
 def test_recompute_plan_config(ds_world, tmp_path):
     """A full-recompute plan: activation checkpointing section, pipeline interval 1, DeepSpeed accepts it."""
     out = tmp_path / "rc.json"
-    rc = uniap_main(["evaluate", "--model", "gpt3-1.3b", "--gpus-per-node", "8", "--global-batch-size", "16",
-                     "--seq-length", "512", "--target", "deepspeed", "--pp", "2", "--zero", "1",
-                     "--recompute", "full", "-o", str(out)])
+    rc = uniap_main(
+        [
+            "evaluate",
+            "--model",
+            "gpt3-1.3b",
+            "--gpus-per-node",
+            "8",
+            "--global-batch-size",
+            "16",
+            "--seq-length",
+            "512",
+            "--target",
+            "deepspeed",
+            "--pp",
+            "2",
+            "--zero",
+            "1",
+            "--recompute",
+            "full",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     plan = Plan.load(out)
     config = deepspeed_config(plan)
@@ -316,8 +400,16 @@ def test_quoted_reason_is_deepspeeds_assertion():
 def test_deepspeed_plans_take_the_same_training_options_as_the_core():
     """One planning path: the DeepSpeed adapter sets the attention kernel and a decoder length as `uniap plan`
     does, and refuses a non-positive sequence length instead of replacing it."""
-    plan = plan_for_deepspeed("t5-large", nodes=1, gpus_per_node=4, global_batch_size=16, seq_length=256,
-                              decoder_seq_length=64, flash_attention=False, time_limit=60)
+    plan = plan_for_deepspeed(
+        "t5-large",
+        nodes=1,
+        gpus_per_node=4,
+        global_batch_size=16,
+        seq_length=256,
+        decoder_seq_length=64,
+        flash_attention=False,
+        time_limit=60,
+    )
     assert plan.training.decoder_seq_length == 64 and plan.training.flash_attention is False
     with pytest.raises(SpecError, match="sequence length"):
         plan_for_deepspeed("gpt3-1.3b", nodes=1, gpus_per_node=2, global_batch_size=8, seq_length=0)
@@ -325,8 +417,23 @@ def test_deepspeed_plans_take_the_same_training_options_as_the_core():
 
 def test_cli_incompatible_pins_exit_2(capsys, tmp_path):
     out = tmp_path / "ds.json"
-    rc, _, err = run_cli(capsys, ds_main, "config", "--model", "gpt3-1.3b", "--gpus-per-node", "8",
-                         "--global-batch-size", "16", "--zero-stage", "3", "--pipeline-stages", "2", "-o", str(out))
+    rc, _, err = run_cli(
+        capsys,
+        ds_main,
+        "config",
+        "--model",
+        "gpt3-1.3b",
+        "--gpus-per-node",
+        "8",
+        "--global-batch-size",
+        "16",
+        "--zero-stage",
+        "3",
+        "--pipeline-stages",
+        "2",
+        "-o",
+        str(out),
+    )
     assert rc == 2
     assert "incompatible with pipeline parallelism" in err and "Traceback" not in err
     assert not out.exists()
@@ -334,8 +441,25 @@ def test_cli_incompatible_pins_exit_2(capsys, tmp_path):
 
 def test_generic_plan_with_tp_is_refused(tmp_path):
     path = tmp_path / "tp.json"
-    rc = uniap_main(["evaluate", "--model", "gpt3-1.3b", "--gpus-per-node", "8", "--global-batch-size", "16",
-                     "--seq-length", "512", "--target", "generic", "--tp", "2", "-o", str(path)])
+    rc = uniap_main(
+        [
+            "evaluate",
+            "--model",
+            "gpt3-1.3b",
+            "--gpus-per-node",
+            "8",
+            "--global-batch-size",
+            "16",
+            "--seq-length",
+            "512",
+            "--target",
+            "generic",
+            "--tp",
+            "2",
+            "-o",
+            str(path),
+        ]
+    )
     assert rc == 0
     plan = Plan.load(path)
     assert plan.target == "generic" and plan.uniform_strategy.tp == 2
@@ -346,8 +470,27 @@ def test_generic_plan_with_tp_is_refused(tmp_path):
 
 def test_generic_plan_with_zero3_pipeline_is_refused(tmp_path):
     path = tmp_path / "z3pp.json"
-    rc = uniap_main(["evaluate", "--model", "gpt3-1.3b", "--gpus-per-node", "8", "--global-batch-size", "16",
-                     "--seq-length", "512", "--target", "generic", "--pp", "2", "--zero", "3", "-o", str(path)])
+    rc = uniap_main(
+        [
+            "evaluate",
+            "--model",
+            "gpt3-1.3b",
+            "--gpus-per-node",
+            "8",
+            "--global-batch-size",
+            "16",
+            "--seq-length",
+            "512",
+            "--target",
+            "generic",
+            "--pp",
+            "2",
+            "--zero",
+            "3",
+            "-o",
+            str(path),
+        ]
+    )
     assert rc == 0
     with pytest.raises(SpecError, match="not runnable by DeepSpeed"):
         deepspeed_config(Plan.load(path))
@@ -355,8 +498,27 @@ def test_generic_plan_with_zero3_pipeline_is_refused(tmp_path):
 
 def test_generic_plan_within_deepspeeds_limits_translates(ds_world, tmp_path):
     path = tmp_path / "generic.json"
-    rc = uniap_main(["evaluate", "--model", "bert-large", "--gpus-per-node", "8", "--global-batch-size", "32",
-                     "--target", "generic", "--pp", "2", "--zero", "1", "--micro-batch-size", "2", "-o", str(path)])
+    rc = uniap_main(
+        [
+            "evaluate",
+            "--model",
+            "bert-large",
+            "--gpus-per-node",
+            "8",
+            "--global-batch-size",
+            "32",
+            "--target",
+            "generic",
+            "--pp",
+            "2",
+            "--zero",
+            "1",
+            "--micro-batch-size",
+            "2",
+            "-o",
+            str(path),
+        ]
+    )
     assert rc == 0
     plan = Plan.load(path)
     config = deepspeed_config(plan)
@@ -367,13 +529,32 @@ def test_generic_plan_within_deepspeeds_limits_translates(ds_world, tmp_path):
 
 def test_cli_config_on_generic_tp_plan_exit_2(capsys, tmp_path):
     path = tmp_path / "tp.json"
-    assert uniap_main(["evaluate", "--model", "gpt3-1.3b", "--gpus-per-node", "8", "--global-batch-size", "16",
-                       "--seq-length", "512", "--tp", "4", "-o", str(path)]) == 0
+    assert (
+        uniap_main(
+            [
+                "evaluate",
+                "--model",
+                "gpt3-1.3b",
+                "--gpus-per-node",
+                "8",
+                "--global-batch-size",
+                "16",
+                "--seq-length",
+                "512",
+                "--tp",
+                "4",
+                "-o",
+                str(path),
+            ]
+        )
+        == 0
+    )
     rc, _, err = run_cli(capsys, ds_main, "config", "--plan", str(path))
     assert rc == 2 and "not runnable by DeepSpeed" in err and "Traceback" not in err
 
 
 # --- 2. entry_stages / parts_from_stages ------------------------------------------------------------
+
 
 class Embed:
     pass
@@ -403,20 +584,22 @@ def stages_and_parts(plan: Plan, entries) -> tuple[list[int], list[int]]:
 T = TransformerLayer
 
 
-@pytest.mark.parametrize("split, entries, stages, parts", [
-    ("3,1", [Embed, T, T, T, T, Head], [0, 0, 0, 0, 1, 1], [0, 4, 6]),
-    ("3,1", [Embed, T, T, T, T, Norm, Head], [0, 0, 0, 0, 1, 1, 1], [0, 4, 7]),
-    ("1,3", [Embed, T, T, T, T, Norm, Head], [0, 0, 1, 1, 1, 1, 1], [0, 2, 7]),
-    ("2,2", [Embed, T, T, T, T, Norm, Head], [0, 0, 0, 1, 1, 1, 1], [0, 3, 7]),
-    # an entry between transformer layers goes with the next transformer layer
-    ("1,3", [Embed, T, "lambda", T, T, T, Norm, Head], [0, 0, 1, 1, 1, 1, 1, 1], [0, 2, 8]),
-    ("2,2", [Embed, T, "lambda", T, T, T, Norm, Head], [0, 0, 0, 0, 1, 1, 1, 1], [0, 4, 8]),
-    ("2,2", [Embed, T, T, "lambda", T, T, Norm, Head], [0, 0, 0, 1, 1, 1, 1, 1], [0, 3, 8]),
-    # entries before the first transformer layer go with the embedding, after the last with the head
-    ("1,1,1,1", [Embed, "lambda", T, T, T, T, Norm, "lambda", Head],
-     [0, 0, 0, 1, 2, 3, 3, 3, 3], [0, 3, 4, 5, 9]),
-    ("4", [Embed, T, T, T, T, Head], [0] * 6, [0, 6]),
-])
+@pytest.mark.parametrize(
+    "split, entries, stages, parts",
+    [
+        ("3,1", [Embed, T, T, T, T, Head], [0, 0, 0, 0, 1, 1], [0, 4, 6]),
+        ("3,1", [Embed, T, T, T, T, Norm, Head], [0, 0, 0, 0, 1, 1, 1], [0, 4, 7]),
+        ("1,3", [Embed, T, T, T, T, Norm, Head], [0, 0, 1, 1, 1, 1, 1], [0, 2, 7]),
+        ("2,2", [Embed, T, T, T, T, Norm, Head], [0, 0, 0, 1, 1, 1, 1], [0, 3, 7]),
+        # an entry between transformer layers goes with the next transformer layer
+        ("1,3", [Embed, T, "lambda", T, T, T, Norm, Head], [0, 0, 1, 1, 1, 1, 1, 1], [0, 2, 8]),
+        ("2,2", [Embed, T, "lambda", T, T, T, Norm, Head], [0, 0, 0, 0, 1, 1, 1, 1], [0, 4, 8]),
+        ("2,2", [Embed, T, T, "lambda", T, T, Norm, Head], [0, 0, 0, 1, 1, 1, 1, 1], [0, 3, 8]),
+        # entries before the first transformer layer go with the embedding, after the last with the head
+        ("1,1,1,1", [Embed, "lambda", T, T, T, T, Norm, "lambda", Head], [0, 0, 0, 1, 2, 3, 3, 3, 3], [0, 3, 4, 5, 9]),
+        ("4", [Embed, T, T, T, T, Head], [0] * 6, [0, 6]),
+    ],
+)
 def test_entry_stages_and_parts(tmp_path, split, entries, stages, parts):
     lam = lambda x: x  # noqa: E731  (a plain function in a layer list, as PipelineModule allows)
     entries = [lam if e == "lambda" else e for e in entries]
@@ -441,10 +624,24 @@ def test_entry_names_of_layer_specs_modules_and_functions():
     class EmbeddingPipe(nn.Module):
         pass
 
-    entries = [LayerSpec(EmbeddingPipe), LayerSpec(LlamaDecoderLayer), GPT2Block(), BertEncoderLayer,
-               lambda x: x, nn.LayerNorm(4), LayerSpec(nn.Linear, 4, 4)]
-    assert [_entry_name(e) for e in entries] == ["EmbeddingPipe", "LlamaDecoderLayer", "GPT2Block",
-                                                  "BertEncoderLayer", "function", "LayerNorm", "Linear"]
+    entries = [
+        LayerSpec(EmbeddingPipe),
+        LayerSpec(LlamaDecoderLayer),
+        GPT2Block(),
+        BertEncoderLayer,
+        lambda x: x,
+        nn.LayerNorm(4),
+        LayerSpec(nn.Linear, 4, 4),
+    ]
+    assert [_entry_name(e) for e in entries] == [
+        "EmbeddingPipe",
+        "LlamaDecoderLayer",
+        "GPT2Block",
+        "BertEncoderLayer",
+        "function",
+        "LayerNorm",
+        "Linear",
+    ]
     assert flags(entries) == [False, True, True, True, False, False, False]
 
 
@@ -458,20 +655,28 @@ def test_default_layer_type_and_ds_train_classes():
     default = inspect.signature(PlannedPipelineModule.__init__).parameters["layer_type"].default
     assert default == DEFAULT_LAYER_TYPE.pattern
     assert flags([ds_train.EmbeddingPipe, ds_train.TransformerLayerPipe, ds_train.HeadPipe, ds_train.TinyGPT]) == [
-        False, True, False, False]
+        False,
+        True,
+        False,
+        False,
+    ]
 
 
-@pytest.mark.parametrize("entries, matched", [
-    ([Embed, T, T, T, Head], 3),
-    ([Embed, T, T, T, T, T, Head], 5),
-    ([Embed, Norm, Head], 0),
-])
+@pytest.mark.parametrize(
+    "entries, matched",
+    [
+        ([Embed, T, T, T, Head], 3),
+        ([Embed, T, T, T, T, T, Head], 5),
+        ([Embed, Norm, Head], 0),
+    ],
+)
 def test_mismatched_layer_counts_raise(tmp_path, entries, matched):
     plan = split_plan(tmp_path, "3,1")
     with pytest.raises(SpecError) as info:
         entry_stages(plan, flags(entries))
-    assert str(info.value).startswith(f"the plan has 4 transformer layers but {matched} entries of the layer "
-                                      f"list match the layer type")
+    assert str(info.value).startswith(
+        f"the plan has 4 transformer layers but {matched} entries of the layer list match the layer type"
+    )
     assert "layer_type=" in str(info.value)  # the hint: how to fix it
 
 
@@ -486,13 +691,16 @@ def test_regex_matching_too_much_is_a_count_mismatch(tmp_path):
         entry_stages(plan, flags([TransformerEmbedding, T, T, T, T, Head]))
 
 
-@pytest.mark.parametrize("stages, num_stages", [
-    ([0, 1, 0, 1], 2),   # not contiguous
-    ([1, 1, 0, 0], 2),   # decreasing
-    ([0, 0, 2, 2], 3),   # stage 1 empty
-    ([0, 0, 0], 2),      # last stage empty
-    ([0, 1, 2], 2),      # a stage beyond the pipeline
-])
+@pytest.mark.parametrize(
+    "stages, num_stages",
+    [
+        ([0, 1, 0, 1], 2),  # not contiguous
+        ([1, 1, 0, 0], 2),  # decreasing
+        ([0, 0, 2, 2], 3),  # stage 1 empty
+        ([0, 0, 0], 2),  # last stage empty
+        ([0, 1, 2], 2),  # a stage beyond the pipeline
+    ],
+)
 def test_parts_from_bad_stages_raise(stages, num_stages):
     with pytest.raises(SpecError, match="cannot follow the plan's split") as info:
         parts_from_stages(stages, num_stages)
@@ -519,9 +727,16 @@ STEPS = 6
 
 @pytest.mark.slow
 def test_real_zero3_training(tmp_path):
-    plan = plan_for_deepspeed(str(tiny_yaml(tmp_path)), cluster="dgx-a100-80g", gpus_per_node=2,
-                              global_batch_size=4, seq_length=16, precision="fp32", zero_stage=3,
-                              pipeline_stages=1)
+    plan = plan_for_deepspeed(
+        str(tiny_yaml(tmp_path)),
+        cluster="dgx-a100-80g",
+        gpus_per_node=2,
+        global_batch_size=4,
+        seq_length=16,
+        precision="fp32",
+        zero_stage=3,
+        pipeline_stages=1,
+    )
     assert plan.pipeline_degree == 1 and plan.uniform_strategy.dp == 2
     config = deepspeed_config(plan)
     assert config["zero_optimization"]["stage"] == 3
@@ -534,8 +749,10 @@ def test_real_zero3_training(tmp_path):
         assert r["mode"] == "plain" and r["world_size"] == 2
         assert r["zero_stage"] == 3  # what the engine runs, not only what the file says
         assert (r["train_batch_size"], r["micro_batch_per_gpu"], r["gradient_accumulation_steps"]) == (
-            config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
-            config["gradient_accumulation_steps"])
+            config["train_batch_size"],
+            config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"],
+        )
         assert r["dp_world_size"] == 2
         assert r["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
         assert r["zero3_managed"] == r["parameters"] > 0  # every parameter went through ZeRO-3's wrapper
@@ -547,10 +764,33 @@ def test_real_zero3_training(tmp_path):
 def test_real_pipeline_with_uneven_split(capsys, tmp_path):
     spec = tiny_yaml(tmp_path)
     plan_path, config_path = tmp_path / "plan.json", tmp_path / "ds_config.json"
-    rc = uniap_main(["evaluate", "--model", str(spec), "--cluster", "dgx-a100-80g", "--gpus-per-node", "2",
-                     "--global-batch-size", "4", "--seq-length", "16", "--precision", "fp32",
-                     "--target", "deepspeed", "--pp", "2", "--micro-batch-size", "1", "--split", "3,1",
-                     "-o", str(plan_path)])
+    rc = uniap_main(
+        [
+            "evaluate",
+            "--model",
+            str(spec),
+            "--cluster",
+            "dgx-a100-80g",
+            "--gpus-per-node",
+            "2",
+            "--global-batch-size",
+            "4",
+            "--seq-length",
+            "16",
+            "--precision",
+            "fp32",
+            "--target",
+            "deepspeed",
+            "--pp",
+            "2",
+            "--micro-batch-size",
+            "1",
+            "--split",
+            "3,1",
+            "-o",
+            str(plan_path),
+        ]
+    )
     assert rc == 0
     rc, out, err = run_cli(capsys, ds_main, "config", "--plan", str(plan_path), "-o", str(config_path))
     assert rc == 0, err
@@ -561,8 +801,9 @@ def test_real_pipeline_with_uneven_split(capsys, tmp_path):
     assert config["train_micro_batch_size_per_gpu"] == 1
     assert config["zero_optimization"]["stage"] <= 1
 
-    reports = run_ds_train(tmp_path, "--config", str(config_path), "--plan", str(plan_path), "--mode", "pipe",
-                           "--steps", str(STEPS))
+    reports = run_ds_train(
+        tmp_path, "--config", str(config_path), "--plan", str(plan_path), "--mode", "pipe", "--steps", str(STEPS)
+    )
     # DeepSpeed's own methods would not give this split ('uniform' gives [0, 3, 6] for 6 entries)
     assert partition_uniform(6, 2) != [0, 4, 6]
     for stage, r in enumerate(reports):
@@ -624,9 +865,25 @@ def test_cli_config_from_plan_matches_library(capsys, tmp_path):
 @pytest.fixture
 def two_node_plan(tmp_path) -> Path:
     path = tmp_path / "plan2.json"
-    rc = ds_main(["config", "--model", "gpt3-1.3b", "--nodes", "2", "--gpus-per-node", "8",
-                  "--global-batch-size", "16", "--seq-length", "512", "--save-plan", str(path),
-                  "-o", str(tmp_path / "unused.json")])
+    rc = ds_main(
+        [
+            "config",
+            "--model",
+            "gpt3-1.3b",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--global-batch-size",
+            "16",
+            "--seq-length",
+            "512",
+            "--save-plan",
+            str(path),
+            "-o",
+            str(tmp_path / "unused.json"),
+        ]
+    )
     assert rc == 0
     plan = Plan.load(path)
     assert (plan.cluster.num_nodes, plan.cluster.gpus_per_node) == (2, 8)
@@ -644,10 +901,23 @@ def deepspeed_command(script_text: str) -> list[str]:
 def test_cli_launch(capsys, tmp_path, two_node_plan):
     out = tmp_path / "launch dir"
     script = "/opt/my project/train gpt.py"
-    script_args = ["--data", "/data/my corpus", "--note", "it's \"quoted\" $HOME `x`", "--lr", "3e-4"]
-    rc, stdout, err = run_cli(capsys, ds_main, "launch", str(two_node_plan), "--hosts", "node-a,node-b",
-                              "--script", script, "--master-port", "29555", "--output-dir", str(out),
-                              "--", *script_args)
+    script_args = ["--data", "/data/my corpus", "--note", 'it\'s "quoted" $HOME `x`', "--lr", "3e-4"]
+    rc, stdout, err = run_cli(
+        capsys,
+        ds_main,
+        "launch",
+        str(two_node_plan),
+        "--hosts",
+        "node-a,node-b",
+        "--script",
+        script,
+        "--master-port",
+        "29555",
+        "--output-dir",
+        str(out),
+        "--",
+        *script_args,
+    )
     assert rc == 0, err
     hostfile, config_path, launch = out / "hostfile", out / "ds_config.json", out / "launch.sh"
     assert hostfile.read_text() == "node-a slots=8\nnode-b slots=8\n"
@@ -675,14 +945,28 @@ def test_cli_launch_script_runs_with_its_arguments_intact(capsys, tmp_path, two_
     shell's word splitting keeps the script path with spaces and the quoted arguments whole."""
     out = tmp_path / "out"
     script_args = ["--name", "a b", "--q", "x'y\"z", "--empty", ""]
-    rc, _, err = run_cli(capsys, ds_main, "launch", str(two_node_plan), "--hosts", "h1,h2",
-                         "--script", "my dir/train.py", "--output-dir", str(out), "--", *script_args)
+    rc, _, err = run_cli(
+        capsys,
+        ds_main,
+        "launch",
+        str(two_node_plan),
+        "--hosts",
+        "h1,h2",
+        "--script",
+        "my dir/train.py",
+        "--output-dir",
+        str(out),
+        "--",
+        *script_args,
+    )
     assert rc == 0, err
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     recorder = bin_dir / "deepspeed"
-    recorder.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                        "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd()}, open(os.environ['ARGV_OUT'], 'w'))\n")
+    recorder.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd()}, open(os.environ['ARGV_OUT'], 'w'))\n"
+    )
     recorder.chmod(0o755)
     record = tmp_path / "argv.json"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "ARGV_OUT": str(record)}
@@ -694,7 +978,12 @@ def test_cli_launch_script_runs_with_its_arguments_intact(capsys, tmp_path, two_
     assert Path(seen["cwd"]).resolve() == tmp_path.resolve()
     parsed = ds_launcher_args(seen["argv"])
     assert (Path(parsed.hostfile), parsed.num_nodes, parsed.num_gpus, parsed.master_addr, parsed.master_port) == (
-        (out / "hostfile").resolve(), 2, 8, "h1", 29500)
+        (out / "hostfile").resolve(),
+        2,
+        8,
+        "h1",
+        29500,
+    )
     assert parsed.user_script == "my dir/train.py"
     assert parsed.user_args[:-1] == [*script_args, "--deepspeed", "--deepspeed_config"]
     assert Path(parsed.user_args[-1]) == (out / "ds_config.json").resolve()
@@ -703,8 +992,18 @@ def test_cli_launch_script_runs_with_its_arguments_intact(capsys, tmp_path, two_
 def test_cli_launch_relative_script_path_survives_the_cd(capsys, tmp_path, two_node_plan, monkeypatch):
     (tmp_path / "train.py").write_text("print('training')\n")
     monkeypatch.chdir(tmp_path)
-    rc, _, err = run_cli(capsys, ds_main, "launch", str(two_node_plan), "--hosts", "h1,h2", "--script", "train.py",
-                         "--output-dir", "run1")
+    rc, _, err = run_cli(
+        capsys,
+        ds_main,
+        "launch",
+        str(two_node_plan),
+        "--hosts",
+        "h1,h2",
+        "--script",
+        "train.py",
+        "--output-dir",
+        "run1",
+    )
     assert rc == 0, err
     text = (tmp_path / "run1" / "launch.sh").read_text()
     script = ds_launcher_args(deepspeed_command(text)[1:]).user_script
@@ -716,8 +1015,18 @@ def test_cli_launch_relative_script_path_survives_the_cd(capsys, tmp_path, two_n
 @pytest.mark.parametrize("hosts", ["node-a", "node-a,node-b,node-c", "node-a,node-a", ","])
 def test_cli_launch_wrong_hosts_exit_2(capsys, tmp_path, two_node_plan, hosts):
     out = tmp_path / "out"
-    rc, _, err = run_cli(capsys, ds_main, "launch", str(two_node_plan), "--hosts", hosts, "--script", "train.py",
-                         "--output-dir", str(out))
+    rc, _, err = run_cli(
+        capsys,
+        ds_main,
+        "launch",
+        str(two_node_plan),
+        "--hosts",
+        hosts,
+        "--script",
+        "train.py",
+        "--output-dir",
+        str(out),
+    )
     assert rc == 2
     assert "--hosts" in err and "2 node(s)" in err and "Traceback" not in err
     assert not out.exists()
@@ -737,6 +1046,16 @@ def test_cli_launch_refuses_to_overwrite(capsys, tmp_path, two_node_plan):
 
 
 def test_cli_launch_missing_plan_exit_2(capsys, tmp_path):
-    rc, _, err = run_cli(capsys, ds_main, "launch", str(tmp_path / "nope.json"), "--hosts", "a",
-                         "--script", "train.py", "--output-dir", str(tmp_path / "out"))
+    rc, _, err = run_cli(
+        capsys,
+        ds_main,
+        "launch",
+        str(tmp_path / "nope.json"),
+        "--hosts",
+        "a",
+        "--script",
+        "train.py",
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
     assert rc == 2 and "Traceback" not in err

@@ -68,6 +68,7 @@ the pipeline's BF16_Optimizer, and the transients of backward (the all-reduce's 
 gathered parameters), which the accounting covers with buffer_elements. The run takes 45-60 s on 2 busy CPU
 cores; the first one on a machine also builds DeepSpeed's CPU FusedAdam op (torch extensions cache).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -94,8 +95,13 @@ PROGRAM = TESTS / "deepspeed_memory_run.py"
 D = 2
 BUCKET = 32_768  # elements: two of the model's 128 x 128 weight gradients
 SCALE = BUCKET / REDUCE_BUCKET
-SIZES = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters",
-         "stage3_max_reuse_distance")
+SIZES = (
+    "reduce_bucket_size",
+    "allgather_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
 PERSISTENCE = 1024  # elements: ZeRO-3 keeps the biases (128) whole and partitions the weights (16,384)
 SLACK = 8192  # bytes; see the module docstring
 RUN_TIMEOUT = 420  # seconds for all launches: ~40-60 s on 2 busy CPU cores, plus a first FusedAdam build
@@ -105,8 +111,12 @@ pytestmark = [pytest.mark.slow]
 
 # (precision, ZeRO stage); ZeRO-3 last: its engine leaves hooks and registries behind in the process.
 CONFIGS = [("bf16", 0), ("bf16", 1), ("bf16", 2), ("fp32", 0), ("fp32", 1), ("fp32", 2), ("bf16", 3), ("fp32", 3)]
-WRAPPER = {0: "FP16_Optimizer", 1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer",
-           3: "DeepSpeedZeroOptimizer_Stage3"}
+WRAPPER = {
+    0: "FP16_Optimizer",
+    1: "DeepSpeedZeroOptimizer",
+    2: "DeepSpeedZeroOptimizer",
+    3: "DeepSpeedZeroOptimizer_Stage3",
+}
 ACCOUNTING = DEEPSPEED.accounting
 
 
@@ -123,9 +133,14 @@ def ds_config(precision: str, zero: int) -> dict:
             section[key] = round(section[key] * SCALE)
     if "stage3_param_persistence_threshold" in section:
         section["stage3_param_persistence_threshold"] = PERSISTENCE
-    config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
-              "zero_optimization": section, "steps_per_print": 10**6, "wall_clock_breakdown": False}
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
+        "zero_optimization": section,
+        "steps_per_print": 10**6,
+        "wall_clock_breakdown": False,
+    }
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     return config
@@ -140,19 +155,34 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
-           str(D), str(PROGRAM), "--configs", str(configs), "--out-dir", str(root / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(D),
+        str(PROGRAM),
+        "--configs",
+        str(configs),
+        "--out-dir",
+        str(root / "out"),
+    ]
     start = time.monotonic()
     with (root / "run.log").open("w") as log:
         try:
-            rc = subprocess.run(cmd, check=False, cwd=TESTS.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                timeout=RUN_TIMEOUT).returncode
+            rc = subprocess.run(
+                cmd, check=False, cwd=TESTS.parent, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = f"timeout after {RUN_TIMEOUT} s"
     results = {}
     for config in CONFIGS:
-        results[_name(config)] = [json.loads(p.read_text())
-                                  for p in sorted((root / "out").glob(f"{_name(config)}.rank*.json"))]
+        results[_name(config)] = [
+            json.loads(p.read_text()) for p in sorted((root / "out").glob(f"{_name(config)}.rank*.json"))
+        ]
     if rc != 0 or any(len(ranks) != D for ranks in results.values()):
         text = (root / "run.log").read_text()
         pytest.fail(f"deepspeed memory run failed: {' '.join(cmd)} -> {rc}\n{text[-8000:]}")
@@ -205,8 +235,12 @@ def test_state_bytes_while_computing(runs, config):
     for r in runs[_name(config)]:
         measured = while_computing(r)
         assert abs(measured - declared) * r["nparam"] <= SLACK, (
-            (f"{_name(config)} rank {r['rank']}: measured {measured:.4f} B/param while computing, accounting "
-             f"{declared:g}"), {tag: s["breakdown"] for tag, s in r["snapshots"].items()})
+            (
+                f"{_name(config)} rank {r['rank']}: measured {measured:.4f} B/param while computing, accounting "
+                f"{declared:g}"
+            ),
+            {tag: s["breakdown"] for tag, s in r["snapshots"].items()},
+        )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_name)
@@ -217,11 +251,18 @@ def test_step_peak_bytes(runs, config):
         step, snaps = r["step"], r["snapshots"]
         held_change = snaps["after_step"]["held"] - snaps["micro1_backward"]["held"]
         assert abs(step["end"] - step["start"] - held_change) <= SLACK, (
-            "the profiler missed a free inside the step; its peak is not trustworthy", step, held_change)
+            "the profiler missed a free inside the step; its peak is not trustworthy",
+            step,
+            held_change,
+        )
         measured = at_step(r)
         assert abs(measured - declared) * r["nparam"] <= SLACK, (
-            (f"{_name(config)} rank {r['rank']}: measured {measured:.4f} B/param at the step's peak (in "
-             f"{step['peak_op']}), accounting {declared:g}"), snaps["micro1_backward"]["breakdown"])
+            (
+                f"{_name(config)} rank {r['rank']}: measured {measured:.4f} B/param at the step's peak (in "
+                f"{step['peak_op']}), accounting {declared:g}"
+            ),
+            snaps["micro1_backward"]["breakdown"],
+        )
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c[1] > 0], ids=_name)

@@ -4,16 +4,18 @@ No mocks: each test runs the profiler in a subprocess with DS_ACCELERATOR=cpu. D
 accelerator JIT-builds its shared-memory comm op on the first init_distributed of a machine (about
 90 s once, cached under ~/.cache/torch_extensions); after that the whole file takes ~30-45 s.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from processes import child_env
+from sweep import sampled
 from uniap.profile.runner import free_port
 from uniap.cli import main as uniap_main
 from uniap.model import TrainingSpec, build_graph, load_model
@@ -24,59 +26,67 @@ from uniap_deepspeed.profile import CPU_NOTE  # importing it needs no torch
 pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
-TINY = """\
-name: tiny
-architecture: decoder
-num_layers: 2
-hidden_size: 64
-num_attention_heads: 4
-ffn_hidden_size: 128
-vocab_size: 100
-max_position_embeddings: 32
-"""
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env["DS_ACCELERATOR"] = "cpu"
-    env["PYTHONWARNINGS"] = "ignore"
-    # One thread per process: tiny CPU kernels time steadily (the calibration fits a whole iteration against the
-    # layer timings) and concurrent ranks or test workers do not oversubscribe the cores.
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
 
 def _single(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = _env()
+    env = child_env(DS_ACCELERATOR="cpu")
     env["MASTER_PORT"] = str(free_port())
-    return subprocess.run([sys.executable, "-m", "uniap_deepspeed.profile", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "uniap_deepspeed.profile", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def _plan(yaml_path, profile_path, *extra, command="plan") -> dict:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = uniap_main([command, "--model", str(yaml_path), "--cluster", "dgx-a100-80g", "--gpus-per-node", "2",
-                         "--profile", str(profile_path), "--seq-length", "32", "--global-batch-size", "4", "--json",
-                         *extra])
+        rc = uniap_main(
+            [
+                command,
+                "--model",
+                str(yaml_path),
+                "--cluster",
+                "dgx-a100-80g",
+                "--gpus-per-node",
+                "2",
+                "--profile",
+                str(profile_path),
+                "--seq-length",
+                "32",
+                "--global-batch-size",
+                "4",
+                "--json",
+                *extra,
+            ]
+        )
     assert rc == 0
     return json.loads(out.getvalue())
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
 
 
 @pytest.mark.slow
 def test_single_process_profile_feeds_the_planner(tiny, tmp_path):
     out = tmp_path / "profile.json"
-    proc = _single(["--model", str(tiny), "--seq-length", "32", "--micro-batch-sizes", "1,2", "--warmup", "1",
-                    "--repeats", "3", "-o", str(out)], tmp_path)
+    proc = _single(
+        [
+            "--model",
+            str(tiny),
+            "--seq-length",
+            "32",
+            "--micro-batch-sizes",
+            "1,2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "3",
+            "-o",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -131,11 +141,36 @@ def test_single_process_profile_feeds_the_planner(tiny, tmp_path):
 @pytest.mark.slow
 def test_two_processes_under_torchrun_measure_collectives(tiny, tmp_path):
     out = tmp_path / "profile2.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "uniap_deepspeed.profile", "--model", str(tiny),
-           "--seq-length", "32", "--micro-batch-sizes", "1", "--warmup", "1", "--repeats", "2",
-           "--collective-sizes-mb", "1,2", "-o", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "uniap_deepspeed.profile",
+        "--model",
+        str(tiny),
+        "--seq-length",
+        "32",
+        "--micro-batch-sizes",
+        "1",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+        "--collective-sizes-mb",
+        "1,2",
+        "-o",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=child_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     profile = Profile.load(out)
@@ -175,21 +210,44 @@ def test_existing_output_is_not_overwritten(tiny, tmp_path):
 @pytest.mark.slow
 def test_calibration_layers_0_skips_the_training_run(tiny, tmp_path):
     out = tmp_path / "profile.json"
-    proc = _single(["--model", str(tiny), "--seq-length", "32", "--micro-batch-sizes", "1", "--warmup", "0",
-                    "--repeats", "1", "--calibration-layers", "0", "-o", str(out)], tmp_path)
+    proc = _single(
+        [
+            "--model",
+            str(tiny),
+            "--seq-length",
+            "32",
+            "--micro-batch-sizes",
+            "1",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--calibration-layers",
+            "0",
+            "-o",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     profile = Profile.load(out)
     assert profile.calibration is None
     assert profile.optimizer is not None and profile.optimizer.step_ms > 0  # one warm-up step even with --warmup 0
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--model", "no-such-model"], "unknown model preset"),
-    (["--model", "TINY", "--seq-length", "64"], "max_position_embeddings"),
-    (["--model", "TINY", "--micro-batch-sizes", "0"], "positive"),
-    (["--model", "TINY", "--calibration-layers", "-1"], "--calibration-layers must be >= 0"),
-    (["--model", "TINY", "--calibration-micro-batches", "0"], "--calibration-micro-batches must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    sampled(
+        [
+            (["--model", "no-such-model"], "unknown model preset"),
+            (["--model", "TINY", "--seq-length", "64"], "max_position_embeddings"),
+            (["--model", "TINY", "--micro-batch-sizes", "0"], "positive"),
+            (["--model", "TINY", "--calibration-layers", "-1"], "--calibration-layers must be >= 0"),
+            (["--model", "TINY", "--calibration-micro-batches", "0"], "--calibration-micro-batches must be >= 1"),
+        ],
+        keep_every=3,
+    ),
+)
 def test_user_errors_exit_2_without_traceback(tiny, tmp_path, args, words):
     args = [str(tiny) if a == "TINY" else a for a in args]
     proc = _single([*args, "-o", str(tmp_path / "p.json")], tmp_path)

@@ -5,15 +5,16 @@ DeepSpeed run itself goes through a subprocess with DS_ACCELERATOR=cpu, as the p
 this pytest process never holds a process group. The CLI's calibration (fit included) is tested in
 tests/test_deepspeed_profile.py.
 """
+
 from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
+from processes import child_env
 from uniap.profile.runner import free_port
 from uniap.cluster import CLUSTER_PRESETS
 from uniap.model import ModelSpec, TrainingSpec, build_graph
@@ -26,20 +27,38 @@ from uniap_deepspeed.training_run import _fit, build_training_module, reduced_mo
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 
-BASE = {"num_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "ffn_hidden_size": 64,
-        "max_position_embeddings": 16}
+BASE = {
+    "num_layers": 3,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "ffn_hidden_size": 64,
+    "max_position_embeddings": 16,
+}
 MODELS = {
     "gpt": ModelSpec(name="gpt", architecture="decoder", vocab_size=50, **BASE),
-    "llama": ModelSpec(name="llama", architecture="decoder", vocab_size=50, tied_embeddings=False,
-                       position_embedding="rope", gated_mlp=True, normalization="rmsnorm", add_bias=False,
-                       num_query_groups=2, **BASE),
+    "llama": ModelSpec(
+        name="llama",
+        architecture="decoder",
+        vocab_size=50,
+        tied_embeddings=False,
+        position_embedding="rope",
+        gated_mlp=True,
+        normalization="rmsnorm",
+        add_bias=False,
+        num_query_groups=2,
+        **BASE,
+    ),
     "bert": ModelSpec(name="bert", architecture="encoder", vocab_size=50, **BASE),
-    "t5": ModelSpec(name="t5", architecture="encoder_decoder", vocab_size=50, num_decoder_layers=3,
-                    position_embedding="relative", **BASE),
+    "t5": ModelSpec(
+        name="t5",
+        architecture="encoder_decoder",
+        vocab_size=50,
+        num_decoder_layers=3,
+        position_embedding="relative",
+        **BASE,
+    ),
     "vit": ModelSpec(name="vit", architecture="vit", image_size=32, patch_size=8, num_classes=10, **BASE),
 }
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 TINY = """\
 name: tiny
 architecture: decoder
@@ -80,8 +99,9 @@ def test_whole_model_holds_the_plans_parameters(name):
     assert small.num_layers == 2 and small.name == f"{name}-2l"
     training = TrainingSpec(global_batch_size=2, seq_length=16)
     graph = build_graph(small, training)
-    assert sum(layer.kind in ("transformer", "cross_transformer") for layer in graph.layers) == \
-        (4 if name == "t5" else 2)
+    assert sum(layer.kind in ("transformer", "cross_transformer") for layer in graph.layers) == (
+        4 if name == "t5" else 2
+    )
     torch.manual_seed(0)
     module = build_training_module(small, training)
     expected = sum((0 if layer.tied_weights else layer.params_tp) + layer.params_rep for layer in graph.layers)
@@ -103,11 +123,13 @@ def test_fit_keeps_the_time_when_the_memory_ratio_is_out_of_range(reserved_per_a
     peak the Calibration's reserved/allocated range (0.5 .. 3) cannot hold leaves memory unfitted, not the time."""
     model = reduced_model(MODELS["gpt"], 2)
     cluster = CLUSTER_PRESETS["dgx-h100"].with_shape(1, 1)
-    plan, prediction = configure(model, cluster, TrainingSpec(global_batch_size=2, seq_length=16), target="deepspeed",
-                                 micro_batch_size=1)
+    plan, prediction = configure(
+        model, cluster, TrainingSpec(global_batch_size=2, seq_length=16), target="deepspeed", micro_batch_size=1
+    )
     allocated = max(stage.allocated_peak for stage in prediction.stage_breakdown)
-    measured = Measurement("run", plan, 1.5 * prediction.time_per_iteration,
-                           peak_reserved_bytes=reserved_per_allocated * allocated)
+    measured = Measurement(
+        "run", plan, 1.5 * prediction.time_per_iteration, peak_reserved_bytes=reserved_per_allocated * allocated
+    )
     profile, problem = _fit(measured, Profile(device="GPU", runtime="deepspeed"), "test")
     calibration = profile.calibration
     (run,) = calibration.runs
@@ -125,10 +147,16 @@ def test_training_run_through_deepspeed_with_uniaps_config(tmp_path):
     section; the loss on the fixed batch is finite and falls; timings are positive; no CUDA peaks."""
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, "-c", RUN, str(spec)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    env = child_env(DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, str(spec)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -141,8 +169,11 @@ def test_training_run_through_deepspeed_with_uniaps_config(tmp_path):
     assert result["optimizer"].startswith("torch.optim.AdamW")
 
     config = result["config"]
-    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
-            config["gradient_accumulation_steps"]) == (2, 1, 2)
+    assert (
+        config["train_batch_size"],
+        config["train_micro_batch_size_per_gpu"],
+        config["gradient_accumulation_steps"],
+    ) == (2, 1, 2)
     assert config["zero_optimization"] == {"stage": 0}
     assert config["optimizer"]["type"] == "AdamW" and config["optimizer"]["params"]["torch_adam"] is True
     assert "bf16" not in config and "fp16" not in config  # the CPU computes in fp32

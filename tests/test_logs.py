@@ -14,6 +14,7 @@ Two programs, started together once per module (each about 6 s of CPU), print th
   iterations Megatron chooses. The few CUDA calls on that path are redirected one by one in MEGATRON_PROGRAM.
 The other tests edit those logs (launcher prefixes, a cut last line, a garbled number, two runs in one log).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -40,21 +41,51 @@ RUN_TIMEOUT_S = 600
 TRAIN_ITERS, LOG_INTERVAL, LOG_MEMORY_INTERVAL = 10, 2, 4
 FIRST_SLEEP_S, SLEEP_S = 0.3, 0.03
 MEGATRON_ARGS = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-    "--max-position-embeddings", "32", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-4",
-    "--train-iters", str(TRAIN_ITERS), "--log-interval", str(LOG_INTERVAL), "--log-throughput",
-    "--log-memory-interval", str(LOG_MEMORY_INTERVAL), "--log-device-memory-used",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--max-position-embeddings",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--lr",
+    "1e-4",
+    "--train-iters",
+    str(TRAIN_ITERS),
+    "--log-interval",
+    str(LOG_INTERVAL),
+    "--log-throughput",
+    "--log-memory-interval",
+    str(LOG_MEMORY_INTERVAL),
+    "--log-device-memory-used",
+    "--tokenizer-type",
+    "NullTokenizer",
+    "--vocab-size",
+    "128",
 ]
 
 
 def megatron_memory_mib(iteration: int) -> dict[str, float]:
     """What the program's stand-in CUDA allocator reports during `iteration` (MiB, exact in "{:.2f}")."""
-    return {"allocated": 100 + iteration, "max_allocated": 200 + 8 * iteration + 0.25,
-            "reserved": 300 + iteration, "max_reserved": 400 + 8 * iteration + 0.5, "device_used": 500 + iteration}
+    return {
+        "allocated": 100 + iteration,
+        "max_allocated": 200 + 8 * iteration + 0.25,
+        "reserved": 300 + iteration,
+        "max_reserved": 400 + 8 * iteration + 0.5,
+        "device_used": 500 + iteration,
+    }
 
 
-MEGATRON_PROGRAM = megatron_lm.PREAMBLE + f'''
+MEGATRON_PROGRAM = (
+    megatron_lm.PREAMBLE
+    + f'''
 """Megatron-LM core_v0.16.1's training_log, called as train() calls it (training.py:2571-2911), on CPU."""
 import json
 import time
@@ -117,17 +148,36 @@ for iteration in range(1, args.train_iters + 1):
         pg_collection=None, is_first_iteration=iteration == 1)
 dist.destroy_process_group()
 '''
+)
 
 
 # --- DeepSpeed -----------------------------------------------------------------------------------------------
 DS_LOGGING = {"steps_per_print": 1, "wall_clock_breakdown": True, "log_level": "info"}
 DS_RUNS = [  # run one after the other in one process: (name, engine, steps, config)
-    ("ds_plain", "plain", 6, {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4,
-                              "gradient_accumulation_steps": 2, **DS_LOGGING}),
-    ("ds_memory", "plain", 1, {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4,
-                               "gradient_accumulation_steps": 1, "memory_breakdown": True, **DS_LOGGING}),
-    ("ds_pipe", "pipe", 5, {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4,
-                            "gradient_accumulation_steps": 2, **DS_LOGGING}),
+    (
+        "ds_plain",
+        "plain",
+        6,
+        {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, **DS_LOGGING},
+    ),
+    (
+        "ds_memory",
+        "plain",
+        1,
+        {
+            "train_batch_size": 4,
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 1,
+            "memory_breakdown": True,
+            **DS_LOGGING,
+        },
+    ),
+    (
+        "ds_pipe",
+        "pipe",
+        5,
+        {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, **DS_LOGGING},
+    ),
 ]
 DS_SEPARATOR = "=== test_logs run: "  # the program prints it before each run; the log of a run is what follows
 
@@ -187,8 +237,11 @@ class Run:
 
 def _start(tmp: Path) -> tuple[dict[str, subprocess.Popen], dict[str, str]]:
     """The DeepSpeed program and the Megatron-LM program, started at once; the reasons for those that cannot."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+    }
     base.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     pythonpath = base.get("PYTHONPATH", "")
     commands: dict[str, tuple[list[str], dict[str, str]]] = {}
@@ -198,10 +251,16 @@ def _start(tmp: Path) -> tuple[dict[str, subprocess.Popen], dict[str, str]]:
         skips["deepspeed"] = f"{missing[0]} is not installed"
     else:
         (tmp / "ds_program.py").write_text(DS_PROGRAM)
-        env = {**base, "DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0",
-               "PYTHONPATH": os.pathsep.join([str(TESTS), pythonpath])}
-        commands["deepspeed"] = ([sys.executable, str(tmp / "ds_program.py"), str(tmp / "deepspeed.pg"),
-                                  json.dumps(DS_RUNS)], env)
+        env = {
+            **base,
+            "DS_ACCELERATOR": "cpu",
+            "LOCAL_RANK": "0",
+            "PYTHONPATH": os.pathsep.join([str(TESTS), pythonpath]),
+        }
+        commands["deepspeed"] = (
+            [sys.executable, str(tmp / "ds_program.py"), str(tmp / "deepspeed.pg"), json.dumps(DS_RUNS)],
+            env,
+        )
     vendor = megatron_lm.megatron_lm_path()
     if megatron_lm.skip_reason():
         skips["megatron"] = megatron_lm.skip_reason()
@@ -209,10 +268,14 @@ def _start(tmp: Path) -> tuple[dict[str, subprocess.Popen], dict[str, str]]:
         (tmp / "megatron_program.py").write_text(MEGATRON_PROGRAM)
         env = {**base, "PYTHONPATH": os.pathsep.join([str(vendor), pythonpath])}
         memory = json.dumps({i: megatron_memory_mib(i) for i in range(1, TRAIN_ITERS + 1)})
-        commands["megatron"] = ([sys.executable, str(tmp / "megatron_program.py"), str(tmp / "megatron.pg"), memory,
-                                 *MEGATRON_ARGS], env)
-    procs = {name: subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (cmd, env) in commands.items()}
+        commands["megatron"] = (
+            [sys.executable, str(tmp / "megatron_program.py"), str(tmp / "megatron.pg"), memory, *MEGATRON_ARGS],
+            env,
+        )
+    procs = {
+        name: subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, (cmd, env) in commands.items()
+    }
     return procs, skips
 
 
@@ -313,14 +376,14 @@ def test_megatron_training_log(megatron_log):
 
 def test_megatron_warmup_skipping(megatron_log):
     # The log up to the iteration-4 line: intervals {1}, {1, 2}, {3, 4}; only the last is steady.
-    cut = megatron_log[:megatron_log.index("\n", megatron_log.index("iteration        4/")) + 1]
+    cut = megatron_log[: megatron_log.index("\n", megatron_log.index("iteration        4/")) + 1]
     m = parse_log(cut)
     assert len(m.iteration_times_s) == 3 and m.skipped_warmup == 2
     assert m.time_per_iteration_s == m.iteration_times_s[2] < FIRST_SLEEP_S / 2
     m0 = parse_log(cut, skip_warmup=0)
     assert m0.skipped_warmup == 0 and m0.time_per_iteration_s == m.iteration_times_s[1] > FIRST_SLEEP_S / 2
     # the first line alone: nothing to skip, at least one interval is kept
-    first = megatron_log[:megatron_log.index("\n", megatron_log.index("iteration        1/")) + 1]
+    first = megatron_log[: megatron_log.index("\n", megatron_log.index("iteration        1/")) + 1]
     m1 = parse_log(first)
     assert m1.skipped_warmup == 0 and m1.iterations == 1 and m1.time_per_iteration_s >= FIRST_SLEEP_S
     for bad in (3, -1):
@@ -387,8 +450,9 @@ def test_deepspeed_pipeline_engine(ds_pipe_log):
     assert m.iteration_times_s == tuple(field(x, "iter time (s):", "samples") for x in printed)
     assert m.skipped_warmup == 2 and m.time_per_iteration_s == statistics.median(m.iteration_times_s[2:]) > 0
     # the same steps printed every 2nd step: only the first interval (steps 1-2) is warm-up
-    even = "\n".join(x for x in ds_pipe_log.split("\n")
-                     if "iter time (s):" not in x or int(field(x, "steps:", "loss")) % 2 == 0)
+    even = "\n".join(
+        x for x in ds_pipe_log.split("\n") if "iter time (s):" not in x or int(field(x, "steps:", "loss")) % 2 == 0
+    )
     assert parse_log(even).skipped_warmup == 1
 
 
@@ -396,8 +460,10 @@ def test_deepspeed_other_timer_lines_are_not_timing(ds_pipe_log):
     # Lines DeepSpeed prints next to the recognised ones, copied from their format strings (no CPU run prints
     # them): the MoE forward breakdown (deepspeed/runtime/engine.py:3068-3070) and ThroughputTimer's
     # monitor_memory line (deepspeed/utils/timer.py:278).
-    extra = ("[Rank 0] time (ms) | fwd: 12.00 (fwd_moe: 3.00, 1st_a2a: 1.00, 2nd_a2a: 1.00, top_k: 0.50)\n"
-             "epoch=0/micro_step=4/global_step=2, vm %: 12.5, swap %: 0.0\n")
+    extra = (
+        "[Rank 0] time (ms) | fwd: 12.00 (fwd_moe: 3.00, 1st_a2a: 1.00, 2nd_a2a: 1.00, top_k: 0.50)\n"
+        "epoch=0/micro_step=4/global_step=2, vm %: 12.5, swap %: 0.0\n"
+    )
     same_measurement(parse_log(extra + ds_pipe_log), parse_log(ds_pipe_log))
 
 
@@ -416,8 +482,11 @@ def test_launcher_prefixes(request, log, prefix):
     same_measurement(parse_log(prefixed, train_batch_size=batch), parse_log(text, train_batch_size=batch))
 
 
-TIMING_MARKER = {"megatron_log": "elapsed time per iteration (ms):", "ds_plain_log": "CurrSamplesPerSec=",
-                 "ds_pipe_log": "iter time (s):"}
+TIMING_MARKER = {
+    "megatron_log": "elapsed time per iteration (ms):",
+    "ds_plain_log": "CurrSamplesPerSec=",
+    "ds_pipe_log": "iter time (s):",
+}
 
 
 @pytest.mark.parametrize("log", sorted(TIMING_MARKER))
@@ -425,7 +494,7 @@ def test_truncated_last_line(request, log):
     text = request.getfixturevalue(log)
     number, line = lines_with(text, TIMING_MARKER[log])[-1]
     lines = text.split("\n")[:number]
-    lines[-1] = line[:len(line) * 2 // 3]  # the process died while writing it
+    lines[-1] = line[: len(line) * 2 // 3]  # the process died while writing it
     with pytest.raises(LogError, match=rf"^log, line {number}: the log ends in the middle of this line: .*; expected"):
         parse_log("\n".join(lines), train_batch_size=BATCH.get(log))
 
@@ -465,8 +534,11 @@ def test_megatron_memory_line_garbled(megatron_log):
 def test_iterations_going_backwards(request, log):
     text = request.getfixturevalue(log)  # two runs' logs one after the other
     first_of_second = len(text.split("\n")) - 1 + lines_with(text, TIMING_MARKER[log])[0][0]
-    with pytest.raises(LogError, match=rf"^log, line {first_of_second}: iteration \d+ after iteration \d+ "
-                                       r"\(line \d+\); expected iteration numbers that increase"):
+    with pytest.raises(
+        LogError,
+        match=rf"^log, line {first_of_second}: iteration \d+ after iteration \d+ "
+        r"\(line \d+\); expected iteration numbers that increase",
+    ):
         parse_log(text + text, train_batch_size=BATCH.get(log))
 
 

@@ -15,12 +15,13 @@ training)` is checked three ways:
 Also: the split encoder on splits the evaluator cannot produce (empty first/last stage), and plans Megatron
 cannot run refused. Megatron-LM's own parse_args + validate_args on the same grid: test_megatron_lm.py.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
-from megatron_plans import ALL_JOBS, run_uniap, emitted, eval_job, get_plan
+from megatron_plans import ALL_JOBS, JOB_PARAMS, emitted, eval_job, get_plan, run_uniap
 from uniap.errors import SpecError
 from uniap.plan import Plan
 
@@ -31,6 +32,7 @@ pytest.importorskip("megatron.core")
 
 from megatron.core.transformer.enums import LayerType
 from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+from sweep import SWEEP
 from megatron_rules import (
     core_stage_layers,
     ddp_config,
@@ -47,7 +49,7 @@ from megatron_rules import (
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:megatron")
 
 
-@pytest.mark.parametrize("name,argv", ALL_JOBS, ids=[n for n, _ in ALL_JOBS])
+@pytest.mark.parametrize("name,argv", JOB_PARAMS)
 def test_arguments_follow_megatron_rules(name, argv):
     plan = get_plan(name, argv)
     words, env, model, training = emitted(plan)
@@ -57,7 +59,7 @@ def test_arguments_follow_megatron_rules(name, argv):
     assert translation_mismatches(flags, plan, model, training) == [], words
 
 
-@pytest.mark.parametrize("name,argv", ALL_JOBS, ids=[n for n, _ in ALL_JOBS])
+@pytest.mark.parametrize("name,argv", JOB_PARAMS)
 def test_megatron_core_accepts_arguments(name, argv):
     plan = get_plan(name, argv)
     words, _env, model, _training = emitted(plan)
@@ -80,24 +82,42 @@ def test_megatron_core_accepts_arguments(name, argv):
     ddp_config(flags)
 
 
-@pytest.mark.parametrize("name,argv", ALL_JOBS, ids=[n for n, _ in ALL_JOBS])
+@pytest.mark.parametrize("name,argv", JOB_PARAMS)
 def test_arguments_parse_back_to_the_job(name, argv):
     """job_from_args(arguments) recovers the model, the training job and, as pins, the plan's choices."""
     plan = get_plan(name, argv)
     words, _env, model, training = emitted(plan)
     job = job_from_args(words)
     m = job.model
-    for field in ("architecture", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                  "vocab_size", "gated_mlp", "normalization", "tied_embeddings", "max_position_embeddings",
-                  "add_bias", "head_dim", "query_groups"):
+    for field in (
+        "architecture",
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "ffn_hidden_size",
+        "vocab_size",
+        "gated_mlp",
+        "normalization",
+        "tied_embeddings",
+        "max_position_embeddings",
+        "add_bias",
+        "head_dim",
+        "query_groups",
+    ):
         assert getattr(m, field) == getattr(model, field), field
     assert (m.position_embedding == "rope") == (model.position_embedding == "rope")
-    assert (job.training.global_batch_size, job.training.seq_length, job.training.precision) == \
-        (training.global_batch_size, training.seq_length, training.precision)
+    assert (job.training.global_batch_size, job.training.seq_length, job.training.precision) == (
+        training.global_batch_size,
+        training.seq_length,
+        training.precision,
+    )
     s = plan.uniform_strategy
     pins = job.pins
-    assert (pins.tp, pins.pipeline_degree, pins.micro_batch_per_replica) == \
-        (s.tp, plan.pipeline_degree, plan.micro_batch_all_replicas // s.dp)
+    assert (pins.tp, pins.pipeline_degree, pins.micro_batch_per_replica) == (
+        s.tp,
+        plan.pipeline_degree,
+        plan.micro_batch_all_replicas // s.dp,
+    )
     assert pins.zero == (s.zero if s.dp > 1 and s.zero else None)
     assert pins.recompute == (None if s.recompute == "none" else s.recompute)
 
@@ -128,8 +148,25 @@ def test_explicit_kv_channels_and_multi_query_attention(tmp_path, pins):
     path = tmp_path / "model.yaml"
     path.write_text(CUSTOM_MODEL)
     name = f"custom-{'-'.join(pins)}"
-    plan = get_plan(name, ["plan", "--model", str(path), "--cluster", "dgx-a100-80g", "--gpus-per-node", "8",
-                           "--global-batch-size", "32", "--seq-length", "4096", "--target", "megatron", *pins])
+    plan = get_plan(
+        name,
+        [
+            "plan",
+            "--model",
+            str(path),
+            "--cluster",
+            "dgx-a100-80g",
+            "--gpus-per-node",
+            "8",
+            "--global-batch-size",
+            "32",
+            "--seq-length",
+            "4096",
+            "--target",
+            "megatron",
+            *pins,
+        ],
+    )
     words, env, model, training = emitted(plan)
     flags = parse_flags(words)
     assert flags["--kv-channels"] == 256 and flags["--num-query-groups"] == 1 and flags["--group-query-attention"]
@@ -143,6 +180,7 @@ def test_explicit_kv_channels_and_multi_query_attention(tmp_path, pins):
     assert (job.model.kv_channels, job.model.num_query_groups, job.model.tied_embeddings) == (256, 1, True)
 
 
+@SWEEP
 def test_grid_covers_every_split_encoding_and_parallelism():
     """The grid is not vacuous: all three split encodings (first/last with both ends, only the first,
     only the last), TP, PP, DP, ZeRO-1, Megatron-FSDP, both recompute modes and all precisions occur."""
@@ -159,8 +197,13 @@ def test_grid_covers_every_split_encoding_and_parallelism():
         seen["recompute"].add(s.recompute)
         seen["precision"].add(plan.training.precision)
         if split_encoding(flags) == "first/last":
-            seen["split"].add("first only" if "--decoder-last-pipeline-num-layers" not in flags else
-                              "last only" if "--decoder-first-pipeline-num-layers" not in flags else "first+last")
+            seen["split"].add(
+                "first only"
+                if "--decoder-last-pipeline-num-layers" not in flags
+                else "last only"
+                if "--decoder-first-pipeline-num-layers" not in flags
+                else "first+last"
+            )
     assert seen["split"] == {"even", "first/last", "layout", "first only", "last only", "first+last"}
     assert {1, 2, 4, 8} <= seen["tp"] and {1, 2, 4, 8} <= seen["pp"] and {1, 2} <= seen["dp"]
     assert seen["zero"] >= {0, 1, 3}
@@ -188,13 +231,23 @@ def test_rule_checker_catches_broken_arguments():
     assert broken(tensor_model_parallel_size=3)  # world % (TP*PP)
     assert broken(global_batch_size=15)  # GBS % (MBS*DP)
     assert broken(decoder_first_pipeline_num_layers=10)  # middle layers don't split evenly
-    assert broken(pipeline_model_parallel_size=8, decoder_first_pipeline_num_layers=None,
-                  decoder_last_pipeline_num_layers=None, num_layers=30)  # 30 % 8, even split
+    assert broken(
+        pipeline_model_parallel_size=8,
+        decoder_first_pipeline_num_layers=None,
+        decoder_last_pipeline_num_layers=None,
+        num_layers=30,
+    )  # 30 % 8, even split
     assert broken(pipeline_model_parallel_layout="Et*9|t*8|t*8|t*7L")  # layout + first/last
-    assert broken(decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
-                  pipeline_model_parallel_layout="Et*9|t*8|t*8|t*6L")  # 31 t for 32 layers
-    assert broken(decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
-                  pipeline_model_parallel_layout="t*9|Et*8|t*8|t*7L")  # E not first
+    assert broken(
+        decoder_first_pipeline_num_layers=None,
+        decoder_last_pipeline_num_layers=None,
+        pipeline_model_parallel_layout="Et*9|t*8|t*8|t*6L",
+    )  # 31 t for 32 layers
+    assert broken(
+        decoder_first_pipeline_num_layers=None,
+        decoder_last_pipeline_num_layers=None,
+        pipeline_model_parallel_layout="t*9|Et*8|t*8|t*7L",
+    )  # E not first
     assert broken(recompute_granularity="full")  # no method / count
     assert broken(recompute_granularity="selective", recompute_method="uniform")
     assert broken(overlap_param_gather=True)  # without grad-reduce / dist-opt
@@ -203,8 +256,14 @@ def test_rule_checker_catches_broken_arguments():
     assert broken(sequence_parallel=True)  # at TP 1
     assert broken(num_attention_heads=30)  # hidden % heads
     assert broken(group_query_attention=True, num_query_groups=5)  # heads % groups
-    assert broken(group_query_attention=True, num_query_groups=3, tensor_model_parallel_size=2,
-                  pipeline_model_parallel_size=4, global_batch_size=16, micro_batch_size=1)  # 3 vs TP 2
+    assert broken(
+        group_query_attention=True,
+        num_query_groups=3,
+        tensor_model_parallel_size=2,
+        pipeline_model_parallel_size=4,
+        global_batch_size=16,
+        micro_batch_size=1,
+    )  # 3 vs TP 2
     assert broken(ffn_hidden_size=11007, tensor_model_parallel_size=2, micro_batch_size=1)  # ffn % TP
     assert broken(max_position_embeddings=1024)  # < seq 2048
     assert broken(recompute_num_layers=1)  # without a granularity
@@ -217,18 +276,51 @@ def test_rule_checker_catches_broken_arguments():
 
 # --- splits the evaluator cannot make (an empty first or last stage) ----------------------------------
 
-@pytest.mark.parametrize("counts", [
-    [0, 16, 16], [16, 16, 0], [0, 8, 8, 8, 8], [8, 8, 8, 8, 0], [0, 31, 1], [1, 31, 0], [0, 32], [32, 0],
-    [0, 4, 4, 4, 4, 4, 3, 1], [5, 0, 27], [9, 8, 8, 7], [8, 8, 8, 8], [3, 13, 13, 3], [1, 2, 3, 26],
-])
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [0, 16, 16],
+        [16, 16, 0],
+        [0, 8, 8, 8, 8],
+        [8, 8, 8, 8, 0],
+        [0, 31, 1],
+        [1, 31, 0],
+        [0, 32],
+        [32, 0],
+        [0, 4, 4, 4, 4, 4, 3, 1],
+        [5, 0, 27],
+        [9, 8, 8, 7],
+        [8, 8, 8, 8],
+        [3, 13, 13, 3],
+        [1, 2, 3, 26],
+    ],
+)
 def test_split_encoding_of_any_counts_is_valid_for_megatron_core(counts):
     """pipeline_split_args on arbitrary counts (zeros included: the planner may leave the embedding alone
     on the first stage) gives arguments megatron-core accepts and that build exactly these counts."""
     layers, pp = sum(counts), len(counts)
-    flags = parse_flags(["--num-layers", str(layers), "--hidden-size", "256", "--num-attention-heads", "8",
-                         "--seq-length", "128", "--max-position-embeddings", "128",
-                         "--pipeline-model-parallel-size", str(pp), "--micro-batch-size", "1",
-                         "--global-batch-size", "4", *pipeline_split_args(counts)])
+    flags = parse_flags(
+        [
+            "--num-layers",
+            str(layers),
+            "--hidden-size",
+            "256",
+            "--num-attention-heads",
+            "8",
+            "--seq-length",
+            "128",
+            "--max-position-embeddings",
+            "128",
+            "--pipeline-model-parallel-size",
+            str(pp),
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "4",
+            *pipeline_split_args(counts),
+        ]
+    )
     assert megatron_violations(flags, {}, pp) == []
     assert expected_stage_counts(flags) == counts
     if 0 in (counts[0], counts[-1]):
@@ -259,17 +351,51 @@ def test_planner_plan_with_an_embedding_only_stage(tmp_path):
 
 def test_evaluate_refuses_an_empty_stage():
     for split in ("0,16,16", "16,16,0"):
-        rc, _out, err = run_uniap(["evaluate", "--model", "llama2-7b", "--gpus-per-node", "6",
-                                    "--global-batch-size", "12", "--seq-length", "1024", "--target", "megatron",
-                                    "--pp", "3", "--split", split])
+        rc, _out, err = run_uniap(
+            [
+                "evaluate",
+                "--model",
+                "llama2-7b",
+                "--gpus-per-node",
+                "6",
+                "--global-batch-size",
+                "12",
+                "--seq-length",
+                "1024",
+                "--target",
+                "megatron",
+                "--pp",
+                "3",
+                "--split",
+                split,
+            ]
+        )
         assert rc == 2 and "empty" in err
 
 
 # --- plans Megatron cannot run are refused -------------------------------------------------------------
 
+
 def test_launch_refuses_a_generic_plan_with_fsdp_and_pipelining():
-    rc, out, err = run_uniap(["evaluate", "--model", "llama2-7b", "--gpus-per-node", "8", "--global-batch-size", "16",
-                               "--seq-length", "2048", "--target", "generic", "--pp", "2", "--zero", "3"])
+    rc, out, err = run_uniap(
+        [
+            "evaluate",
+            "--model",
+            "llama2-7b",
+            "--gpus-per-node",
+            "8",
+            "--global-batch-size",
+            "16",
+            "--seq-length",
+            "2048",
+            "--target",
+            "generic",
+            "--pp",
+            "2",
+            "--zero",
+            "3",
+        ]
+    )
     assert rc == 0, err
     with pytest.raises(SpecError, match="not runnable by Megatron-LM"):
         megatron_launch(Plan.from_dict(json.loads(out)))
@@ -287,6 +413,7 @@ def test_launch_refuses_non_uniform_transformer_strategies(change):
 
 # --- sequence parallelism needs seq % TP == 0 (the bug this file found) -------------------------------
 
+
 def test_megatron_core_rejects_sequence_parallel_scatter_of_an_odd_sequence():
     """The rule, from megatron-core itself: the sequence-parallel scatter asserts dim 0 % TP == 0."""
     from megatron.core.tensor_parallel.mappings import _split_along_first_dim
@@ -303,16 +430,33 @@ def test_megatron_core_rejects_sequence_parallel_scatter_of_an_odd_sequence():
         _split_along_first_dim(torch.zeros(1001, 1, 8), Group())
 
 
-@pytest.mark.parametrize("command,extra", [
-    ("evaluate", ["--tp", "2"]),
-    ("plan", ["--tp", "4"]),
-])
+@pytest.mark.parametrize(
+    "command,extra",
+    [
+        ("evaluate", ["--tp", "2"]),
+        ("plan", ["--tp", "4"]),
+    ],
+)
 def test_tp_not_dividing_the_sequence_never_reaches_megatron(command, extra):
     """TP 2 or 4 with a 1001-token sequence would get --sequence-parallel, which megatron-core rejects at
     the first forward. Either the core refuses to make the plan (it now knows the rule), or
     megatron_launch refuses the plan it made; the arguments are never emitted."""
-    rc, out, err = run_uniap([command, "--model", "gpt3-1.3b", "--gpus-per-node", "4", "--global-batch-size", "8",
-                               "--seq-length", "1001", "--target", "megatron", *extra])
+    rc, out, err = run_uniap(
+        [
+            command,
+            "--model",
+            "gpt3-1.3b",
+            "--gpus-per-node",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--seq-length",
+            "1001",
+            "--target",
+            "megatron",
+            *extra,
+        ]
+    )
     if rc != 0:
         assert rc in (2, 3) and "Traceback" not in err and "internal error" not in err
         return

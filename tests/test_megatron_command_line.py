@@ -2,6 +2,7 @@
 following Megatron-LM core_v0.16.1's spellings and defaults; the world size from the launcher; the model
 arguments uniap writes for a spec.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,16 +38,32 @@ LLAMA2_70B_ARGV = """
 def test_job_from_llama2_command_line():
     job = job_from_args(LLAMA2_70B_ARGV, name="llama2-70b-cli")
     m = job.model
-    assert (m.name, m.architecture, m.num_layers, m.hidden_size, m.num_attention_heads) == \
-        ("llama2-70b-cli", "decoder", 80, 8192, 64)
+    assert (m.name, m.architecture, m.num_layers, m.hidden_size, m.num_attention_heads) == (
+        "llama2-70b-cli",
+        "decoder",
+        80,
+        8192,
+        64,
+    )
     assert (m.num_query_groups, m.ffn_hidden_size, m.vocab_size, m.max_position_embeddings) == (8, 28672, 32000, 4096)
     assert m.gated_mlp and m.normalization == "rmsnorm" and m.position_embedding == "rope"
     assert not m.tied_embeddings and not m.add_bias and m.dropout == 0.0
     assert m.head_dim == 128
     preset = MODEL_PRESETS["llama2-70b"]
-    for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                  "vocab_size", "gated_mlp", "normalization", "tied_embeddings", "position_embedding",
-                  "max_position_embeddings", "add_bias"):
+    for field in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_query_groups",
+        "ffn_hidden_size",
+        "vocab_size",
+        "gated_mlp",
+        "normalization",
+        "tied_embeddings",
+        "position_embedding",
+        "max_position_embeddings",
+        "add_bias",
+    ):
         assert getattr(m, field) == getattr(preset, field), field
     t = job.training
     assert (t.global_batch_size, t.seq_length, t.precision) == (1024, 4096, "bf16")
@@ -55,8 +72,20 @@ def test_job_from_llama2_command_line():
 
 
 def test_job_from_args_pins_only_what_was_given():
-    argv = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16", "--seq-length", "2048",
-            "--max-position-embeddings", "2048", "--global-batch-size", "512"]
+    argv = [
+        "--num-layers",
+        "24",
+        "--hidden-size",
+        "2048",
+        "--num-attention-heads",
+        "16",
+        "--seq-length",
+        "2048",
+        "--max-position-embeddings",
+        "2048",
+        "--global-batch-size",
+        "512",
+    ]
     job = job_from_args(argv)
     p = job.pins
     assert (p.tp, p.pipeline_degree, p.zero, p.recompute, p.micro_batch_per_replica) == (None,) * 5
@@ -67,16 +96,30 @@ def test_job_from_args_pins_only_what_was_given():
     # An explicit degree is a pin, even the default value 1.
     p = job_from_args(argv + ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "2"]).pins
     assert (p.tp, p.pipeline_degree) == (1, 2)
-    assert job_from_args(argv + ["--recompute-granularity", "full", "--recompute-method", "uniform",
-                                 "--recompute-num-layers", "1"]).pins.recompute == "full"
+    assert (
+        job_from_args(
+            argv + ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+        ).pins.recompute
+        == "full"
+    )
     assert job_from_args(argv + ["--use-torch-fsdp2"]).pins.zero == 3
     assert job_from_args(argv + ["--use-megatron-fsdp", "--use-distributed-optimizer"]).pins.zero == 3
     assert job_from_args(argv + ["--fp16"]).training.precision == "fp16"
 
 
 def test_job_from_args_follows_megatron_defaults():
-    base = ["--num-layers", "32", "--hidden-size", "4096", "--num-attention-heads", "32", "--seq-length", "4096",
-            "--global-batch-size", "64"]
+    base = [
+        "--num-layers",
+        "32",
+        "--hidden-size",
+        "4096",
+        "--num-attention-heads",
+        "32",
+        "--seq-length",
+        "4096",
+        "--global-batch-size",
+        "64",
+    ]
     # --num-query-groups reaches the model only with --group-query-attention (frameworks.md 1.3).
     assert job_from_args(base + ["--num-query-groups", "8"]).model.num_query_groups is None
     assert job_from_args(base + ["--group-query-attention"]).model.num_query_groups == 1  # argparse default 1
@@ -93,30 +136,68 @@ def test_job_from_args_follows_megatron_defaults():
 def test_job_from_args_plans_with_the_kernels_of_this_environment():
     """The plugin and `uniap-megatron run` plan where the job runs: without Transformer Engine or Apex (as here)
     megatron-core steps with torch's foreach AdamW, and the plan must count its temporary."""
-    job = job_from_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length",
-                         "128", "--global-batch-size", "8"])
+    job = job_from_args(
+        [
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "64",
+            "--num-attention-heads",
+            "4",
+            "--seq-length",
+            "128",
+            "--global-batch-size",
+            "8",
+        ]
+    )
     assert job.training.fused_kernels == fused_kernels_available()
     if importlib.util.find_spec("transformer_engine") is None and importlib.util.find_spec("apex") is None:
         assert job.training.fused_kernels is False
 
 
-@pytest.mark.parametrize("drop", ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
-                                  "--global-batch-size"])
+@pytest.mark.parametrize(
+    "drop", ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--global-batch-size"]
+)
 def test_job_from_args_requires_the_shape_and_batch(drop):
-    argv = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-            "--global-batch-size", "8"]
+    argv = [
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--global-batch-size",
+        "8",
+    ]
     i = argv.index(drop)
     with pytest.raises(SpecError, match=drop):
-        job_from_args(argv[:i] + argv[i + 2:])
+        job_from_args(argv[:i] + argv[i + 2 :])
 
 
 def test_job_from_args_rejects_bf16_with_fp16():
     with pytest.raises(SpecError, match="mutually exclusive"):
-        job_from_args(["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-                       "--global-batch-size", "8", "--bf16", "--fp16"])
+        job_from_args(
+            [
+                "--num-layers",
+                "4",
+                "--hidden-size",
+                "64",
+                "--num-attention-heads",
+                "4",
+                "--seq-length",
+                "32",
+                "--global-batch-size",
+                "8",
+                "--bf16",
+                "--fp16",
+            ]
+        )
 
 
 # --- world size from the launcher ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def clean_env(monkeypatch):
@@ -131,10 +212,18 @@ def test_world_size_from_launcher_flags_wins(clean_env):
     assert world_size(2, 4) == (2, 4)
 
 
-@pytest.mark.parametrize("world,local,expected", [
-    ("16", "8", (2, 8)), ("32", "8", (4, 8)), ("8", "8", (1, 8)), ("4", None, (1, 4)), ("6", "4", (1, 6)),
-    ("8", "0", (1, 8)), ("8", "", (1, 8)),
-])
+@pytest.mark.parametrize(
+    "world,local,expected",
+    [
+        ("16", "8", (2, 8)),
+        ("32", "8", (4, 8)),
+        ("8", "8", (1, 8)),
+        ("4", None, (1, 4)),
+        ("6", "4", (1, 6)),
+        ("8", "0", (1, 8)),
+        ("8", "", (1, 8)),
+    ],
+)
 def test_world_size_from_torchrun_environment(clean_env, world, local, expected):
     clean_env.setenv("WORLD_SIZE", world)
     if local is not None:

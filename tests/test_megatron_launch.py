@@ -6,6 +6,7 @@ prints (shlex-parsed back to tokens), the templates through `bash -n` and by run
 and one real `run` spawns torchrun (CPU) on a two-line script that records its argv and environment.
 Planning jobs are a tiny GPT on 2 GPUs (well under a second each).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,24 @@ from uniap_megatron.launch import LAUNCH_KINDS, launch_script
 from uniap_megatron.merge import merged_argv
 from uniap_megatron.planning import plan_megatron
 
-TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
-        "--max-position-embeddings", "128", "--vocab-size", "1000", "--global-batch-size", "8", "--bf16"]
-NASTY = ["--data-path", "my data/it's \"here\" $HOME `id`", "--tokenizer-model", "a;b|c&d > e"]
+TINY = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "128",
+    "--max-position-embeddings",
+    "128",
+    "--vocab-size",
+    "1000",
+    "--global-batch-size",
+    "8",
+    "--bf16",
+]
+NASTY = ["--data-path", 'my data/it\'s "here" $HOME `id`', "--tokenizer-model", "a;b|c&d > e"]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -54,11 +70,23 @@ def assert_clean_error(rc: int, err: str, code: int = 2) -> None:
 
 # --- run --dry-run ---------------------------------------------------------------------------------
 
+
 def test_run_dry_run_prints_plan_and_torchrun_command(capsys, tmp_path):
     user = [*TINY, "--tensor-model-parallel-size", "2", *NASTY]
     plan_out = tmp_path / "plan.json"
-    rc, out, err = run_main(capsys, "run", "--dry-run", "--nproc-per-node", "2", "--plan-out", str(plan_out),
-                            "--", "pretrain_gpt.py", "--auto-parallel", *user)
+    rc, out, err = run_main(
+        capsys,
+        "run",
+        "--dry-run",
+        "--nproc-per-node",
+        "2",
+        "--plan-out",
+        str(plan_out),
+        "--",
+        "pretrain_gpt.py",
+        "--auto-parallel",
+        *user,
+    )
     assert rc == 0, err
     assert "uniap-megatron plan:" in out and "pipeline degree" in out and "pinned: TP 2" in out
     plan = Plan.load(plan_out)
@@ -70,16 +98,27 @@ def test_run_dry_run_prints_plan_and_torchrun_command(capsys, tmp_path):
     assert tokens[7] == "pretrain_gpt.py"
     script_args = tokens[8:]
     assert "--auto-parallel" not in script_args
-    assert script_args[:len(user)] == user  # every explicit flag kept, verbatim and in order
-    added = script_args[len(user):]
+    assert script_args[: len(user)] == user  # every explicit flag kept, verbatim and in order
+    added = script_args[len(user) :]
     assert added == ["--pipeline-model-parallel-size", "1", "--micro-batch-size", "8", "--sequence-parallel"]
     assert set(added) <= set(launch.args)
 
 
 def test_run_dry_run_unpinned_adds_all_plan_flags(capsys, tmp_path):
     plan_out = tmp_path / "plan.json"
-    rc, out, err = run_main(capsys, "run", "--dry-run", "--nproc-per-node", "2", "--plan-out", str(plan_out),
-                            "--", "pretrain_gpt.py", "--auto-parallel", *TINY)
+    rc, out, err = run_main(
+        capsys,
+        "run",
+        "--dry-run",
+        "--nproc-per-node",
+        "2",
+        "--plan-out",
+        str(plan_out),
+        "--",
+        "pretrain_gpt.py",
+        "--auto-parallel",
+        *TINY,
+    )
     assert rc == 0, err
     plan = Plan.load(plan_out)
     launch = megatron_launch(plan)
@@ -88,16 +127,30 @@ def test_run_dry_run_unpinned_adds_all_plan_flags(capsys, tmp_path):
     # --global-batch-size and --bf16 come from the user's command line, so the plan does not repeat them.
     expected = [t for t in launch.args if t not in ("--bf16",)]
     gbs = expected.index("--global-batch-size")
-    del expected[gbs:gbs + 2]
-    assert tokens[i + 1:] == [*TINY, *expected]
+    del expected[gbs : gbs + 2]
+    assert tokens[i + 1 :] == [*TINY, *expected]
     assert (tokens[0] == "CUDA_DEVICE_MAX_CONNECTIONS=1") == bool(launch.env)
 
 
 def test_run_honours_the_scripts_auto_parallel_options(capsys, tmp_path):
     plan_out = tmp_path / "plan.json"
-    rc, out, err = run_main(capsys, "run", "--dry-run", "--nproc-per-node", "2", "--plan-out", str(plan_out),
-                            "--", "pretrain_gpt.py", *TINY, "--auto-parallel", "--auto-parallel-cluster", "dgx-h100",
-                            "--auto-parallel-time-limit=30", "--auto-parallel-dry-run")
+    rc, out, err = run_main(
+        capsys,
+        "run",
+        "--dry-run",
+        "--nproc-per-node",
+        "2",
+        "--plan-out",
+        str(plan_out),
+        "--",
+        "pretrain_gpt.py",
+        *TINY,
+        "--auto-parallel",
+        "--auto-parallel-cluster",
+        "dgx-h100",
+        "--auto-parallel-time-limit=30",
+        "--auto-parallel-dry-run",
+    )
     assert rc == 0, err
     assert Plan.load(plan_out).cluster.name == "dgx-h100"
     assert not any(t.startswith("--auto-parallel") for t in command_line(out))
@@ -107,19 +160,60 @@ def test_run_with_saved_plan_and_multi_node(capsys, tmp_path):
     plan = plan_megatron(TINY, 2, 1)
     path = tmp_path / "plan.json"
     plan.save(path)
-    rc, out, err = run_main(capsys, "run", "--dry-run", "--plan", str(path), "--nnodes", "2", "--nproc-per-node", "1",
-                            "--node-rank", "1", "--master-addr", "10.0.0.1", "--", "pretrain_gpt.py", *TINY)
+    rc, out, err = run_main(
+        capsys,
+        "run",
+        "--dry-run",
+        "--plan",
+        str(path),
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "10.0.0.1",
+        "--",
+        "pretrain_gpt.py",
+        *TINY,
+    )
     assert rc == 0, err
     tokens = command_line(out)
     i = next(k for k, t in enumerate(tokens) if t.endswith("torchrun"))
-    assert tokens[i + 1:i + 12] == ["--nnodes", "2", "--nproc-per-node", "1", "--node-rank", "1",
-                                     "--master-addr", "10.0.0.1", "--master-port", "29500", "pretrain_gpt.py"]
+    assert tokens[i + 1 : i + 12] == [
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "10.0.0.1",
+        "--master-port",
+        "29500",
+        "pretrain_gpt.py",
+    ]
 
 
 def test_run_writes_a_slurm_script(capsys, tmp_path):
     out_file = tmp_path / "job.sbatch"
-    argv = ["run", "--slurm", str(out_file), "--nproc-per-node", "2", "--job-name", "tiny 'gpt'",
-            "--", "pretrain_gpt.py", "--auto-parallel", *TINY, "--tensor-model-parallel-size", "2", *NASTY]
+    argv = [
+        "run",
+        "--slurm",
+        str(out_file),
+        "--nproc-per-node",
+        "2",
+        "--job-name",
+        "tiny 'gpt'",
+        "--",
+        "pretrain_gpt.py",
+        "--auto-parallel",
+        *TINY,
+        "--tensor-model-parallel-size",
+        "2",
+        *NASTY,
+    ]
     rc, out, err = run_main(capsys, *argv)
     assert rc == 0, err
     text = out_file.read_text()
@@ -139,8 +233,19 @@ def test_run_writes_a_slurm_script(capsys, tmp_path):
 
 def test_run_slurm_task_per_gpu_mode(capsys, tmp_path):
     out_file = tmp_path / "job.sbatch"
-    rc, out, err = run_main(capsys, "run", "--slurm", str(out_file), "--slurm-mode", "task-per-gpu",
-                            "--nproc-per-node", "2", "--", "pretrain_gpt.py", *TINY)
+    rc, out, err = run_main(
+        capsys,
+        "run",
+        "--slurm",
+        str(out_file),
+        "--slurm-mode",
+        "task-per-gpu",
+        "--nproc-per-node",
+        "2",
+        "--",
+        "pretrain_gpt.py",
+        *TINY,
+    )
     assert rc == 0, err
     text = out_file.read_text()
     assert "#SBATCH --ntasks-per-node=2\n" in text and 'RANK="$SLURM_PROCID"' in text
@@ -148,6 +253,7 @@ def test_run_slurm_task_per_gpu_mode(capsys, tmp_path):
 
 
 # --- args ------------------------------------------------------------------------------------------
+
 
 def test_args_prints_plan_arguments_and_env(capsys, tmp_path):
     plan = plan_megatron([*TINY, "--tensor-model-parallel-size", "2"], 1, 2)
@@ -172,8 +278,26 @@ def test_args_of_a_plan_megatron_cannot_run(capsys, tmp_path):
 
     path = tmp_path / "generic.json"
     # A generic plan with ZeRO-2 (Megatron has none) is refused with the reason.
-    assert uniap_main(["evaluate", "--model", "gpt3-1.3b", "--gpus-per-node", "2", "--global-batch-size", "8",
-                       "--seq-length", "256", "--zero", "2", "-o", str(path)]) == 0
+    assert (
+        uniap_main(
+            [
+                "evaluate",
+                "--model",
+                "gpt3-1.3b",
+                "--gpus-per-node",
+                "2",
+                "--global-batch-size",
+                "8",
+                "--seq-length",
+                "256",
+                "--zero",
+                "2",
+                "-o",
+                str(path),
+            ]
+        )
+        == 0
+    )
     rc, out, err = run_main(capsys, "args", str(path))
     assert_clean_error(rc, err)
     assert "not runnable by Megatron-LM" in err
@@ -181,21 +305,43 @@ def test_args_of_a_plan_megatron_cannot_run(capsys, tmp_path):
 
 # --- errors ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, message", [
-    (["run", "--dry-run"], "no training script given"),
-    (["run", "--dry-run", "--", "--num-layers", "4"], "must be the training script"),
-    (["run", "--dry-run", "--nproc-per-node", "2", "--", "pretrain_gpt.py", "--hidden-size", "64"],
-     "--num-layers is required"),
-    (["run", "--dry-run", "--cluster", "nope", "--", "pretrain_gpt.py", *TINY], "unknown cluster preset 'nope'"),
-    (["run", "--dry-run", "--nproc-per-node", "2", "--time-limit", "-1", "--", "pretrain_gpt.py", *TINY],
-     "time limit must be positive"),
-    (["run", "--dry-run", "--nproc-per-node", "2", "--", "pretrain_gpt.py", *TINY, "--tensor-model-parallel-size", "3"],
-     "--tensor-model-parallel-size 3 does not divide"),
-    (["run", "--dry-run", "--nnodes", "2", "--nproc-per-node", "1", "--", "pretrain_gpt.py", *TINY],
-     "needs --master-addr"),
-    (["args", "missing.json"], "cannot read plan file"),
-    (["script", "missing.json", "--", "pretrain_gpt.py"], "cannot read plan file"),
-])
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--dry-run"], "no training script given"),
+        (["run", "--dry-run", "--", "--num-layers", "4"], "must be the training script"),
+        (
+            ["run", "--dry-run", "--nproc-per-node", "2", "--", "pretrain_gpt.py", "--hidden-size", "64"],
+            "--num-layers is required",
+        ),
+        (["run", "--dry-run", "--cluster", "nope", "--", "pretrain_gpt.py", *TINY], "unknown cluster preset 'nope'"),
+        (
+            ["run", "--dry-run", "--nproc-per-node", "2", "--time-limit", "-1", "--", "pretrain_gpt.py", *TINY],
+            "time limit must be positive",
+        ),
+        (
+            [
+                "run",
+                "--dry-run",
+                "--nproc-per-node",
+                "2",
+                "--",
+                "pretrain_gpt.py",
+                *TINY,
+                "--tensor-model-parallel-size",
+                "3",
+            ],
+            "--tensor-model-parallel-size 3 does not divide",
+        ),
+        (
+            ["run", "--dry-run", "--nnodes", "2", "--nproc-per-node", "1", "--", "pretrain_gpt.py", *TINY],
+            "needs --master-addr",
+        ),
+        (["args", "missing.json"], "cannot read plan file"),
+        (["script", "missing.json", "--", "pretrain_gpt.py"], "cannot read plan file"),
+    ],
+)
 def test_errors_exit_2_without_traceback(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     rc, out, err = run_main(capsys, *argv)
@@ -246,9 +392,12 @@ def stubs(tmp_path, monkeypatch):
     bin_dir, out = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
     out.mkdir()
-    for name, text in (("torchrun", STUB_RECORDER.format(python=sys.executable)),
-                       ("fakepython", STUB_RECORDER.format(python=sys.executable)), ("srun", SRUN),
-                       ("scontrol", SCONTROL)):
+    for name, text in (
+        ("torchrun", STUB_RECORDER.format(python=sys.executable)),
+        ("fakepython", STUB_RECORDER.format(python=sys.executable)),
+        ("srun", SRUN),
+        ("scontrol", SCONTROL),
+    ):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -265,9 +414,11 @@ def stubs(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def plans() -> dict[str, Plan]:
-    return {"tp2": plan_megatron([*TINY, "--tensor-model-parallel-size", "2"], 1, 2),
-            "tp1": plan_megatron([*TINY, "--tensor-model-parallel-size", "1"], 1, 2),
-            "2x1": plan_megatron(TINY, 2, 1)}
+    return {
+        "tp2": plan_megatron([*TINY, "--tensor-model-parallel-size", "2"], 1, 2),
+        "tp1": plan_megatron([*TINY, "--tensor-model-parallel-size", "1"], 1, 2),
+        "2x1": plan_megatron(TINY, 2, 1),
+    }
 
 
 def render_and_check(tmp_path: Path, kind: str, plan: Plan, user: list[str], **kw) -> tuple[Path, list[str]]:
@@ -284,8 +435,15 @@ def render_and_check(tmp_path: Path, kind: str, plan: Plan, user: list[str], **k
 @pytest.mark.parametrize("kind", list(LAUNCH_KINDS))
 def test_every_template_renders_quoted_values_and_passes_bash_n(tmp_path, plans, kind):
     plan = plans["2x1"] if kind != "single-node" else plans["tp2"]
-    path, _ = render_and_check(tmp_path, kind, plan, [*TINY, *NASTY], master_addr="head node'1",
-                               job_name="job 'x' $(id)", python="/opt/my python/bin/python")
+    path, _ = render_and_check(
+        tmp_path,
+        kind,
+        plan,
+        [*TINY, *NASTY],
+        master_addr="head node'1",
+        job_name="job 'x' $(id)",
+        python="/opt/my python/bin/python",
+    )
     text = path.read_text()
     assert "head node'1" not in text and "job 'x'" not in text  # every value arrives shell-quoted
     assert ("export CUDA_DEVICE_MAX_CONNECTIONS=1" in text) == bool(megatron_launch(plan).env)
@@ -311,8 +469,9 @@ def test_single_node_script_runs_torchrun_with_exact_arguments(tmp_path, plans, 
 
 def test_multi_node_script_takes_node_rank_from_argument_or_env(tmp_path, plans, stubs, monkeypatch):
     _, calls = stubs
-    path, command = render_and_check(tmp_path, "multi-node", plans["2x1"], [*TINY, *NASTY], master_addr="head 1",
-                                     master_port=29600)
+    path, command = render_and_check(
+        tmp_path, "multi-node", plans["2x1"], [*TINY, *NASTY], master_addr="head 1", master_port=29600
+    )
     run_bash(path, "1")
     monkeypatch.setenv("NODE_RANK", "0")
     run_bash(path)
@@ -331,27 +490,55 @@ def test_slurm_per_node_script_runs_torchrun_per_node(tmp_path, plans, stubs):
     _, calls = stubs
     path, command = render_and_check(tmp_path, "slurm", plans["2x1"], [*TINY, *NASTY], job_name="a b")
     text = path.read_text()
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gres=gpu:1",
-                 "#SBATCH --job-name='a b'"):
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --job-name='a b'",
+    ):
         assert line + "\n" in text
     run_bash(path)
     (call,) = calls()
     assert call["name"] == "torchrun"
-    assert call["argv"] == ["--node-rank", "0", "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "node-a",
-                            "--master-port", "29500", *command]
+    assert call["argv"] == [
+        "--node-rank",
+        "0",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--master-addr",
+        "node-a",
+        "--master-port",
+        "29500",
+        *command,
+    ]
 
 
 def test_slurm_task_per_gpu_script_exports_ranks(tmp_path, plans, stubs):
     bin_dir, calls = stubs
-    path, command = render_and_check(tmp_path, "slurm-task-per-gpu", plans["2x1"], [*TINY, *NASTY],
-                                     python=str(bin_dir / "fakepython"), master_port=29700)
+    path, command = render_and_check(
+        tmp_path,
+        "slurm-task-per-gpu",
+        plans["2x1"],
+        [*TINY, *NASTY],
+        python=str(bin_dir / "fakepython"),
+        master_port=29700,
+    )
     text = path.read_text()
     assert "#SBATCH --ntasks-per-node=1\n" in text and "#SBATCH --nodes=2\n" in text
     run_bash(path)
     (call,) = calls()
     assert call["name"] == "fakepython" and call["argv"] == command
-    assert call["env"] == {"CUDA_DEVICE_MAX_CONNECTIONS": None, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2",
-                           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "node-a", "MASTER_PORT": "29700"}
+    assert call["env"] == {
+        "CUDA_DEVICE_MAX_CONNECTIONS": None,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "node-a",
+        "MASTER_PORT": "29700",
+    }
 
 
 def test_script_subcommand_writes_each_kind(capsys, tmp_path, plans):
@@ -361,8 +548,21 @@ def test_script_subcommand_writes_each_kind(capsys, tmp_path, plans):
         if kind == "single-node":
             continue
         out = tmp_path / f"{kind}.sh"
-        rc, _, err = run_main(capsys, "script", str(path), "--kind", kind, "-o", str(out), "--master-addr", "h 0",
-                              "--", "pretrain_gpt.py", "--auto-parallel", *TINY)
+        rc, _, err = run_main(
+            capsys,
+            "script",
+            str(path),
+            "--kind",
+            kind,
+            "-o",
+            str(out),
+            "--master-addr",
+            "h 0",
+            "--",
+            "pretrain_gpt.py",
+            "--auto-parallel",
+            *TINY,
+        )
         assert rc == 0, err
         assert subprocess.run(["bash", "-n", str(out)]).returncode == 0
         assert "--auto-parallel" not in out.read_text()
@@ -397,5 +597,9 @@ def test_run_spawns_torchrun_with_rewritten_arguments(capsys, tmp_path, monkeypa
     for rank in (0, 1):
         seen = json.loads((record / f"rank{rank}.json").read_text())
         assert seen["argv"] == expected
-        assert seen["env"] == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "RANK": str(rank), "WORLD_SIZE": "2",
-                               "LOCAL_RANK": str(rank)}
+        assert seen["env"] == {
+            "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+        }

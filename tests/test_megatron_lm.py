@@ -5,6 +5,7 @@ found): its parser defines every flag of uniap's table the way the table says, a
 `validate_args` accept the arguments of every plan of the grid (tests/megatron_plans.py) and of a plan merged
 into a user's command line, deriving the data-parallel size and micro-batch count the plan was priced with.
 """
+
 from __future__ import annotations
 
 import megatron_lm
@@ -17,11 +18,22 @@ from uniap_megatron.planning import plan_megatron
 
 pytestmark = pytest.mark.slow  # Megatron-LM's argument code in a subprocess
 
-ACTION_OF_KIND = {F.Kind.VALUE: "_StoreAction", F.Kind.SWITCH: "_StoreTrueAction",
-                  F.Kind.NEGATION: "_StoreFalseAction", F.Kind.IMPLIES: "_StoreTrueAction"}
+ACTION_OF_KIND = {
+    F.Kind.VALUE: "_StoreAction",
+    F.Kind.SWITCH: "_StoreTrueAction",
+    F.Kind.NEGATION: "_StoreFalseAction",
+    F.Kind.IMPLIES: "_StoreTrueAction",
+}
 # What validate_args reports back about a plan (the attributes Megatron derives or reads).
-REPORTED = ("data_parallel_size", "tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
-            "global_batch_size", "sequence_parallel", "recompute_granularity")
+REPORTED = (
+    "data_parallel_size",
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "micro_batch_size",
+    "global_batch_size",
+    "sequence_parallel",
+    "recompute_granularity",
+)
 
 
 def test_flag_table_matches_megatron_lm_parser():
@@ -45,11 +57,26 @@ def test_flag_table_matches_megatron_lm_parser():
         if flag.kind is F.Kind.VALUE and (got["type"] or "str") != flag.type.__name__:
             problems.append(f"{flag.spelling}: Megatron's type is {got['type']}, the table says {flag.type.__name__}")
         if got["default"] != flag.default:
-            problems.append(f"{flag.spelling}: Megatron's default is {got['default']!r}, the table says "
-                            f"{flag.default!r}")
+            problems.append(
+                f"{flag.spelling}: Megatron's default is {got['default']!r}, the table says {flag.default!r}"
+            )
     assert problems == []
-    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-            "--max-position-embeddings", "32", "--micro-batch-size", "1", "--global-batch-size", "2"]
+    base = [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--max-position-embeddings",
+        "32",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "2",
+    ]
     implied = [f for f in F.ALL_FLAGS if f.kind is F.Kind.IMPLIES]
     results = megatron_lm.validate([(base + f.tokens(), {}, 1) for f in implied], report=tuple(f.dest for f in implied))
     for flag, result in zip(implied, results):
@@ -72,17 +99,22 @@ def test_megatron_lm_validates_every_plan_of_the_grid():
             failures.append(f"{name}: {result['error']}")
             continue
         got, s = result["args"], plan.uniform_strategy
-        expected = {"data_parallel_size": s.dp, "tensor_model_parallel_size": s.tp,
-                    "pipeline_model_parallel_size": plan.pipeline_degree,
-                    "micro_batch_size": plan.micro_batch_per_replica,
-                    "global_batch_size": plan.training.global_batch_size, "sequence_parallel": s.tp > 1,
-                    "recompute_granularity": None if s.recompute == "none" else s.recompute}
+        expected = {
+            "data_parallel_size": s.dp,
+            "tensor_model_parallel_size": s.tp,
+            "pipeline_model_parallel_size": plan.pipeline_degree,
+            "micro_batch_size": plan.micro_batch_per_replica,
+            "global_batch_size": plan.training.global_batch_size,
+            "sequence_parallel": s.tp > 1,
+            "recompute_granularity": None if s.recompute == "none" else s.recompute,
+        }
         wrong = {k: (got[k], v) for k, v in expected.items() if got[k] != v}
         if wrong:
             failures.append(f"{name}: Megatron derived {wrong} (Megatron's value, the plan's)")
         elif got["global_batch_size"] // (got["micro_batch_size"] * got["data_parallel_size"]) != plan.micro_batches:
-            failures.append(f"{name}: Megatron runs another number of micro-batches than the plan's "
-                            f"{plan.micro_batches}")
+            failures.append(
+                f"{name}: Megatron runs another number of micro-batches than the plan's {plan.micro_batches}"
+            )
     assert failures == [], f"{len(failures)} of {len(plans)} plans:\n" + "\n".join(failures)
 
 

@@ -56,6 +56,7 @@ the program (torch takes it by default on a GPU, not on a CPU) and measured with
 allocation events, which count every allocation of the step on a CPU; the numbers are exact and repeatable
 there (the same bytes in every run so far).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -86,8 +87,14 @@ ALLOC_SLACK = 4096  # bytes: the foreach step's small allocations besides sqrt(e
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning:megatron")]
 
 # (precision, data-parallel size, distributed optimizer = ZeRO stage 1)
-CONFIGS = [("bf16", 1, False), ("bf16", 2, True), ("fp16", 1, False), ("fp16", 2, True), ("fp32", 1, False),
-           ("fp32", 2, True)]
+CONFIGS = [
+    ("bf16", 1, False),
+    ("bf16", 2, True),
+    ("fp16", 1, False),
+    ("fp16", 2, True),
+    ("fp32", 1, False),
+    ("fp32", 2, True),
+]
 
 
 def _name(config) -> str:
@@ -109,13 +116,30 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
         precision, d, distopt = config
         out = root / _name(config)
         out.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-               "--nproc-per-node", str(d), str(PROGRAM), "--precision", precision, "--out-dir", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(d),
+            str(PROGRAM),
+            "--precision",
+            precision,
+            "--out-dir",
+            str(out),
+        ]
         if distopt:
             cmd.append("--distributed-optimizer")
         log = (root / f"{_name(config)}.log").open("w")
-        procs[config] = (subprocess.Popen(cmd, cwd=TESTS.parent, env=env, stdout=log, stderr=subprocess.STDOUT),
-                         cmd, out, log)
+        procs[config] = (
+            subprocess.Popen(cmd, cwd=TESTS.parent, env=env, stdout=log, stderr=subprocess.STDOUT),
+            cmd,
+            out,
+            log,
+        )
     results, failures = {}, []
     for config, (proc, cmd, out, log) in procs.items():
         try:

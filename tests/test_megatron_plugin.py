@@ -8,6 +8,7 @@ the pipeline split) and the batch arithmetic Megatron asserts later.
 
 Every job is a tiny GPT (4 layers, hidden 64) on 2-4 GPUs: each plan takes well under a second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,23 @@ from uniap_megatron.merge import merge_plan, plan_settings
 from uniap_megatron.planning import plan_megatron
 from uniap_megatron.plugin import auto_parallel_args, chain_providers, install, plan_file_path, rewrite_args
 
-TINY = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "128",
-        "--max-position-embeddings", "128", "--vocab-size", "1000", "--global-batch-size", "8", "--bf16"]
+TINY = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "128",
+    "--max-position-embeddings",
+    "128",
+    "--vocab-size",
+    "1000",
+    "--global-batch-size",
+    "8",
+    "--bf16",
+]
 
 
 def megatron_parser() -> argparse.ArgumentParser:
@@ -59,8 +75,12 @@ def megatron_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-param-gather", action="store_true")
     g.add_argument("--use-torch-fsdp2", action="store_true")
     g.add_argument("--use-megatron-fsdp", action="store_true")
-    g.add_argument("--data-parallel-sharding-strategy", type=str, default="no_shard",
-                   choices=["no_shard", "optim", "optim_grads", "optim_grads_params"])
+    g.add_argument(
+        "--data-parallel-sharding-strategy",
+        type=str,
+        default="no_shard",
+        choices=["no_shard", "optim", "optim_grads", "optim_grads_params"],
+    )
     g.add_argument("--no-gradient-accumulation-fusion", action="store_false", dest="gradient_accumulation_fusion")
     g.add_argument("--local-rank", type=int, default=int(os.getenv("LOCAL_RANK", "0")))
     g = p.add_argument_group("training")
@@ -98,6 +118,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 @pytest.fixture
 def world(monkeypatch, tmp_path):
     """A torchrun-like environment: WORLD_SIZE=2, RANK=0, plans written under tmp_path."""
+
     def set_world(size: int = 2, rank: int = 0) -> None:
         monkeypatch.setenv("WORLD_SIZE", str(size))
         monkeypatch.setenv("RANK", str(rank))
@@ -126,16 +147,25 @@ def core_config(args: argparse.Namespace):
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     granularity = "selective" if args.recompute_activations else args.recompute_granularity
     return tc.TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        ffn_hidden_size=args.ffn_hidden_size, tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size, sequence_parallel=args.sequence_parallel,
-        bf16=args.bf16, fp16=args.fp16, params_dtype=dtype, pipeline_dtype=dtype,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
         pipeline_model_parallel_layout=args.pipeline_model_parallel_layout,
-        recompute_granularity=granularity, recompute_method=args.recompute_method,
+        recompute_granularity=granularity,
+        recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
-        gradient_accumulation_fusion=args.gradient_accumulation_fusion)
+        gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+    )
 
 
 def assert_megatron_accepts(args: argparse.Namespace) -> None:
@@ -152,6 +182,7 @@ def assert_megatron_accepts(args: argparse.Namespace) -> None:
 
 
 # --- the flags -------------------------------------------------------------------------------------
+
 
 def test_chain_providers_adds_both_groups():
     parser = chain_providers(auto_parallel_args, add_other_args)(megatron_parser())
@@ -184,6 +215,7 @@ def test_auto_parallel_option_without_the_switch_is_an_error(world, tmp_path):
 
 
 # --- rewriting -------------------------------------------------------------------------------------
+
 
 def test_rank0_plans_and_sets_args_from_the_plan(world, capsys):
     args, plan = run_hook(TINY + ["--auto-parallel"])
@@ -264,13 +296,18 @@ def test_waiting_rank_fails_with_rank0s_error(world):
     assert "rank 0 could not plan" in str(second.value) and first.value.message in str(second.value)
 
 
-@pytest.mark.parametrize("pin, message", [
-    (["--tensor-model-parallel-size", "3"], "does not divide the 2 GPUs per node"),
-    (["--pipeline-model-parallel-size", "4"], "--pipeline-model-parallel-size 4 does not divide the 2 GPUs"),
-    (["--micro-batch-size", "3"], "--micro-batch-size 3 does not divide the global batch size 8"),
-    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "16"],
-     "--micro-batch-size 16 does not divide the global batch size 8"),
-])
+@pytest.mark.parametrize(
+    "pin, message",
+    [
+        (["--tensor-model-parallel-size", "3"], "does not divide the 2 GPUs per node"),
+        (["--pipeline-model-parallel-size", "4"], "--pipeline-model-parallel-size 4 does not divide the 2 GPUs"),
+        (["--micro-batch-size", "3"], "--micro-batch-size 3 does not divide the global batch size 8"),
+        (
+            ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "1", "--micro-batch-size", "16"],
+            "--micro-batch-size 16 does not divide the global batch size 8",
+        ),
+    ],
+)
 def test_impossible_pin_is_a_clear_error(world, pin, message):
     with pytest.raises(UniapError, match=message) as info:
         run_hook(TINY + ["--auto-parallel", *pin])
@@ -285,8 +322,22 @@ def test_pin_that_does_not_split_the_heads(world):
 
 
 def test_model_that_fits_nowhere_is_infeasible(world):
-    huge = ["--num-layers", "2", "--hidden-size", "65536", "--num-attention-heads", "64", "--seq-length", "8192",
-            "--max-position-embeddings", "8192", "--global-batch-size", "64", "--bf16", "--auto-parallel"]
+    huge = [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "65536",
+        "--num-attention-heads",
+        "64",
+        "--seq-length",
+        "8192",
+        "--max-position-embeddings",
+        "8192",
+        "--global-batch-size",
+        "64",
+        "--bf16",
+        "--auto-parallel",
+    ]
     with pytest.raises(InfeasibleError) as info:
         run_hook(huge)
     assert info.value.exit_code == 3
@@ -294,13 +345,21 @@ def test_model_that_fits_nowhere_is_infeasible(world):
 
 def test_explicit_flags_are_never_overridden(world):
     world(size=4)
-    argv = TINY + ["--auto-parallel", "--recompute-granularity", "full", "--recompute-method", "block",
-                   "--use-distributed-optimizer", "--pipeline-model-parallel-size", "1"]
+    argv = TINY + [
+        "--auto-parallel",
+        "--recompute-granularity",
+        "full",
+        "--recompute-method",
+        "block",
+        "--use-distributed-optimizer",
+        "--pipeline-model-parallel-size",
+        "1",
+    ]
     args, plan = run_hook(argv)
     s = plan.uniform_strategy
     assert s.recompute == "full" and plan.pipeline_degree == 1
-    assert args.recompute_method == "block"          # the user's, though the plan says uniform
-    assert args.recompute_num_layers == 1            # not given: the plan's
+    assert args.recompute_method == "block"  # the user's, though the plan says uniform
+    assert args.recompute_num_layers == 1  # not given: the plan's
     assert args.use_distributed_optimizer is True
     assert args.pipeline_model_parallel_size == 1
     merge = merge_plan(plan, argv)
@@ -357,6 +416,7 @@ def test_dry_run_prints_the_plan_and_exits_0(world, monkeypatch, capsys):
 
 # --- saved plans -----------------------------------------------------------------------------------
 
+
 def test_saved_plan_is_used_as_is(world, monkeypatch, tmp_path):
     saved = plan_megatron(TINY + ["--tensor-model-parallel-size", "2"], 1, 2)
     path = tmp_path / "plan.json"
@@ -396,14 +456,42 @@ def test_missing_saved_plan_is_a_clear_error(world, tmp_path):
 
 # --- the plan's flags ------------------------------------------------------------------------------
 
+
 def test_every_plan_flag_maps_to_megatrons_dest():
-    argv = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "4", "--micro-batch-size", "1",
-            "--global-batch-size", "64", "--decoder-first-pipeline-num-layers", "3",
-            "--decoder-last-pipeline-num-layers", "5", "--pipeline-model-parallel-layout", "Et|t|t|tL",
-            "--sequence-parallel", "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
-            "--use-megatron-fsdp", "--data-parallel-sharding-strategy", "optim_grads_params",
-            "--no-gradient-accumulation-fusion", "--ckpt-format", "fsdp_dtensor", "--recompute-granularity", "full",
-            "--recompute-method", "uniform", "--recompute-num-layers", "1", "--bf16", "--fp16"]
+    argv = [
+        "--tensor-model-parallel-size",
+        "2",
+        "--pipeline-model-parallel-size",
+        "4",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "64",
+        "--decoder-first-pipeline-num-layers",
+        "3",
+        "--decoder-last-pipeline-num-layers",
+        "5",
+        "--pipeline-model-parallel-layout",
+        "Et|t|t|tL",
+        "--sequence-parallel",
+        "--use-distributed-optimizer",
+        "--overlap-grad-reduce",
+        "--overlap-param-gather",
+        "--use-megatron-fsdp",
+        "--data-parallel-sharding-strategy",
+        "optim_grads_params",
+        "--no-gradient-accumulation-fusion",
+        "--ckpt-format",
+        "fsdp_dtensor",
+        "--recompute-granularity",
+        "full",
+        "--recompute-method",
+        "uniform",
+        "--recompute-num-layers",
+        "1",
+        "--bf16",
+        "--fp16",
+    ]
     assert {a for a in argv if a.startswith("--")} == {f.spelling for f in PLAN_FLAGS}
     mine = {s.dest: s.value for s in plan_settings(argv)}
     theirs = vars(megatron_parser().parse_args(argv))
@@ -412,6 +500,7 @@ def test_every_plan_flag_maps_to_megatrons_dest():
 
 
 # --- install() -------------------------------------------------------------------------------------
+
 
 def test_install_without_megatron_lm_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "megatron.training", None)
@@ -521,11 +610,32 @@ def test_two_ranks_plan_once_through_the_installed_hook(tmp_path):
     script.write_text(PRETRAIN)
     record, plans = tmp_path / "record", tmp_path / "plans"
     record.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
-           "UNIAP_PLAN_DIR": str(plans), "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), "--auto-parallel", *TINY,
-                        "--tensor-model-parallel-size", "2", "--record-dir", str(record)],
-                       env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+        "UNIAP_PLAN_DIR": str(plans),
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    r = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            "--auto-parallel",
+            *TINY,
+            "--tensor-model-parallel-size",
+            "2",
+            "--record-dir",
+            str(record),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     rank0, rank1 = (json.loads((record / f"rank{i}.json").read_text()) for i in (0, 1))
     assert (rank0.pop("local_rank"), rank1.pop("local_rank")) == (0, 1)  # torchrun's LOCAL_RANK

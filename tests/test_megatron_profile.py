@@ -1,16 +1,17 @@
 """`uniap-megatron profile` for real on the CPU: megatron-core layers, an optimizer step and a whole-model
 calibration run, torch.distributed over gloo, torchrun. No mocks and no test shim: each run is a subprocess
 of the product code (~10 s each)."""
+
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from processes import child_env
 
 pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
@@ -20,41 +21,21 @@ from uniap.cli import main as uniap_main
 from uniap.model import TrainingSpec, build_graph, load_model
 from uniap.profile import Profile
 
-TINY = """\
-name: tiny
-architecture: decoder
-num_layers: 2
-hidden_size: 64
-num_attention_heads: 4
-ffn_hidden_size: 128
-vocab_size: 100
-max_position_embeddings: 32
-"""
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 FAST = ["--seq-length", "32", "--warmup", "1", "--repeats", "2", "--collective-sizes-mb", "0.25"]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONWARNINGS"] = "ignore"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, even on a machine with a GPU
-    return env
-
-
 def _single(args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = _env()
+    env = child_env(CUDA_VISIBLE_DEVICES="")
     env["MASTER_PORT"] = str(free_port())
-    return subprocess.run([sys.executable, "-m", "uniap_megatron.profile", *args], cwd=cwd, env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY)
-    return path
+    return subprocess.run(
+        [sys.executable, "-m", "uniap_megatron.profile", *args],
+        cwd=cwd,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _signatures(yaml_path, flash: bool = True) -> dict[str, str]:
@@ -97,8 +78,11 @@ def test_single_process_profile_feeds_the_planner(tiny, tmp_path):
     assert "attention SDPA (flash when the GPU/dtype allow)" in notes
     assert "norm LayerNorm: torch LayerNorm" in notes
 
-    layer = next(x for x in build_graph(load_model(str(tiny)), TrainingSpec(global_batch_size=4, seq_length=32))
-                 .layers if x.kind == "transformer")
+    layer = next(
+        x
+        for x in build_graph(load_model(str(tiny)), TrainingSpec(global_batch_size=4, seq_length=32)).layers
+        if x.kind == "transformer"
+    )
     opt = profile.optimizer
     assert opt is not None and opt.implementation == "torch.optim.AdamW (for-loop)"
     assert opt.num_params == layer.params and opt.step_ms > 0 and opt.extra_peak_bytes is None
@@ -115,8 +99,26 @@ def test_single_process_profile_feeds_the_planner(tiny, tmp_path):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = uniap_main(["plan", "--model", str(tiny), "--gpus-per-node", "2", "--profile", str(out), "--tp", "1",
-                         "--seq-length", "32", "--global-batch-size", "4", "--target", "megatron", "--json"])
+        rc = uniap_main(
+            [
+                "plan",
+                "--model",
+                str(tiny),
+                "--gpus-per-node",
+                "2",
+                "--profile",
+                str(out),
+                "--tp",
+                "1",
+                "--seq-length",
+                "32",
+                "--global-batch-size",
+                "4",
+                "--target",
+                "megatron",
+                "--json",
+            ]
+        )
     assert rc == 0
     plan = json.loads(buf.getvalue())
     assert plan["basis"]["compute"].startswith("measured")  # every layer measured, then calibrated
@@ -125,8 +127,21 @@ def test_single_process_profile_feeds_the_planner(tiny, tmp_path):
 @pytest.mark.slow  # ~10-20 s: a profiler subprocess
 def test_no_flash_attention_profiles_the_unfused_kernel(tiny, tmp_path):
     out = tmp_path / "profile.json"
-    proc = _single(["--model", str(tiny), "--micro-batch-sizes", "1", "--no-flash-attention", "--calibration-layers",
-                    "0", *FAST, "-o", str(out)], tmp_path)
+    proc = _single(
+        [
+            "--model",
+            str(tiny),
+            "--micro-batch-sizes",
+            "1",
+            "--no-flash-attention",
+            "--calibration-layers",
+            "0",
+            *FAST,
+            "-o",
+            str(out),
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     profile = Profile.load(out)
     sigs = _signatures(tiny, flash=False)
@@ -140,10 +155,35 @@ def test_no_flash_attention_profiles_the_unfused_kernel(tiny, tmp_path):
 @pytest.mark.slow  # ~10-20 s: a profiler subprocess
 def test_two_processes_under_torchrun_measure_tp2_and_collectives(tiny, tmp_path):
     out = tmp_path / "profile.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "uniap_megatron.profile", "--model", str(tiny), "--micro-batch-sizes", "1", "--tp-degrees", "1,2",
-           *FAST, "-o", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "uniap_megatron.profile",
+        "--model",
+        str(tiny),
+        "--micro-batch-sizes",
+        "1",
+        "--tp-degrees",
+        "1,2",
+        *FAST,
+        "-o",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=child_env(CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     profile = Profile.load(out)
     assert profile.backend == "gloo"

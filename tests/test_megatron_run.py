@@ -17,6 +17,7 @@ of the same model (TP: megatron-core's CPU initialization draws the same master 
 rank; PP: the weights are redrawn by global parameter name), so the emitted arguments realize the
 model and not just some model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,10 @@ TRAIN = TESTS / "megatron_train.py"
 RUN_TIMEOUT = 300  # seconds per launch; a launch takes ~15-20 s (1-2 ranks) to ~25 s (4 ranks) on 2 CPU cores
 
 # megatron-core warns about Apex/TE being absent; not our concern.
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:megatron"),
-              pytest.mark.slow]  # every test runs megatron-core in subprocesses
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:megatron"),
+    pytest.mark.slow,
+]  # every test runs megatron-core in subprocesses
 
 # A tiny Llama-style decoder: GQA (4 heads, 2 query groups), SwiGLU, RMSNorm, RoPE, untied, no bias.
 TINY = """\
@@ -75,14 +78,29 @@ def _uniap(*argv: str) -> None:
 
 
 def _job(model: Path, gpus: int, *extra: str) -> list[str]:
-    return ["--model", str(model), "--cluster", "dgx-a100-80g", "--nodes", "1", "--gpus-per-node", str(gpus),
-            "--global-batch-size", "4", "--seq-length", "32", "--precision", "fp32", "--target", "megatron",
-            *extra]
+    return [
+        "--model",
+        str(model),
+        "--cluster",
+        "dgx-a100-80g",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        str(gpus),
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        "32",
+        "--precision",
+        "fp32",
+        "--target",
+        "megatron",
+        *extra,
+    ]
 
 
 def _argv(plan: Plan) -> list[str]:
-    return megatron_launch(plan).args + model_args(plan.model,
-                                                    plan.training)
+    return megatron_launch(plan).args + model_args(plan.model, plan.training)
 
 
 def launch(plan: Plan, out_dir: Path, *, reinit_by_name: bool = False) -> dict:
@@ -93,18 +111,38 @@ def launch(plan: Plan, out_dir: Path, *, reinit_by_name: bool = False) -> dict:
     args_json.write_text(json.dumps({"argv": _argv(plan), "reinit_by_name": reinit_by_name}))
     env = {**os.environ, **megatron_launch(plan).env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(TRAIN),
-           "--args-json", str(args_json), "--out-dir", str(out_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(TRAIN),
+        "--args-json",
+        str(args_json),
+        "--out-dir",
+        str(out_dir),
+    ]
     try:
-        proc = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                              check=False)
+        proc = subprocess.run(
+            cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False
+        )
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"megatron run timed out after {RUN_TIMEOUT} s: {' '.join(cmd)}\n"
-                    f"--- stdout ---\n{exc.stdout}\n--- stderr ---\n{exc.stderr}")
+        pytest.fail(
+            f"megatron run timed out after {RUN_TIMEOUT} s: {' '.join(cmd)}\n"
+            f"--- stdout ---\n{exc.stdout}\n--- stderr ---\n{exc.stderr}"
+        )
     if proc.returncode != 0 or not (out_dir / "loss.json").exists():
-        pytest.fail(f"megatron run failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                    f"--- stdout ---\n{proc.stdout[-20000:]}\n--- stderr ---\n{proc.stderr[-20000:]}")
+        pytest.fail(
+            f"megatron run failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+            f"--- stdout ---\n{proc.stdout[-20000:]}\n--- stderr ---\n{proc.stderr[-20000:]}"
+        )
     ranks = sorted((json.loads(p.read_text()) for p in out_dir.glob("rank*.json")), key=lambda r: r["rank"])
     assert len(ranks) == nproc
     return {"ranks": ranks, "loss": json.loads((out_dir / "loss.json").read_text())}
@@ -125,6 +163,7 @@ def _plan(work: Path, name: str, *argv: str) -> Plan:
 
 
 # --- plans -------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tp2_plan(work) -> Plan:
@@ -149,6 +188,7 @@ def layout_plan(work) -> Plan:
 
 
 # --- runs (each launched once per module and shared by the tests below) -----------------------------
+
 
 @pytest.fixture(scope="module")
 def tp2_runs(work, tp2_plan):
@@ -192,6 +232,7 @@ def _check_stage_layers(run: dict, plan: Plan) -> None:
 
 # --- TP = 2 ------------------------------------------------------------------------------------------
 
+
 def test_tp2_plan_emits_tensor_and_sequence_parallelism(tp2_plan):
     launch_ = megatron_launch(tp2_plan)
     args = launch_.args
@@ -223,6 +264,7 @@ def test_tp2_run_matches_one_process(work, tp2_runs, tp2_plan):
 
 # --- PP = 2, uneven 3 + 1 ----------------------------------------------------------------------------
 
+
 def test_pp2_uneven_plan_emits_first_last_flags(pp2_plan):
     args = megatron_launch(pp2_plan).args
     assert args[args.index("--decoder-first-pipeline-num-layers") + 1] == "3"
@@ -250,6 +292,7 @@ def test_pp2_run_matches_one_process(work, pp2_runs, pp2_plan):
 
 # --- PP = 4, split 2,1,2,1 (layout) ------------------------------------------------------------------
 
+
 def test_layout_plan_emits_a_layout(layout_plan):
     args = megatron_launch(layout_plan).args
     layout = args[args.index("--pipeline-model-parallel-layout") + 1]
@@ -272,10 +315,10 @@ def test_layout_run_matches_one_process(work, layout_run, layout_plan):
 
 # --- TP = 2 x PP = 2, uneven 3 + 1, on 4 processes ---------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tp2pp2_plan(work) -> Plan:
-    plan = _plan(work, "tp2pp2", "evaluate",
-                 *_job(work / "tiny4.yaml", 4, "--tp", "2", "--pp", "2", "--split", "3,1"))
+    plan = _plan(work, "tp2pp2", "evaluate", *_job(work / "tiny4.yaml", 4, "--tp", "2", "--pp", "2", "--split", "3,1"))
     s = plan.uniform_strategy
     assert (s.tp, s.dp, plan.pipeline_degree, plan.stage_layer_counts()) == (2, 1, 2, [3, 1])
     return plan
@@ -290,5 +333,9 @@ def test_tp2pp2_run_sends_sequence_parallel_activations_between_stages(work, tp2
     assert run["loss"]["finite"] and run["loss"]["num_microbatches"] == tp2pp2_plan.micro_batches
     _check_stage_layers(run, tp2pp2_plan)
     assert all(r["sequence_parallel"] for r in run["ranks"])
-    assert sorted((r["pp_rank"], r["tp_rank"], r["num_layers_built"]) for r in run["ranks"]) == \
-        [(0, 0, 3), (0, 1, 3), (1, 0, 1), (1, 1, 1)]
+    assert sorted((r["pp_rank"], r["tp_rank"], r["num_layers_built"]) for r in run["ranks"]) == [
+        (0, 0, 3),
+        (0, 1, 3),
+        (1, 0, 1),
+        (1, 1, 1),
+    ]

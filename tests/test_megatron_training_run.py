@@ -1,6 +1,7 @@
 """uniap_megatron.training_run on the CPU: a megatron-core GPTModel trained through megatron-core's DDP and
 distributed optimizer as Megatron-LM trains it (one gloo process, a subprocess of the product code), and the
 CPU redirection that lets those run without CUDA."""
+
 from __future__ import annotations
 
 import itertools
@@ -21,10 +22,23 @@ from uniap.model import ModelSpec, load_model
 
 from uniap_megatron.training_run import cuda_calls_on_cpu, device_cluster, reduced_model
 
-TINY = {"name": "tiny", "architecture": "decoder", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
-        "num_query_groups": 2, "ffn_hidden_size": 96, "vocab_size": 200, "max_position_embeddings": 32,
-        "gated_mlp": True, "normalization": "rmsnorm", "position_embedding": "rope", "add_bias": False,
-        "tied_embeddings": False, "dropout": 0.0}
+TINY = {
+    "name": "tiny",
+    "architecture": "decoder",
+    "num_layers": 4,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "ffn_hidden_size": 96,
+    "vocab_size": 200,
+    "max_position_embeddings": 32,
+    "gated_mlp": True,
+    "normalization": "rmsnorm",
+    "position_embedding": "rope",
+    "add_bias": False,
+    "tied_embeddings": False,
+    "dropout": 0.0,
+}
 
 # One process: a gloo group of one, the run, its numbers as JSON on the last line.
 RUN = """
@@ -52,8 +66,15 @@ def test_training_run_loss_is_finite_and_falls(tmp_path):
     """Five iterations of two micro-batches on one fixed batch: the loss memorises it."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", RUN, json.dumps(TINY)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN, json.dumps(TINY)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads(proc.stdout.strip().splitlines()[-1])
     losses = run["losses"]

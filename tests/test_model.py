@@ -4,6 +4,7 @@ Reference numbers: published parameter counts (Hugging Face checkpoints / papers
 formula of Narayanan et al. (SC'21, arXiv 2104.04473) and the activation-memory formulas of Korthikanti
 et al. (2022, arXiv 2205.05198).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ from uniap.model import (
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
 
 def _seq_for(model: ModelSpec) -> int:
     """A sequence length the model accepts (ViT ignores it)."""
@@ -58,14 +60,23 @@ def _expected_layer_count(model: ModelSpec) -> int:
 
 
 def _gpt_like(name="gpt-test", layers=4, hidden=1024, heads=16, vocab=50304, max_pos=4096, dropout=0.1) -> ModelSpec:
-    return ModelSpec(name=name, architecture="decoder", num_layers=layers, hidden_size=hidden,
-                     num_attention_heads=heads, ffn_hidden_size=4 * hidden, vocab_size=vocab,
-                     num_query_groups=None, gated_mlp=False, dropout=dropout, max_position_embeddings=max_pos)
+    return ModelSpec(
+        name=name,
+        architecture="decoder",
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        ffn_hidden_size=4 * hidden,
+        vocab_size=vocab,
+        num_query_groups=None,
+        gated_mlp=False,
+        dropout=dropout,
+        max_position_embeddings=max_pos,
+    )
 
 
 def _transformer_layer(model: ModelSpec, s: int, flash: bool, precision: str = "bf16"):
-    g = build_graph(model, TrainingSpec(global_batch_size=8, seq_length=s, flash_attention=flash,
-                                        precision=precision))
+    g = build_graph(model, TrainingSpec(global_batch_size=8, seq_length=s, flash_attention=flash, precision=precision))
     layers = [layer for layer in g.layers if layer.kind == "transformer"]
     assert len(layers) == model.num_layers
     return layers[0]
@@ -76,6 +87,7 @@ def _close(actual: float, expected: float, rel: float = 1e-9) -> bool:
 
 
 # --- 1. presets build graphs -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
 def test_every_preset_builds_a_graph(name):
@@ -98,15 +110,17 @@ def test_every_preset_builds_a_graph(name):
     for layer in g.layers:
         if layer.kind in ("transformer", "cross_transformer"):
             assert layer.flops_fwd > 0 and layer.params_tp > 0 and layer.act_split > 0
-    assert g.divisibility == {"num_attention_heads": model.num_attention_heads,
-                              "num_query_groups": model.query_groups,
-                              "ffn_hidden_size": model.ffn_hidden_size,
-                              "sequence_length": model.vit_seq_length if model.architecture == "vit"
-                              else _seq_for(model)}
+    assert g.divisibility == {
+        "num_attention_heads": model.num_attention_heads,
+        "num_query_groups": model.query_groups,
+        "ffn_hidden_size": model.ffn_hidden_size,
+        "sequence_length": model.vit_seq_length if model.architecture == "vit" else _seq_for(model),
+    }
 
 
-@pytest.mark.parametrize("name", [n for n, m in MODEL_PRESETS.items()
-                                  if m.architecture in ("decoder", "encoder", "vit")])
+@pytest.mark.parametrize(
+    "name", [n for n, m in MODEL_PRESETS.items() if m.architecture in ("decoder", "encoder", "vit")]
+)
 def test_single_stack_presets_are_chains_with_three_runs(name):
     model = MODEL_PRESETS[name]
     g = _graph(model)
@@ -181,31 +195,38 @@ def test_run_breaks_where_a_layer_has_a_side_output():
 
 # --- 2. parameter counts ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, published, rel", [
-    ("llama2-7b", 6.74e9, 0.01),
-    ("llama2-70b", 69e9, 0.02),
-    ("llama3-8b", 8.03e9, 0.01),
-    ("gpt3-175b", 175e9, 0.02),
-    ("bert-large", 335e6, 0.03),
-    ("gpt3-1.3b", 1.3e9, 0.05),
-    ("llama2-13b", 13.0e9, 0.01),
-    ("llama3-70b", 70.6e9, 0.01),
-    ("t5-large", 737.67e6, 0.01),
-    ("vit-huge", 632e6, 0.01),
-])
+
+@pytest.mark.parametrize(
+    "name, published, rel",
+    [
+        ("llama2-7b", 6.74e9, 0.01),
+        ("llama2-70b", 69e9, 0.02),
+        ("llama3-8b", 8.03e9, 0.01),
+        ("gpt3-175b", 175e9, 0.02),
+        ("bert-large", 335e6, 0.03),
+        ("gpt3-1.3b", 1.3e9, 0.05),
+        ("llama2-13b", 13.0e9, 0.01),
+        ("llama3-70b", 70.6e9, 0.01),
+        ("t5-large", 737.67e6, 0.01),
+        ("vit-huge", 632e6, 0.01),
+    ],
+)
 def test_parameter_counts_match_published_sizes(name, published, rel):
     g = _graph(model_preset(name))
     count = _param_count(g)
     assert abs(count - published) / published <= rel, f"{name}: {count:,} vs {published:,.0f}"
 
 
-@pytest.mark.parametrize("name, hf_count", [
-    # exact Hugging Face checkpoint sizes (sum of p.numel() over model.parameters())
-    ("llama2-7b", 6_738_415_616),
-    ("llama2-13b", 13_015_864_320),
-    ("llama3-8b", 8_030_261_248),
-    ("llama3-70b", 70_553_706_496),
-])
+@pytest.mark.parametrize(
+    "name, hf_count",
+    [
+        # exact Hugging Face checkpoint sizes (sum of p.numel() over model.parameters())
+        ("llama2-7b", 6_738_415_616),
+        ("llama2-13b", 13_015_864_320),
+        ("llama3-8b", 8_030_261_248),
+        ("llama3-70b", 70_553_706_496),
+    ],
+)
 def test_llama_parameter_counts_are_exact(name, hf_count):
     assert _param_count(_graph(model_preset(name))) == hf_count
 
@@ -223,6 +244,7 @@ def test_tied_head_and_untied_head():
 
 # --- 3. FLOPs ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name, s", [("gpt3-1.3b", 2048), ("gpt3-175b", 2048), ("gpt3-2.7b", 1024)])
 def test_gpt_training_flops_match_narayanan(name, s):
     model = model_preset(name)
@@ -230,7 +252,7 @@ def test_gpt_training_flops_match_narayanan(name, s):
     B, L, h, V = 8, model.num_layers, model.hidden_size, model.vocab_size
     assert g.layers[0].flops_fwd == 0.0  # the embedding lookup does no matmul
     train = 3 * sum(layer.flops_fwd for layer in g.layers) * B
-    reference = 72 * B * s * L * h ** 2 * (1 + s / (6 * h) + V / (12 * L * h))
+    reference = 72 * B * s * L * h**2 * (1 + s / (6 * h) + V / (12 * L * h))
     assert _close(train, reference, 1e-6), (train, reference)
 
 
@@ -299,8 +321,9 @@ def test_activation_full_recompute(gpt_layer, b):
     assert _close(activation_bytes(gpt_layer, 1, samples=b, recompute="full", sequence_parallel=False), 2 * S * b * H)
     # without SP each TP rank holds the whole layer input; with SP a 1/t shard
     assert _close(activation_bytes(gpt_layer, 4, samples=b, recompute="full", sequence_parallel=False), 2 * S * b * H)
-    assert _close(activation_bytes(gpt_layer, 4, samples=b, recompute="full", sequence_parallel=True),
-                  2 * S * b * H / 4)
+    assert _close(
+        activation_bytes(gpt_layer, 4, samples=b, recompute="full", sequence_parallel=True), 2 * S * b * H / 4
+    )
 
 
 @pytest.mark.parametrize("t", [1, 2, 8])
@@ -331,9 +354,17 @@ def test_activation_scales_with_precision():
 
 # --- 5. spec validation ------------------------------------------------------------------------------
 
+
 def _spec(**overrides) -> ModelSpec:
-    fields = dict(name="m", architecture="decoder", num_layers=2, hidden_size=128, num_attention_heads=4,
-                  ffn_hidden_size=512, vocab_size=1000)
+    fields = dict(
+        name="m",
+        architecture="decoder",
+        num_layers=2,
+        hidden_size=128,
+        num_attention_heads=4,
+        ffn_hidden_size=512,
+        vocab_size=1000,
+    )
     fields.update(overrides)
     return ModelSpec(**fields)
 
@@ -361,12 +392,26 @@ def test_heads_not_divisible_by_query_groups():
         _spec(num_query_groups=0)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("num_layers", -2), ("num_layers", 0), ("num_layers", 2.0), ("num_layers", True),
-    ("hidden_size", 0), ("ffn_hidden_size", -1), ("vocab_size", 0), ("max_position_embeddings", 0),
-    ("num_decoder_layers", 3), ("dropout", 1.0), ("dropout", -0.1), ("architecture", "rnn"),
-    ("normalization", "batchnorm"), ("position_embedding", "alibi"), ("name", ""),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_layers", -2),
+        ("num_layers", 0),
+        ("num_layers", 2.0),
+        ("num_layers", True),
+        ("hidden_size", 0),
+        ("ffn_hidden_size", -1),
+        ("vocab_size", 0),
+        ("max_position_embeddings", 0),
+        ("num_decoder_layers", 3),
+        ("dropout", 1.0),
+        ("dropout", -0.1),
+        ("architecture", "rnn"),
+        ("normalization", "batchnorm"),
+        ("position_embedding", "alibi"),
+        ("name", ""),
+    ],
+)
 def test_invalid_model_fields_name_the_field(field, value):
     with pytest.raises(SpecError) as info:
         _spec(**{field: value})
@@ -407,8 +452,9 @@ def test_seq_length_beyond_max_positions():
 def test_decoder_seq_length_beyond_max_positions():
     # Megatron asserts max_position_embeddings >= decoder_seq_length as well as >= seq_length
     with pytest.raises(SpecError, match="decoder_seq_length"):
-        build_graph(model_preset("t5-large"),
-                    TrainingSpec(global_batch_size=8, seq_length=512, decoder_seq_length=4096))
+        build_graph(
+            model_preset("t5-large"), TrainingSpec(global_batch_size=8, seq_length=512, decoder_seq_length=4096)
+        )
 
 
 def test_from_dict_unknown_and_missing_fields():
@@ -434,15 +480,18 @@ def test_unknown_model_preset():
 
 # --- 6. loaders --------------------------------------------------------------------------------------
 
+
 def test_load_model_preset_name():
     assert load_model("llama2-7b") is MODEL_PRESETS["llama2-7b"]
 
 
 def test_load_model_yaml_spec(tmp_path):
     path = tmp_path / "tiny.yaml"
-    path.write_text("architecture: decoder\nnum_layers: 3\nhidden_size: 256\nnum_attention_heads: 8\n"
-                    "ffn_hidden_size: 1024\nvocab_size: 5000\nnum_query_groups: 2\ngated_mlp: true\n"
-                    "normalization: rmsnorm\nmax_position_embeddings: 1024\n")
+    path.write_text(
+        "architecture: decoder\nnum_layers: 3\nhidden_size: 256\nnum_attention_heads: 8\n"
+        "ffn_hidden_size: 1024\nvocab_size: 5000\nnum_query_groups: 2\ngated_mlp: true\n"
+        "normalization: rmsnorm\nmax_position_embeddings: 1024\n"
+    )
     m = load_model(str(path))
     assert m.name == "tiny"  # defaults to the file's stem
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.query_groups) == (3, 256, 8, 2)
@@ -459,17 +508,28 @@ def test_load_model_json_spec_keeps_its_name(tmp_path):
 
 def test_load_model_yaml_spec_with_bad_value(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("architecture: decoder\nnum_layers: -1\nhidden_size: 256\nnum_attention_heads: 8\n"
-                    "ffn_hidden_size: 1024\nvocab_size: 5000\n")
+    path.write_text(
+        "architecture: decoder\nnum_layers: -1\nhidden_size: 256\nnum_attention_heads: 8\n"
+        "ffn_hidden_size: 1024\nvocab_size: 5000\n"
+    )
     with pytest.raises(SpecError, match="num_layers"):
         load_model(str(path))
 
 
 LLAMA_CFG = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
-    "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "attention_bias": False, "rope_theta": 500000.0,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "rope_theta": 500000.0,
 }
 
 
@@ -485,8 +545,9 @@ def test_hf_llama_config(tmp_path):
     assert m.name == tmp_path.name  # a config.json is named after its folder
     # the same hyperparameters as the llama3-8b preset
     preset = model_preset("llama3-8b")
-    assert {k: v for k, v in m.to_dict().items() if k != "name"} == \
-           {k: v for k, v in preset.to_dict().items() if k != "name"}
+    assert {k: v for k, v in m.to_dict().items() if k != "name"} == {
+        k: v for k, v in preset.to_dict().items() if k != "name"
+    }
 
 
 def test_hf_llama_without_kv_heads_is_mha():
@@ -504,8 +565,17 @@ def test_hf_config_in_a_folder(tmp_path):
 
 
 def test_hf_gpt2_config(tmp_path):
-    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 768, "n_layer": 12,
-           "n_head": 12, "n_inner": None, "n_positions": 1024, "vocab_size": 50257, "resid_pdrop": 0.1}
+    cfg = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "n_embd": 768,
+        "n_layer": 12,
+        "n_head": 12,
+        "n_inner": None,
+        "n_positions": 1024,
+        "vocab_size": 50257,
+        "resid_pdrop": 0.1,
+    }
     path = tmp_path / "gpt2.json"
     path.write_text(json.dumps(cfg))
     m = load_model(str(path))
@@ -519,24 +589,42 @@ def test_hf_gpt2_config(tmp_path):
 
 
 def test_hf_bert_config(tmp_path):
-    cfg = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 1024,
-           "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
-           "vocab_size": 30522, "max_position_embeddings": 512, "hidden_dropout_prob": 0.1,
-           "type_vocab_size": 2}
+    cfg = {
+        "model_type": "bert",
+        "architectures": ["BertForMaskedLM"],
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "vocab_size": 30522,
+        "max_position_embeddings": 512,
+        "hidden_dropout_prob": 0.1,
+        "type_vocab_size": 2,
+    }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     m = load_model(str(path))
     assert m.architecture == "encoder"
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size) == (24, 1024, 16, 4096)
     assert (m.vocab_size, m.max_position_embeddings, m.dropout) == (30522, 512, 0.1)
-    assert {k: v for k, v in m.to_dict().items() if k != "name"} == \
-           {k: v for k, v in model_preset("bert-large").to_dict().items() if k != "name"}
+    assert {k: v for k, v in m.to_dict().items() if k != "name"} == {
+        k: v for k, v in model_preset("bert-large").to_dict().items() if k != "name"
+    }
 
 
 T5_V11_LARGE = {
-    "model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "d_model": 1024, "d_ff": 2816,
-    "d_kv": 64, "num_heads": 16, "num_layers": 24, "num_decoder_layers": 24, "vocab_size": 32128,
-    "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, "dropout_rate": 0.1,
+    "model_type": "t5",
+    "architectures": ["T5ForConditionalGeneration"],
+    "d_model": 1024,
+    "d_ff": 2816,
+    "d_kv": 64,
+    "num_heads": 16,
+    "num_layers": 24,
+    "num_decoder_layers": 24,
+    "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+    "tie_word_embeddings": False,
+    "dropout_rate": 0.1,
     "relative_attention_num_buckets": 32,
 }
 
@@ -553,8 +641,7 @@ def test_hf_t5_gated_gelu_config(tmp_path):
     assert m.max_position_embeddings == 512 and m.dropout == 0.1
     relu = from_hf_config({**T5_V11_LARGE, "feed_forward_proj": "relu", "tie_word_embeddings": True})
     assert not relu.gated_mlp and relu.tied_embeddings
-    assert from_hf_config({k: v for k, v in T5_V11_LARGE.items() if k != "num_decoder_layers"}) \
-        .num_decoder_layers == 24
+    assert from_hf_config({k: v for k, v in T5_V11_LARGE.items() if k != "num_decoder_layers"}).num_decoder_layers == 24
 
 
 def test_hf_t5_untied_parameter_count():
@@ -566,10 +653,18 @@ def test_hf_t5_untied_parameter_count():
 
 
 def test_hf_vit_config(tmp_path):
-    cfg = {"model_type": "vit", "architectures": ["ViTForImageClassification"], "hidden_size": 768,
-           "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-           "image_size": 384, "patch_size": 16, "num_channels": 3,
-           "id2label": {str(i): f"class{i}" for i in range(10)}}
+    cfg = {
+        "model_type": "vit",
+        "architectures": ["ViTForImageClassification"],
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "image_size": 384,
+        "patch_size": 16,
+        "num_channels": 3,
+        "id2label": {str(i): f"class{i}" for i in range(10)},
+    }
     path = tmp_path / "vit.json"
     path.write_text(json.dumps(cfg))
     m = load_model(str(path))
@@ -633,28 +728,39 @@ def test_missing_path_is_an_unknown_preset(tmp_path):
 
 # --- 7. cluster --------------------------------------------------------------------------------------
 
-CLUSTER_FIELDS = dict(name="c", num_nodes=2, gpus_per_node=4, gpu_name="X", gpu_memory_gib=40.0,
-                      peak_tflops=100.0, hbm_bandwidth_gbps=1000.0, intra_node_bandwidth_gbps=100.0,
-                      inter_node_bandwidth_gbps=10.0)
+CLUSTER_FIELDS = dict(
+    name="c",
+    num_nodes=2,
+    gpus_per_node=4,
+    gpu_name="X",
+    gpu_memory_gib=40.0,
+    peak_tflops=100.0,
+    hbm_bandwidth_gbps=1000.0,
+    intra_node_bandwidth_gbps=100.0,
+    inter_node_bandwidth_gbps=10.0,
+)
 
 
-@pytest.mark.parametrize("name, capacity", [("dgx-a100-80g", 79.35), ("dgx-h100", 79.11), ("dgx-h200", 139.8),
-                                            ("pcie-a100-8g", 79.35)])
+@pytest.mark.parametrize(
+    "name, capacity", [("dgx-a100-80g", 79.35), ("dgx-h100", 79.11), ("dgx-h200", 139.8), ("pcie-a100-8g", 79.35)]
+)
 def test_cluster_presets_exist(name, capacity):
     """Capacities as PyTorch reports them (an 80 GB card is not 80 GiB)."""
     c = cluster_preset(name)
     assert c is CLUSTER_PRESETS[name] and c.name == name
     assert (c.num_nodes, c.gpus_per_node, c.num_gpus) == (1, 8, 8)
     assert c.gpu_memory_gib == capacity
-    assert c.usable_memory_bytes == (capacity - c.reserved_memory_gib) * 2 ** 30
+    assert c.usable_memory_bytes == (capacity - c.reserved_memory_gib) * 2**30
     assert load_cluster(name) == c
 
 
 def test_cluster_preset_datasheet_figures():
     assert cluster_preset("dgx-a100-80g").peak_tflops == 312.0
     assert cluster_preset("dgx-h100").peak_tflops == 989.0
-    assert cluster_preset("pcie-a100-8g").intra_node_bandwidth_gbps < cluster_preset("dgx-a100-80g") \
-        .intra_node_bandwidth_gbps
+    assert (
+        cluster_preset("pcie-a100-8g").intra_node_bandwidth_gbps
+        < cluster_preset("dgx-a100-80g").intra_node_bandwidth_gbps
+    )
 
 
 def test_load_cluster_reshapes():
@@ -672,9 +778,11 @@ def test_load_cluster_reshapes():
 
 def test_load_cluster_yaml(tmp_path):
     path = tmp_path / "mycluster.yaml"
-    path.write_text("num_nodes: 2\ngpus_per_node: 4\ngpu_name: V100\ngpu_memory_gib: 32\n"
-                    "peak_tflops: 125\nhbm_bandwidth_gbps: 900\nintra_node_bandwidth_gbps: 150\n"
-                    "inter_node_bandwidth_gbps: 12.5\nmatmul_efficiency: 0.6\n")
+    path.write_text(
+        "num_nodes: 2\ngpus_per_node: 4\ngpu_name: V100\ngpu_memory_gib: 32\n"
+        "peak_tflops: 125\nhbm_bandwidth_gbps: 900\nintra_node_bandwidth_gbps: 150\n"
+        "inter_node_bandwidth_gbps: 12.5\nmatmul_efficiency: 0.6\n"
+    )
     c = load_cluster(str(path))
     assert c.name == "mycluster"
     assert (c.num_gpus, c.gpu_name, c.gpu_memory_gib, c.matmul_efficiency) == (8, "V100", 32, 0.6)
@@ -693,12 +801,24 @@ def test_load_cluster_yaml_errors(tmp_path):
         load_cluster(str(broken))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("gpus_per_node", 0), ("num_nodes", -1), ("num_nodes", 1.5), ("matmul_efficiency", 1.5),
-    ("matmul_efficiency", 0.0), ("inter_node_efficiency", 2), ("gpu_memory_gib", 0),
-    ("peak_tflops", -1.0), ("intra_node_bandwidth_gbps", 0), ("reserved_memory_gib", 40.0),
-    ("reserved_memory_gib", 80.0), ("reserved_memory_gib", -1.0), ("collective_latency_us", -5.0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("gpus_per_node", 0),
+        ("num_nodes", -1),
+        ("num_nodes", 1.5),
+        ("matmul_efficiency", 1.5),
+        ("matmul_efficiency", 0.0),
+        ("inter_node_efficiency", 2),
+        ("gpu_memory_gib", 0),
+        ("peak_tflops", -1.0),
+        ("intra_node_bandwidth_gbps", 0),
+        ("reserved_memory_gib", 40.0),
+        ("reserved_memory_gib", 80.0),
+        ("reserved_memory_gib", -1.0),
+        ("collective_latency_us", -5.0),
+    ],
+)
 def test_invalid_cluster_values_name_the_field(field, value):
     with pytest.raises(SpecError) as info:
         ClusterSpec(**{**CLUSTER_FIELDS, field: value})

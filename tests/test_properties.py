@@ -5,6 +5,7 @@ exactly as the outcome says, and that survives a JSON round trip as a `Plan`; or
 `UniapError` with a message. Nothing else may escape. Further properties compare the optimum with
 hand-made configurations and with exhaustive enumeration, and feed the CLI random bad input.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import os
 import re
 
 import pytest
+from sweep import SWEEP
 from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +32,7 @@ from uniap.solver.exhaustive import exhaustive_optimum
 from uniap.solver.miqp import DEFAULT_GAP
 from uniap.solver.uop import candidate_pairs, optimize
 
-GiB = 2 ** 30
+GiB = 2**30
 TARGETS = ("generic", "megatron", "deepspeed")
 TRANSFORMER_KINDS = ("transformer", "cross_transformer")
 
@@ -38,12 +40,18 @@ TRANSFORMER_KINDS = ("transformer", "cross_transformer")
 # properties: each example solves MIQPs, and shrinking one failure would take about a minute; the
 # failing example is printed as found.
 NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
-SOLVER_SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, database=None, phases=NO_SHRINK,
-                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                                  HealthCheck.data_too_large])
+SOLVER_SETTINGS = settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=NO_SHRINK,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
 
 
 # --- strategies ---------------------------------------------------------------------------------------
+
 
 @st.composite
 def model_specs(draw, max_layers: int = 6) -> ModelSpec:
@@ -61,41 +69,75 @@ def model_specs(draw, max_layers: int = 6) -> ModelSpec:
 @st.composite
 def cluster_specs(draw, gpus=(1, 2, 4)) -> ClusterSpec:
     # from 1 MiB usable (nothing fits) through 0.05 GiB (little fits) to 79.5 GiB (everything fits)
-    memory = draw(st.one_of(st.sampled_from([0.501, 0.52, 0.55, 0.6, 0.75, 1.0, 2.0, 80.0]),
-                            st.floats(0.505, 4.0, allow_nan=False)))
-    return ClusterSpec(name="prop-cluster", num_nodes=draw(st.integers(1, 2)),
-                       gpus_per_node=draw(st.sampled_from(list(gpus))), gpu_name="test-gpu",
-                       gpu_memory_gib=memory, reserved_memory_gib=0.5, peak_tflops=100.0,
-                       hbm_bandwidth_gbps=1000.0, intra_node_bandwidth_gbps=100.0,
-                       inter_node_bandwidth_gbps=10.0)
+    memory = draw(
+        st.one_of(
+            st.sampled_from([0.501, 0.52, 0.55, 0.6, 0.75, 1.0, 2.0, 80.0]), st.floats(0.505, 4.0, allow_nan=False)
+        )
+    )
+    return ClusterSpec(
+        name="prop-cluster",
+        num_nodes=draw(st.integers(1, 2)),
+        gpus_per_node=draw(st.sampled_from(list(gpus))),
+        gpu_name="test-gpu",
+        gpu_memory_gib=memory,
+        reserved_memory_gib=0.5,
+        peak_tflops=100.0,
+        hbm_bandwidth_gbps=1000.0,
+        intra_node_bandwidth_gbps=100.0,
+        inter_node_bandwidth_gbps=10.0,
+    )
 
 
 @st.composite
 def training_specs(draw) -> TrainingSpec:
-    return TrainingSpec(global_batch_size=draw(st.integers(1, 16)), seq_length=draw(st.integers(16, 128)),
-                        flash_attention=draw(st.booleans()))
+    return TrainingSpec(
+        global_batch_size=draw(st.integers(1, 16)),
+        seq_length=draw(st.integers(16, 128)),
+        flash_attention=draw(st.booleans()),
+    )
 
 
 def _tiny(arch="decoder", layers=4, hidden=128, heads=4, ffn=256, vocab=1000) -> ModelSpec:
-    return ModelSpec(name="prop-model", architecture=arch, num_layers=layers, hidden_size=hidden,
-                     num_attention_heads=heads, ffn_hidden_size=ffn, vocab_size=vocab)
+    return ModelSpec(
+        name="prop-model",
+        architecture=arch,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        ffn_hidden_size=ffn,
+        vocab_size=vocab,
+    )
 
 
 def _cluster(nodes=1, gpn=4, mem=2.0) -> ClusterSpec:
-    return ClusterSpec(name="prop-cluster", num_nodes=nodes, gpus_per_node=gpn, gpu_name="test-gpu",
-                       gpu_memory_gib=mem, reserved_memory_gib=0.5, peak_tflops=100.0, hbm_bandwidth_gbps=1000.0,
-                       intra_node_bandwidth_gbps=100.0, inter_node_bandwidth_gbps=10.0)
+    return ClusterSpec(
+        name="prop-cluster",
+        num_nodes=nodes,
+        gpus_per_node=gpn,
+        gpu_name="test-gpu",
+        gpu_memory_gib=mem,
+        reserved_memory_gib=0.5,
+        peak_tflops=100.0,
+        hbm_bandwidth_gbps=1000.0,
+        intra_node_bandwidth_gbps=100.0,
+        inter_node_bandwidth_gbps=10.0,
+    )
 
 
 def _solve(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, target: str, **kw):
     graph = build_graph(model, training)
     capability = capability_for(target)
     cost_model = CostModel(cluster, training, None)
-    return graph, capability, cost_model, optimize(graph, cluster, training, capability, cost_model,
-                                                   progress=False, **kw)
+    return (
+        graph,
+        capability,
+        cost_model,
+        optimize(graph, cluster, training, capability, cost_model, progress=False, **kw),
+    )
 
 
 # --- the central property -----------------------------------------------------------------------------
+
 
 @SOLVER_SETTINGS
 @given(model=model_specs(), cluster=cluster_specs(), training=training_specs(), target=st.sampled_from(TARGETS))
@@ -162,6 +204,8 @@ def test_optimize_returns_valid_plan_or_uniap_error(model, cluster, training, ta
 
 # --- optimality --------------------------------------------------------------------------------------
 
+
+@SWEEP  # random instances of the same check; the fast command keeps the central property
 @SOLVER_SETTINGS
 @given(model=model_specs(), cluster=cluster_specs(), training=training_specs(), target=st.sampled_from(TARGETS))
 def test_without_time_limit_status_is_optimal_and_miqp_matches_evaluate(model, cluster, training, target):
@@ -176,10 +220,21 @@ def test_without_time_limit_status_is_optimal_and_miqp_matches_evaluate(model, c
     assert out.status == "optimal", f"status {out.status} (gap {out.gap:.4%}) without any time limit"
 
 
-@settings(max_examples=15, deadline=None, derandomize=True, database=None, phases=NO_SHRINK,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(model=model_specs(max_layers=2), cluster=cluster_specs(gpus=(1, 2)), training=training_specs(),
-       target=st.sampled_from(TARGETS))
+@SWEEP  # random instances of the same check; the fast command keeps the central property
+@settings(
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=NO_SHRINK,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(
+    model=model_specs(max_layers=2),
+    cluster=cluster_specs(gpus=(1, 2)),
+    training=training_specs(),
+    target=st.sampled_from(TARGETS),
+)
 def test_optimum_matches_exhaustive_search(model, cluster, training, target):
     """On tiny instances, enumerate every plan of every subproblem: the planner's answer is the best one
     (within the optimality gap), and it raises InfeasibleError exactly when nothing fits."""
@@ -204,9 +259,15 @@ def test_optimum_matches_exhaustive_search(model, cluster, training, target):
     assert out.prediction.time_per_iteration >= best[0] * (1 - 1e-9)
 
 
+@SWEEP  # random instances of the same check; the fast command keeps the central property
 @SOLVER_SETTINGS
-@given(model=model_specs(), cluster=cluster_specs(), training=training_specs(), target=st.sampled_from(TARGETS),
-       data=st.data())
+@given(
+    model=model_specs(),
+    cluster=cluster_specs(),
+    training=training_specs(),
+    target=st.sampled_from(TARGETS),
+    data=st.data(),
+)
 def test_no_hand_made_configuration_beats_the_plan(model, cluster, training, target, data):
     """What `uniap evaluate` prices (uniform TP x DP, even split, one ZeRO stage and recompute mode) is
     in the planner's search space: if it is valid and fits, the plan is at least as fast."""
@@ -217,8 +278,9 @@ def test_no_hand_made_configuration_beats_the_plan(model, cluster, training, tar
     dp = per_stage // tp
     assume(training.global_batch_size % dp == 0)
     per_replica = training.global_batch_size // dp
-    mbs = data.draw(st.sampled_from([m for m in range(1, per_replica + 1) if per_replica % m == 0]),
-                    label="micro_batch_size")
+    mbs = data.draw(
+        st.sampled_from([m for m in range(1, per_replica + 1) if per_replica % m == 0]), label="micro_batch_size"
+    )
     zero = data.draw(st.sampled_from([0, 1, 2, 3] if dp > 1 else [0]), label="zero")
     recompute = data.draw(st.sampled_from(["none", "full"]), label="recompute")
     c = training.global_batch_size // (mbs * dp)
@@ -228,8 +290,9 @@ def test_no_hand_made_configuration_beats_the_plan(model, cluster, training, tar
     cost_model = CostModel(cluster, training, None)
     sub = build_subproblem(graph, cluster, training, capability, cost_model, deg, c)
     stage_of = even_split(graph, deg)
-    strategy_of = [Strategy(tp, dp, zero, recompute if layer.kind in TRANSFORMER_KINDS else "none")
-                   for layer in graph.layers]
+    strategy_of = [
+        Strategy(tp, dp, zero, recompute if layer.kind in TRANSFORMER_KINDS else "none") for layer in graph.layers
+    ]
     try:
         hand = evaluate(sub, stage_of, strategy_of)
     except SpecError:
@@ -241,12 +304,17 @@ def test_no_hand_made_configuration_beats_the_plan(model, cluster, training, tar
 
 # --- regressions found by the properties above (fixed inputs) -----------------------------------------
 
+
 def test_regression_tiny_megatron_is_optimal_without_time_limit():
     """4-layer decoder (hidden 128) on 1 x 4 GPUs, batch 14, seq 78, megatron: the MIQP's objective of
     the chosen plan undershot its `evaluate` price by 0.41% and the outcome said 'time_limit' although
     no time limit was given (the CLI then warns "stopped at the time limit")."""
-    _, _, _, out = _solve(_tiny(layers=4, heads=4, ffn=256, vocab=1000), _cluster(1, 4, 2.0),
-                          TrainingSpec(global_batch_size=14, seq_length=78), "megatron")
+    _, _, _, out = _solve(
+        _tiny(layers=4, heads=4, ffn=256, vocab=1000),
+        _cluster(1, 4, 2.0),
+        TrainingSpec(global_batch_size=14, seq_length=78),
+        "megatron",
+    )
     assert out.best.objective == pytest.approx(out.prediction.time_per_iteration, rel=DEFAULT_GAP)
     assert out.status == "optimal", f"status {out.status} (gap {out.gap:.4%}) without any time limit"
 
@@ -265,8 +333,7 @@ def test_regression_tiny_megatron_pp4_plan_is_the_best():
 
 # --- the CLI with random bad input --------------------------------------------------------------------
 
-_argv_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                     min_size=1, max_size=40)
+_argv_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=40)
 
 
 def _not_a_known_name(text: str, known) -> bool:
@@ -280,15 +347,20 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     return rc, err
 
 
-CLI_SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                               HealthCheck.function_scoped_fixture])
+CLI_SETTINGS = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+)
 SMALL_JOB = ["--model=bert-large", "--gpus-per-node=1", "--global-batch-size=2", "--seq-length=32"]
 
 
 @CLI_SETTINGS
-@given(command=st.sampled_from(["plan", "evaluate"]),
-       name=_argv_text.filter(lambda t: _not_a_known_name(t, MODEL_PRESETS)))
+@given(
+    command=st.sampled_from(["plan", "evaluate"]), name=_argv_text.filter(lambda t: _not_a_known_name(t, MODEL_PRESETS))
+)
 def test_cli_random_model_names(capsys, command, name):
     rc, err = _run([command, f"--model={name}", "--gpus-per-node=1", "--global-batch-size=2"], capsys)
     assert rc == 2, err
@@ -297,8 +369,10 @@ def test_cli_random_model_names(capsys, command, name):
 
 
 @CLI_SETTINGS
-@given(command=st.sampled_from(["plan", "evaluate"]),
-       name=_argv_text.filter(lambda t: _not_a_known_name(t, CLUSTER_PRESETS)))
+@given(
+    command=st.sampled_from(["plan", "evaluate"]),
+    name=_argv_text.filter(lambda t: _not_a_known_name(t, CLUSTER_PRESETS)),
+)
 def test_cli_random_cluster_names(capsys, command, name):
     rc, err = _run([command, "--model=bert-large", f"--cluster={name}"], capsys)
     assert rc == 2, err
@@ -307,8 +381,7 @@ def test_cli_random_cluster_names(capsys, command, name):
 
 
 @CLI_SETTINGS
-@given(command=st.sampled_from(["plan", "evaluate"]),
-       name=_argv_text.filter(lambda t: t not in known_targets()))
+@given(command=st.sampled_from(["plan", "evaluate"]), name=_argv_text.filter(lambda t: t not in known_targets()))
 def test_cli_random_target_names(capsys, command, name):
     rc, err = _run([command, *SMALL_JOB, f"--target={name}"], capsys)
     assert rc == 2, err
@@ -317,9 +390,11 @@ def test_cli_random_target_names(capsys, command, name):
 
 
 @CLI_SETTINGS
-@given(command=st.sampled_from(["plan", "evaluate"]),
-       option=st.sampled_from(["--global-batch-size", "--nodes", "--gpus-per-node", "--seq-length"]),
-       value=st.integers(-10 ** 6, 0))
+@given(
+    command=st.sampled_from(["plan", "evaluate"]),
+    option=st.sampled_from(["--global-batch-size", "--nodes", "--gpus-per-node", "--seq-length"]),
+    value=st.integers(-(10**6), 0),
+)
 def test_cli_non_positive_numbers(capsys, command, option, value):
     argv = [command, *[a for a in SMALL_JOB if not a.startswith(option + "=")], f"{option}={value}"]
     rc, err = _run(argv, capsys)
@@ -329,7 +404,7 @@ def test_cli_non_positive_numbers(capsys, command, option, value):
 
 
 @CLI_SETTINGS
-@given(option=st.sampled_from(["--tp", "--pp", "--micro-batch-size"]), value=st.integers(-10 ** 6, 0))
+@given(option=st.sampled_from(["--tp", "--pp", "--micro-batch-size"]), value=st.integers(-(10**6), 0))
 def test_cli_non_positive_pins(capsys, option, value):
     rc, err = _run(["plan", *SMALL_JOB, f"{option}={value}"], capsys)
     assert rc == 2, err

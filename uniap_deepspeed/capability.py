@@ -24,6 +24,7 @@ prefetches up to stage3_prefetch_bucket_size and keeps parameters gathered up to
 (with stage3_max_reuse_distance 1e9 most of a forward's parameters stay gathered until backward); ZeRO-0
 flattens gradients in reduce-bucket-sized chunks for the all-reduce.
 """
+
 from uniap.cost.accounting import Accounting, PerParam
 from uniap.cost.strategy import Capability
 
@@ -33,24 +34,36 @@ STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000
 STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 STAGE3_MAX_REUSE_DISTANCE = 1_000_000_000
 
-_HALF = {0: (PerParam(16.0), PerParam(24.0)), 1: (PerParam(4.0, 12.0), PerParam(2.0, 20.0)),
-         2: (PerParam(2.0, 14.0), PerParam(2.0, 20.0)), 3: (PerParam(0.0, 16.0), PerParam(0.0, 22.0))}
-_FP32 = {0: (PerParam(16.0), PerParam(16.0)), 1: (PerParam(8.0, 12.0), PerParam(4.0, 20.0)),
-         2: (PerParam(4.0, 16.0), PerParam(4.0, 20.0)), 3: (PerParam(0.0, 20.0), PerParam(0.0, 24.0))}
+_HALF = {
+    0: (PerParam(16.0), PerParam(24.0)),
+    1: (PerParam(4.0, 12.0), PerParam(2.0, 20.0)),
+    2: (PerParam(2.0, 14.0), PerParam(2.0, 20.0)),
+    3: (PerParam(0.0, 16.0), PerParam(0.0, 22.0)),
+}
+_FP32 = {
+    0: (PerParam(16.0), PerParam(16.0)),
+    1: (PerParam(8.0, 12.0), PerParam(4.0, 20.0)),
+    2: (PerParam(4.0, 16.0), PerParam(4.0, 20.0)),
+    3: (PerParam(0.0, 20.0), PerParam(0.0, 24.0)),
+}
 _TABLES = {"bf16": _HALF, "fp16": _HALF, "fp32": _FP32}
 
 DEEPSPEED_ACCOUNTING = Accounting(
     name="deepspeed",
     source="DeepSpeed 0.19.8 runtime/fp16/fused_optimizer.py, runtime/bf16_optimizer.py, "
-           "runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py; measured on CPU ranks",
+    "runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py; measured on CPU ranks",
     states={(p, z): rows[z][0] for p, rows in _TABLES.items() for z in rows},
     step={(p, z): rows[z][1] for p, rows in _TABLES.items() for z in rows},
     pipelined_states={(p, 0): PerParam(6.0, 12.0) for p in ("bf16", "fp16")},
     pipelined_step={(p, 0): PerParam(6.0, 16.0) for p in ("bf16", "fp16")},
     # The engine adds each micro-batch's gradients into its buffers: read, read, write in the model's dtype.
     grad_accumulation_traffic={"bf16": 6.0, "fp16": 6.0, "fp32": 12.0},
-    buffer_elements={0: REDUCE_BUCKET, 1: 3 * REDUCE_BUCKET, 2: 3 * REDUCE_BUCKET,
-                     3: REDUCE_BUCKET + STAGE3_PREFETCH_BUCKET + STAGE3_MAX_LIVE_PARAMETERS},
+    buffer_elements={
+        0: REDUCE_BUCKET,
+        1: 3 * REDUCE_BUCKET,
+        2: 3 * REDUCE_BUCKET,
+        3: REDUCE_BUCKET + STAGE3_PREFETCH_BUCKET + STAGE3_MAX_LIVE_PARAMETERS,
+    },
 )
 
 DEEPSPEED = Capability(
@@ -65,9 +78,9 @@ DEEPSPEED = Capability(
     max_zero_with_pipeline=1,
     reasons={
         "tp_degrees": "DeepSpeed has no tensor parallelism of its own (a PipelineModule's layers would have to "
-                      "be TP-sharded by Megatron-DeepSpeed)",
+        "be TP-sharded by Megatron-DeepSpeed)",
         "max_zero_with_pipeline": "DeepSpeed's pipeline engine asserts \"ZeRO-2 and ZeRO-3 are incompatible with "
-                                  "pipeline parallelism\" (deepspeed/runtime/pipe/engine.py)",
+        'pipeline parallelism" (deepspeed/runtime/pipe/engine.py)',
         "recompute_modes": "DeepSpeed checkpoints whole layers (activation_checkpoint_interval), not modules",
     },
     accounting=DEEPSPEED_ACCOUNTING,

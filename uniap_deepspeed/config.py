@@ -6,6 +6,7 @@ micro-batches per step. Keys DeepSpeed does not read are not emitted, except the
 section (DeepSpeed ignores unknown top-level keys) that carries the plan's pipeline split and
 prediction for the training script and for humans.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,24 +19,39 @@ from uniap.plan import Plan
 from uniap.planner import Job, training_spec
 from uniap.planner import plan as solve
 
-from .capability import (DEEPSPEED, REDUCE_BUCKET, STAGE3_MAX_LIVE_PARAMETERS, STAGE3_MAX_REUSE_DISTANCE,
-                         STAGE3_PARAM_PERSISTENCE_THRESHOLD, STAGE3_PREFETCH_BUCKET)
+from .capability import (
+    DEEPSPEED,
+    REDUCE_BUCKET,
+    STAGE3_MAX_LIVE_PARAMETERS,
+    STAGE3_MAX_REUSE_DISTANCE,
+    STAGE3_PARAM_PERSISTENCE_THRESHOLD,
+    STAGE3_PREFETCH_BUCKET,
+)
 
 
 def zero_section(stage: int, pipeline: bool) -> dict[str, Any]:
     """zero_optimization for `stage`; overlap_comm is off under a pipeline (the engine forces it off)."""
     if stage == 0:
         return {"stage": 0}
-    section: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": not pipeline,
-                               "reduce_scatter": True, "reduce_bucket_size": REDUCE_BUCKET}
+    section: dict[str, Any] = {
+        "stage": stage,
+        "contiguous_gradients": True,
+        "overlap_comm": not pipeline,
+        "reduce_scatter": True,
+        "reduce_bucket_size": REDUCE_BUCKET,
+    }
     if stage in (1, 2):
         section["allgather_bucket_size"] = REDUCE_BUCKET
     if stage == 3:
-        section.update({"stage3_prefetch_bucket_size": STAGE3_PREFETCH_BUCKET,
-                        "stage3_param_persistence_threshold": STAGE3_PARAM_PERSISTENCE_THRESHOLD,
-                        "stage3_max_live_parameters": STAGE3_MAX_LIVE_PARAMETERS,
-                        "stage3_max_reuse_distance": STAGE3_MAX_REUSE_DISTANCE,
-                        "stage3_gather_16bit_weights_on_model_save": True})
+        section.update(
+            {
+                "stage3_prefetch_bucket_size": STAGE3_PREFETCH_BUCKET,
+                "stage3_param_persistence_threshold": STAGE3_PARAM_PERSISTENCE_THRESHOLD,
+                "stage3_max_live_parameters": STAGE3_MAX_LIVE_PARAMETERS,
+                "stage3_max_reuse_distance": STAGE3_MAX_REUSE_DISTANCE,
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
     return section
 
 
@@ -43,8 +59,10 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
     """The DeepSpeed config of a plan made for (or runnable by) the deepspeed target."""
     problems = DEEPSPEED.violations([(lp.kind, lp.strategy) for lp in plan.layers], plan.pipeline_degree)
     if problems:
-        raise SpecError(f"plan (target '{plan.target}') is not runnable by DeepSpeed: {problems[0]}",
-                        "re-plan with --target deepspeed")
+        raise SpecError(
+            f"plan (target '{plan.target}') is not runnable by DeepSpeed: {problems[0]}",
+            "re-plan with --target deepspeed",
+        )
     strategy = plan.uniform_strategy or plan.layers[0].strategy
     dp = strategy.dp
     pipeline = plan.pipeline_degree > 1
@@ -63,11 +81,17 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     if recompute:
-        config["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False,
-                                              "cpu_checkpointing": False}
+        config["activation_checkpointing"] = {
+            "partition_activations": False,
+            "contiguous_memory_optimization": False,
+            "cpu_checkpointing": False,
+        }
     if pipeline:
-        config["pipeline"] = {"activation_checkpoint_interval": 1 if recompute else 0,
-                              "pipe_partitioned": True, "grad_partitioned": True}
+        config["pipeline"] = {
+            "activation_checkpoint_interval": 1 if recompute else 0,
+            "pipe_partitioned": True,
+            "grad_partitioned": True,
+        }
     config["uniap"] = {
         "target": plan.target,
         "pipeline_stages": plan.pipeline_degree,
@@ -81,20 +105,41 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
     return config
 
 
-def plan_for_deepspeed(model: str, cluster: str = "dgx-a100-80g", nodes: int | None = None,
-                       gpus_per_node: int | None = None, global_batch_size: int = 512, seq_length: int | None = None,
-                       zero_stage: int | None = None, pipeline_stages: int | None = None,
-                       precision: str = "bf16", profile: str | None = None, time_limit: float | None = None,
-                       flash_attention: bool = True, decoder_seq_length: int | None = None) -> Plan:
+def plan_for_deepspeed(
+    model: str,
+    cluster: str = "dgx-a100-80g",
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    global_batch_size: int = 512,
+    seq_length: int | None = None,
+    zero_stage: int | None = None,
+    pipeline_stages: int | None = None,
+    precision: str = "bf16",
+    profile: str | None = None,
+    time_limit: float | None = None,
+    flash_attention: bool = True,
+    decoder_seq_length: int | None = None,
+) -> Plan:
     """Plan `model` on `cluster` for DeepSpeed; pinned ZeRO stage / pipeline stages are constraints."""
     from uniap.profile.schema import Profile
 
     spec = load_model(model)
-    training = training_spec(spec, global_batch_size, seq_length, precision=precision,
-                             flash_attention=flash_attention, decoder_seq_length=decoder_seq_length)
-    job = Job(model=spec, cluster=load_cluster(cluster, nodes, gpus_per_node), training=training,
-              target=DEEPSPEED.name, pins=Pins(zero=zero_stage, pipeline_degree=pipeline_stages),
-              profile=Profile.load(profile) if profile else None)
+    training = training_spec(
+        spec,
+        global_batch_size,
+        seq_length,
+        precision=precision,
+        flash_attention=flash_attention,
+        decoder_seq_length=decoder_seq_length,
+    )
+    job = Job(
+        model=spec,
+        cluster=load_cluster(cluster, nodes, gpus_per_node),
+        training=training,
+        target=DEEPSPEED.name,
+        pins=Pins(zero=zero_stage, pipeline_degree=pipeline_stages),
+        profile=Profile.load(profile) if profile else None,
+    )
     return solve(job, time_limit=time_limit, progress=False)[0]
 
 

@@ -4,6 +4,7 @@ blocks has `example_inputs(b, device, dtype)`, a micro-batch of b samples to run
 
 Imports torch: uniap_deepspeed.profile imports this file only when it builds a layer.
 """
+
 from __future__ import annotations
 
 import math
@@ -143,8 +144,10 @@ class CrossTransformerLayer(nn.Module):
         return x + self.mlp(x)
 
     def example_inputs(self, b, device, dtype):
-        return (torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
-                torch.randn(b, self.s_enc, self.h, device=device, dtype=dtype, requires_grad=True))
+        return (
+            torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
+            torch.randn(b, self.s_enc, self.h, device=device, dtype=dtype, requires_grad=True),
+        )
 
 
 class Embedding(nn.Module):
@@ -154,8 +157,9 @@ class Embedding(nn.Module):
         super().__init__()
         self.s, self.vocab = s, m.vocab_size
         self.word_embeddings = nn.Embedding(m.vocab_size, m.hidden_size)
-        self.position_embeddings = (nn.Embedding(m.max_position_embeddings, m.hidden_size)
-                                    if m.position_embedding == "learned" else None)
+        self.position_embeddings = (
+            nn.Embedding(m.max_position_embeddings, m.hidden_size) if m.position_embedding == "learned" else None
+        )
         self.tokentype_embeddings = nn.Embedding(2, m.hidden_size) if m.architecture == "encoder" else None
 
     def forward(self, ids):
@@ -198,8 +202,10 @@ class _TokenHead(nn.Module):
         self.s, self.h, self.vocab = s, m.hidden_size, m.vocab_size
 
     def example_inputs(self, b, device, dtype):
-        return (torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
-                torch.randint(0, self.vocab, (b, self.s), device=device))
+        return (
+            torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
+            torch.randint(0, self.vocab, (b, self.s), device=device),
+        )
 
 
 class LMHead(_TokenHead):
@@ -245,5 +251,7 @@ class ClsHead(nn.Module):
         return F.cross_entropy(logits, labels)
 
     def example_inputs(self, b, device, dtype):
-        return (torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
-                torch.randint(0, self.classes, (b,), device=device))
+        return (
+            torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
+            torch.randint(0, self.classes, (b,), device=device),
+        )

@@ -7,6 +7,7 @@ The plan's layers are mapped onto the user's LayerSpec list: entries whose class
 entries before the first of them go with the plan's first layer (the embedding), entries after the
 last with the plan's last layer (the head), others with the next transformer layer.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,15 +19,16 @@ from uniap.model.graph import TRANSFORMER_KINDS
 from uniap.plan import Plan
 
 
-
 def entry_stages(plan: Plan, is_transformer: list[bool]) -> list[int]:
     """The stage of each entry of the user's layer list under `plan` (raises SpecError if they differ)."""
     stages = [lp.stage for lp in plan.layers if lp.kind in TRANSFORMER_KINDS]
     matched = sum(is_transformer)
     if matched != len(stages):
-        raise SpecError(f"the plan has {len(stages)} transformer layers but {matched} entries of the layer list "
-                        f"match the layer type", "pass layer_type= a regex matching exactly the transformer "
-                        "layers' class names")
+        raise SpecError(
+            f"the plan has {len(stages)} transformer layers but {matched} entries of the layer list "
+            f"match the layer type",
+            "pass layer_type= a regex matching exactly the transformer layers' class names",
+        )
     out: list[int | None] = []
     k = 0
     for flag in is_transformer:
@@ -49,8 +51,10 @@ def entry_stages(plan: Plan, is_transformer: list[bool]) -> list[int]:
 def parts_from_stages(stages: list[int], num_stages: int) -> list[int]:
     """DeepSpeed's `parts`: num_stages + 1 boundaries of contiguous, non-empty stages."""
     if any(b < a for a, b in zip(stages, stages[1:])) or set(stages) != set(range(num_stages)):
-        raise SpecError(f"the layer list cannot follow the plan's split (stages per entry {stages})",
-                        "order the layer list like the model: embedding, transformer layers, head")
+        raise SpecError(
+            f"the layer list cannot follow the plan's split (stages per entry {stages})",
+            "order the layer list like the model: embedding, transformer layers, head",
+        )
     return [stages.index(s) for s in range(num_stages)] + [len(stages)]
 
 
@@ -60,8 +64,7 @@ class PlannedPipelineModule(PipelineModule):
     `PlannedPipelineModule(layers, plan, loss_fn=..., layer_type="transformer|block")`; the other
     keyword arguments are PipelineModule's. The number of stages is the plan's pipeline degree."""
 
-    def __init__(self, layers, plan: Plan, layer_type: str = "transformer|decoderlayer|encoderlayer|block",
-                 **kwargs):
+    def __init__(self, layers, plan: Plan, layer_type: str = "transformer|decoderlayer|encoderlayer|block", **kwargs):
         if "num_stages" in kwargs or "topology" in kwargs:
             raise SpecError("PlannedPipelineModule takes its number of stages from the plan")
         self._uniap_plan = plan

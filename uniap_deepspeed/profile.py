@@ -29,6 +29,7 @@ Calibration (see uniap_deepspeed.training_run).
 Run it single-process (`python -m uniap_deepspeed.profile ...`) or under torchrun / the deepspeed
 launcher; rank 0 writes the profile JSON atomically.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,7 @@ from functools import cache, partial
 from typing import Any, TypeVar
 
 from uniap.errors import EXIT_OK, ProfileError, SpecError
-from uniap.model.graph import (CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, TRANSFORMER_KINDS, Layer,
-                               build_graph)
+from uniap.model.graph import CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, TRANSFORMER_KINDS, Layer, build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
@@ -77,10 +77,12 @@ ADAMW_PARAMS: dict[str, Any] = {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "
 # Layer modules
 # ==================================================================================================
 
+
 def build_layer_module(model: ModelSpec, training: TrainingSpec, layer: Layer):
     """A torch module computing `layer` of the graph (one instance, dropout 0) with `example_inputs(b,
     device, dtype)`; None for a layer kind this profiler does not know."""
     from . import layers  # imports torch
+
     flash = training.flash_attention
     s = training.seq_length
     s_dec = training.decoder_seq_length or s
@@ -110,6 +112,7 @@ def build_layer_module(model: ModelSpec, training: TrainingSpec, layer: Layer):
 # Runtime helpers
 # ==================================================================================================
 
+
 @dataclass(frozen=True)
 class _Runtime:
     device_kind: str  # 'cuda', 'cpu', ...
@@ -127,12 +130,14 @@ class _Runtime:
 
 def _accelerator():
     from deepspeed.accelerator import get_accelerator
+
     return get_accelerator()
 
 
 def _quiet_deepspeed(verbose: bool) -> None:
     with contextlib.suppress(ImportError, AttributeError):  # pragma: no cover - logging only
         from deepspeed.utils import logger as ds_logger
+
         ds_logger.setLevel(logging.INFO if verbose else logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
@@ -182,7 +187,7 @@ def _ds_config(rt: _Runtime, micro_batch_size: int) -> dict[str, Any]:
         # engine.backward needs an optimizer; plain SGD adds no state and is never stepped here.
         "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
         "zero_optimization": {"stage": 0},
-        "steps_per_print": 10 ** 9,
+        "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     if rt.ds_precision == "bf16":
@@ -200,15 +205,21 @@ def time_layer(module, rt: _Runtime, micro_batch_size: int, warmup: int, repeats
     """Wrap `module` in a DeepSpeed engine and time engine forward + engine.backward: medians over
     `repeats` iterations after `warmup`. Gradient reduction across ranks is off (engine.no_sync),
     so the times are compute only; DP communication is costed from the collective bandwidths."""
+
     def measure(engine) -> tuple[float, float, float | None]:
         inputs = module.example_inputs(micro_batch_size, rt.device, rt.dtype)
         with engine.no_sync():
-            return harness.time_passes(partial(_loss, engine, inputs), engine.backward, partial(_drop_grads, inputs),
-                                       warmup, repeats, rt.harness_device)
+            return harness.time_passes(
+                partial(_loss, engine, inputs),
+                engine.backward,
+                partial(_drop_grads, inputs),
+                warmup,
+                repeats,
+                rt.harness_device,
+            )
 
     fwd, bwd, act = _with_engine(module, _ds_config(rt, micro_batch_size), measure)
-    return LayerTiming(tp=1, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd,
-                       activation_bytes=act)
+    return LayerTiming(tp=1, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd, activation_bytes=act)
 
 
 def _with_engine(module, config: dict[str, Any], measure: Callable[[Any], T]) -> T:
@@ -256,12 +267,14 @@ def _free_cached_memory() -> None:
 def _all_ranks_ok(ok: bool, rt: _Runtime) -> bool:
     """uniap.profile.harness.all_ranks_ok through deepspeed.comm."""
     import deepspeed.comm as dist
+
     return harness.all_ranks_ok(ok, dist, rt.harness_device)
 
 
 def _max_over_ranks(value: float, rt: _Runtime) -> float:
     """uniap.profile.harness.max_over_ranks through deepspeed.comm."""
     import deepspeed.comm as dist
+
     return harness.max_over_ranks(value, dist, rt.harness_device)
 
 
@@ -269,8 +282,10 @@ def _max_over_ranks(value: float, rt: _Runtime) -> float:
 # Layers
 # ==================================================================================================
 
-def profile_layers(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: list[int], warmup: int,
-                   repeats: int) -> dict[str, list[LayerTiming]]:
+
+def profile_layers(
+    model: ModelSpec, training: TrainingSpec, micro_batch_sizes: list[int], warmup: int, repeats: int
+) -> dict[str, list[LayerTiming]]:
     """Timings per layer signature (every rank times; rank 0's numbers are returned). A micro-batch
     size that runs out of memory on any rank is skipped with the larger ones for that layer."""
     import torch
@@ -303,8 +318,9 @@ def profile_layers(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: 
                 break
             timings.append(timing)
             if rt.rank == 0:
-                log.info("%-60s mbs %3d  fwd %9.3f ms  bwd %9.3f ms", signature, mbs, timing.forward_ms,
-                         timing.backward_ms)
+                log.info(
+                    "%-60s mbs %3d  fwd %9.3f ms  bwd %9.3f ms", signature, mbs, timing.forward_ms, timing.backward_ms
+                )
         if timings:
             out[signature] = timings
     return out
@@ -313,6 +329,7 @@ def profile_layers(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: 
 # ==================================================================================================
 # Optimizer step
 # ==================================================================================================
+
 
 @cache
 def _fused_adam_problem(device_kind: str) -> str | None:
@@ -325,6 +342,7 @@ def _fused_adam_problem(device_kind: str) -> str | None:
         return "the CPU accelerator steps with torch.optim.AdamW (torch_adam)"
     try:
         from deepspeed.ops.op_builder import FusedAdamBuilder
+
         FusedAdamBuilder().load()
     except Exception as exc:  # noqa: BLE001 - a missing compiler or CUDA toolkit: whatever the build raises
         first = (str(exc).splitlines() or [""])[0]
@@ -371,8 +389,9 @@ def optimizer_name(engine) -> str:
     return name
 
 
-def time_optimizer_step(module, rt: _Runtime, micro_batch_size: int, warmup: int, repeats: int,
-                        torch_adam: bool) -> OptimizerTiming:
+def time_optimizer_step(
+    module, rt: _Runtime, micro_batch_size: int, warmup: int, repeats: int, torch_adam: bool
+) -> OptimizerTiming:
     """One engine.step() over `module`'s parameters as DeepSpeed runs it (ZeRO 0, the runtime's precision,
     the AdamW of optimizer_section): after a forward/backward that leaves gradients, the median step time of
     `repeats` steps after max(warmup, 1) (the first step creates the Adam moments). On CUDA also the most
@@ -385,17 +404,26 @@ def time_optimizer_step(module, rt: _Runtime, micro_batch_size: int, warmup: int
 
     def measure(engine) -> OptimizerTiming:
         inputs = module.example_inputs(micro_batch_size, rt.device, rt.dtype)
-        step_ms, extra = harness.time_steps(partial(_counted_step, engine), warmup, repeats, rt.harness_device,
-                                            prepare=partial(_leave_gradients, engine, inputs))
-        return OptimizerTiming(implementation=optimizer_name(engine),
-                               num_params=sum(p.numel() for p in module.parameters()), step_ms=step_ms,
-                               extra_peak_bytes=extra)
+        step_ms, extra = harness.time_steps(
+            partial(_counted_step, engine),
+            warmup,
+            repeats,
+            rt.harness_device,
+            prepare=partial(_leave_gradients, engine, inputs),
+        )
+        return OptimizerTiming(
+            implementation=optimizer_name(engine),
+            num_params=sum(p.numel() for p in module.parameters()),
+            step_ms=step_ms,
+            extra_peak_bytes=extra,
+        )
 
     return _with_engine(module, config, measure)
 
 
-def profile_optimizer(model: ModelSpec, training: TrainingSpec, micro_batch_size: int, warmup: int,
-                      repeats: int) -> OptimizerTiming | None:
+def profile_optimizer(
+    model: ModelSpec, training: TrainingSpec, micro_batch_size: int, warmup: int, repeats: int
+) -> OptimizerTiming | None:
     """The optimizer step over the parameters of the model's first transformer layer (the layer module
     itself), through a DeepSpeed engine; None (with a warning) when it runs out of memory on any rank."""
     import torch
@@ -420,13 +448,24 @@ def profile_optimizer(model: ModelSpec, training: TrainingSpec, micro_batch_size
         _free_cached_memory()
         return None
     if rt.rank == 0:
-        log.info("optimizer %s: %.3f ms per step over %d parameters", timing.implementation, timing.step_ms,
-                 timing.num_params)
+        log.info(
+            "optimizer %s: %.3f ms per step over %d parameters",
+            timing.implementation,
+            timing.step_ms,
+            timing.num_params,
+        )
     return timing
 
 
-def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: list[int], warmup: int,
-                  repeats: int, device_name: str | None = None, optimizer: bool = True) -> Profile:
+def profile_model(
+    model: ModelSpec,
+    training: TrainingSpec,
+    micro_batch_sizes: list[int],
+    warmup: int,
+    repeats: int,
+    device_name: str | None = None,
+    optimizer: bool = True,
+) -> Profile:
     """Measure every layer signature of `model` through DeepSpeed, and (`optimizer`) one optimizer step
     over a transformer layer's parameters. Initializes deepspeed.comm if nothing did (a 1-process
     gloo/nccl group without a launcher). Every rank must call it; rank 0's numbers are returned. Add
@@ -446,40 +485,56 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
     layers = profile_layers(model, training, micro_batch_sizes, warmup, repeats)
     steps = max(repeats, OPTIMIZER_MIN_STEPS)
     timing = profile_optimizer(model, training, min(micro_batch_sizes), warmup, steps) if optimizer else None
-    notes = [(f"DeepSpeed engine (ZeRO 0, {rt.ds_precision} compute), tp=1; median forward/backward ms of "
-              f"{repeats} iterations after {warmup} warmup")]
+    notes = [
+        (
+            f"DeepSpeed engine (ZeRO 0, {rt.ds_precision} compute), tp=1; median forward/backward ms of "
+            f"{repeats} iterations after {warmup} warmup"
+        )
+    ]
     if rt.device_kind == "cuda":
         notes.append(ACTIVATION_NOTE)
     if timing is not None:
-        notes.append(f"optimizer: engine.step() of {timing.implementation} over one transformer layer's "
-                     f"parameters, median of {steps} steps after {max(warmup, 1)} warmup")
+        notes.append(
+            f"optimizer: engine.step() of {timing.implementation} over one transformer layer's "
+            f"parameters, median of {steps} steps after {max(warmup, 1)} warmup"
+        )
     if rt.device_kind == "cpu":
         notes.insert(0, CPU_NOTE)
     if rt.ds_precision != training.precision:
         notes.append(f"signatures say {training.precision}; computed in {rt.ds_precision} on {rt.device_kind}")
     if model.position_embedding == "relative":
         notes.append("T5 relative position bias not modelled in attention")
-    return Profile(device=device_name or device_description(), runtime=f"deepspeed {deepspeed.__version__}",
-                   layers=layers, backend=str(tdist.get_backend()), notes="; ".join(notes), optimizer=timing)
+    return Profile(
+        device=device_name or device_description(),
+        runtime=f"deepspeed {deepspeed.__version__}",
+        layers=layers,
+        backend=str(tdist.get_backend()),
+        notes="; ".join(notes),
+        optimizer=timing,
+    )
 
 
 # ==================================================================================================
 # Collectives
 # ==================================================================================================
 
+
 def _node_layout(world: int) -> list[list[int]]:
     """uniap.profile.collectives.node_layout through deepspeed.comm."""
     import deepspeed.comm as dist
+
     return collectives.node_layout(dist, world)
 
 
-def profile_collectives(sizes_mb: list[float] | None, warmup: int, repeats: int, precision: str = "bf16",
-                        report: list[str] | None = None) -> list[CollectiveBandwidth]:
+def profile_collectives(
+    sizes_mb: list[float] | None, warmup: int, repeats: int, precision: str = "bf16", report: list[str] | None = None
+) -> list[CollectiveBandwidth]:
     """uniap.profile.collectives through deepspeed.comm in the layers' dtype (`sizes_mb` None: its defaults;
     empty when the world has one rank). On one node: the collectives over the world (scope intra_node) and
     P2P rank 0 <-> 1. On several nodes: the world (inter_node), each node's ranks concurrently (intra_node),
     P2P inside node 0 and across nodes."""
     import deepspeed.comm as dist
+
     if not dist.is_initialized():
         default_single_process_env(LAUNCHER_VARS)
         init_distributed()
@@ -491,14 +546,19 @@ def profile_collectives(sizes_mb: list[float] | None, warmup: int, repeats: int,
 # CLI
 # ==================================================================================================
 
+
 def build_parser(prog: str = "uniap-deepspeed profile") -> argparse.ArgumentParser:
     p = profiler_parser(
-        prog, "uniap_deepspeed.profile", "Measure layer times, an optimizer step and collective bandwidths "
+        prog,
+        "uniap_deepspeed.profile",
+        "Measure layer times, an optimizer step and collective bandwidths "
         "through DeepSpeed, and a calibration against a short whole-model training run",
         repeats_use=f"layers keep the median, the optimizer the median of max(repeats, {OPTIMIZER_MIN_STEPS}) "
-                    f"steps, the calibration of max(repeats, {CALIBRATION_MIN_ITERATIONS}) iterations",
-        unfused_attention="the unfused attention (s x s scores)", launcher_note=" (or the deepspeed launcher)",
-        verbose_note=" and DeepSpeed's info")
+        f"steps, the calibration of max(repeats, {CALIBRATION_MIN_ITERATIONS}) iterations",
+        unfused_attention="the unfused attention (s x s scores)",
+        launcher_note=" (or the deepspeed launcher)",
+        verbose_note=" and DeepSpeed's info",
+    )
     p.add_argument("--decoder-seq-length", type=int, help="target length of an encoder-decoder model")
     p.add_argument("--no-layers", action="store_true", help="measure collectives only")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher adds it
@@ -510,8 +570,14 @@ def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
     if args.no_layers and args.no_collectives:
         raise SpecError("--no-layers and --no-collectives together leave nothing to measure")
     model = load_model(args.model)
-    training = training_spec(model, max(args.micro_batch_sizes), args.seq_length, precision=args.precision,
-                             flash_attention=not args.no_flash_attention, decoder_seq_length=args.decoder_seq_length)
+    training = training_spec(
+        model,
+        max(args.micro_batch_sizes),
+        args.seq_length,
+        precision=args.precision,
+        flash_attention=not args.no_flash_attention,
+        decoder_seq_length=args.decoder_seq_length,
+    )
     return model, training
 
 
@@ -525,8 +591,7 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
         import deepspeed  # noqa: F401
         import torch  # noqa: F401
     except ImportError as exc:
-        raise SpecError(f"the profiler needs torch and deepspeed ({exc})",
-                        "pip install 'uniap[deepspeed]'") from None
+        raise SpecError(f"the profiler needs torch and deepspeed ({exc})", "pip install 'uniap[deepspeed]'") from None
     _quiet_deepspeed(args.verbose)
     default_single_process_env(LAUNCHER_VARS)
     rank, world, backend = init_distributed()
@@ -535,33 +600,50 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
     started = time.perf_counter()
     if args.no_layers:
         import deepspeed as ds
+
         notes = [CPU_NOTE] if _accelerator().device_name() == "cpu" else []
-        profile = Profile(device=args.device_name or device_description(), runtime=f"deepspeed {ds.__version__}",
-                          backend=backend, notes="; ".join(notes + ["collectives only"]))
+        profile = Profile(
+            device=args.device_name or device_description(),
+            runtime=f"deepspeed {ds.__version__}",
+            backend=backend,
+            notes="; ".join(notes + ["collectives only"]),
+        )
     else:
         profile = profile_model(model, training, args.micro_batch_sizes, args.warmup, args.repeats, args.device_name)
     report: list[str] = []
     if not args.no_collectives:
         repeats = max(args.repeats, collectives.COLLECTIVE_MIN_REPEATS)
-        profile.collectives = profile_collectives(args.collective_sizes_mb, args.warmup, repeats, training.precision,
-                                                  report)
+        profile.collectives = profile_collectives(
+            args.collective_sizes_mb, args.warmup, repeats, training.precision, report
+        )
     if profile.optimizer is not None and rank == 0:
         o = profile.optimizer
         extra = f", {o.extra_peak_bytes / 2**20:.1f} MiB extra" if o.extra_peak_bytes is not None else ""
-        report.append(f"optimizer {o.implementation}: {o.step_ms:.3f} ms per step over {o.num_params:,} "
-                      f"parameters{extra}")
+        report.append(
+            f"optimizer {o.implementation}: {o.step_ms:.3f} ms per step over {o.num_params:,} parameters{extra}"
+        )
     if not args.no_layers and args.calibration_layers > 0:  # after the collectives: the plan prices DP with them
         from .training_run import calibrate
-        profile, _ = calibrate(profile, model, training, args.calibration_layers, min(args.micro_batch_sizes),
-                               args.calibration_micro_batches, args.warmup,
-                               max(args.repeats, CALIBRATION_MIN_ITERATIONS), report)
+
+        profile, _ = calibrate(
+            profile,
+            model,
+            training,
+            args.calibration_layers,
+            min(args.micro_batch_sizes),
+            args.calibration_micro_batches,
+            args.warmup,
+            max(args.repeats, CALIBRATION_MIN_ITERATIONS),
+            report,
+        )
     if rank == 0:
         try:
             profile.save(args.output)
         except OSError as exc:
             raise ProfileError(f"cannot write profile {args.output}: {exc.strerror or exc}") from None
-        print_summary("uniap-deepspeed profile", profile, report, args.output, world, time.perf_counter() - started,
-                      show_tp=False)
+        print_summary(
+            "uniap-deepspeed profile", profile, report, args.output, world, time.perf_counter() - started, show_tp=False
+        )
     if world > 1:
         dist.barrier()  # nobody leaves while rank 0 still writes
     dist.destroy_process_group()  # an orderly teardown of the gloo/nccl pairs before the process exits

@@ -17,6 +17,7 @@ With several ranks every rank trains (one data-parallel replica per rank, nodes 
 layout); the cluster is the detected GPU's, shaped nodes x ranks per node. A layout with unequal nodes
 is not calibrated (a note says so).
 """
+
 from __future__ import annotations
 
 import gc
@@ -62,6 +63,7 @@ SEED = 1234
 # The cluster and the model
 # ==================================================================================================
 
+
 def device_cluster(nodes: int = 1, gpus_per_node: int = 1) -> ClusterSpec:
     """`nodes` x `gpus_per_node` of the device this process drives (uniap.cluster.spec.device_cluster); on the
     CPU accelerator the processor and the host's memory."""
@@ -84,8 +86,12 @@ def reduced_model(model: ModelSpec, layers: int) -> ModelSpec:
     """`model` with `layers` transformer layers (an encoder-decoder: `layers` in each stack)."""
     if layers < 1:
         raise SpecError(f"a calibration model needs at least one transformer layer (got {layers})")
-    return replace(model, name=f"{model.name}-{layers}l", num_layers=layers,
-                   num_decoder_layers=layers if model.architecture == "encoder_decoder" else 0)
+    return replace(
+        model,
+        name=f"{model.name}-{layers}l",
+        num_layers=layers,
+        num_decoder_layers=layers if model.architecture == "encoder_decoder" else 0,
+    )
 
 
 @cache
@@ -138,15 +144,16 @@ def build_training_module(model: ModelSpec, training: TrainingSpec):
         parts[layer.kind].append((layer, module))
     (_, embedding), *rest = parts[EMBEDDING]
     decoder_embedding = rest[0][1] if rest else None
-    (head_layer, head), = parts[HEAD]
+    ((head_layer, head),) = parts[HEAD]
     words = getattr(embedding, "word_embeddings", None)
     if words is not None:
         if rest and rest[0][0].tied_weights:
             decoder_embedding.word_embeddings.weight = words.weight
         if head_layer.tied_weights and hasattr(head, "output_layer"):
             head.output_layer.weight = words.weight
-    return _training_model_class()(embedding, [m for _, m in parts[TRANSFORMER]], decoder_embedding,
-                                   [m for _, m in parts[CROSS_TRANSFORMER]], head)
+    return _training_model_class()(
+        embedding, [m for _, m in parts[TRANSFORMER]], decoder_embedding, [m for _, m in parts[CROSS_TRANSFORMER]], head
+    )
 
 
 def training_config(plan: Plan, rt: _Runtime, torch_adam: bool) -> dict[str, Any]:
@@ -168,9 +175,17 @@ def training_config(plan: Plan, rt: _Runtime, torch_adam: bool) -> dict[str, Any
 # The run
 # ==================================================================================================
 
-def run_training(model: ModelSpec, training: TrainingSpec, profile: Profile | None, micro_batch_size: int,
-                 micro_batches: int, warmup: int, iterations: int,
-                 cluster: ClusterSpec | None = None) -> TrainingRun:
+
+def run_training(
+    model: ModelSpec,
+    training: TrainingSpec,
+    profile: Profile | None,
+    micro_batch_size: int,
+    micro_batches: int,
+    warmup: int,
+    iterations: int,
+    cluster: ClusterSpec | None = None,
+) -> TrainingRun:
     """Train `model` as it is (reduce it first with reduced_model) on fixed, seeded micro-batches for
     max(warmup, 1) + `iterations` iterations through DeepSpeed with the config uniap emits for tp=1, pp=1,
     ZeRO 0 and `micro_batches` micro-batches of `micro_batch_size` per rank. Every rank must call it;
@@ -184,8 +199,18 @@ def run_training(model: ModelSpec, training: TrainingSpec, profile: Profile | No
     acc = _accelerator()
     cluster = cluster or world_cluster(rt)
     job = replace(training, global_batch_size=micro_batch_size * micro_batches * rt.world_size)
-    plan, _ = configure(model, cluster, job, target="deepspeed", tp=1, pp=1, micro_batch_size=micro_batch_size,
-                        zero=0, recompute="none", profile=profile)
+    plan, _ = configure(
+        model,
+        cluster,
+        job,
+        target="deepspeed",
+        tp=1,
+        pp=1,
+        micro_batch_size=micro_batch_size,
+        zero=0,
+        recompute="none",
+        profile=profile,
+    )
     config = training_config(plan, rt, use_torch_adam(rt))
     torch.manual_seed(SEED)  # the same weights and batches on every rank
     with torch.device(rt.device):
@@ -221,11 +246,17 @@ def run_training(model: ModelSpec, training: TrainingSpec, profile: Profile | No
         if cuda:
             reserved = _max_over_ranks(float(acc.max_memory_reserved()), rt)
             allocated = _max_over_ranks(float(acc.max_memory_allocated()), rt)
-        return TrainingRun(plan=plan, config=config, optimizer=optimizer_name(engine), losses=tuple(losses),
-                           iteration_times_s=tuple(times),
-                           time_per_iteration_s=_max_over_ranks(statistics.median(times), rt),
-                           peak_reserved_bytes=reserved, peak_allocated_bytes=allocated,
-                           skipped_steps=engine.skipped_steps - skipped_before)
+        return TrainingRun(
+            plan=plan,
+            config=config,
+            optimizer=optimizer_name(engine),
+            losses=tuple(losses),
+            iteration_times_s=tuple(times),
+            time_per_iteration_s=_max_over_ranks(statistics.median(times), rt),
+            peak_reserved_bytes=reserved,
+            peak_allocated_bytes=allocated,
+            skipped_steps=engine.skipped_steps - skipped_before,
+        )
     finally:
         if hasattr(engine, "destroy"):
             engine.destroy()
@@ -246,9 +277,17 @@ def _fit(measurement: Measurement, profile: Profile, source: str) -> tuple[Profi
         return fit([timed], profile, source=source).profile, f"memory not fitted ({exc.message})"
 
 
-def calibrate(profile: Profile, model: ModelSpec, training: TrainingSpec, layers: int, micro_batch_size: int,
-              micro_batches: int, warmup: int, iterations: int,
-              report: list[str] | None = None) -> tuple[Profile, TrainingRun | None]:
+def calibrate(
+    profile: Profile,
+    model: ModelSpec,
+    training: TrainingSpec,
+    layers: int,
+    micro_batch_size: int,
+    micro_batches: int,
+    warmup: int,
+    iterations: int,
+    report: list[str] | None = None,
+) -> tuple[Profile, TrainingRun | None]:
     """`profile` with a Calibration fitted to one whole-model run of `model` cut to `layers` transformer
     layers (see run_training), and the run. Every rank trains; rank 0 fits (the others get `profile`
     back). A run that cannot be made (unequal nodes, out of memory on any rank) or fitted (a time the
@@ -266,8 +305,7 @@ def calibrate(profile: Profile, model: ModelSpec, training: TrainingSpec, layers
         problem = f"not calibrated: {exc.message}"
     if problem is None:
         try:
-            run = run_training(small, training, profile, micro_batch_size, micro_batches, warmup, iterations,
-                               cluster)
+            run = run_training(small, training, profile, micro_batch_size, micro_batches, warmup, iterations, cluster)
         except torch.OutOfMemoryError:
             problem = f"not calibrated: the {layers}-layer model ran out of memory"
         except SpecError as exc:  # the same on every rank: the configuration is the same
@@ -277,8 +315,10 @@ def calibrate(profile: Profile, model: ModelSpec, training: TrainingSpec, layers
             _accelerator().empty_cache()
             run, problem = None, problem or f"not calibrated: the {layers}-layer model failed on another rank"
     if run is not None and rt.rank == 0:
-        what = (f"{small.name}, micro-batch {micro_batch_size} x {micro_batches}, {rt.world_size} rank(s), "
-                f"{iterations} iterations after {max(warmup, 1)} warmup")
+        what = (
+            f"{small.name}, micro-batch {micro_batch_size} x {micro_batches}, {rt.world_size} rank(s), "
+            f"{iterations} iterations after {max(warmup, 1)} warmup"
+        )
         source = f"uniap-deepspeed profile: DeepSpeed {deepspeed.__version__} run of {what}"
         measurement = run.measurement(f"deepspeed {small.name} mbs {micro_batch_size}x{micro_batches}")
         try:

@@ -7,6 +7,7 @@ full --pipeline-model-parallel-layout), precision; the environment Megatron need
 command line. Flag spellings and rules: Megatron-LM core_v0.16.1 megatron/training/arguments.py
 (add_megatron_arguments, validate_args).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,10 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
     """Arguments for pretrain_gpt.py-style scripts that realize `plan` (raises if Megatron cannot)."""
     problems = MEGATRON.violations([(lp.kind, lp.strategy) for lp in plan.layers], plan.pipeline_degree)
     if problems:
-        raise SpecError(f"plan (target '{plan.target}') is not runnable by Megatron-LM: {problems[0]}",
-                        "re-plan with --target megatron")
+        raise SpecError(
+            f"plan (target '{plan.target}') is not runnable by Megatron-LM: {problems[0]}",
+            "re-plan with --target megatron",
+        )
     s = plan.uniform_strategy
     if s is None:
         raise SpecError("plan has no transformer layers for Megatron-LM to run")
@@ -68,13 +71,17 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
     if s.tp > 1 and seq % s.tp:
         # The plan is priced with sequence parallelism at TP > 1; Megatron's sequence-parallel scatter
         # asserts that the sequence splits evenly over the TP ranks (megatron/core/tensor_parallel/mappings.py).
-        raise SpecError(f"plan has tensor parallelism {s.tp}, which does not divide the sequence length {seq}: "
-                        "Megatron-LM's sequence parallelism needs seq_length % TP == 0",
-                        f"use a sequence length divisible by {s.tp}, or re-plan with --tp pinned to a divisor "
-                        f"of {seq}")
-    args = (F.TENSOR_PARALLEL.tokens(s.tp) + F.PIPELINE_PARALLEL.tokens(pp)
-            + F.MICRO_BATCH_SIZE.tokens(plan.micro_batch_per_replica)
-            + F.GLOBAL_BATCH_SIZE.tokens(plan.training.global_batch_size))
+        raise SpecError(
+            f"plan has tensor parallelism {s.tp}, which does not divide the sequence length {seq}: "
+            "Megatron-LM's sequence parallelism needs seq_length % TP == 0",
+            f"use a sequence length divisible by {s.tp}, or re-plan with --tp pinned to a divisor of {seq}",
+        )
+    args = (
+        F.TENSOR_PARALLEL.tokens(s.tp)
+        + F.PIPELINE_PARALLEL.tokens(pp)
+        + F.MICRO_BATCH_SIZE.tokens(plan.micro_batch_per_replica)
+        + F.GLOBAL_BATCH_SIZE.tokens(plan.training.global_batch_size)
+    )
     args += pipeline_split_args(plan.stage_layer_counts())
     if s.tp > 1:
         args += F.SEQUENCE_PARALLEL.tokens()
@@ -82,14 +89,21 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
     if s.zero == 1 and s.dp > 1:
         args += F.DISTRIBUTED_OPTIMIZER.tokens() + F.OVERLAP_GRAD_REDUCE.tokens() + F.OVERLAP_PARAM_GATHER.tokens()
     elif fsdp:
-        args += (F.MEGATRON_FSDP.tokens() + F.SHARDING_STRATEGY.tokens(F.OPTIM_GRADS_PARAMS)
-                 + F.NO_GRAD_ACCUMULATION_FUSION.tokens() + F.DISTRIBUTED_OPTIMIZER.tokens()
-                 + F.CHECKPOINT_FORMAT.tokens(F.FSDP_DTENSOR))
+        args += (
+            F.MEGATRON_FSDP.tokens()
+            + F.SHARDING_STRATEGY.tokens(F.OPTIM_GRADS_PARAMS)
+            + F.NO_GRAD_ACCUMULATION_FUSION.tokens()
+            + F.DISTRIBUTED_OPTIMIZER.tokens()
+            + F.CHECKPOINT_FORMAT.tokens(F.FSDP_DTENSOR)
+        )
     elif s.dp > 1:
         args += F.OVERLAP_GRAD_REDUCE.tokens()
     if s.recompute == F.FULL:
-        args += (F.RECOMPUTE_GRANULARITY.tokens(F.FULL) + F.RECOMPUTE_METHOD.tokens(F.UNIFORM)
-                 + F.RECOMPUTE_NUM_LAYERS.tokens(1))
+        args += (
+            F.RECOMPUTE_GRANULARITY.tokens(F.FULL)
+            + F.RECOMPUTE_METHOD.tokens(F.UNIFORM)
+            + F.RECOMPUTE_NUM_LAYERS.tokens(1)
+        )
     elif s.recompute == F.SELECTIVE:
         args += F.RECOMPUTE_GRANULARITY.tokens(F.SELECTIVE)
     args += {"bf16": F.BF16.tokens(), "fp16": F.FP16.tokens()}.get(plan.training.precision, [])
@@ -102,10 +116,15 @@ def model_args(model: ModelSpec, training: TrainingSpec) -> list[str]:
     """Megatron model-shape arguments for a decoder-only ModelSpec (for `uniap-megatron args --with-model`)."""
     if model.architecture != "decoder":
         raise SpecError(f"Megatron arguments are generated for decoder-only models (got {model.architecture})")
-    args = (F.NUM_LAYERS.tokens(model.num_layers) + F.HIDDEN_SIZE.tokens(model.hidden_size)
-            + F.NUM_ATTENTION_HEADS.tokens(model.num_attention_heads) + F.FFN_HIDDEN_SIZE.tokens(model.ffn_hidden_size)
-            + F.SEQ_LENGTH.tokens(training.seq_length)
-            + F.MAX_POSITION_EMBEDDINGS.tokens(model.max_position_embeddings) + F.VOCAB_SIZE.tokens(model.vocab_size))
+    args = (
+        F.NUM_LAYERS.tokens(model.num_layers)
+        + F.HIDDEN_SIZE.tokens(model.hidden_size)
+        + F.NUM_ATTENTION_HEADS.tokens(model.num_attention_heads)
+        + F.FFN_HIDDEN_SIZE.tokens(model.ffn_hidden_size)
+        + F.SEQ_LENGTH.tokens(training.seq_length)
+        + F.MAX_POSITION_EMBEDDINGS.tokens(model.max_position_embeddings)
+        + F.VOCAB_SIZE.tokens(model.vocab_size)
+    )
     if model.num_query_groups and model.num_query_groups != model.num_attention_heads:
         args += F.GROUP_QUERY_ATTENTION.tokens() + F.NUM_QUERY_GROUPS.tokens(model.num_query_groups)
     if model.kv_channels:
@@ -125,6 +144,7 @@ def model_args(model: ModelSpec, training: TrainingSpec) -> list[str]:
 
 # --- Megatron command line -> planning inputs -----------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ParsedJob:
     model: ModelSpec
@@ -143,35 +163,54 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         if getattr(ns, flag.dest) is None:
             raise SpecError(f"Megatron argument {flag.spelling} is required for planning")
     if given(F.GLOBAL_BATCH_SIZE.dest) is None:
-        raise SpecError(f"Megatron argument {F.GLOBAL_BATCH_SIZE.spelling} is required for planning",
-                        "pass the global batch size the job should train with")
+        raise SpecError(
+            f"Megatron argument {F.GLOBAL_BATCH_SIZE.spelling} is required for planning",
+            "pass the global batch size the job should train with",
+        )
     if given(F.BF16.dest) and given(F.FP16.dest):
         raise SpecError("--bf16 and --fp16 are mutually exclusive (Megatron validate_args)")
     vocab = ns.padded_vocab_size or ns.vocab_size
     if vocab is None:
         vocab = 50257
-        log.warning("no --vocab-size or --padded-vocab-size: planning with GPT-2's 50257 tokens; pass the "
-                    "tokenizer's vocabulary size for accurate embedding and LM-head costs")
+        log.warning(
+            "no --vocab-size or --padded-vocab-size: planning with GPT-2's 50257 tokens; pass the "
+            "tokenizer's vocabulary size for accurate embedding and LM-head costs"
+        )
     gated = ns.swiglu
     ffn = ns.ffn_hidden_size or (int((4 * ns.hidden_size * 2 / 3) / 64) * 64 if gated else 4 * ns.hidden_size)
     model = ModelSpec(
-        name=name, architecture="decoder", num_layers=ns.num_layers, hidden_size=ns.hidden_size,
+        name=name,
+        architecture="decoder",
+        num_layers=ns.num_layers,
+        hidden_size=ns.hidden_size,
         num_attention_heads=ns.num_attention_heads,
-        num_query_groups=ns.num_query_groups if ns.group_query_attention else None, kv_channels=ns.kv_channels,
-        ffn_hidden_size=ffn, vocab_size=vocab, gated_mlp=gated,
+        num_query_groups=ns.num_query_groups if ns.group_query_attention else None,
+        kv_channels=ns.kv_channels,
+        ffn_hidden_size=ffn,
+        vocab_size=vocab,
+        gated_mlp=gated,
         normalization="rmsnorm" if ns.normalization == F.RMSNORM else "layernorm",
         tied_embeddings=not ns.untie_embeddings_and_output_weights,
         position_embedding="rope" if ns.position_embedding_type == F.ROPE else "learned",
-        max_position_embeddings=ns.max_position_embeddings or ns.seq_length, add_bias=ns.add_bias_linear,
-        dropout=ns.hidden_dropout)
-    training = TrainingSpec(global_batch_size=given(F.GLOBAL_BATCH_SIZE.dest), seq_length=ns.seq_length,
-                            precision="bf16" if given(F.BF16.dest) else "fp16" if given(F.FP16.dest) else "fp32",
-                            fused_kernels=fused_kernels_available())
+        max_position_embeddings=ns.max_position_embeddings or ns.seq_length,
+        add_bias=ns.add_bias_linear,
+        dropout=ns.hidden_dropout,
+    )
+    training = TrainingSpec(
+        global_batch_size=given(F.GLOBAL_BATCH_SIZE.dest),
+        seq_length=ns.seq_length,
+        precision="bf16" if given(F.BF16.dest) else "fp16" if given(F.FP16.dest) else "fp32",
+        fused_kernels=fused_kernels_available(),
+    )
     fsdp = given(F.TORCH_FSDP2.dest) or given(F.MEGATRON_FSDP.dest)
     zero = 3 if fsdp else 1 if given(F.DISTRIBUTED_OPTIMIZER.dest) else None
-    pins = Pins(tp=given(F.TENSOR_PARALLEL.dest), pipeline_degree=given(F.PIPELINE_PARALLEL.dest), zero=zero,
-                recompute=given(F.RECOMPUTE_GRANULARITY.dest),  # --recompute-activations: 'selective'
-                micro_batch_per_replica=given(F.MICRO_BATCH_SIZE.dest))
+    pins = Pins(
+        tp=given(F.TENSOR_PARALLEL.dest),
+        pipeline_degree=given(F.PIPELINE_PARALLEL.dest),
+        zero=zero,
+        recompute=given(F.RECOMPUTE_GRANULARITY.dest),  # --recompute-activations: 'selective'
+        micro_batch_per_replica=given(F.MICRO_BATCH_SIZE.dest),
+    )
     return ParsedJob(model=model, training=training, pins=pins)
 
 
@@ -183,8 +222,10 @@ def world_size(nnodes: int | None = None, nproc_per_node: int | None = None) -> 
     world = int(os.environ.get("WORLD_SIZE", "0") or 0)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
     if world <= 0:
-        raise SpecError("cannot tell the world size: no --nnodes/--nproc-per-node and no WORLD_SIZE",
-                        "launch with torchrun, or pass --nnodes and --nproc-per-node")
+        raise SpecError(
+            "cannot tell the world size: no --nnodes/--nproc-per-node and no WORLD_SIZE",
+            "launch with torchrun, or pass --nnodes and --nproc-per-node",
+        )
     if local and world % local == 0:
         return world // local, local
     return 1, world

@@ -18,17 +18,24 @@ Without Transformer Engine or Apex, megatron/core/optimizer/__init__.py falls ba
 (foreach on a GPU), and gradients are added into the fp32 buffer by a hook after each micro-batch
 (megatron/core/distributed/distributed_data_parallel.py): read 2 + read and write 4 + 4 bytes.
 """
+
 from uniap.cost.accounting import Accounting, PerParam
 from uniap.cost.strategy import Capability
 
 MEGATRON_ACCOUNTING = Accounting(
     name="megatron",
     source="Megatron Core developer guide (Distributed Optimizer) and megatron-core 0.16.1 "
-           "distributed/param_and_grad_buffer.py, optimizer/distrib_optimizer.py",
+    "distributed/param_and_grad_buffer.py, optimizer/distrib_optimizer.py",
     states={
-        ("bf16", 0): PerParam(18.0), ("bf16", 1): PerParam(6.0, 12.0), ("bf16", 3): PerParam(0.0, 18.0),
-        ("fp16", 0): PerParam(20.0), ("fp16", 1): PerParam(4.0, 16.0), ("fp16", 3): PerParam(0.0, 20.0),
-        ("fp32", 0): PerParam(16.0), ("fp32", 1): PerParam(8.0, 8.0), ("fp32", 3): PerParam(0.0, 16.0),
+        ("bf16", 0): PerParam(18.0),
+        ("bf16", 1): PerParam(6.0, 12.0),
+        ("bf16", 3): PerParam(0.0, 18.0),
+        ("fp16", 0): PerParam(20.0),
+        ("fp16", 1): PerParam(4.0, 16.0),
+        ("fp16", 3): PerParam(0.0, 20.0),
+        ("fp32", 0): PerParam(16.0),
+        ("fp32", 1): PerParam(8.0, 8.0),
+        ("fp32", 3): PerParam(0.0, 16.0),
     },
     torch_adam_without_fused_kernels=True,
     grad_accumulation_traffic={"bf16": 10.0, "fp16": 6.0, "fp32": 12.0},
@@ -38,7 +45,7 @@ MEGATRON_ACCOUNTING = Accounting(
 MEGATRON = Capability(
     name="megatron",
     description="Megatron-LM core_v0.16.1: one TP degree, distributed optimizer (ZeRO-1) or FSDP2 at PP=1, "
-                "uniform recompute",
+    "uniform recompute",
     zero_stages=(0, 1, 3),
     recompute_modes=("none", "selective", "full"),
     uniform_tp=True,
@@ -47,9 +54,9 @@ MEGATRON = Capability(
     max_zero_with_pipeline=1,
     reasons={
         "zero_stages": "Megatron-LM shards optimizer states (--use-distributed-optimizer, ZeRO-1) or everything "
-                       "(--use-torch-fsdp2, ZeRO-3), nothing in between",
+        "(--use-torch-fsdp2, ZeRO-3), nothing in between",
         "max_zero_with_pipeline": "Megatron-LM's fully sharded data parallelism is run with one pipeline stage "
-                                  "(--use-torch-fsdp2 asserts --pipeline-model-parallel-size 1 in validate_args)",
+        "(--use-torch-fsdp2 asserts --pipeline-model-parallel-size 1 in validate_args)",
     },
     accounting=MEGATRON_ACCOUNTING,
 )

@@ -15,6 +15,7 @@ parallel flags added where the user gave none (explicit flags are never dropped 
 CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment when the plan uses tensor parallelism. Its exit code is
 torchrun's. Exit codes otherwise as `uniap`: 0 ok, 1 bug, 2 invalid input, 3 no plan fits, 4 time limit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,10 @@ def _split_command(script_args: list[str]) -> tuple[str, list[str]]:
         raise SpecError("no training script given", "append `-- pretrain_gpt.py <Megatron arguments>`")
     script, rest = script_args[0], script_args[1:]
     if script.startswith("-"):
-        raise SpecError(f"the first word after -- must be the training script, not the option {script!r}",
-                        "write `-- pretrain_gpt.py <Megatron arguments>`")
+        raise SpecError(
+            f"the first word after -- must be the training script, not the option {script!r}",
+            "write `-- pretrain_gpt.py <Megatron arguments>`",
+        )
     return script, rest
 
 
@@ -69,13 +72,16 @@ def _launcher() -> list[str]:
 def _print_merge(merge) -> None:
     print("  Megatron arguments from the plan: " + (shlex.join(merge.args) or "(none; all given on the command line)"))
     if merge.kept:
-        print("  kept from your command line (the plan would differ): " + ", ".join(
-            f"{flag_of(d)} {show_value(u)} (plan: {show_value(p)})" for d, (u, p) in merge.kept.items()))
+        print(
+            "  kept from your command line (the plan would differ): "
+            + ", ".join(f"{flag_of(d)} {show_value(u)} (plan: {show_value(p)})" for d, (u, p) in merge.kept.items())
+        )
     if merge.env:
         print("  environment: " + " ".join(f"{k}={v}" for k, v in merge.env.items()))
 
 
 # --- args --------------------------------------------------------------------------------------------
+
 
 def cmd_args(args) -> int:
     plan = Plan.load(args.plan)
@@ -90,6 +96,7 @@ def cmd_args(args) -> int:
 
 
 # --- run ---------------------------------------------------------------------------------------------
+
 
 def cmd_run(args) -> int:
     script, margs = _split_command(args.script_args)
@@ -114,8 +121,9 @@ def cmd_run(args) -> int:
         shape = load_cluster(cluster)
         nnodes = args.nnodes or shape.num_nodes
         nproc = args.nproc_per_node or shape.gpus_per_node
-        plan = plan_megatron(margs, nnodes, nproc, cluster=cluster, profile=profile, time_limit=time_limit,
-                             progress=None)
+        plan = plan_megatron(
+            margs, nnodes, nproc, cluster=cluster, profile=profile, time_limit=time_limit, progress=None
+        )
     final, merge = merged_argv(plan, margs)
     command = [script, *final]
     print(render(plan, "uniap-megatron plan"))
@@ -125,9 +133,17 @@ def cmd_run(args) -> int:
         plan.save(args.plan_out)
         print(f"  plan written to {args.plan_out}")
     if args.slurm:
-        text = launch_script(SLURM_MODES[args.slurm_mode], plan, command, env=merge.env, nnodes=nnodes,
-                             nproc_per_node=nproc, master_port=args.master_port or DEFAULT_MASTER_PORT,
-                             job_name=args.job_name, python=args.python)
+        text = launch_script(
+            SLURM_MODES[args.slurm_mode],
+            plan,
+            command,
+            env=merge.env,
+            nnodes=nnodes,
+            nproc_per_node=nproc,
+            master_port=args.master_port or DEFAULT_MASTER_PORT,
+            job_name=args.job_name,
+            python=args.python,
+        )
         Path(args.slurm).write_text(text)
         Path(args.slurm).chmod(0o755)
         print(f"  Slurm script written to {args.slurm} (submit with: sbatch {shlex.quote(args.slurm)})")
@@ -138,16 +154,22 @@ def cmd_run(args) -> int:
     if dry_run:
         return EXIT_OK
     if nnodes > 1 and not saved:
-        print(f"{PROG}: warning: every node plans on its own; with --time-limit the plans may differ. Plan once "
-              f"(--plan-out on one node) and pass --plan on every node, or use --slurm", file=sys.stderr)
+        print(
+            f"{PROG}: warning: every node plans on its own; with --time-limit the plans may differ. Plan once "
+            f"(--plan-out on one node) and pass --plan on every node, or use --slurm",
+            file=sys.stderr,
+        )
     env = dict(os.environ)
     for k, v in merge.env.items():
         if env.get(k) not in (None, v):
             print(f"{PROG}: note: setting {k}={v} for the plan (it was {env[k]!r})", file=sys.stderr)
         env[k] = v
     if "use_megatron_fsdp" in {s.dest for s in merge.apply} and env.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
-        print(f"{PROG}: warning: the plan uses Megatron-FSDP, which expects CUDA_DEVICE_MAX_CONNECTIONS other than "
-              f"1; it is 1 in your environment", file=sys.stderr)
+        print(
+            f"{PROG}: warning: the plan uses Megatron-FSDP, which expects CUDA_DEVICE_MAX_CONNECTIONS other than "
+            f"1; it is 1 in your environment",
+            file=sys.stderr,
+        )
     try:
         return subprocess.run(cmd, env=env).returncode
     except FileNotFoundError as exc:
@@ -156,6 +178,7 @@ def cmd_run(args) -> int:
 
 # --- script ------------------------------------------------------------------------------------------
 
+
 def cmd_script(args) -> int:
     script, margs = _split_command(args.script_args)
     _refuse_overwrite([args.output], args.force)
@@ -163,8 +186,16 @@ def cmd_script(args) -> int:
     nnodes, nproc = plan.cluster.num_nodes, plan.cluster.gpus_per_node
     check_plan_fits(plan, margs, nnodes, nproc, source=args.plan)
     final, merge = merged_argv(plan, margs)
-    text = launch_script(args.kind, plan, [script, *final], env=merge.env, master_addr=args.master_addr,
-                         master_port=args.master_port, job_name=args.job_name, python=args.python)
+    text = launch_script(
+        args.kind,
+        plan,
+        [script, *final],
+        env=merge.env,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        job_name=args.job_name,
+        python=args.python,
+    )
     if args.output:
         Path(args.output).write_text(text)
         Path(args.output).chmod(0o755)
@@ -176,11 +207,15 @@ def cmd_script(args) -> int:
 
 # --- parser ------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="exit codes: 0 ok, 1 internal error, 2 invalid input, 3 no plan fits in "
-                                            "memory, 4 time limit before any plan; `run` returns torchrun's code")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 ok, 1 internal error, 2 invalid input, 3 no plan fits in "
+        "memory, 4 time limit before any plan; `run` returns torchrun's code",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("args", help="print a saved plan's Megatron arguments (one shell-quoted line) and env")
@@ -195,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--master-addr", help="host of node rank 0 (required with --nnodes > 1)")
     g.add_argument("--master-port", type=int, help=f"rendezvous port (default {DEFAULT_MASTER_PORT} on several nodes)")
     g = p.add_argument_group("planning")
-    g.add_argument("--cluster", help=f"cluster preset or YAML/JSON file (default: the script's "
-                                     f"--auto-parallel-cluster, else {DEFAULT_CLUSTER})")
+    g.add_argument(
+        "--cluster",
+        help=f"cluster preset or YAML/JSON file (default: the script's "
+        f"--auto-parallel-cluster, else {DEFAULT_CLUSTER})",
+    )
     g.add_argument("--profile", help="measured profile JSON (default: analytic estimate)")
     g.add_argument("--time-limit", type=float, help="solver time limit in seconds")
     g.add_argument("--plan", help="use this saved plan instead of planning")
@@ -204,8 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--dry-run", action="store_true", help="print the plan and the command, do not launch")
     g.add_argument("--slurm", metavar="OUT.sbatch", help="write a Slurm batch script instead of launching")
-    g.add_argument("--slurm-mode", choices=tuple(SLURM_MODES), default="torchrun-per-node",
-                   help="one task per node running torchrun (default), or one task per GPU")
+    g.add_argument(
+        "--slurm-mode",
+        choices=tuple(SLURM_MODES),
+        default="torchrun-per-node",
+        help="one task per node running torchrun (default), or one task per GPU",
+    )
     g.add_argument("--job-name", default="uniap-megatron", help="Slurm job name")
     g.add_argument("--python", default="python", help="Python on the compute nodes (task-per-gpu mode)")
     g.add_argument("--force", action="store_true", help="overwrite --plan-out / --slurm files")
@@ -231,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         return main_profile(argv[1:])
     cut = argv.index("--") if "--" in argv else len(argv)
     args = build_parser().parse_args(argv[:cut])
-    args.script_args = argv[cut + 1:]
+    args.script_args = argv[cut + 1 :]
     if args.command == "args" and args.script_args:
         print(f"{PROG}: error: `args` takes no arguments after --", file=sys.stderr)
         return EXIT_INVALID_INPUT

@@ -1,5 +1,6 @@
 """What the Python environment a Megatron-LM job runs in provides: Transformer Engine, Apex. The plugin and
 `uniap-megatron run` plan in that environment, so what is installed is what the job will run with."""
+
 from __future__ import annotations
 
 from functools import cache

@@ -6,6 +6,7 @@ them back into Megatron's `args` attributes (merge.py), and reading a user's com
 model, the batch and the parallel settings they pinned (args.py, `read_parser`). A test checks each
 entry's dest, kind and default against Megatron-LM's own parser.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,7 @@ class Flag:
         if self.kind is Kind.VALUE:
             parser.add_argument(self.spelling, dest=self.dest, type=self.type, default=default)
         elif self.kind is Kind.IMPLIES:
-            parser.add_argument(self.spelling, dest=self.dest, action="store_const", const=self.const,
-                                default=default)
+            parser.add_argument(self.spelling, dest=self.dest, action="store_const", const=self.const, default=default)
         else:
             parser.add_argument(self.spelling, dest=self.dest, action=self.kind.value, default=default)
 
@@ -79,8 +79,9 @@ OVERLAP_GRAD_REDUCE = Flag("--overlap-grad-reduce", Kind.SWITCH)
 OVERLAP_PARAM_GATHER = Flag("--overlap-param-gather", Kind.SWITCH)
 MEGATRON_FSDP = Flag("--use-megatron-fsdp", Kind.SWITCH)
 SHARDING_STRATEGY = Flag("--data-parallel-sharding-strategy", type=str, default="no_shard")
-NO_GRAD_ACCUMULATION_FUSION = Flag("--no-gradient-accumulation-fusion", Kind.NEGATION,
-                                   dest="gradient_accumulation_fusion")
+NO_GRAD_ACCUMULATION_FUSION = Flag(
+    "--no-gradient-accumulation-fusion", Kind.NEGATION, dest="gradient_accumulation_fusion"
+)
 CHECKPOINT_FORMAT = Flag("--ckpt-format", type=str, default="torch_dist")
 RECOMPUTE_GRANULARITY = Flag("--recompute-granularity", type=str)
 RECOMPUTE_METHOD = Flag("--recompute-method", type=str)
@@ -89,14 +90,33 @@ BF16 = Flag("--bf16", Kind.SWITCH)
 FP16 = Flag("--fp16", Kind.SWITCH)
 
 # The flags a plan sets, in the order args.py emits them.
-PLAN_FLAGS = (TENSOR_PARALLEL, PIPELINE_PARALLEL, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, FIRST_STAGE_LAYERS,
-              LAST_STAGE_LAYERS, PIPELINE_LAYOUT, SEQUENCE_PARALLEL, DISTRIBUTED_OPTIMIZER, OVERLAP_GRAD_REDUCE,
-              OVERLAP_PARAM_GATHER, MEGATRON_FSDP, SHARDING_STRATEGY, NO_GRAD_ACCUMULATION_FUSION, CHECKPOINT_FORMAT,
-              RECOMPUTE_GRANULARITY, RECOMPUTE_METHOD, RECOMPUTE_NUM_LAYERS, BF16, FP16)
+PLAN_FLAGS = (
+    TENSOR_PARALLEL,
+    PIPELINE_PARALLEL,
+    MICRO_BATCH_SIZE,
+    GLOBAL_BATCH_SIZE,
+    FIRST_STAGE_LAYERS,
+    LAST_STAGE_LAYERS,
+    PIPELINE_LAYOUT,
+    SEQUENCE_PARALLEL,
+    DISTRIBUTED_OPTIMIZER,
+    OVERLAP_GRAD_REDUCE,
+    OVERLAP_PARAM_GATHER,
+    MEGATRON_FSDP,
+    SHARDING_STRATEGY,
+    NO_GRAD_ACCUMULATION_FUSION,
+    CHECKPOINT_FORMAT,
+    RECOMPUTE_GRANULARITY,
+    RECOMPUTE_METHOD,
+    RECOMPUTE_NUM_LAYERS,
+    BF16,
+    FP16,
+)
 
 # --- other spellings of the same settings a user may pass (Megatron's aliases and implications) -------
-RECOMPUTE_ACTIVATIONS = Flag("--recompute-activations", Kind.IMPLIES, dest="recompute_granularity",
-                             const="selective")  # validate_args turns it into granularity 'selective'
+RECOMPUTE_ACTIVATIONS = Flag(
+    "--recompute-activations", Kind.IMPLIES, dest="recompute_granularity", const="selective"
+)  # validate_args turns it into granularity 'selective'
 TORCH_FSDP2 = Flag("--use-torch-fsdp2", Kind.SWITCH)
 USER_ALIASES = (RECOMPUTE_ACTIVATIONS, TORCH_FSDP2)
 
@@ -119,9 +139,26 @@ NORMALIZATION = Flag("--normalization", type=str, default="LayerNorm")
 POSITION_EMBEDDING = Flag("--position-embedding-type", type=str, default="learned_absolute")
 DISABLE_BIAS_LINEAR = Flag("--disable-bias-linear", Kind.NEGATION, dest="add_bias_linear")
 HIDDEN_DROPOUT = Flag("--hidden-dropout", type=float, default=0.1)
-MODEL_FLAGS = (NUM_LAYERS, HIDDEN_SIZE, NUM_ATTENTION_HEADS, GROUP_QUERY_ATTENTION, NUM_QUERY_GROUPS, FFN_HIDDEN_SIZE,
-               KV_CHANNELS, SEQ_LENGTH, MAX_POSITION_EMBEDDINGS, VOCAB_SIZE, PADDED_VOCAB_SIZE, VOCAB_DIVISIBLE_BY,
-               SWIGLU, UNTIE_EMBEDDINGS, NORMALIZATION, POSITION_EMBEDDING, DISABLE_BIAS_LINEAR, HIDDEN_DROPOUT)
+MODEL_FLAGS = (
+    NUM_LAYERS,
+    HIDDEN_SIZE,
+    NUM_ATTENTION_HEADS,
+    GROUP_QUERY_ATTENTION,
+    NUM_QUERY_GROUPS,
+    FFN_HIDDEN_SIZE,
+    KV_CHANNELS,
+    SEQ_LENGTH,
+    MAX_POSITION_EMBEDDINGS,
+    VOCAB_SIZE,
+    PADDED_VOCAB_SIZE,
+    VOCAB_DIVISIBLE_BY,
+    SWIGLU,
+    UNTIE_EMBEDDINGS,
+    NORMALIZATION,
+    POSITION_EMBEDDING,
+    DISABLE_BIAS_LINEAR,
+    HIDDEN_DROPOUT,
+)
 
 ALL_FLAGS = PLAN_FLAGS + USER_ALIASES + MODEL_FLAGS
 BY_SPELLING = {f.spelling: f for f in ALL_FLAGS}

@@ -1,6 +1,7 @@
 """The launch scripts that run a Megatron-LM plan: torchrun on one or many nodes and Slurm (templates in
 launch_templates/), the environment the ranks need, and torchrun's own command line.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,9 +22,11 @@ def plan_summary(plan: Plan) -> str:
     s = plan.uniform_strategy
     c = plan.cluster
     par = f"TP{s.tp} PP{plan.pipeline_degree} DP{s.dp}" if s else f"PP{plan.pipeline_degree}"
-    text = (f"{plan.model.name} on {c.num_nodes}x{c.gpus_per_node} {c.gpu_name}: {par}, "
-            f"micro-batch size {plan.micro_batch_per_replica} x {plural(plan.micro_batches, 'micro-batch')}, predicted "
-            f"{plan.time_per_iteration:.4g} s/iteration ({plan.basis.get('compute', 'estimated')} compute)")
+    text = (
+        f"{plan.model.name} on {c.num_nodes}x{c.gpus_per_node} {c.gpu_name}: {par}, "
+        f"micro-batch size {plan.micro_batch_per_replica} x {plural(plan.micro_batches, 'micro-batch')}, predicted "
+        f"{plan.time_per_iteration:.4g} s/iteration ({plan.basis.get('compute', 'estimated')} compute)"
+    )
     return " ".join(text.split())
 
 
@@ -47,10 +50,19 @@ def env_lines(env: dict[str, str]) -> str:
     return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in sorted(env.items()))
 
 
-def launch_script(kind: str, plan: Plan, command: list[str], env: dict[str, str] | None = None, *,
-                  nnodes: int | None = None, nproc_per_node: int | None = None, master_addr: str = "localhost",
-                  master_port: int = DEFAULT_MASTER_PORT, job_name: str = "uniap-megatron",
-                  python: str = "python") -> str:
+def launch_script(
+    kind: str,
+    plan: Plan,
+    command: list[str],
+    env: dict[str, str] | None = None,
+    *,
+    nnodes: int | None = None,
+    nproc_per_node: int | None = None,
+    master_addr: str = "localhost",
+    master_port: int = DEFAULT_MASTER_PORT,
+    job_name: str = "uniap-megatron",
+    python: str = "python",
+) -> str:
     """Render launch script `kind` (see LAUNCH_KINDS) that runs `command` (the script and its final
     arguments) for `plan`; every value is shell-quoted by render(). `env` defaults to the plan's."""
     if kind not in LAUNCH_KINDS:
@@ -60,19 +72,36 @@ def launch_script(kind: str, plan: Plan, command: list[str], env: dict[str, str]
     nnodes = nnodes or plan.cluster.num_nodes
     nproc_per_node = nproc_per_node or plan.cluster.gpus_per_node
     if kind == "single-node" and nnodes != 1:
-        raise SpecError(f"the single-node script runs one node; the plan is for {nnodes}",
-                        "use the multi-node or a Slurm script")
+        raise SpecError(
+            f"the single-node script runs one node; the plan is for {nnodes}", "use the multi-node or a Slurm script"
+        )
     env = megatron_launch(plan).env if env is None else env
-    text = render(LAUNCH_KINDS[kind], summary=plan_summary(plan), command=list(command), nnodes=nnodes,
-                  last_node=nnodes - 1, nproc_per_node=nproc_per_node, gpus_per_node=nproc_per_node,
-                  master_addr=master_addr, master_port=master_port, job_name=" ".join(job_name.split()),
-                  python=python)
+    text = render(
+        LAUNCH_KINDS[kind],
+        summary=plan_summary(plan),
+        command=list(command),
+        nnodes=nnodes,
+        last_node=nnodes - 1,
+        nproc_per_node=nproc_per_node,
+        gpus_per_node=nproc_per_node,
+        master_addr=master_addr,
+        master_port=master_port,
+        job_name=" ".join(job_name.split()),
+        python=python,
+    )
     # The marker is on a fixed line before any substituted value, so only the template's own one matches.
     return text.replace(ENV_MARKER, env_lines(env), 1)
 
 
-def torchrun_command(launcher: list[str], command: list[str], nnodes: int, nproc_per_node: int, node_rank: int = 0,
-                     master_addr: str | None = None, master_port: int | None = None) -> list[str]:
+def torchrun_command(
+    launcher: list[str],
+    command: list[str],
+    nnodes: int,
+    nproc_per_node: int,
+    node_rank: int = 0,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+) -> list[str]:
     """torchrun's arguments (Megatron's canonical launch, frameworks.md 4.1) followed by `command`."""
     if nnodes == 1 and master_addr is None and master_port is None:
         opts = ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc_per_node)]
@@ -81,6 +110,16 @@ def torchrun_command(launcher: list[str], command: list[str], nnodes: int, nproc
             raise SpecError("a multi-node launch needs --master-addr (the host of node rank 0)")
         if not 0 <= node_rank < nnodes:
             raise SpecError(f"--node-rank {node_rank} is not in 0..{nnodes - 1}")
-        opts = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node), "--node-rank", str(node_rank),
-                "--master-addr", master_addr or "127.0.0.1", "--master-port", str(master_port or DEFAULT_MASTER_PORT)]
+        opts = [
+            "--nnodes",
+            str(nnodes),
+            "--nproc-per-node",
+            str(nproc_per_node),
+            "--node-rank",
+            str(node_rank),
+            "--master-addr",
+            master_addr or "127.0.0.1",
+            "--master-port",
+            str(master_port or DEFAULT_MASTER_PORT),
+        ]
     return [*launcher, *opts, *command]

@@ -7,6 +7,7 @@ made for another command line) is refused with a message naming both values. Use
 `--auto-parallel` plugin (which rewrites Megatron's parsed `args` in every rank) and the `uniap-megatron`
 CLI (which rewrites the script's argument list once, before launching).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,14 +22,37 @@ from .args import megatron_launch
 
 # A plan value that differs from the user's explicit one: these cannot be reconciled (the plan's
 # prediction and feasibility rest on them, or Megatron rejects the mix) -> refused.
-MUST_MATCH = tuple(f.dest for f in (F.TENSOR_PARALLEL, F.PIPELINE_PARALLEL, F.MICRO_BATCH_SIZE, F.GLOBAL_BATCH_SIZE,
-                                    F.RECOMPUTE_GRANULARITY, F.SHARDING_STRATEGY, F.CHECKPOINT_FORMAT))
+MUST_MATCH = tuple(
+    f.dest
+    for f in (
+        F.TENSOR_PARALLEL,
+        F.PIPELINE_PARALLEL,
+        F.MICRO_BATCH_SIZE,
+        F.GLOBAL_BATCH_SIZE,
+        F.RECOMPUTE_GRANULARITY,
+        F.SHARDING_STRATEGY,
+        F.CHECKPOINT_FORMAT,
+    )
+)
 # Megatron-FSDP flags a plan with ZeRO-3 sets; dropped when the user asked for torch FSDP2 instead.
-MEGATRON_FSDP_ONLY = tuple(f.dest for f in (F.MEGATRON_FSDP, F.SHARDING_STRATEGY, F.DISTRIBUTED_OPTIMIZER,
-                                            F.CHECKPOINT_FORMAT, F.OVERLAP_PARAM_GATHER))
+MEGATRON_FSDP_ONLY = tuple(
+    f.dest
+    for f in (
+        F.MEGATRON_FSDP,
+        F.SHARDING_STRATEGY,
+        F.DISTRIBUTED_OPTIMIZER,
+        F.CHECKPOINT_FORMAT,
+        F.OVERLAP_PARAM_GATHER,
+    )
+)
 # The plugin's own flags: the value-taking ones, and all of them (dropped from the launched command).
-AUTO_PARALLEL_VALUE_FLAGS = ("--auto-parallel-cluster", "--auto-parallel-profile", "--auto-parallel-plan",
-                             "--auto-parallel-time-limit", "--auto-parallel-wait")
+AUTO_PARALLEL_VALUE_FLAGS = (
+    "--auto-parallel-cluster",
+    "--auto-parallel-profile",
+    "--auto-parallel-plan",
+    "--auto-parallel-time-limit",
+    "--auto-parallel-wait",
+)
 AUTO_PARALLEL_SWITCHES = ("--auto-parallel", "--auto-parallel-dry-run")
 
 
@@ -51,7 +75,7 @@ def plan_settings(launch_args: list[str]) -> list[Setting]:
     while i < len(launch_args):
         flag = F.BY_SPELLING[launch_args[i]]
         n = 2 if flag.takes_value else 1
-        out.append(Setting(flag.dest, ns[flag.dest], tuple(launch_args[i:i + n])))
+        out.append(Setting(flag.dest, ns[flag.dest], tuple(launch_args[i : i + n])))
         i += n
     return out
 
@@ -86,8 +110,10 @@ def merge_plan(plan: Plan, argv: list[str]) -> Merge:
     settings = plan_settings(launch.args)
     user = explicit_settings(argv)
     if user.get(F.TORCH_FSDP2.dest) and plan.pipeline_degree > 1:
-        raise SpecError(f"--use-torch-fsdp2 requires one pipeline stage; the plan has {plan.pipeline_degree}",
-                        "re-plan for this command line (without --auto-parallel-plan / --plan)")
+        raise SpecError(
+            f"--use-torch-fsdp2 requires one pipeline stage; the plan has {plan.pipeline_degree}",
+            "re-plan for this command line (without --auto-parallel-plan / --plan)",
+        )
     if user.get(F.TORCH_FSDP2.dest) and any(s.dest == "use_megatron_fsdp" for s in settings):
         # The plan shards everything (ZeRO-3); the user chose torch FSDP2 to do it, not Megatron-FSDP.
         settings = [s for s in settings if s.dest not in MEGATRON_FSDP_ONLY]
@@ -100,10 +126,12 @@ def merge_plan(plan: Plan, argv: list[str]) -> Merge:
             merge.apply.append(s)
         elif user[s.dest] != s.value:
             if s.dest in MUST_MATCH:
-                raise SpecError(f"the plan sets {F.flag_of(s.dest)} {show_value(s.value)} but the command line gives "
-                                f"{show_value(user[s.dest])}",
-                                "drop the flag to let the plan choose, or re-plan for this command line "
-                                "(without --auto-parallel-plan / --plan)")
+                raise SpecError(
+                    f"the plan sets {F.flag_of(s.dest)} {show_value(s.value)} but the command line gives "
+                    f"{show_value(user[s.dest])}",
+                    "drop the flag to let the plan choose, or re-plan for this command line "
+                    "(without --auto-parallel-plan / --plan)",
+                )
             merge.kept[s.dest] = (user[s.dest], s.value)
     return merge
 

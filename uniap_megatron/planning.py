@@ -2,6 +2,7 @@
 arguments, Megatron's own limits checked, the core planner run; and a saved plan checked against the job
 it is launched for.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -16,13 +17,22 @@ from .merge import explicit_settings, strip_auto_parallel
 
 DEFAULT_CLUSTER = "dgx-a100-80g"
 # How Megatron-LM spells the pins the core checks (uniap.planner.check_pins names them in its refusals).
-PIN_FLAGS = {"tp": F.TENSOR_PARALLEL.spelling, "pipeline_degree": F.PIPELINE_PARALLEL.spelling,
-             "micro_batch_per_replica": F.MICRO_BATCH_SIZE.spelling}
+PIN_FLAGS = {
+    "tp": F.TENSOR_PARALLEL.spelling,
+    "pipeline_degree": F.PIPELINE_PARALLEL.spelling,
+    "micro_batch_per_replica": F.MICRO_BATCH_SIZE.spelling,
+}
 
 
-def plan_megatron(argv: list[str], nodes: int, gpus_per_node: int, cluster: str = DEFAULT_CLUSTER,
-                  profile: str | None = None, time_limit: float | None = None,
-                  progress: bool | None = False) -> Plan:
+def plan_megatron(
+    argv: list[str],
+    nodes: int,
+    gpus_per_node: int,
+    cluster: str = DEFAULT_CLUSTER,
+    profile: str | None = None,
+    time_limit: float | None = None,
+    progress: bool | None = False,
+) -> Plan:
     """Plan the Megatron job `argv` on `nodes` x `gpus_per_node` GPUs of `cluster`, its explicit parallel
     flags pinned. Raises SpecError / InfeasibleError / SolverTimeLimitError with the planner's message."""
     # The solver (cvxpy, SCIP) is imported only when planning: printing and launching stay fast.
@@ -38,15 +48,28 @@ def plan_megatron(argv: list[str], nodes: int, gpus_per_node: int, cluster: str 
     if explicit_settings(argv).get(F.TORCH_FSDP2.dest):
         # --use-torch-fsdp2 requires one pipeline stage whatever the data-parallel size (validate_args).
         if job.pins.pipeline_degree not in (None, 1):
-            raise SpecError(f"--use-torch-fsdp2 requires --pipeline-model-parallel-size 1 (Megatron validate_args); "
-                            f"got {job.pins.pipeline_degree}", "drop one of the two flags")
+            raise SpecError(
+                f"--use-torch-fsdp2 requires --pipeline-model-parallel-size 1 (Megatron validate_args); "
+                f"got {job.pins.pipeline_degree}",
+                "drop one of the two flags",
+            )
         job = replace(job, pins=replace(job.pins, pipeline_degree=1))
     cl = load_cluster(cluster, nodes, gpus_per_node)
     training = job.training
     check_megatron_pins(job)
-    plan, _ = solve(Job(model=job.model, cluster=cl, training=training, target=MEGATRON.name, pins=job.pins,
-                        profile=Profile.load(profile) if profile else None, pin_flags=PIN_FLAGS),
-                    time_limit=time_limit, progress=progress)
+    plan, _ = solve(
+        Job(
+            model=job.model,
+            cluster=cl,
+            training=training,
+            target=MEGATRON.name,
+            pins=job.pins,
+            profile=Profile.load(profile) if profile else None,
+            pin_flags=PIN_FLAGS,
+        ),
+        time_limit=time_limit,
+        progress=progress,
+    )
     megatron_launch(plan)  # a plan for target megatron is always runnable; fail here if not
     return plan
 
@@ -55,8 +78,10 @@ def check_megatron_pins(job: ParsedJob) -> None:
     """Megatron's own limit beyond the core's pin rules: no more pipeline stages than transformer layers."""
     p = job.pins
     if p.pipeline_degree is not None and p.pipeline_degree > job.model.num_layers:
-        raise SpecError(f"--pipeline-model-parallel-size {p.pipeline_degree} exceeds --num-layers "
-                        f"{job.model.num_layers}", "drop the flag to let the planner choose, or change it")
+        raise SpecError(
+            f"--pipeline-model-parallel-size {p.pipeline_degree} exceeds --num-layers {job.model.num_layers}",
+            "drop the flag to let the planner choose, or change it",
+        )
 
 
 def check_plan_fits(plan: Plan, argv: list[str], nodes: int, gpus_per_node: int, source: str = "the plan") -> ParsedJob:
@@ -64,18 +89,27 @@ def check_plan_fits(plan: Plan, argv: list[str], nodes: int, gpus_per_node: int,
     job = job_from_args(strip_auto_parallel(argv))
     planned = plan.cluster.num_nodes * plan.cluster.gpus_per_node
     if planned != nodes * gpus_per_node:
-        raise SpecError(f"{source} is for {planned} GPUs ({plan.cluster.num_nodes} x "
-                        f"{plan.cluster.gpus_per_node}); this job has {nodes * gpus_per_node} ({nodes} x "
-                        f"{gpus_per_node})", "re-plan for this world size")
-    wanted = {"num_layers": job.model.num_layers, "hidden_size": job.model.hidden_size,
-              "num_attention_heads": job.model.num_attention_heads, "ffn_hidden_size": job.model.ffn_hidden_size}
+        raise SpecError(
+            f"{source} is for {planned} GPUs ({plan.cluster.num_nodes} x "
+            f"{plan.cluster.gpus_per_node}); this job has {nodes * gpus_per_node} ({nodes} x "
+            f"{gpus_per_node})",
+            "re-plan for this world size",
+        )
+    wanted = {
+        "num_layers": job.model.num_layers,
+        "hidden_size": job.model.hidden_size,
+        "num_attention_heads": job.model.num_attention_heads,
+        "ffn_hidden_size": job.model.ffn_hidden_size,
+    }
     have = {k: getattr(plan.model, k) for k in wanted}
-    wanted_t = {"global_batch_size": job.training.global_batch_size, "seq_length": job.training.seq_length,
-                "precision": job.training.precision}
+    wanted_t = {
+        "global_batch_size": job.training.global_batch_size,
+        "seq_length": job.training.seq_length,
+        "precision": job.training.precision,
+    }
     have_t = {k: getattr(plan.training, k) for k in wanted_t}
     diffs = [f"{k} {have[k]} (command line: {v})" for k, v in wanted.items() if have[k] != v]
     diffs += [f"{k} {have_t[k]} (command line: {v})" for k, v in wanted_t.items() if have_t[k] != v]
     if diffs:
-        raise SpecError(f"{source} was made for another job: " + "; ".join(diffs),
-                        "re-plan for this command line")
+        raise SpecError(f"{source} was made for another job: " + "; ".join(diffs), "re-plan for this command line")
     return job

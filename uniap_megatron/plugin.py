@@ -47,6 +47,7 @@ frameworks.md 1.7):
 Errors in the hook print `uniap: error: ...` (no traceback) and exit with uniap's exit codes (2 invalid
 input, 3 no plan fits, 4 time limit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,21 +91,37 @@ Provider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
 # --- the flags -----------------------------------------------------------------------------------
 
+
 def auto_parallel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron `extra_args_provider`: the --auto-parallel argument group."""
-    g = parser.add_argument_group("auto-parallel (uniap)", "plan TP/PP/DP, ZeRO, recompute and batch split "
-                                                           "automatically; explicit flags are kept as constraints")
-    g.add_argument("--auto-parallel", action="store_true",
-                   help="plan the parallel configuration and set the parallel arguments from the plan")
-    g.add_argument("--auto-parallel-cluster", default=DEFAULT_CLUSTER,
-                   help=f"cluster preset or YAML/JSON file (default {DEFAULT_CLUSTER}; shaped to the world size)")
+    g = parser.add_argument_group(
+        "auto-parallel (uniap)",
+        "plan TP/PP/DP, ZeRO, recompute and batch split automatically; explicit flags are kept as constraints",
+    )
+    g.add_argument(
+        "--auto-parallel",
+        action="store_true",
+        help="plan the parallel configuration and set the parallel arguments from the plan",
+    )
+    g.add_argument(
+        "--auto-parallel-cluster",
+        default=DEFAULT_CLUSTER,
+        help=f"cluster preset or YAML/JSON file (default {DEFAULT_CLUSTER}; shaped to the world size)",
+    )
     g.add_argument("--auto-parallel-profile", default=None, help="measured profile JSON (default: analytic estimate)")
     g.add_argument("--auto-parallel-plan", default=None, help="use this saved plan instead of planning")
     g.add_argument("--auto-parallel-time-limit", type=float, default=None, help="solver time limit in seconds")
-    g.add_argument("--auto-parallel-wait", type=float, default=None,
-                   help=f"seconds ranks other than 0 wait for rank 0's plan (default {DEFAULT_WAIT:g})")
-    g.add_argument("--auto-parallel-dry-run", action="store_true",
-                   help="print the plan and the arguments it sets, then exit 0 before training")
+    g.add_argument(
+        "--auto-parallel-wait",
+        type=float,
+        default=None,
+        help=f"seconds ranks other than 0 wait for rank 0's plan (default {DEFAULT_WAIT:g})",
+    )
+    g.add_argument(
+        "--auto-parallel-dry-run",
+        action="store_true",
+        help="print the plan and the arguments it sets, then exit 0 before training",
+    )
     return parser
 
 
@@ -123,6 +140,7 @@ def chain_providers(*providers: Provider | None) -> Provider:
 
 
 # --- the plan, once ------------------------------------------------------------------------------
+
 
 def _rank() -> int:
     try:
@@ -157,15 +175,20 @@ def _file_digest(ref: str | None) -> str | None:
 
 def plan_file_path(args: Any, argv: list[str], nodes: int, gpus_per_node: int) -> Path:
     """Where rank 0 writes the plan for this command line and world shape (same on every rank)."""
-    payload = {"argv": _key_argv(argv), "nodes": nodes, "gpus_per_node": gpus_per_node, "uniap": __version__,
-               "cluster_file": _file_digest(getattr(args, "auto_parallel_cluster", None)),
-               "profile_file": _file_digest(getattr(args, "auto_parallel_profile", None))}
+    payload = {
+        "argv": _key_argv(argv),
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node,
+        "uniap": __version__,
+        "cluster_file": _file_digest(getattr(args, "auto_parallel_cluster", None)),
+        "profile_file": _file_digest(getattr(args, "auto_parallel_profile", None)),
+    }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return Path(os.environ.get(PLAN_DIR_ENV) or ".") / f"uniap-megatron-plan-{digest}.json"
 
 
 def _error_path(path: Path) -> Path:
-    return path.with_name(path.name[:-len(".json")] + ".error.json")
+    return path.with_name(path.name[: -len(".json")] + ".error.json")
 
 
 def _load_reusable(path: Path, argv: list[str], nodes: int, gpus: int) -> Plan | None:
@@ -185,8 +208,14 @@ def _plan_as_rank0(args: Any, argv: list[str], path: Path, nodes: int, gpus: int
         if plan is not None:
             return plan, f"reused {path}"
     try:
-        plan = plan_megatron(argv, nodes, gpus, cluster=args.auto_parallel_cluster, profile=args.auto_parallel_profile,
-                             time_limit=args.auto_parallel_time_limit)
+        plan = plan_megatron(
+            argv,
+            nodes,
+            gpus,
+            cluster=args.auto_parallel_cluster,
+            profile=args.auto_parallel_profile,
+            time_limit=args.auto_parallel_time_limit,
+        )
     except UniapError as exc:
         # Tell the waiting ranks why there will be no plan, then fail like they will.
         write_json_atomic(err, {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint})
@@ -217,10 +246,11 @@ def _wait_for_plan(args: Any, argv: list[str], path: Path, nodes: int, gpus: int
                 cls = cls if isinstance(cls, type) and issubclass(cls, UniapError) else UniapError
                 raise cls(f"rank 0 could not plan: {message}", hint)
         if time.monotonic() >= deadline:
-            raise SpecError(f"rank {_rank()} waited {limit:g} s for rank 0's plan {path.resolve()} and it did not "
-                            f"appear",
-                            f"on several nodes set {PLAN_DIR_ENV} to a directory all nodes share, or pass a saved plan "
-                            f"with --auto-parallel-plan; raise --auto-parallel-wait if planning takes longer")
+            raise SpecError(
+                f"rank {_rank()} waited {limit:g} s for rank 0's plan {path.resolve()} and it did not appear",
+                f"on several nodes set {PLAN_DIR_ENV} to a directory all nodes share, or pass a saved plan "
+                f"with --auto-parallel-plan; raise --auto-parallel-wait if planning takes longer",
+            )
         time.sleep(POLL_SECONDS)
 
 
@@ -252,6 +282,7 @@ def obtain_plan(args: Any, argv: list[str]) -> tuple[Plan, str]:
 
 # --- rewriting args ------------------------------------------------------------------------------
 
+
 def _blackwell_or_newer() -> bool:
     try:
         import torch
@@ -268,17 +299,23 @@ def check_env(merge: Merge, dry_run: bool = False) -> list[str]:
     need = merge.env.get("CUDA_DEVICE_MAX_CONNECTIONS")
     have = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
     if need is not None and have != need and not _blackwell_or_newer():
-        msg = (f"the plan uses tensor parallelism, which Megatron-LM runs only with CUDA_DEVICE_MAX_CONNECTIONS="
-               f"{need} on pre-Blackwell GPUs; it is {'unset' if have is None else repr(have)} here")
-        hint = (f"export CUDA_DEVICE_MAX_CONNECTIONS={need} before launching (it must be set before CUDA starts), "
-                f"or launch with `uniap-megatron run`, which sets it")
+        msg = (
+            f"the plan uses tensor parallelism, which Megatron-LM runs only with CUDA_DEVICE_MAX_CONNECTIONS="
+            f"{need} on pre-Blackwell GPUs; it is {'unset' if have is None else repr(have)} here"
+        )
+        hint = (
+            f"export CUDA_DEVICE_MAX_CONNECTIONS={need} before launching (it must be set before CUDA starts), "
+            f"or launch with `uniap-megatron run`, which sets it"
+        )
         if not dry_run:
             raise SpecError(msg, hint)
         warnings.append(f"{msg} (try: {hint})")
     fsdp = any(s.dest == "use_megatron_fsdp" for s in merge.apply)
     if fsdp and have == "1":
-        warnings.append("the plan uses Megatron-FSDP, which expects CUDA_DEVICE_MAX_CONNECTIONS other than 1 "
-                        "(it is 1 here); unset it for best overlap")
+        warnings.append(
+            "the plan uses Megatron-FSDP, which expects CUDA_DEVICE_MAX_CONNECTIONS other than 1 "
+            "(it is 1 here); unset it for best overlap"
+        )
     return warnings
 
 
@@ -288,11 +325,17 @@ def apply_merge(args: Any, merge: Merge) -> None:
 
 
 def describe(plan: Plan, merge: Merge, source: str, warnings: list[str]) -> str:
-    lines = [render(plan, "uniap auto-parallel plan"), "", f"  plan: {source}",
-             "  Megatron arguments set from the plan: " + (" ".join(merge.args) or "(none)")]
+    lines = [
+        render(plan, "uniap auto-parallel plan"),
+        "",
+        f"  plan: {source}",
+        "  Megatron arguments set from the plan: " + (" ".join(merge.args) or "(none)"),
+    ]
     if merge.kept:
-        lines.append("  kept from the command line (the plan would differ): " + ", ".join(
-            f"{flag_of(d)} {show_value(u)} (plan: {show_value(p)})" for d, (u, p) in merge.kept.items()))
+        lines.append(
+            "  kept from the command line (the plan would differ): "
+            + ", ".join(f"{flag_of(d)} {show_value(u)} (plan: {show_value(p)})" for d, (u, p) in merge.kept.items())
+        )
     if merge.env:
         lines.append("  environment the ranks need: " + " ".join(f"{k}={v}" for k, v in merge.env.items()))
     lines += [f"  warning: {w}" for w in warnings]
@@ -306,8 +349,11 @@ def rewrite_args(args: Any, argv: list[str] | None = None) -> Plan | None:
     Raises UniapError (SpecError, InfeasibleError, SolverTimeLimitError) with the planner's message."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "auto_parallel", False):
-        given = [f for f in (*AUTO_PARALLEL_VALUE_FLAGS, *AUTO_PARALLEL_SWITCHES) if f != "--auto-parallel"
-                 and any(t.split("=", 1)[0] == f for t in argv)]
+        given = [
+            f
+            for f in (*AUTO_PARALLEL_VALUE_FLAGS, *AUTO_PARALLEL_SWITCHES)
+            if f != "--auto-parallel" and any(t.split("=", 1)[0] == f for t in argv)
+        ]
         if given:
             raise SpecError(f"{given[0]} has no effect without --auto-parallel", "add --auto-parallel")
         return None
@@ -321,8 +367,11 @@ def rewrite_args(args: Any, argv: list[str] | None = None) -> Plan | None:
         raise SystemExit(0)
     apply_merge(args, merge)
     if _rank() == 0:
-        print(f"uniap: auto-parallel: {source}; setting {' '.join(merge.args) or '(nothing)'}"
-              + "".join(f"\nuniap: warning: {w}" for w in warnings), flush=True)
+        print(
+            f"uniap: auto-parallel: {source}; setting {' '.join(merge.args) or '(nothing)'}"
+            + "".join(f"\nuniap: warning: {w}" for w in warnings),
+            flush=True,
+        )
     return plan
 
 
@@ -337,7 +386,8 @@ def install() -> None:
         raise ImportError(
             "uniap_megatron.plugin.install() needs Megatron-LM's `megatron.training` package, which is not on PyPI "
             "(megatron-core alone does not have it): run from a Megatron-LM checkout (core_v0.16.1) or put it on "
-            f"PYTHONPATH ({exc})") from exc
+            f"PYTHONPATH ({exc})"
+        ) from exc
     for module in (mt_initialize, mt_arguments):
         original = getattr(module, "validate_args", None)
         if original is None or getattr(original, "_uniap_wrapped", False):

@@ -35,6 +35,7 @@ ping-pong rank 0 <-> 1; bus bandwidth in the NCCL-tests convention, the best ove
 Run it single-process (`python -m uniap_megatron.profile ...`) or under torchrun; rank 0 writes the
 profile JSON atomically.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,6 +83,7 @@ SEED = 1234
 
 def _cuda() -> bool:
     import torch
+
     return torch.cuda.is_available()
 
 
@@ -99,11 +101,13 @@ def init_distributed() -> tuple[int, int, str]:
 
 def _device() -> str:
     import torch
+
     return f"cuda:{torch.cuda.current_device()}" if _cuda() else "cpu"
 
 
 def _dtype(precision: str):
     import torch
+
     if not _cuda():
         return torch.float32
     if precision == "bf16" and torch.cuda.is_bf16_supported():
@@ -126,6 +130,7 @@ def device_description() -> str:
 def _sync() -> None:
     if _cuda():
         import torch
+
         torch.cuda.synchronize()
 
 
@@ -133,16 +138,19 @@ def _free_cached_memory() -> None:
     gc.collect()
     if _cuda():
         import torch
+
         torch.cuda.empty_cache()
 
 
 def _all_ranks_ok(ok: bool) -> bool:
     import torch.distributed as dist
+
     return harness.all_ranks_ok(ok, dist, _harness_device())
 
 
 def _rank() -> int:
     import torch.distributed as dist
+
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -150,9 +158,11 @@ def _seed() -> None:
     """The same weights and inputs on every rank; on a GPU also megatron-core's CUDA RNG tracker (TE's and
     the attention's dropout forks draw from it)."""
     import torch
+
     torch.manual_seed(SEED)
     if _cuda():
         from megatron.core import tensor_parallel
+
         tensor_parallel.model_parallel_cuda_manual_seed(SEED)
 
 
@@ -182,8 +192,11 @@ class Kernels:
 
     @property
     def spec_label(self) -> str:
-        return ("Transformer Engine spec (get_gpt_layer_with_transformer_engine_spec)" if self.te
-                else "local spec (get_gpt_layer_local_spec)")
+        return (
+            "Transformer Engine spec (get_gpt_layer_with_transformer_engine_spec)"
+            if self.te
+            else "local spec (get_gpt_layer_local_spec)"
+        )
 
 
 def choose_kernels(flash_attention: bool) -> Kernels:
@@ -209,14 +222,25 @@ def _sdpa_core_attention_class(math_only: bool):
     from megatron.core.transformer.module import MegatronModule
 
     class SdpaCoreAttention(MegatronModule):
-        def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                     softmax_scale=None, cp_comm_type=None, pg_collection=None, **_):
+        def __init__(
+            self,
+            config,
+            layer_number,
+            attn_mask_type,
+            attention_type,
+            attention_dropout=None,
+            softmax_scale=None,
+            cp_comm_type=None,
+            pg_collection=None,
+            **_,
+        ):
             super().__init__(config=config)
             self.attn_mask_type = attn_mask_type
             self.softmax_scale = softmax_scale
 
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                    packed_seq_params=None):
+        def forward(
+            self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+        ):
             assert packed_seq_params is None, "packed sequences are not supported by SdpaCoreAttention"
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
             s, b, heads, d = query.shape
@@ -230,12 +254,14 @@ def _sdpa_core_attention_class(math_only: bool):
             if not causal and attention_mask is not None:
                 mask = ~attention_mask  # megatron masks are True where attention is NOT allowed
             with _sdpa_backend(math_only):
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                                   scale=self.softmax_scale)
+                o = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.softmax_scale
+                )
             return o.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
-    SdpaCoreAttention.__qualname__ = SdpaCoreAttention.__name__ = \
+    SdpaCoreAttention.__qualname__ = SdpaCoreAttention.__name__ = (
         "UnfusedSdpaCoreAttention" if math_only else "SdpaCoreAttention"
+    )
     return SdpaCoreAttention
 
 
@@ -243,6 +269,7 @@ def _sdpa_backend(math_only: bool):
     if not math_only:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     return sdpa_kernel(SDPBackend.MATH)
 
 
@@ -280,6 +307,7 @@ def sequence_parallel_supported(model: ModelSpec, kernels: Kernels) -> bool:
     if kernels.te:
         return True
     from megatron.core.models.gpt import gpt_layer_specs
+
     return bool(getattr(gpt_layer_specs, "HAVE_APEX", False)) and model.normalization == "layernorm"
 
 
@@ -291,8 +319,15 @@ def activation_fusion(model: ModelSpec) -> bool:
     return _cuda() and (model.gated_mlp or model.add_bias)
 
 
-def transformer_config(model: ModelSpec, training: TrainingSpec, tp: int, kernels: Kernels | None = None,
-                       num_layers: int = 1, gradient_accumulation_fusion: bool = False, recompute: str = "none"):
+def transformer_config(
+    model: ModelSpec,
+    training: TrainingSpec,
+    tp: int,
+    kernels: Kernels | None = None,
+    num_layers: int = 1,
+    gradient_accumulation_fusion: bool = False,
+    recompute: str = "none",
+):
     """A megatron-core TransformerConfig mirroring the ModelSpec at tensor-parallel degree `tp`, with
     `recompute` as the Megatron-LM arguments uniap emits set it (full: uniform, one layer per chunk)."""
     import torch
@@ -303,15 +338,32 @@ def transformer_config(model: ModelSpec, training: TrainingSpec, tp: int, kernel
     dtype = _dtype(training.precision)
     gated = {"gated_linear_unit": True, "activation_func": torch.nn.functional.silu} if model.gated_mlp else {}
     return TransformerConfig(
-        num_layers=num_layers, hidden_size=model.hidden_size, num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.query_groups, ffn_hidden_size=model.ffn_hidden_size, kv_channels=model.head_dim,
-        normalization=_normalization(model), add_bias_linear=model.add_bias, hidden_dropout=0.0,
-        attention_dropout=0.0, tensor_model_parallel_size=tp, pipeline_model_parallel_size=1,
-        sequence_parallel=tp > 1 and sequence_parallel_supported(model, kernels), use_cpu_initialization=not cuda,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        gradient_accumulation_fusion=gradient_accumulation_fusion, bias_activation_fusion=activation_fusion(model),
-        masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        **_recompute_fields(recompute), **gated)
+        num_layers=num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.head_dim,
+        normalization=_normalization(model),
+        add_bias_linear=model.add_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=tp > 1 and sequence_parallel_supported(model, kernels),
+        use_cpu_initialization=not cuda,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        gradient_accumulation_fusion=gradient_accumulation_fusion,
+        bias_activation_fusion=activation_fusion(model),
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        **_recompute_fields(recompute),
+        **gated,
+    )
 
 
 def _recompute_fields(recompute: str) -> dict[str, Any]:
@@ -369,10 +421,13 @@ def build_embedding(model: ModelSpec, training: TrainingSpec, tp: int, kernels: 
 
     config = transformer_config(model, training, tp, kernels)
     position = {"learned": "learned_absolute", "rope": "rope"}.get(model.position_embedding, "none")
-    module = LanguageModelEmbedding(config=config, vocab_size=padded_vocab_size(model.vocab_size, tp),
-                                    max_sequence_length=model.max_position_embeddings,
-                                    position_embedding_type=position,
-                                    num_tokentypes=2 if model.architecture == "encoder" else 0)
+    module = LanguageModelEmbedding(
+        config=config,
+        vocab_size=padded_vocab_size(model.vocab_size, tp),
+        max_sequence_length=model.max_position_embeddings,
+        position_embedding_type=position,
+        num_tokentypes=2 if model.architecture == "encoder" else 0,
+    )
     return _in_precision(module, config), config
 
 
@@ -390,11 +445,18 @@ def _lm_head_class():
 
         def __init__(self, config, vocab_size: int):
             super().__init__(config=config)
-            self.final_layernorm = build_module(LayerNormImpl, config=config, hidden_size=config.hidden_size,
-                                                eps=config.layernorm_epsilon)
+            self.final_layernorm = build_module(
+                LayerNormImpl, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+            )
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
-                skip_bias_add=False, gather_output=False)
+                config.hidden_size,
+                vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+            )
 
         def forward(self, hidden, labels):
             logits, _ = self.output_layer(self.final_layernorm(hidden))
@@ -429,8 +491,10 @@ def rotary_embedding(model: ModelSpec, config, seq: int):
 # Timing
 # ==================================================================================================
 
-def time_passes(forward: Callable[[], Any], reset: Callable[[], None], warmup: int,
-                repeats: int) -> tuple[float, float, float | None]:
+
+def time_passes(
+    forward: Callable[[], Any], reset: Callable[[], None], warmup: int, repeats: int
+) -> tuple[float, float, float | None]:
     """uniap.profile.harness.time_passes on this rank's device: (forward ms, backward ms, activation bytes).
     `forward()` returns a scalar loss, back-propagated as it is, or an output whose gradient is taken as ones;
     `reset()` drops the previous iteration's gradients."""
@@ -450,15 +514,17 @@ def time_passes(forward: Callable[[], Any], reset: Callable[[], None], warmup: i
     return harness.time_passes(forward, backward, reset, warmup, repeats, _harness_device())
 
 
-def time_layer(layer, config, seq: int, micro_batch_size: int, tp: int, warmup: int, repeats: int,
-               rotary=None) -> LayerTiming:
+def time_layer(
+    layer, config, seq: int, micro_batch_size: int, tp: int, warmup: int, repeats: int, rotary=None
+) -> LayerTiming:
     """A TransformerLayer's forward and backward on a random input (its sequence shard under sequence
     parallelism), the gradient of its output all ones."""
     import torch
 
     s_local = seq // tp if config.sequence_parallel else seq
-    x = torch.randn(s_local, micro_batch_size, config.hidden_size, device=_device(), dtype=config.params_dtype,
-                    requires_grad=True)
+    x = torch.randn(
+        s_local, micro_batch_size, config.hidden_size, device=_device(), dtype=config.params_dtype, requires_grad=True
+    )
 
     def forward():
         out = layer(x, attention_mask=None, rotary_pos_emb=rotary)
@@ -469,12 +535,12 @@ def time_layer(layer, config, seq: int, micro_batch_size: int, tp: int, warmup: 
         layer.zero_grad(set_to_none=True)
 
     fwd, bwd, act = time_passes(forward, reset, warmup, repeats)
-    return LayerTiming(tp=tp, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd,
-                       activation_bytes=act)
+    return LayerTiming(tp=tp, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd, activation_bytes=act)
 
 
-def time_embedding(module, config, vocab: int, seq: int, micro_batch_size: int, tp: int, warmup: int,
-                   repeats: int) -> LayerTiming:
+def time_embedding(
+    module, config, vocab: int, seq: int, micro_batch_size: int, tp: int, warmup: int, repeats: int
+) -> LayerTiming:
     """LanguageModelEmbedding on random token ids (positions 0..s-1; token type 0 where it has types)."""
     import torch
 
@@ -482,21 +548,23 @@ def time_embedding(module, config, vocab: int, seq: int, micro_batch_size: int, 
     ids = torch.randint(0, vocab, (micro_batch_size, seq), device=device)
     positions = torch.arange(seq, device=device).unsqueeze(0).expand(micro_batch_size, -1)
     types = torch.zeros_like(ids) if module.num_tokentypes > 0 else None
-    fwd, bwd, act = time_passes(lambda: module(ids, positions, tokentype_ids=types),
-                                lambda: module.zero_grad(set_to_none=True), warmup, repeats)
-    return LayerTiming(tp=tp, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd,
-                       activation_bytes=act)
+    fwd, bwd, act = time_passes(
+        lambda: module(ids, positions, tokentype_ids=types), lambda: module.zero_grad(set_to_none=True), warmup, repeats
+    )
+    return LayerTiming(tp=tp, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd, activation_bytes=act)
 
 
-def time_head(module, config, vocab: int, seq: int, micro_batch_size: int, tp: int, warmup: int,
-              repeats: int) -> LayerTiming:
+def time_head(
+    module, config, vocab: int, seq: int, micro_batch_size: int, tp: int, warmup: int, repeats: int
+) -> LayerTiming:
     """The LM head from hidden states (its sequence shard under sequence parallelism) to the loss."""
     import torch
 
     device = _device()
     s_local = seq // tp if config.sequence_parallel else seq
-    x = torch.randn(s_local, micro_batch_size, config.hidden_size, device=device, dtype=config.params_dtype,
-                    requires_grad=True)
+    x = torch.randn(
+        s_local, micro_batch_size, config.hidden_size, device=device, dtype=config.params_dtype, requires_grad=True
+    )
     labels = torch.randint(0, vocab, (seq, micro_batch_size), device=device)
 
     def reset():
@@ -504,13 +572,13 @@ def time_head(module, config, vocab: int, seq: int, micro_batch_size: int, tp: i
         module.zero_grad(set_to_none=True)
 
     fwd, bwd, act = time_passes(lambda: module(x, labels), reset, warmup, repeats)
-    return LayerTiming(tp=tp, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd,
-                       activation_bytes=act)
+    return LayerTiming(tp=tp, micro_batch_size=micro_batch_size, forward_ms=fwd, backward_ms=bwd, activation_bytes=act)
 
 
 # ==================================================================================================
 # Layers
 # ==================================================================================================
+
 
 @dataclass(frozen=True)
 class Target:
@@ -527,8 +595,10 @@ def profile_targets(model: ModelSpec, training: TrainingSpec, notes: list[str] |
     when it is given)."""
     graph = build_graph(model, training)
     decoder_seq = training.decoder_seq_length or training.seq_length
-    seq_of = {"decoder_embedding": decoder_seq, "lm_head": decoder_seq if model.architecture == "encoder_decoder"
-              else training.seq_length}
+    seq_of = {
+        "decoder_embedding": decoder_seq,
+        "lm_head": decoder_seq if model.architecture == "encoder_decoder" else training.seq_length,
+    }
     targets: dict[str, Target] = {}
     skipped: dict[str, str] = {}
     for layer in graph.layers:
@@ -551,14 +621,24 @@ def profile_targets(model: ModelSpec, training: TrainingSpec, notes: list[str] |
     return list(targets.values())
 
 
-def _time_target(target: Target, model: ModelSpec, training: TrainingSpec, kernels: Kernels, tp: int, mbs: int,
-                 warmup: int, repeats: int, facts: dict[str, str]) -> LayerTiming:
+def _time_target(
+    target: Target,
+    model: ModelSpec,
+    training: TrainingSpec,
+    kernels: Kernels,
+    tp: int,
+    mbs: int,
+    warmup: int,
+    repeats: int,
+    facts: dict[str, str],
+) -> LayerTiming:
     vocab = padded_vocab_size(model.vocab_size, tp)
     if target.kind == TRANSFORMER:
         layer, config = build_transformer_layer(model, training, tp, kernels)
         facts.setdefault("norm", norm_label(layer))
-        return time_layer(layer, config, target.seq, mbs, tp, warmup, repeats,
-                          rotary_embedding(model, config, target.seq))
+        return time_layer(
+            layer, config, target.seq, mbs, tp, warmup, repeats, rotary_embedding(model, config, target.seq)
+        )
     if target.kind == EMBEDDING:
         module, config = build_embedding(model, training, tp, kernels)
         return time_embedding(module, config, vocab, target.seq, mbs, tp, warmup, repeats)
@@ -566,9 +646,17 @@ def _time_target(target: Target, model: ModelSpec, training: TrainingSpec, kerne
     return time_head(module, config, vocab, target.seq, mbs, tp, warmup, repeats)
 
 
-def profile_layers(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: list[int], tp_degrees: list[int],
-                   warmup: int, repeats: int, notes: list[str], kernels: Kernels | None = None,
-                   facts: dict[str, str] | None = None) -> dict[str, list[LayerTiming]]:
+def profile_layers(
+    model: ModelSpec,
+    training: TrainingSpec,
+    micro_batch_sizes: list[int],
+    tp_degrees: list[int],
+    warmup: int,
+    repeats: int,
+    notes: list[str],
+    kernels: Kernels | None = None,
+    facts: dict[str, str] | None = None,
+) -> dict[str, list[LayerTiming]]:
     """Timings per layer signature (profile_targets) for each TP degree dividing the world size (every rank
     times; rank 0's numbers are kept). An out-of-memory micro-batch size skips the larger ones. `facts`
     receives what ran ('norm')."""
@@ -610,13 +698,23 @@ def profile_layers(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: 
                         ok = False
                     _free_cached_memory()
                     if not _all_ranks_ok(ok):
-                        log.warning("%s tp=%d: micro-batch size %d ran out of memory; larger ones skipped",
-                                    target.signature, tp, mbs)
+                        log.warning(
+                            "%s tp=%d: micro-batch size %d ran out of memory; larger ones skipped",
+                            target.signature,
+                            tp,
+                            mbs,
+                        )
                         break
                     out.setdefault(target.signature, []).append(timing)
                     if dist.get_rank() == 0:
-                        log.info("%-60s tp %d mbs %3d  fwd %9.3f ms  bwd %9.3f ms", target.signature, tp, mbs,
-                                 timing.forward_ms, timing.backward_ms)
+                        log.info(
+                            "%-60s tp %d mbs %3d  fwd %9.3f ms  bwd %9.3f ms",
+                            target.signature,
+                            tp,
+                            mbs,
+                            timing.forward_ms,
+                            timing.backward_ms,
+                        )
         finally:
             parallel_state.destroy_model_parallel()
     return out
@@ -625,6 +723,7 @@ def profile_layers(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: 
 # ==================================================================================================
 # Optimizer
 # ==================================================================================================
+
 
 def megatron_adam(params: list) -> tuple[Any, str]:
     """The Adam megatron-core 0.16.1 constructs for OptimizerConfig(optimizer='adam') and its defaults
@@ -635,8 +734,13 @@ def megatron_adam(params: list) -> tuple[Any, str]:
     from megatron.core.optimizer import OptimizerConfig
 
     config = OptimizerConfig(optimizer="adam", lr=1e-4)
-    kwargs: dict[str, Any] = {"params": [{"params": params}], "lr": config.lr, "weight_decay": config.weight_decay,
-                              "betas": (config.adam_beta1, config.adam_beta2), "eps": config.adam_eps}
+    kwargs: dict[str, Any] = {
+        "params": [{"params": params}],
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
+        "betas": (config.adam_beta1, config.adam_beta2),
+        "eps": config.adam_eps,
+    }
     if mcore_optimizer.USING_PYTORCH_OPTIMIZER:
         cls = torch.optim.AdamW if config.decoupled_weight_decay else torch.optim.Adam
     else:
@@ -681,12 +785,14 @@ def time_optimizer_step(shapes: list, warmup: int, repeats: int) -> OptimizerTim
         return True
 
     step_ms, extra = harness.time_steps(step, warmup, repeats, _harness_device())
-    return OptimizerTiming(implementation=name, num_params=sum(p.numel() for p in params), step_ms=step_ms,
-                           extra_peak_bytes=extra)
+    return OptimizerTiming(
+        implementation=name, num_params=sum(p.numel() for p in params), step_ms=step_ms, extra_peak_bytes=extra
+    )
 
 
-def profile_optimizer(model: ModelSpec, training: TrainingSpec, warmup: int, repeats: int,
-                      kernels: Kernels | None = None) -> OptimizerTiming | None:
+def profile_optimizer(
+    model: ModelSpec, training: TrainingSpec, warmup: int, repeats: int, kernels: Kernels | None = None
+) -> OptimizerTiming | None:
     """One optimizer step over fp32 master parameters shaped like one transformer layer's (TP 1; the
     distributed optimizer's main parameters at DP 1); None (with a warning) when it runs out of memory
     on any rank. Every rank must call it."""
@@ -712,8 +818,12 @@ def profile_optimizer(model: ModelSpec, training: TrainingSpec, warmup: int, rep
         log.warning("the optimizer step over one transformer layer ran out of memory; it stays estimated")
         return None
     if dist.get_rank() == 0:
-        log.info("optimizer %s: %.3f ms per step over %d parameters", timing.implementation, timing.step_ms,
-                 timing.num_params)
+        log.info(
+            "optimizer %s: %.3f ms per step over %d parameters",
+            timing.implementation,
+            timing.step_ms,
+            timing.num_params,
+        )
     return timing
 
 
@@ -721,8 +831,17 @@ def profile_optimizer(model: ModelSpec, training: TrainingSpec, warmup: int, rep
 # The profile
 # ==================================================================================================
 
-def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: list[int], tp_degrees: list[int],
-                  warmup: int, repeats: int, device_name: str | None = None, optimizer: bool = True) -> Profile:
+
+def profile_model(
+    model: ModelSpec,
+    training: TrainingSpec,
+    micro_batch_sizes: list[int],
+    tp_degrees: list[int],
+    warmup: int,
+    repeats: int,
+    device_name: str | None = None,
+    optimizer: bool = True,
+) -> Profile:
     """Measure `model`'s layer signatures through megatron-core and (`optimizer`) one optimizer step. Every
     rank must call it after init_distributed; rank 0's numbers are returned. The notes say which spec,
     attention kernel and norm ran. Add a calibration with uniap_megatron.training_run.calibrate."""
@@ -734,10 +853,14 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
     layers = profile_layers(model, training, micro_batch_sizes, tp_degrees, warmup, repeats, notes, kernels, facts)
     opt = profile_optimizer(model, training, warmup, repeats, kernels) if optimizer else None
     dtype = str(_dtype(training.precision)).replace("torch.", "")
-    head = [(f"megatron-core {_mcore_version()} {kernels.spec_label}: attention {kernels.attention}, "
-             f"norm {facts.get('norm', _normalization(model))}, {dtype}; activation fusion "
-             f"{'on' if activation_fusion(model) else 'off'}, bias/dropout/softmax/RoPE fusions off"),
-            f"median forward/backward ms of {repeats} iterations after {warmup} warmup"]
+    head = [
+        (
+            f"megatron-core {_mcore_version()} {kernels.spec_label}: attention {kernels.attention}, "
+            f"norm {facts.get('norm', _normalization(model))}, {dtype}; activation fusion "
+            f"{'on' if activation_fusion(model) else 'off'}, bias/dropout/softmax/RoPE fusions off"
+        ),
+        f"median forward/backward ms of {repeats} iterations after {warmup} warmup",
+    ]
     timed = {t.kind for t in profile_targets(model, training)}
     if EMBEDDING in timed:
         head.append("embedding: LanguageModelEmbedding")
@@ -751,18 +874,28 @@ def profile_model(model: ModelSpec, training: TrainingSpec, micro_batch_sizes: l
         head.insert(0, CPU_NOTE)
         head.append("CPU: fp32, no sequence parallelism, no activation bytes")
     if opt is not None:
-        head.append(f"optimizer: {opt.implementation} step over the fp32 master parameters of one transformer "
-                    f"layer ({opt.num_params:,})")
-    return Profile(device=device_name or device_description(), runtime=f"megatron-core {_mcore_version()}",
-                   layers=layers, backend=str(dist.get_backend()), notes="; ".join(head + notes), optimizer=opt)
+        head.append(
+            f"optimizer: {opt.implementation} step over the fp32 master parameters of one transformer "
+            f"layer ({opt.num_params:,})"
+        )
+    return Profile(
+        device=device_name or device_description(),
+        runtime=f"megatron-core {_mcore_version()}",
+        layers=layers,
+        backend=str(dist.get_backend()),
+        notes="; ".join(head + notes),
+        optimizer=opt,
+    )
 
 
 def _mcore_version() -> str:
     try:
         from importlib.metadata import version
+
         return version("megatron-core")
     except Exception:  # noqa: BLE001  # pragma: no cover - an install without metadata
         import megatron.core
+
         return getattr(megatron.core, "__version__", "unknown")
 
 
@@ -770,37 +903,53 @@ def _mcore_version() -> str:
 # Collectives
 # ==================================================================================================
 
-def profile_collectives(sizes_mb: list[float] | None, warmup: int, repeats: int, precision: str = "bf16",
-                        report: list[str] | None = None) -> list[CollectiveBandwidth]:
+
+def profile_collectives(
+    sizes_mb: list[float] | None, warmup: int, repeats: int, precision: str = "bf16", report: list[str] | None = None
+) -> list[CollectiveBandwidth]:
     """uniap.profile.collectives through torch.distributed in the layers' dtype (`sizes_mb` None: its defaults):
     bus bandwidths over the world (scope intra_node on one node, else inter_node) and P2P rank 0 <-> 1."""
     import torch.distributed as dist
-    return collectives.profile_collectives(dist, _harness_device(), _dtype(precision), sizes_mb, warmup, repeats,
-                                           report, per_node=False)
+
+    return collectives.profile_collectives(
+        dist, _harness_device(), _dtype(precision), sizes_mb, warmup, repeats, report, per_node=False
+    )
 
 
 # ==================================================================================================
 # CLI
 # ==================================================================================================
 
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = profiler_parser(
-        prog, "uniap_megatron.profile", "Measure layer times and an optimizer step (megatron-core), collective "
+        prog,
+        "uniap_megatron.profile",
+        "Measure layer times and an optimizer step (megatron-core), collective "
         "bandwidths (torch.distributed) and a calibration against a short whole-model training run",
         repeats_use="layers, the optimizer step and the calibration run keep the median",
         unfused_attention="megatron-core's unfused DotProductAttention",
-        calibration_note=". Runs with one process only")
-    p.add_argument("--tp-degrees", type=int_list, default=[1],
-                   help="comma-separated tensor-parallel degrees (default 1); those not dividing the world "
-                        "size are skipped")
+        calibration_note=". Runs with one process only",
+    )
+    p.add_argument(
+        "--tp-degrees",
+        type=int_list,
+        default=[1],
+        help="comma-separated tensor-parallel degrees (default 1); those not dividing the world size are skipped",
+    )
     return p
 
 
 def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
     check_common_args(args)
     model = load_model(args.model)
-    training = training_spec(model, max(args.micro_batch_sizes), args.seq_length, precision=args.precision,
-                             flash_attention=not args.no_flash_attention)
+    training = training_spec(
+        model,
+        max(args.micro_batch_sizes),
+        args.seq_length,
+        precision=args.precision,
+        flash_attention=not args.no_flash_attention,
+    )
     return model, training
 
 
@@ -815,8 +964,9 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
         import megatron.core  # noqa: F401
         import torch  # noqa: F401
     except ImportError as exc:
-        raise SpecError(f"the profiler needs torch and megatron-core ({exc})",
-                        "pip install 'uniap[megatron]'") from None
+        raise SpecError(
+            f"the profiler needs torch and megatron-core ({exc})", "pip install 'uniap[megatron]'"
+        ) from None
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron.*")
     default_single_process_env()
@@ -825,22 +975,40 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
 
     training = replace(training, fused_kernels=fused_kernels_available())
     started = time.perf_counter()
-    profile = profile_model(model, training, args.micro_batch_sizes, args.tp_degrees, args.warmup, args.repeats,
-                            args.device_name)
+    profile = profile_model(
+        model, training, args.micro_batch_sizes, args.tp_degrees, args.warmup, args.repeats, args.device_name
+    )
     report: list[str] = []
     if not args.no_collectives:
         repeats = max(args.repeats, collectives.COLLECTIVE_MIN_REPEATS)
-        profile.collectives = profile_collectives(args.collective_sizes_mb, args.warmup, repeats, training.precision,
-                                                  report)
+        profile.collectives = profile_collectives(
+            args.collective_sizes_mb, args.warmup, repeats, training.precision, report
+        )
     if profile.optimizer is not None:
         opt = profile.optimizer
-        report.append(f"optimizer {opt.implementation}: {opt.step_ms:.3f} ms per step over {opt.num_params:,} "
-                      f"parameters" + (f", {opt.extra_peak_bytes / 2**20:.1f} MiB extra at the step"
-                                       if opt.extra_peak_bytes is not None else ""))
+        report.append(
+            f"optimizer {opt.implementation}: {opt.step_ms:.3f} ms per step over {opt.num_params:,} "
+            f"parameters"
+            + (
+                f", {opt.extra_peak_bytes / 2**20:.1f} MiB extra at the step"
+                if opt.extra_peak_bytes is not None
+                else ""
+            )
+        )
     if args.calibration_layers > 0:
         from .training_run import calibrate
-        profile, _ = calibrate(profile, model, training, args.calibration_layers, min(args.micro_batch_sizes),
-                               args.calibration_micro_batches, args.warmup, args.repeats, report)
+
+        profile, _ = calibrate(
+            profile,
+            model,
+            training,
+            args.calibration_layers,
+            min(args.micro_batch_sizes),
+            args.calibration_micro_batches,
+            args.warmup,
+            args.repeats,
+            report,
+        )
     if rank == 0:
         try:
             profile.save(args.output)

@@ -28,6 +28,7 @@ models only.
 On the CPU (tests), megatron-core 0.16.1's DDP and optimizers stop at a few CUDA-only calls;
 `cuda_calls_on_cpu` redirects exactly those, around their construction and the optimizer step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,6 +72,7 @@ DEFAULT_LR = 1e-4
 # The cluster and the model
 # ==================================================================================================
 
+
 def device_cluster() -> ClusterSpec:
     """One GPU of the device this process drives (uniap.cluster.spec.device_cluster); on the CPU the processor
     and the host's memory."""
@@ -94,8 +96,7 @@ def reduced_model(model: ModelSpec, layers: int) -> ModelSpec:
     return replace(model, name=f"{model.name}-{layers}l", num_layers=layers)
 
 
-def build_gpt_model(model: ModelSpec, training: TrainingSpec, kernels: Kernels | None = None,
-                    recompute: str = "none"):
+def build_gpt_model(model: ModelSpec, training: TrainingSpec, kernels: Kernels | None = None, recompute: str = "none"):
     """megatron-core's GPTModel of `model` (all its layers; cut it first with reduced_model) on this device,
     in fp32 parameters on the CPU and the training precision's on a GPU; (model, config). Gradient
     accumulation fusion where Megatron-LM enables it: on a GPU with Apex's fused_weight_gradient_mlp_cuda
@@ -105,19 +106,33 @@ def build_gpt_model(model: ModelSpec, training: TrainingSpec, kernels: Kernels |
 
     kernels = kernels or choose_kernels(training.flash_attention)
     fusion = _cuda() and bool(getattr(tp_layers, "_grad_accum_fusion_available", False))
-    config = transformer_config(model, training, 1, kernels, num_layers=model.num_layers,
-                                gradient_accumulation_fusion=fusion, recompute=recompute)
-    gpt = GPTModel(config=config, transformer_layer_spec=layer_spec(model, kernels),
-                   vocab_size=padded_vocab_size(model.vocab_size, 1), max_sequence_length=model.max_position_embeddings,
-                   pre_process=True, post_process=True, parallel_output=True,
-                   share_embeddings_and_output_weights=model.tied_embeddings,
-                   position_embedding_type="rope" if model.position_embedding == "rope" else "learned_absolute")
+    config = transformer_config(
+        model,
+        training,
+        1,
+        kernels,
+        num_layers=model.num_layers,
+        gradient_accumulation_fusion=fusion,
+        recompute=recompute,
+    )
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, kernels),
+        vocab_size=padded_vocab_size(model.vocab_size, 1),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tied_embeddings,
+        position_embedding_type="rope" if model.position_embedding == "rope" else "learned_absolute",
+    )
     return gpt.to(_device()), config
 
 
 # ==================================================================================================
 # megatron-core's training wrappers
 # ==================================================================================================
+
 
 def _is_cuda_device(device) -> bool:
     if isinstance(device, bool):
@@ -169,9 +184,15 @@ def cuda_calls_on_cpu():
             if _is_cuda_device(kwargs.get("device", "cpu")):
                 kwargs = {**kwargs, "device": "cpu"}
             out = func(*args, **kwargs)
-            if (func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str)
-                    and out.startswith("torch.") and not out.startswith("torch.cuda.")):
-                out = "torch.cuda." + out[len("torch."):]
+            if (
+                func is torch.Tensor.type
+                and len(args) == 1
+                and not kwargs
+                and isinstance(out, str)
+                and out.startswith("torch.")
+                and not out.startswith("torch.cuda.")
+            ):
+                out = "torch.cuda." + out[len("torch.") :]
             return out
 
     with current_device_on_cpu(), CpuForCuda():
@@ -201,10 +222,16 @@ def megatron_optimizer(model, config, lr: float = DEFAULT_LR):
     import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    fp16_scale = {"initial_loss_scale": 2.0 ** 16} if config.fp16 else {}
-    optimizer_config = OptimizerConfig(optimizer="adam", lr=lr, bf16=bool(config.bf16), fp16=bool(config.fp16),
-                                       params_dtype=config.params_dtype or torch.float32,
-                                       use_distributed_optimizer=True, **fp16_scale)
+    fp16_scale = {"initial_loss_scale": 2.0**16} if config.fp16 else {}
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        bf16=bool(config.bf16),
+        fp16=bool(config.fp16),
+        params_dtype=config.params_dtype or torch.float32,
+        use_distributed_optimizer=True,
+        **fp16_scale,
+    )
     with cuda_calls_on_cpu():
         return get_megatron_optimizer(optimizer_config, [model])
 
@@ -224,6 +251,7 @@ def optimizer_name(optimizer) -> str:
 # ==================================================================================================
 # The run
 # ==================================================================================================
+
 
 def _train(ddp, optimizer, batches: list, positions, warm: int, iterations: int):
     """`warm` + `iterations` iterations as Megatron-LM's train_step runs them with the no-pipelining schedule
@@ -266,9 +294,18 @@ def _train(ddp, optimizer, batches: list, positions, warm: int, iterations: int)
     return losses, times, skipped
 
 
-def run_training(model: ModelSpec, training: TrainingSpec, profile: Profile | None, micro_batch_size: int,
-                 micro_batches: int, warmup: int, iterations: int, lr: float = DEFAULT_LR,
-                 cluster: ClusterSpec | None = None, recompute: str = "none") -> TrainingRun:
+def run_training(
+    model: ModelSpec,
+    training: TrainingSpec,
+    profile: Profile | None,
+    micro_batch_size: int,
+    micro_batches: int,
+    warmup: int,
+    iterations: int,
+    lr: float = DEFAULT_LR,
+    cluster: ClusterSpec | None = None,
+    recompute: str = "none",
+) -> TrainingRun:
     """Train `model` as it is (cut it first with reduced_model) on fixed, seeded micro-batches for
     max(warmup, 1) + `iterations` iterations of `micro_batches` micro-batches of `micro_batch_size`, every
     transformer layer with `recompute` (none or full), and price its plan with `profile`. Needs
@@ -283,8 +320,18 @@ def run_training(model: ModelSpec, training: TrainingSpec, profile: Profile | No
         raise SpecError(f"the calibration run needs one process (world size {dist.get_world_size()})")
     reduced_model(model, model.num_layers)  # the architecture checks
     job = replace(training, global_batch_size=micro_batch_size * micro_batches, fused_kernels=fused_kernels_available())
-    plan, _ = configure(model, cluster or device_cluster(), job, target="megatron", tp=1, pp=1,
-                        micro_batch_size=micro_batch_size, zero=0, recompute=recompute, profile=profile)
+    plan, _ = configure(
+        model,
+        cluster or device_cluster(),
+        job,
+        target="megatron",
+        tp=1,
+        pp=1,
+        micro_batch_size=micro_batch_size,
+        zero=0,
+        recompute=recompute,
+        profile=profile,
+    )
     cuda = _cuda()
     _free_cached_memory()  # the allocator's peaks below are this run's alone
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
@@ -296,26 +343,46 @@ def run_training(model: ModelSpec, training: TrainingSpec, profile: Profile | No
         del gpt
         optimizer = megatron_optimizer(ddp, config, lr)
         device, seq, vocab = _device(), training.seq_length, model.vocab_size
-        batches = [(torch.randint(0, vocab, (micro_batch_size, seq), device=device),
-                    torch.randint(0, vocab, (micro_batch_size, seq), device=device)) for _ in range(micro_batches)]
+        batches = [
+            (
+                torch.randint(0, vocab, (micro_batch_size, seq), device=device),
+                torch.randint(0, vocab, (micro_batch_size, seq), device=device),
+            )
+            for _ in range(micro_batches)
+        ]
         positions = torch.arange(seq, device=device).unsqueeze(0).expand(micro_batch_size, -1)
         ddp.train()
         with current_device_on_cpu():
             losses, times, skipped = _train(ddp, optimizer, batches, positions, max(warmup, 1), iterations)
         reserved = float(torch.cuda.max_memory_reserved()) if cuda else None
         allocated = float(torch.cuda.max_memory_allocated()) if cuda else None
-        return TrainingRun(plan=plan, optimizer=optimizer_name(optimizer), losses=tuple(losses),
-                           iteration_times_s=tuple(times), time_per_iteration_s=statistics.median(times),
-                           peak_reserved_bytes=reserved, peak_allocated_bytes=allocated, skipped_steps=skipped)
+        return TrainingRun(
+            plan=plan,
+            optimizer=optimizer_name(optimizer),
+            losses=tuple(losses),
+            iteration_times_s=tuple(times),
+            time_per_iteration_s=statistics.median(times),
+            peak_reserved_bytes=reserved,
+            peak_allocated_bytes=allocated,
+            skipped_steps=skipped,
+        )
     finally:
         del ddp, optimizer
         parallel_state.destroy_model_parallel()
         _free_cached_memory()
 
 
-def calibrate(profile: Profile, model: ModelSpec, training: TrainingSpec, layers: int, micro_batch_size: int,
-              micro_batches: int, warmup: int, iterations: int,
-              report: list[str] | None = None) -> tuple[Profile, TrainingRun | None]:
+def calibrate(
+    profile: Profile,
+    model: ModelSpec,
+    training: TrainingSpec,
+    layers: int,
+    micro_batch_size: int,
+    micro_batches: int,
+    warmup: int,
+    iterations: int,
+    report: list[str] | None = None,
+) -> tuple[Profile, TrainingRun | None]:
     """`profile` with a Calibration fitted to one whole-model run of `model` cut to `layers` transformer
     layers (run_training), and the run. Skipped with a note with several ranks (every rank must call it;
     none runs). A run that cannot be made (architecture, out of memory, a failure in megatron-core) or fitted
@@ -328,8 +395,10 @@ def calibrate(profile: Profile, model: ModelSpec, training: TrainingSpec, layers
     run, problem = None, None
     world = dist.get_world_size()
     if world > 1:
-        problem = (f"not calibrated: the calibration run needs one process (world size {world}); run the "
-                   f"profiler single-process for it")
+        problem = (
+            f"not calibrated: the calibration run needs one process (world size {world}); run the "
+            f"profiler single-process for it"
+        )
     else:
         try:
             small = reduced_model(model, layers)
@@ -343,19 +412,26 @@ def calibrate(profile: Profile, model: ModelSpec, training: TrainingSpec, layers
             problem = f"not calibrated: the run failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
     if run is not None:
         kernels = choose_kernels(training.flash_attention)
-        what = (f"megatron-core GPTModel of {layers} layer(s), micro-batch {micro_batch_size} x {micro_batches}, "
-                f"{iterations} iterations after {max(warmup, 1)} warmup")
+        what = (
+            f"megatron-core GPTModel of {layers} layer(s), micro-batch {micro_batch_size} x {micro_batches}, "
+            f"{iterations} iterations after {max(warmup, 1)} warmup"
+        )
         source = f"uniap-megatron profile: megatron-core {_mcore_version()} run of {what}"
         try:
-            fitted = fit([run.measurement(f"megatron {small.name} mbs {micro_batch_size}x{micro_batches}")],
-                         profile, source=source).profile
+            fitted = fit(
+                [run.measurement(f"megatron {small.name} mbs {micro_batch_size}x{micro_batches}")],
+                profile,
+                source=source,
+            ).profile
         except ProfileError as exc:
             problem = f"not calibrated: {exc.message}"
         else:
             report += report_lines(fitted.calibration, what, run.skipped_steps)
             wrappers = "Float16Module + " if _cuda() and training.precision != "fp32" else ""
-            note = (f"calibration: whole-model run of {what} ({kernels.spec_label}, attention {kernels.attention}; "
-                    f"{wrappers}DistributedDataParallel with fp32 gradient buffer + {run.optimizer})")
+            note = (
+                f"calibration: whole-model run of {what} ({kernels.spec_label}, attention {kernels.attention}; "
+                f"{wrappers}DistributedDataParallel with fp32 gradient buffer + {run.optimizer})"
+            )
             profile = replace(fitted, notes="; ".join(n for n in (profile.notes, note) if n))
     if problem is not None:
         if dist.get_rank() == 0:

@@ -4,6 +4,7 @@ to training logs (`calibrate`), list presets.
 Exit codes: 0 success; 1 internal error (a bug: please report); 2 invalid input (spec, preset, file,
 profile, option); 3 no plan fits in memory; 4 time limit reached before any plan was found.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,20 @@ log = logging.getLogger("uniap")
 DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_BATCH = "llama2-7b", "dgx-a100-80g", 512
 
 
-JOB_DEFAULTS = {"model": DEFAULT_MODEL, "cluster": DEFAULT_CLUSTER, "global_batch_size": DEFAULT_BATCH,
-                "precision": "bf16", "target": "generic"}
+JOB_DEFAULTS = {
+    "model": DEFAULT_MODEL,
+    "cluster": DEFAULT_CLUSTER,
+    "global_batch_size": DEFAULT_BATCH,
+    "precision": "bf16",
+    "target": "generic",
+}
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job")
-    g.add_argument("--model",
-                   help=f"preset, uniap YAML/JSON spec, or Hugging Face config.json (default {DEFAULT_MODEL})")
+    g.add_argument(
+        "--model", help=f"preset, uniap YAML/JSON spec, or Hugging Face config.json (default {DEFAULT_MODEL})"
+    )
     g.add_argument("--cluster", help=f"preset or YAML/JSON file (default {DEFAULT_CLUSTER})")
     g.add_argument("--nodes", type=int, help="number of nodes (default: the cluster's)")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the cluster's)")
@@ -47,11 +54,17 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
     g.add_argument("--decoder-seq-length", type=int, help="target length of an encoder-decoder model")
     g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default bf16")
-    g.add_argument("--no-flash-attention", action="store_true",
-                   help="the attention kernel keeps the s x s score matrix (adds selective recompute)")
-    g.add_argument("--no-fused-kernels", action="store_true",
-                   help="Megatron-LM without Transformer Engine or Apex: torch's foreach AdamW (+4 bytes per "
-                        "parameter at the step) and unfused gradient accumulation")
+    g.add_argument(
+        "--no-flash-attention",
+        action="store_true",
+        help="the attention kernel keeps the s x s score matrix (adds selective recompute)",
+    )
+    g.add_argument(
+        "--no-fused-kernels",
+        action="store_true",
+        help="Megatron-LM without Transformer Engine or Apex: torch's foreach AdamW (+4 bytes per "
+        "parameter at the step) and unfused gradient accumulation",
+    )
     g.add_argument("--target", help=f"what the plan must run on: {', '.join(known_targets())} (default generic)")
     g.add_argument("--profile", help="measured profile JSON (default: analytic estimate from the cluster)")
 
@@ -63,15 +76,21 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-EVALUATE_CONFIG = (("--tp", int, 1, "tensor-parallel degree"), ("--pp", int, 1, "pipeline degree"),
-                   ("--micro-batch-size", int, 1, "samples per replica per micro-batch"))
+EVALUATE_CONFIG = (
+    ("--tp", int, 1, "tensor-parallel degree"),
+    ("--pp", int, 1, "pipeline degree"),
+    ("--micro-batch-size", int, 1, "samples per replica per micro-batch"),
+)
 EVALUATE_DEFAULTS = {"tp": 1, "pp": 1, "micro_batch_size": 1, "zero": 0, "recompute": "none"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uniap", description=__doc__.splitlines()[0],
-                                     epilog="exit codes: 0 ok, 1 internal error, 2 invalid input, "
-                                            "3 no plan fits in memory, 4 time limit before any plan")
+    parser = argparse.ArgumentParser(
+        prog="uniap",
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 ok, 1 internal error, 2 invalid input, "
+        "3 no plan fits in memory, 4 time limit before any plan",
+    )
     parser.add_argument("--version", action="version", version=f"uniap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -91,8 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="price a hand-made configuration or a saved plan with the same cost model")
     _add_job_args(p)
     g = p.add_argument_group("the configuration (or --plan)")
-    g.add_argument("--plan", help="price this saved plan JSON as it is (its model, cluster, training, split and "
-                                  "strategies; only --profile applies on top)")
+    g.add_argument(
+        "--plan",
+        help="price this saved plan JSON as it is (its model, cluster, training, split and "
+        "strategies; only --profile applies on top)",
+    )
     for name, kind, default, text in EVALUATE_CONFIG:
         g.add_argument(name, type=kind, help=f"{text} (default {default})")
     g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 0)")
@@ -100,15 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", help="transformer layers per stage, e.g. 9,8,8,7 (default: even)")
     _add_output_args(p)
 
-    p = sub.add_parser("calibrate", help="fit the cost model to training logs of plans that ran; write a profile",
-                       description="Read Megatron-LM or DeepSpeed training logs (their time per iteration and memory "
-                                   "lines) with the plan each ran, fit the compute scale and the reserved/allocated "
-                                   "memory ratio, print the prediction error before and after, and write a profile "
-                                   "that `--profile` reads.")
+    p = sub.add_parser(
+        "calibrate",
+        help="fit the cost model to training logs of plans that ran; write a profile",
+        description="Read Megatron-LM or DeepSpeed training logs (their time per iteration and memory "
+        "lines) with the plan each ran, fit the compute scale and the reserved/allocated "
+        "memory ratio, print the prediction error before and after, and write a profile "
+        "that `--profile` reads.",
+    )
     p.add_argument("--log", action="append", required=True, help="training log (repeat, paired with --plan in order)")
     p.add_argument("--plan", action="append", required=True, help="the plan JSON that produced the log")
-    p.add_argument("--profile", help="a measured profile to keep (its layer times and bandwidths); its old "
-                                     "calibration is replaced")
+    p.add_argument(
+        "--profile", help="a measured profile to keep (its layer times and bandwidths); its old calibration is replaced"
+    )
     p.add_argument("--framework", choices=("megatron", "deepspeed"), help="the log's framework (default: detected)")
     p.add_argument("--skip-warmup", type=int, help="leading logged intervals to ignore (default: the warm-up ones)")
     _add_output_args(p)
@@ -123,12 +149,23 @@ def _job(args):
             setattr(args, name, default)
     model = load_model(args.model)
     cluster = load_cluster(args.cluster, args.nodes, args.gpus_per_node)
-    training = training_spec(model, args.global_batch_size, args.seq_length, precision=args.precision,
-                             flash_attention=not args.no_flash_attention, decoder_seq_length=args.decoder_seq_length,
-                             fused_kernels=not args.no_fused_kernels)
+    training = training_spec(
+        model,
+        args.global_batch_size,
+        args.seq_length,
+        precision=args.precision,
+        flash_attention=not args.no_flash_attention,
+        decoder_seq_length=args.decoder_seq_length,
+        fused_kernels=not args.no_fused_kernels,
+    )
     capability_for(args.target)  # an unknown target is an input error before anything is solved
-    return Job(model=model, cluster=cluster, training=training, target=args.target,
-               profile=Profile.load(args.profile) if args.profile else None)
+    return Job(
+        model=model,
+        cluster=cluster,
+        training=training,
+        target=args.target,
+        profile=Profile.load(args.profile) if args.profile else None,
+    )
 
 
 def _check_output(args) -> None:
@@ -153,14 +190,21 @@ def cmd_plan(args) -> int:
         raise SpecError("--time-limit must be positive")
     if not 0 <= args.gap < 1:
         raise SpecError("--gap must be in [0, 1)")
-    pins = Pins(tp=args.tp, pipeline_degree=args.pp, zero=args.zero, recompute=args.recompute,
-                micro_batch_per_replica=args.micro_batch_size)
+    pins = Pins(
+        tp=args.tp,
+        pipeline_degree=args.pp,
+        zero=args.zero,
+        recompute=args.recompute,
+        micro_batch_per_replica=args.micro_batch_size,
+    )
     job = replace(_job(args), pins=pins)
     plan, outcome = solve(job, time_limit=args.time_limit, gap=args.gap, progress=None if not args.json else False)
     _emit(plan, args, "uniap plan")
     if outcome.status != "optimal":
-        print(f"uniap: warning: stopped at the time limit; best plan found is within {outcome.gap * 100:.2f}% "
-              f"of optimal", file=sys.stderr)
+        print(
+            f"uniap: warning: stopped at the time limit; best plan found is within {outcome.gap * 100:.2f}% of optimal",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -172,34 +216,65 @@ def cmd_evaluate(args) -> int:
         if getattr(args, name) is None:
             setattr(args, name, default)
     job = _job(args)
-    plan, pred = configure(job.model, job.cluster, job.training, job.target, args.tp, args.pp, args.micro_batch_size,
-                           args.zero, args.recompute, _split(args.split, args.pp) if args.split else None, job.profile)
+    plan, pred = configure(
+        job.model,
+        job.cluster,
+        job.training,
+        job.target,
+        args.tp,
+        args.pp,
+        args.micro_batch_size,
+        args.zero,
+        args.recompute,
+        _split(args.split, args.pp) if args.split else None,
+        job.profile,
+    )
     return _emit_priced(plan, pred, args)
 
 
 def _evaluate_plan(args) -> int:
     """`evaluate --plan`: the saved plan as it is, priced with today's cost model (and --profile)."""
-    given = [f"--{name.replace('_', '-')}" for name in (*JOB_DEFAULTS, *EVALUATE_DEFAULTS, "nodes", "gpus_per_node",
-                                                          "seq_length", "decoder_seq_length", "split")
-             if getattr(args, name) is not None]
-    given += [flag for flag, on in (("--no-flash-attention", args.no_flash_attention),
-                                    ("--no-fused-kernels", args.no_fused_kernels)) if on]
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in (
+            *JOB_DEFAULTS,
+            *EVALUATE_DEFAULTS,
+            "nodes",
+            "gpus_per_node",
+            "seq_length",
+            "decoder_seq_length",
+            "split",
+        )
+        if getattr(args, name) is not None
+    ]
+    given += [
+        flag
+        for flag, on in (
+            ("--no-flash-attention", args.no_flash_attention),
+            ("--no-fused-kernels", args.no_fused_kernels),
+        )
+        if on
+    ]
     if given:
-        raise SpecError(f"--plan prices the saved plan as it is; it cannot be combined with {', '.join(given)}",
-                        "drop those options, or re-plan with them")
+        raise SpecError(
+            f"--plan prices the saved plan as it is; it cannot be combined with {', '.join(given)}",
+            "drop those options, or re-plan with them",
+        )
     saved = Plan.load(args.plan)
     priced = price(saved, Profile.load(args.profile) if args.profile else None)
-    plan = make_plan(priced.sub, priced.stage_of, priced.strategy_of, priced.prediction, saved.model, {},
-                     saved.pins)
+    plan = make_plan(priced.sub, priced.stage_of, priced.strategy_of, priced.prediction, saved.model, {}, saved.pins)
     return _emit_priced(plan, priced.prediction, args)
 
 
 def _emit_priced(plan: Plan, pred, args) -> int:
     _emit(plan, args, "uniap evaluate")
     if not pred.fits:
-        worst = max(pred.stage_memory) / 2 ** 30
-        print(f"uniap: warning: this configuration does not fit: its fullest stage needs {worst:.1f} GiB of "
-              f"{pred.memory_capacity / 2 ** 30:.1f} GiB usable", file=sys.stderr)
+        worst = max(pred.stage_memory) / 2**30
+        print(
+            f"uniap: warning: this configuration does not fit: its fullest stage needs {worst:.1f} GiB of "
+            f"{pred.memory_capacity / 2**30:.1f} GiB usable",
+            file=sys.stderr,
+        )
         return EXIT_INFEASIBLE
     return EXIT_OK
 
@@ -226,10 +301,15 @@ def cmd_calibrate(args) -> int:
         plan = Plan.load(plan_path)
         batch = plan.training.global_batch_size
         found = read_log(log_path, framework=args.framework, skip_warmup=args.skip_warmup, train_batch_size=batch)
-        measurements.append(Measurement(label=Path(log_path).name, plan=plan,
-                                        time_per_iteration_s=found.time_per_iteration_s,
-                                        peak_reserved_bytes=found.peak_reserved_bytes,
-                                        peak_allocated_bytes=found.peak_allocated_bytes))
+        measurements.append(
+            Measurement(
+                label=Path(log_path).name,
+                plan=plan,
+                time_per_iteration_s=found.time_per_iteration_s,
+                peak_reserved_bytes=found.peak_reserved_bytes,
+                peak_allocated_bytes=found.peak_allocated_bytes,
+            )
+        )
     base = Profile.load(args.profile) if args.profile else None
     result = fit(measurements, base, source=f"uniap calibrate on {', '.join(Path(p).name for p in args.log)}")
     if args.output:
@@ -250,11 +330,14 @@ def cmd_presets(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
-        return {"plan": cmd_plan, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate,
-                "presets": cmd_presets}[args.command](args)
+        return {"plan": cmd_plan, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "presets": cmd_presets}[
+            args.command
+        ](args)
     except UniapError as exc:
         print(f"uniap: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -267,8 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug, not the user's input
         if getattr(args, "verbose", False):
             raise
-        print(f"uniap: internal error (a bug, please report it with -v output): {type(exc).__name__}: {exc}",
-              file=sys.stderr)
+        print(
+            f"uniap: internal error (a bug, please report it with -v output): {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

@@ -2,6 +2,7 @@
 
 The CLI prints the message (no traceback) and exits with the code. Codes are documented in README.
 """
+
 from __future__ import annotations
 
 EXIT_OK = 0

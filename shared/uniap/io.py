@@ -1,4 +1,5 @@
 """File I/O shared by every loader: text that fails cleanly, YAML/JSON mappings, atomic JSON writes."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ def read_mapping(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"{what} file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                        f"{str(exc).splitlines()[0]}") from None
+        raise SpecError(
+            f"{what} file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     if not isinstance(data, dict):
         raise SpecError(f"{what} file {path} must hold a mapping of fields, not {type(data).__name__}")
     return data

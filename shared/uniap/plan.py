@@ -5,6 +5,7 @@ Named after the paper's quantities: pipeline degree `deg`, micro-batch count `c`
 per-stage parts; the basis of every number (measured profile or analytic estimate); the solver's
 status, gap and time per subproblem.
 """
+
 from __future__ import annotations
 
 import json
@@ -129,9 +130,14 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data.update(model=self.model.to_dict(), cluster=self.cluster.to_dict(), training=self.training.to_dict(),
-                    layers=[{**asdict(lp), "strategy": lp.strategy.to_dict()} for lp in self.layers],
-                    stages=[asdict(sp) for sp in self.stages], pins=self.pins.to_dict())
+        data.update(
+            model=self.model.to_dict(),
+            cluster=self.cluster.to_dict(),
+            training=self.training.to_dict(),
+            layers=[{**asdict(lp), "strategy": lp.strategy.to_dict()} for lp in self.layers],
+            stages=[asdict(sp) for sp in self.stages],
+            pins=self.pins.to_dict(),
+        )
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **data}
 
     def to_json(self) -> str:
@@ -143,19 +149,26 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> "Plan":
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
-            raise SpecError(f"{source} is not a uniap plan (no \"format\": \"{PLAN_FORMAT}\")",
-                            "create one with `uniap plan ... -o plan.json`")
+            raise SpecError(
+                f'{source} is not a uniap plan (no "format": "{PLAN_FORMAT}")',
+                "create one with `uniap plan ... -o plan.json`",
+            )
         if data.get("version") not in READABLE_VERSIONS:
-            raise SpecError(f"{source} has plan version {data.get('version')!r}; this uniap reads versions "
-                            f"{', '.join(map(str, READABLE_VERSIONS))}", "re-plan with this uniap version")
+            raise SpecError(
+                f"{source} has plan version {data.get('version')!r}; this uniap reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}",
+                "re-plan with this uniap version",
+            )
         body = _upgrade({k: v for k, v in data.items() if k not in ("format", "version")}, data["version"])
         try:
             body["model"] = ModelSpec.from_dict(body["model"])
             body["cluster"] = ClusterSpec.from_dict(body["cluster"])
             body["training"] = TrainingSpec.from_dict(body["training"])
             body["pins"] = Pins(**body.get("pins", {}))
-            body["layers"] = [LayerPlan(name=lp["name"], kind=lp["kind"], stage=lp["stage"],
-                                        strategy=Strategy(**lp["strategy"])) for lp in body["layers"]]
+            body["layers"] = [
+                LayerPlan(name=lp["name"], kind=lp["kind"], stage=lp["stage"], strategy=Strategy(**lp["strategy"]))
+                for lp in body["layers"]
+            ]
             body["stages"] = [StagePlan(**sp) for sp in body["stages"]]
             return cls(**body)
         except (KeyError, TypeError) as exc:
@@ -188,8 +201,15 @@ def model_flops_per_iteration(sub: Subproblem) -> float:
     return 3.0 * sum(layer.flops_fwd for layer in sub.graph.layers) * sub.training.global_batch_size
 
 
-def make_plan(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy], pred: Prediction,
-              model: ModelSpec, solver: dict[str, Any], pins: Pins = NO_PINS) -> Plan:
+def make_plan(
+    sub: Subproblem,
+    stage_of: list[int],
+    strategy_of: list[Strategy],
+    pred: Prediction,
+    model: ModelSpec,
+    solver: dict[str, Any],
+    pins: Pins = NO_PINS,
+) -> Plan:
     """Assemble the Plan for one priced assignment."""
     g = sub.graph
     layers = [LayerPlan(layer.name, layer.kind, stage_of[u], strategy_of[u]) for u, layer in enumerate(g.layers)]
@@ -197,12 +217,21 @@ def make_plan(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy],
     for i in range(sub.deg):
         members = [lp.name for lp in layers if lp.stage == i]
         mem = pred.stage_breakdown[i]
-        stages.append(StagePlan(index=i, first_layer=members[0], last_layer=members[-1], num_layers=len(members),
-                                time_per_microbatch=pred.stage_time[i],
-                                time_per_iteration_extra=pred.stage_iteration_time[i],
-                                memory_bytes=pred.stage_memory[i], states_bytes=mem.states,
-                                activation_bytes=mem.activations, transient_bytes=mem.transients,
-                                step_bytes=mem.step_states))
+        stages.append(
+            StagePlan(
+                index=i,
+                first_layer=members[0],
+                last_layer=members[-1],
+                num_layers=len(members),
+                time_per_microbatch=pred.stage_time[i],
+                time_per_iteration_extra=pred.stage_iteration_time[i],
+                memory_bytes=pred.stage_memory[i],
+                states_bytes=mem.states,
+                activation_bytes=mem.activations,
+                transient_bytes=mem.transients,
+                step_bytes=mem.step_states,
+            )
+        )
     tpi = pred.time_per_iteration
     samples = sub.training.global_batch_size / tpi
     c = sub.cluster
@@ -216,15 +245,30 @@ def make_plan(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy],
         "overlap": cm.overlap_basis,
         "activations": _basis({cost.activation_basis for cost in costs if cost.activation_bytes}),
         "memory": f"{sub.capability.accounting.name} states, reserved = allocated x{cm.reserved_per_allocated:.3g} "
-                  f"{cm.reserved_basis}",
+        f"{cm.reserved_basis}",
     }
-    return Plan(target=sub.capability.name, model=model, cluster=c, training=sub.training,
-                pipeline_degree=sub.deg, micro_batches=sub.c, micro_batch_all_replicas=sub.micro_batch_all_replicas,
-                devices_per_stage=sub.stage_devices, layers=layers, stages=stages,
-                boundary_time=pred.boundary_time, time_per_iteration=tpi, samples_per_second=samples,
-                tokens_per_second=samples * g.tokens_per_sample, mfu=mfu,
-                memory_capacity_bytes=pred.memory_capacity, basis=basis, solver=solver, pins=pins,
-                reserved_per_allocated=pred.reserved_per_allocated)
+    return Plan(
+        target=sub.capability.name,
+        model=model,
+        cluster=c,
+        training=sub.training,
+        pipeline_degree=sub.deg,
+        micro_batches=sub.c,
+        micro_batch_all_replicas=sub.micro_batch_all_replicas,
+        devices_per_stage=sub.stage_devices,
+        layers=layers,
+        stages=stages,
+        boundary_time=pred.boundary_time,
+        time_per_iteration=tpi,
+        samples_per_second=samples,
+        tokens_per_second=samples * g.tokens_per_sample,
+        mfu=mfu,
+        memory_capacity_bytes=pred.memory_capacity,
+        basis=basis,
+        solver=solver,
+        pins=pins,
+        reserved_per_allocated=pred.reserved_per_allocated,
+    )
 
 
 def _basis(bases: set[str]) -> str:

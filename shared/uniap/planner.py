@@ -8,6 +8,7 @@
 - `price` rebuilds a saved plan's job and evaluates its exact assignment with today's cost model and an
   optional profile (any split the planner can emit, a stage with only the head included).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,8 +38,9 @@ def training_spec(model: ModelSpec, global_batch_size: int, seq_length: int | No
     rest); SpecError names a field that breaks a rule, including one that involves the model."""
     if seq_length is not None and (not isinstance(seq_length, int) or seq_length < 1):
         raise SpecError(f"invalid sequence length: must be a positive integer (got {seq_length!r})")
-    training = TrainingSpec(global_batch_size=global_batch_size, seq_length=seq_length or default_seq_length(model),
-                            **fields)
+    training = TrainingSpec(
+        global_batch_size=global_batch_size, seq_length=seq_length or default_seq_length(model), **fields
+    )
     training.check_against(model)
     return training
 
@@ -72,39 +74,59 @@ def check_pins(job: Job, graph: LayerGraph) -> None:
     hint = f"drop the pin to let the planner choose, or change it (target '{job.target}')"
     if p.tp is not None:
         if p.tp > node or node % p.tp or world % p.tp:
-            raise SpecError(f"{flags['tp']} {p.tp} does not divide the {node} GPUs per node (tensor parallelism "
-                            f"stays inside a node; {world} GPUs in all)", hint)
+            raise SpecError(
+                f"{flags['tp']} {p.tp} does not divide the {node} GPUs per node (tensor parallelism "
+                f"stays inside a node; {world} GPUs in all)",
+                hint,
+            )
         seq = graph.divisibility.get("sequence_length", 0)
         if p.tp > 1 and seq % p.tp:
-            raise SpecError(f"{flags['tp']} {p.tp} does not divide the sequence length {seq} (sequence parallelism "
-                            f"splits the sequence over the TP ranks)", hint)
+            raise SpecError(
+                f"{flags['tp']} {p.tp} does not divide the sequence length {seq} (sequence parallelism "
+                f"splits the sequence over the TP ranks)",
+                hint,
+            )
         if not tp_fits_layer(p.tp, graph.divisibility, TRANSFORMER):
             d = graph.divisibility
-            raise SpecError(f"{flags['tp']} {p.tp} does not split the transformer layers: attention heads "
-                            f"{d['num_attention_heads']}, query groups {d['num_query_groups']} and FFN size "
-                            f"{d['ffn_hidden_size']} must be divisible by it (query groups: or divide it)", hint)
+            raise SpecError(
+                f"{flags['tp']} {p.tp} does not split the transformer layers: attention heads "
+                f"{d['num_attention_heads']}, query groups {d['num_query_groups']} and FFN size "
+                f"{d['ffn_hidden_size']} must be divisible by it (query groups: or divide it)",
+                hint,
+            )
     if p.pipeline_degree is not None:
         if world % (p.pipeline_degree * (p.tp or 1)):
-            raise SpecError(f"{flags['pipeline_degree']} {p.pipeline_degree}"
-                            + (f" x {flags['tp']} {p.tp}" if p.tp else "") + f" does not divide the {world} GPUs",
-                            hint)
+            raise SpecError(
+                f"{flags['pipeline_degree']} {p.pipeline_degree}"
+                + (f" x {flags['tp']} {p.tp}" if p.tp else "")
+                + f" does not divide the {world} GPUs",
+                hint,
+            )
         if p.pipeline_degree > len(graph.layers):
-            raise SpecError(f"{flags['pipeline_degree']} {p.pipeline_degree} exceeds the model's {len(graph.layers)} "
-                            f"layers (every pipeline stage needs at least one)", hint)
+            raise SpecError(
+                f"{flags['pipeline_degree']} {p.pipeline_degree} exceeds the model's {len(graph.layers)} "
+                f"layers (every pipeline stage needs at least one)",
+                hint,
+            )
     mbs = p.micro_batch_per_replica
     if mbs is not None:
         if gbs % mbs:
-            raise SpecError(f"{flags['micro_batch_per_replica']} {mbs} does not divide the global batch size {gbs}",
-                            hint)
+            raise SpecError(
+                f"{flags['micro_batch_per_replica']} {mbs} does not divide the global batch size {gbs}", hint
+            )
         if p.tp is not None and p.pipeline_degree is not None:
             dp = world // (p.tp * p.pipeline_degree)
             if gbs % (mbs * dp):
-                raise SpecError(f"the global batch size {gbs} is not a multiple of {flags['micro_batch_per_replica']} "
-                                f"{mbs} x the data-parallel size {dp}", hint)
+                raise SpecError(
+                    f"the global batch size {gbs} is not a multiple of {flags['micro_batch_per_replica']} "
+                    f"{mbs} x the data-parallel size {dp}",
+                    hint,
+                )
 
 
-def plan(job: Job, time_limit: float | None = None, gap: float = DEFAULT_GAP,
-         progress: bool | None = None) -> tuple[Plan, Outcome]:
+def plan(
+    job: Job, time_limit: float | None = None, gap: float = DEFAULT_GAP, progress: bool | None = None
+) -> tuple[Plan, Outcome]:
     """The optimal plan of `job` (or the best found within `time_limit`) and the search's outcome; raises
     InfeasibleError when no plan fits, SolverTimeLimitError when time ran out before any plan."""
     graph = build_graph(job.model, job.training)
@@ -112,11 +134,21 @@ def plan(job: Job, time_limit: float | None = None, gap: float = DEFAULT_GAP,
     capability.check_pins(job.pins)  # what the framework cannot run, in its own words, first
     check_pins(job, graph)
     cost_model = CostModel(job.cluster, job.training, job.profile)
-    outcome = optimize(graph, job.cluster, job.training, capability, cost_model, pins=job.pins,
-                       time_limit=time_limit, gap=gap, progress=progress)
+    outcome = optimize(
+        graph,
+        job.cluster,
+        job.training,
+        capability,
+        cost_model,
+        pins=job.pins,
+        time_limit=time_limit,
+        gap=gap,
+        progress=progress,
+    )
     best = outcome.best
-    made = make_plan(outcome.sub, best.stage_of, best.strategy_of, outcome.prediction, job.model,
-                     outcome.solver_report(), job.pins)
+    made = make_plan(
+        outcome.sub, best.stage_of, best.strategy_of, outcome.prediction, job.model, outcome.solver_report(), job.pins
+    )
     return made, outcome
 
 
@@ -136,18 +168,38 @@ def price(plan: Plan, profile: Profile | None = None) -> PricedPlan:
     graph = build_graph(model, training)
     names = [layer.name for layer in graph.layers]
     if [lp.name for lp in plan.layers] != names:
-        raise SpecError(f"the plan lists {len(plan.layers)} layers that do not match its model's "
-                        f"{len(names)} ({names[0]} .. {names[-1]})", "re-plan with this uniap version")
-    sub = build_subproblem(graph, cluster, training, capability_for(plan.target), CostModel(cluster, training, profile),
-                           plan.pipeline_degree, plan.micro_batches)
+        raise SpecError(
+            f"the plan lists {len(plan.layers)} layers that do not match its model's "
+            f"{len(names)} ({names[0]} .. {names[-1]})",
+            "re-plan with this uniap version",
+        )
+    sub = build_subproblem(
+        graph,
+        cluster,
+        training,
+        capability_for(plan.target),
+        CostModel(cluster, training, profile),
+        plan.pipeline_degree,
+        plan.micro_batches,
+    )
     stage_of = [lp.stage for lp in plan.layers]
     strategy_of = [lp.strategy for lp in plan.layers]
     return PricedPlan(sub, stage_of, strategy_of, evaluate(sub, stage_of, strategy_of))
 
 
-def configure(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, target: str = "generic", tp: int = 1,
-              pp: int = 1, micro_batch_size: int = 1, zero: int = 0, recompute: str = "none",
-              split: list[int] | None = None, profile: Profile | None = None) -> tuple[Plan, Prediction]:
+def configure(
+    model: ModelSpec,
+    cluster: ClusterSpec,
+    training: TrainingSpec,
+    target: str = "generic",
+    tp: int = 1,
+    pp: int = 1,
+    micro_batch_size: int = 1,
+    zero: int = 0,
+    recompute: str = "none",
+    split: list[int] | None = None,
+    profile: Profile | None = None,
+) -> tuple[Plan, Prediction]:
     """The plan of one configuration as Megatron-LM names it (TP, PP, micro-batch size per replica, DP =
     GPUs / (TP x PP)), every transformer layer alike, the split even unless `split` lists transformer
     layers per stage; SpecError names the rule a configuration breaks."""
@@ -155,23 +207,36 @@ def configure(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, ta
         raise SpecError("tp, pp and the micro-batch size must be positive")
     n = cluster.num_gpus
     if n % (tp * pp):
-        raise SpecError(f"the {n} GPUs are not divisible by tp*pp = {tp * pp}",
-                        "choose degrees whose product divides the GPU count")
+        raise SpecError(
+            f"the {n} GPUs are not divisible by tp*pp = {tp * pp}", "choose degrees whose product divides the GPU count"
+        )
     dp = n // (tp * pp)
     micro_batch = micro_batch_size * dp
     if training.global_batch_size % micro_batch:
-        raise SpecError(f"global batch {training.global_batch_size} is not divisible by micro-batch-size x dp = "
-                        f"{micro_batch_size} x {dp}", "change the global batch size or the micro-batch size")
+        raise SpecError(
+            f"global batch {training.global_batch_size} is not divisible by micro-batch-size x dp = "
+            f"{micro_batch_size} x {dp}",
+            "change the global batch size or the micro-batch size",
+        )
     if zero and dp == 1:
         raise SpecError(f"ZeRO stage {zero} needs data parallelism, but dp = 1 here")
     graph = build_graph(model, training)
     pins = Pins(tp=tp, pipeline_degree=pp, zero=zero, recompute=recompute, micro_batch_per_replica=micro_batch_size)
-    sub = build_subproblem(graph, cluster, training, capability_for(target), CostModel(cluster, training, profile),
-                           pp, training.global_batch_size // micro_batch, pins)
+    sub = build_subproblem(
+        graph,
+        cluster,
+        training,
+        capability_for(target),
+        CostModel(cluster, training, profile),
+        pp,
+        training.global_batch_size // micro_batch,
+        pins,
+    )
     stage_of = split_by_counts(graph, split) if split else even_split(graph, pp)
-    strategy_of = [Strategy(tp, dp, zero if dp > 1 else 0,
-                            recompute if layer.kind in TRANSFORMER_KINDS else "none")
-                   for layer in graph.layers]
+    strategy_of = [
+        Strategy(tp, dp, zero if dp > 1 else 0, recompute if layer.kind in TRANSFORMER_KINDS else "none")
+        for layer in graph.layers
+    ]
     check_assignment(sub, stage_of, strategy_of)
     prediction = evaluate(sub, stage_of, strategy_of)
     return make_plan(sub, stage_of, strategy_of, prediction, model, {}), prediction

@@ -1,4 +1,5 @@
 """Human-readable summaries of plans and predictions (the CLI's table)."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -7,10 +8,16 @@ from .model.graph import TRANSFORMER_KINDS
 from .plan import Plan
 from .profile.schema import Calibration
 
-GiB = 2 ** 30
+GiB = 2**30
 # How the table names each pin (Pins fields), in the terms Megatron-LM and DeepSpeed users know.
-PIN_WORDS = {"tp": "TP", "pipeline_degree": "PP", "zero": "ZeRO", "recompute": "recompute",
-             "micro_batch_per_replica": "micro-batch size", "micro_batches": "micro-batches"}
+PIN_WORDS = {
+    "tp": "TP",
+    "pipeline_degree": "PP",
+    "zero": "ZeRO",
+    "recompute": "recompute",
+    "micro_batch_per_replica": "micro-batch size",
+    "micro_batches": "micro-batches",
+}
 
 
 def _seconds(t: float) -> str:
@@ -18,10 +25,8 @@ def _seconds(t: float) -> str:
 
 
 def describe_stage(plan: Plan, stage: int) -> str:
-    counts = Counter(lp.strategy.label for lp in plan.layers if lp.stage == stage
-                     and lp.kind in TRANSFORMER_KINDS)
-    others = Counter(lp.strategy.label for lp in plan.layers if lp.stage == stage
-                     and lp.kind not in TRANSFORMER_KINDS)
+    counts = Counter(lp.strategy.label for lp in plan.layers if lp.stage == stage and lp.kind in TRANSFORMER_KINDS)
+    others = Counter(lp.strategy.label for lp in plan.layers if lp.stage == stage and lp.kind not in TRANSFORMER_KINDS)
     text = ", ".join(f"{n}x {label}" for label, n in counts.most_common())
     if others:
         text += ("; " if text else "") + "other: " + ", ".join(f"{label}" for label in others)
@@ -39,8 +44,10 @@ def batch_line(plan: Plan) -> str:
     steps = plural(plan.micro_batches, "micro-batch")
     if plan.uniform_strategy is None:  # layers differ in data-parallel size (generic target)
         return f"{head}; {steps} of {plan.micro_batch_all_replicas} samples over all replicas per iteration"
-    return (f"{head}, data-parallel size {plan.data_parallel_size}; micro-batch size {plan.micro_batch_per_replica} "
-            f"per replica x {steps} per iteration (accumulation steps)")
+    return (
+        f"{head}, data-parallel size {plan.data_parallel_size}; micro-batch size {plan.micro_batch_per_replica} "
+        f"per replica x {steps} per iteration (accumulation steps)"
+    )
 
 
 def _memory_note(plan: Plan) -> list[str]:
@@ -48,10 +55,12 @@ def _memory_note(plan: Plan) -> list[str]:
     full = max(plan.stages, key=lambda s: s.memory_bytes)
     if full.states_bytes is None or plan.reserved_per_allocated is None:
         return []
-    return [f"  memory of stage {full.index}, GiB per GPU: {full.states_bytes / GiB:.1f} model states + "
-            f"{full.activation_bytes / GiB:.1f} activations + {full.transient_bytes / GiB:.1f} peaks while computing,",
-            f"    {full.step_bytes / GiB:.1f} at the optimizer step; reserved = the larger phase x"
-            f"{plan.reserved_per_allocated:.3g} (allocator), of {plan.memory_capacity_bytes / GiB:.1f} usable"]
+    return [
+        f"  memory of stage {full.index}, GiB per GPU: {full.states_bytes / GiB:.1f} model states + "
+        f"{full.activation_bytes / GiB:.1f} activations + {full.transient_bytes / GiB:.1f} peaks while computing,",
+        f"    {full.step_bytes / GiB:.1f} at the optimizer step; reserved = the larger phase x"
+        f"{plan.reserved_per_allocated:.3g} (allocator), of {plan.memory_capacity_bytes / GiB:.1f} usable",
+    ]
 
 
 def render(plan: Plan, title: str) -> str:
@@ -69,14 +78,19 @@ def render(plan: Plan, title: str) -> str:
     cap = plan.memory_capacity_bytes / GiB
     for s in plan.stages:
         span = f"{s.first_layer}..{s.last_layer} ({s.num_layers})"
-        lines.append(f"  {s.index:>5}  {span:<34} {_seconds(s.time_per_microbatch):>16}  "
-                     f"{s.memory_bytes / GiB:>6.1f} / {cap:<5.1f}  {describe_stage(plan, s.index)}")
+        lines.append(
+            f"  {s.index:>5}  {span:<34} {_seconds(s.time_per_microbatch):>16}  "
+            f"{s.memory_bytes / GiB:>6.1f} / {cap:<5.1f}  {describe_stage(plan, s.index)}"
+        )
     lines += _memory_note(plan)
     if plan.solver:
         sv = plan.solver
         counts = ", ".join(f"{n} {k}" for k, n in sorted(sv.get("subproblem_counts", {}).items()))
-        lines += ["", f"  solver: {sv['status']} (gap {sv['gap'] * 100:.3f}%), {len(sv.get('subproblems', []))} "
-                      f"subproblems ({counts}), {sv['seconds']:.2f} s"]
+        lines += [
+            "",
+            f"  solver: {sv['status']} (gap {sv['gap'] * 100:.3f}%), {len(sv.get('subproblems', []))} "
+            f"subproblems ({counts}), {sv['seconds']:.2f} s",
+        ]
     pinned = plan.pins.to_dict()
     if pinned:
         lines.append("  pinned: " + ", ".join(f"{PIN_WORDS[k]} {v}" for k, v in pinned.items()))
@@ -91,19 +105,26 @@ def _error(predicted: float | None, measured: float | None) -> str:
 
 def render_calibration(calibration: Calibration, output: str | None) -> str:
     """Per run: measured vs predicted time and peak memory, before and after the fit; the coefficients."""
-    lines = [f"uniap calibrate: compute scale {calibration.compute_scale:.4f}, reserved/allocated "
-             + (f"{calibration.reserved_per_allocated:.4f}" if calibration.reserved_per_allocated else "not fitted "
-                "(no memory in the logs)"),
-             "",
-             f"  {'run':<28} {'measured s/it':>13} {'before':>8} {'after':>8}   {'measured GiB':>12} {'before':>8} "
-             f"{'after':>8}"]
+    lines = [
+        f"uniap calibrate: compute scale {calibration.compute_scale:.4f}, reserved/allocated "
+        + (
+            f"{calibration.reserved_per_allocated:.4f}"
+            if calibration.reserved_per_allocated
+            else "not fitted (no memory in the logs)"
+        ),
+        "",
+        f"  {'run':<28} {'measured s/it':>13} {'before':>8} {'after':>8}   {'measured GiB':>12} {'before':>8} "
+        f"{'after':>8}",
+    ]
     for r in calibration.runs:
         peak = f"{r.measured_peak_bytes / GiB:.2f} {r.memory_kind[:3]}" if r.measured_peak_bytes else "-"
-        lines.append(f"  {r.label[:28]:<28} {r.measured_time_s:>13.4f} "
-                     f"{_error(r.predicted_time_s, r.measured_time_s):>8} "
-                     f"{_error(r.fitted_time_s, r.measured_time_s):>8}   {peak:>12} "
-                     f"{_error(r.predicted_peak_bytes, r.measured_peak_bytes):>8} "
-                     f"{_error(r.fitted_peak_bytes, r.measured_peak_bytes):>8}")
+        lines.append(
+            f"  {r.label[:28]:<28} {r.measured_time_s:>13.4f} "
+            f"{_error(r.predicted_time_s, r.measured_time_s):>8} "
+            f"{_error(r.fitted_time_s, r.measured_time_s):>8}   {peak:>12} "
+            f"{_error(r.predicted_peak_bytes, r.measured_peak_bytes):>8} "
+            f"{_error(r.fitted_peak_bytes, r.measured_peak_bytes):>8}"
+        )
     lines.append("  (before/after: prediction error vs the measurement, before and after the fit)")
     if output:
         lines.append(f"\n  profile written to {output}; plan with --profile {output}")

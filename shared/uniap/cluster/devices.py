@@ -10,6 +10,7 @@ recomputes the scores, hence 2.5). `layer_overhead_ms` is the fixed part of a pa
 why the time per sample falls as the micro-batch grows. Every default below says where it comes from;
 a measured profile replaces the layer times, and `uniap calibrate` fits what is left.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -36,16 +37,24 @@ class DeviceCoefficients:
         for name in ("gemm_forward", "gemm_backward", "attention", "memory"):
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and 0 < v <= 1, name, f"must be in (0, 1] (got {v!r})")
-        _require(isinstance(self.layer_overhead_ms, (int, float)) and self.layer_overhead_ms >= 0,
-                 "layer_overhead_ms", f"must be >= 0 (got {self.layer_overhead_ms!r})")
+        _require(
+            isinstance(self.layer_overhead_ms, (int, float)) and self.layer_overhead_ms >= 0,
+            "layer_overhead_ms",
+            f"must be >= 0 (got {self.layer_overhead_ms!r})",
+        )
         _require(self.basis in (MEASURED, ESTIMATED), "basis", f"must be {MEASURED} or {ESTIMATED}")
 
     def with_gemm_efficiency(self, efficiency: float) -> DeviceCoefficients:
         """These coefficients with both GEMM efficiencies set by hand (a cluster file's matmul_efficiency)."""
-        return DeviceCoefficients(gemm_forward=efficiency, gemm_backward=efficiency, attention=self.attention,
-                                  memory=self.memory, layer_overhead_ms=self.layer_overhead_ms,
-                                  source=f"matmul_efficiency {efficiency:g} set in the cluster spec; {self.source}",
-                                  basis=ESTIMATED)
+        return DeviceCoefficients(
+            gemm_forward=efficiency,
+            gemm_backward=efficiency,
+            attention=self.attention,
+            memory=self.memory,
+            layer_overhead_ms=self.layer_overhead_ms,
+            source=f"matmul_efficiency {efficiency:g} set in the cluster spec; {self.source}",
+            basis=ESTIMATED,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,33 +66,52 @@ class DeviceCoefficients:
 # sizes 1, 2, 4; `memory` fixed at 0.8 (not separable from these points). Residuals: forward -13..+8 %,
 # backward -5..+6 % (the two Llama implementations differ by 20 % in forward).
 _H200 = DeviceCoefficients(
-    gemm_forward=0.785, gemm_backward=0.76, attention=0.22, memory=0.8, layer_overhead_ms=0.07,
+    gemm_forward=0.785,
+    gemm_backward=0.76,
+    attention=0.22,
+    memory=0.8,
+    layer_overhead_ms=0.07,
     source="fitted to layer timings measured on one H200 (bf16, SDPA flash attention, 2026-11-27)",
-    basis=MEASURED)
+    basis=MEASURED,
+)
 
 # The H100 SXM is the same GH100 chip at the same tensor peak; only HBM differs (3.35 vs 4.8 TB/s), which the
 # memory term takes from the cluster spec. Not measured on an H100.
 _H100 = DeviceCoefficients(
-    gemm_forward=_H200.gemm_forward, gemm_backward=_H200.gemm_backward, attention=_H200.attention,
-    memory=_H200.memory, layer_overhead_ms=_H200.layer_overhead_ms,
+    gemm_forward=_H200.gemm_forward,
+    gemm_backward=_H200.gemm_backward,
+    attention=_H200.attention,
+    memory=_H200.memory,
+    layer_overhead_ms=_H200.layer_overhead_ms,
     source="the H200 fit applied to the H100 (same GH100 chip and tensor peak; HBM bandwidth from the "
-           "cluster spec); not measured on an H100")
+    "cluster spec); not measured on an H100",
+)
 
 # Fitted to Galvatron's measured Llama-2-7B layer forward times (hetu-galvatron, bf16, seq 2048, micro-batch
 # 1-12; residuals -2.3..+1.9 %), attention efficiency assumed 0.45 (FlashAttention-2's causal forward on an
 # A100), backward GEMMs at the H200's backward/forward ratio. The fixed 0.57 ms per layer forward is that
 # runtime's; Megatron-LM's own launch overhead was not measured.
 _A100 = DeviceCoefficients(
-    gemm_forward=0.795, gemm_backward=0.77, attention=0.45, memory=0.8, layer_overhead_ms=0.57,
+    gemm_forward=0.795,
+    gemm_backward=0.77,
+    attention=0.45,
+    memory=0.8,
+    layer_overhead_ms=0.57,
     source="fitted to Galvatron's measured A100 Llama-2-7B layer forward times (seq 2048, micro-batch 1-12); "
-           "backward and attention not measured",
-    basis=MEASURED)
+    "backward and attention not measured",
+    basis=MEASURED,
+)
 
 # Any other GPU: the A100/H200 fits' lower GEMM efficiencies, rounded down; nothing measured.
 GENERIC_DEVICE = DeviceCoefficients(
-    gemm_forward=0.7, gemm_backward=0.65, attention=0.3, memory=0.75, layer_overhead_ms=0.3,
+    gemm_forward=0.7,
+    gemm_backward=0.65,
+    attention=0.3,
+    memory=0.75,
+    layer_overhead_ms=0.3,
     source="generic defaults for an unmeasured GPU (below the A100 and H200 fits); run a profiler or "
-           "`uniap calibrate` for this GPU")
+    "`uniap calibrate` for this GPU",
+)
 
 DEVICE_COEFFICIENTS: dict[str, DeviceCoefficients] = {"H200": _H200, "H100": _H100, "A100": _A100}
 

@@ -7,6 +7,7 @@ model (uniap.cluster.devices); `matmul_efficiency`, when set, overrides the GEMM
 `gpu_memory_gib` is the capacity PyTorch reports (`total_memory`), `reserved_memory_gib` what the
 job holds outside PyTorch's caching allocator (CUDA context, NCCL buffers, library workspaces).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +20,7 @@ from ..model.spec import _from_dict, _positive_ints, _require
 from .devices import DeviceCoefficients, device_coefficients
 
 GB = 1e9
-GiB = 2 ** 30
+GiB = 2**30
 
 
 @dataclass(frozen=True)
@@ -43,22 +44,42 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("num_nodes", "gpus_per_node"))
-        for name in ("gpu_memory_gib", "peak_tflops", "hbm_bandwidth_gbps", "intra_node_bandwidth_gbps",
-                     "inter_node_bandwidth_gbps", "reserved_memory_gib", "matmul_efficiency",
-                     "intra_node_efficiency", "inter_node_efficiency", "collective_latency_us"):
+        for name in (
+            "gpu_memory_gib",
+            "peak_tflops",
+            "hbm_bandwidth_gbps",
+            "intra_node_bandwidth_gbps",
+            "inter_node_bandwidth_gbps",
+            "reserved_memory_gib",
+            "matmul_efficiency",
+            "intra_node_efficiency",
+            "inter_node_efficiency",
+            "collective_latency_us",
+        ):
             v = getattr(self, name)
             if v is None and name == "matmul_efficiency":
                 continue
-            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v != float("inf"),
-                     name, f"must be a finite number (got {v!r})")
-        for name in ("gpu_memory_gib", "peak_tflops", "hbm_bandwidth_gbps", "intra_node_bandwidth_gbps",
-                     "inter_node_bandwidth_gbps"):
+            _require(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v != float("inf"),
+                name,
+                f"must be a finite number (got {v!r})",
+            )
+        for name in (
+            "gpu_memory_gib",
+            "peak_tflops",
+            "hbm_bandwidth_gbps",
+            "intra_node_bandwidth_gbps",
+            "inter_node_bandwidth_gbps",
+        ):
             _require(getattr(self, name) > 0, name, f"must be positive (got {getattr(self, name)!r})")
         for name in ("matmul_efficiency", "intra_node_efficiency", "inter_node_efficiency"):
             v = getattr(self, name)
             _require(v is None or 0 < v <= 1, name, f"must be in (0, 1] (got {v!r})")
-        _require(0 <= self.reserved_memory_gib < self.gpu_memory_gib, "reserved_memory_gib",
-                 "must be >= 0 and below gpu_memory_gib")
+        _require(
+            0 <= self.reserved_memory_gib < self.gpu_memory_gib,
+            "reserved_memory_gib",
+            "must be >= 0 and below gpu_memory_gib",
+        )
         _require(self.collective_latency_us >= 0, "collective_latency_us", "must be >= 0")
 
     @property
@@ -86,29 +107,65 @@ class ClusterSpec:
         return _from_dict(cls, data, "cluster")
 
 
-CLUSTER_PRESETS: dict[str, ClusterSpec] = {c.name: c for c in (
-    # Memory as PyTorch reports it (total_memory, the "total capacity" of its out-of-memory message): 79.35 GiB
-    # for an A100 80GB, 79.11 GiB for an H100 80GB HBM3, 139.8 GiB measured on an H200.
-    # DGX A100 80GB: A100 SXM 312 TFLOP/s bf16, 2.0 TB/s HBM, NVLink3 600 GB/s (300 per direction),
-    # 8x HDR 200 Gb/s InfiniBand per node = 25 GB/s per GPU.
-    ClusterSpec(name="dgx-a100-80g", num_nodes=1, gpus_per_node=8, gpu_name="A100-SXM-80GB",
-                gpu_memory_gib=79.35, peak_tflops=312.0, hbm_bandwidth_gbps=2039.0,
-                intra_node_bandwidth_gbps=300.0, inter_node_bandwidth_gbps=25.0),
-    # DGX H100: 989 TFLOP/s dense bf16, 3.35 TB/s, NVLink4 900 GB/s (450 per direction),
-    # 8x NDR 400 Gb/s = 50 GB/s per GPU.
-    ClusterSpec(name="dgx-h100", num_nodes=1, gpus_per_node=8, gpu_name="H100-SXM-80GB",
-                gpu_memory_gib=79.11, peak_tflops=989.0, hbm_bandwidth_gbps=3350.0,
-                intra_node_bandwidth_gbps=450.0, inter_node_bandwidth_gbps=50.0),
-    # DGX H200: the H100's chip and links with 141 GB HBM3e at 4.8 TB/s.
-    ClusterSpec(name="dgx-h200", num_nodes=1, gpus_per_node=8, gpu_name="H200-SXM-141GB",
-                gpu_memory_gib=139.8, peak_tflops=989.0, hbm_bandwidth_gbps=4800.0,
-                intra_node_bandwidth_gbps=450.0, inter_node_bandwidth_gbps=50.0),
-    # 8x A100 80GB PCIe in one server: PCIe Gen4 x16 (32 GB/s per direction), no NVLink;
-    # one 100 Gb/s NIC shared by the node = 1.5625 GB/s per GPU.
-    ClusterSpec(name="pcie-a100-8g", num_nodes=1, gpus_per_node=8, gpu_name="A100-PCIe-80GB",
-                gpu_memory_gib=79.35, peak_tflops=312.0, hbm_bandwidth_gbps=1935.0,
-                intra_node_bandwidth_gbps=32.0, inter_node_bandwidth_gbps=1.5625, intra_node_efficiency=0.7),
-)}
+CLUSTER_PRESETS: dict[str, ClusterSpec] = {
+    c.name: c
+    for c in (
+        # Memory as PyTorch reports it (total_memory, the "total capacity" of its out-of-memory message): 79.35 GiB
+        # for an A100 80GB, 79.11 GiB for an H100 80GB HBM3, 139.8 GiB measured on an H200.
+        # DGX A100 80GB: A100 SXM 312 TFLOP/s bf16, 2.0 TB/s HBM, NVLink3 600 GB/s (300 per direction),
+        # 8x HDR 200 Gb/s InfiniBand per node = 25 GB/s per GPU.
+        ClusterSpec(
+            name="dgx-a100-80g",
+            num_nodes=1,
+            gpus_per_node=8,
+            gpu_name="A100-SXM-80GB",
+            gpu_memory_gib=79.35,
+            peak_tflops=312.0,
+            hbm_bandwidth_gbps=2039.0,
+            intra_node_bandwidth_gbps=300.0,
+            inter_node_bandwidth_gbps=25.0,
+        ),
+        # DGX H100: 989 TFLOP/s dense bf16, 3.35 TB/s, NVLink4 900 GB/s (450 per direction),
+        # 8x NDR 400 Gb/s = 50 GB/s per GPU.
+        ClusterSpec(
+            name="dgx-h100",
+            num_nodes=1,
+            gpus_per_node=8,
+            gpu_name="H100-SXM-80GB",
+            gpu_memory_gib=79.11,
+            peak_tflops=989.0,
+            hbm_bandwidth_gbps=3350.0,
+            intra_node_bandwidth_gbps=450.0,
+            inter_node_bandwidth_gbps=50.0,
+        ),
+        # DGX H200: the H100's chip and links with 141 GB HBM3e at 4.8 TB/s.
+        ClusterSpec(
+            name="dgx-h200",
+            num_nodes=1,
+            gpus_per_node=8,
+            gpu_name="H200-SXM-141GB",
+            gpu_memory_gib=139.8,
+            peak_tflops=989.0,
+            hbm_bandwidth_gbps=4800.0,
+            intra_node_bandwidth_gbps=450.0,
+            inter_node_bandwidth_gbps=50.0,
+        ),
+        # 8x A100 80GB PCIe in one server: PCIe Gen4 x16 (32 GB/s per direction), no NVLink;
+        # one 100 Gb/s NIC shared by the node = 1.5625 GB/s per GPU.
+        ClusterSpec(
+            name="pcie-a100-8g",
+            num_nodes=1,
+            gpus_per_node=8,
+            gpu_name="A100-PCIe-80GB",
+            gpu_memory_gib=79.35,
+            peak_tflops=312.0,
+            hbm_bandwidth_gbps=1935.0,
+            intra_node_bandwidth_gbps=32.0,
+            inter_node_bandwidth_gbps=1.5625,
+            intra_node_efficiency=0.7,
+        ),
+    )
+}
 
 
 # GPU family -> the preset whose peak FLOP/s and link bandwidths a detected GPU of that family gets.
@@ -122,16 +179,23 @@ def device_cluster(gpu_name: str, memory_bytes: float, nodes: int = 1, gpus_per_
     key = gpu_name.upper()
     preset = CLUSTER_PRESETS[next((p for family, p in PRESET_OF_FAMILY if family in key), DEFAULT_DEVICE_PRESET)]
     gib = memory_bytes / GiB
-    return replace(preset.with_shape(nodes, gpus_per_node), name=f"detected {gpu_name}", gpu_name=gpu_name,
-                   gpu_memory_gib=gib, reserved_memory_gib=min(preset.reserved_memory_gib, gib / 2))
+    return replace(
+        preset.with_shape(nodes, gpus_per_node),
+        name=f"detected {gpu_name}",
+        gpu_name=gpu_name,
+        gpu_memory_gib=gib,
+        reserved_memory_gib=min(preset.reserved_memory_gib, gib / 2),
+    )
 
 
 def cluster_preset(name: str) -> ClusterSpec:
     try:
         return CLUSTER_PRESETS[name]
     except KeyError:
-        raise UnknownPresetError(f"unknown cluster preset '{name}'; known presets: {', '.join(CLUSTER_PRESETS)}",
-                                 "pass one of the presets or a YAML/JSON cluster file") from None
+        raise UnknownPresetError(
+            f"unknown cluster preset '{name}'; known presets: {', '.join(CLUSTER_PRESETS)}",
+            "pass one of the presets or a YAML/JSON cluster file",
+        ) from None
 
 
 def load_cluster(ref: str, nodes: int | None = None, gpus_per_node: int | None = None) -> ClusterSpec:

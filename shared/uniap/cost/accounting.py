@@ -5,6 +5,7 @@ Each target declares one `Accounting` in its capability (the adapters declare Me
 DeepSpeed's from their sources); the cost model prices memory and time from it. `PerParam` is the ZeRO
 picture of a parameter's bytes: what every data-parallel rank holds in full plus what the d ranks split.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -90,8 +91,9 @@ class Accounting:
         try:
             return self.states[key]
         except KeyError:
-            raise SpecError(f"accounting '{self.name}' has no model-state bytes for {precision} with ZeRO "
-                            f"stage {zero}") from None
+            raise SpecError(
+                f"accounting '{self.name}' has no model-state bytes for {precision} with ZeRO stage {zero}"
+            ) from None
 
     def step_bytes(self, precision: str, zero: int, pipelined: bool = False) -> PerParam:
         """Bytes per parameter at the optimizer step's peak, with fused kernels."""
@@ -121,21 +123,29 @@ class Accounting:
         def table(rows: dict[tuple[str, int], PerParam]) -> dict[str, str]:
             return {f"{p}/zero{z}": str(v) for (p, z), v in rows.items()}
 
-        return {"name": self.name, "source": self.source, "states": table(self.states), "step": table(self.step),
-                "pipelined_states": table(self.pipelined_states), "pipelined_step": table(self.pipelined_step),
-                "torch_adam_without_fused_kernels": self.torch_adam_without_fused_kernels,
-                "grad_accumulation_traffic": dict(self.grad_accumulation_traffic),
-                "fusable_grad_accumulation": self.fusable_grad_accumulation,
-                "buffer_elements": {str(k): v for k, v in self.buffer_elements.items()}}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "states": table(self.states),
+            "step": table(self.step),
+            "pipelined_states": table(self.pipelined_states),
+            "pipelined_step": table(self.pipelined_step),
+            "torch_adam_without_fused_kernels": self.torch_adam_without_fused_kernels,
+            "grad_accumulation_traffic": dict(self.grad_accumulation_traffic),
+            "fusable_grad_accumulation": self.fusable_grad_accumulation,
+            "buffer_elements": {str(k): v for k, v in self.buffer_elements.items()},
+        }
 
 
 def zero_sharded(weights: float, grads: float, optimizer: float) -> dict[int, PerParam]:
     """The ZeRO paper's picture (Rajbhandari et al. 2020): stage 1 shards the optimizer states, 2 also the
     gradients, 3 also the weights."""
-    return {0: PerParam(weights + grads + optimizer),
-            1: PerParam(weights + grads, optimizer),
-            2: PerParam(weights, grads + optimizer),
-            3: PerParam(0.0, weights + grads + optimizer)}
+    return {
+        0: PerParam(weights + grads + optimizer),
+        1: PerParam(weights + grads, optimizer),
+        2: PerParam(weights, grads + optimizer),
+        3: PerParam(0.0, weights + grads + optimizer),
+    }
 
 
 def _generic_states() -> dict[tuple[str, int], PerParam]:
@@ -151,6 +161,6 @@ def _generic_states() -> dict[tuple[str, int], PerParam]:
 GENERIC_ACCOUNTING = Accounting(
     name="generic",
     source="the ZeRO paper's mixed-precision Adam (2 + 2 + 12 bytes per parameter in bf16/fp16, 4 + 4 + 8 "
-           "in fp32), sharded per ZeRO stage; an idealised runtime with fused kernels and no buffers",
+    "in fp32), sharded per ZeRO stage; an idealised runtime with fused kernels and no buffers",
     states=_generic_states(),
 )

@@ -3,6 +3,7 @@
 This is the single definition of the objective: the MIQP's optimum must equal the best `evaluate`
 over all plans (tests enumerate them), and `uniap evaluate` prices hand-made configurations with it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,7 +14,6 @@ from ..tolerances import MEMORY_FIT
 from .model import BUFFERS, TRANSIENT_CLASSES
 from .strategy import Strategy
 from .tables import Subproblem
-
 
 
 @dataclass(frozen=True)
@@ -83,15 +83,19 @@ def check_assignment(sub: Subproblem, stage_of: list[int], strategy_of: list[Str
         raise SpecError("plan leaves a pipeline stage empty")
     for e in g.edges:
         if stage_of[e.src] > stage_of[e.dst]:
-            raise SpecError(f"plan is not order preserving: {g.layers[e.src].name} (stage {stage_of[e.src]}) "
-                            f"feeds {g.layers[e.dst].name} (stage {stage_of[e.dst]})")
+            raise SpecError(
+                f"plan is not order preserving: {g.layers[e.src].name} (stage {stage_of[e.src]}) "
+                f"feeds {g.layers[e.dst].name} (stage {stage_of[e.dst]})"
+            )
     layout: dict[tuple[int, int], int] = {}
     for u, s in enumerate(strategy_of):
         rt = sub.runs[g.run_of[u]]
         if s not in rt.strategies:
-            raise SpecError(f"strategy {s.label} is not available to {g.layers[u].name} on a stage of "
-                            f"{sub.stage_devices} devices under target '{cap.name}' "
-                            f"(micro-batch {sub.micro_batch_all_replicas} samples)")
+            raise SpecError(
+                f"strategy {s.label} is not available to {g.layers[u].name} on a stage of "
+                f"{sub.stage_devices} devices under target '{cap.name}' "
+                f"(micro-batch {sub.micro_batch_all_replicas} samples)"
+            )
         key = (g.run_of[u], stage_of[u])
         if layout.setdefault(key, s.tp) != s.tp:
             raise SpecError(f"layers of one run on one stage must share a TP degree ({g.layers[u].name})")
@@ -127,12 +131,27 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
         last_consumer = max((stage_of[e.dst] for e in g.succ(u)), default=stage_of[u])
         for boundary in range(stage_of[u], last_consumer):
             o[boundary] += sub.p2p_time(layer, boundary)
-    breakdown = [StageMemory(states=states[i], activations=acts[i], transients=sum(peaks[i].values()),
-                             buffers=peaks[i][BUFFERS], step_states=step[i]) for i in range(deg)]
+    breakdown = [
+        StageMemory(
+            states=states[i],
+            activations=acts[i],
+            transients=sum(peaks[i].values()),
+            buffers=peaks[i][BUFFERS],
+            step_states=step[i],
+        )
+        for i in range(deg)
+    ]
     ratio = sub.cost_model.reserved_per_allocated
-    return Prediction(time_per_iteration=pipeline_time(p, o, it, sub.c), stage_time=p, boundary_time=o,
-                      stage_iteration_time=it, stage_memory=[m.allocated_peak * ratio for m in breakdown],
-                      memory_capacity=sub.usable_memory, stage_breakdown=breakdown, reserved_per_allocated=ratio)
+    return Prediction(
+        time_per_iteration=pipeline_time(p, o, it, sub.c),
+        stage_time=p,
+        boundary_time=o,
+        stage_iteration_time=it,
+        stage_memory=[m.allocated_peak * ratio for m in breakdown],
+        memory_capacity=sub.usable_memory,
+        stage_breakdown=breakdown,
+        reserved_per_allocated=ratio,
+    )
 
 
 def even_split(graph, deg: int) -> list[int]:
@@ -147,8 +166,10 @@ def split_by_counts(graph, counts: list[int]) -> list[int]:
     """Stage of every layer when stage i holds counts[i] consecutive transformer layers."""
     main = [u for u, layer in enumerate(graph.layers) if layer.kind in TRANSFORMER_KINDS]
     if any(c < 0 for c in counts) or sum(counts) != len(main):
-        raise SpecError(f"split {','.join(map(str, counts))} must list non-negative transformer-layer counts per "
-                        f"stage summing to {len(main)}")
+        raise SpecError(
+            f"split {','.join(map(str, counts))} must list non-negative transformer-layer counts per "
+            f"stage summing to {len(main)}"
+        )
     stage_of = [-1] * len(graph.layers)
     u = 0
     for i, count in enumerate(counts):

@@ -15,6 +15,7 @@ the fractions of peak measured for the GPU model (uniap.cluster.devices); collec
 bus bandwidths, else from datasheet link bandwidths. A profile's calibration (fitted to whole
 iterations, `uniap calibrate`) scales compute time and turns allocated into reserved memory.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -115,8 +116,9 @@ class CostModel:
         """Seconds for a ring collective on `nbytes` (the full tensor) over `group` ranks."""
         if group <= 1 or nbytes <= 0:
             return 0.0
-        return (self.cluster.collective_latency_us * 1e-6
-                + bus_factor(op, group) * nbytes / self.bus_bandwidth(op, group, intra_node))
+        return self.cluster.collective_latency_us * 1e-6 + bus_factor(op, group) * nbytes / self.bus_bandwidth(
+            op, group, intra_node
+        )
 
     def p2p(self, nbytes: float, intra_node: bool) -> float:
         if nbytes <= 0:
@@ -162,8 +164,13 @@ class CostModel:
         # An embedding's backward writes a dense gradient of its whole table (zero-fill, then scatter-add).
         table = 2.0 * self.bpv * layer.params_tp / tp / self.hbm_bytes_per_second if layer.flops_fwd == 0 else 0.0
         fwd = samples * (gemm / (peak * co.gemm_forward) + attn_fwd) / tp + traffic + extra + overhead
-        bwd = (samples * (2.0 * gemm / (peak * co.gemm_backward) + attn_bwd) / tp + 2.0 * traffic + extra + table
-               + 2.0 * overhead)
+        bwd = (
+            samples * (2.0 * gemm / (peak * co.gemm_backward) + attn_bwd) / tp
+            + 2.0 * traffic
+            + extra
+            + table
+            + 2.0 * overhead
+        )
         return fwd, bwd
 
     def executed_attention_flops(self, layer: Layer) -> float:
@@ -185,8 +192,15 @@ class CostModel:
                 return measured, MEASURED
         return activation_bytes(layer, tp, samples, recompute), ESTIMATED
 
-    def optimizer_step(self, params: float, optimizer_params: float, resident: float, s: Strategy, pipelined: bool,
-                       accounting: Accounting) -> tuple[float, float]:
+    def optimizer_step(
+        self,
+        params: float,
+        optimizer_params: float,
+        resident: float,
+        s: Strategy,
+        pipelined: bool,
+        accounting: Accounting,
+    ) -> tuple[float, float]:
         """(seconds, bytes at the step's peak) of the optimizer step for a layer's `params` on this device, of
         which this rank updates `optimizer_params` and which hold `resident` bytes of states while computing:
         the profile's measured step scaled by parameters where it has one (its temporaries on top of the
@@ -204,8 +218,15 @@ class CostModel:
         peak = params * accounting.step_bytes(precision, s.zero, pipelined).at(s.dp)
         return seconds, peak + optimizer_params * accounting.foreach_temporary(fused)
 
-    def layer_cost(self, layer: Layer, s: Strategy, micro_batch_all_replicas: int, pipeline_degree: int,
-                   stage_intra_node: bool, accounting: Accounting) -> LayerCost:
+    def layer_cost(
+        self,
+        layer: Layer,
+        s: Strategy,
+        micro_batch_all_replicas: int,
+        pipeline_degree: int,
+        stage_intra_node: bool,
+        accounting: Accounting,
+    ) -> LayerCost:
         """Cost of `layer` under `s` for micro-batches of `micro_batch_all_replicas` samples, with
         the target framework's `accounting` of model states."""
         b = micro_batch_all_replicas // s.dp  # per replica
@@ -255,8 +276,15 @@ class CostModel:
         rc_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
         fsdp_transient = 2 * weight_bytes if s.zero == 3 else 0.0
         buffers = accounting.buffer_elements.get(s.zero, 0.0) * bpv if dp > 1 and params else 0.0
-        return LayerCost(time_per_microbatch=overlapped(compute, per_mb_comm, self.overlap) + tp_comm + accumulate,
-                         time_per_iteration=exposed_iter + optimizer, state_bytes=state, activation_bytes=act,
-                         recompute_transient_bytes=rc_transient, fsdp_transient_bytes=fsdp_transient,
-                         buffer_bytes=buffers, step_bytes=step_bytes, compute_basis=basis,
-                         activation_basis=act_basis)
+        return LayerCost(
+            time_per_microbatch=overlapped(compute, per_mb_comm, self.overlap) + tp_comm + accumulate,
+            time_per_iteration=exposed_iter + optimizer,
+            state_bytes=state,
+            activation_bytes=act,
+            recompute_transient_bytes=rc_transient,
+            fsdp_transient_bytes=fsdp_transient,
+            buffer_bytes=buffers,
+            step_bytes=step_bytes,
+            compute_basis=basis,
+            activation_basis=act_basis,
+        )

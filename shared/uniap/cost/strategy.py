@@ -5,6 +5,7 @@ A strategy splits one stage's n devices into TP x DP (tp * dp = n): tensor paral
 and data parallelism of degree dp whose model states are sharded per ZeRO stage (3 = FSDP). Each
 layer also chooses activation recompute. TP stays inside a node.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -102,35 +103,53 @@ class Capability:
             out.append(f"target '{self.name}' runs one TP degree for all layers")
         if self.uniform_zero and len({s.zero for _, s in layers if s.dp > 1}) > 1:
             out.append(f"target '{self.name}' runs one ZeRO stage for all layers")
-        if self.uniform_recompute and len({s.recompute for kind, s in layers
-                                           if kind in TRANSFORMER_KINDS}) > 1:
+        if self.uniform_recompute and len({s.recompute for kind, s in layers if kind in TRANSFORMER_KINDS}) > 1:
             out.append(f"target '{self.name}' runs one recompute mode for all transformer layers")
         return out
 
     def check_pins(self, pins: "Pins") -> None:
         """Refuse pinned choices the target cannot run, saying which limit and why (`reasons`)."""
+
         def refuse(what: str, limit: str, hint: str) -> None:
             why = self.reasons.get(limit, "")
             raise SpecError(f"target '{self.name}' cannot run the pinned {what}" + (f": {why}" if why else ""), hint)
 
         if pins.tp is not None and self.tp_degrees is not None and pins.tp not in self.tp_degrees:
-            refuse(f"TP degree {pins.tp}", "tp_degrees",
-                   f"pin a TP degree in {', '.join(map(str, self.tp_degrees))} or choose another --target")
+            refuse(
+                f"TP degree {pins.tp}",
+                "tp_degrees",
+                f"pin a TP degree in {', '.join(map(str, self.tp_degrees))} or choose another --target",
+            )
         if pins.zero is not None and pins.zero not in self.zero_stages:
-            refuse(f"ZeRO stage {pins.zero}", "zero_stages",
-                   f"pin a ZeRO stage in {', '.join(map(str, self.zero_stages))}")
-        if (pins.zero is not None and pins.pipeline_degree is not None and pins.pipeline_degree > 1
-                and pins.zero > self.max_zero_with_pipeline):
-            refuse(f"ZeRO stage {pins.zero} with {pins.pipeline_degree} pipeline stages", "max_zero_with_pipeline",
-                   f"pin ZeRO <= {self.max_zero_with_pipeline} with a pipeline, or one pipeline stage with "
-                   f"ZeRO {pins.zero}")
+            refuse(
+                f"ZeRO stage {pins.zero}", "zero_stages", f"pin a ZeRO stage in {', '.join(map(str, self.zero_stages))}"
+            )
+        if (
+            pins.zero is not None
+            and pins.pipeline_degree is not None
+            and pins.pipeline_degree > 1
+            and pins.zero > self.max_zero_with_pipeline
+        ):
+            refuse(
+                f"ZeRO stage {pins.zero} with {pins.pipeline_degree} pipeline stages",
+                "max_zero_with_pipeline",
+                f"pin ZeRO <= {self.max_zero_with_pipeline} with a pipeline, or one pipeline stage with "
+                f"ZeRO {pins.zero}",
+            )
         if pins.recompute is not None and pins.recompute not in self.recompute_modes:
-            refuse(f"recompute mode '{pins.recompute}'", "recompute_modes",
-                   f"pin one of {', '.join(self.recompute_modes)}")
-        if (pins.pipeline_degree is not None and self.max_pipeline_degree is not None
-                and pins.pipeline_degree > self.max_pipeline_degree):
-            refuse(f"pipeline degree {pins.pipeline_degree}", "max_pipeline_degree",
-                   f"pin at most {self.max_pipeline_degree} stages")
+            refuse(
+                f"recompute mode '{pins.recompute}'", "recompute_modes", f"pin one of {', '.join(self.recompute_modes)}"
+            )
+        if (
+            pins.pipeline_degree is not None
+            and self.max_pipeline_degree is not None
+            and pins.pipeline_degree > self.max_pipeline_degree
+        ):
+            refuse(
+                f"pipeline degree {pins.pipeline_degree}",
+                "max_pipeline_degree",
+                f"pin at most {self.max_pipeline_degree} stages",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "accounting": self.accounting.to_dict()}
@@ -177,7 +196,7 @@ NO_PINS = Pins()
 GENERIC = Capability(
     name="generic",
     description="the paper's full freedom: per layer TP degree, ZeRO stage and recompute; "
-                "layers of one run on one stage share a TP degree",
+    "layers of one run on one stage share a TP degree",
 )
 
 
@@ -188,8 +207,7 @@ def capability_for(target: str) -> Capability:
         return GENERIC
     found = {ep.name: ep for ep in entry_points(group="uniap.targets")}
     if target not in found:
-        raise UnknownPresetError(f"unknown target '{target}'; known targets: "
-                                 f"{', '.join(['generic', *sorted(found)])}")
+        raise UnknownPresetError(f"unknown target '{target}'; known targets: {', '.join(['generic', *sorted(found)])}")
     cap = found[target].load()
     if not isinstance(cap, Capability):
         raise SpecError(f"target '{target}' does not declare a Capability object")
@@ -208,14 +226,25 @@ def tp_fits_layer(tp: int, divisibility: dict[str, int], kind: str) -> bool:
         return False
     if kind not in TRANSFORMER_KINDS:
         return True
-    heads, groups, ffn = (divisibility["num_attention_heads"], divisibility["num_query_groups"],
-                          divisibility["ffn_hidden_size"])
+    heads, groups, ffn = (
+        divisibility["num_attention_heads"],
+        divisibility["num_query_groups"],
+        divisibility["ffn_hidden_size"],
+    )
     return heads % tp == 0 and ffn % tp == 0 and (groups % tp == 0 or tp % groups == 0)
 
 
-def stage_strategies(devices: int, gpus_per_node: int, micro_batch_all_replicas: int, pipeline_degree: int,
-                     capability: Capability, kind: str, divisibility: dict[str, int],
-                     flash_attention: bool, pins: Pins = NO_PINS) -> list[Strategy]:
+def stage_strategies(
+    devices: int,
+    gpus_per_node: int,
+    micro_batch_all_replicas: int,
+    pipeline_degree: int,
+    capability: Capability,
+    kind: str,
+    divisibility: dict[str, int],
+    flash_attention: bool,
+    pins: Pins = NO_PINS,
+) -> list[Strategy]:
     """All strategies for a layer of `kind` on a stage of `devices` devices that the capability and the
     pins allow, with TP inside a node and the micro-batch (samples per pipeline micro-batch) divisible
     by dp."""
@@ -227,7 +256,7 @@ def stage_strategies(devices: int, gpus_per_node: int, micro_batch_all_replicas:
         dp = devices // tp
         if micro_batch_all_replicas % dp:
             continue
-        for zero in ((0,) if dp == 1 else (0, 1, 2, 3)):
+        for zero in (0,) if dp == 1 else (0, 1, 2, 3):
             for rc in RECOMPUTE_MODES:
                 if rc == "selective" and flash_attention and pins.recompute != "selective":
                     # With FlashAttention there is no score matrix for selective recompute to drop: never

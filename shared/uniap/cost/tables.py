@@ -4,6 +4,7 @@ per run and strategy, resharding R between layouts on a stage, cross-stage R' pe
 Everything the MIQP and the evaluator need is a number in these tables, so both price a plan
 identically.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -93,8 +94,13 @@ class Subproblem:
     def chain_run_edges(self) -> list[tuple[int, int]]:
         """Pairs of runs (a, b) joined by a chain edge from a's last layer to b's first layer."""
         g = self.graph
-        return sorted({(g.run_of[e.src], g.run_of[e.dst]) for e in g.edges
-                       if e.kind == CHAIN and g.run_of[e.src] != g.run_of[e.dst]})
+        return sorted(
+            {
+                (g.run_of[e.src], g.run_of[e.dst])
+                for e in g.edges
+                if e.kind == CHAIN and g.run_of[e.src] != g.run_of[e.dst]
+            }
+        )
 
     @cached_property
     def run_successors(self) -> dict[int, list[tuple[int, str]]]:
@@ -119,8 +125,7 @@ class Subproblem:
         w_time, w_iter = (self.deg + self.c - 1) / self.deg, 1.0 / self.deg
         weights, memory = [], []
         for rt in self.runs:
-            weights.append(np.array([w_time * c.time_per_microbatch + w_iter * c.time_per_iteration
-                                     for c in rt.costs]))
+            weights.append(np.array([w_time * c.time_per_microbatch + w_iter * c.time_per_iteration for c in rt.costs]))
             memory.append(np.array([c.state_bytes + c.activation_bytes for c in rt.costs]) / self.memory_capacity)
         budget = float(self.deg)
         if sum(rt.run.size * m.min() for rt, m in zip(self.runs, memory)) > budget * (1 + ROUNDING):
@@ -142,8 +147,9 @@ class Subproblem:
         strategy, spread perfectly over the stages."""
         if not self.feasible_strategies:
             return float("inf")
-        total = sum(rt.run.size * min(cost.state_bytes + cost.activation_bytes for cost in rt.costs)
-                    for rt in self.runs)
+        total = sum(
+            rt.run.size * min(cost.state_bytes + cost.activation_bytes for cost in rt.costs) for rt in self.runs
+        )
         return total / self.deg * self.cost_model.reserved_per_allocated
 
     def cost_of(self, u: int, s: Strategy) -> LayerCost:
@@ -152,16 +158,25 @@ class Subproblem:
         return rt.costs[rt.strategies.index(s)]
 
 
-def build_subproblem(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, capability: Capability,
-                     cost_model: CostModel, deg: int, c: int, pins: Pins = NO_PINS) -> Subproblem:
+def build_subproblem(
+    graph: LayerGraph,
+    cluster: ClusterSpec,
+    training: TrainingSpec,
+    capability: Capability,
+    cost_model: CostModel,
+    deg: int,
+    c: int,
+    pins: Pins = NO_PINS,
+) -> Subproblem:
     n = cluster.num_gpus // deg
     mb = training.global_batch_size // c
     G = cluster.gpus_per_node
     runs = []
     for run in graph.runs:
         layer = graph.layers[run.first]
-        strategies = stage_strategies(n, G, mb, deg, capability, layer.kind, graph.divisibility,
-                                      training.flash_attention, pins)
+        strategies = stage_strategies(
+            n, G, mb, deg, capability, layer.kind, graph.divisibility, training.flash_attention, pins
+        )
         costs = [cost_model.layer_cost(layer, s, mb, deg, n <= G, capability.accounting) for s in strategies]
         runs.append(RunTable(run, layer, strategies, costs))
     # Stage i of a 1F1B pipeline keeps the activations of min(deg - i, c) micro-batches alive.
@@ -171,7 +186,16 @@ def build_subproblem(graph: LayerGraph, cluster: ClusterSpec, training: Training
     # Every memory figure of the tables is allocated bytes; the allocator reserves more than that at the
     # peak, so the allocated budget is the usable memory over the reserved-per-allocated ratio.
     capacity = cluster.usable_memory_bytes / cost_model.reserved_per_allocated
-    return Subproblem(graph=graph, capability=capability, training=training, cluster=cluster, deg=deg, c=c,
-                      runs=runs, inflight=inflight, memory_capacity=capacity,
-                      boundary_intra_node=boundary_intra, cost_model=cost_model)
-
+    return Subproblem(
+        graph=graph,
+        capability=capability,
+        training=training,
+        cluster=cluster,
+        deg=deg,
+        c=c,
+        runs=runs,
+        inflight=inflight,
+        memory_capacity=capacity,
+        boundary_intra_node=boundary_intra,
+        cost_model=cost_model,
+    )

@@ -9,6 +9,7 @@ parts (`act_scores`, a*s^2 terms) that FlashAttention and selective recompute dr
 Consecutive identical layers form a *run*; the solver places and parallelizes runs with counts
 instead of per-layer binaries (see solver.miqp).
 """
+
 from __future__ import annotations
 
 import math
@@ -56,9 +57,20 @@ class Layer:
     extra_traffic: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("params_tp", "params_rep", "flops_fwd", "act_split", "act_seq", "act_scores",
-                     "input_bytes", "output_bytes", "tp_comm_bytes", "attention_flops", "causal_attention_flops",
-                     "extra_traffic"):
+        for name in (
+            "params_tp",
+            "params_rep",
+            "flops_fwd",
+            "act_split",
+            "act_seq",
+            "act_scores",
+            "input_bytes",
+            "output_bytes",
+            "tp_comm_bytes",
+            "attention_flops",
+            "causal_attention_flops",
+            "extra_traffic",
+        ):
             if getattr(self, name) < 0:
                 raise SpecError(f"invalid layer '{self.name}': field '{name}' must be >= 0")
 
@@ -193,20 +205,26 @@ class _Builder:
             head = self._bert_head(s) if m.architecture == "encoder" else self._lm_head(s, tied=m.tied_embeddings)
             self._add(head, chain_from=prev)
         m, t = self.m, self.t
-        tokens = {"vit": m.vit_seq_length,
-                  "encoder_decoder": t.seq_length + (t.decoder_seq_length or t.seq_length)}.get(m.architecture,
-                                                                                                t.seq_length)
+        tokens = {
+            "vit": m.vit_seq_length,
+            "encoder_decoder": t.seq_length + (t.decoder_seq_length or t.seq_length),
+        }.get(m.architecture, t.seq_length)
         return LayerGraph(self.layers, self.edges, divisibility=self._divisibility(), tokens_per_sample=tokens)
 
     def _divisibility(self) -> dict[str, int]:
         """Quantities a TP degree must divide (megatron-core: heads, query groups, FFN, and under sequence
         parallelism the sequence; see strategy.tp_fits_layer)."""
         m, t = self.m, self.t
-        seqs = {"vit": (m.vit_seq_length,),
-                "encoder_decoder": (t.seq_length, t.decoder_seq_length or t.seq_length)}.get(m.architecture,
-                                                                                             (t.seq_length,))
-        return {"num_attention_heads": m.num_attention_heads, "num_query_groups": m.query_groups,
-                "ffn_hidden_size": m.ffn_hidden_size, "sequence_length": math.gcd(*seqs)}
+        seqs = {
+            "vit": (m.vit_seq_length,),
+            "encoder_decoder": (t.seq_length, t.decoder_seq_length or t.seq_length),
+        }.get(m.architecture, (t.seq_length,))
+        return {
+            "num_attention_heads": m.num_attention_heads,
+            "num_query_groups": m.query_groups,
+            "ffn_hidden_size": m.ffn_hidden_size,
+            "sequence_length": math.gcd(*seqs),
+        }
 
     def _add(self, layer: Layer, chain_from: int | None = None) -> int:
         self.layers.append(layer)
@@ -225,9 +243,11 @@ class _Builder:
 
     def _signature(self, kind: str, s: int, extra: str = "") -> str:
         m = self.m
-        return (f"{kind}/h{m.hidden_size}/a{m.num_attention_heads}/g{m.query_groups}/d{m.head_dim}"
-                f"/f{m.ffn_hidden_size}{'/glu' if m.gated_mlp else ''}{'/bias' if m.add_bias else ''}"
-                f"/s{s}{extra}/{self.t.precision}{'/flash' if self.t.flash_attention else ''}")
+        return (
+            f"{kind}/h{m.hidden_size}/a{m.num_attention_heads}/g{m.query_groups}/d{m.head_dim}"
+            f"/f{m.ffn_hidden_size}{'/glu' if m.gated_mlp else ''}{'/bias' if m.add_bias else ''}"
+            f"/s{s}{extra}/{self.t.precision}{'/flash' if self.t.flash_attention else ''}"
+        )
 
     def _norm_params(self) -> int:
         return (2 if self.m.normalization == "layernorm" else 1) * self.m.hidden_size
@@ -250,9 +270,16 @@ class _Builder:
             scores = 4 * m.num_attention_heads * s_q  # the softmax statistics (fp32) only
         else:
             scores = m.num_attention_heads * s_q * s_kv * (bpv + (mask + bpv if drop else 0))
-        return dict(params_tp=params_tp, params_rep=params_rep, flops=flops, act_seq=act_seq,
-                    act_split=act_split, scores=scores, attention_flops=attention_flops,
-                    causal_attention_flops=attention_flops if causal else 0.0)
+        return dict(
+            params_tp=params_tp,
+            params_rep=params_rep,
+            flops=flops,
+            act_seq=act_seq,
+            act_split=act_split,
+            scores=scores,
+            attention_flops=attention_flops,
+            causal_attention_flops=attention_flops if causal else 0.0,
+        )
 
     def _mlp(self, s: int) -> dict[str, float]:
         m, bpv = self.m, self.bpv
@@ -263,33 +290,55 @@ class _Builder:
         flops = 2 * s * (up + 1) * h * f
         act_seq = bpv * s * h * 2 + (s * h if m.dropout > 0 else 0)  # norm input, fc1 input, mask
         act_split = bpv * s * f * (up + 1)  # fc1 output(s), fc2 input
-        return dict(params_tp=params_tp, params_rep=params_rep, flops=flops, act_seq=act_seq,
-                    act_split=act_split, scores=0.0, attention_flops=0.0, causal_attention_flops=0.0)
+        return dict(
+            params_tp=params_tp,
+            params_rep=params_rep,
+            flops=flops,
+            act_seq=act_seq,
+            act_split=act_split,
+            scores=0.0,
+            attention_flops=0.0,
+            causal_attention_flops=0.0,
+        )
 
-    def _combine(self, name: str, kind: str, s: int, parts: list[dict[str, float]], tp_comm: float,
-                 extra_sig: str = "") -> Layer:
+    def _combine(
+        self, name: str, kind: str, s: int, parts: list[dict[str, float]], tp_comm: float, extra_sig: str = ""
+    ) -> Layer:
         bpv, h = self.bpv, self.m.hidden_size
         return Layer(
-            name=name, kind=kind, signature=self._signature(kind, s, extra_sig),
-            params_tp=int(sum(p["params_tp"] for p in parts)), params_rep=int(sum(p["params_rep"] for p in parts)),
-            flops_fwd=float(sum(p["flops"] for p in parts)), act_split=float(sum(p["act_split"] for p in parts)),
-            act_seq=float(sum(p["act_seq"] for p in parts)), act_scores=float(sum(p["scores"] for p in parts)),
-            input_bytes=float(bpv * s * h), output_bytes=float(bpv * s * h), tp_comm_bytes=float(tp_comm),
+            name=name,
+            kind=kind,
+            signature=self._signature(kind, s, extra_sig),
+            params_tp=int(sum(p["params_tp"] for p in parts)),
+            params_rep=int(sum(p["params_rep"] for p in parts)),
+            flops_fwd=float(sum(p["flops"] for p in parts)),
+            act_split=float(sum(p["act_split"] for p in parts)),
+            act_seq=float(sum(p["act_seq"] for p in parts)),
+            act_scores=float(sum(p["scores"] for p in parts)),
+            input_bytes=float(bpv * s * h),
+            output_bytes=float(bpv * s * h),
+            tp_comm_bytes=float(tp_comm),
             attention_flops=float(sum(p["attention_flops"] for p in parts)),
-            causal_attention_flops=float(sum(p["causal_attention_flops"] for p in parts)))
+            causal_attention_flops=float(sum(p["causal_attention_flops"] for p in parts)),
+        )
 
     def _transformer(self, kind: str, s: int) -> Layer:
         h = self.m.hidden_size
         causal = self.m.architecture == "decoder"  # GPT/Llama; encoders and ViT attend both ways
-        return self._combine(kind, TRANSFORMER, s, [self._attention(s, s, True, causal), self._mlp(s)],
-                             tp_comm=2 * self.bpv * s * h)
+        return self._combine(
+            kind, TRANSFORMER, s, [self._attention(s, s, True, causal), self._mlp(s)], tp_comm=2 * self.bpv * s * h
+        )
 
     def _cross_transformer(self, s: int, s_enc: int, i: int) -> Layer:
         h, bpv = self.m.hidden_size, self.bpv
-        layer = self._combine(f"decoder_layer.{i}", CROSS_TRANSFORMER, s,
-                              [self._attention(s, s, True, causal=True), self._attention(s, s_enc, False),
-                               self._mlp(s)],
-                              tp_comm=3 * bpv * s * h + bpv * s_enc * h, extra_sig=f"/x{s_enc}")
+        layer = self._combine(
+            f"decoder_layer.{i}",
+            CROSS_TRANSFORMER,
+            s,
+            [self._attention(s, s, True, causal=True), self._attention(s, s_enc, False), self._mlp(s)],
+            tp_comm=3 * bpv * s * h + bpv * s_enc * h,
+            extra_sig=f"/x{s_enc}",
+        )
         return layer
 
     def _embedding(self, name: str, s: int, tied: bool = False) -> Layer:
@@ -297,11 +346,21 @@ class _Builder:
         h = m.hidden_size
         pos = m.max_position_embeddings * h if m.position_embedding == "learned" else 0
         types = 2 * h if m.architecture == "encoder" else 0
-        return Layer(name=name, kind=EMBEDDING, signature=self._signature("embedding", s, f"/v{m.vocab_size}"),
-                     params_tp=m.vocab_size * h, params_rep=pos + types,
-                     flops_fwd=0.0, act_split=0.0, act_seq=float(s * h if m.dropout > 0 else 0),
-                     act_scores=0.0, input_bytes=float(8 * s), output_bytes=float(bpv * s * h),
-                     tp_comm_bytes=float(bpv * s * h), tied_weights=tied)
+        return Layer(
+            name=name,
+            kind=EMBEDDING,
+            signature=self._signature("embedding", s, f"/v{m.vocab_size}"),
+            params_tp=m.vocab_size * h,
+            params_rep=pos + types,
+            flops_fwd=0.0,
+            act_split=0.0,
+            act_seq=float(s * h if m.dropout > 0 else 0),
+            act_scores=0.0,
+            input_bytes=float(8 * s),
+            output_bytes=float(bpv * s * h),
+            tp_comm_bytes=float(bpv * s * h),
+            tied_weights=tied,
+        )
 
     def _lm_head(self, s: int, tied: bool) -> Layer:
         """Final norm, output projection and vocab-parallel cross-entropy: the logits in the compute precision
@@ -309,35 +368,75 @@ class _Builder:
         casts the logits to fp32 and keeps exp_logits for backward)."""
         m, bpv = self.m, self.bpv
         h, v = m.hidden_size, m.vocab_size
-        return Layer(name="lm_head", kind=HEAD, signature=self._signature("lm_head", s, f"/v{v}"),
-                     params_tp=v * h, params_rep=self._norm_params(), flops_fwd=float(2 * s * h * v),
-                     act_split=float((bpv + 4) * s * v), act_seq=float(2 * bpv * s * h), act_scores=0.0,
-                     input_bytes=float(bpv * s * h), output_bytes=0.0, tp_comm_bytes=float(bpv * s * h),
-                     tied_weights=tied, extra_traffic=float(CROSS_ENTROPY_TRAFFIC * s * v))
+        return Layer(
+            name="lm_head",
+            kind=HEAD,
+            signature=self._signature("lm_head", s, f"/v{v}"),
+            params_tp=v * h,
+            params_rep=self._norm_params(),
+            flops_fwd=float(2 * s * h * v),
+            act_split=float((bpv + 4) * s * v),
+            act_seq=float(2 * bpv * s * h),
+            act_scores=0.0,
+            input_bytes=float(bpv * s * h),
+            output_bytes=0.0,
+            tp_comm_bytes=float(bpv * s * h),
+            tied_weights=tied,
+            extra_traffic=float(CROSS_ENTROPY_TRAFFIC * s * v),
+        )
 
     def _bert_head(self, s: int) -> Layer:
         """Pooler, masked-LM transform (dense + norm) and the tied output projection."""
         m, bpv = self.m, self.bpv
         h, v = m.hidden_size, m.vocab_size
-        return Layer(name="mlm_head", kind=HEAD, signature=self._signature("mlm_head", s, f"/v{v}"),
-                     params_tp=v * h, params_rep=2 * (h * h + h) + self._norm_params(),
-                     flops_fwd=float(2 * s * h * h + 2 * s * h * v), act_split=float((bpv + 4) * s * v),
-                     act_seq=float(3 * bpv * s * h), act_scores=0.0, input_bytes=float(bpv * s * h),
-                     output_bytes=0.0, tp_comm_bytes=float(bpv * s * h), tied_weights=m.tied_embeddings)
+        return Layer(
+            name="mlm_head",
+            kind=HEAD,
+            signature=self._signature("mlm_head", s, f"/v{v}"),
+            params_tp=v * h,
+            params_rep=2 * (h * h + h) + self._norm_params(),
+            flops_fwd=float(2 * s * h * h + 2 * s * h * v),
+            act_split=float((bpv + 4) * s * v),
+            act_seq=float(3 * bpv * s * h),
+            act_scores=0.0,
+            input_bytes=float(bpv * s * h),
+            output_bytes=0.0,
+            tp_comm_bytes=float(bpv * s * h),
+            tied_weights=m.tied_embeddings,
+        )
 
     def _patch_embedding(self, s: int) -> Layer:
         m, bpv = self.m, self.bpv
-        h, pix = m.hidden_size, m.patch_size ** 2 * m.num_channels
-        return Layer(name="patch_embedding", kind=EMBEDDING,
-                     signature=self._signature("patch_embedding", s, f"/p{m.patch_size}"),
-                     params_tp=0, params_rep=pix * h + h + s * h + h, flops_fwd=float(2 * (s - 1) * pix * h),
-                     act_split=0.0, act_seq=float(bpv * (s - 1) * pix), act_scores=0.0,
-                     input_bytes=float(bpv * (s - 1) * pix), output_bytes=float(bpv * s * h), tp_comm_bytes=0.0)
+        h, pix = m.hidden_size, m.patch_size**2 * m.num_channels
+        return Layer(
+            name="patch_embedding",
+            kind=EMBEDDING,
+            signature=self._signature("patch_embedding", s, f"/p{m.patch_size}"),
+            params_tp=0,
+            params_rep=pix * h + h + s * h + h,
+            flops_fwd=float(2 * (s - 1) * pix * h),
+            act_split=0.0,
+            act_seq=float(bpv * (s - 1) * pix),
+            act_scores=0.0,
+            input_bytes=float(bpv * (s - 1) * pix),
+            output_bytes=float(bpv * s * h),
+            tp_comm_bytes=0.0,
+        )
 
     def _vit_head(self, s: int) -> Layer:
         m, bpv = self.m, self.bpv
         h = m.hidden_size
-        return Layer(name="cls_head", kind=HEAD, signature=self._signature("cls_head", s, f"/c{m.num_classes}"),
-                     params_tp=0, params_rep=self._norm_params() + h * m.num_classes + m.num_classes,
-                     flops_fwd=float(2 * h * m.num_classes), act_split=0.0, act_seq=float(bpv * s * h),
-                     act_scores=0.0, input_bytes=float(bpv * s * h), output_bytes=0.0, tp_comm_bytes=0.0)
+        return Layer(
+            name="cls_head",
+            kind=HEAD,
+            signature=self._signature("cls_head", s, f"/c{m.num_classes}"),
+            params_tp=0,
+            params_rep=self._norm_params() + h * m.num_classes + m.num_classes,
+            flops_fwd=float(2 * h * m.num_classes),
+            act_split=0.0,
+            act_seq=float(bpv * s * h),
+            act_scores=0.0,
+            input_bytes=float(bpv * s * h),
+            output_bytes=0.0,
+            tp_comm_bytes=0.0,
+        )

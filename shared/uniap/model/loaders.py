@@ -1,4 +1,5 @@
 """Model specs from files: uniap's own YAML/JSON, or a Hugging Face `config.json` on disk (no network)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,10 @@ def load_model(ref: str) -> ModelSpec:
     path = Path(ref)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise SpecError(f"model folder {path} has no config.json",
-                            "point --model at a Hugging Face config.json, a uniap YAML/JSON spec, or a preset")
+            raise SpecError(
+                f"model folder {path} has no config.json",
+                "point --model at a Hugging Face config.json, a uniap YAML/JSON spec, or a preset",
+            )
         path = path / "config.json"
     data = read_mapping(path, "model")
     if "model_type" in data or "architectures" in data:
@@ -44,49 +47,88 @@ def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
     if kind in ("llama", "mistral", "qwen2", "qwen3"):
         heads = _get(cfg, "num_attention_heads")
         return ModelSpec(
-            name=name, architecture="decoder", num_layers=_get(cfg, "num_hidden_layers"),
-            hidden_size=_get(cfg, "hidden_size"), num_attention_heads=heads,
-            num_query_groups=cfg.get("num_key_value_heads") or heads, kv_channels=cfg.get("head_dim"),
-            ffn_hidden_size=_get(cfg, "intermediate_size"), vocab_size=_get(cfg, "vocab_size"),
-            gated_mlp=True, normalization="rmsnorm", tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            position_embedding="rope", max_position_embeddings=_get(cfg, "max_position_embeddings"),
-            add_bias=bool(cfg.get("attention_bias", kind == "qwen2")), dropout=float(cfg.get("attention_dropout", 0.0)))
+            name=name,
+            architecture="decoder",
+            num_layers=_get(cfg, "num_hidden_layers"),
+            hidden_size=_get(cfg, "hidden_size"),
+            num_attention_heads=heads,
+            num_query_groups=cfg.get("num_key_value_heads") or heads,
+            kv_channels=cfg.get("head_dim"),
+            ffn_hidden_size=_get(cfg, "intermediate_size"),
+            vocab_size=_get(cfg, "vocab_size"),
+            gated_mlp=True,
+            normalization="rmsnorm",
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            position_embedding="rope",
+            max_position_embeddings=_get(cfg, "max_position_embeddings"),
+            add_bias=bool(cfg.get("attention_bias", kind == "qwen2")),
+            dropout=float(cfg.get("attention_dropout", 0.0)),
+        )
     if kind == "gpt2":
         hidden = _get(cfg, "n_embd", "hidden_size")
         return ModelSpec(
-            name=name, architecture="decoder", num_layers=_get(cfg, "n_layer", "num_hidden_layers"),
-            hidden_size=hidden, num_attention_heads=_get(cfg, "n_head", "num_attention_heads"),
-            ffn_hidden_size=cfg.get("n_inner") or 4 * hidden, vocab_size=_get(cfg, "vocab_size"),
+            name=name,
+            architecture="decoder",
+            num_layers=_get(cfg, "n_layer", "num_hidden_layers"),
+            hidden_size=hidden,
+            num_attention_heads=_get(cfg, "n_head", "num_attention_heads"),
+            ffn_hidden_size=cfg.get("n_inner") or 4 * hidden,
+            vocab_size=_get(cfg, "vocab_size"),
             max_position_embeddings=_get(cfg, "n_positions", "max_position_embeddings"),
-            dropout=float(cfg.get("resid_pdrop", 0.1)))
+            dropout=float(cfg.get("resid_pdrop", 0.1)),
+        )
     if kind in ("bert", "roberta"):
         return ModelSpec(
-            name=name, architecture="encoder", num_layers=_get(cfg, "num_hidden_layers"),
-            hidden_size=_get(cfg, "hidden_size"), num_attention_heads=_get(cfg, "num_attention_heads"),
-            ffn_hidden_size=_get(cfg, "intermediate_size"), vocab_size=_get(cfg, "vocab_size"),
+            name=name,
+            architecture="encoder",
+            num_layers=_get(cfg, "num_hidden_layers"),
+            hidden_size=_get(cfg, "hidden_size"),
+            num_attention_heads=_get(cfg, "num_attention_heads"),
+            ffn_hidden_size=_get(cfg, "intermediate_size"),
+            vocab_size=_get(cfg, "vocab_size"),
             max_position_embeddings=_get(cfg, "max_position_embeddings"),
-            dropout=float(cfg.get("hidden_dropout_prob", 0.1)))
+            dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
+        )
     if kind in ("t5", "mt5"):
         layers = _get(cfg, "num_layers")
         proj = cfg.get("feed_forward_proj", "relu")
         return ModelSpec(
-            name=name, architecture="encoder_decoder", num_layers=layers,
-            num_decoder_layers=cfg.get("num_decoder_layers") or layers, hidden_size=_get(cfg, "d_model"),
-            num_attention_heads=_get(cfg, "num_heads"), kv_channels=_get(cfg, "d_kv"),
-            ffn_hidden_size=_get(cfg, "d_ff"), vocab_size=_get(cfg, "vocab_size"),
-            gated_mlp=str(proj).startswith("gated"), normalization="rmsnorm",
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", True)), position_embedding="relative",
-            max_position_embeddings=int(cfg.get("n_positions", 512)), add_bias=False,
-            dropout=float(cfg.get("dropout_rate", 0.1)))
+            name=name,
+            architecture="encoder_decoder",
+            num_layers=layers,
+            num_decoder_layers=cfg.get("num_decoder_layers") or layers,
+            hidden_size=_get(cfg, "d_model"),
+            num_attention_heads=_get(cfg, "num_heads"),
+            kv_channels=_get(cfg, "d_kv"),
+            ffn_hidden_size=_get(cfg, "d_ff"),
+            vocab_size=_get(cfg, "vocab_size"),
+            gated_mlp=str(proj).startswith("gated"),
+            normalization="rmsnorm",
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            position_embedding="relative",
+            max_position_embeddings=int(cfg.get("n_positions", 512)),
+            add_bias=False,
+            dropout=float(cfg.get("dropout_rate", 0.1)),
+        )
     if kind == "vit":
         image, patch = _get(cfg, "image_size"), _get(cfg, "patch_size")
         return ModelSpec(
-            name=name, architecture="vit", num_layers=_get(cfg, "num_hidden_layers"),
-            hidden_size=_get(cfg, "hidden_size"), num_attention_heads=_get(cfg, "num_attention_heads"),
-            ffn_hidden_size=_get(cfg, "intermediate_size"), image_size=image, patch_size=patch,
-            num_channels=int(cfg.get("num_channels", 3)), num_classes=len(cfg.get("id2label", {})) or 1000,
-            tied_embeddings=False, max_position_embeddings=(image // patch) ** 2 + 1,
-            dropout=float(cfg.get("hidden_dropout_prob", 0.0)))
-    raise SpecError(f"Hugging Face model_type '{kind}' is not supported; supported: llama, mistral, qwen2, "
-                    f"qwen3, gpt2, bert, roberta, t5, mt5, vit",
-                    "write a uniap model spec (YAML) with the same hyperparameters")
+            name=name,
+            architecture="vit",
+            num_layers=_get(cfg, "num_hidden_layers"),
+            hidden_size=_get(cfg, "hidden_size"),
+            num_attention_heads=_get(cfg, "num_attention_heads"),
+            ffn_hidden_size=_get(cfg, "intermediate_size"),
+            image_size=image,
+            patch_size=patch,
+            num_channels=int(cfg.get("num_channels", 3)),
+            num_classes=len(cfg.get("id2label", {})) or 1000,
+            tied_embeddings=False,
+            max_position_embeddings=(image // patch) ** 2 + 1,
+            dropout=float(cfg.get("hidden_dropout_prob", 0.0)),
+        )
+    raise SpecError(
+        f"Hugging Face model_type '{kind}' is not supported; supported: llama, mistral, qwen2, "
+        f"qwen3, gpt2, bert, roberta, t5, mt5, vit",
+        "write a uniap model spec (YAML) with the same hyperparameters",
+    )

@@ -4,6 +4,7 @@
 `TrainingSpec` the job (global batch, sequence length, precision). Both validate at construction and
 raise `SpecError` naming the field and the rule it breaks.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -24,8 +25,11 @@ def _require(cond: bool, field: str, rule: str) -> None:
 def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 name, f"must be a positive integer (got {value!r})")
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            name,
+            f"must be a positive integer (got {value!r})",
+        )
 
 
 @dataclass(frozen=True)
@@ -63,35 +67,51 @@ class ModelSpec:
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and bool(self.name), "name", "must be a non-empty string")
         _require(self.architecture in ARCHITECTURES, "architecture", f"must be one of {', '.join(ARCHITECTURES)}")
-        _positive_ints(self, ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                              "max_position_embeddings"))
+        _positive_ints(
+            self, ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings")
+        )
         if self.architecture != "vit":
             _positive_ints(self, ("vocab_size",))
         else:
             _positive_ints(self, ("image_size", "patch_size", "num_channels", "num_classes"))
-            _require(self.image_size % self.patch_size == 0, "image_size",
-                     f"must be divisible by patch_size ({self.image_size} % {self.patch_size} != 0)")
+            _require(
+                self.image_size % self.patch_size == 0,
+                "image_size",
+                f"must be divisible by patch_size ({self.image_size} % {self.patch_size} != 0)",
+            )
         if self.architecture == "encoder_decoder":
             _positive_ints(self, ("num_decoder_layers",))
         else:
-            _require(self.num_decoder_layers == 0, "num_decoder_layers",
-                     "only an encoder_decoder model has decoder layers")
+            _require(
+                self.num_decoder_layers == 0, "num_decoder_layers", "only an encoder_decoder model has decoder layers"
+            )
         if self.kv_channels is None:
-            _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                     f"must be divisible by num_attention_heads ({self.hidden_size} % "
-                     f"{self.num_attention_heads} != 0) unless kv_channels is given")
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                "hidden_size",
+                f"must be divisible by num_attention_heads ({self.hidden_size} % "
+                f"{self.num_attention_heads} != 0) unless kv_channels is given",
+            )
         else:
             _positive_ints(self, ("kv_channels",))
         if self.num_query_groups is not None:
             _positive_ints(self, ("num_query_groups",))
-            _require(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
-                     f"num_attention_heads ({self.num_attention_heads}) must be divisible by it "
-                     f"({self.num_query_groups})")
+            _require(
+                self.num_attention_heads % self.num_query_groups == 0,
+                "num_query_groups",
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by it ({self.num_query_groups})",
+            )
         _require(self.normalization in ("layernorm", "rmsnorm"), "normalization", "must be layernorm or rmsnorm")
-        _require(self.position_embedding in ("learned", "rope", "relative"), "position_embedding",
-                 "must be learned, rope or relative")
-        _require(isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
-                 and 0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _require(
+            self.position_embedding in ("learned", "rope", "relative"),
+            "position_embedding",
+            "must be learned, rope or relative",
+        )
+        _require(
+            isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0.0 <= self.dropout < 1.0,
+            "dropout",
+            "must be in [0, 1)",
+        )
         for name in ("gated_mlp", "tied_embeddings", "add_bias"):
             _require(isinstance(getattr(self, name), bool), name, "must be true or false")
 
@@ -153,10 +173,13 @@ class TrainingSpec:
             return
         for name in ("seq_length", "decoder_seq_length"):
             value = getattr(self, name)
-            _require(value is None or model.max_position_embeddings >= value, name,
-                     f"must not exceed the model's max_position_embeddings ({value} > "
-                     f"{model.max_position_embeddings}); use a shorter length or a model spec with "
-                     f"larger max_position_embeddings")
+            _require(
+                value is None or model.max_position_embeddings >= value,
+                name,
+                f"must not exceed the model's max_position_embeddings ({value} > "
+                f"{model.max_position_embeddings}); use a shorter length or a model spec with "
+                f"larger max_position_embeddings",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,8 +195,9 @@ def _from_dict(cls, data: dict[str, Any], what: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise SpecError(f"invalid {what} spec: unknown field(s) {', '.join(unknown)}; "
-                        f"known fields: {', '.join(sorted(known))}")
+        raise SpecError(
+            f"invalid {what} spec: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+        )
     try:
         return cls(**data)
     except TypeError as exc:  # a required field is missing

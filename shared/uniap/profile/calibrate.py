@@ -10,6 +10,7 @@ log reports it, the peak memory. Two coefficients are fitted (uniap.profile.sche
   less than it did. A log with only allocated peaks scales the default fragmentation allowance by the
   measured-over-predicted allocation instead.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,9 +57,13 @@ class TrainingRun:
     config: dict | None = None
 
     def measurement(self, label: str) -> Measurement:
-        return Measurement(label=label, plan=self.plan, time_per_iteration_s=self.time_per_iteration_s,
-                           peak_reserved_bytes=self.peak_reserved_bytes,
-                           peak_allocated_bytes=self.peak_allocated_bytes)
+        return Measurement(
+            label=label,
+            plan=self.plan,
+            time_per_iteration_s=self.time_per_iteration_s,
+            peak_reserved_bytes=self.peak_reserved_bytes,
+            peak_allocated_bytes=self.peak_allocated_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -87,9 +92,11 @@ def _scale_for(m: Measurement, base: Profile) -> float:
     """The compute scale at which the plan's predicted time equals the measured one (bisection in log space)."""
     lo, hi = SCALE_RANGE
     if _time_at(m, base, hi) < m.time_per_iteration_s or _time_at(m, base, lo) > m.time_per_iteration_s:
-        raise ProfileError(f"{m.label}: the measured {m.time_per_iteration_s:.4g} s per iteration is outside what "
-                           f"compute {lo:g}x to {hi:g}x as slow as predicted can explain",
-                           "check that the plan is the configuration that produced the log")
+        raise ProfileError(
+            f"{m.label}: the measured {m.time_per_iteration_s:.4g} s per iteration is outside what "
+            f"compute {lo:g}x to {hi:g}x as slow as predicted can explain",
+            "check that the plan is the configuration that produced the log",
+        )
     for _ in range(BISECTION_STEPS):
         mid = math.sqrt(lo * hi)
         if _time_at(m, base, mid) < m.time_per_iteration_s:
@@ -125,13 +132,24 @@ def fit(measurements: list[Measurement], profile: Profile | None = None, source:
         before, after = price(m.plan, base).prediction, price(m.plan, _with(base, fitted)).prediction
         measured_peak = m.peak_reserved_bytes if m.peak_reserved_bytes is not None else m.peak_allocated_bytes
         kind = "reserved" if m.peak_reserved_bytes is not None else "allocated"
-        peak_of = (lambda p: max(p.stage_memory)) if kind == "reserved" else \
-            (lambda p: max(s.allocated_peak for s in p.stage_breakdown))
-        runs.append(CalibrationRun(
-            label=m.label, job=_job_summary(m.plan), measured_time_s=m.time_per_iteration_s,
-            predicted_time_s=before.time_per_iteration, fitted_time_s=after.time_per_iteration,
-            measured_peak_bytes=measured_peak, predicted_peak_bytes=peak_of(before) if measured_peak else None,
-            fitted_peak_bytes=peak_of(after) if measured_peak else None, memory_kind=kind))
+        peak_of = (
+            (lambda p: max(p.stage_memory))
+            if kind == "reserved"
+            else (lambda p: max(s.allocated_peak for s in p.stage_breakdown))
+        )
+        runs.append(
+            CalibrationRun(
+                label=m.label,
+                job=_job_summary(m.plan),
+                measured_time_s=m.time_per_iteration_s,
+                predicted_time_s=before.time_per_iteration,
+                fitted_time_s=after.time_per_iteration,
+                measured_peak_bytes=measured_peak,
+                predicted_peak_bytes=peak_of(before) if measured_peak else None,
+                fitted_peak_bytes=peak_of(after) if measured_peak else None,
+                memory_kind=kind,
+            )
+        )
     runs = tuple(runs)
     return Fit(profile=_with(base, replace(fitted, runs=runs)), runs=runs)
 
@@ -139,10 +157,15 @@ def fit(measurements: list[Measurement], profile: Profile | None = None, source:
 def report_lines(calibration: Calibration, what: str, skipped_steps: int = 0) -> list[str]:
     """What a profiler prints about its calibration run: measured vs predicted, the fitted coefficients."""
     run = calibration.runs[0]
-    lines = [f"calibration {what}: {run.measured_time_s * 1e3:.3f} ms/iteration measured, "
-             f"{run.predicted_time_s * 1e3:.3f} ms predicted; compute scale {calibration.compute_scale:.4f}"
-             + (f", reserved/allocated {calibration.reserved_per_allocated:.4f}"
-                if calibration.reserved_per_allocated else "")]
+    lines = [
+        f"calibration {what}: {run.measured_time_s * 1e3:.3f} ms/iteration measured, "
+        f"{run.predicted_time_s * 1e3:.3f} ms predicted; compute scale {calibration.compute_scale:.4f}"
+        + (
+            f", reserved/allocated {calibration.reserved_per_allocated:.4f}"
+            if calibration.reserved_per_allocated
+            else ""
+        )
+    ]
     if skipped_steps:
         lines.append(f"calibration: the fp16 loss scaler skipped {skipped_steps} timed step(s)")
     return lines
@@ -151,7 +174,14 @@ def report_lines(calibration: Calibration, what: str, skipped_steps: int = 0) ->
 def _job_summary(plan: Plan) -> dict:
     """What ran, in the plan's own terms (enough to recognise it, not to rebuild it)."""
     strategy = plan.uniform_strategy or plan.layers[0].strategy
-    return {"target": plan.target, "model": plan.model.name, "cluster": plan.cluster.name,
-            "gpus": plan.cluster.num_nodes * plan.cluster.gpus_per_node,
-            "global_batch_size": plan.training.global_batch_size, "seq_length": plan.training.seq_length,
-            "pipeline_degree": plan.pipeline_degree, "micro_batches": plan.micro_batches, "strategy": strategy.label}
+    return {
+        "target": plan.target,
+        "model": plan.model.name,
+        "cluster": plan.cluster.name,
+        "gpus": plan.cluster.num_nodes * plan.cluster.gpus_per_node,
+        "global_batch_size": plan.training.global_batch_size,
+        "seq_length": plan.training.seq_length,
+        "pipeline_degree": plan.pipeline_degree,
+        "micro_batches": plan.micro_batches,
+        "strategy": strategy.label,
+    }

@@ -7,6 +7,7 @@ all_reduce, all_gather, reduce_scatter and all_to_all over the world (those the 
 ping-pong from rank 0; bus bandwidth in the NCCL-tests convention (uniap.profile.schema.bus_factor), the
 best over the message sizes; each time the slowest rank's mean over `repeats` calls after `warmup`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,9 +51,16 @@ def node_layout(comm: Any, world: int) -> list[list[int]]:
     return list(nodes.values())
 
 
-def profile_collectives(comm: Any, device: Device, dtype: Any, sizes_mb: list[float] | None, warmup: int,
-                        repeats: int, report: list[str] | None = None,
-                        per_node: bool = True) -> list[CollectiveBandwidth]:
+def profile_collectives(
+    comm: Any,
+    device: Device,
+    dtype: Any,
+    sizes_mb: list[float] | None,
+    warmup: int,
+    repeats: int,
+    report: list[str] | None = None,
+    per_node: bool = True,
+) -> list[CollectiveBandwidth]:
     """Bus bandwidths of `dtype` messages of `sizes_mb` MiB (None: DEFAULT_SIZES_MB_CPU on the CPU, else
     DEFAULT_SIZES_MB_GPU), the best per op and scope; empty when the world has one rank. Every rank must call
     it; `report` gets a line per measurement.
@@ -68,8 +76,15 @@ def profile_collectives(comm: Any, device: Device, dtype: Any, sizes_mb: list[fl
     world = comm.get_world_size()
     if world < 2:
         return []
-    bench = _Bench(comm, device, dtype, [max(1, round(s * 2 ** 20)) for s in sizes_mb], warmup, repeats,
-                   report if report is not None else [])
+    bench = _Bench(
+        comm,
+        device,
+        dtype,
+        [max(1, round(s * 2**20)) for s in sizes_mb],
+        warmup,
+        repeats,
+        report if report is not None else [],
+    )
     nodes = node_layout(comm, world)
     single_node = len(nodes) == 1
     out = bench.group_collectives([list(range(world))], "intra_node" if single_node else "inter_node")
@@ -116,8 +131,10 @@ class _Bench:
                 call = self._collective_call(op, nbytes, n, group)
                 seconds = max_over_ranks(self._seconds(call, group, barrier=True), self.comm, self.device)
                 busbw = nbytes / seconds * bus_factor(op, n) / 1e9
-                self.report.append(f"{op:15s} {scope:10s} n={n:<4d} {nbytes / 2**20:9.2f} MiB "
-                                   f"{seconds * 1e3:10.3f} ms busbw {busbw:9.3f} GB/s")
+                self.report.append(
+                    f"{op:15s} {scope:10s} n={n:<4d} {nbytes / 2**20:9.2f} MiB "
+                    f"{seconds * 1e3:10.3f} ms busbw {busbw:9.3f} GB/s"
+                )
                 best = max(best, busbw)
             if best > 0 and math.isfinite(best):
                 out.append(CollectiveBandwidth(op=op, group_size=n, scope=scope, bus_bandwidth_gbps=best))
@@ -138,8 +155,10 @@ class _Bench:
                 seconds = self._seconds(self._round_trip(buf, rank, peer), None, barrier=False) / 2
             seconds = max_over_ranks(seconds, self.comm, self.device)
             busbw = nbytes / seconds / 1e9
-            self.report.append(f"{'p2p':15s} {scope:10s} 0<->{peer:<3d} {nbytes / 2**20:9.2f} MiB "
-                               f"{seconds * 1e3:10.3f} ms busbw {busbw:9.3f} GB/s")
+            self.report.append(
+                f"{'p2p':15s} {scope:10s} 0<->{peer:<3d} {nbytes / 2**20:9.2f} MiB "
+                f"{seconds * 1e3:10.3f} ms busbw {busbw:9.3f} GB/s"
+            )
             best = max(best, busbw)
         if best > 0 and math.isfinite(best):
             return [CollectiveBandwidth(op="p2p", group_size=2, scope=scope, bus_bandwidth_gbps=best)]

@@ -13,6 +13,7 @@ What the loops measure, the one meaning of each field:
 - `extra_peak_bytes` (CUDA only): the most allocated during a step beyond what was allocated before it,
   the largest over the timed steps (uniap.profile.schema.OptimizerTiming).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -46,6 +47,7 @@ def device_description(kind: str) -> str:
     """The GPU's name on CUDA, another accelerator's kind, or 'cpu (<processor>)'."""
     if kind == "cuda":
         import torch
+
         return torch.cuda.get_device_name(torch.cuda.current_device())
     if kind != "cpu":
         return kind
@@ -62,6 +64,7 @@ class Timer:
     def mark(self):
         if self.device.cuda:
             import torch
+
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
@@ -77,6 +80,7 @@ def all_ranks_ok(ok: bool, comm: Any, device: Device) -> bool:
     if comm.get_world_size() == 1:
         return ok
     import torch
+
     flag = torch.tensor([1.0 if ok else 0.0], device=device.name)
     comm.all_reduce(flag, op=comm.ReduceOp.MIN)
     return bool(flag.item() > 0.5)
@@ -85,13 +89,20 @@ def all_ranks_ok(ok: bool, comm: Any, device: Device) -> bool:
 def max_over_ranks(value: float, comm: Any, device: Device) -> float:
     """The largest `value` over `comm`'s world (every rank must call it): the slowest rank's time."""
     import torch
+
     t = torch.tensor([value], dtype=torch.float64 if device.kind == "cpu" else torch.float32, device=device.name)
     comm.all_reduce(t, op=comm.ReduceOp.MAX)
     return float(t.item())
 
 
-def time_passes(forward: Callable[[], Any], backward: Callable[[Any], None], reset: Callable[[], None],
-                warmup: int, repeats: int, device: Device) -> tuple[float, float, float | None]:
+def time_passes(
+    forward: Callable[[], Any],
+    backward: Callable[[Any], None],
+    reset: Callable[[], None],
+    warmup: int,
+    repeats: int,
+    device: Device,
+) -> tuple[float, float, float | None]:
     """(forward_ms, backward_ms, activation_bytes) as the module docstring defines them. `forward()` returns
     what `backward(out)` back-propagates; `reset()` drops the previous iteration's gradients."""
     import torch
@@ -118,8 +129,9 @@ def time_passes(forward: Callable[[], Any], backward: Callable[[Any], None], res
     return statistics.median(forward_ms), statistics.median(backward_ms), activation
 
 
-def time_steps(step: Callable[[], bool], warmup: int, repeats: int, device: Device,
-               prepare: Callable[[], None] | None = None) -> tuple[float, float | None]:
+def time_steps(
+    step: Callable[[], bool], warmup: int, repeats: int, device: Device, prepare: Callable[[], None] | None = None
+) -> tuple[float, float | None]:
     """(step_ms, extra_peak_bytes) as the module docstring defines them. `step()` steps and says whether the
     step counts (one the fp16 loss scaler skips does not); `prepare()`, when given, runs untimed before each
     step (the forward and backward that leave its gradients). RuntimeError when no timed step counted."""

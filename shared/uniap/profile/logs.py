@@ -37,6 +37,7 @@ averages in the first iteration, since the first call of `training_log` does not
 training.py:1797 and 2016), none for ThroughputTimer lines (DeepSpeed already leaves out start_step = 2
 steps), and at least one interval is always kept.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,25 +64,29 @@ MEGATRON_ITERATION_ANCHOR = re.compile(r"(?<!\w)iteration\s+[^\s|/]+/")
 MEGATRON_ITERATION = re.compile(
     rf"iteration\s+(?P<iteration>\d+)/\s*(?P<train_iters>\d+) \|"
     rf".*? elapsed time per iteration \(ms\): (?P<ms>{NUMBER}) \|"
-    rf".* number of nan iterations:\s*\d+ \|\s*$")
+    rf".* number of nan iterations:\s*\d+ \|\s*$"
+)
 # Megatron-LM core_v0.16.1 report_memory.
 MEGATRON_MEMORY_ANCHOR = re.compile(r"\[Rank [^\]]*\] .*\bmemory \(MB\)")
 MEGATRON_MEMORY = re.compile(
     rf"\[Rank \d+\] .*\bmemory \(MB\) \| allocated: (?P<allocated>{NUMBER}) \| max allocated: (?P<max_allocated>"
     rf"{NUMBER}) \| reserved: (?P<reserved>{NUMBER}) \| max reserved: (?P<max_reserved>{NUMBER})"
-    rf"(?: \| total device memory used: {NUMBER})?\s*$")
+    rf"(?: \| total device memory used: {NUMBER})?\s*$"
+)
 # DeepSpeed 0.19.8 PipelineEngine.train_batch.
 DEEPSPEED_PIPE_ANCHOR = re.compile(r"(?<!\w)steps: \S+ loss: ")
 DEEPSPEED_PIPE = re.compile(
     rf"steps: (?P<iteration>\d+) loss: {ANY_NUMBER} (?:.*? )?iter time \(s\): (?P<seconds>{NUMBER}) "
-    rf"samples/sec: (?P<samples_per_s>{NUMBER})\s*$")
+    rf"samples/sec: (?P<samples_per_s>{NUMBER})\s*$"
+)
 # DeepSpeed 0.19.8 ThroughputTimer.stop; its monitor_memory line ("..., vm %: ...") is not a timing line.
 DEEPSPEED_THROUGHPUT_ANCHOR = re.compile(r"(?<!\w)epoch=[^\s/]*/micro_step=")
 DEEPSPEED_THROUGHPUT_VM = re.compile(r"global_step=\d+, vm %: ")
 DEEPSPEED_THROUGHPUT = re.compile(
     rf"epoch=\d+/micro_step=\d+/global_step=(?P<iteration>\d+), RunningAvgSamplesPerSec={ANY_NUMBER}, "
     rf"CurrSamplesPerSec=(?P<samples_per_s>{NUMBER}), MemAllocated=(?P<allocated>{NUMBER})GB, "
-    rf"MaxMemAllocated=(?P<max_allocated>{NUMBER})GB\s*$")
+    rf"MaxMemAllocated=(?P<max_allocated>{NUMBER})GB\s*$"
+)
 # DeepSpeed 0.19.8 SynchronizedWallClockTimer.log of the engine's global timers (the micro-step line has
 # "fwd_microstep:"; the MoE breakdown line of runtime/engine.py:3069 "fwd: ... (fwd_moe: ...)" is not one).
 DEEPSPEED_TIMERS_ANCHOR = re.compile(r"time \(ms\) \| fwd: ")
@@ -92,7 +97,8 @@ DEEPSPEED_TIMER = re.compile(rf"(\w+): ({NUMBER})")
 DEEPSPEED_MEMORY_ANCHOR = re.compile(r"(?<!\w)MA \S+ GB")
 DEEPSPEED_MEMORY = re.compile(
     rf"MA (?P<allocated>{NUMBER}) GB\s+Max_MA (?P<max_allocated>{NUMBER}) GB\s+CA (?P<reserved>{NUMBER}) GB"
-    rf"\s+Max_CA (?P<max_reserved>{NUMBER}) GB\s*$")
+    rf"\s+Max_CA (?P<max_reserved>{NUMBER}) GB\s*$"
+)
 
 
 class LogError(UniapError):
@@ -129,25 +135,61 @@ class _Record:
 
 
 RECORDS = (
-    _Record("megatron_iteration", "megatron", MEGATRON_ITERATION_ANCHOR, MEGATRON_ITERATION,
-            "a Megatron-LM training_log line ' iteration N/ M | consumed samples: ... | elapsed time per iteration "
-            "(ms): X | ... | number of nan iterations: K |'"),
-    _Record("megatron_memory", "megatron", MEGATRON_MEMORY_ANCHOR, MEGATRON_MEMORY,
-            "a Megatron-LM report_memory line '[Rank R] ... memory (MB) | allocated: X | max allocated: X | "
-            "reserved: X | max reserved: X'", memory_unit=MIB),
-    _Record("deepspeed_pipe", "deepspeed", DEEPSPEED_PIPE_ANCHOR, DEEPSPEED_PIPE,
-            "a DeepSpeed pipeline line 'steps: N loss: X iter time (s): X samples/sec: X'"),
-    _Record("deepspeed_throughput", "deepspeed", DEEPSPEED_THROUGHPUT_ANCHOR, DEEPSPEED_THROUGHPUT,
-            "a DeepSpeed ThroughputTimer line 'epoch=E/micro_step=M/global_step=N, RunningAvgSamplesPerSec=X, "
-            "CurrSamplesPerSec=X, MemAllocated=XGB, MaxMemAllocated=XGB'", DEEPSPEED_THROUGHPUT_VM, GIB),
-    _Record("deepspeed_timers", "deepspeed", DEEPSPEED_TIMERS_ANCHOR, DEEPSPEED_TIMERS,
-            "a DeepSpeed wall_clock_breakdown line 'time (ms) | fwd: X | bwd: X | ... | step: X'",
-            DEEPSPEED_TIMERS_MOE),
-    _Record("deepspeed_memory", "deepspeed", DEEPSPEED_MEMORY_ANCHOR, DEEPSPEED_MEMORY,
-            "a DeepSpeed see_memory_usage line 'MA X GB  Max_MA X GB  CA X GB  Max_CA X GB'", memory_unit=GIB),
+    _Record(
+        "megatron_iteration",
+        "megatron",
+        MEGATRON_ITERATION_ANCHOR,
+        MEGATRON_ITERATION,
+        "a Megatron-LM training_log line ' iteration N/ M | consumed samples: ... | elapsed time per iteration "
+        "(ms): X | ... | number of nan iterations: K |'",
+    ),
+    _Record(
+        "megatron_memory",
+        "megatron",
+        MEGATRON_MEMORY_ANCHOR,
+        MEGATRON_MEMORY,
+        "a Megatron-LM report_memory line '[Rank R] ... memory (MB) | allocated: X | max allocated: X | "
+        "reserved: X | max reserved: X'",
+        memory_unit=MIB,
+    ),
+    _Record(
+        "deepspeed_pipe",
+        "deepspeed",
+        DEEPSPEED_PIPE_ANCHOR,
+        DEEPSPEED_PIPE,
+        "a DeepSpeed pipeline line 'steps: N loss: X iter time (s): X samples/sec: X'",
+    ),
+    _Record(
+        "deepspeed_throughput",
+        "deepspeed",
+        DEEPSPEED_THROUGHPUT_ANCHOR,
+        DEEPSPEED_THROUGHPUT,
+        "a DeepSpeed ThroughputTimer line 'epoch=E/micro_step=M/global_step=N, RunningAvgSamplesPerSec=X, "
+        "CurrSamplesPerSec=X, MemAllocated=XGB, MaxMemAllocated=XGB'",
+        DEEPSPEED_THROUGHPUT_VM,
+        GIB,
+    ),
+    _Record(
+        "deepspeed_timers",
+        "deepspeed",
+        DEEPSPEED_TIMERS_ANCHOR,
+        DEEPSPEED_TIMERS,
+        "a DeepSpeed wall_clock_breakdown line 'time (ms) | fwd: X | bwd: X | ... | step: X'",
+        DEEPSPEED_TIMERS_MOE,
+    ),
+    _Record(
+        "deepspeed_memory",
+        "deepspeed",
+        DEEPSPEED_MEMORY_ANCHOR,
+        DEEPSPEED_MEMORY,
+        "a DeepSpeed see_memory_usage line 'MA X GB  Max_MA X GB  CA X GB  Max_CA X GB'",
+        memory_unit=GIB,
+    ),
 )
-TIMING_KINDS = {"megatron": ("megatron_iteration",),
-                "deepspeed": ("deepspeed_pipe", "deepspeed_throughput", "deepspeed_timers")}
+TIMING_KINDS = {
+    "megatron": ("megatron_iteration",),
+    "deepspeed": ("deepspeed_pipe", "deepspeed_throughput", "deepspeed_timers"),
+}
 TIMING_BASIS = {
     "megatron_iteration": "Megatron-LM 'elapsed time per iteration (ms)'",
     "deepspeed_pipe": "DeepSpeed pipeline 'iter time (s)'",
@@ -174,8 +216,13 @@ class _Scan:
     reserved: float | None = None
 
 
-def parse_log(text: str, source: str = "log", framework: str | None = None, skip_warmup: int | None = None,
-              train_batch_size: int | None = None) -> LogMeasurement:
+def parse_log(
+    text: str,
+    source: str = "log",
+    framework: str | None = None,
+    skip_warmup: int | None = None,
+    train_batch_size: int | None = None,
+) -> LogMeasurement:
     """Time per iteration and peak memory from a training log's text (see the module docstring).
 
     `framework`: "megatron", "deepspeed" or None (detected). `skip_warmup`: leading intervals to leave out of
@@ -183,8 +230,9 @@ def parse_log(text: str, source: str = "log", framework: str | None = None, skip
     the time comes from CurrSamplesPerSec. Raises LogError naming the source, the line and what was expected."""
     if framework is not None and framework not in FRAMEWORKS:
         raise LogError(f"{source}: unknown framework {framework!r}; expected one of {', '.join(FRAMEWORKS)}")
-    if train_batch_size is not None and (isinstance(train_batch_size, bool) or not isinstance(train_batch_size, int)
-                                         or train_batch_size < 1):
+    if train_batch_size is not None and (
+        isinstance(train_batch_size, bool) or not isinstance(train_batch_size, int) or train_batch_size < 1
+    ):
         raise LogError(f"{source}: train_batch_size {train_batch_size!r}; expected a positive integer")
     lines = text.split("\n")
     cut = bool(text) and not text.endswith("\n")  # the last line may stop in the middle of a record
@@ -196,13 +244,18 @@ def parse_log(text: str, source: str = "log", framework: str | None = None, skip
     last = len(lines) - (not cut)
     where = f"{source}, lines 1-{last}" if last > 0 else f"{source} (empty, 0 lines)"
     if not found:
-        looked_for = "; ".join(r.expected for r in RECORDS
-                               if r.framework in candidates and r.kind in TIMING_KINDS[r.framework])
-        raise LogError(f"{where}: no timing line found; expected {looked_for}",
-                       hint=None if text.strip() else "the log is empty: was the right file given?")
+        looked_for = "; ".join(
+            r.expected for r in RECORDS if r.framework in candidates and r.kind in TIMING_KINDS[r.framework]
+        )
+        raise LogError(
+            f"{where}: no timing line found; expected {looked_for}",
+            hint=None if text.strip() else "the log is empty: was the right file given?",
+        )
     if len(found) > 1:
-        raise LogError(f"{where}: both Megatron-LM and DeepSpeed timing lines found; expected one framework's log",
-                       hint="pass framework='megatron' or framework='deepspeed'")
+        raise LogError(
+            f"{where}: both Megatron-LM and DeepSpeed timing lines found; expected one framework's log",
+            hint="pass framework='megatron' or framework='deepspeed'",
+        )
     name = found[0]
     scan = scans[name]
     kind = next(k for k in TIMING_KINDS[name] if scan.series[k])
@@ -210,27 +263,41 @@ def parse_log(text: str, source: str = "log", framework: str | None = None, skip
     times = _times(kind, entries, source, train_batch_size)
     skip = _warmup(kind, entries) if skip_warmup is None else skip_warmup
     if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < len(times):
-        raise LogError(f"{source}: skip_warmup {skip_warmup!r} with {len(times)} timed intervals "
-                       f"({TIMING_BASIS[kind]}, lines {entries[0].line}-{entries[-1].line}); "
-                       f"expected an integer from 0 to {len(times) - 1}")
+        raise LogError(
+            f"{source}: skip_warmup {skip_warmup!r} with {len(times)} timed intervals "
+            f"({TIMING_BASIS[kind]}, lines {entries[0].line}-{entries[-1].line}); "
+            f"expected an integer from 0 to {len(times) - 1}"
+        )
     median = statistics.median(times[skip:])
     if not median > 0:
-        raise LogError(f"{source}, lines {entries[skip].line}-{entries[-1].line}: the median time per iteration "
-                       f"is {median} s ({TIMING_BASIS[kind]}); expected a positive time",
-                       hint="iterations shorter than the printed precision cannot be measured from this log")
+        raise LogError(
+            f"{source}, lines {entries[skip].line}-{entries[-1].line}: the median time per iteration "
+            f"is {median} s ({TIMING_BASIS[kind]}); expected a positive time",
+            hint="iterations shorter than the printed precision cannot be measured from this log",
+        )
     iterations = entries[-1].iteration if entries[-1].iteration is not None else len(entries)
-    return LogMeasurement(framework=name, iteration_times_s=tuple(times), time_per_iteration_s=median,
-                          skipped_warmup=skip, peak_allocated_bytes=scan.allocated, peak_reserved_bytes=scan.reserved,
-                          iterations=iterations, source=source, timing=TIMING_BASIS[kind])
+    return LogMeasurement(
+        framework=name,
+        iteration_times_s=tuple(times),
+        time_per_iteration_s=median,
+        skipped_warmup=skip,
+        peak_allocated_bytes=scan.allocated,
+        peak_reserved_bytes=scan.reserved,
+        iterations=iterations,
+        source=source,
+        timing=TIMING_BASIS[kind],
+    )
 
 
-def read_log(path: str | Path, framework: str | None = None, skip_warmup: int | None = None,
-             train_batch_size: int | None = None) -> LogMeasurement:
+def read_log(
+    path: str | Path, framework: str | None = None, skip_warmup: int | None = None, train_batch_size: int | None = None
+) -> LogMeasurement:
     """`parse_log` of a log file; an unreadable or non-UTF-8 file raises LogError naming it."""
     path = Path(path)
     text = read_text(path, "training log", error=LogError)
-    return parse_log(text, source=str(path), framework=framework, skip_warmup=skip_warmup,
-                     train_batch_size=train_batch_size)
+    return parse_log(
+        text, source=str(path), framework=framework, skip_warmup=skip_warmup, train_batch_size=train_batch_size
+    )
 
 
 def _read_line(line: str, number: int, source: str, scans: dict[str, _Scan], maybe_cut: bool) -> None:
@@ -246,8 +313,11 @@ def _read_line(line: str, number: int, source: str, scans: dict[str, _Scan], may
         if match is None:
             problem = "the log ends in the middle of this line" if maybe_cut else "cannot read this line"
             raise LogError(f"{source}, line {number}: {problem}: {_clip(line)!r}; expected {record.expected}")
-        values = {key: _number(text, key, record, source, number) for key, text in match.groupdict().items()
-                  if key not in ("iteration", "train_iters", "timers") and text is not None}
+        values = {
+            key: _number(text, key, record, source, number)
+            for key, text in match.groupdict().items()
+            if key not in ("iteration", "train_iters", "timers") and text is not None
+        }
         if record.memory_unit is not None:  # the current value too: DeepSpeed rounds Max_CA to whole GB
             allocated = max(values["allocated"], values["max_allocated"]) * record.memory_unit
             scan.allocated = allocated if scan.allocated is None else max(scan.allocated, allocated)
@@ -260,14 +330,15 @@ def _read_line(line: str, number: int, source: str, scans: dict[str, _Scan], may
             series = scan.series[record.kind]
             if iteration is not None and series and iteration <= series[-1].iteration:
                 previous = series[-1]
-                raise LogError(f"{source}, line {number}: iteration {iteration} after iteration {previous.iteration} "
-                               f"(line {previous.line}); expected iteration numbers that increase",
-                               hint="the log holds more than one run (a restart?): give the part of one run")
+                raise LogError(
+                    f"{source}, line {number}: iteration {iteration} after iteration {previous.iteration} "
+                    f"(line {previous.line}); expected iteration numbers that increase",
+                    hint="the log holds more than one run (a restart?): give the part of one run",
+                )
             series.append(_Entry(number, iteration, value))
 
 
-def _timing_value(record: _Record, match: re.Match[str], values: dict[str, float], source: str,
-                  number: int) -> float:
+def _timing_value(record: _Record, match: re.Match[str], values: dict[str, float], source: str, number: int) -> float:
     """The timing line's value: seconds per iteration, or samples/s for ThroughputTimer lines."""
     if record.kind == "megatron_iteration":
         return values["ms"] / 1000.0
@@ -278,9 +349,11 @@ def _timing_value(record: _Record, match: re.Match[str], values: dict[str, float
     timers = {name: float(value) for name, value in DEEPSPEED_TIMER.findall(match["timers"])}
     missing = [name for name in ("fwd", "bwd", "step") if name not in timers]
     if missing or not all(math.isfinite(v) and v >= 0 for v in timers.values()):
-        raise LogError(f"{source}, line {number}: wall_clock_breakdown timers {sorted(timers)}"
-                       f"{' without ' + ', '.join(missing) if missing else ' with a bad value'}; "
-                       f"expected {record.expected}")
+        raise LogError(
+            f"{source}, line {number}: wall_clock_breakdown timers {sorted(timers)}"
+            f"{' without ' + ', '.join(missing) if missing else ' with a bad value'}; "
+            f"expected {record.expected}"
+        )
     return (timers["fwd"] + timers["bwd"] + timers["step"]) / 1000.0
 
 
@@ -297,10 +370,12 @@ def _times(kind: str, entries: list[_Entry], source: str, train_batch_size: int 
     if kind != "deepspeed_throughput":
         return [e.value for e in entries]
     if train_batch_size is None:
-        raise LogError(f"{source}, line {entries[0].line}: DeepSpeed's timing here is ThroughputTimer's "
-                       f"CurrSamplesPerSec (samples/s); expected train_batch_size to turn it into seconds per "
-                       f"iteration, and none was given",
-                       hint="pass train_batch_size (the DeepSpeed config's train_batch_size)")
+        raise LogError(
+            f"{source}, line {entries[0].line}: DeepSpeed's timing here is ThroughputTimer's "
+            f"CurrSamplesPerSec (samples/s); expected train_batch_size to turn it into seconds per "
+            f"iteration, and none was given",
+            hint="pass train_batch_size (the DeepSpeed config's train_batch_size)",
+        )
     for e in entries:
         if not e.value > 0:
             raise LogError(f"{source}, line {e.line}: CurrSamplesPerSec={e.value}; expected a positive rate")
@@ -325,4 +400,4 @@ def _warmup(kind: str, entries: list[_Entry]) -> int:
 
 def _clip(line: str, width: int = 160) -> str:
     line = line.strip()
-    return line if len(line) <= width else line[:width - 3] + "..."
+    return line if len(line) <= width else line[: width - 3] + "..."

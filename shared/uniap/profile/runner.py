@@ -1,5 +1,6 @@
 """What the adapters' profilers share and that needs no framework: process-group environment for a
 run without a launcher, the processor's name, the printed summary, and the command-line driver."""
+
 from __future__ import annotations
 
 import argparse
@@ -43,16 +44,19 @@ def processor_name() -> str:
     return platform.processor() or platform.machine() or "unknown processor"
 
 
-def print_summary(prog: str, profile: Profile, report: list[str], output: str, world: int, seconds: float,
-                  show_tp: bool) -> None:
-    lines = [f"{prog}: {profile.device}, {profile.runtime}, backend {profile.backend}, {world} rank(s), "
-             f"{seconds:.1f} s"]
+def print_summary(
+    prog: str, profile: Profile, report: list[str], output: str, world: int, seconds: float, show_tp: bool
+) -> None:
+    lines = [
+        f"{prog}: {profile.device}, {profile.runtime}, backend {profile.backend}, {world} rank(s), {seconds:.1f} s"
+    ]
     for sig, timings in profile.layers.items():
         for t in timings:
             act = f"  act {t.activation_bytes / 2**20:.1f} MiB" if t.activation_bytes is not None else ""
             tp = f"tp {t.tp} " if show_tp else ""
-            lines.append(f"  {sig}  {tp}mbs {t.micro_batch_size}: fwd {t.forward_ms:.3f} ms  "
-                         f"bwd {t.backward_ms:.3f} ms{act}")
+            lines.append(
+                f"  {sig}  {tp}mbs {t.micro_batch_size}: fwd {t.forward_ms:.3f} ms  bwd {t.backward_ms:.3f} ms{act}"
+            )
     lines += [f"  {r}" for r in report]
     if profile.notes:
         lines.append(f"  notes: {profile.notes}")
@@ -78,16 +82,18 @@ def check_common_args(args) -> None:
         raise SpecError(f"--calibration-micro-batches must be >= 1 (got {args.calibration_micro_batches})")
 
 
-def run_profiler_cli(parser: argparse.ArgumentParser, argv: list[str] | None, prog: str,
-                     check: Callable, run: Callable) -> int:
+def run_profiler_cli(
+    parser: argparse.ArgumentParser, argv: list[str] | None, prog: str, check: Callable, run: Callable
+) -> int:
     """Parse, check the inputs (`check(args)` -> (model, training)), run; user errors are a message and
     an exit code, --help and usage errors argparse's own codes."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message already printed)
         return int(exc.code or 0)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(name)s: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(levelname)s: %(message)s"
+    )
     try:
         model, training = check(args)
         return run(args, model, training)

@@ -9,6 +9,7 @@ per-layer sum misses. Anything missing falls back to the analytic estimate, and 
 basis each number has. Version 2 added the optimizer step and the calibration; version 1 files are
 still read.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,13 @@ def bus_factor(op: str, group: int) -> float:
     """NCCL-tests' bus-bandwidth factor: bus bandwidth = (bytes of the full tensor / time) x factor, and
     a ring collective takes factor x bytes / bus bandwidth. The profilers measure with it, the cost
     model prices with it."""
-    return {"all_reduce": 2.0 * (group - 1) / group, "all_gather": (group - 1) / group,
-            "reduce_scatter": (group - 1) / group, "all_to_all": (group - 1) / group, "p2p": 1.0}[op]
+    return {
+        "all_reduce": 2.0 * (group - 1) / group,
+        "all_gather": (group - 1) / group,
+        "reduce_scatter": (group - 1) / group,
+        "all_to_all": (group - 1) / group,
+        "p2p": 1.0,
+    }[op]
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,16 @@ class LayerTiming:
     activation_bytes: float | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.tp, int) and self.tp > 0 and isinstance(self.micro_batch_size, int)
-                and self.micro_batch_size > 0):
-            raise ProfileError(f"corrupt profile: layer timing has tp={self.tp!r}, "
-                               f"micro_batch_size={self.micro_batch_size!r} (positive integers required)")
+        if not (
+            isinstance(self.tp, int)
+            and self.tp > 0
+            and isinstance(self.micro_batch_size, int)
+            and self.micro_batch_size > 0
+        ):
+            raise ProfileError(
+                f"corrupt profile: layer timing has tp={self.tp!r}, "
+                f"micro_batch_size={self.micro_batch_size!r} (positive integers required)"
+            )
         for name in ("forward_ms", "backward_ms"):
             v = getattr(self, name)
             if not _finite_nonnegative(v):
@@ -102,8 +114,7 @@ class CalibrationRun:
             if not _finite_positive(getattr(self, name)):
                 raise ProfileError(f"corrupt profile: calibration run field '{name}' = {getattr(self, name)!r}")
         if self.memory_kind not in ("reserved", "allocated"):
-            raise ProfileError(f"corrupt profile: calibration memory_kind {self.memory_kind!r} "
-                               f"(reserved or allocated)")
+            raise ProfileError(f"corrupt profile: calibration memory_kind {self.memory_kind!r} (reserved or allocated)")
 
 
 @dataclass(frozen=True)
@@ -126,17 +137,24 @@ class Calibration:
             raise ProfileError(f"corrupt profile: calibration reserved_per_allocated {r!r} (0.5 .. 3)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"compute_scale": self.compute_scale, "reserved_per_allocated": self.reserved_per_allocated,
-                "source": self.source, "runs": [asdict(r) for r in self.runs]}
+        return {
+            "compute_scale": self.compute_scale,
+            "reserved_per_allocated": self.reserved_per_allocated,
+            "source": self.source,
+            "runs": [asdict(r) for r in self.runs],
+        }
 
     @classmethod
     def from_dict(cls, data: Any) -> "Calibration":
         if not isinstance(data, dict):
             raise ProfileError(f"corrupt profile: calibration must be a mapping, not {type(data).__name__}")
         runs = tuple(CalibrationRun(**r) for r in data.get("runs") or ())
-        return cls(compute_scale=data.get("compute_scale", 1.0),
-                   reserved_per_allocated=data.get("reserved_per_allocated"), runs=runs,
-                   source=str(data.get("source", "")))
+        return cls(
+            compute_scale=data.get("compute_scale", 1.0),
+            reserved_per_allocated=data.get("reserved_per_allocated"),
+            runs=runs,
+            source=str(data.get("source", "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -176,8 +194,9 @@ class Profile:
 
     def __post_init__(self) -> None:
         if self.overlap_coefficient is not None and not (1.0 <= self.overlap_coefficient <= 2.0):
-            raise ProfileError(f"corrupt profile: overlap_coefficient {self.overlap_coefficient!r} "
-                               f"(1 = perfect overlap, 2 = none)")
+            raise ProfileError(
+                f"corrupt profile: overlap_coefficient {self.overlap_coefficient!r} (1 = perfect overlap, 2 = none)"
+            )
 
     # --- lookups ----------------------------------------------------------------------------------
 
@@ -188,16 +207,19 @@ class Profile:
         if not points:
             return None
         xs = [p.micro_batch_size for p in points]
-        return (_interpolate(xs, [p.forward_ms for p in points], micro_batch_size) / 1e3,
-                _interpolate(xs, [p.backward_ms for p in points], micro_batch_size) / 1e3)
+        return (
+            _interpolate(xs, [p.forward_ms for p in points], micro_batch_size) / 1e3,
+            _interpolate(xs, [p.backward_ms for p in points], micro_batch_size) / 1e3,
+        )
 
     def layer_activation_bytes(self, signature: str, tp: int, micro_batch_size: float) -> float | None:
         """Measured activation bytes at this tp and micro-batch size (interpolated), or None."""
         points = [p for p in self._points(signature, tp) if p.activation_bytes is not None]
         if not points:
             return None
-        return _interpolate([p.micro_batch_size for p in points], [p.activation_bytes for p in points],
-                            micro_batch_size)
+        return _interpolate(
+            [p.micro_batch_size for p in points], [p.activation_bytes for p in points], micro_batch_size
+        )
 
     def _points(self, signature: str, tp: int) -> list[LayerTiming]:
         return sorted((t for t in self.layers.get(signature, ()) if t.tp == tp), key=lambda t: t.micro_batch_size)
@@ -205,7 +227,7 @@ class Profile:
     def bus_bandwidth(self, op: str, group_size: int, scope: str) -> float | None:
         """GB/s measured for `op` at the nearest group size in `scope`; all-gather, reduce-scatter and
         all-to-all fall back to the all-reduce measurement; None when nothing fits."""
-        for candidate in ((op,) if op in ("p2p", "all_reduce") else (op, "all_reduce")):
+        for candidate in (op,) if op in ("p2p", "all_reduce") else (op, "all_reduce"):
             rows = [c for c in self.collectives if c.op == candidate and c.scope == scope]
             if rows:
                 return min(rows, key=lambda c: (abs(c.group_size - group_size), -c.group_size)).bus_bandwidth_gbps
@@ -214,38 +236,56 @@ class Profile:
     # --- JSON -------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "device": self.device,
-                "runtime": self.runtime, "backend": self.backend, "notes": self.notes,
-                "overlap_coefficient": self.overlap_coefficient,
-                "layers": {sig: [asdict(t) for t in ts] for sig, ts in self.layers.items()},
-                "collectives": [asdict(c) for c in self.collectives],
-                "optimizer": asdict(self.optimizer) if self.optimizer else None,
-                "calibration": self.calibration.to_dict() if self.calibration else None}
+        return {
+            "format": PROFILE_FORMAT,
+            "version": PROFILE_VERSION,
+            "device": self.device,
+            "runtime": self.runtime,
+            "backend": self.backend,
+            "notes": self.notes,
+            "overlap_coefficient": self.overlap_coefficient,
+            "layers": {sig: [asdict(t) for t in ts] for sig, ts in self.layers.items()},
+            "collectives": [asdict(c) for c in self.collectives],
+            "optimizer": asdict(self.optimizer) if self.optimizer else None,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+        }
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "profile") -> "Profile":
         if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-            raise ProfileError(f"{source} is not a uniap profile (no \"format\": \"{PROFILE_FORMAT}\")",
-                               "write it with `uniap-megatron profile` or `uniap-deepspeed profile`")
+            raise ProfileError(
+                f'{source} is not a uniap profile (no "format": "{PROFILE_FORMAT}")',
+                "write it with `uniap-megatron profile` or `uniap-deepspeed profile`",
+            )
         version = data.get("version")
         if version not in READABLE_VERSIONS:
-            raise ProfileError(f"{source} has profile version {version!r}; this uniap reads versions "
-                               f"{', '.join(map(str, READABLE_VERSIONS))}",
-                               "re-run the profiler with this uniap version")
+            raise ProfileError(
+                f"{source} has profile version {version!r}; this uniap reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}",
+                "re-run the profiler with this uniap version",
+            )
         try:
             layers = {str(sig): [LayerTiming(**t) for t in ts] for sig, ts in (data.get("layers") or {}).items()}
             collectives = [CollectiveBandwidth(**c) for c in data.get("collectives") or []]
             calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") else None
             optimizer = OptimizerTiming(**data["optimizer"]) if data.get("optimizer") else None
-            return cls(device=str(data.get("device", "")), runtime=str(data.get("runtime", "")), layers=layers,
-                       collectives=collectives, overlap_coefficient=data.get("overlap_coefficient"),
-                       backend=str(data.get("backend", "")), notes=str(data.get("notes", "")),
-                       optimizer=optimizer, calibration=calibration)
+            return cls(
+                device=str(data.get("device", "")),
+                runtime=str(data.get("runtime", "")),
+                layers=layers,
+                collectives=collectives,
+                overlap_coefficient=data.get("overlap_coefficient"),
+                backend=str(data.get("backend", "")),
+                notes=str(data.get("notes", "")),
+                optimizer=optimizer,
+                calibration=calibration,
+            )
         except ProfileError as exc:
             raise ProfileError(f"{source}: {exc.message}", exc.hint) from None
         except (TypeError, AttributeError) as exc:
-            raise ProfileError(f"corrupt profile {source}: {exc}",
-                               "re-run the profiler; do not edit the file by hand") from None
+            raise ProfileError(
+                f"corrupt profile {source}: {exc}", "re-run the profiler; do not edit the file by hand"
+            ) from None
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(Path(path), self.to_dict())
@@ -256,8 +296,10 @@ class Profile:
         try:
             data = json.loads(read_text(path, "profile", ProfileError))
         except json.JSONDecodeError as exc:
-            raise ProfileError(f"corrupt profile {path}: not valid JSON ({exc.msg} at line {exc.lineno})",
-                               "re-run the profiler; the file may have been truncated") from None
+            raise ProfileError(
+                f"corrupt profile {path}: not valid JSON ({exc.msg} at line {exc.lineno})",
+                "re-run the profiler; the file may have been truncated",
+            ) from None
         return cls.from_dict(data, source=str(path))
 
 

@@ -1,6 +1,7 @@
 """Exhaustive search: every order-preserving placement times every per-layer strategy, priced by
 `evaluate`. Independent of the MIQP (no counts, no linearization); used to check the MIQP's optimum on
 small cases and, by benchmarks, to enumerate what a target framework can express."""
+
 from __future__ import annotations
 
 import itertools

@@ -1,6 +1,7 @@
 """The best uniform plan of a subproblem: one strategy for every layer (as far as each layer has it)
 and the even split. A valid plan, so its time is an upper bound: the UOP uses it as the first
 incumbent, to order subproblems and as the cutoff that lets SCIP discard a subproblem at its root."""
+
 from __future__ import annotations
 
 from ..cost.evaluate import Prediction, evaluate, even_split
@@ -38,9 +39,11 @@ def best_uniform_plan(sub: Subproblem) -> tuple[Prediction, list[int], list[Stra
 
 def _closest(options: list[Strategy], want: Strategy) -> Strategy | None:
     """`want` itself, else the same TP and ZeRO without recompute, else the same TP."""
-    for ok in (lambda s: s == want,
-               lambda s: (s.tp, s.zero, s.recompute) == (want.tp, want.zero, "none"),
-               lambda s: s.tp == want.tp):
+    for ok in (
+        lambda s: s == want,
+        lambda s: (s.tp, s.zero, s.recompute) == (want.tp, want.zero, "none"),
+        lambda s: s.tp == want.tp,
+    ):
         for s in options:
             if ok(s):
                 return s

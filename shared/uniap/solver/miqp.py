@@ -8,6 +8,7 @@ costs, so only how many of them each stage holds under each strategy matters):
 Products of binaries are linearized (y >= x1 + x2 - 1), the max of the 1F1B objective becomes an
 epigraph variable. With deg = 1 there is no placement and the problem is the paper's QIP.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,14 @@ log = logging.getLogger(__name__)
 DEFAULT_GAP = 1e-4
 # The constraint families, in the order the MIQP is built; each method of _Formulation adds one.
 PLACEMENT, ORDER, STRATEGY, STAGE_TIME, COMMUNICATION, MEMORY, OBJECTIVE = (
-    "placement", "order preservation", "strategy selection", "stage time", "communication time", "memory",
-    "objective")
+    "placement",
+    "order preservation",
+    "strategy selection",
+    "stage time",
+    "communication time",
+    "memory",
+    "objective",
+)
 FAMILIES = (PLACEMENT, ORDER, STRATEGY, STAGE_TIME, COMMUNICATION, MEMORY, OBJECTIVE)
 SCALE = 100.0  # the objective's lower bound and the memory capacity both become 100 model units
 
@@ -51,9 +58,15 @@ class SubproblemResult:
     strategy_of: list[Strategy] | None = None
 
     def to_dict(self) -> dict:
-        return {"pipeline_degree": self.deg, "micro_batches": self.c, "status": self.status,
-                "time_per_iteration": self.objective, "bound": self.bound, "gap": self.gap,
-                "solve_seconds": round(self.solve_seconds, 4)}
+        return {
+            "pipeline_degree": self.deg,
+            "micro_batches": self.c,
+            "status": self.status,
+            "time_per_iteration": self.objective,
+            "bound": self.bound,
+            "gap": self.gap,
+            "solve_seconds": round(self.solve_seconds, 4),
+        }
 
 
 class _Formulation:
@@ -104,7 +117,7 @@ class _Formulation:
     def placement(self) -> None:
         """Every layer on exactly one stage, no stage empty (C_r[i] = sum_k N_r[i, k]):
 
-            0 <= N_r[i, k] <= U_r[i, k],   sum_i C_r[i] = |r|,   sum_r C_r[i] >= 1."""
+        0 <= N_r[i, k] <= U_r[i, k],   sum_i C_r[i] = |r|,   sum_r C_r[i] >= 1."""
         cons = self.families[PLACEMENT]
         for rt, N, C, U in zip(self.sub.runs, self.N, self.C, self.U):
             cons += [N >= 0, N <= U, cp.sum(C) == rt.run.size]
@@ -225,7 +238,8 @@ class _Formulation:
             both = self._on_stage(self.Zl[a]) + self._on_stage(self.Zf[b])
             for la, lb, cost in pairs:
                 self.families[STAGE_TIME].append(
-                    t >= cost * (both + self._layout_col(a, la) + self._layout_col(b, lb) - 3))
+                    t >= cost * (both + self._layout_col(a, la) + self._layout_col(b, lb) - 3)
+                )
             p = p + t
         return p
 
@@ -273,8 +287,9 @@ class _Formulation:
         used_classes: set[str] = set()
         for rt, N, U in zip(sub.runs, self.N, self.U):
             state = N @ np.array([c.state_bytes / mu for c in rt.costs])
-            training = training + state + cp.multiply(inflight, N @ np.array([c.activation_bytes / mu
-                                                                              for c in rt.costs]))
+            training = (
+                training + state + cp.multiply(inflight, N @ np.array([c.activation_bytes / mu for c in rt.costs]))
+            )
             step = step + N @ np.array([c.step_bytes / mu for c in rt.costs])
             for name in TRANSIENT_CLASSES:
                 by_value: dict[float, list[int]] = {}
@@ -295,7 +310,7 @@ class _Formulation:
     def objective(self) -> cp.Expression:
         """TPI = sum p + sum o + (c - 1) * max(p, o) + max g, the maxima as epigraph variables:
 
-            gmax >= g_i,   bottleneck >= p_i,   bottleneck >= o_j."""
+        gmax >= g_i,   bottleneck >= p_i,   bottleneck >= o_j."""
         cons = self.families[OBJECTIVE]
         p = self.stage_time()
         o = self.communication_time()
@@ -369,8 +384,9 @@ def least_memory_needed(sub: Subproblem, time_limit: float | None = None) -> flo
     return float(problem.value) * form.memory_unit * sub.cost_model.reserved_per_allocated
 
 
-def solve_subproblem(sub: Subproblem, time_limit: float | None = None, gap: float = DEFAULT_GAP,
-                     cutoff: float | None = None) -> SubproblemResult:
+def solve_subproblem(
+    sub: Subproblem, time_limit: float | None = None, gap: float = DEFAULT_GAP, cutoff: float | None = None
+) -> SubproblemResult:
     """Solve one subproblem to proven optimality (relative gap <= `gap`) or to the time limit. With a
     `cutoff`, a subproblem without a plan at least that fast comes back 'pruned'."""
     start = time.perf_counter()
@@ -396,6 +412,14 @@ def solve_subproblem(sub: Subproblem, time_limit: float | None = None, gap: floa
     # The plan's exact price; the MIQP's value exceeds it only by slack in auxiliary variables.
     objective = evaluate(sub, stage_of, strategy_of).time_per_iteration
     bound = min(objective, float(model.getDualbound()) * form.time_unit) if model else None
-    return SubproblemResult(sub.deg, sub.c, status, objective=objective, bound=bound,
-                            gap=float(model.getGap()) if model else None, solve_seconds=elapsed,
-                            stage_of=stage_of, strategy_of=strategy_of)
+    return SubproblemResult(
+        sub.deg,
+        sub.c,
+        status,
+        objective=objective,
+        bound=bound,
+        gap=float(model.getGap()) if model else None,
+        solve_seconds=elapsed,
+        stage_of=stage_of,
+        strategy_of=strategy_of,
+    )

@@ -4,6 +4,7 @@ plan over all of them.
 Subproblems are visited in order of a valid lower bound on their time per iteration; one whose bound
 is not below the incumbent is pruned (it cannot hold a better plan), so the answer stays optimal.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,7 @@ from .heuristic import best_uniform_plan
 from .miqp import DEFAULT_GAP, SubproblemResult, least_memory_needed, solve_subproblem
 
 log = logging.getLogger(__name__)
-GiB = 2 ** 30
+GiB = 2**30
 
 
 @dataclass
@@ -45,17 +46,24 @@ class Outcome:
         counts: dict[str, int] = {}
         for r in self.results:
             counts[r.status] = counts.get(r.status, 0) + 1
-        return {"backend": "cvxpy+SCIP", "status": self.status, "gap": self.gap, "lower_bound": self.lower_bound,
-                "seconds": round(self.seconds, 3), "subproblem_counts": counts,
-                "subproblems": [r.to_dict() for r in self.results]}
+        return {
+            "backend": "cvxpy+SCIP",
+            "status": self.status,
+            "gap": self.gap,
+            "lower_bound": self.lower_bound,
+            "seconds": round(self.seconds, 3),
+            "subproblem_counts": counts,
+            "subproblems": [r.to_dict() for r in self.results],
+        }
 
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_pairs(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, capability: Capability,
-                    pins: Pins) -> list[tuple[int, int]]:
+def candidate_pairs(
+    graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, capability: Capability, pins: Pins
+) -> list[tuple[int, int]]:
     """(deg, c): deg divides the GPU count (equal stages), at most one stage per layer; c divides the
     global batch; pins and the capability's pipeline limit restrict both."""
     degs = [d for d in divisors(cluster.num_gpus) if d <= len(graph.layers)]
@@ -63,8 +71,10 @@ def candidate_pairs(graph: LayerGraph, cluster: ClusterSpec, training: TrainingS
         degs = [d for d in degs if d <= capability.max_pipeline_degree]
     if pins.pipeline_degree is not None:
         if cluster.num_gpus % pins.pipeline_degree:
-            raise SpecError(f"pinned pipeline degree {pins.pipeline_degree} does not divide the "
-                            f"{cluster.num_gpus} GPUs", "pin a divisor of the GPU count")
+            raise SpecError(
+                f"pinned pipeline degree {pins.pipeline_degree} does not divide the {cluster.num_gpus} GPUs",
+                "pin a divisor of the GPU count",
+            )
         degs = [d for d in degs if d == pins.pipeline_degree]
     cs = divisors(training.global_batch_size)
     if pins.micro_batches is not None:
@@ -72,9 +82,17 @@ def candidate_pairs(graph: LayerGraph, cluster: ClusterSpec, training: TrainingS
     return [(d, c) for d in degs for c in cs]
 
 
-def optimize(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, capability: Capability,
-             cost_model: CostModel, pins: Pins = NO_PINS, time_limit: float | None = None,
-             gap: float = DEFAULT_GAP, progress: bool | None = None) -> Outcome:
+def optimize(
+    graph: LayerGraph,
+    cluster: ClusterSpec,
+    training: TrainingSpec,
+    capability: Capability,
+    cost_model: CostModel,
+    pins: Pins = NO_PINS,
+    time_limit: float | None = None,
+    gap: float = DEFAULT_GAP,
+    progress: bool | None = None,
+) -> Outcome:
     """Solve every subproblem (or prune it by its bound) and return the best plan found.
 
     Raises InfeasibleError when no plan fits (with the least memory any candidate needs) and
@@ -92,10 +110,24 @@ def optimize(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, ca
     best: tuple[SubproblemResult, Subproblem] | None = None
     if subs and uniform[id(subs[0])]:
         pred, stage_of, strategy_of = uniform[id(subs[0])]
-        best = (SubproblemResult(subs[0].deg, subs[0].c, "heuristic", objective=pred.time_per_iteration,
-                                 stage_of=stage_of, strategy_of=strategy_of), subs[0])
-    bar = tqdm(total=len(subs), desc="subproblems", unit="mip", disable=progress is False if progress is not None
-               else None, leave=False)
+        best = (
+            SubproblemResult(
+                subs[0].deg,
+                subs[0].c,
+                "heuristic",
+                objective=pred.time_per_iteration,
+                stage_of=stage_of,
+                strategy_of=strategy_of,
+            ),
+            subs[0],
+        )
+    bar = tqdm(
+        total=len(subs),
+        desc="subproblems",
+        unit="mip",
+        disable=progress is False if progress is not None else None,
+        leave=False,
+    )
     for sub in subs:
         incumbent = best[0].objective if best else None
         remaining = None if time_limit is None else time_limit - (time.perf_counter() - start)
@@ -105,8 +137,16 @@ def optimize(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, ca
             result = SubproblemResult(sub.deg, sub.c, "infeasible")  # the memory bound alone rules it out
         elif best is not None and best[1] is sub and bounds[id(sub)] >= incumbent * (1 - SAME_OBJECTIVE):
             # This subproblem's uniform plan meets its lower bound: it is the subproblem's optimum.
-            result = SubproblemResult(sub.deg, sub.c, "optimal", objective=incumbent, bound=bounds[id(sub)],
-                                      gap=0.0, stage_of=best[0].stage_of, strategy_of=best[0].strategy_of)
+            result = SubproblemResult(
+                sub.deg,
+                sub.c,
+                "optimal",
+                objective=incumbent,
+                bound=bounds[id(sub)],
+                gap=0.0,
+                stage_of=best[0].stage_of,
+                strategy_of=best[0].strategy_of,
+            )
             best = (result, sub)
         elif incumbent is not None and bounds[id(sub)] >= incumbent:
             result = SubproblemResult(sub.deg, sub.c, "pruned", bound=bounds[id(sub)])
@@ -116,9 +156,17 @@ def optimize(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, ca
             result = solve_subproblem(sub, time_limit=remaining, gap=gap, cutoff=incumbent)
             if result.status == "pruned" and best[1] is sub:
                 # Nothing beats this subproblem's own uniform plan: that plan is its optimum.
-                result = SubproblemResult(sub.deg, sub.c, "optimal", objective=incumbent, bound=incumbent,
-                                          gap=0.0, solve_seconds=result.solve_seconds,
-                                          stage_of=best[0].stage_of, strategy_of=best[0].strategy_of)
+                result = SubproblemResult(
+                    sub.deg,
+                    sub.c,
+                    "optimal",
+                    objective=incumbent,
+                    bound=incumbent,
+                    gap=0.0,
+                    solve_seconds=result.solve_seconds,
+                    stage_of=best[0].stage_of,
+                    strategy_of=best[0].strategy_of,
+                )
             if result.objective is not None and (incumbent is None or result.objective <= incumbent):
                 best = (result, sub)
         results.append(result)
@@ -130,8 +178,9 @@ def optimize(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, ca
     elapsed = time.perf_counter() - start
     if best is None:
         if any(r.status in ("time_limit", "not_solved") for r in results):
-            raise SolverTimeLimitError(f"the solver reached the time limit ({time_limit:g} s) before finding "
-                                       f"any plan", "raise --time-limit")
+            raise SolverTimeLimitError(
+                f"the solver reached the time limit ({time_limit:g} s) before finding any plan", "raise --time-limit"
+            )
         raise _infeasible(subs, cluster, capability, training)
     result, sub = best
     # The evaluator prices the chosen assignment exactly; the MIQP's value can exceed it only by slack
@@ -141,8 +190,16 @@ def optimize(graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, ca
     global_gap = max(0.0, (prediction.time_per_iteration - lower) / prediction.time_per_iteration)
     open_ = any(r.status in ("time_limit", "not_solved") for r in results)
     status = "time_limit" if open_ or global_gap > gap else "optimal"
-    return Outcome(best=result, sub=sub, prediction=prediction, results=results, status=status,
-                   gap=global_gap, seconds=elapsed, lower_bound=lower)
+    return Outcome(
+        best=result,
+        sub=sub,
+        prediction=prediction,
+        results=results,
+        status=status,
+        gap=global_gap,
+        seconds=elapsed,
+        lower_bound=lower,
+    )
 
 
 def _bound(r: SubproblemResult) -> float:
@@ -154,16 +211,19 @@ def _bound(r: SubproblemResult) -> float:
     return r.bound if r.bound is not None else 0.0
 
 
-def _infeasible(subs: list[Subproblem], cluster: ClusterSpec, capability: Capability,
-                training: TrainingSpec) -> InfeasibleError:
+def _infeasible(
+    subs: list[Subproblem], cluster: ClusterSpec, capability: Capability, training: TrainingSpec
+) -> InfeasibleError:
     """The least memory any candidate needs, and what would make a plan fit."""
     usable = cluster.usable_memory_bytes
     with_strategies = [s for s in subs if s.feasible_strategies]
     if not with_strategies:
-        return InfeasibleError("no strategy is available for every layer under these settings (the global "
-                               "batch must split into micro-batches divisible by the data-parallel degree, "
-                               "and pinned choices must be runnable on the target)",
-                               "change the global batch size, the GPU count or the pinned choices")
+        return InfeasibleError(
+            "no strategy is available for every layer under these settings (the global "
+            "batch must split into micro-batches divisible by the data-parallel degree, "
+            "and pinned choices must be runnable on the target)",
+            "change the global batch size, the GPU count or the pinned choices",
+        )
     least = None
     for sub in sorted(with_strategies, key=lambda s: s.least_memory()):
         if least is not None and sub.least_memory() >= least[0]:
@@ -181,13 +241,16 @@ def _infeasible(subs: list[Subproblem], cluster: ClusterSpec, capability: Capabi
     hints.append("a smaller --global-batch-size (smaller micro-batches)")
     usable_gib = usable / GiB
     if least is None:
-        return InfeasibleError(f"no plan fits in {usable_gib:.1f} GiB usable per GPU "
-                               f"({cluster.gpu_memory_gib:g} GiB minus {cluster.reserved_memory_gib:g} reserved)",
-                               "; ".join(hints))
+        return InfeasibleError(
+            f"no plan fits in {usable_gib:.1f} GiB usable per GPU "
+            f"({cluster.gpu_memory_gib:g} GiB minus {cluster.reserved_memory_gib:g} reserved)",
+            "; ".join(hints),
+        )
     need, sub = least
     return InfeasibleError(
         f"no plan fits in {usable_gib:.1f} GiB usable per GPU ({cluster.gpu_memory_gib:g} GiB minus "
         f"{cluster.reserved_memory_gib:g} reserved); the leanest candidate needs {need / GiB:.1f} GiB on its "
         f"fullest stage (pipeline degree {sub.deg}, {sub.c} micro-batch(es) of {sub.micro_batch_all_replicas} samples"
         " over all replicas)",
-        "; ".join(hints))
+        "; ".join(hints),
+    )
