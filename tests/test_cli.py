@@ -510,12 +510,12 @@ def test_evaluate_split(capsys):
 @pytest.mark.parametrize(
     "extra, needle",
     [
-        (["--tp", "3"], "not divisible"),
+        (["--tp", "3"], "--tp 3 does not divide the 8 GPUs per node"),
         (["--pp", "2", "--split", "10,10,4"], "--split"),
         (["--pp", "2", "--split", "0,24"], "empty"),
         (["--pp", "2", "--split", "5,5"], "summing to 24"),
-        (["--micro-batch-size", "3"], "not divisible"),
-        (["--target", "deepspeed", "--tp", "2"], "not available"),
+        (["--micro-batch-size", "3"], "--micro-batch-size 3 does not divide the global batch size"),
+        (["--target", "deepspeed", "--tp", "2"], "cannot run the pinned TP degree 2"),
         (["--tp", "4", "--pp", "2", "--zero", "1"], "needs data parallelism"),
         (["--tp", "0"], "positive"),
     ],

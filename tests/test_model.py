@@ -715,11 +715,18 @@ def test_malformed_json_and_non_mapping_files(tmp_path):
         load_model(str(a_list))
 
 
-def test_missing_path_is_an_unknown_preset(tmp_path):
+def test_missing_file_is_named_as_such_and_a_near_miss_preset_gets_a_suggestion(tmp_path):
     missing = tmp_path / "no-such-model.yaml"
-    with pytest.raises(UnknownPresetError) as info:
+    with pytest.raises(SpecError, match="model file .*no-such-model.yaml does not exist"):
         load_model(str(missing))
-    assert "llama2-7b" in str(info.value)
+    with pytest.raises(SpecError, match="model file ./nope does not exist"):
+        load_model("./nope")
+    with pytest.raises(UnknownPresetError) as info:
+        load_model("lama2-7b")
+    assert "did you mean llama2-7b" in str(info.value) and "gpt3-1.3b" in str(info.value)
+    with pytest.raises(UnknownPresetError) as info:
+        load_model("zzz")
+    assert "did you mean" not in str(info.value)
     empty_folder = tmp_path / "empty"
     empty_folder.mkdir()
     with pytest.raises(SpecError, match="no config.json"):

@@ -1,6 +1,6 @@
 """`uniap-deepspeed`: DeepSpeed config from a plan (`config`), a multi-node launch (`launch`), and
-profiling through DeepSpeed's runtime (`profile`). Exit codes as `uniap` (0 ok, 1 bug, 2 invalid
-input, 3 no plan fits, 4 time limit)."""
+profiling through DeepSpeed's runtime (`profile`). Exit codes as `uniap` (uniap.errors: 0 ok, 1 bug,
+2 invalid input, 3 no plan fits, 4 time limit, 130 interrupted); each command's --help lists its own."""
 
 from __future__ import annotations
 
@@ -9,22 +9,25 @@ import json
 import sys
 from pathlib import Path
 
-from uniap.errors import EXIT_INTERNAL, EXIT_OK, SpecError, UniapError
-from uniap.io import write_json_atomic
+from uniap.errors import (
+    ALL_EXIT_CODES,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID_INPUT,
+    EXIT_OK,
+    SpecError,
+    UniapError,
+    exit_codes_epilog,
+)
+from uniap.io import check_output_paths, write_json_atomic, write_text_atomic
 from uniap.launch_templates import render
 from uniap.plan import Plan
 
 from .config import deepspeed_config, plan_for_deepspeed
 
 
-def _refuse_overwrite(paths: list[str | None], force: bool) -> None:
-    for path in paths:
-        if path and Path(path).exists() and not force:
-            raise SpecError(f"{path} exists; not overwriting it", "pass --force, or choose another path")
-
-
 def cmd_config(args) -> int:
-    _refuse_overwrite([args.output, args.save_plan], args.force)
+    check_output_paths([args.output, args.save_plan], args.force)
     if args.plan:
         plan = Plan.load(args.plan)
     else:
@@ -73,13 +76,14 @@ def cmd_launch(args) -> int:
         )
     out = Path(args.output_dir)
     hostfile, script, config_path = out / "hostfile", out / "launch.sh", out / "ds_config.json"
-    _refuse_overwrite([str(hostfile), str(script), str(config_path)], args.force)
+    check_output_paths([str(hostfile), str(script), str(config_path)], args.force)
     config = deepspeed_config(plan)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config_path, config)
-    hostfile.write_text("".join(f"{h} slots={gpus}\n" for h in hosts))
+    write_text_atomic(hostfile, "".join(f"{h} slots={gpus}\n" for h in hosts))
     summary = " ".join(f"{plan.model.name} on {nodes}x{gpus} GPUs".split())
-    script.write_text(
+    write_text_atomic(
+        script,
         render(
             "deepspeed_multinode.sh.tmpl",
             summary=summary,
@@ -91,47 +95,128 @@ def cmd_launch(args) -> int:
             script=args.script,
             script_args=args.script_args,
             config="ds_config.json",
-        )
+        ),
+        executable=True,
     )
-    script.chmod(0o755)
     print(f"wrote {hostfile}, {config_path} and {script}")
     return EXIT_OK
 
 
+DESCRIPTION = """\
+Plan a training job for DeepSpeed and write its JSON config (`config`), write a
+hostfile and a launch script for a saved plan's nodes (`launch`), or profile
+layers and collectives through DeepSpeed's runtime (`profile`).
+`uniap-deepspeed COMMAND --help` describes each command."""
+CONFIG_DESCRIPTION = """\
+Find the best plan for DeepSpeed (pipeline stages, ZeRO stage, micro-batch size)
+with uniap's planner, or read a saved plan with --plan, and write the DeepSpeed
+JSON config that runs it; its `uniap` section records the plan and its
+prediction. Without -o the config is printed."""
+LAUNCH_DESCRIPTION = """\
+Write hostfile, ds_config.json and launch.sh into --output-dir for a saved plan;
+launch.sh runs the deepspeed launcher over the plan's nodes. The training
+script's own arguments follow `--`:
+  uniap-deepspeed launch plan.json --hosts n1,n2 --script train.py -- --epochs 1"""
+COMMAND_CODES = (EXIT_OK, EXIT_INTERNAL, EXIT_INVALID_INPUT, EXIT_INTERRUPTED)
+
+
+def _subparser(sub, name: str, summary: str, description: str, codes=ALL_EXIT_CODES) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=exit_codes_epilog(codes),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uniap-deepspeed", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("config", help="plan for DeepSpeed and write its JSON config")
-    p.add_argument("--plan", help="translate a saved plan instead of planning")
-    p.add_argument("--model", default="llama2-7b")
-    p.add_argument("--cluster", default="dgx-a100-80g")
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--global-batch-size", type=int, default=512)
-    p.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
-    p.add_argument("--decoder-seq-length", type=int, help="target length of an encoder-decoder model")
-    p.add_argument(
-        "--no-flash-attention", action="store_true", help="the attention kernel keeps the s x s score matrix"
+    parser = argparse.ArgumentParser(
+        prog="uniap-deepspeed",
+        description=DESCRIPTION,
+        epilog=exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="pinned ZeRO stage (a constraint)")
-    p.add_argument("--pipeline-stages", type=int, help="pinned pipeline stages (a constraint)")
-    p.add_argument("--profile", help="measured profile JSON")
-    p.add_argument("--time-limit", type=float)
-    p.add_argument("-o", "--output", help="write the config here (default: print it)")
-    p.add_argument("--save-plan", help="also write the plan JSON here")
-    p.add_argument("--force", action="store_true", help="overwrite existing output files")
-    p = sub.add_parser(
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _subparser(sub, "config", "plan for DeepSpeed and write its JSON config", CONFIG_DESCRIPTION)
+    g = p.add_argument_group("job (ignored with --plan)")
+    g.add_argument(
+        "--model",
+        default="llama2-7b",
+        help="model preset, uniap YAML/JSON spec, or Hugging Face config.json (default: %(default)s)",
+    )
+    g.add_argument("--cluster", default="dgx-a100-80g", help="cluster preset or YAML/JSON file (default: %(default)s)")
+    g.add_argument("--nodes", type=int, help="number of nodes (default: the cluster's)")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the cluster's)")
+    g.add_argument(
+        "--global-batch-size", type=int, default=512, help="samples per training iteration (default: %(default)s)"
+    )
+    g.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
+    g.add_argument(
+        "--decoder-seq-length",
+        type=int,
+        help="target length of an encoder-decoder model (default: the model's maximum; other models: unused)",
+    )
+    g.add_argument(
+        "--no-flash-attention",
+        action="store_true",
+        help="plan for an attention kernel that keeps the s x s score matrix (default: flash attention)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=("bf16", "fp16", "fp32"),
+        default="bf16",
+        help="training precision: %(choices)s (default: %(default)s)",
+    )
+    g.add_argument("--profile", help="measured profile JSON to plan with (default: analytic estimate from the cluster)")
+    g = p.add_argument_group("pinned choices (constraints the plan respects)")
+    g.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        help="ZeRO stage, one of %(choices)s (default: the planner chooses)",
+    )
+    g.add_argument("--pipeline-stages", type=int, help="number of pipeline stages (default: the planner chooses)")
+    g = p.add_argument_group("solver")
+    g.add_argument(
+        "--time-limit",
+        type=float,
+        help="seconds for the whole search; returns the best plan found by then (default: no limit)",
+    )
+    g = p.add_argument_group("input and output")
+    g.add_argument(
+        "--plan", help="translate this saved plan JSON instead of planning (default: plan from the job options)"
+    )
+    g.add_argument("-o", "--output", help="write the config JSON to this file (default: print it on stdout)")
+    g.add_argument("--save-plan", help="also write the plan JSON to this file (default: not written)")
+    g.add_argument(
+        "--force", action="store_true", help="overwrite --output / --save-plan if they exist (default: refuse)"
+    )
+
+    p = _subparser(
+        sub,
         "launch",
-        help="hostfile + deepspeed launcher script for a saved plan; the training script's own arguments follow --",
+        "write a hostfile, ds_config.json and a deepspeed launch script for a saved plan",
+        LAUNCH_DESCRIPTION,
+        COMMAND_CODES,
     )
-    p.add_argument("plan")
-    p.add_argument("--hosts", required=True, help="comma-separated host names, one per node")
-    p.add_argument("--script", required=True, help="the training script")
-    p.add_argument("--master-port", type=int, default=29500)
-    p.add_argument("--output-dir", default=".")
-    p.add_argument("--force", action="store_true")
-    sub.add_parser("profile", help="profile layers and collectives through DeepSpeed (see --help)", add_help=False)
+    p.add_argument("plan", help="the saved plan JSON (uniap plan --target deepspeed -o plan.json)")
+    p.add_argument("--hosts", required=True, help="comma-separated host names, one per node of the plan (required)")
+    p.add_argument("--script", required=True, help="the training script launch.sh runs (required)")
+    p.add_argument(
+        "--master-port", type=int, default=29500, help="rendezvous port on the first host (default: %(default)s)"
+    )
+    p.add_argument(
+        "--output-dir",
+        default=".",
+        help="folder for hostfile, ds_config.json and launch.sh (default: the current folder)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite those files if they exist (default: refuse)")
+    sub.add_parser(
+        "profile",
+        help="measure layer times and collective bandwidths through DeepSpeed; write a profile JSON",
+        add_help=False,
+    )
     return parser
 
 
@@ -149,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except UniapError as exc:
         print(f"uniap-deepspeed: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("uniap-deepspeed: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:  # a bug, not the user's input
         print(
             f"uniap-deepspeed: internal error (a bug, please report it): {type(exc).__name__}: {exc}", file=sys.stderr

@@ -556,11 +556,17 @@ def build_parser(prog: str = "uniap-deepspeed profile") -> argparse.ArgumentPars
         repeats_use=f"layers keep the median, the optimizer the median of max(repeats, {OPTIMIZER_MIN_STEPS}) "
         f"steps, the calibration of max(repeats, {CALIBRATION_MIN_ITERATIONS}) iterations",
         unfused_attention="the unfused attention (s x s scores)",
-        launcher_note=" (or the deepspeed launcher)",
+        launcher_note="\nor under the deepspeed launcher",
         verbose_note=" and DeepSpeed's info",
     )
-    p.add_argument("--decoder-seq-length", type=int, help="target length of an encoder-decoder model")
-    p.add_argument("--no-layers", action="store_true", help="measure collectives only")
+    p.add_argument(
+        "--decoder-seq-length",
+        type=int,
+        help="target length of an encoder-decoder model (default: the model's maximum; other models: unused)",
+    )
+    p.add_argument(
+        "--no-layers", action="store_true", help="measure collectives only (default: layers, optimizer and collectives)"
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher adds it
     return p
 

@@ -13,7 +13,8 @@
 command, and runs torchrun with the script's arguments rewritten: --auto-parallel* dropped, the plan's
 parallel flags added where the user gave none (explicit flags are never dropped or replaced), and
 CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment when the plan uses tensor parallelism. Its exit code is
-torchrun's. Exit codes otherwise as `uniap`: 0 ok, 1 bug, 2 invalid input, 3 no plan fits, 4 time limit.
+torchrun's. Exit codes otherwise as `uniap` (uniap.errors: 0 ok, 1 bug, 2 invalid input, 3 no plan
+fits, 4 time limit, 130 interrupted); each command's --help lists its own.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ import sys
 from pathlib import Path
 
 from uniap.cluster.spec import load_cluster
-from uniap.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_OK, SpecError, UniapError
+from uniap.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID_INPUT,
+    EXIT_OK,
+    SpecError,
+    UniapError,
+    exit_codes_epilog,
+)
+from uniap.io import check_output_paths, write_text_atomic
 from uniap.plan import Plan
 from uniap.report import render
 
@@ -40,12 +50,7 @@ from .plugin import auto_parallel_args
 
 PROG = "uniap-megatron"
 SLURM_MODES = {"torchrun-per-node": "slurm", "task-per-gpu": "slurm-task-per-gpu"}
-
-
-def _refuse_overwrite(paths: list[str | None], force: bool) -> None:
-    for path in paths:
-        if path and Path(path).exists() and not force:
-            raise SpecError(f"{path} exists; not overwriting it", "pass --force, or choose another path")
+RUN_CODE_NOTE = "Once it launches torchrun, `run` exits with torchrun's exit code."
 
 
 def _split_command(script_args: list[str]) -> tuple[str, list[str]]:
@@ -100,7 +105,7 @@ def cmd_args(args) -> int:
 
 def cmd_run(args) -> int:
     script, margs = _split_command(args.script_args)
-    _refuse_overwrite([args.plan_out, args.slurm], args.force)
+    check_output_paths([args.plan_out, args.slurm], args.force)
     # The plugin's own options in the script's arguments serve as defaults for ours.
     own, _ = auto_parallel_args(argparse.ArgumentParser(add_help=False, allow_abbrev=False)).parse_known_args(margs)
     cluster = args.cluster or own.auto_parallel_cluster or DEFAULT_CLUSTER
@@ -144,8 +149,7 @@ def cmd_run(args) -> int:
             job_name=args.job_name,
             python=args.python,
         )
-        Path(args.slurm).write_text(text)
-        Path(args.slurm).chmod(0o755)
+        write_text_atomic(Path(args.slurm), text, executable=True)
         print(f"  Slurm script written to {args.slurm} (submit with: sbatch {shlex.quote(args.slurm)})")
         return EXIT_OK
     cmd = torchrun_command(_launcher(), command, nnodes, nproc, args.node_rank, args.master_addr, args.master_port)
@@ -181,7 +185,7 @@ def cmd_run(args) -> int:
 
 def cmd_script(args) -> int:
     script, margs = _split_command(args.script_args)
-    _refuse_overwrite([args.output], args.force)
+    check_output_paths([args.output], args.force)
     plan = Plan.load(args.plan)
     nnodes, nproc = plan.cluster.num_nodes, plan.cluster.gpus_per_node
     check_plan_fits(plan, margs, nnodes, nproc, source=args.plan)
@@ -197,8 +201,7 @@ def cmd_script(args) -> int:
         python=args.python,
     )
     if args.output:
-        Path(args.output).write_text(text)
-        Path(args.output).chmod(0o755)
+        write_text_atomic(Path(args.output), text, executable=True)
         print(f"wrote {args.output} ({args.kind})")
     else:
         sys.stdout.write(text)
@@ -208,60 +211,166 @@ def cmd_script(args) -> int:
 # --- parser ------------------------------------------------------------------------------------------
 
 
+DESCRIPTION = """\
+Plan a Megatron-LM job and launch it with torchrun (`run`), print a saved plan's
+Megatron arguments (`args`), write a launch script for a saved plan (`script`),
+or profile layers and collectives through megatron-core (`profile`).
+`uniap-megatron COMMAND --help` describes each command."""
+ARGS_DESCRIPTION = """\
+Print a saved plan's Megatron-LM parallelism arguments as one shell-quoted line,
+then an `export NAME=value` line for each environment variable the plan needs."""
+RUN_DESCRIPTION = """\
+Plan once (parallel flags among the Megatron arguments are pins the plan keeps),
+print the plan and the final command, and run torchrun with the script's
+arguments rewritten: --auto-parallel* dropped, the plan's parallel flags added
+where you gave none (yours are never dropped or replaced), and
+CUDA_DEVICE_MAX_CONNECTIONS=1 set when the plan uses tensor parallelism. The
+script and its arguments follow `--`:
+  uniap-megatron run --nproc-per-node 8 -- pretrain_gpt.py --auto-parallel ...
+The script's --auto-parallel-* options are the defaults of the planning options.
+With --slurm it writes a Slurm batch script instead of launching."""
+SCRIPT_DESCRIPTION = """\
+Write a launch script (torchrun on one node or several, or a Slurm batch script)
+that runs the training script with a saved plan's Megatron arguments merged into
+its own. The script and its arguments follow `--`:
+  uniap-megatron script plan.json -o run.sh -- pretrain_gpt.py <arguments>"""
+LOCAL_CODES = (EXIT_OK, EXIT_INTERNAL, EXIT_INVALID_INPUT, EXIT_INTERRUPTED)
+
+
+def _subparser(sub, name: str, summary: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description=__doc__.splitlines()[0],
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="exit codes: 0 ok, 1 internal error, 2 invalid input, 3 no plan fits in "
-        "memory, 4 time limit before any plan; `run` returns torchrun's code",
+        epilog=exit_codes_epilog(note=RUN_CODE_NOTE),
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("args", help="print a saved plan's Megatron arguments (one shell-quoted line) and env")
-    p.add_argument("plan", help="plan JSON (uniap plan --target megatron -o plan.json)")
-    p.add_argument("--with-model", action="store_true", help="also print the model-shape arguments")
+    p = _subparser(
+        sub,
+        "args",
+        "print a saved plan's Megatron arguments (one shell-quoted line) and environment",
+        ARGS_DESCRIPTION,
+        exit_codes_epilog(LOCAL_CODES),
+    )
+    p.add_argument("plan", help="the saved plan JSON (uniap plan --target megatron -o plan.json)")
+    p.add_argument(
+        "--with-model",
+        action="store_true",
+        help="also print the model-shape arguments (default: parallelism arguments only)",
+    )
 
-    p = sub.add_parser("run", help="plan, then launch the script with torchrun (arguments after --)")
+    p = _subparser(
+        sub,
+        "run",
+        "plan, then launch the training script with torchrun (script and arguments after --)",
+        RUN_DESCRIPTION,
+        exit_codes_epilog(note=RUN_CODE_NOTE),
+    )
     g = p.add_argument_group("torchrun")
-    g.add_argument("--nproc-per-node", type=int, help="GPUs per node (default: the cluster's)")
-    g.add_argument("--nnodes", type=int, help="nodes (default: the cluster's)")
-    g.add_argument("--node-rank", type=int, default=0, help="this node's rank (default 0)")
-    g.add_argument("--master-addr", help="host of node rank 0 (required with --nnodes > 1)")
-    g.add_argument("--master-port", type=int, help=f"rendezvous port (default {DEFAULT_MASTER_PORT} on several nodes)")
+    g.add_argument("--nproc-per-node", type=int, help="GPUs (processes) per node (default: the cluster's)")
+    g.add_argument("--nnodes", type=int, help="number of nodes (default: the cluster's)")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's rank (default: %(default)s)")
+    g.add_argument(
+        "--master-addr",
+        help="host of node rank 0 (required on several nodes; default on one node: a standalone rendezvous)",
+    )
+    g.add_argument(
+        "--master-port",
+        type=int,
+        help=f"rendezvous port (default: {DEFAULT_MASTER_PORT} where a rendezvous port is needed)",
+    )
     g = p.add_argument_group("planning")
     g.add_argument(
         "--cluster",
-        help=f"cluster preset or YAML/JSON file (default: the script's "
-        f"--auto-parallel-cluster, else {DEFAULT_CLUSTER})",
+        help="cluster preset or YAML/JSON file (default: the script's --auto-parallel-cluster, else "
+        f"{DEFAULT_CLUSTER})",
     )
-    g.add_argument("--profile", help="measured profile JSON (default: analytic estimate)")
-    g.add_argument("--time-limit", type=float, help="solver time limit in seconds")
-    g.add_argument("--plan", help="use this saved plan instead of planning")
-    g.add_argument("--plan-out", help="also write the plan JSON here")
+    g.add_argument(
+        "--profile",
+        help="measured profile JSON (default: the script's --auto-parallel-profile, else analytic estimate)",
+    )
+    g.add_argument(
+        "--time-limit",
+        type=float,
+        help="solver time limit in seconds (default: the script's --auto-parallel-time-limit, else no limit)",
+    )
+    g.add_argument(
+        "--plan",
+        help="use this saved plan JSON instead of planning (default: the script's --auto-parallel-plan, else plan)",
+    )
+    g.add_argument("--plan-out", help="also write the plan JSON to this file (default: not written)")
     g = p.add_argument_group("output")
-    g.add_argument("--dry-run", action="store_true", help="print the plan and the command, do not launch")
-    g.add_argument("--slurm", metavar="OUT.sbatch", help="write a Slurm batch script instead of launching")
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and the command, do not launch (default: the script's --auto-parallel-dry-run, "
+        "else launch)",
+    )
+    g.add_argument(
+        "--slurm",
+        metavar="OUT.sbatch",
+        help="write a Slurm batch script to this file instead of launching (default: launch with torchrun)",
+    )
     g.add_argument(
         "--slurm-mode",
         choices=tuple(SLURM_MODES),
         default="torchrun-per-node",
-        help="one task per node running torchrun (default), or one task per GPU",
+        help="with --slurm: one task per node running torchrun, or one task per GPU; one of %(choices)s "
+        "(default: %(default)s)",
     )
-    g.add_argument("--job-name", default="uniap-megatron", help="Slurm job name")
-    g.add_argument("--python", default="python", help="Python on the compute nodes (task-per-gpu mode)")
-    g.add_argument("--force", action="store_true", help="overwrite --plan-out / --slurm files")
+    g.add_argument("--job-name", default=PROG, help="Slurm job name (with --slurm; default: %(default)s)")
+    g.add_argument(
+        "--python",
+        default="python",
+        help="Python on the compute nodes (with --slurm-mode task-per-gpu; default: %(default)s)",
+    )
+    g.add_argument(
+        "--force", action="store_true", help="overwrite --plan-out / --slurm files if they exist (default: refuse)"
+    )
 
-    p = sub.add_parser("script", help="write a launch script for a saved plan (arguments after --)")
-    p.add_argument("plan", help="plan JSON")
-    p.add_argument("--kind", choices=tuple(LAUNCH_KINDS), default="single-node")
-    p.add_argument("-o", "--output", help="write here (default: print)")
-    p.add_argument("--master-addr", default="localhost", help="host of node rank 0 (multi-node)")
-    p.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT)
-    p.add_argument("--job-name", default="uniap-megatron", help="Slurm job name")
-    p.add_argument("--python", default="python", help="Python on the compute nodes (slurm-task-per-gpu)")
-    p.add_argument("--force", action="store_true", help="overwrite --output")
-    sub.add_parser("profile", help="profile layers (megatron-core) and collectives (see --help)", add_help=False)
+    p = _subparser(
+        sub,
+        "script",
+        "write a launch script for a saved plan (script and arguments after --)",
+        SCRIPT_DESCRIPTION,
+        exit_codes_epilog(LOCAL_CODES),
+    )
+    p.add_argument("plan", help="the saved plan JSON (uniap plan --target megatron -o plan.json)")
+    p.add_argument(
+        "--kind",
+        choices=tuple(LAUNCH_KINDS),
+        default="single-node",
+        help="what the script runs: torchrun on one node or on each node, or a Slurm batch script (torchrun per "
+        "node, or one task per GPU); one of %(choices)s (default: %(default)s)",
+    )
+    p.add_argument("-o", "--output", help="write the script to this file (default: print it on stdout)")
+    p.add_argument("--master-addr", default="localhost", help="host of node rank 0 (multi-node; default: %(default)s)")
+    p.add_argument(
+        "--master-port", type=int, default=DEFAULT_MASTER_PORT, help="rendezvous port (default: %(default)s)"
+    )
+    p.add_argument("--job-name", default=PROG, help="Slurm job name (slurm kinds; default: %(default)s)")
+    p.add_argument(
+        "--python",
+        default="python",
+        help="Python on the compute nodes (slurm-task-per-gpu; default: %(default)s)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists (default: refuse)")
+    sub.add_parser(
+        "profile",
+        help="measure layer times (megatron-core) and collective bandwidths; write a profile JSON",
+        add_help=False,
+    )
     return parser
 
 

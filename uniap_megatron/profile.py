@@ -935,7 +935,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--tp-degrees",
         type=int_list,
         default=[1],
-        help="comma-separated tensor-parallel degrees (default 1); those not dividing the world size are skipped",
+        help="tensor-parallel degrees to time the layers at, comma-separated; those not dividing the world size "
+        "are skipped (default: 1)",
     )
     return p
 

@@ -1,8 +1,5 @@
 """`uniap`: plan a parallelization (`plan`), price a hand-made or saved one (`evaluate`), fit the cost model
-to training logs (`calibrate`), list presets.
-
-Exit codes: 0 success; 1 internal error (a bug: please report); 2 invalid input (spec, preset, file,
-profile, option); 3 no plan fits in memory; 4 time limit reached before any plan was found.
+to training logs (`calibrate`), list presets. Exit codes: uniap.errors.EXIT_CODE_MEANINGS.
 """
 
 from __future__ import annotations
@@ -17,19 +14,31 @@ from pathlib import Path
 
 from . import __version__
 from .cluster.spec import CLUSTER_PRESETS, load_cluster
-from .cost.strategy import RECOMPUTE_MODES, Pins, capability_for, known_targets
-from .errors import EXIT_INFEASIBLE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, SpecError, UniapError
+from .cost.strategy import RECOMPUTE_MODES, ZERO_NAMES, Pins, capability_for, known_targets
+from .errors import (
+    EXIT_INFEASIBLE,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID_INPUT,
+    EXIT_OK,
+    SpecError,
+    UniapError,
+    exit_codes_epilog,
+)
+from .io import check_output_path
 from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
+from .model.spec import PRECISIONS
 from .plan import Plan, make_plan
 from .planner import DEFAULT_GAP, Job, configure, price, training_spec
 from .planner import plan as solve
 from .profile.schema import Profile
 from .profile.calibrate import Measurement, fit
-from .profile.logs import read_log
-from .report import render, render_calibration
+from .profile.logs import FRAMEWORKS, read_log
+from .report import render, render_calibration, scale_warning
 
 log = logging.getLogger("uniap")
+ZERO_STAGES = tuple(ZERO_NAMES)
 DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_BATCH = "llama2-7b", "dgx-a100-80g", 512
 
 
@@ -45,80 +54,146 @@ JOB_DEFAULTS = {
 def _add_job_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job")
     g.add_argument(
-        "--model", help=f"preset, uniap YAML/JSON spec, or Hugging Face config.json (default {DEFAULT_MODEL})"
+        "--model",
+        help=f"preset, uniap YAML/JSON spec, or Hugging Face config.json (default: {DEFAULT_MODEL}; "
+        "`uniap presets` lists the presets)",
     )
-    g.add_argument("--cluster", help=f"preset or YAML/JSON file (default {DEFAULT_CLUSTER})")
+    g.add_argument("--cluster", help=f"preset or YAML/JSON file (default: {DEFAULT_CLUSTER})")
     g.add_argument("--nodes", type=int, help="number of nodes (default: the cluster's)")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the cluster's)")
-    g.add_argument("--global-batch-size", type=int, help=f"samples per iteration (default {DEFAULT_BATCH})")
+    g.add_argument("--global-batch-size", type=int, help=f"samples per iteration (default: {DEFAULT_BATCH})")
     g.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
-    g.add_argument("--decoder-seq-length", type=int, help="target length of an encoder-decoder model")
-    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), help="default bf16")
+    g.add_argument(
+        "--decoder-seq-length",
+        type=int,
+        help="target length of an encoder-decoder model (default: --seq-length)",
+    )
+    g.add_argument("--precision", choices=PRECISIONS, help="bf16, fp16 or fp32 (default: bf16)")
     g.add_argument(
         "--no-flash-attention",
         action="store_true",
-        help="the attention kernel keeps the s x s score matrix (adds selective recompute)",
+        help="the attention kernel keeps the s x s score matrix, which selective recompute can drop "
+        "(default: flash attention)",
     )
     g.add_argument(
         "--no-fused-kernels",
         action="store_true",
         help="Megatron-LM without Transformer Engine or Apex: torch's foreach AdamW (+4 bytes per "
-        "parameter at the step) and unfused gradient accumulation",
+        "parameter at the step) and unfused gradient accumulation (default: fused kernels)",
     )
-    g.add_argument("--target", help=f"what the plan must run on: {', '.join(known_targets())} (default generic)")
+    g.add_argument(
+        "--target",
+        help=f"what the plan must run on: {', '.join(known_targets())} (default: generic, the paper's space)",
+    )
     g.add_argument("--profile", help="measured profile JSON (default: analytic estimate from the cluster)")
 
 
-def _add_output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", help="write the plan JSON here (refuses to overwrite without --force)")
-    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON on stdout instead of the table")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+def _add_output_args(p: argparse.ArgumentParser, what: str = "plan") -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("-o", "--output", help=f"write the {what} JSON here, checked before any work (default: not written)")
+    g.add_argument("--force", action="store_true", help="overwrite --output if it exists (default: refuse)")
+    g.add_argument(
+        "--json", action="store_true", help=f"print the {what} as JSON on stdout (default: a table for people)"
+    )
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: warnings only)")
 
 
 EVALUATE_CONFIG = (
     ("--tp", int, 1, "tensor-parallel degree"),
     ("--pp", int, 1, "pipeline degree"),
-    ("--micro-batch-size", int, 1, "samples per replica per micro-batch"),
+    ("--micro-batch-size", int, 1, "samples per data-parallel replica per micro-batch"),
 )
 EVALUATE_DEFAULTS = {"tp": 1, "pp": 1, "micro_batch_size": 1, "zero": 0, "recompute": "none"}
+TABLE_LEGEND = """reading the table:
+  time/micro-batch  one micro-batch's forward and backward on the stage (the pipeline's beat)
+  memory (GiB)      predicted peak the allocator reserves per GPU / what the GPU leaves usable
+  strategies        per stage: how many transformer layers run each strategy (TPn: tensor parallel,
+                    DPn: data parallel, ZeRO-n / FSDP: sharding, +rc / +sel-rc: full / selective
+                    recompute); "other:" the embedding and head layers
+  solver            per subproblem (pipeline degree, micro-batch count): optimal, pruned (its bound
+                    cannot beat the best plan), infeasible (no plan fits its memory), no_strategy
+                    (no strategy divides its devices and batch), not_solved (time limit)
+"""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="uniap",
-        description=__doc__.splitlines()[0],
-        epilog="exit codes: 0 ok, 1 internal error, 2 invalid input, "
-        "3 no plan fits in memory, 4 time limit before any plan",
+        description="Plan the parallelization of a transformer's pretraining (after UniAP, CVPR 2025): one "
+        "mixed-integer program per (pipeline degree, micro-batch count), solved to proven optimality, "
+        "chooses the pipeline split and every layer's strategy, and predicts time and memory.",
+        epilog=exit_codes_epilog(),
+        formatter_class=_formatter,
     )
     parser.add_argument("--version", action="version", version=f"uniap {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("plan", help="find the optimal plan (MIQP per subproblem, SCIP)")
+    p = sub.add_parser(
+        "plan",
+        help="find the optimal plan (MIQP per subproblem, SCIP)",
+        description="Find the plan with the least predicted time per iteration that fits in memory, "
+        "the choices you pin kept as constraints.",
+        epilog=TABLE_LEGEND + "\n" + exit_codes_epilog(),
+        formatter_class=_formatter,
+    )
     _add_job_args(p)
-    g = p.add_argument_group("pinned choices (constraints the plan respects)")
-    g.add_argument("--tp", type=int, help="tensor-parallel degree of every layer")
-    g.add_argument("--pp", type=int, help="pipeline degree")
-    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage of every data-parallel layer")
-    g.add_argument("--recompute", choices=RECOMPUTE_MODES, help="recompute mode of every transformer layer")
-    g.add_argument("--micro-batch-size", type=int, help="samples per data-parallel replica per micro-batch")
+    g = p.add_argument_group("pinned choices (constraints the plan respects; default: the planner chooses)")
+    g.add_argument("--tp", type=int, help="tensor-parallel degree of every layer (default: chosen)")
+    g.add_argument("--pp", type=int, help="pipeline degree (default: chosen)")
+    g.add_argument(
+        "--zero",
+        type=int,
+        choices=ZERO_STAGES,
+        help="ZeRO stage 0, 1, 2 or 3 of every data-parallel layer (default: chosen)",
+    )
+    g.add_argument(
+        "--recompute",
+        choices=RECOMPUTE_MODES,
+        help=f"recompute mode of every transformer layer: {', '.join(RECOMPUTE_MODES)} (default: chosen)",
+    )
+    g.add_argument(
+        "--micro-batch-size", type=int, help="samples per data-parallel replica per micro-batch (default: chosen)"
+    )
     g = p.add_argument_group("solver")
-    g.add_argument("--time-limit", type=float, help="seconds for the whole search; returns the best plan found")
-    g.add_argument("--gap", type=float, default=DEFAULT_GAP, help=f"relative optimality gap (default {DEFAULT_GAP:g})")
+    g.add_argument(
+        "--time-limit",
+        type=float,
+        help="seconds for the whole search; returns the best plan found, with its gap (default: no limit)",
+    )
+    g.add_argument("--gap", type=float, default=DEFAULT_GAP, help="relative optimality gap (default: %(default)g)")
     _add_output_args(p)
 
-    p = sub.add_parser("evaluate", help="price a hand-made configuration or a saved plan with the same cost model")
+    p = sub.add_parser(
+        "evaluate",
+        help="price a hand-made configuration or a saved plan with the same cost model",
+        description="Price one configuration as Megatron-LM names it (TP, PP, micro-batch size per "
+        "replica, DP = GPUs / (TP x PP), every transformer layer alike), or a saved plan as it is.",
+        epilog=TABLE_LEGEND
+        + "\n"
+        + exit_codes_epilog(
+            note="  exit 3 also when the configuration does not fit (the table is printed all the same)"
+        ),
+        formatter_class=_formatter,
+    )
     _add_job_args(p)
     g = p.add_argument_group("the configuration (or --plan)")
     g.add_argument(
         "--plan",
         help="price this saved plan JSON as it is (its model, cluster, training, split and "
-        "strategies; only --profile applies on top)",
+        "strategies; only --profile applies on top) (default: price the options below)",
     )
     for name, kind, default, text in EVALUATE_CONFIG:
-        g.add_argument(name, type=kind, help=f"{text} (default {default})")
-    g.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 0)")
-    g.add_argument("--recompute", choices=RECOMPUTE_MODES, help="transformer-layer recompute (default none)")
+        g.add_argument(name, type=kind, help=f"{text} (default: {default})")
+    g.add_argument("--zero", type=int, choices=ZERO_STAGES, help="ZeRO stage 0, 1, 2 or 3 (default: 0)")
+    g.add_argument(
+        "--recompute",
+        choices=RECOMPUTE_MODES,
+        help=f"transformer-layer recompute: {', '.join(RECOMPUTE_MODES)} (default: none)",
+    )
     g.add_argument("--split", help="transformer layers per stage, e.g. 9,8,8,7 (default: even)")
     _add_output_args(p)
 
@@ -129,17 +204,29 @@ def build_parser() -> argparse.ArgumentParser:
         "lines) with the plan each ran, fit the compute scale and the reserved/allocated "
         "memory ratio, print the prediction error before and after, and write a profile "
         "that `--profile` reads.",
+        epilog=exit_codes_epilog((EXIT_OK, EXIT_INTERNAL, EXIT_INVALID_INPUT, EXIT_INTERRUPTED)),
+        formatter_class=_formatter,
     )
     p.add_argument("--log", action="append", required=True, help="training log (repeat, paired with --plan in order)")
     p.add_argument("--plan", action="append", required=True, help="the plan JSON that produced the log")
     p.add_argument(
-        "--profile", help="a measured profile to keep (its layer times and bandwidths); its old calibration is replaced"
+        "--profile",
+        help="a measured profile to keep (its layer times and bandwidths); its old calibration is replaced "
+        "(default: a profile of the calibration alone)",
     )
-    p.add_argument("--framework", choices=("megatron", "deepspeed"), help="the log's framework (default: detected)")
+    p.add_argument(
+        "--framework", choices=FRAMEWORKS, help="the log's framework: megatron or deepspeed (default: detected)"
+    )
     p.add_argument("--skip-warmup", type=int, help="leading logged intervals to ignore (default: the warm-up ones)")
-    _add_output_args(p)
+    _add_output_args(p, what="profile")
 
-    sub.add_parser("presets", help="list model and cluster presets and targets")
+    sub.add_parser(
+        "presets",
+        help="list model and cluster presets and targets",
+        description="List the model presets, cluster presets and targets by name.",
+        epilog=exit_codes_epilog((EXIT_OK, EXIT_INTERNAL, EXIT_INVALID_INPUT, EXIT_INTERRUPTED)),
+        formatter_class=_formatter,
+    )
     return parser
 
 
@@ -169,13 +256,16 @@ def _job(args):
 
 
 def _check_output(args) -> None:
-    if args.output and Path(args.output).exists() and not args.force:
-        raise SpecError(f"{args.output} exists; not overwriting it", "pass --force, or choose another -o path")
+    if args.output:
+        check_output_path(args.output, args.force)
 
 
 def _emit(plan: Plan, args, title: str) -> None:
     if args.output:
         plan.save(args.output)
+    warning = scale_warning(plan)
+    if warning:
+        print(f"uniap: warning: {warning}", file=sys.stderr)
     if args.json:
         print(plan.to_json())
     else:

@@ -1,4 +1,5 @@
-"""File I/O shared by every loader: text that fails cleanly, YAML/JSON mappings, atomic JSON writes."""
+"""File I/O shared by every loader: text that fails cleanly, YAML/JSON mappings, atomic writes with the
+mode the user's umask gives."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 import yaml
 
 from .errors import SpecError
+
+SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def read_text(path: Path, what: str, error=SpecError) -> str:
@@ -31,6 +34,17 @@ def is_file_ref(ref: str) -> bool:
         return False
 
 
+def looks_like_path(ref: str) -> bool:
+    """Whether `ref` is meant as a file (a folder part or a spec file's suffix), not a preset name."""
+    return any(sep in ref for sep in ("/", os.sep)) or ref.endswith(SPEC_SUFFIXES)
+
+
+def check_file_ref(ref: str, what: str) -> None:
+    """A reference meant as a file that is not there: SpecError saying so (not 'unknown preset')."""
+    if looks_like_path(ref) and not is_file_ref(ref):
+        raise SpecError(f"{what} file {ref} does not exist", f"check the path, or pass a {what} preset name")
+
+
 def read_mapping(path: Path, what: str) -> dict[str, Any]:
     """Read a YAML or JSON file holding one mapping; errors name the file and the problem."""
     text = read_text(path, what)
@@ -46,15 +60,60 @@ def read_mapping(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+def new_file_mode(executable: bool = False) -> int:
+    """The mode the user's own tools give a new file: 0666 (0777 for a script) less the umask.
+
+    The umask can only be read by setting it; it is set back at once (the process is not threaded here)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return (0o777 if executable else 0o666) & ~umask
+
+
+def write_text_atomic(path: Path, text: str, *, executable: bool = False) -> None:
+    """Write `text` to a temporary file beside `path`, then rename: a crash never leaves half a file.
+
+    The file gets `new_file_mode(executable)`, as a fresh file from a shell redirect would (mkstemp's 0600 is
+    replaced), also when it replaces an existing file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
+        os.fchmod(fd, new_file_mode(executable))
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON through `write_text_atomic`."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def check_output_path(path: str | Path, force: bool, option: str = "-o") -> None:
+    """Before any work is done: SpecError (exit 2) naming `path` and the reason it cannot be written -- an
+    existing file without `force`, a folder, a location the user may not create files in."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{option} {path} is a folder, not a file", "give a file path inside it, e.g. plan.json")
+    if path.exists() and not force:
+        raise SpecError(f"{path} exists; not overwriting it", f"pass --force, or choose another {option} path")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the writer creates the missing folders below the nearest existing one
+    if not folder.is_dir():
+        raise SpecError(f"cannot write {path}: {folder} is not a folder", f"choose another {option} path")
+    try:  # the only check that is true for read-only file systems, /proc and permissions alike
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    except OSError as exc:
+        raise SpecError(f"cannot write {path}: {exc.strerror} (in {folder})", f"choose another {option} path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_paths(paths: list[str | Path | None], force: bool) -> None:
+    """check_output_path for each file a command is about to write (None: not written)."""
+    for path in paths:
+        if path is not None:
+            check_output_path(path, force, option="output")

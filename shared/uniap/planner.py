@@ -205,6 +205,11 @@ def configure(
     layers per stage; SpecError names the rule a configuration breaks."""
     if tp < 1 or pp < 1 or micro_batch_size < 1:
         raise SpecError("tp, pp and the micro-batch size must be positive")
+    graph = build_graph(model, training)
+    pins = Pins(tp=tp, pipeline_degree=pp, zero=zero, recompute=recompute, micro_batch_per_replica=micro_batch_size)
+    capability = capability_for(target)
+    capability.check_pins(pins)  # what the framework cannot run, in its own words, as `plan` says it
+    check_pins(Job(model=model, cluster=cluster, training=training, target=target, pins=pins), graph)
     n = cluster.num_gpus
     if n % (tp * pp):
         raise SpecError(
@@ -220,13 +225,11 @@ def configure(
         )
     if zero and dp == 1:
         raise SpecError(f"ZeRO stage {zero} needs data parallelism, but dp = 1 here")
-    graph = build_graph(model, training)
-    pins = Pins(tp=tp, pipeline_degree=pp, zero=zero, recompute=recompute, micro_batch_per_replica=micro_batch_size)
     sub = build_subproblem(
         graph,
         cluster,
         training,
-        capability_for(target),
+        capability,
         CostModel(cluster, training, profile),
         pp,
         training.global_batch_size // micro_batch,

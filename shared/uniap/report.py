@@ -34,7 +34,10 @@ def describe_stage(plan: Plan, stage: int) -> str:
 
 
 def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    """'1 micro-batch', '2 micro-batches', '3 stages'."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}es" if noun.endswith(("ch", "sh", "s", "x")) else f"{n} {noun}s"
 
 
 def batch_line(plan: Plan) -> str:
@@ -63,6 +66,19 @@ def _memory_note(plan: Plan) -> list[str]:
     ]
 
 
+def scale_warning(plan: Plan) -> str | None:
+    """A warning when the cluster is larger than the batch can use: fewer samples per iteration than GPUs
+    leaves every replica a fraction of a sample, so communication and bubbles dominate (the MFU says so)."""
+    gpus, batch = plan.cluster.num_gpus, plan.training.global_batch_size
+    if batch >= gpus:
+        return None
+    return (
+        f"the global batch ({batch} samples) is smaller than the {gpus} GPUs: each computes "
+        f"{batch / gpus:.2g} samples per iteration and the best plan reaches MFU {plan.mfu * 100:.1f}%; "
+        f"a larger --global-batch-size or fewer --nodes would use the GPUs better"
+    )
+
+
 def render(plan: Plan, title: str) -> str:
     m, c, t = plan.model, plan.cluster, plan.training
     lines = [
@@ -72,14 +88,14 @@ def render(plan: Plan, title: str) -> str:
         f"  predicted: {plan.time_per_iteration:.3f} s/iteration, {plan.samples_per_second:.2f} samples/s, "
         f"{plan.tokens_per_second:,.0f} tokens/s, MFU {plan.mfu * 100:.1f}%",
         "  basis: " + ", ".join(f"{k} {v}" for k, v in plan.basis.items()),
-        "",
-        f"  {'stage':>5}  {'layers':<34} {'time/micro-batch':>16}  {'memory (GiB)':>14}  strategies",
     ]
+    spans = [f"{s.first_layer}..{s.last_layer} ({s.num_layers})" for s in plan.stages]
+    width = max(len("layers"), *map(len, spans))  # the column fits the longest layer names
+    lines += ["", f"  {'stage':>5}  {'layers':<{width}} {'time/micro-batch':>16}  {'memory (GiB)':>14}  strategies"]
     cap = plan.memory_capacity_bytes / GiB
-    for s in plan.stages:
-        span = f"{s.first_layer}..{s.last_layer} ({s.num_layers})"
+    for s, span in zip(plan.stages, spans):
         lines.append(
-            f"  {s.index:>5}  {span:<34} {_seconds(s.time_per_microbatch):>16}  "
+            f"  {s.index:>5}  {span:<{width}} {_seconds(s.time_per_microbatch):>16}  "
             f"{s.memory_bytes / GiB:>6.1f} / {cap:<5.1f}  {describe_stage(plan, s.index)}"
         )
     lines += _memory_note(plan)

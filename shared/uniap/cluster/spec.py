@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError, UnknownPresetError
-from ..io import is_file_ref, read_mapping
+from ..io import check_file_ref, is_file_ref, read_mapping
 from ..model.spec import _from_dict, _positive_ints, _require
 from .devices import DeviceCoefficients, device_coefficients
 
@@ -192,9 +192,8 @@ def cluster_preset(name: str) -> ClusterSpec:
     try:
         return CLUSTER_PRESETS[name]
     except KeyError:
-        raise UnknownPresetError(
-            f"unknown cluster preset '{name}'; known presets: {', '.join(CLUSTER_PRESETS)}",
-            "pass one of the presets or a YAML/JSON cluster file",
+        raise UnknownPresetError.of(
+            "cluster preset", name, CLUSTER_PRESETS, "pass one of the presets or a YAML/JSON cluster file"
         ) from None
 
 
@@ -207,6 +206,7 @@ def load_cluster(ref: str, nodes: int | None = None, gpus_per_node: int | None =
         data.setdefault("name", Path(ref).stem)
         base = ClusterSpec.from_dict(data)
     else:
+        check_file_ref(ref, "cluster")
         base = cluster_preset(ref)
     for name, value in (("--nodes", nodes), ("--gpus-per-node", gpus_per_node)):
         if value is not None and (not isinstance(value, int) or value <= 0):

@@ -207,7 +207,7 @@ def capability_for(target: str) -> Capability:
         return GENERIC
     found = {ep.name: ep for ep in entry_points(group="uniap.targets")}
     if target not in found:
-        raise UnknownPresetError(f"unknown target '{target}'; known targets: {', '.join(['generic', *sorted(found)])}")
+        raise UnknownPresetError.of("target", target, ["generic", *sorted(found)], "pass one of the targets")
     cap = found[target].load()
     if not isinstance(cap, Capability):
         raise SpecError(f"target '{target}' does not declare a Capability object")

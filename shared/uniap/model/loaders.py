@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
-from ..io import is_file_ref, read_mapping
+from ..io import check_file_ref, is_file_ref, read_mapping
 from .presets import MODEL_PRESETS, model_preset
 from .spec import ModelSpec
 
@@ -16,6 +16,7 @@ def load_model(ref: str) -> ModelSpec:
     if ref in MODEL_PRESETS:
         return MODEL_PRESETS[ref]
     if not is_file_ref(ref):
+        check_file_ref(ref, "model")
         return model_preset(ref)  # raises with the list of presets
     path = Path(ref)
     if path.is_dir():

@@ -112,7 +112,9 @@ def model_preset(name: str) -> ModelSpec:
     try:
         return MODEL_PRESETS[name]
     except KeyError:
-        raise UnknownPresetError(
-            f"unknown model preset '{name}'; known presets: {', '.join(MODEL_PRESETS)}",
+        raise UnknownPresetError.of(
+            "model preset",
+            name,
+            MODEL_PRESETS,
             "pass one of the presets, or a YAML/JSON spec file, or a Hugging Face config.json path",
         ) from None

@@ -7,7 +7,7 @@ raise `SpecError` naming the field and the rule it breaks.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Literal
 
 from ..errors import SpecError
@@ -198,7 +198,12 @@ def _from_dict(cls, data: dict[str, Any], what: str):
         raise SpecError(
             f"invalid {what} spec: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
         )
-    try:
-        return cls(**data)
-    except TypeError as exc:  # a required field is missing
-        raise SpecError(f"invalid {what} spec: {exc}") from None
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise SpecError(
+            f"invalid {what} spec: missing required field(s) {', '.join(missing)}; required fields: "
+            f"{', '.join(required)}",
+            f"add the missing fields (the optional ones: {', '.join(sorted(known - set(required)))})",
+        )
+    return cls(**data)

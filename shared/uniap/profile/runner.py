@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import EXIT_INVALID_INPUT, SpecError, UniapError
+from ..errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, SpecError, UniapError
+from ..io import check_output_path
 from .schema import Profile
 
 
@@ -67,11 +68,7 @@ def print_summary(
 def check_common_args(args) -> None:
     """The options every profiler has: an output file it may write, warm-up and repeats, the calibration
     run's size. SpecError names the option."""
-    out = Path(args.output)
-    if out.is_dir():
-        raise SpecError(f"--output {out} is a folder", "give a file path such as profile.json")
-    if out.exists() and not args.force:
-        raise SpecError(f"{out} exists; not overwriting it", "pass --force, or choose another -o path")
+    check_output_path(args.output, args.force, option="--output")
     if args.warmup < 0:
         raise SpecError(f"--warmup must be >= 0 (got {args.warmup})")
     if args.repeats < 1:
@@ -100,3 +97,6 @@ def run_profiler_cli(
     except UniapError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code or EXIT_INVALID_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

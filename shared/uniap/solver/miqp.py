@@ -12,8 +12,11 @@ epigraph variable. With deg = 1 there is no placement and the problem is the pap
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import cvxpy as cp
@@ -29,6 +32,7 @@ from ..tolerances import CUTOFF_SLACK, ROUNDING
 log = logging.getLogger(__name__)
 
 DEFAULT_GAP = 1e-4
+STDOUT_FD, STDERR_FD = 1, 2
 # The constraint families, in the order the MIQP is built; each method of _Formulation adds one.
 PLACEMENT, ORDER, STRATEGY, STAGE_TIME, COMMUNICATION, MEMORY, OBJECTIVE = (
     "placement",
@@ -362,13 +366,28 @@ class _Formulation:
 
 
 def _solve(problem: cp.Problem, time_limit: float | None, gap: float) -> None:
-    params = {"limits/gap": gap, "display/verblevel": 0}
+    # SCIP does not catch Ctrl-C itself (it would end the solve as an error and print to stdout): Python's
+    # KeyboardInterrupt follows when this subproblem's solve returns.
+    params = {"limits/gap": gap, "display/verblevel": 0, "misc/catchctrlc": False}
     if time_limit is not None:
         params["limits/time"] = max(0.1, float(time_limit))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _stdout_to_stderr():
         # CVXPY flags SCIP's "gap limit reached" as inaccurate; the gap is reported by us instead.
         warnings.simplefilter("ignore", UserWarning)
         problem.solve(solver=cp.SCIP, scip_params=params)
+
+
+@contextmanager
+def _stdout_to_stderr():
+    """Whatever the solver's C code prints goes to stderr: stdout carries only the plan (`--json`)."""
+    sys.stdout.flush()
+    saved = os.dup(STDOUT_FD)
+    try:
+        os.dup2(STDERR_FD, STDOUT_FD)
+        yield
+    finally:
+        os.dup2(saved, STDOUT_FD)
+        os.close(saved)
 
 
 def least_memory_needed(sub: Subproblem, time_limit: float | None = None) -> float | None:

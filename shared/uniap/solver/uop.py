@@ -100,81 +100,89 @@ def optimize(
     start = time.perf_counter()
     capability.check_pins(pins)
     pairs = candidate_pairs(graph, cluster, training, capability, pins)
-    subs = [build_subproblem(graph, cluster, training, capability, cost_model, d, c, pins) for d, c in pairs]
-    bounds = {id(s): s.lower_bound() for s in subs}
-    # The best uniform plan of each subproblem: a first incumbent and the order of the search.
-    uniform = {id(s): best_uniform_plan(s) for s in subs}
-    upper = {k: (v[0].time_per_iteration if v else float("inf")) for k, v in uniform.items()}
-    subs.sort(key=lambda s: (upper[id(s)], bounds[id(s)]))
-    results: list[SubproblemResult] = []
-    best: tuple[SubproblemResult, Subproblem] | None = None
-    if subs and uniform[id(subs[0])]:
-        pred, stage_of, strategy_of = uniform[id(subs[0])]
-        best = (
-            SubproblemResult(
-                subs[0].deg,
-                subs[0].c,
-                "heuristic",
-                objective=pred.time_per_iteration,
-                stage_of=stage_of,
-                strategy_of=strategy_of,
-            ),
-            subs[0],
-        )
+    # One bar for the whole search: pricing each subproblem (tables, bound, uniform plan), then solving it.
     bar = tqdm(
-        total=len(subs),
-        desc="subproblems",
-        unit="mip",
+        total=2 * len(pairs),
+        desc="pricing",
+        unit="subproblem",
         disable=progress is False if progress is not None else None,
         leave=False,
     )
-    for sub in subs:
-        incumbent = best[0].objective if best else None
-        remaining = None if time_limit is None else time_limit - (time.perf_counter() - start)
-        if not sub.feasible_strategies:
-            result = SubproblemResult(sub.deg, sub.c, "no_strategy")
-        elif bounds[id(sub)] == float("inf"):
-            result = SubproblemResult(sub.deg, sub.c, "infeasible")  # the memory bound alone rules it out
-        elif best is not None and best[1] is sub and bounds[id(sub)] >= incumbent * (1 - SAME_OBJECTIVE):
-            # This subproblem's uniform plan meets its lower bound: it is the subproblem's optimum.
-            result = SubproblemResult(
-                sub.deg,
-                sub.c,
-                "optimal",
-                objective=incumbent,
-                bound=bounds[id(sub)],
-                gap=0.0,
-                stage_of=best[0].stage_of,
-                strategy_of=best[0].strategy_of,
+    try:
+        subs, bounds, uniform = [], {}, {}
+        for d, c in pairs:
+            sub = build_subproblem(graph, cluster, training, capability, cost_model, d, c, pins)
+            bounds[id(sub)] = sub.lower_bound()
+            # The best uniform plan of each subproblem: a first incumbent and the order of the search.
+            uniform[id(sub)] = best_uniform_plan(sub)
+            subs.append(sub)
+            bar.update(1)
+        bar.set_description("solving")
+        upper = {k: (v[0].time_per_iteration if v else float("inf")) for k, v in uniform.items()}
+        subs.sort(key=lambda s: (upper[id(s)], bounds[id(s)]))
+        results: list[SubproblemResult] = []
+        best: tuple[SubproblemResult, Subproblem] | None = None
+        if subs and uniform[id(subs[0])]:
+            pred, stage_of, strategy_of = uniform[id(subs[0])]
+            best = (
+                SubproblemResult(
+                    subs[0].deg,
+                    subs[0].c,
+                    "heuristic",
+                    objective=pred.time_per_iteration,
+                    stage_of=stage_of,
+                    strategy_of=strategy_of,
+                ),
+                subs[0],
             )
-            best = (result, sub)
-        elif incumbent is not None and bounds[id(sub)] >= incumbent:
-            result = SubproblemResult(sub.deg, sub.c, "pruned", bound=bounds[id(sub)])
-        elif remaining is not None and remaining <= 0:
-            result = SubproblemResult(sub.deg, sub.c, "not_solved", bound=bounds[id(sub)])
-        else:
-            result = solve_subproblem(sub, time_limit=remaining, gap=gap, cutoff=incumbent)
-            if result.status == "pruned" and best[1] is sub:
-                # Nothing beats this subproblem's own uniform plan: that plan is its optimum.
+        for sub in subs:
+            incumbent = best[0].objective if best else None
+            remaining = None if time_limit is None else time_limit - (time.perf_counter() - start)
+            if not sub.feasible_strategies:
+                result = SubproblemResult(sub.deg, sub.c, "no_strategy")
+            elif bounds[id(sub)] == float("inf"):
+                result = SubproblemResult(sub.deg, sub.c, "infeasible")  # the memory bound alone rules it out
+            elif best is not None and best[1] is sub and bounds[id(sub)] >= incumbent * (1 - SAME_OBJECTIVE):
+                # This subproblem's uniform plan meets its lower bound: it is the subproblem's optimum.
                 result = SubproblemResult(
                     sub.deg,
                     sub.c,
                     "optimal",
                     objective=incumbent,
-                    bound=incumbent,
+                    bound=bounds[id(sub)],
                     gap=0.0,
-                    solve_seconds=result.solve_seconds,
                     stage_of=best[0].stage_of,
                     strategy_of=best[0].strategy_of,
                 )
-            if result.objective is not None and (incumbent is None or result.objective <= incumbent):
                 best = (result, sub)
-        results.append(result)
-        bar.update(1)
-        if best:
-            bar.set_postfix_str(f"best {best[0].objective:.3f} s/iter (pp{best[1].deg}, c{best[1].c})")
-        log.debug("deg=%d c=%d %s %s", sub.deg, sub.c, result.status, result.objective)
-    bar.close()
+            elif incumbent is not None and bounds[id(sub)] >= incumbent:
+                result = SubproblemResult(sub.deg, sub.c, "pruned", bound=bounds[id(sub)])
+            elif remaining is not None and remaining <= 0:
+                result = SubproblemResult(sub.deg, sub.c, "not_solved", bound=bounds[id(sub)])
+            else:
+                result = solve_subproblem(sub, time_limit=remaining, gap=gap, cutoff=incumbent)
+                if result.status == "pruned" and best[1] is sub:
+                    # Nothing beats this subproblem's own uniform plan: that plan is its optimum.
+                    result = SubproblemResult(
+                        sub.deg,
+                        sub.c,
+                        "optimal",
+                        objective=incumbent,
+                        bound=incumbent,
+                        gap=0.0,
+                        solve_seconds=result.solve_seconds,
+                        stage_of=best[0].stage_of,
+                        strategy_of=best[0].strategy_of,
+                    )
+                if result.objective is not None and (incumbent is None or result.objective <= incumbent):
+                    best = (result, sub)
+            results.append(result)
+            bar.update(1)
+            if best:
+                bar.set_postfix_str(f"best {best[0].objective:.3f} s/iter (pp{best[1].deg}, c{best[1].c})")
+            log.debug("deg=%d c=%d %s %s", sub.deg, sub.c, result.status, result.objective)
+    finally:
+        bar.close()  # also on Ctrl-C: the terminal line is left clean
     elapsed = time.perf_counter() - start
     if best is None:
         if any(r.status in ("time_limit", "not_solved") for r in results):
