@@ -13,6 +13,7 @@ import pytest
 from megatron_plans import ALL_JOBS, emitted, get_plan
 
 from uniap_megatron import flags as F
+from uniap_megatron.capability import CONNECTIONS_ENV
 from uniap_megatron.merge import merged_argv
 from uniap_megatron.planning import plan_megatron
 
@@ -118,6 +119,19 @@ def test_megatron_lm_validates_every_plan_of_the_grid():
     assert failures == [], f"{len(failures)} of {len(plans)} plans:\n" + "\n".join(failures)
 
 
+LLAMA2_7B = """
+--num-layers 32 --hidden-size 4096 --ffn-hidden-size 11008 --num-attention-heads 32 --seq-length 4096
+--max-position-embeddings 4096 --swiglu --normalization RMSNorm --position-embedding-type rope
+--untie-embeddings-and-output-weights --disable-bias-linear --vocab-size 32000 --global-batch-size 128 --bf16
+""".split()
+LLAMA2_70B = """
+--num-layers 80 --hidden-size 8192 --ffn-hidden-size 28672 --num-attention-heads 64 --group-query-attention
+--num-query-groups 8 --seq-length 4096 --max-position-embeddings 4096 --swiglu --normalization RMSNorm
+--position-embedding-type rope --untie-embeddings-and-output-weights --disable-bias-linear --vocab-size 32000
+--global-batch-size 512 --bf16
+""".split()
+
+
 # A user's command line in the style of Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh, cut to a
 # small GPT: model and training flags, logging, data; no parallel flags (the plan chooses them) except a
 # pinned pipeline size.
@@ -143,3 +157,32 @@ def test_megatron_lm_validates_a_plan_merged_into_a_user_command_line():
     assert got["pipeline_model_parallel_size"] == plan.pipeline_degree == 2
     assert got["micro_batch_size"] == plan.micro_batch_per_replica == 2
     assert got["data_parallel_size"] == plan.data_parallel_size
+
+
+@pytest.mark.parametrize("connections", ["1", None, "8"])
+def test_megatron_lm_accepts_plans_made_for_the_launch_environment(connections):
+    """Under the plugin the ranks run with the CUDA_DEVICE_MAX_CONNECTIONS they were launched with: plans made
+    for each value (Llama-2-70B on 64 GPUs with full recompute pinned, where Megatron-FSDP is attractive, and a
+    7B job) pass validate_args in exactly that environment on a Hopper GPU."""
+    megatron_lm.require()
+    jobs = [
+        (
+            LLAMA2_70B
+            + ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
+            8,
+        ),
+        (LLAMA2_7B, 1),
+    ]
+    env = {} if connections is None else {CONNECTIONS_ENV: connections}
+    cases, plans = [], []
+    for argv, nodes in jobs:
+        plan = plan_megatron(argv, nodes=nodes, gpus_per_node=8, connections=connections)
+        plans.append(plan)
+        cases.append((merged_argv(plan, argv)[0], env, nodes * 8))
+    results = megatron_lm.validate(cases, report=("tensor_model_parallel_size", "use_megatron_fsdp"))
+    for plan, result in zip(plans, results):
+        assert "error" not in result, (connections, plan.uniform_strategy, result)
+        if connections == "1":
+            assert not result["args"]["use_megatron_fsdp"]
+        else:
+            assert result["args"]["tensor_model_parallel_size"] == 1 or result["args"]["use_megatron_fsdp"]

@@ -382,22 +382,53 @@ def test_torch_fsdp2_pin_keeps_one_stage_and_no_megatron_fsdp(world, monkeypatch
     assert plan.pipeline_degree == 1 and args.pipeline_model_parallel_size == 1
     assert args.use_megatron_fsdp is False and args.ckpt_format == "torch_dist"
     assert args.use_distributed_optimizer is False  # FSDP2 forbids the distributed optimizer
-    assert merge_plan(plan, argv).env == {}  # FSDP needs CUDA_DEVICE_MAX_CONNECTIONS != 1
+    assert merge_plan(plan, argv).env == {"CUDA_DEVICE_MAX_CONNECTIONS": "8"}  # FSDP needs it != 1
 
 
-def test_tensor_parallel_plan_needs_cuda_device_max_connections(world, monkeypatch):
+def test_tensor_parallel_pin_without_the_connection_setting_is_refused_naming_it(world, monkeypatch):
+    """TP 2 over both GPUs leaves no data parallelism for FSDP: with the variable unset no plan can run."""
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
     argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
-    with pytest.raises(SpecError, match="CUDA_DEVICE_MAX_CONNECTIONS=1") as info:
+    with pytest.raises(SpecError, match="CUDA_DEVICE_MAX_CONNECTIONS is unset") as info:
         run_hook(argv)
-    assert "unset" in str(info.value)
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in info.value.hint and "uniap-megatron run" in info.value.hint
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
     with pytest.raises(SpecError, match="'8'"):
         run_hook(argv)
+    argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]
+    with pytest.raises(SpecError, match="--tensor-model-parallel-size 2 without FSDP needs it to be 1"):
+        run_hook(argv)
+
+
+def test_the_launch_environment_limits_the_plan(world, monkeypatch):
+    """With CUDA_DEVICE_MAX_CONNECTIONS=1 no FSDP; unset, tensor parallelism only under FSDP; a pinned FSDP flag
+    with 1 is refused naming the variable. Every plan made passes the plugin's own environment check."""
+    world(size=4)
+    argv = TINY + ["--auto-parallel"]
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    _args, plan = run_hook(argv + ["--tensor-model-parallel-size", "2"])
+    assert plan.uniform_strategy.zero != 3
+    with pytest.raises(SpecError, match="needs it other than 1") as info:
+        run_hook(argv + ["--use-megatron-fsdp"])
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS=8" in info.value.hint
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+    args, plan = run_hook(argv + ["--tensor-model-parallel-size", "2"])
+    s = plan.uniform_strategy
+    assert s.tp == 2 and s.zero == 3 and args.use_megatron_fsdp  # TP only under FSDP here
+    _args, plan = run_hook(argv)
+    s = plan.uniform_strategy
+    assert s.tp == 1 or (s.zero == 3 and s.dp > 1)
+
+
+def test_plan_file_depends_on_the_connection_setting(world, monkeypatch):
+    argv = TINY + ["--auto-parallel"]
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    with_one = plan_file_path(parse(argv), argv, 1, 2)
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+    assert plan_file_path(parse(argv), argv, 1, 2) != with_one
 
 
 def test_dry_run_prints_the_plan_and_exits_0(world, monkeypatch, capsys):
-    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
     argv = TINY + ["--auto-parallel", "--auto-parallel-dry-run", "--tensor-model-parallel-size", "2"]
     args = parse(argv)
     with pytest.raises(SystemExit) as info:
@@ -406,12 +437,25 @@ def test_dry_run_prints_the_plan_and_exits_0(world, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "uniap auto-parallel plan" in out and "stage" in out
     assert "Megatron arguments set from the plan: --pipeline-model-parallel-size 1 --micro-batch-size 8" in out
-    assert "warning: the plan uses tensor parallelism" in out  # a warning, not an error, in a dry run
     assert args.pipeline_model_parallel_size == 1 and args.micro_batch_size is None  # nothing applied
     world(size=2, rank=1)
     with pytest.raises(SystemExit):
         rewrite_args(parse(argv), argv)
     assert capsys.readouterr().out == ""  # only rank 0 prints
+
+
+def test_a_saved_plan_the_environment_rules_out_is_an_error_or_a_dry_run_warning(world, monkeypatch):
+    """A saved plan was not made for this launch's CUDA_DEVICE_MAX_CONNECTIONS: the plugin checks it."""
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
+    _args, plan = run_hook(argv)
+    merge = merge_plan(plan, argv)
+    assert merge.env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} and plugin.check_env(merge) == []
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
+    with pytest.raises(SpecError, match="tensor parallelism without FSDP"):
+        plugin.check_env(merge)
+    (warning,) = plugin.check_env(merge, dry_run=True)
+    assert "it is unset here" in warning
 
 
 # --- saved plans -----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 
 from . import flags as F
-from .capability import MEGATRON
+from .capability import CONNECTIONS_ENV, FSDP_CONNECTIONS, MEGATRON, TP_CONNECTIONS
 from .environment import fused_kernels_available
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,12 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
     elif s.recompute == F.SELECTIVE:
         args += F.RECOMPUTE_GRANULARITY.tokens(F.SELECTIVE)
     args += {"bf16": F.BF16.tokens(), "fp16": F.FP16.tokens()}.get(plan.training.precision, [])
-    # TP on pre-Blackwell GPUs needs one CUDA connection; Megatron-FSDP needs more than one (it warns).
-    env = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} if s.tp > 1 and not fsdp else {}
+    # Before Blackwell, TP needs one CUDA connection and Megatron-FSDP more than one (capability.py).
+    env = {}
+    if fsdp:
+        env[CONNECTIONS_ENV] = FSDP_CONNECTIONS
+    elif s.tp > 1:
+        env[CONNECTIONS_ENV] = TP_CONNECTIONS
     return MegatronLaunch(args=args, env=env)
 
 

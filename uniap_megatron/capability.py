@@ -19,6 +19,8 @@ Without Transformer Engine or Apex, megatron/core/optimizer/__init__.py falls ba
 (megatron/core/distributed/distributed_data_parallel.py): read 2 + read and write 4 + 4 bytes.
 """
 
+from dataclasses import replace
+
 from uniap.cost.accounting import Accounting, PerParam
 from uniap.cost.strategy import Capability
 
@@ -59,4 +61,21 @@ MEGATRON = Capability(
         "(--use-torch-fsdp2 asserts --pipeline-model-parallel-size 1 in validate_args)",
     },
     accounting=MEGATRON_ACCOUNTING,
+)
+
+# CUDA_DEVICE_MAX_CONNECTIONS before Blackwell (Megatron-LM core_v0.16.1 megatron/training/arguments.py
+# validate_args): TP > 1 without FSDP asserts it is "1"; Megatron-FSDP and torch FSDP2 assert it is not "1".
+# A launcher sets what the plan needs (8 is CUDA's own default); under the plugin the ranks already run
+# with a value, and it limits the plan.
+CONNECTIONS_ENV = "CUDA_DEVICE_MAX_CONNECTIONS"
+TP_CONNECTIONS, FSDP_CONNECTIONS = "1", "8"
+FSDP_ZERO = 3
+MEGATRON_WITHOUT_FSDP = replace(
+    MEGATRON,
+    zero_stages=(0, 1),
+    reasons={
+        **MEGATRON.reasons,
+        "zero_stages": f"with {CONNECTIONS_ENV}={TP_CONNECTIONS} Megatron-LM runs no FSDP (validate_args asserts "
+        "it is not 1); the distributed optimizer (ZeRO-1) remains",
+    },
 )

@@ -12,7 +12,7 @@
 `run` plans once (the parallel flags in the Megatron arguments are pins), prints the plan and the final
 command, and runs torchrun with the script's arguments rewritten: --auto-parallel* dropped, the plan's
 parallel flags added where the user gave none (explicit flags are never dropped or replaced), and
-CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment when the plan uses tensor parallelism. Its exit code is
+CUDA_DEVICE_MAX_CONNECTIONS set as the plan needs (1 for tensor parallelism, 8 for FSDP). Its exit code is
 torchrun's. Exit codes otherwise as `uniap` (uniap.errors: 0 ok, 1 bug, 2 invalid input, 3 no plan
 fits, 4 time limit, 130 interrupted); each command's --help lists its own.
 """
@@ -168,12 +168,6 @@ def cmd_run(args) -> int:
         if env.get(k) not in (None, v):
             print(f"{PROG}: note: setting {k}={v} for the plan (it was {env[k]!r})", file=sys.stderr)
         env[k] = v
-    if "use_megatron_fsdp" in {s.dest for s in merge.apply} and env.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
-        print(
-            f"{PROG}: warning: the plan uses Megatron-FSDP, which expects CUDA_DEVICE_MAX_CONNECTIONS other than "
-            f"1; it is 1 in your environment",
-            file=sys.stderr,
-        )
     try:
         return subprocess.run(cmd, env=env).returncode
     except FileNotFoundError as exc:
@@ -224,7 +218,8 @@ Plan once (parallel flags among the Megatron arguments are pins the plan keeps),
 print the plan and the final command, and run torchrun with the script's
 arguments rewritten: --auto-parallel* dropped, the plan's parallel flags added
 where you gave none (yours are never dropped or replaced), and
-CUDA_DEVICE_MAX_CONNECTIONS=1 set when the plan uses tensor parallelism. The
+CUDA_DEVICE_MAX_CONNECTIONS set as the plan needs (1 for tensor parallelism,
+8, CUDA's default, for FSDP). The
 script and its arguments follow `--`:
   uniap-megatron run --nproc-per-node 8 -- pretrain_gpt.py --auto-parallel ...
 The script's --auto-parallel-* options are the defaults of the planning options.

@@ -19,6 +19,7 @@ from uniap.plan import Plan
 
 from . import flags as F
 from .args import megatron_launch
+from .capability import CONNECTIONS_ENV, FSDP_CONNECTIONS
 
 # A plan value that differs from the user's explicit one: these cannot be reconciled (the plan's
 # prediction and feasibility rest on them, or Megatron rejects the mix) -> refused.
@@ -120,7 +121,7 @@ def merge_plan(plan: Plan, argv: list[str]) -> Merge:
     merge = Merge(apply=[], env=dict(launch.env))
     if user.get(F.TORCH_FSDP2.dest) or user.get(F.MEGATRON_FSDP.dest):
         # FSDP needs CUDA_DEVICE_MAX_CONNECTIONS != 1 (validate_args); with TP it then only warns.
-        merge.env.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
+        merge.env[CONNECTIONS_ENV] = FSDP_CONNECTIONS
     for s in settings:
         if s.dest not in user:
             merge.apply.append(s)

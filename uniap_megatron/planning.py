@@ -6,16 +6,30 @@ it is launched for.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from uniap.errors import SpecError
+from uniap.errors import SpecError, UniapError
 from uniap.plan import Plan
 
 from . import flags as F
 from .args import ParsedJob, job_from_args, megatron_launch
-from .capability import MEGATRON
+from .capability import (
+    CONNECTIONS_ENV,
+    FSDP_CONNECTIONS,
+    FSDP_ZERO,
+    MEGATRON,
+    MEGATRON_WITHOUT_FSDP,
+    TP_CONNECTIONS,
+)
 from .merge import explicit_settings, strip_auto_parallel
 
+if TYPE_CHECKING:  # the planner (cvxpy, SCIP) is imported only when planning
+    from uniap.planner import Job
+
 DEFAULT_CLUSTER = "dgx-a100-80g"
+# plan_megatron's `connections` when any value works: the launcher sets what the plan needs, or the GPU is a
+# Blackwell or newer, where Megatron-LM has no rule on it.
+ANY_CONNECTIONS = "any"
 # How Megatron-LM spells the pins the core checks (uniap.planner.check_pins names them in its refusals).
 PIN_FLAGS = {
     "tp": F.TENSOR_PARALLEL.spelling,
@@ -32,9 +46,12 @@ def plan_megatron(
     profile: str | None = None,
     time_limit: float | None = None,
     progress: bool | None = False,
+    connections: str | None = ANY_CONNECTIONS,
 ) -> Plan:
     """Plan the Megatron job `argv` on `nodes` x `gpus_per_node` GPUs of `cluster`, its explicit parallel
-    flags pinned. Raises SpecError / InfeasibleError / SolverTimeLimitError with the planner's message."""
+    flags pinned. `connections` is the CUDA_DEVICE_MAX_CONNECTIONS the ranks run with before Blackwell (None:
+    unset); ANY_CONNECTIONS when the launch sets what the plan needs or the GPU has no such rule. Raises
+    SpecError / InfeasibleError / SolverTimeLimitError with the planner's message."""
     # The solver (cvxpy, SCIP) is imported only when planning: printing and launching stay fast.
     from uniap.cluster.spec import load_cluster
     from uniap.planner import Job
@@ -57,21 +74,75 @@ def plan_megatron(
     cl = load_cluster(cluster, nodes, gpus_per_node)
     training = job.training
     check_megatron_pins(job)
-    plan, _ = solve(
-        Job(
-            model=job.model,
-            cluster=cl,
-            training=training,
-            target=MEGATRON.name,
-            pins=job.pins,
-            profile=Profile.load(profile) if profile else None,
-            pin_flags=PIN_FLAGS,
-        ),
-        time_limit=time_limit,
-        progress=progress,
+    base = Job(
+        model=job.model,
+        cluster=cl,
+        training=training,
+        target=MEGATRON.name,
+        pins=job.pins,
+        profile=Profile.load(profile) if profile else None,
+        pin_flags=PIN_FLAGS,
     )
+    plans, errors = [], []
+    for candidate in jobs_for_connections(base, connections):
+        try:
+            found = solve(candidate, time_limit=time_limit, progress=progress)[0]
+        except UniapError as exc:  # this half of the space has no plan; the other may
+            errors.append(exc)
+            continue
+        if runs_with(found, connections):  # e.g. not TP over all GPUs, where ZeRO-3 has no replicas to shard
+            plans.append(found)
+    if not plans:
+        every = "every plan that fits this job uses tensor parallelism without FSDP, which"
+        raise errors[0] if errors else _connections_error(connections, every, "needs it to be 1", TP_CONNECTIONS)
+    plan = min(plans, key=lambda p: p.time_per_iteration)
     megatron_launch(plan)  # a plan for target megatron is always runnable; fail here if not
     return plan
+
+
+def jobs_for_connections(job: Job, connections: str | None) -> list[Job]:
+    """The job as the ranks' CUDA_DEVICE_MAX_CONNECTIONS allows it. "1": no FSDP. Another value or unset:
+    TP > 1 only with FSDP, so two searches, TP 1 and FSDP (ZeRO-3 at PP 1), of which the better plan wins.
+    SpecError naming the variable and both remedies when the user's own pins rule out both."""
+    if connections == ANY_CONNECTIONS:
+        return [job]
+    if connections == TP_CONNECTIONS:
+        if job.pins.zero == FSDP_ZERO:
+            raise _connections_error(
+                connections,
+                f"{F.MEGATRON_FSDP.spelling} / {F.TORCH_FSDP2.spelling}",
+                "needs it other than 1",
+                FSDP_CONNECTIONS,
+            )
+        return [replace(job, capability=MEGATRON_WITHOUT_FSDP)]
+    p, jobs = job.pins, []
+    if p.tp in (None, 1):
+        jobs.append(replace(job, pins=replace(p, tp=1)))
+    if p.zero in (None, FSDP_ZERO) and p.pipeline_degree in (None, 1):
+        jobs.append(replace(job, pins=replace(p, zero=FSDP_ZERO, pipeline_degree=1)))
+    if not jobs:
+        raise _connections_error(
+            connections, f"{F.TENSOR_PARALLEL.spelling} {p.tp} without FSDP", "needs it to be 1", TP_CONNECTIONS
+        )
+    return jobs
+
+
+def runs_with(plan: Plan, connections: str | None) -> bool:
+    """Whether Megatron-LM accepts `plan` with the ranks' CUDA_DEVICE_MAX_CONNECTIONS (see jobs_for_connections)."""
+    if connections == ANY_CONNECTIONS:
+        return True
+    needs = megatron_launch(plan).env.get(CONNECTIONS_ENV)
+    return needs is None or (needs == TP_CONNECTIONS) == (connections == TP_CONNECTIONS)
+
+
+def _connections_error(value: str | None, what: str, rule: str, wanted: str) -> SpecError:
+    have = "unset" if value is None else f"{value!r}"
+    return SpecError(
+        f"{what} {rule} before Blackwell GPUs, but {CONNECTIONS_ENV} is {have} in this launch "
+        "(Megatron-LM validate_args asserts it)",
+        f"export {CONNECTIONS_ENV}={wanted} before launching, or drop the flag and let the plan fit the "
+        f"variable, or launch with `uniap-megatron run`, which sets it as the plan needs",
+    )
 
 
 def check_megatron_pins(job: ParsedJob) -> None:

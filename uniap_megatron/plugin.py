@@ -41,8 +41,11 @@ frameworks.md 1.7):
   before launching and passes plain Megatron arguments.
 - The plan's arguments are set on `args` (TP/PP sizes, micro/global batch, the pipeline split,
   sequence parallelism, distributed optimizer or Megatron-FSDP, overlap flags, recompute, precision).
-- Tensor parallelism needs `CUDA_DEVICE_MAX_CONNECTIONS=1` in the launch environment (pre-Blackwell
-  GPUs); it is checked here, with a clear error, since it must be set before CUDA starts.
+- The plan fits the launch's `CUDA_DEVICE_MAX_CONNECTIONS`, which must be set before CUDA starts and which
+  Megatron-LM checks before Blackwell GPUs: with `1` (as above) the plan uses no FSDP; unset or another value,
+  tensor parallelism only under Megatron-FSDP, so the better of a TP-1 plan and an FSDP plan is chosen. A
+  pinned flag the variable rules out is refused naming the variable and the remedies.
+  `uniap-megatron run` instead sets the variable as the plan needs.
 
 Errors in the hook print `uniap: error: ...` (no traceback) and exit with uniap's exit codes (2 invalid
 input, 3 no plan fits, 4 time limit).
@@ -79,7 +82,8 @@ from .merge import (
     show_value,
     strip_auto_parallel,
 )
-from .planning import DEFAULT_CLUSTER, check_plan_fits, plan_megatron
+from .capability import CONNECTIONS_ENV, TP_CONNECTIONS
+from .planning import ANY_CONNECTIONS, DEFAULT_CLUSTER, check_plan_fits, plan_megatron
 
 PLAN_DIR_ENV = "UNIAP_PLAN_DIR"
 DEFAULT_WAIT = 1800.0
@@ -182,6 +186,7 @@ def plan_file_path(args: Any, argv: list[str], nodes: int, gpus_per_node: int) -
         "uniap": __version__,
         "cluster_file": _file_digest(getattr(args, "auto_parallel_cluster", None)),
         "profile_file": _file_digest(getattr(args, "auto_parallel_profile", None)),
+        "connections": launch_connections(),  # it limits the plan
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return Path(os.environ.get(PLAN_DIR_ENV) or ".") / f"uniap-megatron-plan-{digest}.json"
@@ -215,6 +220,7 @@ def _plan_as_rank0(args: Any, argv: list[str], path: Path, nodes: int, gpus: int
             cluster=args.auto_parallel_cluster,
             profile=args.auto_parallel_profile,
             time_limit=args.auto_parallel_time_limit,
+            connections=launch_connections(),
         )
     except UniapError as exc:
         # Tell the waiting ranks why there will be no plan, then fail like they will.
@@ -292,31 +298,36 @@ def _blackwell_or_newer() -> bool:
         return False
 
 
+def launch_connections() -> str | None:
+    """The CUDA_DEVICE_MAX_CONNECTIONS these ranks run with (None: unset), or ANY_CONNECTIONS on a GPU where
+    Megatron-LM has no rule on it (Blackwell and newer)."""
+    return ANY_CONNECTIONS if _blackwell_or_newer() else os.environ.get(CONNECTIONS_ENV)
+
+
 def check_env(merge: Merge, dry_run: bool = False) -> list[str]:
-    """Check the launch environment against what the plan needs; returns warnings, raises SpecError
-    when Megatron would refuse to run (TP > 1 without CUDA_DEVICE_MAX_CONNECTIONS=1 before Blackwell)."""
-    warnings = []
-    need = merge.env.get("CUDA_DEVICE_MAX_CONNECTIONS")
-    have = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
-    if need is not None and have != need and not _blackwell_or_newer():
-        msg = (
-            f"the plan uses tensor parallelism, which Megatron-LM runs only with CUDA_DEVICE_MAX_CONNECTIONS="
-            f"{need} on pre-Blackwell GPUs; it is {'unset' if have is None else repr(have)} here"
-        )
-        hint = (
-            f"export CUDA_DEVICE_MAX_CONNECTIONS={need} before launching (it must be set before CUDA starts), "
-            f"or launch with `uniap-megatron run`, which sets it"
-        )
-        if not dry_run:
-            raise SpecError(msg, hint)
-        warnings.append(f"{msg} (try: {hint})")
-    fsdp = any(s.dest == "use_megatron_fsdp" for s in merge.apply)
-    if fsdp and have == "1":
-        warnings.append(
-            "the plan uses Megatron-FSDP, which expects CUDA_DEVICE_MAX_CONNECTIONS other than 1 "
-            "(it is 1 here); unset it for best overlap"
-        )
-    return warnings
+    """Check the launch's CUDA_DEVICE_MAX_CONNECTIONS against what the plan needs (a saved plan was not made
+    for it); returns warnings, raises SpecError when Megatron-LM would refuse to run (before Blackwell: TP
+    without FSDP needs 1, FSDP anything but 1)."""
+    need = merge.env.get(CONNECTIONS_ENV)
+    have = os.environ.get(CONNECTIONS_ENV)
+    if need is None or _blackwell_or_newer():
+        return []
+    tp = need == TP_CONNECTIONS
+    if (have == TP_CONNECTIONS) == tp:
+        return []
+    what = "tensor parallelism without FSDP" if tp else "Megatron-FSDP"
+    rule = f"={TP_CONNECTIONS}" if tp else f" other than {TP_CONNECTIONS}"
+    msg = (
+        f"the plan uses {what}, which Megatron-LM runs only with {CONNECTIONS_ENV}{rule} on pre-Blackwell GPUs; "
+        f"it is {'unset' if have is None else repr(have)} here"
+    )
+    hint = (
+        f"export {CONNECTIONS_ENV}={need} before launching (it must be set before CUDA starts), re-plan under "
+        "this environment (without --auto-parallel-plan), or launch with `uniap-megatron run`, which sets it"
+    )
+    if not dry_run:
+        raise SpecError(msg, hint)
+    return [f"{msg} (try: {hint})"]
 
 
 def apply_merge(args: Any, merge: Merge) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .cluster.spec import ClusterSpec
 from .cost.evaluate import Prediction, check_assignment, evaluate, even_split, split_by_counts
 from .cost.model import CostModel
-from .cost.strategy import NO_PINS, Pins, Strategy, capability_for, tp_fits_layer
+from .cost.strategy import NO_PINS, Capability, Pins, Strategy, capability_for, tp_fits_layer
 from .cost.tables import Subproblem, build_subproblem
 from .errors import SpecError
 from .model.graph import TRANSFORMER, TRANSFORMER_KINDS, LayerGraph, build_graph
@@ -61,6 +61,9 @@ class Job:
     pins: Pins = NO_PINS
     profile: Profile | None = None
     pin_flags: dict[str, str] = field(default_factory=lambda: dict(PIN_FLAGS))
+    # The target's capability narrowed by what this launch allows (an adapter's declaration); None: the
+    # target's own.
+    capability: Capability | None = None
 
 
 def check_pins(job: Job, graph: LayerGraph) -> None:
@@ -130,7 +133,7 @@ def plan(
     """The optimal plan of `job` (or the best found within `time_limit`) and the search's outcome; raises
     InfeasibleError when no plan fits, SolverTimeLimitError when time ran out before any plan."""
     graph = build_graph(job.model, job.training)
-    capability = capability_for(job.target)
+    capability = job.capability or capability_for(job.target)
     capability.check_pins(job.pins)  # what the framework cannot run, in its own words, first
     check_pins(job, graph)
     cost_model = CostModel(job.cluster, job.training, job.profile)
