@@ -352,3 +352,19 @@ def test_pinned_selective_recompute_with_flash_attention_repeats_the_attention(c
     assert {lp.strategy.recompute for lp in plan.layers if lp.kind == "transformer"} == {"selective"}
     code, out, _ = run_main(capsys, *job)
     assert "selective" not in {lp.strategy.recompute for lp in Plan.from_dict(json.loads(out)).layers}
+
+
+@pytest.mark.parametrize("optimizer, fewer", [("adam", 0.0), ("sgd", 4.0), ("muon", 4.0)])
+def test_optimizers_with_one_state_keep_four_bytes_less_per_parameter(optimizer, fewer):
+    """SGD with momentum and Muon keep one fp32 state where Adam keeps two: 4 bytes per parameter fewer, from
+    the ZeRO-sharded part when there is one."""
+    from uniap.cost.accounting import with_optimizer
+
+    from uniap_megatron.capability import MEGATRON_ACCOUNTING
+
+    for zero in (0, 1, 3):
+        adam = MEGATRON_ACCOUNTING.state_bytes("bf16", zero)
+        other = MEGATRON_ACCOUNTING.state_bytes("bf16", zero, optimizer=optimizer)
+        assert adam.at(1) - other.at(1) == fewer
+        assert adam.replicated - other.replicated == (fewer if zero == 0 else 0.0)
+    assert with_optimizer(PerParam(16.0), optimizer).at(8) == 16.0 - fewer

@@ -242,3 +242,56 @@ def test_world_size_unknown_is_an_error(clean_env, world):
 def test_model_args_refuses_non_decoder():
     with pytest.raises(SpecError, match="decoder"):
         model_args(MODEL_PRESETS["bert-large"], TrainingSpec(global_batch_size=8, seq_length=512))
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--context-parallel-size", "2"),
+        ("--expert-model-parallel-size", "4"),
+        ("--num-layers-per-virtual-pipeline-stage", "4"),
+        ("--num-virtual-stages-per-pipeline-rank", "2"),
+        ("--num-experts", "8"),
+    ],
+)
+def test_parallelism_uniap_does_not_plan_is_refused_by_name(flag, value):
+    """Planning without it would price a configuration other than the one Megatron-LM runs."""
+    argv = [
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--global-batch-size",
+        "8",
+    ]
+    with pytest.raises(SpecError, match=f"{flag} {value}: uniap does not plan this parallelism yet"):
+        job_from_args(argv + [flag, value])
+    if flag in ("--context-parallel-size", "--expert-model-parallel-size"):
+        job_from_args(argv + [flag, "1"])  # Megatron's default is no such parallelism: nothing to refuse
+
+
+@pytest.mark.parametrize(
+    "optimizer, expected", [("adam", "adam"), ("sgd", "sgd"), ("muon", "muon"), ("dist_muon", "muon")]
+)
+def test_the_users_optimizer_reaches_the_training_spec(optimizer, expected):
+    argv = [
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--global-batch-size",
+        "8",
+        "--optimizer",
+        optimizer,
+    ]
+    job = job_from_args(argv)
+    assert job.training.optimizer == expected
+    assert ("--optimizer" in model_args(job.model, job.training)) == (expected != "adam")

@@ -186,3 +186,18 @@ def test_megatron_lm_accepts_plans_made_for_the_launch_environment(connections):
             assert not result["args"]["use_megatron_fsdp"]
         else:
             assert result["args"]["tensor_model_parallel_size"] == 1 or result["args"]["use_megatron_fsdp"]
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "dist_muon", "sgd"])
+def test_megatron_lm_accepts_plans_for_the_users_optimizer(optimizer):
+    """Muon runs without the distributed optimizer, FSDP and overlapped reduction; the plan emits none of
+    them and Megatron-LM's validate_args accepts the merged command line (issue: it refused the overlap flags)."""
+    megatron_lm.require()
+    argv = LLAMA2_7B + ["--optimizer", optimizer]
+    plan = plan_megatron(argv, nodes=1, gpus_per_node=8)
+    merged, merge = merged_argv(plan, argv)
+    (result,) = megatron_lm.validate([(merged, merge.env, 8)], report=("optimizer", "use_distributed_optimizer"))
+    assert "error" not in result, (plan.uniform_strategy, result)
+    assert plan.training.optimizer == ("sgd" if optimizer == "sgd" else "muon")
+    if "muon" in optimizer:
+        assert plan.uniform_strategy.zero == 0 and not result["args"]["use_distributed_optimizer"]

@@ -21,7 +21,7 @@ from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 
 from . import flags as F
-from .capability import CONNECTIONS_ENV, FSDP_CONNECTIONS, MEGATRON, TP_CONNECTIONS
+from .capability import CONNECTIONS_ENV, FSDP_CONNECTIONS, MEGATRON, MUON, TP_CONNECTIONS
 from .environment import fused_kernels_available
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
             + F.DISTRIBUTED_OPTIMIZER.tokens()
             + F.CHECKPOINT_FORMAT.tokens(F.FSDP_DTENSOR)
         )
-    elif s.dp > 1:
+    elif s.dp > 1 and plan.training.optimizer != MUON:  # Muon: validate_args asserts no overlap
         args += F.OVERLAP_GRAD_REDUCE.tokens()
     if s.recompute == F.FULL:
         args += (
@@ -143,6 +143,8 @@ def model_args(model: ModelSpec, training: TrainingSpec) -> list[str]:
         args += F.POSITION_EMBEDDING.tokens(F.ROPE)
     if not model.add_bias:
         args += F.DISABLE_BIAS_LINEAR.tokens()
+    if training.optimizer != F.OPTIMIZER.default:
+        args += F.OPTIMIZER.tokens(training.optimizer)
     return args
 
 
@@ -173,6 +175,7 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         )
     if given(F.BF16.dest) and given(F.FP16.dest):
         raise SpecError("--bf16 and --fp16 are mutually exclusive (Megatron validate_args)")
+    check_unplanned(ns)
     vocab = ns.padded_vocab_size or ns.vocab_size
     if vocab is None:
         vocab = 50257
@@ -205,6 +208,7 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         seq_length=ns.seq_length,
         precision="bf16" if given(F.BF16.dest) else "fp16" if given(F.FP16.dest) else "fp32",
         fused_kernels=fused_kernels_available(),
+        optimizer=MUON if MUON in ns.optimizer else ns.optimizer,  # dist_muon is Muon, sharded its own way
     )
     fsdp = given(F.TORCH_FSDP2.dest) or given(F.MEGATRON_FSDP.dest)
     zero = 3 if fsdp else 1 if given(F.DISTRIBUTED_OPTIMIZER.dest) else None
@@ -216,6 +220,20 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         micro_batch_per_replica=given(F.MICRO_BATCH_SIZE.dest),
     )
     return ParsedJob(model=model, training=training, pins=pins)
+
+
+def check_unplanned(ns: argparse.Namespace) -> None:
+    """Refuse, by name, a parallelism the planner does not search yet (context, expert, interleaved pipeline):
+    planning without it would price one configuration while Megatron-LM runs another."""
+    for flag in F.UNPLANNED_FLAGS:
+        value = getattr(ns, flag.dest)
+        if value != flag.default:
+            raise SpecError(
+                f"{flag.spelling} {value}: uniap does not plan this parallelism yet, so the plan would not be the "
+                "configuration Megatron-LM runs",
+                f"drop {flag.spelling} to let uniap plan without it, or set every parallel flag yourself and "
+                "launch without --auto-parallel",
+            )
 
 
 def world_size(nnodes: int | None = None, nproc_per_node: int | None = None) -> tuple[int, int]:

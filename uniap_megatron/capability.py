@@ -79,3 +79,22 @@ MEGATRON_WITHOUT_FSDP = replace(
         "it is not 1); the distributed optimizer (ZeRO-1) remains",
     },
 )
+
+# Megatron-LM core_v0.16.1 validate_args: Muon (--optimizer muon / dist_muon) runs without the distributed
+# optimizer, FSDP and overlapped gradient reduction ("Muon optimizer does not support ... for now").
+MUON = "muon"
+MEGATRON_FOR_MUON = replace(
+    MEGATRON,
+    zero_stages=(0,),
+    reasons={
+        **MEGATRON.reasons,
+        "zero_stages": "Megatron-LM's Muon optimizer runs without the distributed optimizer or FSDP (validate_args)",
+    },
+)
+
+
+def megatron_capability(optimizer: str, connections_allow_fsdp: bool) -> Capability:
+    """Megatron-LM's capability for this job's optimizer and launch environment."""
+    if optimizer == MUON:
+        return MEGATRON_FOR_MUON
+    return MEGATRON if connections_allow_fsdp else MEGATRON_WITHOUT_FSDP

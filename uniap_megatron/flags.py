@@ -139,6 +139,7 @@ NORMALIZATION = Flag("--normalization", type=str, default="LayerNorm")
 POSITION_EMBEDDING = Flag("--position-embedding-type", type=str, default="learned_absolute")
 DISABLE_BIAS_LINEAR = Flag("--disable-bias-linear", Kind.NEGATION, dest="add_bias_linear")
 HIDDEN_DROPOUT = Flag("--hidden-dropout", type=float, default=0.1)
+OPTIMIZER = Flag("--optimizer", type=str, default="adam")  # adam, sgd, muon, dist_muon
 MODEL_FLAGS = (
     NUM_LAYERS,
     HIDDEN_SIZE,
@@ -158,9 +159,18 @@ MODEL_FLAGS = (
     POSITION_EMBEDDING,
     DISABLE_BIAS_LINEAR,
     HIDDEN_DROPOUT,
+    OPTIMIZER,
 )
 
-ALL_FLAGS = PLAN_FLAGS + USER_ALIASES + MODEL_FLAGS
+# --- parallelism uniap does not plan yet: refused by name when set, never ignored -----------------------
+CONTEXT_PARALLEL = Flag("--context-parallel-size", type=int, default=1)
+EXPERT_PARALLEL = Flag("--expert-model-parallel-size", type=int, default=1)
+LAYERS_PER_VIRTUAL_STAGE = Flag("--num-layers-per-virtual-pipeline-stage", type=int)
+VIRTUAL_STAGES_PER_RANK = Flag("--num-virtual-stages-per-pipeline-rank", type=int)
+NUM_EXPERTS = Flag("--num-experts", type=int)
+UNPLANNED_FLAGS = (CONTEXT_PARALLEL, EXPERT_PARALLEL, LAYERS_PER_VIRTUAL_STAGE, VIRTUAL_STAGES_PER_RANK, NUM_EXPERTS)
+
+ALL_FLAGS = PLAN_FLAGS + USER_ALIASES + MODEL_FLAGS + UNPLANNED_FLAGS
 BY_SPELLING = {f.spelling: f for f in ALL_FLAGS}
 # Megatron's values for the choices a plan makes (megatron/training/arguments.py).
 LAYERNORM, RMSNORM = "LayerNorm", "RMSNorm"
@@ -181,7 +191,7 @@ def parser(flags: tuple[Flag, ...], with_defaults: bool) -> argparse.ArgumentPar
 def read_parser() -> argparse.ArgumentParser:
     """What uniap reads from a user's Megatron command line: the model flags with Megatron's defaults, the
     plan's flags and their aliases only where given (those are the user's pins); other flags pass."""
-    p = parser(MODEL_FLAGS, with_defaults=True)
+    p = parser(MODEL_FLAGS + UNPLANNED_FLAGS, with_defaults=True)
     for flag in PLAN_FLAGS + USER_ALIASES:
         flag.add_to(p, with_default=False)
     return p

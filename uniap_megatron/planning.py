@@ -18,7 +18,7 @@ from .capability import (
     FSDP_CONNECTIONS,
     FSDP_ZERO,
     MEGATRON,
-    MEGATRON_WITHOUT_FSDP,
+    megatron_capability,
     TP_CONNECTIONS,
 )
 from .merge import explicit_settings, strip_auto_parallel
@@ -82,6 +82,7 @@ def plan_megatron(
         pins=job.pins,
         profile=Profile.load(profile) if profile else None,
         pin_flags=PIN_FLAGS,
+        capability=megatron_capability(training.optimizer, connections_allow_fsdp=True),
     )
     plans, errors = [], []
     for candidate in jobs_for_connections(base, connections):
@@ -114,7 +115,7 @@ def jobs_for_connections(job: Job, connections: str | None) -> list[Job]:
                 "needs it other than 1",
                 FSDP_CONNECTIONS,
             )
-        return [replace(job, capability=MEGATRON_WITHOUT_FSDP)]
+        return [replace(job, capability=megatron_capability(job.training.optimizer, connections_allow_fsdp=False))]
     p, jobs = job.pins, []
     if p.tp in (None, 1):
         jobs.append(replace(job, pins=replace(p, tp=1)))

@@ -24,6 +24,11 @@ FOREACH_ADAM_TEMPORARY = FP32_BYTES
 # lerp/mul/addcmul/sqrt/div/add/addcdiv/weight-decay passes, each over every tensor).
 FUSED_ADAM_STEP_TRAFFIC = 46.0
 FOREACH_ADAM_STEP_TRAFFIC = 94.0
+# fp32 optimizer-state bytes per parameter: the accountings below are written for Adam (two moments); SGD
+# with momentum (torch.optim.SGD, megatron-core's 'sgd') and Muon (one momentum buffer; megatron-core
+# 0.16.1 optimizer/muon.py) keep one.
+ADAM = "adam"
+OPTIMIZER_STATE_BYTES = {ADAM: 2 * FP32_BYTES, "sgd": FP32_BYTES, "muon": FP32_BYTES}
 
 
 @dataclass(frozen=True)
@@ -83,30 +88,33 @@ class Accounting:
                 if precision not in PRECISIONS or zero not in (0, 1, 2, 3):
                     raise SpecError(f"invalid accounting '{self.name}': key ({precision!r}, {zero!r})")
 
-    def state_bytes(self, precision: str, zero: int, pipelined: bool = False) -> PerParam:
+    def state_bytes(self, precision: str, zero: int, pipelined: bool = False, optimizer: str = ADAM) -> PerParam:
         """Bytes per parameter resident while computing."""
         key = (precision, zero)
         if pipelined and key in self.pipelined_states:
-            return self.pipelined_states[key]
+            return with_optimizer(self.pipelined_states[key], optimizer)
         try:
-            return self.states[key]
+            return with_optimizer(self.states[key], optimizer)
         except KeyError:
             raise SpecError(
                 f"accounting '{self.name}' has no model-state bytes for {precision} with ZeRO stage {zero}"
             ) from None
 
-    def step_bytes(self, precision: str, zero: int, pipelined: bool = False) -> PerParam:
+    def step_bytes(self, precision: str, zero: int, pipelined: bool = False, optimizer: str = ADAM) -> PerParam:
         """Bytes per parameter at the optimizer step's peak, with fused kernels."""
         key = (precision, zero)
         if pipelined and key in self.pipelined_step:
-            return self.pipelined_step[key]
+            return with_optimizer(self.pipelined_step[key], optimizer)
         if pipelined and key in self.pipelined_states:
-            return self.pipelined_states[key]
-        return self.step.get(key) or self.state_bytes(precision, zero)
+            return with_optimizer(self.pipelined_states[key], optimizer)
+        if key in self.step:
+            return with_optimizer(self.step[key], optimizer)
+        return self.state_bytes(precision, zero, optimizer=optimizer)
 
-    def foreach_temporary(self, fused_kernels: bool) -> float:
+    def foreach_temporary(self, fused_kernels: bool, optimizer: str = ADAM) -> float:
         """Bytes per optimizer-local parameter torch's foreach AdamW adds at the step, when it is used."""
-        return 0.0 if fused_kernels or not self.torch_adam_without_fused_kernels else FOREACH_ADAM_TEMPORARY
+        adam = optimizer == ADAM and self.torch_adam_without_fused_kernels
+        return FOREACH_ADAM_TEMPORARY if adam and not fused_kernels else 0.0
 
     def step_traffic(self, fused_kernels: bool) -> float:
         """HBM bytes per optimizer-local parameter of one optimizer step."""
@@ -135,6 +143,17 @@ class Accounting:
             "fusable_grad_accumulation": self.fusable_grad_accumulation,
             "buffer_elements": {str(k): v for k, v in self.buffer_elements.items()},
         }
+
+
+def with_optimizer(per_param: PerParam, optimizer: str) -> PerParam:
+    """Adam's bytes per parameter for `optimizer`: fewer fp32 states, taken from the part ZeRO shards when
+    there is one (the optimizer states are what it shards first), else from what every rank holds."""
+    fewer = OPTIMIZER_STATE_BYTES[ADAM] - OPTIMIZER_STATE_BYTES[optimizer]
+    if not fewer:
+        return per_param
+    if per_param.sharded >= fewer:
+        return PerParam(per_param.replicated, per_param.sharded - fewer)
+    return PerParam(per_param.replicated - fewer, per_param.sharded)
 
 
 def zero_sharded(weights: float, grads: float, optimizer: float) -> dict[int, PerParam]:

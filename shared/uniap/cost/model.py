@@ -205,18 +205,18 @@ class CostModel:
         which this rank updates `optimizer_params` and which hold `resident` bytes of states while computing:
         the profile's measured step scaled by parameters where it has one (its temporaries on top of the
         resident states), else the framework's HBM traffic and bytes (uniap.cost.accounting)."""
-        precision, fused = self.training.precision, self.training.fused_kernels
+        precision, fused, optimizer = self.training.precision, self.training.fused_kernels, self.training.optimizer
         measured = self.profile.optimizer if self.profile else None
         if measured is not None:
             per_param = optimizer_params / measured.num_params
             if measured.extra_peak_bytes is None:
-                extra = optimizer_params * accounting.foreach_temporary(fused)
+                extra = optimizer_params * accounting.foreach_temporary(fused, optimizer)
             else:
                 extra = measured.extra_peak_bytes * per_param
             return measured.step_ms * 1e-3 * per_param, resident + extra
         seconds = optimizer_params * accounting.step_traffic(fused) / self.hbm_bytes_per_second
-        peak = params * accounting.step_bytes(precision, s.zero, pipelined).at(s.dp)
-        return seconds, peak + optimizer_params * accounting.foreach_temporary(fused)
+        peak = params * accounting.step_bytes(precision, s.zero, pipelined, optimizer).at(s.dp)
+        return seconds, peak + optimizer_params * accounting.foreach_temporary(fused, optimizer)
 
     def layer_cost(
         self,
@@ -269,7 +269,7 @@ class CostModel:
         accumulate = params * accounting.accumulation_traffic(precision, fused) / self.hbm_bytes_per_second
         optimizer_params = params / dp if s.zero >= 1 else params
         pipelined = pipeline_degree > 1
-        state = params * accounting.state_bytes(precision, s.zero, pipelined).at(dp)
+        state = params * accounting.state_bytes(precision, s.zero, pipelined, self.training.optimizer).at(dp)
         optimizer, step_bytes = self.optimizer_step(params, optimizer_params, state, s, pipelined, accounting)
         # While one layer recomputes, its full activations live; FSDP holds a layer's gathered weights
         # and prefetches the next one's.

@@ -15,6 +15,8 @@ from ..errors import SpecError
 Architecture = Literal["decoder", "encoder", "encoder_decoder", "vit"]
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder", "vit")
 PRECISIONS = ("bf16", "fp16", "fp32")
+# Adam keeps two fp32 moments per parameter; SGD with momentum and Muon one (cost/accounting.py).
+OPTIMIZERS = ("adam", "sgd", "muon")
 
 
 def _require(cond: bool, field: str, rule: str) -> None:
@@ -146,6 +148,7 @@ class TrainingSpec:
     weight-gradient GEMMs that accumulate straight into the fp32 gradient buffer. False is megatron-core's
     fallback (megatron/core/optimizer/__init__.py): torch's foreach AdamW, whose step holds an fp32
     temporary per parameter, and a separate pass adding each micro-batch's gradients into the buffer.
+    `optimizer` sets the optimizer states per parameter (Adam's two moments, SGD's or Muon's one momentum).
     """
 
     global_batch_size: int
@@ -154,9 +157,11 @@ class TrainingSpec:
     flash_attention: bool = True
     decoder_seq_length: int | None = None
     fused_kernels: bool = True
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("global_batch_size", "seq_length"))
+        _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         if self.decoder_seq_length is not None:
             _positive_ints(self, ("decoder_seq_length",))
         _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
