@@ -847,6 +847,7 @@ def test_version(capsys):
 # --- the real console script --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real process: its start and imports take about 1.5 s
 def test_subprocess_plan_succeeds(tmp_path):
     proc = run_subprocess("plan", *JOB4, "-o", "plan.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -855,6 +856,7 @@ def test_subprocess_plan_succeeds(tmp_path):
     check_plan_invariants(Plan.load(tmp_path / "plan.json"))
 
 
+@pytest.mark.slow  # a real process: its start and imports take about 1.5 s
 def test_subprocess_refuses_overwrite(tmp_path):
     target = tmp_path / "plan.json"
     target.write_text("keep me")
@@ -864,6 +866,7 @@ def test_subprocess_refuses_overwrite(tmp_path):
     assert target.read_text() == "keep me"
 
 
+@pytest.mark.slow  # a real process: its start and imports take about 1.5 s
 def test_subprocess_unknown_model():
     proc = run_subprocess("plan", "--model", "no-such-model")
     assert proc.returncode == 2
@@ -872,6 +875,7 @@ def test_subprocess_unknown_model():
     assert proc.stdout == ""
 
 
+@pytest.mark.slow  # a real process: its start and imports take about 1.5 s
 def test_subprocess_infeasible_memory():
     proc = run_subprocess(
         "plan", "--model", "gpt3-175b", "--gpus-per-node", "8", "--global-batch-size", "8", "--seq-length", "2048"
@@ -881,12 +885,14 @@ def test_subprocess_infeasible_memory():
     assert "needs" in proc.stderr and "GiB" in proc.stderr and "try:" in proc.stderr
 
 
+@pytest.mark.slow  # a real process: its start and imports take about 1.5 s
 def test_subprocess_impossible_pin():
     proc = run_subprocess("plan", *JOB, "--target", "deepspeed", "--tp", "2")
     assert proc.returncode in (2, 3), proc.stderr
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
 
 
+@pytest.mark.slow  # a real process: its start and imports take about 1.5 s
 def test_subprocess_module_presets():
     proc = subprocess.run([sys.executable, "-m", "uniap.cli", "presets"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0

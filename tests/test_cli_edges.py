@@ -68,6 +68,7 @@ def interrupt(command: list[str], cwd: Path, *, after_s: float = 0.0, after_line
 # --- Ctrl-C ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize(
     "prog, args",
     [
@@ -86,6 +87,7 @@ def test_ctrl_c_while_importing_is_a_message_and_exit_130(tmp_path, prog, args):
     assert out == ""
 
 
+@pytest.mark.slow  # real processes
 def test_ctrl_c_during_the_solve_stops_cleanly_with_nothing_on_stdout_and_no_file(tmp_path):
     """SIGINT once the search has started solving subproblems: no plan file, nothing on stdout (which would
     corrupt --json), no SCIP chatter, exit 130."""
@@ -148,6 +150,7 @@ def test_existing_output_suggests_force_and_force_overwrites(capsys, tmp_path):
     assert rc == EXIT_OK and json.loads(path.read_text())["format"] == "uniap-plan"
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize(
     "argv",
     [

@@ -40,6 +40,7 @@ from uniap.errors import InfeasibleError, SpecError  # noqa: E402
 from uniap.plan import Plan  # noqa: E402
 from uniap_deepspeed.capability import DEEPSPEED  # noqa: E402
 from uniap_deepspeed.cli import main as ds_main  # noqa: E402
+from uniap_deepspeed.merge import merge_config
 from uniap_deepspeed.config import deepspeed_config, plan_config, plan_for_deepspeed  # noqa: E402
 from uniap_deepspeed.pipeline import (
     PlannedPipelineModule,
@@ -66,6 +67,11 @@ max_position_embeddings: 16
 tied_embeddings: false
 dropout: 0.0
 """
+
+
+def complete(planned: dict) -> dict:
+    """The config uniap writes without --base: the plan's keys plus the training defaults to review."""
+    return merge_config(planned, None).config
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -331,7 +337,7 @@ def test_config_accepted_by_deepspeed(ds_world, model, cluster, batch):
 def test_plan_config_is_plan_then_translate(ds_world):
     kwargs = dict(gpus_per_node=8, global_batch_size=64, zero_stage=1, pipeline_stages=2)
     config = plan_config("gpt3-1.3b", **kwargs)
-    assert config == deepspeed_config(plan_for_deepspeed("gpt3-1.3b", **kwargs))
+    assert config == complete(deepspeed_config(plan_for_deepspeed("gpt3-1.3b", **kwargs)))
     assert config["uniap"]["pipeline_stages"] == 2 and config["zero_optimization"]["stage"] == 1
     accepted_by_deepspeed(config, config["uniap"]["data_parallel_size"])
 
@@ -830,7 +836,7 @@ def test_cli_config_writes_and_refuses_to_overwrite(capsys, tmp_path):
     assert rc == 0, err
     assert f"wrote {out}" in stdout
     config = json.loads(out.read_text())
-    assert config == deepspeed_config(Plan.load(plan_path))
+    assert config == complete(deepspeed_config(Plan.load(plan_path)))
     before, mtime = out.read_bytes(), out.stat().st_mtime_ns
 
     rc, stdout, err = run_cli(capsys, ds_main, "config", *CONFIG_JOB, "--zero-stage", "0", "-o", str(out))
@@ -859,7 +865,7 @@ def test_cli_config_from_plan_matches_library(capsys, tmp_path):
     plan = split_plan(tmp_path, "1,3")
     rc, stdout, err = run_cli(capsys, ds_main, "config", "--plan", str(tmp_path / "plan.json"))
     assert rc == 0, err
-    assert json.loads(stdout) == deepspeed_config(plan)
+    assert json.loads(stdout) == complete(deepspeed_config(plan))
 
 
 @pytest.fixture
@@ -923,7 +929,7 @@ def test_cli_launch(capsys, tmp_path, two_node_plan):
     assert hostfile.read_text() == "node-a slots=8\nnode-b slots=8\n"
     # DeepSpeed's own hostfile parser reads it back
     assert dict(_parse_hostfile(hostfile.read_text().splitlines(keepends=True))) == {"node-a": 8, "node-b": 8}
-    assert json.loads(config_path.read_text()) == deepspeed_config(Plan.load(two_node_plan))
+    assert json.loads(config_path.read_text()) == complete(deepspeed_config(Plan.load(two_node_plan)))
     assert os.access(launch, os.X_OK)
     text = launch.read_text()
     assert text.startswith("#!/usr/bin/env bash\n")

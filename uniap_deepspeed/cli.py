@@ -22,12 +22,22 @@ from uniap.errors import (
 from uniap.io import check_output_paths, write_json_atomic, write_text_atomic
 from uniap.launch_templates import render
 from uniap.plan import Plan
+from uniap.report import plural
 
-from .config import deepspeed_config, plan_for_deepspeed
+from .config import DEFAULT_BATCH, DEFAULT_PRECISION, deepspeed_config, plan_for_deepspeed, read_base
+from .merge import base_job, merge_config
+
+PROG = "uniap-deepspeed"
 
 
 def cmd_config(args) -> int:
     check_output_paths([args.output, args.save_plan], args.force)
+    base = read_base(args.base) if args.base else None
+    job = base_job(base) if base else {}
+    if args.global_batch_size is None:
+        args.global_batch_size = job.get("global_batch_size", DEFAULT_BATCH)
+    if args.precision is None:
+        args.precision = job.get("precision", DEFAULT_PRECISION)
     if args.plan:
         plan = Plan.load(args.plan)
     else:
@@ -46,9 +56,12 @@ def cmd_config(args) -> int:
             flash_attention=not args.no_flash_attention,
             decoder_seq_length=args.decoder_seq_length,
         )
-    config = deepspeed_config(plan)
+    merged = merge_config(deepspeed_config(plan), base)
+    config = merged.config
     if args.save_plan:
         plan.save(args.save_plan)
+    for line in merged.report_lines():
+        print(f"{PROG}: {line.strip()}", file=sys.stderr)
     if args.output:
         write_json_atomic(Path(args.output), config)
         u = config["uniap"]
@@ -56,7 +69,7 @@ def cmd_config(args) -> int:
             f"wrote {args.output}: {u['pipeline_stages']} pipeline stage(s), "
             f"data parallel {u['data_parallel_size']}, "
             f"ZeRO-{config['zero_optimization']['stage']}, micro-batch {config['train_micro_batch_size_per_gpu']} "
-            f"x {config['gradient_accumulation_steps']} accumulation steps; predicted "
+            f"x {plural(config['gradient_accumulation_steps'], 'accumulation step')}; predicted "
             f"{u['predicted_time_per_iteration_s']:.3f} s/iteration ({u['basis']['compute']} compute)"
         )
     else:
@@ -77,7 +90,10 @@ def cmd_launch(args) -> int:
     out = Path(args.output_dir)
     hostfile, script, config_path = out / "hostfile", out / "launch.sh", out / "ds_config.json"
     check_output_paths([str(hostfile), str(script), str(config_path)], args.force)
-    config = deepspeed_config(plan)
+    merged = merge_config(deepspeed_config(plan), read_base(args.base) if args.base else None)
+    config = merged.config
+    for line in merged.report_lines():
+        print(f"{PROG}: {line.strip()}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config_path, config)
     write_text_atomic(hostfile, "".join(f"{h} slots={gpus}\n" for h in hosts))
@@ -149,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nodes", type=int, help="number of nodes (default: the cluster's)")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the cluster's)")
     g.add_argument(
-        "--global-batch-size", type=int, default=512, help="samples per training iteration (default: %(default)s)"
+        "--global-batch-size",
+        type=int,
+        help=f"samples per training iteration (default: --base's train_batch_size, else {DEFAULT_BATCH})",
     )
     g.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
     g.add_argument(
@@ -165,8 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--precision",
         choices=("bf16", "fp16", "fp32"),
-        default="bf16",
-        help="training precision: %(choices)s (default: %(default)s)",
+        help=f"training precision: %(choices)s (default: the one --base enables, else {DEFAULT_PRECISION})",
     )
     g.add_argument("--profile", help="measured profile JSON to plan with (default: analytic estimate from the cluster)")
     g = p.add_argument_group("pinned choices (constraints the plan respects)")
@@ -186,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input and output")
     g.add_argument(
         "--plan", help="translate this saved plan JSON instead of planning (default: plan from the job options)"
+    )
+    g.add_argument(
+        "--base",
+        help="your DeepSpeed config JSON: kept as it is except the batch, parallelism, memory and precision keys "
+        "the plan sets, each change printed (default: a complete config whose AdamW, warm-up scheduler and "
+        "clipping 1.0 are defaults to review)",
     )
     g.add_argument("-o", "--output", help="write the config JSON to this file (default: print it on stdout)")
     g.add_argument("--save-plan", help="also write the plan JSON to this file (default: not written)")
@@ -210,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir",
         default=".",
         help="folder for hostfile, ds_config.json and launch.sh (default: the current folder)",
+    )
+    p.add_argument(
+        "--base",
+        help="your DeepSpeed config JSON, merged as in `config --base` (default: a complete config whose "
+        "optimizer, scheduler and clipping are defaults to review)",
     )
     p.add_argument("--force", action="store_true", help="overwrite those files if they exist (default: refuse)")
     sub.add_parser(

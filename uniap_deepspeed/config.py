@@ -9,16 +9,20 @@ prediction for the training script and for humans.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from uniap.cluster.spec import load_cluster
 from uniap.cost.strategy import Pins
 from uniap.errors import SpecError
+from uniap.io import read_text
 from uniap.model.loaders import load_model
 from uniap.plan import Plan
 from uniap.planner import Job, training_spec
 from uniap.planner import plan as solve
 
+from .merge import base_job, merge_config
 from .capability import (
     DEEPSPEED,
     REDUCE_BUCKET,
@@ -27,6 +31,10 @@ from .capability import (
     STAGE3_PARAM_PERSISTENCE_THRESHOLD,
     STAGE3_PREFETCH_BUCKET,
 )
+
+
+DEFAULT_BATCH = 512
+DEFAULT_PRECISION = "bf16"
 
 
 def zero_section(stage: int, pipeline: bool) -> dict[str, Any]:
@@ -110,11 +118,11 @@ def plan_for_deepspeed(
     cluster: str = "dgx-a100-80g",
     nodes: int | None = None,
     gpus_per_node: int | None = None,
-    global_batch_size: int = 512,
+    global_batch_size: int = DEFAULT_BATCH,
     seq_length: int | None = None,
     zero_stage: int | None = None,
     pipeline_stages: int | None = None,
-    precision: str = "bf16",
+    precision: str = DEFAULT_PRECISION,
     profile: str | None = None,
     time_limit: float | None = None,
     flash_attention: bool = True,
@@ -143,6 +151,24 @@ def plan_for_deepspeed(
     return solve(job, time_limit=time_limit, progress=False)[0]
 
 
-def plan_config(model: str, **kwargs: Any) -> dict[str, Any]:
-    """The DeepSpeed config dict for a training script: plans, then translates (see plan_for_deepspeed)."""
-    return deepspeed_config(plan_for_deepspeed(model, **kwargs))
+def plan_config(model: str, base: dict[str, Any] | str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+    """The DeepSpeed config for a training script: plans (see plan_for_deepspeed), translates, and merges
+    into `base` (the user's config, a dict or a JSON file; uniap_deepspeed.merge), whose batch and
+    precision are the job's unless given in `kwargs`."""
+    if base is not None and not isinstance(base, dict):
+        base = read_base(base)
+    for key, value in (base_job(base) if base else {}).items():
+        kwargs.setdefault(key, value)
+    return merge_config(deepspeed_config(plan_for_deepspeed(model, **kwargs)), base).config
+
+
+def read_base(path: str | Path) -> dict[str, Any]:
+    """The user's DeepSpeed config file; SpecError naming the file and the problem."""
+    path = Path(path)
+    try:
+        data = json.loads(read_text(path, "DeepSpeed config"))
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"DeepSpeed config {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"DeepSpeed config {path} must hold a JSON object, not {type(data).__name__}")
+    return data
