@@ -1065,3 +1065,35 @@ def test_cli_launch_missing_plan_exit_2(capsys, tmp_path):
         str(tmp_path / "out"),
     )
     assert rc == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_zero_buckets_are_sized_to_the_model_and_counted_in_memory(zero):
+    """Buckets follow the hidden size as Hugging Face's "auto" values do (reduce h*h, prefetch 0.9*h*h,
+    persistence 10*h), not DeepSpeed's fixed defaults, and the plan's memory counts the same buffers."""
+    from uniap.cluster.spec import CLUSTER_PRESETS
+    from uniap.cost.model import CostModel
+    from uniap.cost.strategy import Strategy
+    from uniap.model.graph import TRANSFORMER, build_graph
+    from uniap.model.presets import MODEL_PRESETS
+    from uniap.model.spec import TrainingSpec
+
+    plan = plan_for_deepspeed(
+        "llama2-7b", gpus_per_node=8, global_batch_size=64, seq_length=2048, zero_stage=zero, pipeline_stages=1
+    )
+    section = deepspeed_config(plan)["zero_optimization"]
+    h = 4096
+    assert section["reduce_bucket_size"] == h * h
+    if zero == 3:
+        assert section["stage3_prefetch_bucket_size"] == int(0.9 * h * h) + int(0.9 * h * h) % 2
+        assert section["stage3_param_persistence_threshold"] == 10 * h
+    else:
+        assert section["allgather_bucket_size"] == h * h
+    training = TrainingSpec(global_batch_size=64, seq_length=2048)
+    graph = build_graph(MODEL_PRESETS["llama2-7b"], training)
+    layer = next(layer for layer in graph.layers if layer.kind == TRANSFORMER)
+    cost = CostModel(CLUSTER_PRESETS["dgx-a100-80g"], training).layer_cost(
+        layer, Strategy(1, 8, zero), 8, 1, True, DEEPSPEED.accounting
+    )
+    expected = {1: 3 * h * h, 2: 3 * h * h, 3: 1e9 + 1.9 * h * h}[zero] * 2
+    assert cost.buffer_bytes == pytest.approx(expected)

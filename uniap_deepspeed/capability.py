@@ -28,11 +28,38 @@ flattens gradients in reduce-bucket-sized chunks for the all-reduce.
 from uniap.cost.accounting import Accounting, PerParam
 from uniap.cost.strategy import Capability
 
-REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size / allgather_bucket_size default (zero/config.py)
-STAGE3_PREFETCH_BUCKET = 50_000_000
-STAGE3_PARAM_PERSISTENCE_THRESHOLD = 100_000
-STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
+# ZeRO's buckets sized to the model as Hugging Face's DeepSpeed integration sizes its "auto" values
+# (transformers integrations/deepspeed.py: reduce_bucket_size h*h, stage3_prefetch_bucket_size 0.9*h*h,
+# stage3_param_persistence_threshold 10*h) instead of DeepSpeed's fixed defaults (zero/config.py: 5e8, 5e7,
+# 1e5), which are the same for a 125M and a 70B model.
+REDUCE_BUCKET_PER_HIDDEN_SQUARE = 1.0
+PREFETCH_BUCKET_PER_HIDDEN_SQUARE = 0.9
+PERSISTENCE_THRESHOLD_PER_HIDDEN = 10
+# ZeRO-0 all-reduces gradients in chunks of a fixed size (engine.py MEMORY_OPT_ALLREDUCE_SIZE), not configurable.
+ZERO0_ALLREDUCE_CHUNK = 500_000_000
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's defaults, kept
 STAGE3_MAX_REUSE_DISTANCE = 1_000_000_000
+
+
+# ZeRO-1/2 assert bucket sizes are a multiple of this (runtime/zero/stage_1_and_2.py nccl_start_alignment_factor).
+BUCKET_ALIGNMENT = 2
+
+
+def zero_buckets(hidden_size: int) -> dict[str, int]:
+    """The bucket and threshold values (elements) for a model of `hidden_size`, buckets rounded up to
+    BUCKET_ALIGNMENT (an odd hidden size would otherwise be refused)."""
+    square = hidden_size * hidden_size
+
+    def bucket(per_square: float) -> int:
+        return -(-int(per_square * square) // BUCKET_ALIGNMENT) * BUCKET_ALIGNMENT
+
+    return {
+        "reduce_bucket_size": bucket(REDUCE_BUCKET_PER_HIDDEN_SQUARE),
+        "allgather_bucket_size": bucket(REDUCE_BUCKET_PER_HIDDEN_SQUARE),
+        "stage3_prefetch_bucket_size": bucket(PREFETCH_BUCKET_PER_HIDDEN_SQUARE),
+        "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD_PER_HIDDEN * hidden_size,
+    }
+
 
 _HALF = {
     0: (PerParam(16.0), PerParam(24.0)),
@@ -58,11 +85,11 @@ DEEPSPEED_ACCOUNTING = Accounting(
     pipelined_step={(p, 0): PerParam(6.0, 16.0) for p in ("bf16", "fp16")},
     # The engine adds each micro-batch's gradients into its buffers: read, read, write in the model's dtype.
     grad_accumulation_traffic={"bf16": 6.0, "fp16": 6.0, "fp32": 12.0},
-    buffer_elements={
-        0: REDUCE_BUCKET,
-        1: 3 * REDUCE_BUCKET,
-        2: 3 * REDUCE_BUCKET,
-        3: REDUCE_BUCKET + STAGE3_PREFETCH_BUCKET + STAGE3_MAX_LIVE_PARAMETERS,
+    buffer_elements={0: ZERO0_ALLREDUCE_CHUNK, 3: STAGE3_MAX_LIVE_PARAMETERS},
+    buffer_hidden_squares={
+        1: 3 * REDUCE_BUCKET_PER_HIDDEN_SQUARE,
+        2: 3 * REDUCE_BUCKET_PER_HIDDEN_SQUARE,
+        3: REDUCE_BUCKET_PER_HIDDEN_SQUARE + PREFETCH_BUCKET_PER_HIDDEN_SQUARE,
     },
 )
 

@@ -23,38 +23,33 @@ from uniap.planner import Job, training_spec
 from uniap.planner import plan as solve
 
 from .merge import base_job, merge_config
-from .capability import (
-    DEEPSPEED,
-    REDUCE_BUCKET,
-    STAGE3_MAX_LIVE_PARAMETERS,
-    STAGE3_MAX_REUSE_DISTANCE,
-    STAGE3_PARAM_PERSISTENCE_THRESHOLD,
-    STAGE3_PREFETCH_BUCKET,
-)
+from .capability import DEEPSPEED, STAGE3_MAX_LIVE_PARAMETERS, STAGE3_MAX_REUSE_DISTANCE, zero_buckets
 
 
 DEFAULT_BATCH = 512
 DEFAULT_PRECISION = "bf16"
 
 
-def zero_section(stage: int, pipeline: bool) -> dict[str, Any]:
-    """zero_optimization for `stage`; overlap_comm is off under a pipeline (the engine forces it off)."""
+def zero_section(stage: int, pipeline: bool, hidden_size: int) -> dict[str, Any]:
+    """zero_optimization for `stage`, its buckets sized to the model (capability.zero_buckets); overlap_comm
+    is off under a pipeline (the engine forces it off)."""
     if stage == 0:
         return {"stage": 0}
+    buckets = zero_buckets(hidden_size)
     section: dict[str, Any] = {
         "stage": stage,
         "contiguous_gradients": True,
         "overlap_comm": not pipeline,
         "reduce_scatter": True,
-        "reduce_bucket_size": REDUCE_BUCKET,
+        "reduce_bucket_size": buckets["reduce_bucket_size"],
     }
     if stage in (1, 2):
-        section["allgather_bucket_size"] = REDUCE_BUCKET
+        section["allgather_bucket_size"] = buckets["allgather_bucket_size"]
     if stage == 3:
         section.update(
             {
-                "stage3_prefetch_bucket_size": STAGE3_PREFETCH_BUCKET,
-                "stage3_param_persistence_threshold": STAGE3_PARAM_PERSISTENCE_THRESHOLD,
+                "stage3_prefetch_bucket_size": buckets["stage3_prefetch_bucket_size"],
+                "stage3_param_persistence_threshold": buckets["stage3_param_persistence_threshold"],
                 "stage3_max_live_parameters": STAGE3_MAX_LIVE_PARAMETERS,
                 "stage3_max_reuse_distance": STAGE3_MAX_REUSE_DISTANCE,
                 "stage3_gather_16bit_weights_on_model_save": True,
@@ -79,7 +74,7 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
         "train_batch_size": plan.training.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_per_replica,
         "gradient_accumulation_steps": plan.micro_batches,
-        "zero_optimization": zero_section(strategy.zero, pipeline),
+        "zero_optimization": zero_section(strategy.zero, pipeline, plan.model.hidden_size),
         "steps_per_print": 10,
         "wall_clock_breakdown": False,
     }

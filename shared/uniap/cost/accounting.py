@@ -68,7 +68,8 @@ class Accounting:
       into the gradient buffer, per precision; `fusable_grad_accumulation`: fused kernels do it inside the
       weight-gradient GEMM (Megatron's gradient-accumulation fusion), costing nothing extra.
     buffer_elements: elements (in the model's dtype) per GPU that do not scale with parameters
-      (communication buckets), per ZeRO stage, when there is data parallelism.
+      (communication buckets), per ZeRO stage, when there is data parallelism; buffer_hidden_squares: more
+      of them per squared hidden size, for buckets sized to the model.
     """
 
     name: str
@@ -81,6 +82,11 @@ class Accounting:
     grad_accumulation_traffic: dict[str, float] = field(default_factory=dict)
     fusable_grad_accumulation: bool = False
     buffer_elements: dict[int, float] = field(default_factory=dict)
+    buffer_hidden_squares: dict[int, float] = field(default_factory=dict)
+
+    def buffers(self, zero: int, hidden_size: int) -> float:
+        """Elements of communication buffers per GPU under ZeRO stage `zero` for a model of `hidden_size`."""
+        return self.buffer_elements.get(zero, 0.0) + self.buffer_hidden_squares.get(zero, 0.0) * hidden_size**2
 
     def __post_init__(self) -> None:
         for table in (self.states, self.step, self.pipelined_states, self.pipelined_step):
@@ -142,6 +148,7 @@ class Accounting:
             "grad_accumulation_traffic": dict(self.grad_accumulation_traffic),
             "fusable_grad_accumulation": self.fusable_grad_accumulation,
             "buffer_elements": {str(k): v for k, v in self.buffer_elements.items()},
+            "buffer_hidden_squares": {str(k): v for k, v in self.buffer_hidden_squares.items()},
         }
 
 

@@ -275,7 +275,7 @@ class CostModel:
         # and prefetches the next one's.
         rc_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
         fsdp_transient = 2 * weight_bytes if s.zero == 3 else 0.0
-        buffers = accounting.buffer_elements.get(s.zero, 0.0) * bpv if dp > 1 and params else 0.0
+        buffers = accounting.buffers(s.zero, layer.hidden_size) * bpv if dp > 1 and params else 0.0
         return LayerCost(
             time_per_microbatch=overlapped(compute, per_mb_comm, self.overlap) + tp_comm + accumulate,
             time_per_iteration=exposed_iter + optimizer,

@@ -37,7 +37,7 @@ class Layer:
     `attention_flops` is the part of it in the attention scores and their product with V;
     `causal_attention_flops` the part of that under a causal mask, of which a flash kernel executes half.
     `extra_traffic` is memory-bound traffic per sample beyond its activations, in forward and again in
-    backward (the LM head's cross-entropy over the vocabulary), split by TP."""
+    backward (the LM head's cross-entropy over the vocabulary), split by TP. `hidden_size` is the model's."""
 
     name: str
     kind: str
@@ -55,6 +55,7 @@ class Layer:
     attention_flops: float = 0.0
     causal_attention_flops: float = 0.0
     extra_traffic: float = 0.0
+    hidden_size: int = 0  # the model's; sizes the communication buckets of frameworks that scale them with it
 
     def __post_init__(self) -> None:
         for name in (
@@ -308,6 +309,7 @@ class _Builder:
         return Layer(
             name=name,
             kind=kind,
+            hidden_size=self.m.hidden_size,
             signature=self._signature(kind, s, extra_sig),
             params_tp=int(sum(p["params_tp"] for p in parts)),
             params_rep=int(sum(p["params_rep"] for p in parts)),
@@ -349,6 +351,7 @@ class _Builder:
         return Layer(
             name=name,
             kind=EMBEDDING,
+            hidden_size=self.m.hidden_size,
             signature=self._signature("embedding", s, f"/v{m.vocab_size}"),
             params_tp=m.vocab_size * h,
             params_rep=pos + types,
@@ -371,6 +374,7 @@ class _Builder:
         return Layer(
             name="lm_head",
             kind=HEAD,
+            hidden_size=self.m.hidden_size,
             signature=self._signature("lm_head", s, f"/v{v}"),
             params_tp=v * h,
             params_rep=self._norm_params(),
@@ -392,6 +396,7 @@ class _Builder:
         return Layer(
             name="mlm_head",
             kind=HEAD,
+            hidden_size=self.m.hidden_size,
             signature=self._signature("mlm_head", s, f"/v{v}"),
             params_tp=v * h,
             params_rep=2 * (h * h + h) + self._norm_params(),
@@ -411,6 +416,7 @@ class _Builder:
         return Layer(
             name="patch_embedding",
             kind=EMBEDDING,
+            hidden_size=self.m.hidden_size,
             signature=self._signature("patch_embedding", s, f"/p{m.patch_size}"),
             params_tp=0,
             params_rep=pix * h + h + s * h + h,
@@ -429,6 +435,7 @@ class _Builder:
         return Layer(
             name="cls_head",
             kind=HEAD,
+            hidden_size=self.m.hidden_size,
             signature=self._signature("cls_head", s, f"/c{m.num_classes}"),
             params_tp=0,
             params_rep=self._norm_params() + h * m.num_classes + m.num_classes,
