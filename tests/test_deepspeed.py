@@ -12,6 +12,8 @@ split imposed on a PipelineModule, the `uniap-deepspeed` command line, and real 
 
 from __future__ import annotations
 
+import argparse
+
 import copy
 import itertools
 import json
@@ -944,6 +946,44 @@ def test_cli_launch(capsys, tmp_path, two_node_plan):
     assert (parsed.master_addr, parsed.master_port) == ("node-a", 29555)
     assert parsed.user_script == script
     assert parsed.user_args == [*script_args, "--deepspeed", "--deepspeed_config", "$here/ds_config.json"]
+    assert Plan.load(out / "plan.json").to_dict() == Plan.load(two_node_plan).to_dict()  # for PlannedPipelineModule
+
+
+def test_cli_launch_passes_the_config_as_hugging_face_trainer_expects(capsys, tmp_path, two_node_plan):
+    """Trainer's --deepspeed takes the path itself; DeepSpeed's style (--deepspeed --deepspeed_config PATH) makes
+    it fail with 'argument --deepspeed: expected one argument'. Both are checked with the parsers that read them."""
+    out = tmp_path / "hf"
+    rc, _stdout, err = run_cli(
+        capsys,
+        ds_main,
+        "launch",
+        str(two_node_plan),
+        "--hosts",
+        "a,b",
+        "--script",
+        "train.py",
+        "--config-arg",
+        "hf",
+        "--output-dir",
+        str(out),
+        "--",
+        "--output_dir",
+        "run",
+    )
+    assert rc == 0, err
+    parsed = ds_launcher_args(deepspeed_command((out / "launch.sh").read_text())[1:])
+    assert parsed.user_args == ["--output_dir", "run", "--deepspeed", "$here/ds_config.json"]
+    trainer_like = argparse.ArgumentParser()  # transformers' TrainingArguments field: deepspeed: str | dict
+    trainer_like.add_argument("--deepspeed", type=str)
+    trainer_like.add_argument("--output_dir")
+    assert trainer_like.parse_args(parsed.user_args).deepspeed == "$here/ds_config.json"
+    with pytest.raises(SystemExit):
+        trainer_like.parse_args(["--deepspeed", "--deepspeed_config", "x.json"])
+    import deepspeed
+
+    ds_style = deepspeed.add_config_arguments(argparse.ArgumentParser())
+    ns = ds_style.parse_args(["--deepspeed", "--deepspeed_config", "x.json"])
+    assert ns.deepspeed is True and ns.deepspeed_config == "x.json"
 
 
 def test_cli_launch_script_runs_with_its_arguments_intact(capsys, tmp_path, two_node_plan):

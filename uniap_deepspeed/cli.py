@@ -28,6 +28,10 @@ from .config import DEFAULT_BATCH, DEFAULT_PRECISION, deepspeed_config, plan_for
 from .merge import base_job, merge_config
 
 PROG = "uniap-deepspeed"
+PLAN_FILE = "plan.json"
+# How a training script takes the config: DeepSpeed's own argument style (deepspeed.add_config_arguments) or
+# Hugging Face Trainer's (--deepspeed PATH; "argument --deepspeed: expected one argument" otherwise).
+CONFIG_FLAGS = {"deepspeed": ("--deepspeed", "--deepspeed_config"), "hf": ("--deepspeed",)}
 
 
 def cmd_config(args) -> int:
@@ -89,13 +93,15 @@ def cmd_launch(args) -> int:
         )
     out = Path(args.output_dir)
     hostfile, script, config_path = out / "hostfile", out / "launch.sh", out / "ds_config.json"
-    check_output_paths([str(hostfile), str(script), str(config_path)], args.force)
+    plan_path = out / PLAN_FILE
+    check_output_paths([str(hostfile), str(script), str(config_path), str(plan_path)], args.force)
     merged = merge_config(deepspeed_config(plan), read_base(args.base) if args.base else None)
     config = merged.config
     for line in merged.report_lines():
         print(f"{PROG}: {line.strip()}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config_path, config)
+    plan.save(plan_path)
     write_text_atomic(hostfile, "".join(f"{h} slots={gpus}\n" for h in hosts))
     summary = " ".join(f"{plan.model.name} on {nodes}x{gpus} GPUs".split())
     write_text_atomic(
@@ -110,11 +116,12 @@ def cmd_launch(args) -> int:
             master_port=args.master_port,
             script=args.script,
             script_args=args.script_args,
+            config_flags=list(CONFIG_FLAGS[args.config_arg]),
             config="ds_config.json",
         ),
         executable=True,
     )
-    print(f"wrote {hostfile}, {config_path} and {script}")
+    print(f"wrote {hostfile}, {config_path}, {plan_path} and {script}")
     return EXIT_OK
 
 
@@ -129,9 +136,10 @@ with uniap's planner, or read a saved plan with --plan, and write the DeepSpeed
 JSON config that runs it; its `uniap` section records the plan and its
 prediction. Without -o the config is printed."""
 LAUNCH_DESCRIPTION = """\
-Write hostfile, ds_config.json and launch.sh into --output-dir for a saved plan;
-launch.sh runs the deepspeed launcher over the plan's nodes. The training
-script's own arguments follow `--`:
+Write hostfile, ds_config.json, plan.json (for PlannedPipelineModule) and
+launch.sh into --output-dir for a saved plan; launch.sh runs the deepspeed
+launcher over the plan's nodes and passes the config as the script expects
+(--config-arg). The training script's own arguments follow `--`:
   uniap-deepspeed launch plan.json --hosts n1,n2 --script train.py -- --epochs 1"""
 COMMAND_CODES = (EXIT_OK, EXIT_INTERNAL, EXIT_INVALID_INPUT, EXIT_INTERRUPTED)
 
@@ -238,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--base",
         help="your DeepSpeed config JSON, merged as in `config --base` (default: a complete config whose "
         "optimizer, scheduler and clipping are defaults to review)",
+    )
+    p.add_argument(
+        "--config-arg",
+        choices=tuple(CONFIG_FLAGS),
+        default="deepspeed",
+        help="how the script takes the config: deepspeed (--deepspeed --deepspeed_config PATH, DeepSpeed's "
+        "add_config_arguments) or hf (--deepspeed PATH, Hugging Face Trainer) (default: %(default)s)",
     )
     p.add_argument("--force", action="store_true", help="overwrite those files if they exist (default: refuse)")
     sub.add_parser(
