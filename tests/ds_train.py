@@ -172,7 +172,8 @@ def main() -> None:
             *[LayerSpec(TransformerLayerPipe) for _ in range(LAYERS)],
             LayerSpec(HeadPipe),
         ]
-        module = PlannedPipelineModule(layers, plan=plan, loss_fn=lm_loss)
+        # partition_method as code written for PipelineModule passes it: the plan's split wins
+        module = PlannedPipelineModule(layers, plan=plan, loss_fn=lm_loss, partition_method="parameters")
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = None
         if "optimizer" not in config:

@@ -44,6 +44,7 @@ from uniap_deepspeed.capability import DEEPSPEED  # noqa: E402
 from uniap_deepspeed.cli import main as ds_main  # noqa: E402
 from uniap_deepspeed.merge import merge_config
 from uniap_deepspeed.config import deepspeed_config, plan_config, plan_for_deepspeed  # noqa: E402
+from uniap_deepspeed.pipeline import DEFAULT_LAYER_TYPE as PIPELINE_LAYER_TYPE
 from uniap_deepspeed.pipeline import (
     PlannedPipelineModule,
     _entry_name,
@@ -54,7 +55,7 @@ from uniap_deepspeed.pipeline import (
 TESTS = Path(__file__).parent
 DS_TRAIN = TESTS / "ds_train.py"
 PIPE_REASON = "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism"  # DeepSpeed's own assertion text
-DEFAULT_LAYER_TYPE = re.compile("transformer|decoderlayer|encoderlayer|block", re.IGNORECASE)
+DEFAULT_LAYER_TYPE = re.compile(PIPELINE_LAYER_TYPE, re.IGNORECASE)
 
 # The model of ds_train.py as a uniap spec: 4 decoder layers, hidden 32, 2 heads, ffn 128, vocab 64.
 TINY_GPT_YAML = """\
@@ -689,14 +690,19 @@ def test_mismatched_layer_counts_raise(tmp_path, entries, matched):
 
 
 def test_regex_matching_too_much_is_a_count_mismatch(tmp_path):
-    """A class whose name merely contains 'transformer' (an embedding here) is counted: a clear error."""
+    """A class whose name merely contains 'transformer' (a wrapper here) is counted: a clear error. (Names of
+    embeddings, heads and norms never match, TransformerEmbedding included.)"""
+
+    class TransformerWrapper:
+        pass
 
     class TransformerEmbedding:
         pass
 
     plan = split_plan(tmp_path, "3,1")
     with pytest.raises(SpecError, match="plan has 4 transformer layers but 5 entries"):
-        entry_stages(plan, flags([TransformerEmbedding, T, T, T, T, Head]))
+        entry_stages(plan, flags([TransformerWrapper, T, T, T, T, Head]))
+    assert flags([TransformerEmbedding]) == [False]
 
 
 @pytest.mark.parametrize(
@@ -800,7 +806,12 @@ def test_real_pipeline_with_uneven_split(capsys, tmp_path):
         ]
     )
     assert rc == 0
-    rc, out, err = run_cli(capsys, ds_main, "config", "--plan", str(plan_path), "-o", str(config_path))
+    # The user's optimizer, as a real job brings it: the defaults' warm-up (1000 steps) would not train in 6.
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.0}}}))
+    rc, out, err = run_cli(
+        capsys, ds_main, "config", "--plan", str(plan_path), "--base", str(base), "-o", str(config_path)
+    )
     assert rc == 0, err
     plan, config = Plan.load(plan_path), json.loads(config_path.read_text())
     assert plan.stage_layer_counts() == [3, 1]
@@ -1137,3 +1148,45 @@ def test_zero_buckets_are_sized_to_the_model_and_counted_in_memory(zero):
     )
     expected = {1: 3 * h * h, 2: 3 * h * h, 3: 1e9 + 1.9 * h * h}[zero] * 2
     assert cost.buffer_bytes == pytest.approx(expected)
+
+
+def test_default_layer_type_finds_hugging_face_layers_and_not_their_neighbours():
+    """BERT, RoBERTa and ViT name their layers <Model>Layer (transformers' modeling files); none of the
+    embeddings, norms, poolers or heads around them match."""
+    names = [
+        "BertEmbeddings",
+        "BertLayer",
+        "RobertaLayer",
+        "ViTLayer",
+        "ViTEmbeddings",
+        "LlamaDecoderLayer",
+        "GPT2Block",
+        "T5Block",
+        "LayerNorm",
+        "BertPooler",
+        "LMHead",
+        "ViTPatchEmbeddings",
+        "RMSNormLayer",
+        "TransformerLayerPipe",
+        "EmbeddingPipe",
+        "HeadPipe",
+        "OutputLayer",
+    ]
+    hits = {n for n in names if DEFAULT_LAYER_TYPE.search(n)}
+    assert hits == {
+        "BertLayer",
+        "RobertaLayer",
+        "ViTLayer",
+        "LlamaDecoderLayer",
+        "GPT2Block",
+        "T5Block",
+        "TransformerLayerPipe",
+    }
+
+
+def test_a_layer_list_that_does_not_match_the_plan_names_what_it_saw(tmp_path):
+    plan = split_plan(tmp_path, "2,2", gpus=2)
+    names = ["EmbeddingPipe", "MyLayerImpl", "MyLayerImpl", "HeadPipe"]
+    with pytest.raises(SpecError) as info:
+        entry_stages(plan, [False, False, False, False], names)
+    assert "the list: EmbeddingPipe, MyLayerImpl x2, HeadPipe" in str(info.value)

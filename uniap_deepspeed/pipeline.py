@@ -10,6 +10,7 @@ last with the plan's last layer (the head), others with the next transformer lay
 
 from __future__ import annotations
 
+import logging
 import re
 
 from deepspeed.pipe import PipelineModule
@@ -18,15 +19,24 @@ from uniap.errors import SpecError
 from uniap.model.graph import TRANSFORMER_KINDS
 from uniap.plan import Plan
 
+log = logging.getLogger(__name__)
 
-def entry_stages(plan: Plan, is_transformer: list[bool]) -> list[int]:
+
+# Class names of transformer layers: uniap's and DeepSpeed examples' (TransformerLayer, ...Block), Megatron's and
+# Hugging Face's (LlamaDecoderLayer, BertLayer, RobertaLayer, ViTLayer, GPT2Block, T5Block), but no embedding,
+# head, norm, pooler or loss module (LayerNorm, BertEmbeddings, ...).
+DEFAULT_LAYER_TYPE = r"^(?!.*(?:embed|head|norm|pool|output|loss)).*(?:transformer|block|layer$)"
+
+
+def entry_stages(plan: Plan, is_transformer: list[bool], names: list[str] | None = None) -> list[int]:
     """The stage of each entry of the user's layer list under `plan` (raises SpecError if they differ)."""
     stages = [lp.stage for lp in plan.layers if lp.kind in TRANSFORMER_KINDS]
     matched = sum(is_transformer)
     if matched != len(stages):
+        seen = f" (the list: {_describe(names, is_transformer)})" if names else ""
         raise SpecError(
             f"the plan has {len(stages)} transformer layers but {matched} entries of the layer list "
-            f"match the layer type",
+            f"match the layer type{seen}",
             "pass layer_type= a regex matching exactly the transformer layers' class names",
         )
     out: list[int | None] = []
@@ -64,9 +74,12 @@ class PlannedPipelineModule(PipelineModule):
     `PlannedPipelineModule(layers, plan, loss_fn=..., layer_type="transformer|block")`; the other
     keyword arguments are PipelineModule's. The number of stages is the plan's pipeline degree."""
 
-    def __init__(self, layers, plan: Plan, layer_type: str = "transformer|decoderlayer|encoderlayer|block", **kwargs):
+    def __init__(self, layers, plan: Plan, layer_type: str = DEFAULT_LAYER_TYPE, **kwargs):
         if "num_stages" in kwargs or "topology" in kwargs:
             raise SpecError("PlannedPipelineModule takes its number of stages from the plan")
+        method = kwargs.pop("partition_method", None)  # kept from code written for PipelineModule
+        if method is not None:
+            log.warning("partition_method=%r ignored: the plan's split places the layers", method)
         self._uniap_plan = plan
         self._uniap_layer_type = layer_type
         if plan.uniform_strategy is not None and plan.uniform_strategy.recompute == "full":
@@ -75,10 +88,22 @@ class PlannedPipelineModule(PipelineModule):
 
     def _partition_layers(self, method="uniap"):
         pattern = re.compile(self._uniap_layer_type, re.IGNORECASE)
-        is_transformer = [bool(pattern.search(_entry_name(spec))) for spec in self._layer_specs]
-        self.parts = parts_from_stages(entry_stages(self._uniap_plan, is_transformer), self.num_stages)
+        names = [_entry_name(spec) for spec in self._layer_specs]
+        is_transformer = [bool(pattern.search(name)) for name in names]
+        self.parts = parts_from_stages(entry_stages(self._uniap_plan, is_transformer, names), self.num_stages)
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+
+def _describe(names: list[str], matched: list[bool]) -> str:
+    """'EmbeddingPipe, BertLayer x24 (matched), HeadPipe': runs of equal names, matched ones marked."""
+    runs: list[list] = []
+    for name, hit in zip(names, matched):
+        if runs and runs[-1][0] == name:
+            runs[-1][2] += 1
+        else:
+            runs.append([name, hit, 1])
+    return ", ".join(f"{n}{f' x{c}' if c > 1 else ''}{' (matched)' if hit else ''}" for n, hit, c in runs)
 
 
 def _entry_name(spec) -> str:
