@@ -196,6 +196,7 @@ def test_two_processes_under_torchrun_measure_collectives(tiny, tmp_path):
     assert basis["communication"] == "measured"
 
 
+@pytest.mark.slow  # real processes
 def test_existing_output_is_not_overwritten(tiny, tmp_path):
     out = tmp_path / "profile.json"
     out.write_text("keep me\n")
@@ -235,6 +236,7 @@ def test_calibration_layers_0_skips_the_training_run(tiny, tmp_path):
     assert profile.optimizer is not None and profile.optimizer.step_ms > 0  # one warm-up step even with --warmup 0
 
 
+@pytest.mark.slow  # real processes
 @pytest.mark.parametrize(
     "args, words",
     sampled(

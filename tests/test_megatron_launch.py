@@ -581,6 +581,7 @@ with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as fh:
 """
 
 
+@pytest.mark.slow  # real processes
 def test_run_spawns_torchrun_with_rewritten_arguments(capsys, tmp_path, monkeypatch):
     if not (VENV_BIN / "torchrun").exists():
         pytest.skip("torchrun not installed")

@@ -199,6 +199,7 @@ def test_two_processes_under_torchrun_measure_tp2_and_collectives(tiny, tmp_path
     assert profile.calibration is None and "not calibrated: the calibration run needs one process" in profile.notes
 
 
+@pytest.mark.slow  # real processes
 def test_existing_output_needs_force(tiny, tmp_path):
     out = tmp_path / "profile.json"
     out.write_text("{}")
