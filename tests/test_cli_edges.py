@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from processes import child_env
+from test_cli import run_main
 
-from uniap.cli import main
 from uniap.cluster.spec import CLUSTER_PRESETS
 from uniap.cost.model import CostModel
 from uniap.cost.strategy import GENERIC
@@ -33,16 +33,6 @@ MEGATRON_JOB = (
     "--num-layers 32 --hidden-size 4096 --num-attention-heads 32 --seq-length 4096 "
     "--max-position-embeddings 4096 --global-batch-size 512 --bf16"
 ).split()
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = main(list(argv))
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def interrupt(command: list[str], cwd: Path, *, after_s: float = 0.0, after_line: str | None = None):
@@ -119,7 +109,7 @@ def test_solver_output_never_reaches_stdout(capfd):
 
 def test_output_that_is_a_folder_is_refused_before_solving(capsys, tmp_path):
     started = time.perf_counter()
-    rc, out, err = run(capsys, "plan", *SMALL, "-o", str(tmp_path))
+    rc, out, err = run_main(capsys, "plan", *SMALL, "-o", str(tmp_path))
     assert rc == EXIT_INVALID_INPUT and out == ""
     assert f"-o {tmp_path} is a folder" in err and "--force" not in err
     assert time.perf_counter() - started < 1.0  # refused before the solve
@@ -129,24 +119,24 @@ def test_output_that_is_a_folder_is_refused_before_solving(capsys, tmp_path):
 def test_output_where_no_file_can_be_made_is_refused(capsys, where):
     if not Path(where).parent.exists():
         pytest.skip(f"no {Path(where).parent} here")
-    rc, out, err = run(capsys, "plan", *SMALL, "-o", where)
+    rc, out, err = run_main(capsys, "plan", *SMALL, "-o", where)
     assert rc == EXIT_INVALID_INPUT and out == ""
     assert f"cannot write {where}" in err and "--force" not in err and "internal error" not in err
 
 
 def test_output_under_a_file_is_refused(capsys, tmp_path):
     (tmp_path / "a-file").write_text("")
-    rc, _out, err = run(capsys, "evaluate", *SMALL, "-o", str(tmp_path / "a-file" / "plan.json"))
+    rc, _out, err = run_main(capsys, "evaluate", *SMALL, "-o", str(tmp_path / "a-file" / "plan.json"))
     assert rc == EXIT_INVALID_INPUT and "is not a folder" in err
 
 
 def test_existing_output_suggests_force_and_force_overwrites(capsys, tmp_path):
     path = tmp_path / "plan.json"
     path.write_text("keep me")
-    rc, _out, err = run(capsys, "plan", *SMALL, "-o", str(path))
+    rc, _out, err = run_main(capsys, "plan", *SMALL, "-o", str(path))
     assert rc == EXIT_INVALID_INPUT and "exists; not overwriting it" in err and "--force" in err
     assert path.read_text() == "keep me"
-    rc, _out, _err = run(capsys, "plan", *SMALL, "-o", str(path), "--force")
+    rc, _out, _err = run_main(capsys, "plan", *SMALL, "-o", str(path), "--force")
     assert rc == EXIT_OK and json.loads(path.read_text())["format"] == "uniap-plan"
 
 
@@ -188,18 +178,18 @@ def test_adapters_check_their_outputs_the_same_way(tmp_path, argv):
     ],
 )
 def test_impossible_pins_name_the_rule_and_exit_2(capsys, command, pins, words):
-    rc, out, err = run(capsys, command, *pins)
+    rc, out, err = run_main(capsys, command, *pins)
     assert rc == EXIT_INVALID_INPUT, err
     assert words in err and "Traceback" not in err and out == ""
 
 
 def test_pipeline_deeper_than_the_model_names_the_layers(capsys):
-    rc, _out, err = run(capsys, "plan", "--model", "gpt3-1.3b", "--nodes", "8", "--pp", "64")
+    rc, _out, err = run_main(capsys, "plan", "--model", "gpt3-1.3b", "--nodes", "8", "--pp", "64")
     assert rc == EXIT_INVALID_INPUT and "--pp 64 exceeds the model's 26 layers" in err
 
 
 def test_no_plan_that_fits_stays_exit_3(capsys):
-    rc, _out, err = run(capsys, "plan", "--model", "llama2-70b", "--nodes", "1", "--global-batch-size", "8")
+    rc, _out, err = run_main(capsys, "plan", "--model", "llama2-70b", "--nodes", "1", "--global-batch-size", "8")
     assert rc == EXIT_INFEASIBLE and "no plan fits" in err
 
 
@@ -219,26 +209,26 @@ def test_no_plan_that_fits_stays_exit_3(capsys):
 )
 def test_missing_files_and_near_miss_names(capsys, tmp_path, monkeypatch, option, ref, words):
     monkeypatch.chdir(tmp_path)
-    rc, _out, err = run(capsys, "plan", option, ref)
+    rc, _out, err = run_main(capsys, "plan", option, ref)
     assert rc == EXIT_INVALID_INPUT and words in err
 
 
 def test_missing_spec_fields_are_named_with_the_required_ones(capsys, tmp_path):
     model = tmp_path / "model.yaml"
     model.write_text("name: x\nnum_layers: 2\n")
-    rc, _out, err = run(capsys, "plan", "--model", str(model))
+    rc, _out, err = run_main(capsys, "plan", "--model", str(model))
     assert rc == EXIT_INVALID_INPUT
     assert "missing required field(s) architecture, hidden_size, num_attention_heads, ffn_hidden_size" in err
     assert "required fields: name, architecture, num_layers" in err and "__init__" not in err
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text("num_nodes: 1\n")
-    rc, _out, err = run(capsys, "plan", "--cluster", str(cluster))
+    rc, _out, err = run_main(capsys, "plan", "--cluster", str(cluster))
     assert rc == EXIT_INVALID_INPUT and "missing required field(s) gpus_per_node" in err
 
 
 @pytest.mark.parametrize("value", ["0", "-5"])
 def test_non_positive_sequence_length_is_refused(capsys, value):
-    rc, _out, err = run(capsys, "plan", "--seq-length", value)
+    rc, _out, err = run_main(capsys, "plan", "--seq-length", value)
     assert rc == EXIT_INVALID_INPUT and "seq" in err
 
 
@@ -246,15 +236,15 @@ def test_non_positive_sequence_length_is_refused(capsys, value):
 
 
 def test_summary_names_the_batch_as_megatron_and_deepspeed_do(capsys):
-    rc, out, _err = run(capsys, "evaluate", *SMALL, "--tp", "2", "--micro-batch-size", "2")
+    rc, out, _err = run_main(capsys, "evaluate", *SMALL, "--tp", "2", "--micro-batch-size", "2")
     assert rc == EXIT_OK
     assert "data-parallel size 4; micro-batch size 2 per replica x 2 micro-batches per iteration" in out
-    rc, out, _err = run(capsys, "evaluate", *SMALL, "--micro-batch-size", "2")
+    rc, out, _err = run_main(capsys, "evaluate", *SMALL, "--micro-batch-size", "2")
     assert "x 1 micro-batch per iteration" in out and "1 micro-batches" not in out
 
 
 def test_table_columns_line_up_with_long_layer_names(capsys):
-    rc, out, _err = run(
+    rc, out, _err = run_main(
         capsys,
         "evaluate",
         "--model",
@@ -278,16 +268,16 @@ def test_table_columns_line_up_with_long_layer_names(capsys):
 
 
 def test_help_explains_the_table(capsys):
-    rc, out, _err = run(capsys, "plan", "--help")
+    rc, out, _err = run_main(capsys, "plan", "--help")
     assert rc == EXIT_OK
     assert "reading the table" in out and "other:" in out and "no_strategy" in out and "usable" in out
 
 
 def test_a_cluster_far_larger_than_the_batch_is_warned_about(capsys):
-    rc, _out, err = run(capsys, "plan", "--nodes", "64", "--global-batch-size", "64", "--json")
+    rc, _out, err = run_main(capsys, "plan", "--nodes", "64", "--global-batch-size", "64", "--json")
     assert rc == EXIT_OK
     assert "uniap: warning: the global batch (64 samples) is smaller than the 512 GPUs" in err and "MFU" in err
-    rc, _out, err = run(capsys, "plan", *SMALL, "--json")
+    rc, _out, err = run_main(capsys, "plan", *SMALL, "--json")
     assert "warning" not in err
 
 

@@ -15,6 +15,20 @@ from uniap.model.spec import TrainingSpec
 from uniap_megatron.args import job_from_args, model_args, world_size
 from uniap_megatron.environment import fused_kernels_available
 
+# The smallest command line job_from_args plans from: shape, sequence and global batch.
+TINY_ARGV = (
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--global-batch-size",
+    "8",
+)
+
 
 # Llama-2-70B pretraining with pretrain_gpt.py (Megatron-LM examples style): GQA, SwiGLU, RMSNorm, RoPE,
 # untied embeddings, no bias, plus many flags uniap does not read.
@@ -159,18 +173,7 @@ def test_job_from_args_plans_with_the_kernels_of_this_environment():
     "drop", ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--global-batch-size"]
 )
 def test_job_from_args_requires_the_shape_and_batch(drop):
-    argv = [
-        "--num-layers",
-        "4",
-        "--hidden-size",
-        "64",
-        "--num-attention-heads",
-        "4",
-        "--seq-length",
-        "32",
-        "--global-batch-size",
-        "8",
-    ]
+    argv = list(TINY_ARGV)
     i = argv.index(drop)
     with pytest.raises(SpecError, match=drop):
         job_from_args(argv[:i] + argv[i + 2 :])
@@ -178,22 +181,7 @@ def test_job_from_args_requires_the_shape_and_batch(drop):
 
 def test_job_from_args_rejects_bf16_with_fp16():
     with pytest.raises(SpecError, match="mutually exclusive"):
-        job_from_args(
-            [
-                "--num-layers",
-                "4",
-                "--hidden-size",
-                "64",
-                "--num-attention-heads",
-                "4",
-                "--seq-length",
-                "32",
-                "--global-batch-size",
-                "8",
-                "--bf16",
-                "--fp16",
-            ]
-        )
+        job_from_args([*TINY_ARGV, "--bf16", "--fp16"])
 
 
 # --- world size from the launcher ---------------------------------------------------------------------
@@ -256,18 +244,7 @@ def test_model_args_refuses_non_decoder():
 )
 def test_parallelism_uniap_does_not_plan_is_refused_by_name(flag, value):
     """Planning without it would price a configuration other than the one Megatron-LM runs."""
-    argv = [
-        "--num-layers",
-        "4",
-        "--hidden-size",
-        "64",
-        "--num-attention-heads",
-        "4",
-        "--seq-length",
-        "32",
-        "--global-batch-size",
-        "8",
-    ]
+    argv = list(TINY_ARGV)
     with pytest.raises(SpecError, match=f"{flag} {value}: uniap does not plan this parallelism yet"):
         job_from_args(argv + [flag, value])
     if flag in ("--context-parallel-size", "--expert-model-parallel-size"):
@@ -278,20 +255,7 @@ def test_parallelism_uniap_does_not_plan_is_refused_by_name(flag, value):
     "optimizer, expected", [("adam", "adam"), ("sgd", "sgd"), ("muon", "muon"), ("dist_muon", "muon")]
 )
 def test_the_users_optimizer_reaches_the_training_spec(optimizer, expected):
-    argv = [
-        "--num-layers",
-        "4",
-        "--hidden-size",
-        "64",
-        "--num-attention-heads",
-        "4",
-        "--seq-length",
-        "32",
-        "--global-batch-size",
-        "8",
-        "--optimizer",
-        optimizer,
-    ]
+    argv = [*TINY_ARGV, "--optimizer", optimizer]
     job = job_from_args(argv)
     assert job.training.optimizer == expected
     assert ("--optimizer" in model_args(job.model, job.training)) == (expected != "adam")

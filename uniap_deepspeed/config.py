@@ -67,7 +67,6 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
             "re-plan with --target deepspeed",
         )
     strategy = plan.uniform_strategy or plan.layers[0].strategy
-    dp = strategy.dp
     pipeline = plan.pipeline_degree > 1
     recompute = strategy.recompute == "full"
     config: dict[str, Any] = {
@@ -98,7 +97,7 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
     config["uniap"] = {
         "target": plan.target,
         "pipeline_stages": plan.pipeline_degree,
-        "data_parallel_size": dp,
+        "data_parallel_size": plan.data_parallel_size,
         "transformer_layers_per_stage": plan.stage_layer_counts(),
         "layer_stages": [lp.stage for lp in plan.layers],
         "activation_checkpointing": recompute,

@@ -70,6 +70,14 @@ MEGATRON = Capability(
 CONNECTIONS_ENV = "CUDA_DEVICE_MAX_CONNECTIONS"
 TP_CONNECTIONS, FSDP_CONNECTIONS = "1", "8"
 FSDP_ZERO = 3
+
+
+def connections_suffice(need: str | None, have: str | None) -> bool:
+    """Whether a launch with CUDA_DEVICE_MAX_CONNECTIONS `have` (None: unset) satisfies what a plan's environment
+    asks (`need`: TP_CONNECTIONS, FSDP_CONNECTIONS, or None for no rule): 1 exactly, or anything but 1."""
+    return need is None or (need == TP_CONNECTIONS) == (have == TP_CONNECTIONS)
+
+
 MEGATRON_WITHOUT_FSDP = replace(
     MEGATRON,
     zero_stages=(0, 1),

@@ -18,8 +18,9 @@ from .capability import (
     FSDP_CONNECTIONS,
     FSDP_ZERO,
     MEGATRON,
-    megatron_capability,
     TP_CONNECTIONS,
+    connections_suffice,
+    megatron_capability,
 )
 from .merge import explicit_settings, strip_auto_parallel
 
@@ -132,8 +133,7 @@ def runs_with(plan: Plan, connections: str | None) -> bool:
     """Whether Megatron-LM accepts `plan` with the ranks' CUDA_DEVICE_MAX_CONNECTIONS (see jobs_for_connections)."""
     if connections == ANY_CONNECTIONS:
         return True
-    needs = megatron_launch(plan).env.get(CONNECTIONS_ENV)
-    return needs is None or (needs == TP_CONNECTIONS) == (connections == TP_CONNECTIONS)
+    return connections_suffice(megatron_launch(plan).env.get(CONNECTIONS_ENV), connections)
 
 
 def _connections_error(value: str | None, what: str, rule: str, wanted: str) -> SpecError:

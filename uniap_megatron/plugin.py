@@ -82,7 +82,7 @@ from .merge import (
     show_value,
     strip_auto_parallel,
 )
-from .capability import CONNECTIONS_ENV, TP_CONNECTIONS
+from .capability import CONNECTIONS_ENV, TP_CONNECTIONS, connections_suffice
 from .planning import ANY_CONNECTIONS, DEFAULT_CLUSTER, check_plan_fits, plan_megatron
 
 PLAN_DIR_ENV = "UNIAP_PLAN_DIR"
@@ -310,11 +310,9 @@ def check_env(merge: Merge, dry_run: bool = False) -> list[str]:
     without FSDP needs 1, FSDP anything but 1)."""
     need = merge.env.get(CONNECTIONS_ENV)
     have = os.environ.get(CONNECTIONS_ENV)
-    if need is None or _blackwell_or_newer():
+    if connections_suffice(need, have) or _blackwell_or_newer():
         return []
     tp = need == TP_CONNECTIONS
-    if (have == TP_CONNECTIONS) == tp:
-        return []
     what = "tensor parallelism without FSDP" if tp else "Megatron-FSDP"
     rule = f"={TP_CONNECTIONS}" if tp else f" other than {TP_CONNECTIONS}"
     msg = (

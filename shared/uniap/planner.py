@@ -66,12 +66,14 @@ class Job:
     capability: Capability | None = None
 
 
-def check_pins(job: Job, graph: LayerGraph) -> None:
+def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
     """Refuse, before solving, a pinned choice no plan can have, naming the rule and the numbers (SpecError,
-    exit 2): a TP degree must divide a node's GPUs and, under sequence parallelism, the sequence, and split
-    the transformer layers (heads, FFN, query groups); the pipeline degree times the TP degree must divide
+    exit 2): first what the framework cannot run, in its own words (`capability.check_pins`); then a TP
+    degree must divide a node's GPUs and, under sequence parallelism, the sequence, and split the transformer
+    layers (heads, FFN, query groups); the pipeline degree times the TP degree must divide
     the GPUs, with at most one stage per layer; the micro-batch size per replica must divide the global
     batch, and so must micro-batch size x data-parallel size when both degrees are pinned."""
+    capability.check_pins(job.pins)
     p, flags, c = job.pins, job.pin_flags, job.cluster
     world, node, gbs = c.num_gpus, c.gpus_per_node, job.training.global_batch_size
     hint = f"drop the pin to let the planner choose, or change it (target '{job.target}')"
@@ -134,8 +136,7 @@ def plan(
     InfeasibleError when no plan fits, SolverTimeLimitError when time ran out before any plan."""
     graph = build_graph(job.model, job.training)
     capability = job.capability or capability_for(job.target)
-    capability.check_pins(job.pins)  # what the framework cannot run, in its own words, first
-    check_pins(job, graph)
+    check_pins(job, graph, capability)
     cost_model = CostModel(job.cluster, job.training, job.profile)
     outcome = optimize(
         graph,
@@ -211,8 +212,7 @@ def configure(
     graph = build_graph(model, training)
     pins = Pins(tp=tp, pipeline_degree=pp, zero=zero, recompute=recompute, micro_batch_per_replica=micro_batch_size)
     capability = capability_for(target)
-    capability.check_pins(pins)  # what the framework cannot run, in its own words, as `plan` says it
-    check_pins(Job(model=model, cluster=cluster, training=training, target=target, pins=pins), graph)
+    check_pins(Job(model=model, cluster=cluster, training=training, target=target, pins=pins), graph, capability)
     n = cluster.num_gpus
     if n % (tp * pp):
         raise SpecError(
