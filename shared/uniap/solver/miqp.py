@@ -76,7 +76,7 @@ class SubproblemResult:
 class _Formulation:
     """Builds the constraint families of one subproblem; each method is one family of the paper."""
 
-    def __init__(self, sub: Subproblem):
+    def __init__(self, sub: Subproblem, memory_limited: bool = True):
         self.sub = sub
         self.deg = sub.deg
         self.families: dict[str, list] = {family: [] for family in FAMILIES}  # constraints by family
@@ -86,7 +86,11 @@ class _Formulation:
         self.time_unit = bound / SCALE if np.isfinite(bound) and bound > 0 else 1.0
         self.memory_unit = sub.memory_capacity / SCALE
         self.N = [self._counts(rt) for rt in sub.runs]
-        self.U = [self._count_bounds(rt) for rt in sub.runs]
+        # Without the memory limit (minimizing memory instead) a run's size is the only bound on its counts.
+        self.U = [
+            self._count_bounds(rt) if memory_limited else np.full((self.deg, len(rt.strategies)), float(rt.run.size))
+            for rt in sub.runs
+        ]
         self.C = [cp.sum(N, axis=1) for N in self.N]  # layers of run r per stage
         self.Zf, self.Zl = [], []
         self.Lay = [None] * len(sub.runs)
@@ -395,7 +399,7 @@ def least_memory_needed(sub: Subproblem, time_limit: float | None = None) -> flo
     (None if the subproblem has no plan at all, or the solver ran out of time)."""
     if not sub.feasible_strategies or sub.deg > len(sub.graph.layers):
         return None
-    form = _Formulation(sub)
+    form = _Formulation(sub, memory_limited=False)
     problem = form.build(minimize_memory=True)
     _solve(problem, time_limit, DEFAULT_GAP)
     if problem.value is None or not np.isfinite(problem.value):
