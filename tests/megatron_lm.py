@@ -21,6 +21,9 @@ from processes import child_env
 MEGATRON_LM_ENV = "MEGATRON_LM_PATH"
 MEGATRON_LM_NAME = "megatron-lm-core_v0.16.1"
 RUN_TIMEOUT_S = 600
+# A report key that is not an attribute of `args`: the decoder layers each pipeline rank builds, from the
+# TransformerConfig Megatron-LM derives (core_transformer_config_from_args, get_num_layers_to_build).
+LAYERS_PER_STAGE = "layers_per_stage"
 # The GPU the arguments are validated for: Hopper (H100/H200), compute capability 9. validate_args asks the
 # device's architecture (utils.get_device_arch_version) to choose CUDA_DEVICE_MAX_CONNECTIONS rules.
 DEVICE_ARCH = 9
@@ -54,6 +57,10 @@ import io
 import json
 import os
 
+from megatron.core.transformer.enums import LayerType
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+LAYERS_PER_STAGE = "layers_per_stage"
 cases = json.loads(sys.stdin.read())
 results = []
 for case in cases:
@@ -69,7 +76,24 @@ for case in cases:
         text = str(exc) or out.getvalue().strip().splitlines()[-1:] or [type(exc).__name__]
         results.append({"error": text if isinstance(text, str) else text[0]})
         continue
-    results.append({"args": {k: getattr(args, k, None) for k in case["report"]}})
+    report = {k: getattr(args, k, None) for k in case["report"] if k != LAYERS_PER_STAGE}
+    if LAYERS_PER_STAGE in case["report"]:
+        # The model Megatron-LM builds: its TransformerConfig (which checks its own rules), and the decoder
+        # layers each pipeline rank builds from it.
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                config = megatron_arguments.core_transformer_config_from_args(args)
+        except (AssertionError, ValueError, RuntimeError) as exc:
+            results.append({"error": f"TransformerConfig: {exc}"})
+            continue
+        ranks = range(args.pipeline_model_parallel_size)
+        layout = config.pipeline_model_parallel_layout
+        if layout is not None:
+            counts = [layout.get_num_layers_to_build(LayerType.decoder, pp_rank=i) for i in ranks]
+        else:
+            counts = [get_num_layers_to_build(config, pp_rank=i) for i in ranks]
+        report[LAYERS_PER_STAGE] = counts
+    results.append({"args": report})
 print(json.dumps(results))
 """
 )
@@ -144,7 +168,8 @@ def _run(program: str, payload) -> object:
 
 def validate(cases: list[tuple[list[str], dict[str, str], int]], report: tuple[str, ...] = ()) -> list[dict]:
     """Megatron-LM's parse_args + validate_args on each (argv, environment, world size): per case
-    {"error": message} or {"args": {name: value for name in report}}. NullTokenizer is added where the
+    {"error": message} or {"args": {name: value for name in report}} (LAYERS_PER_STAGE: also its
+    TransformerConfig, and the layers each pipeline rank builds). NullTokenizer is added where the
     command line names no tokenizer (validate_args needs one; the planner does not)."""
     payload = []
     for argv, env, world in cases:

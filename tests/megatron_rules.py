@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 INT_FLAGS = {
     "--tensor-model-parallel-size",
+    "--context-parallel-size",
     "--pipeline-model-parallel-size",
     "--micro-batch-size",
     "--global-batch-size",
@@ -127,12 +128,14 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
     bad = []
     g = flags.get
     tp, pp = g("--tensor-model-parallel-size", 1), g("--pipeline-model-parallel-size", 1)
+    cp = g("--context-parallel-size", 1)
     mbs, gbs = g("--micro-batch-size"), g("--global-batch-size")
     layers, hidden, heads = g("--num-layers"), g("--hidden-size"), g("--num-attention-heads")
     ffn, seq = g("--ffn-hidden-size") or 4 * hidden, g("--seq-length")
     for name, v in (
         ("TP", tp),
         ("PP", pp),
+        ("CP", cp),
         ("MBS", mbs),
         ("GBS", gbs),
         ("L", layers),
@@ -144,11 +147,11 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
             bad.append(f"{name} must be a positive integer (got {v!r})")
     if bad:
         return bad
-    # A.1 / C: world % (TP*PP*CP) == 0; DP = W/(TP*PP); GBS % (MBS*DP) == 0 with at least one micro-batch.
-    if world % (tp * pp):
-        bad.append(f"world {world} % (TP {tp} * PP {pp}) != 0")
+    # A.1 / C: world % (TP*PP*CP) == 0; DP = W/(TP*PP*CP); GBS % (MBS*DP) == 0 with at least one micro-batch.
+    if world % (tp * pp * cp):
+        bad.append(f"world {world} % (TP {tp} * PP {pp} * CP {cp}) != 0")
         return bad
-    dp = world // (tp * pp)
+    dp = world // (tp * pp * cp)
     if gbs % (mbs * dp) or gbs // (mbs * dp) < 1:
         bad.append(f"GBS {gbs} % (MBS {mbs} * DP {dp}) != 0")
     # B: heads % TP; query groups; ffn % TP; hidden % heads without kv_channels.
@@ -172,8 +175,11 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
     if g("--sequence-parallel"):
         if tp == 1:
             bad.append("--sequence-parallel at TP 1 (Megatron silently drops it: not what was planned)")
-        elif seq % tp:
-            bad.append(f"--sequence-parallel needs seq {seq} % TP {tp} == 0")
+        elif (seq // cp) % tp:
+            bad.append(f"--sequence-parallel needs (seq {seq} / CP {cp}) % TP {tp} == 0")
+    # A.17: CP > 1 splits the sequence into 2 * CP chunks.
+    if cp > 1 and seq % (2 * cp):
+        bad.append(f"CP {cp} needs seq {seq} % (2 * CP) == 0")
     # Pipeline split (A.6-9, B uneven PP and layout, C get_num_layers_to_build).
     first, last = g("--decoder-first-pipeline-num-layers"), g("--decoder-last-pipeline-num-layers")
     layout = g("--pipeline-model-parallel-layout")
@@ -248,9 +254,9 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
             bad.append("--use-torch-fsdp2 requirements (A.12) not met")
     if mfsdp and tfsdp:
         bad.append("both FSDP implementations")
-    # A.22: TP > 1 (pre-Blackwell) asserts CUDA_DEVICE_MAX_CONNECTIONS == "1" unless FSDP (which warns).
-    if tp > 1 and not (mfsdp or tfsdp) and env.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
-        bad.append("TP > 1 without FSDP needs CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment")
+    # A.22: TP > 1 or CP > 1 (pre-Blackwell) asserts CUDA_DEVICE_MAX_CONNECTIONS == "1" unless FSDP (which warns).
+    if (tp > 1 or cp > 1) and not (mfsdp or tfsdp) and env.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1":
+        bad.append("TP > 1 or CP > 1 without FSDP needs CUDA_DEVICE_MAX_CONNECTIONS=1 in the environment")
     # A.15: fp16 xor bf16.
     if g("--bf16") and g("--fp16"):
         bad.append("--bf16 and --fp16 together")
@@ -291,6 +297,7 @@ def translation_mismatches(flags: dict, plan: Plan, model: ModelSpec, training: 
     g = flags.get
     want = {
         "--tensor-model-parallel-size": s.tp,
+        "--context-parallel-size": s.cp if s.cp > 1 else None,
         "--pipeline-model-parallel-size": plan.pipeline_degree,
         "--global-batch-size": training.global_batch_size,
         "--micro-batch-size": plan.micro_batch_all_replicas // s.dp,
@@ -303,7 +310,7 @@ def translation_mismatches(flags: dict, plan: Plan, model: ModelSpec, training: 
         "--vocab-size": model.vocab_size,
     }
     bad = [f"{k} {g(k)!r}, expected {v!r}" for k, v in want.items() if g(k) != v]
-    dp = world // (s.tp * plan.pipeline_degree)
+    dp = world // (s.tp * s.cp * plan.pipeline_degree)
     if dp != s.dp:
         bad.append(f"Megatron's DP {dp} != plan DP {s.dp}")
     if training.global_batch_size // (g("--micro-batch-size") * dp) != plan.micro_batches:
@@ -332,7 +339,7 @@ def translation_mismatches(flags: dict, plan: Plan, model: ModelSpec, training: 
         bad.append(f"recompute {g('--recompute-granularity')!r}, plan says {s.recompute}")
     # ZeRO: 1 -> distributed optimizer; 3 -> Megatron-FSDP (optim_grads_params); 0 -> neither.
     zero = 3 if g("--use-megatron-fsdp") else 1 if g("--use-distributed-optimizer") else 0
-    if zero != (s.zero if s.dp > 1 else 0):
+    if zero != (s.zero if s.shards > 1 else 0):
         bad.append(f"ZeRO stage {zero} in the arguments, plan says {s.zero}")
     if zero == 3 and g("--data-parallel-sharding-strategy") != "optim_grads_params":
         bad.append("Megatron-FSDP as ZeRO-3 must shard optimizer states, gradients and parameters")
@@ -356,6 +363,7 @@ def transformer_config(flags: dict) -> TransformerConfig:
         ffn_hidden_size=g("--ffn-hidden-size"),
         kv_channels=g("--kv-channels"),
         tensor_model_parallel_size=g("--tensor-model-parallel-size", 1),
+        context_parallel_size=g("--context-parallel-size", 1),
         pipeline_model_parallel_size=g("--pipeline-model-parallel-size", 1),
         sequence_parallel=bool(g("--sequence-parallel")),
         num_layers_in_first_pipeline_stage=g("--decoder-first-pipeline-num-layers"),

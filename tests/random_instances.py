@@ -15,7 +15,8 @@ from uniap.model.spec import TrainingSpec
 SMALL_GENERIC = Capability(
     name="small-generic", description="test", zero_stages=(0, 3), recompute_modes=("none", "full")
 )
-DIVISIBILITY = {"num_attention_heads": 8, "num_query_groups": 8, "ffn_hidden_size": 1024}
+# A 512-token sequence: targets that run context parallelism (Megatron) may split it over 2 or 4 ranks.
+DIVISIBILITY = {"num_attention_heads": 8, "num_query_groups": 8, "ffn_hidden_size": 1024, "sequence_length": 512}
 
 
 def random_layer(rng: random.Random, name: str, kind: str, signature: str | None = None) -> Layer:
@@ -33,6 +34,7 @@ def random_layer(rng: random.Random, name: str, kind: str, signature: str | None
         input_bytes=2 * h * 512,
         output_bytes=2 * h * 512,
         tp_comm_bytes=rng.uniform(1e5, 1e7),
+        kv_bytes=rng.uniform(1e5, 1e7) if kind == "transformer" else 0.0,
     )
 
 

@@ -110,7 +110,7 @@ def check_plan_invariants(plan: Plan) -> None:
         assert stage.time_per_microbatch >= 0
     # every layer's strategy covers exactly one stage's devices, and dp divides the micro-batch
     for lp in plan.layers:
-        assert lp.strategy.tp * lp.strategy.dp == plan.devices_per_stage
+        assert lp.strategy.devices == plan.devices_per_stage
         assert plan.micro_batch_all_replicas % lp.strategy.dp == 0
     # stages are contiguous and in order
     stages = [lp.stage for lp in plan.layers]

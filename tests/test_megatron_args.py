@@ -118,7 +118,7 @@ def test_arguments_parse_back_to_the_job(name, argv):
         plan.pipeline_degree,
         plan.micro_batch_all_replicas // s.dp,
     )
-    assert pins.zero == (s.zero if s.dp > 1 and s.zero else None)
+    assert pins.zero == (s.zero if s.shards > 1 and s.zero else None)
     assert pins.recompute == (None if s.recompute == "none" else s.recompute)
 
 

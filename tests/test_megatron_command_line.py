@@ -235,7 +235,6 @@ def test_model_args_refuses_non_decoder():
 @pytest.mark.parametrize(
     "flag, value",
     [
-        ("--context-parallel-size", "2"),
         ("--expert-model-parallel-size", "4"),
         ("--num-layers-per-virtual-pipeline-stage", "4"),
         ("--num-virtual-stages-per-pipeline-rank", "2"),
@@ -247,8 +246,14 @@ def test_parallelism_uniap_does_not_plan_is_refused_by_name(flag, value):
     argv = list(TINY_ARGV)
     with pytest.raises(SpecError, match=f"{flag} {value}: uniap does not plan this parallelism yet"):
         job_from_args(argv + [flag, value])
-    if flag in ("--context-parallel-size", "--expert-model-parallel-size"):
+    if flag == "--expert-model-parallel-size":
         job_from_args(argv + [flag, "1"])  # Megatron's default is no such parallelism: nothing to refuse
+
+
+def test_context_parallel_size_is_a_pin():
+    """--context-parallel-size is planned: the user's value is kept as a constraint, not refused or ignored."""
+    assert job_from_args([*TINY_ARGV, "--context-parallel-size", "2"]).pins.cp == 2
+    assert job_from_args(list(TINY_ARGV)).pins.cp is None
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ ACTION_OF_KIND = {
 REPORTED = (
     "data_parallel_size",
     "tensor_model_parallel_size",
+    "context_parallel_size",
     "pipeline_model_parallel_size",
     "micro_batch_size",
     "global_batch_size",
@@ -103,6 +104,7 @@ def test_megatron_lm_validates_every_plan_of_the_grid():
         expected = {
             "data_parallel_size": s.dp,
             "tensor_model_parallel_size": s.tp,
+            "context_parallel_size": s.cp,
             "pipeline_model_parallel_size": plan.pipeline_degree,
             "micro_batch_size": plan.micro_batch_per_replica,
             "global_batch_size": plan.training.global_batch_size,
@@ -201,3 +203,97 @@ def test_megatron_lm_accepts_plans_for_the_users_optimizer(optimizer):
     assert plan.training.optimizer == ("sgd" if optimizer == "sgd" else "muon")
     if "muon" in optimizer:
         assert plan.uniform_strategy.zero == 0 and not result["args"]["use_distributed_optimizer"]
+
+
+def llama3(layers: int, hidden: int, ffn: int, heads: int, seq: int, batch: int) -> list[str]:
+    """A Llama-3-shaped command line (grouped-query attention with 8 groups, 128k vocabulary)."""
+    return f"""
+--num-layers {layers} --hidden-size {hidden} --ffn-hidden-size {ffn} --num-attention-heads {heads}
+--group-query-attention --num-query-groups 8 --seq-length {seq} --max-position-embeddings {seq} --swiglu
+--normalization RMSNorm --position-embedding-type rope --untie-embeddings-and-output-weights
+--disable-bias-linear --vocab-size 128256 --global-batch-size {batch} --bf16
+""".split()
+
+
+LLAMA3_8B_8K = llama3(32, 4096, 14336, 32, 8192, 512)
+LLAMA3_8B_128K = llama3(32, 4096, 14336, 32, 131072, 64)
+LLAMA3_70B_32K = llama3(80, 8192, 28672, 64, 32768, 128)
+GPT3_175B = """
+--num-layers 96 --hidden-size 12288 --num-attention-heads 96 --seq-length 2048 --max-position-embeddings 2048
+--vocab-size 50257 --global-batch-size 1536 --bf16
+""".split()
+NO_ROPE_FUSION = "--no-rope-fusion"
+FULL_RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+# Realistic jobs (name, Megatron arguments, nodes of 8 GPUs, CUDA_DEVICE_MAX_CONNECTIONS at launch): the
+# models people pretrain, 8 to 1024 GPUs, long sequences where context parallelism pays, and the user's pins.
+REAL_JOBS = [
+    ("llama2-7b", LLAMA2_7B, 1, "1"),
+    ("llama2-70b", LLAMA2_70B, 8, "1"),
+    ("llama2-70b-unset", LLAMA2_70B + FULL_RECOMPUTE, 8, None),
+    ("llama3-8b-8k", LLAMA3_8B_8K, 1, None),
+    ("llama3-8b-8k-pp4", LLAMA3_8B_8K + ["--pipeline-model-parallel-size", "4"], 1, "1"),
+    ("llama3-8b-128k", LLAMA3_8B_128K, 4, "1"),
+    ("llama3-70b-32k", LLAMA3_70B_32K, 8, "1"),
+    (
+        "llama3-70b-32k-tp8-cp4",
+        LLAMA3_70B_32K + ["--tensor-model-parallel-size", "8", "--context-parallel-size", "4"],
+        8,
+        "1",
+    ),
+    ("llama2-70b-cp2", LLAMA2_70B + ["--context-parallel-size", "2"], 8, "1"),
+    ("llama2-7b-tp2-sp", LLAMA2_7B + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], 1, "1"),
+    ("llama3-8b-8k-dist-opt", LLAMA3_8B_8K + ["--use-distributed-optimizer"], 1, "1"),
+    ("llama2-7b-muon", LLAMA2_7B + ["--optimizer", "muon"], 1, "1"),
+    ("gpt3-175b-1024", GPT3_175B, 128, None),
+]
+
+
+def test_megatron_lm_runs_realistic_jobs_as_planned():
+    """Each realistic job's merged command line passes Megatron-LM's parse_args, validate_args and
+    core_transformer_config_from_args in the launch's environment (Hopper), and Megatron's final arguments are
+    the plan: TP, CP, PP, DP, micro and global batch, number of micro-batches, the decoder layers each pipeline
+    rank builds, sequence parallelism, distributed optimizer / Megatron-FSDP and recompute. The user's pins
+    hold, and long sequences get context parallelism."""
+    megatron_lm.require()
+    plans, cases = [], []
+    for _name, argv, nodes, connections in REAL_JOBS:
+        plan = plan_megatron(argv, nodes=nodes, gpus_per_node=8, connections=connections)
+        merged, merge = merged_argv(plan, argv)
+        env = {} if connections is None else {CONNECTIONS_ENV: connections}
+        plans.append(plan)
+        # Without TransformerEngine (a CPU machine), TransformerConfig refuses Megatron's default RoPE fusion.
+        cases.append((merged + [NO_ROPE_FUSION], {**env, **merge.env}, nodes * 8))
+    report = (*REPORTED, "use_distributed_optimizer", "use_megatron_fsdp", megatron_lm.LAYERS_PER_STAGE)
+    results = megatron_lm.validate(cases, report=report)
+    failures = []
+    for (name, argv, _nodes, _conn), plan, result in zip(REAL_JOBS, plans, results):
+        if "error" in result:
+            failures.append(f"{name}: {result['error']}")
+            continue
+        got, s = result["args"], plan.uniform_strategy
+        expected = {
+            "tensor_model_parallel_size": s.tp,
+            "context_parallel_size": s.cp,
+            "pipeline_model_parallel_size": plan.pipeline_degree,
+            "data_parallel_size": plan.data_parallel_size,
+            "micro_batch_size": plan.micro_batch_per_replica,
+            "global_batch_size": plan.training.global_batch_size,
+            "sequence_parallel": s.tp > 1,
+            "use_distributed_optimizer": s.zero in (1, 3) and s.shards > 1,
+            "use_megatron_fsdp": s.zero == 3 and s.shards > 1,
+            "recompute_granularity": None if s.recompute == "none" else s.recompute,
+            megatron_lm.LAYERS_PER_STAGE: plan.stage_layer_counts(),
+        }
+        wrong = {k: (got[k], v) for k, v in expected.items() if got[k] != v}
+        micro_batches = got["global_batch_size"] // (got["micro_batch_size"] * got["data_parallel_size"])
+        if micro_batches != plan.micro_batches:
+            wrong["micro-batches"] = (micro_batches, plan.micro_batches)
+        for flag in ("--tensor-model-parallel-size", "--context-parallel-size", "--pipeline-model-parallel-size"):
+            if flag in argv and str(got[F.BY_SPELLING[flag].dest]) != argv[argv.index(flag) + 1]:
+                wrong[flag] = (got[F.BY_SPELLING[flag].dest], argv[argv.index(flag) + 1])
+        if wrong:
+            failures.append(f"{name}: {wrong} (Megatron's value, the plan's)")
+    assert failures == [], "\n".join(failures)
+    by_name = dict(zip((name for name, *_ in REAL_JOBS), plans))
+    assert by_name["llama3-8b-128k"].context_parallel_size > 1  # 128k tokens: context parallelism pays
+    assert by_name["llama3-70b-32k"].context_parallel_size > 1

@@ -65,6 +65,7 @@ def megatron_parser() -> argparse.ArgumentParser:
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g = p.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
@@ -452,7 +453,7 @@ def test_a_saved_plan_the_environment_rules_out_is_an_error_or_a_dry_run_warning
     merge = merge_plan(plan, argv)
     assert merge.env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} and plugin.check_env(merge) == []
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
-    with pytest.raises(SpecError, match="tensor parallelism without FSDP"):
+    with pytest.raises(SpecError, match="tensor or context parallelism without FSDP"):
         plugin.check_env(merge)
     (warning,) = plugin.check_env(merge, dry_run=True)
     assert "it is unset here" in warning
@@ -504,6 +505,8 @@ def test_missing_saved_plan_is_a_clear_error(world, tmp_path):
 def test_every_plan_flag_maps_to_megatrons_dest():
     argv = [
         "--tensor-model-parallel-size",
+        "2",
+        "--context-parallel-size",
         "2",
         "--pipeline-model-parallel-size",
         "4",

@@ -174,7 +174,8 @@ def test_optimize_returns_valid_plan_or_uniap_error(model, cluster, training, ta
     # the assignment is in the search space and respects the target's rules
     check_assignment(sub, best.stage_of, best.strategy_of)
     assert all(capability.allows(s, sub.deg) for s in best.strategy_of)
-    assert all(s.tp * s.dp == sub.stage_devices and sub.micro_batch_all_replicas % s.dp == 0 for s in best.strategy_of)
+    assert all(s.devices == sub.stage_devices and sub.micro_batch_all_replicas % s.dp == 0 for s in best.strategy_of)
+    assert len({s.cp for s in best.strategy_of}) == 1  # one context-parallel degree for the model
     if capability.uniform_tp:
         assert len({s.tp for s in best.strategy_of}) == 1
     assert sub.deg * sub.c >= 1 and cluster.num_gpus % sub.deg == 0

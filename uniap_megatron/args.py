@@ -1,6 +1,6 @@
 """Plan <-> Megatron-LM (core_v0.16.1) arguments: a thin translation both ways.
 
-plan -> arguments: parallel sizes, batch sizes, sequence parallelism, distributed optimizer or
+plan -> arguments: parallel sizes (TP, CP, PP), batch sizes, sequence parallelism, distributed optimizer or
 Megatron-FSDP, recompute, the pipeline split (even, --decoder-first/last-pipeline-num-layers, or a
 full --pipeline-model-parallel-layout), precision; the environment Megatron needs
 (CUDA_DEVICE_MAX_CONNECTIONS). arguments -> model spec: what the planner needs from a pretraining
@@ -76,17 +76,23 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
             "Megatron-LM's sequence parallelism needs seq_length % TP == 0",
             f"use a sequence length divisible by {s.tp}, or re-plan with --tp pinned to a divisor of {seq}",
         )
-    args = (
-        F.TENSOR_PARALLEL.tokens(s.tp)
-        + F.PIPELINE_PARALLEL.tokens(pp)
+    if s.cp > 1 and seq % (2 * s.cp):
+        raise SpecError(
+            f"plan has context parallelism {s.cp}, which does not split the sequence length {seq} into 2 x CP "
+            "chunks (Megatron-LM validate_args)",
+            "re-plan for this sequence length",
+        )
+    args = F.TENSOR_PARALLEL.tokens(s.tp) + (F.CONTEXT_PARALLEL.tokens(s.cp) if s.cp > 1 else [])
+    args += (
+        F.PIPELINE_PARALLEL.tokens(pp)
         + F.MICRO_BATCH_SIZE.tokens(plan.micro_batch_per_replica)
         + F.GLOBAL_BATCH_SIZE.tokens(plan.training.global_batch_size)
     )
     args += pipeline_split_args(plan.stage_layer_counts())
     if s.tp > 1:
         args += F.SEQUENCE_PARALLEL.tokens()
-    fsdp = s.zero == 3 and s.dp > 1
-    if s.zero == 1 and s.dp > 1:
+    fsdp = s.zero == 3 and s.shards > 1
+    if s.zero == 1 and s.shards > 1:
         args += F.DISTRIBUTED_OPTIMIZER.tokens() + F.OVERLAP_GRAD_REDUCE.tokens() + F.OVERLAP_PARAM_GATHER.tokens()
     elif fsdp:
         args += (
@@ -96,7 +102,7 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
             + F.DISTRIBUTED_OPTIMIZER.tokens()
             + F.CHECKPOINT_FORMAT.tokens(F.FSDP_DTENSOR)
         )
-    elif s.dp > 1 and plan.training.optimizer != MUON:  # Muon: validate_args asserts no overlap
+    elif s.shards > 1 and plan.training.optimizer != MUON:  # Muon: validate_args asserts no overlap
         args += F.OVERLAP_GRAD_REDUCE.tokens()
     if s.recompute == F.FULL:
         args += (
@@ -107,11 +113,11 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
     elif s.recompute == F.SELECTIVE:
         args += F.RECOMPUTE_GRANULARITY.tokens(F.SELECTIVE)
     args += {"bf16": F.BF16.tokens(), "fp16": F.FP16.tokens()}.get(plan.training.precision, [])
-    # Before Blackwell, TP needs one CUDA connection and Megatron-FSDP more than one (capability.py).
+    # Before Blackwell, TP or CP needs one CUDA connection and Megatron-FSDP more than one (capability.py).
     env = {}
     if fsdp:
         env[CONNECTIONS_ENV] = FSDP_CONNECTIONS
-    elif s.tp > 1:
+    elif s.tp > 1 or s.cp > 1:
         env[CONNECTIONS_ENV] = TP_CONNECTIONS
     return MegatronLaunch(args=args, env=env)
 
@@ -214,6 +220,7 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
     zero = 3 if fsdp else 1 if given(F.DISTRIBUTED_OPTIMIZER.dest) else None
     pins = Pins(
         tp=given(F.TENSOR_PARALLEL.dest),
+        cp=given(F.CONTEXT_PARALLEL.dest),
         pipeline_degree=given(F.PIPELINE_PARALLEL.dest),
         zero=zero,
         recompute=given(F.RECOMPUTE_GRANULARITY.dest),  # --recompute-activations: 'selective'
@@ -223,7 +230,7 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
 
 
 def check_unplanned(ns: argparse.Namespace) -> None:
-    """Refuse, by name, a parallelism the planner does not search yet (context, expert, interleaved pipeline):
+    """Refuse, by name, a parallelism the planner does not search yet (expert, interleaved pipeline):
     planning without it would price one configuration while Megatron-LM runs another."""
     for flag in F.UNPLANNED_FLAGS:
         value = getattr(ns, flag.dest)

@@ -1,6 +1,9 @@
 """What Megatron-LM (core_v0.16.1) can run and how it keeps model states, declared once for the planner.
 
-- one TP degree for every layer (`--tensor-model-parallel-size`), DP = world / (TP * PP);
+- one TP degree for every layer (`--tensor-model-parallel-size`), one CP degree (`--context-parallel-size`,
+  sequence divisible by 2 * CP), DP = world / (TP * CP * PP); gradients are reduced and the distributed
+  optimizer shards over DP x CP (megatron/core/distributed/distributed_data_parallel.py, the data-parallel
+  group with_context_parallel=True);
 - ZeRO: none, the distributed optimizer (ZeRO-1), or Megatron-FSDP (ZeRO-3, optim_grads_params) only
   with PP = 1 (0.16.1 does not assert that for Megatron-FSDP; torch FSDP2 does, and uniap keeps the
   stricter rule);
@@ -46,10 +49,11 @@ MEGATRON_ACCOUNTING = Accounting(
 
 MEGATRON = Capability(
     name="megatron",
-    description="Megatron-LM core_v0.16.1: one TP degree, distributed optimizer (ZeRO-1) or FSDP2 at PP=1, "
-    "uniform recompute",
+    description="Megatron-LM core_v0.16.1: one TP and one CP degree, distributed optimizer (ZeRO-1) or FSDP at "
+    "PP=1, uniform recompute",
     zero_stages=(0, 1, 3),
     recompute_modes=("none", "selective", "full"),
+    cp_degrees=None,
     uniform_tp=True,
     uniform_zero=True,
     uniform_recompute=True,
@@ -64,7 +68,8 @@ MEGATRON = Capability(
 )
 
 # CUDA_DEVICE_MAX_CONNECTIONS before Blackwell (Megatron-LM core_v0.16.1 megatron/training/arguments.py
-# validate_args): TP > 1 without FSDP asserts it is "1"; Megatron-FSDP and torch FSDP2 assert it is not "1".
+# validate_args): TP > 1 or CP > 1 without FSDP asserts it is "1"; Megatron-FSDP and torch FSDP2 assert it is
+# not "1".
 # A launcher sets what the plan needs (8 is CUDA's own default); under the plugin the ranks already run
 # with a value, and it limits the plan.
 CONNECTIONS_ENV = "CUDA_DEVICE_MAX_CONNECTIONS"

@@ -67,6 +67,7 @@ class Flag:
 
 # --- parallelism and batch (a plan sets these) --------------------------------------------------------
 TENSOR_PARALLEL = Flag("--tensor-model-parallel-size", type=int, default=1)
+CONTEXT_PARALLEL = Flag("--context-parallel-size", type=int, default=1)
 PIPELINE_PARALLEL = Flag("--pipeline-model-parallel-size", type=int, default=1)
 MICRO_BATCH_SIZE = Flag("--micro-batch-size", type=int)  # per data-parallel replica
 GLOBAL_BATCH_SIZE = Flag("--global-batch-size", type=int)
@@ -92,6 +93,7 @@ FP16 = Flag("--fp16", Kind.SWITCH)
 # The flags a plan sets, in the order args.py emits them.
 PLAN_FLAGS = (
     TENSOR_PARALLEL,
+    CONTEXT_PARALLEL,
     PIPELINE_PARALLEL,
     MICRO_BATCH_SIZE,
     GLOBAL_BATCH_SIZE,
@@ -163,12 +165,11 @@ MODEL_FLAGS = (
 )
 
 # --- parallelism uniap does not plan yet: refused by name when set, never ignored -----------------------
-CONTEXT_PARALLEL = Flag("--context-parallel-size", type=int, default=1)
 EXPERT_PARALLEL = Flag("--expert-model-parallel-size", type=int, default=1)
 LAYERS_PER_VIRTUAL_STAGE = Flag("--num-layers-per-virtual-pipeline-stage", type=int)
 VIRTUAL_STAGES_PER_RANK = Flag("--num-virtual-stages-per-pipeline-rank", type=int)
 NUM_EXPERTS = Flag("--num-experts", type=int)
-UNPLANNED_FLAGS = (CONTEXT_PARALLEL, EXPERT_PARALLEL, LAYERS_PER_VIRTUAL_STAGE, VIRTUAL_STAGES_PER_RANK, NUM_EXPERTS)
+UNPLANNED_FLAGS = (EXPERT_PARALLEL, LAYERS_PER_VIRTUAL_STAGE, VIRTUAL_STAGES_PER_RANK, NUM_EXPERTS)
 
 ALL_FLAGS = PLAN_FLAGS + USER_ALIASES + MODEL_FLAGS + UNPLANNED_FLAGS
 BY_SPELLING = {f.spelling: f for f in ALL_FLAGS}

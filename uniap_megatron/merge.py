@@ -27,6 +27,7 @@ MUST_MATCH = tuple(
     f.dest
     for f in (
         F.TENSOR_PARALLEL,
+        F.CONTEXT_PARALLEL,
         F.PIPELINE_PARALLEL,
         F.MICRO_BATCH_SIZE,
         F.GLOBAL_BATCH_SIZE,

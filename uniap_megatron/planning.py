@@ -34,6 +34,7 @@ ANY_CONNECTIONS = "any"
 # How Megatron-LM spells the pins the core checks (uniap.planner.check_pins names them in its refusals).
 PIN_FLAGS = {
     "tp": F.TENSOR_PARALLEL.spelling,
+    "cp": F.CONTEXT_PARALLEL.spelling,
     "pipeline_degree": F.PIPELINE_PARALLEL.spelling,
     "micro_batch_per_replica": F.MICRO_BATCH_SIZE.spelling,
 }
@@ -95,7 +96,7 @@ def plan_megatron(
         if runs_with(found, connections):  # e.g. not TP over all GPUs, where ZeRO-3 has no replicas to shard
             plans.append(found)
     if not plans:
-        every = "every plan that fits this job uses tensor parallelism without FSDP, which"
+        every = "every plan that fits this job uses tensor or context parallelism without FSDP, which"
         raise errors[0] if errors else _connections_error(connections, every, "needs it to be 1", TP_CONNECTIONS)
     plan = min(plans, key=lambda p: p.time_per_iteration)
     megatron_launch(plan)  # a plan for target megatron is always runnable; fail here if not
@@ -104,8 +105,8 @@ def plan_megatron(
 
 def jobs_for_connections(job: Job, connections: str | None) -> list[Job]:
     """The job as the ranks' CUDA_DEVICE_MAX_CONNECTIONS allows it. "1": no FSDP. Another value or unset:
-    TP > 1 only with FSDP, so two searches, TP 1 and FSDP (ZeRO-3 at PP 1), of which the better plan wins.
-    SpecError naming the variable and both remedies when the user's own pins rule out both."""
+    TP > 1 or CP > 1 only with FSDP, so two searches, TP 1 and CP 1, and FSDP (ZeRO-3 at PP 1), of which the
+    better plan wins. SpecError naming the variable and both remedies when the user's own pins rule out both."""
     if connections == ANY_CONNECTIONS:
         return [job]
     if connections == TP_CONNECTIONS:
@@ -118,13 +119,14 @@ def jobs_for_connections(job: Job, connections: str | None) -> list[Job]:
             )
         return [replace(job, capability=megatron_capability(job.training.optimizer, connections_allow_fsdp=False))]
     p, jobs = job.pins, []
-    if p.tp in (None, 1):
-        jobs.append(replace(job, pins=replace(p, tp=1)))
+    if p.tp in (None, 1) and p.cp in (None, 1):
+        jobs.append(replace(job, pins=replace(p, tp=1, cp=1)))
     if p.zero in (None, FSDP_ZERO) and p.pipeline_degree in (None, 1):
         jobs.append(replace(job, pins=replace(p, zero=FSDP_ZERO, pipeline_degree=1)))
     if not jobs:
+        pinned = [f"{flag.spelling} {v}" for flag, v in ((F.TENSOR_PARALLEL, p.tp), (F.CONTEXT_PARALLEL, p.cp)) if v]
         raise _connections_error(
-            connections, f"{F.TENSOR_PARALLEL.spelling} {p.tp} without FSDP", "needs it to be 1", TP_CONNECTIONS
+            connections, f"{' and '.join(pinned)} without FSDP", "needs it to be 1", TP_CONNECTIONS
         )
     return jobs
 

@@ -39,11 +39,12 @@ frameworks.md 1.7):
   (delete it to re-plan). **Multi-node: the directory must be on a filesystem all nodes share**, or
   pass a saved plan with `--auto-parallel-plan`, or launch with `uniap-megatron run`, which plans
   before launching and passes plain Megatron arguments.
-- The plan's arguments are set on `args` (TP/PP sizes, micro/global batch, the pipeline split,
+- The plan's arguments are set on `args` (TP/CP/PP sizes, micro/global batch, the pipeline split,
   sequence parallelism, distributed optimizer or Megatron-FSDP, overlap flags, recompute, precision).
 - The plan fits the launch's `CUDA_DEVICE_MAX_CONNECTIONS`, which must be set before CUDA starts and which
   Megatron-LM checks before Blackwell GPUs: with `1` (as above) the plan uses no FSDP; unset or another value,
-  tensor parallelism only under Megatron-FSDP, so the better of a TP-1 plan and an FSDP plan is chosen. A
+  tensor or context parallelism only under Megatron-FSDP, so the better of a TP-1 CP-1 plan and an FSDP plan
+  is chosen. A
   pinned flag the variable rules out is refused naming the variable and the remedies.
   `uniap-megatron run` instead sets the variable as the plan needs.
 
@@ -306,14 +307,14 @@ def launch_connections() -> str | None:
 
 def check_env(merge: Merge, dry_run: bool = False) -> list[str]:
     """Check the launch's CUDA_DEVICE_MAX_CONNECTIONS against what the plan needs (a saved plan was not made
-    for it); returns warnings, raises SpecError when Megatron-LM would refuse to run (before Blackwell: TP
-    without FSDP needs 1, FSDP anything but 1)."""
+    for it); returns warnings, raises SpecError when Megatron-LM would refuse to run (before Blackwell: TP or
+    CP without FSDP needs 1, FSDP anything but 1)."""
     need = merge.env.get(CONNECTIONS_ENV)
     have = os.environ.get(CONNECTIONS_ENV)
     if connections_suffice(need, have) or _blackwell_or_newer():
         return []
     tp = need == TP_CONNECTIONS
-    what = "tensor parallelism without FSDP" if tp else "Megatron-FSDP"
+    what = "tensor or context parallelism without FSDP" if tp else "Megatron-FSDP"
     rule = f"={TP_CONNECTIONS}" if tp else f" other than {TP_CONNECTIONS}"
     msg = (
         f"the plan uses {what}, which Megatron-LM runs only with {CONNECTIONS_ENV}{rule} on pre-Blackwell GPUs; "

@@ -100,15 +100,17 @@ def _add_output_args(p: argparse.ArgumentParser, what: str = "plan") -> None:
 
 EVALUATE_CONFIG = (
     ("--tp", int, 1, "tensor-parallel degree"),
+    ("--cp", int, 1, "context-parallel degree (ranks each sequence is split over)"),
     ("--pp", int, 1, "pipeline degree"),
     ("--micro-batch-size", int, 1, "samples per data-parallel replica per micro-batch"),
 )
-EVALUATE_DEFAULTS = {"tp": 1, "pp": 1, "micro_batch_size": 1, "zero": 0, "recompute": "none"}
+EVALUATE_DEFAULTS = {"tp": 1, "cp": 1, "pp": 1, "micro_batch_size": 1, "zero": 0, "recompute": "none"}
 TABLE_LEGEND = """reading the table:
   time/micro-batch  one micro-batch's forward and backward on the stage (the pipeline's beat)
   memory (GiB)      predicted peak the allocator reserves per GPU / what the GPU leaves usable
   strategies        per stage: how many transformer layers run each strategy (TPn: tensor parallel,
-                    DPn: data parallel, ZeRO-n / FSDP: sharding, +rc / +sel-rc: full / selective
+                    CPn: context parallel, DPn: data parallel, ZeRO-n / FSDP: sharding over
+                    DP x CP, +rc / +sel-rc: full / selective
                     recompute); "other:" the embedding and head layers
   solver            per subproblem (pipeline degree, micro-batch count): optimal, pruned (its bound
                     cannot beat the best plan), infeasible (no plan fits its memory), no_strategy
@@ -143,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_args(p)
     g = p.add_argument_group("pinned choices (constraints the plan respects; default: the planner chooses)")
     g.add_argument("--tp", type=int, help="tensor-parallel degree of every layer (default: chosen)")
+    g.add_argument(
+        "--cp",
+        type=int,
+        help="context-parallel degree: ranks each sequence is split over, for every layer (default: chosen "
+        "where the target runs it)",
+    )
     g.add_argument("--pp", type=int, help="pipeline degree (default: chosen)")
     g.add_argument(
         "--zero",
@@ -170,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate",
         help="price a hand-made configuration or a saved plan with the same cost model",
-        description="Price one configuration as Megatron-LM names it (TP, PP, micro-batch size per "
-        "replica, DP = GPUs / (TP x PP), every transformer layer alike), or a saved plan as it is.",
+        description="Price one configuration as Megatron-LM names it (TP, CP, PP, micro-batch size per "
+        "replica, DP = GPUs / (TP x CP x PP), every transformer layer alike), or a saved plan as it is.",
         epilog=TABLE_LEGEND
         + "\n"
         + exit_codes_epilog(
@@ -282,6 +290,7 @@ def cmd_plan(args) -> int:
         raise SpecError("--gap must be in [0, 1)")
     pins = Pins(
         tp=args.tp,
+        cp=args.cp,
         pipeline_degree=args.pp,
         zero=args.zero,
         recompute=args.recompute,
@@ -318,6 +327,7 @@ def cmd_evaluate(args) -> int:
         args.recompute,
         _split(args.split, args.pp) if args.split else None,
         job.profile,
+        cp=args.cp,
     )
     return _emit_priced(plan, pred, args)
 

@@ -115,6 +115,11 @@ class Plan:
         return (self.uniform_strategy or self.layers[0].strategy).dp
 
     @property
+    def context_parallel_size(self) -> int:
+        """Ranks each sequence is split over (one degree for every layer)."""
+        return self.layers[0].strategy.cp
+
+    @property
     def micro_batch_per_replica(self) -> int:
         """Samples each data-parallel replica computes per micro-batch (see `data_parallel_size`)."""
         return self.micro_batch_all_replicas // self.data_parallel_size

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .cluster.spec import ClusterSpec
 from .cost.evaluate import Prediction, check_assignment, evaluate, even_split, split_by_counts
 from .cost.model import CostModel
-from .cost.strategy import NO_PINS, Capability, Pins, Strategy, capability_for, tp_fits_layer
+from .cost.strategy import NO_PINS, Capability, Pins, Strategy, capability_for, cp_fits_sequence, tp_fits_layer
 from .cost.tables import Subproblem, build_subproblem
 from .errors import SpecError
 from .model.graph import TRANSFORMER, TRANSFORMER_KINDS, LayerGraph, build_graph
@@ -46,7 +46,7 @@ def training_spec(model: ModelSpec, global_batch_size: int, seq_length: int | No
 
 
 # How the `uniap` command spells each pin; an adapter passes its framework's spelling (Job.pin_flags).
-PIN_FLAGS = {"tp": "--tp", "pipeline_degree": "--pp", "micro_batch_per_replica": "--micro-batch-size"}
+PIN_FLAGS = {"tp": "--tp", "cp": "--cp", "pipeline_degree": "--pp", "micro_batch_per_replica": "--micro-batch-size"}
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,10 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
     """Refuse, before solving, a pinned choice no plan can have, naming the rule and the numbers (SpecError,
     exit 2): first what the framework cannot run, in its own words (`capability.check_pins`); then a TP
     degree must divide a node's GPUs and, under sequence parallelism, the sequence, and split the transformer
-    layers (heads, FFN, query groups); the pipeline degree times the TP degree must divide
-    the GPUs, with at most one stage per layer; the micro-batch size per replica must divide the global
-    batch, and so must micro-batch size x data-parallel size when both degrees are pinned."""
+    layers (heads, FFN, query groups); a CP degree must split the sequence into 2 x CP chunks, each CP rank's
+    part divisible by TP; the pipeline degree times the TP and CP degrees must divide the GPUs, with at most
+    one stage per layer; the micro-batch size per replica must divide the global batch, and so must
+    micro-batch size x data-parallel size when the degrees are pinned."""
     capability.check_pins(job.pins)
     p, flags, c = job.pins, job.pin_flags, job.cluster
     world, node, gbs = c.num_gpus, c.gpus_per_node, job.training.global_batch_size
@@ -99,11 +100,27 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
                 f"{d['ffn_hidden_size']} must be divisible by it (query groups: or divide it)",
                 hint,
             )
+    if p.cp is not None:
+        seq = graph.divisibility.get("sequence_length", 0)
+        if not cp_fits_sequence(p.cp, p.tp or 1, graph.divisibility):
+            raise SpecError(
+                f"{flags['cp']} {p.cp} does not split the sequence length {seq}: context parallelism needs it "
+                f"divisible by 2 x CP = {2 * p.cp}"
+                + (f", and each CP rank's {seq // p.cp} tokens divisible by {flags['tp']} {p.tp}" if p.tp else ""),
+                hint,
+            )
+        if world % (p.cp * (p.tp or 1)):
+            raise SpecError(
+                f"{flags['cp']} {p.cp}" + (f" x {flags['tp']} {p.tp}" if p.tp else "") + f" does not divide the "
+                f"{world} GPUs",
+                hint,
+            )
     if p.pipeline_degree is not None:
-        if world % (p.pipeline_degree * (p.tp or 1)):
+        if world % (p.pipeline_degree * (p.tp or 1) * (p.cp or 1)):
             raise SpecError(
                 f"{flags['pipeline_degree']} {p.pipeline_degree}"
                 + (f" x {flags['tp']} {p.tp}" if p.tp else "")
+                + (f" x {flags['cp']} {p.cp}" if p.cp else "")
                 + f" does not divide the {world} GPUs",
                 hint,
             )
@@ -120,7 +137,7 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
                 f"{flags['micro_batch_per_replica']} {mbs} does not divide the global batch size {gbs}", hint
             )
         if p.tp is not None and p.pipeline_degree is not None:
-            dp = world // (p.tp * p.pipeline_degree)
+            dp = world // (p.tp * p.pipeline_degree * (p.cp or 1))
             if gbs % (mbs * dp):
                 raise SpecError(
                     f"the global batch size {gbs} is not a multiple of {flags['micro_batch_per_replica']} "
@@ -203,22 +220,26 @@ def configure(
     recompute: str = "none",
     split: list[int] | None = None,
     profile: Profile | None = None,
+    cp: int = 1,
 ) -> tuple[Plan, Prediction]:
-    """The plan of one configuration as Megatron-LM names it (TP, PP, micro-batch size per replica, DP =
-    GPUs / (TP x PP)), every transformer layer alike, the split even unless `split` lists transformer
+    """The plan of one configuration as Megatron-LM names it (TP, CP, PP, micro-batch size per replica, DP =
+    GPUs / (TP x CP x PP)), every transformer layer alike, the split even unless `split` lists transformer
     layers per stage; SpecError names the rule a configuration breaks."""
-    if tp < 1 or pp < 1 or micro_batch_size < 1:
-        raise SpecError("tp, pp and the micro-batch size must be positive")
+    if tp < 1 or cp < 1 or pp < 1 or micro_batch_size < 1:
+        raise SpecError("tp, cp, pp and the micro-batch size must be positive")
     graph = build_graph(model, training)
-    pins = Pins(tp=tp, pipeline_degree=pp, zero=zero, recompute=recompute, micro_batch_per_replica=micro_batch_size)
+    pins = Pins(
+        tp=tp, cp=cp, pipeline_degree=pp, zero=zero, recompute=recompute, micro_batch_per_replica=micro_batch_size
+    )
     capability = capability_for(target)
     check_pins(Job(model=model, cluster=cluster, training=training, target=target, pins=pins), graph, capability)
     n = cluster.num_gpus
-    if n % (tp * pp):
+    if n % (tp * cp * pp):
         raise SpecError(
-            f"the {n} GPUs are not divisible by tp*pp = {tp * pp}", "choose degrees whose product divides the GPU count"
+            f"the {n} GPUs are not divisible by tp*cp*pp = {tp * cp * pp}",
+            "choose degrees whose product divides the GPU count",
         )
-    dp = n // (tp * pp)
+    dp = n // (tp * cp * pp)
     micro_batch = micro_batch_size * dp
     if training.global_batch_size % micro_batch:
         raise SpecError(
@@ -226,8 +247,8 @@ def configure(
             f"{micro_batch_size} x {dp}",
             "change the global batch size or the micro-batch size",
         )
-    if zero and dp == 1:
-        raise SpecError(f"ZeRO stage {zero} needs data parallelism, but dp = 1 here")
+    if zero and dp * cp == 1:
+        raise SpecError(f"ZeRO stage {zero} needs data parallelism (or context parallelism), but dp = cp = 1 here")
     sub = build_subproblem(
         graph,
         cluster,
@@ -240,7 +261,7 @@ def configure(
     )
     stage_of = split_by_counts(graph, split) if split else even_split(graph, pp)
     strategy_of = [
-        Strategy(tp, dp, zero if dp > 1 else 0, recompute if layer.kind in TRANSFORMER_KINDS else "none")
+        Strategy(tp, dp, zero if dp * cp > 1 else 0, recompute if layer.kind in TRANSFORMER_KINDS else "none", cp)
         for layer in graph.layers
     ]
     check_assignment(sub, stage_of, strategy_of)

@@ -12,6 +12,7 @@ GiB = 2**30
 # How the table names each pin (Pins fields), in the terms Megatron-LM and DeepSpeed users know.
 PIN_WORDS = {
     "tp": "TP",
+    "cp": "CP",
     "pipeline_degree": "PP",
     "zero": "ZeRO",
     "recompute": "recompute",
@@ -47,8 +48,9 @@ def batch_line(plan: Plan) -> str:
     steps = plural(plan.micro_batches, "micro-batch")
     if plan.uniform_strategy is None:  # layers differ in data-parallel size (generic target)
         return f"{head}; {steps} of {plan.micro_batch_all_replicas} samples over all replicas per iteration"
+    cp = f", context-parallel size {plan.context_parallel_size}" if plan.context_parallel_size > 1 else ""
     return (
-        f"{head}, data-parallel size {plan.data_parallel_size}; micro-batch size {plan.micro_batch_per_replica} "
+        f"{head}, data-parallel size {plan.data_parallel_size}{cp}; micro-batch size {plan.micro_batch_per_replica} "
         f"per replica x {steps} per iteration (accumulation steps)"
     )
 

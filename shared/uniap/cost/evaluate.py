@@ -90,7 +90,7 @@ def check_assignment(sub: Subproblem, stage_of: list[int], strategy_of: list[Str
     layout: dict[tuple[int, int], int] = {}
     for u, s in enumerate(strategy_of):
         rt = sub.runs[g.run_of[u]]
-        if s not in rt.strategies:
+        if s not in rt.index:
             raise SpecError(
                 f"strategy {s.label} is not available to {g.layers[u].name} on a stage of "
                 f"{sub.stage_devices} devices under target '{cap.name}' "

@@ -1,10 +1,13 @@
 """The cost model: time and memory of one layer under one strategy, and of collectives.
 
-Per layer and strategy (for one stage of `tp*dp` devices and a pipeline micro-batch of
-`micro_batch_all_replicas` samples, so each replica processes b = micro_batch_all_replicas/dp samples):
+Per layer and strategy (for one stage of `tp*cp*dp` devices and a pipeline micro-batch of
+`micro_batch_all_replicas` samples, so each replica processes b = micro_batch_all_replicas/dp samples,
+and each of its cp context-parallel ranks 1/cp of their tokens: b/cp samples' worth of work, attention
+included, since Megatron balances the causal mask over the ranks):
 - time per micro-batch (the paper's A): forward + backward (+ recomputed forward) compute, TP
-  collectives on the critical path, FSDP/ZeRO-2 collectives overlapped with compute, and adding the
-  micro-batch's gradients into the framework's gradient buffer;
+  collectives on the critical path, CP's ring exchange of keys and values overlapped with the attention,
+  FSDP/ZeRO-2 collectives overlapped with compute, and adding the micro-batch's gradients into the
+  framework's gradient buffer;
 - time per iteration: the exposed part of the data-parallel gradient sync and the optimizer step;
 - memory, as the target framework allocates it (its `Accounting`): model states, activations per
   in-flight micro-batch (measured by a profiler where it has the layer, else Korthikanti et al.), and
@@ -192,6 +195,24 @@ class CostModel:
                 return measured, MEASURED
         return activation_bytes(layer, tp, samples, recompute), ESTIMATED
 
+    def context_parallel_exposed(self, layer: Layer, s: Strategy, samples: float) -> float:
+        """Seconds of CP's ring exchange per micro-batch not hidden behind the attention it overlaps: in each
+        of cp - 1 steps a rank sends its chunk of keys and values to the next rank while computing on the one
+        it holds (TransformerEngine's p2p ring); backward passes keys, values and their gradients (twice the
+        bytes), and full recompute runs the forward's exchange again. The ranks of a CP group are adjacent
+        after TP (Megatron's rank order tp-cp-dp-pp), so the ring stays in a node while tp * cp fits one.
+        `samples` is the b/cp samples' worth each rank computes."""
+        if s.cp == 1 or layer.kv_bytes == 0:
+            return 0.0
+        G = self.cluster.gpus_per_node
+        intra = s.tp * s.cp <= G and G % (s.tp * s.cp) == 0
+        chunk = samples * layer.kv_bytes / s.tp  # this rank's keys and values (1/cp of the sequence)
+        ring_fwd = (s.cp - 1) * self.p2p(chunk, intra)
+        attn_fwd = self.attention_forward(layer, s.tp, samples)
+        fwd = overlapped(attn_fwd, ring_fwd, self.overlap) - attn_fwd
+        bwd = overlapped(FLASH_BACKWARD_FLOPS * attn_fwd, 2 * ring_fwd, self.overlap) - FLASH_BACKWARD_FLOPS * attn_fwd
+        return (2 if s.recompute == "full" else 1) * fwd + bwd
+
     def optimizer_step(
         self,
         params: float,
@@ -215,7 +236,7 @@ class CostModel:
                 extra = measured.extra_peak_bytes * per_param
             return measured.step_ms * 1e-3 * per_param, resident + extra
         seconds = optimizer_params * accounting.step_traffic(fused) / self.hbm_bytes_per_second
-        peak = params * accounting.step_bytes(precision, s.zero, pipelined, optimizer).at(s.dp)
+        peak = params * accounting.step_bytes(precision, s.zero, pipelined, optimizer).at(s.shards)
         return seconds, peak + optimizer_params * accounting.foreach_temporary(fused, optimizer)
 
     def layer_cost(
@@ -229,8 +250,10 @@ class CostModel:
     ) -> LayerCost:
         """Cost of `layer` under `s` for micro-batches of `micro_batch_all_replicas` samples, with
         the target framework's `accounting` of model states."""
-        b = micro_batch_all_replicas // s.dp  # per replica
-        bpv, tp, dp = self.bpv, s.tp, s.dp
+        # Per replica b samples; each of its CP ranks computes b/cp samples' worth. Weights are replicated
+        # (and gradients reduced, states sharded) over dp * cp ranks.
+        b = micro_batch_all_replicas // s.dp / s.cp
+        bpv, tp, dp = self.bpv, s.tp, s.shards
         precision, fused = self.training.precision, self.training.fused_kernels
         fwd, bwd, basis = self.compute_times(layer, tp, b)
         act, act_basis = self.activation(layer, tp, b, s.recompute)
@@ -245,7 +268,7 @@ class CostModel:
             compute = fwd + bwd
 
         tp_one_way = self.collective("all_reduce", layer.tp_comm_bytes * b, tp, True)
-        tp_comm = tp_one_way * (3 if s.recompute == "full" else 2)
+        tp_comm = tp_one_way * (3 if s.recompute == "full" else 2) + self.context_parallel_exposed(layer, s, b)
 
         # A tied weight that shares a stage with its twin (pipeline degree 1) holds no extra copy.
         params_tp = 0 if (layer.tied_weights and pipeline_degree == 1) else layer.params_tp

@@ -1,9 +1,12 @@
 """Intra-layer strategies and the capability object that says which ones a framework can run.
 
-A strategy splits one stage's n devices into TP x DP (tp * dp = n): tensor parallelism of degree tp
-(with sequence parallelism when tp > 1, so activations between layers are split over all n devices)
-and data parallelism of degree dp whose model states are sharded per ZeRO stage (3 = FSDP). Each
-layer also chooses activation recompute. TP stays inside a node.
+A strategy splits one stage's n devices into TP x CP x DP (tp * cp * dp = n): tensor parallelism of degree
+tp (with sequence parallelism when tp > 1, so activations between layers are split over all n devices),
+context parallelism of degree cp (each rank holds 1/cp of every sequence; ring attention passes K and V
+around the cp ranks) and data parallelism of degree dp. Gradients are reduced, and model states sharded per
+ZeRO stage (3 = FSDP), over the dp * cp ranks that hold the same weights, as Megatron-LM does (its
+data-parallel group "with context parallel"). Each layer also chooses activation recompute. TP stays inside
+a node; CP is one degree for the whole model (the data loader splits each sequence once).
 """
 
 from __future__ import annotations
@@ -26,27 +29,37 @@ class Strategy:
     dp: int
     zero: int = 0
     recompute: str = "none"
+    cp: int = 1
 
     def __post_init__(self) -> None:
-        if self.tp < 1 or self.dp < 1:
-            raise SpecError(f"invalid strategy: tp ({self.tp}) and dp ({self.dp}) must be >= 1")
+        if self.tp < 1 or self.dp < 1 or self.cp < 1:
+            raise SpecError(f"invalid strategy: tp ({self.tp}), cp ({self.cp}) and dp ({self.dp}) must be >= 1")
         if self.zero not in ZERO_NAMES:
             raise SpecError(f"invalid strategy: zero stage {self.zero} (0, 1, 2 or 3)")
         if self.recompute not in RECOMPUTE_MODES:
             raise SpecError(f"invalid strategy: recompute '{self.recompute}' ({', '.join(RECOMPUTE_MODES)})")
-        if self.dp == 1 and self.zero != 0:
-            raise SpecError("invalid strategy: ZeRO sharding needs dp > 1")
+        if self.shards == 1 and self.zero != 0:
+            raise SpecError("invalid strategy: ZeRO sharding needs data parallelism (dp * cp > 1)")
 
     @property
     def devices(self) -> int:
-        return self.tp * self.dp
+        return self.tp * self.cp * self.dp
+
+    @property
+    def shards(self) -> int:
+        """Ranks holding the same weights: gradients are reduced and ZeRO shards states over them (dp * cp)."""
+        return self.dp * self.cp
 
     @property
     def label(self) -> str:
-        """e.g. 'TP4 DP2 ZeRO-1 +rc', 'DP8 FSDP', '1 GPU'."""
+        """e.g. 'TP4 DP2 ZeRO-1 +rc', 'TP8 CP4 DP2 ZeRO-1', 'DP8 FSDP', '1 GPU'."""
         parts = [f"TP{self.tp}"] if self.tp > 1 else []
+        if self.cp > 1:
+            parts.append(f"CP{self.cp}")
         if self.dp > 1:
-            parts.append(f"DP{self.dp}" + ("" if self.zero == 0 else f" {ZERO_NAMES[self.zero]}"))
+            parts.append(f"DP{self.dp}")
+        if self.zero:
+            parts.append(ZERO_NAMES[self.zero])
         text = " ".join(parts) or "1 GPU"
         return text + {"none": "", "selective": " +sel-rc", "full": " +rc"}[self.recompute]
 
@@ -60,13 +73,16 @@ class Capability:
 
     uniform_*: one value for every transformer layer of every stage (a framework-wide flag) instead
     of a per-layer choice. max_zero_with_pipeline: the highest ZeRO stage allowed when the pipeline
-    has more than one stage. tp_degrees None: any degree that divides a node's GPUs. accounting: how the
-    framework keeps model states in memory and updates them (bytes per parameter, optimizer traffic).
+    has more than one stage. tp_degrees None: any degree that divides a node's GPUs. cp_degrees: the
+    context-parallel degrees it runs (None: any the sequence allows; one for every layer in any case).
+    accounting: how the framework keeps model states in memory and updates them (bytes per parameter,
+    optimizer traffic).
     """
 
     name: str
     description: str
     tp_degrees: tuple[int, ...] | None = None
+    cp_degrees: tuple[int, ...] | None = (1,)
     zero_stages: tuple[int, ...] = (0, 1, 2, 3)
     recompute_modes: tuple[str, ...] = ("none", "full")
     uniform_tp: bool = False
@@ -86,6 +102,8 @@ class Capability:
     def allows(self, s: Strategy, pipeline_degree: int) -> bool:
         if self.tp_degrees is not None and s.tp not in self.tp_degrees:
             return False
+        if self.cp_degrees is not None and s.cp not in self.cp_degrees:
+            return False
         if s.zero not in self.zero_stages:
             return False
         if pipeline_degree > 1 and s.zero > self.max_zero_with_pipeline:
@@ -99,9 +117,11 @@ class Capability:
             if not self.allows(s, pipeline_degree):
                 out.append(f"target '{self.name}' cannot run {s.label} with {pipeline_degree} pipeline stage(s)")
                 break
+        if len({s.cp for _, s in layers}) > 1:
+            out.append("every layer runs one context-parallel degree (the sequence is split once)")
         if self.uniform_tp and len({s.tp for _, s in layers}) > 1:
             out.append(f"target '{self.name}' runs one TP degree for all layers")
-        if self.uniform_zero and len({s.zero for _, s in layers if s.dp > 1}) > 1:
+        if self.uniform_zero and len({s.zero for _, s in layers if s.shards > 1}) > 1:
             out.append(f"target '{self.name}' runs one ZeRO stage for all layers")
         if self.uniform_recompute and len({s.recompute for kind, s in layers if kind in TRANSFORMER_KINDS}) > 1:
             out.append(f"target '{self.name}' runs one recompute mode for all transformer layers")
@@ -119,6 +139,12 @@ class Capability:
                 f"TP degree {pins.tp}",
                 "tp_degrees",
                 f"pin a TP degree in {', '.join(map(str, self.tp_degrees))} or choose another --target",
+            )
+        if pins.cp is not None and self.cp_degrees is not None and pins.cp not in self.cp_degrees:
+            refuse(
+                f"context-parallel degree {pins.cp}",
+                "cp_degrees",
+                f"pin a context-parallel degree in {', '.join(map(str, self.cp_degrees))} or choose another --target",
             )
         if pins.zero is not None and pins.zero not in self.zero_stages:
             refuse(
@@ -167,9 +193,10 @@ class Pins:
     recompute: str | None = None
     micro_batch_per_replica: int | None = None
     micro_batches: int | None = None
+    cp: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pipeline_degree", "micro_batch_per_replica", "micro_batches"):
+        for name in ("tp", "cp", "pipeline_degree", "micro_batch_per_replica", "micro_batches"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise SpecError(f"invalid pin '{name}': must be a positive integer (got {v!r})")
@@ -181,7 +208,9 @@ class Pins:
     def allows(self, s: Strategy, micro_batch_all_replicas: int, transformer: bool) -> bool:
         if self.tp is not None and s.tp != self.tp:
             return False
-        if self.zero is not None and s.dp > 1 and s.zero != self.zero:
+        if self.cp is not None and s.cp != self.cp:
+            return False
+        if self.zero is not None and s.shards > 1 and s.zero != self.zero:
             return False
         if self.recompute is not None and transformer and s.recompute != self.recompute:
             return False
@@ -218,6 +247,18 @@ def known_targets() -> list[str]:
     return ["generic", *sorted(ep.name for ep in entry_points(group="uniap.targets"))]
 
 
+def cp_fits_sequence(cp: int, tp: int, divisibility: dict[str, int]) -> bool:
+    """Megatron-LM's rules (core_v0.16.1 megatron/training/arguments.py validate_args, and the sequence-parallel
+    scatter): with CP > 1 the sequence splits into 2 * CP chunks (two per rank, balancing causal attention),
+    and each CP rank's part of the sequence splits over the TP ranks."""
+    seq = divisibility.get("sequence_length")
+    if seq is None:
+        return cp == 1
+    if cp > 1 and seq % (2 * cp):
+        return False
+    return seq % cp == 0 and (seq // cp) % tp == 0
+
+
 def tp_fits_layer(tp: int, divisibility: dict[str, int], kind: str) -> bool:
     """Megatron-core's partitioning rules: sequence parallelism splits every layer's sequence over the
     TP ranks; a transformer layer also needs heads and FFN divisible by TP and query groups divisible by
@@ -246,25 +287,28 @@ def stage_strategies(
     pins: Pins = NO_PINS,
 ) -> list[Strategy]:
     """All strategies for a layer of `kind` on a stage of `devices` devices that the capability and the
-    pins allow, with TP inside a node and the micro-batch (samples per pipeline micro-batch) divisible
-    by dp."""
+    pins allow, with TP inside a node, the sequence split as CP and TP need it, and the micro-batch
+    (samples per pipeline micro-batch) divisible by dp."""
     transformer = kind in TRANSFORMER_KINDS
     out = []
     for tp in range(1, devices + 1):
         if devices % tp or tp > gpus_per_node or gpus_per_node % tp or not tp_fits_layer(tp, divisibility, kind):
             continue
-        dp = devices // tp
-        if micro_batch_all_replicas % dp:
-            continue
-        for zero in (0,) if dp == 1 else (0, 1, 2, 3):
-            for rc in RECOMPUTE_MODES:
-                if rc == "selective" and flash_attention and pins.recompute != "selective":
-                    # With FlashAttention there is no score matrix for selective recompute to drop: never
-                    # better than none, offered only when the user pinned it (it recomputes the attention).
-                    continue
-                if rc != "none" and not transformer:
-                    continue
-                s = Strategy(tp, dp, zero, rc)
-                if capability.allows(s, pipeline_degree) and pins.allows(s, micro_batch_all_replicas, transformer):
-                    out.append(s)
+        for cp in range(1, devices // tp + 1):
+            if (devices // tp) % cp or not cp_fits_sequence(cp, tp, divisibility):
+                continue
+            dp = devices // (tp * cp)
+            if micro_batch_all_replicas % dp:
+                continue
+            for zero in (0,) if dp * cp == 1 else (0, 1, 2, 3):
+                for rc in RECOMPUTE_MODES:
+                    if rc == "selective" and flash_attention and pins.recompute != "selective":
+                        # With FlashAttention there is no score matrix for selective recompute to drop: never
+                        # better than none, offered only when the user pinned it (it recomputes the attention).
+                        continue
+                    if rc != "none" and not transformer:
+                        continue
+                    s = Strategy(tp, dp, zero, rc, cp)
+                    if capability.allows(s, pipeline_degree) and pins.allows(s, micro_batch_all_replicas, transformer):
+                        out.append(s)
     return out

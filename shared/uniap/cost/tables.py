@@ -7,13 +7,14 @@ identically.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
 
 from ..cluster.spec import ClusterSpec
-from ..model.graph import CHAIN, Layer, LayerGraph, Run
+from ..model.graph import CHAIN, TRANSFORMER_KINDS, Layer, LayerGraph, Run
 from ..model.spec import TrainingSpec
 from ..tolerances import ROUNDING
 from .model import CostModel, LayerCost
@@ -28,6 +29,11 @@ class RunTable:
     layer: Layer
     strategies: list[Strategy]
     costs: list[LayerCost]
+
+    @cached_property
+    def index(self) -> dict[Strategy, int]:
+        """Position of each strategy in `strategies` (and `costs`)."""
+        return {s: k for k, s in enumerate(self.strategies)}
 
     @cached_property
     def layouts(self) -> list[int]:
@@ -112,35 +118,82 @@ class Subproblem:
                 out.setdefault(a, set()).add((b, e.kind))
         return {a: sorted(v) for a, v in out.items()}
 
-    def lower_bound(self) -> float:
-        """A valid lower bound on this subproblem's time per iteration (inf: provably no plan).
+    def tie_key(self, rt: RunTable, s: Strategy) -> tuple:
+        """The values of `s` that every layer must share (None where no tie applies to it): the CP degree
+        always, and the TP degree, ZeRO stage and recompute mode where the capability makes them uniform."""
+        cap = self.capability
+        return (
+            s.cp,
+            s.tp if cap.uniform_tp else None,
+            s.zero if cap.uniform_zero and s.shards > 1 else None,
+            s.recompute if cap.uniform_recompute and rt.layer.kind in TRANSFORMER_KINDS else None,
+        )
+
+    def tie_groups(self) -> list[list[np.ndarray]]:
+        """Per combination of tied values some plan could take, each run's mask of the strategies consistent
+        with it (a plan obeys every tie, so it lies within one combination)."""
+        keys = [[self.tie_key(rt, s) for s in rt.strategies] for rt in self.runs]
+        values = [sorted({k[i] for ks in keys for k in ks if k[i] is not None}) or [None] for i in range(4)]
+        groups = []
+        for combo in itertools.product(*values):
+            masks = [
+                np.array([all(k[i] is None or k[i] == combo[i] for i in range(4)) for k in ks], dtype=bool)
+                for ks in keys
+            ]
+            if all(m.any() for m in masks):
+                groups.append(masks)
+        return groups
+
+    @cached_property
+    def group_bounds(self) -> list[tuple[list[np.ndarray], float]]:
+        """Each tied combination's strategy masks (`tie_groups`) with a valid lower bound on the time per
+        iteration of any plan within it (inf: none fits).
 
         TPI >= sum(p) * (deg+c-1)/deg + sum(g)/deg, since max(p) and max(g) are at least the means.
         The layers' strategies must keep the sum over stages of (states + one micro-batch of
         activations) within deg x capacity, so the cheapest such choice is a knapsack whose LP
         relaxation bounds the sums; its Lagrangian dual, evaluated at every breakpoint of the
         multiplier, is the bound (each multiplier gives a valid bound by weak duality)."""
-        if not self.feasible_strategies:
-            return float("inf")
         w_time, w_iter = (self.deg + self.c - 1) / self.deg, 1.0 / self.deg
         weights, memory = [], []
         for rt in self.runs:
             weights.append(np.array([w_time * c.time_per_microbatch + w_iter * c.time_per_iteration for c in rt.costs]))
             memory.append(np.array([c.state_bytes + c.activation_bytes for c in rt.costs]) / self.memory_capacity)
-        budget = float(self.deg)
-        if sum(rt.run.size * m.min() for rt, m in zip(self.runs, memory)) > budget * (1 + ROUNDING):
+        sizes = [rt.run.size for rt in self.runs]
+        return [
+            (
+                masks,
+                _knapsack_bound(
+                    sizes, [w[m] for w, m in zip(weights, masks)], [x[m] for x, m in zip(memory, masks)], self.deg
+                ),
+            )
+            for masks in self.tie_groups()
+        ]
+
+    def lower_bound(self) -> float:
+        """A valid lower bound on this subproblem's time per iteration (inf: provably no plan): every plan
+        keeps the ties, so the least of the tied combinations' bounds (`group_bounds`)."""
+        if not self.feasible_strategies:
             return float("inf")
-        multipliers = {0.0}
-        for w, m in zip(weights, memory):
-            dw, dm = w[:, None] - w[None, :], m[None, :] - m[:, None]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = dw / dm
-            multipliers.update(ratio[(dm > 0) & (ratio > 0) & np.isfinite(ratio)].tolist())
-        lam = np.array(sorted(multipliers))
-        dual = -lam * budget
-        for rt, w, m in zip(self.runs, weights, memory):
-            dual = dual + rt.run.size * (w[None, :] + lam[:, None] * m[None, :]).min(axis=1)
-        return float(max(0.0, dual.max()))
+        return min((bound for _, bound in self.group_bounds), default=float("inf"))
+
+    def restricted(self, cutoff: float) -> "Subproblem":
+        """The same subproblem without the strategies of tied combinations whose bound is not below `cutoff`:
+        none of their plans can beat a plan of that time, so the optimum below the cutoff is unchanged and
+        the MIQP is smaller."""
+        keep = [np.zeros(len(rt.strategies), dtype=bool) for rt in self.runs]
+        for masks, bound in self.group_bounds:
+            if bound < cutoff:
+                keep = [k | m for k, m in zip(keep, masks)]
+        if all(k.all() for k in keep):
+            return self
+        runs = [
+            RunTable(
+                rt.run, rt.layer, [s for s, ok in zip(rt.strategies, k) if ok], [c for c, ok in zip(rt.costs, k) if ok]
+            )
+            for rt, k in zip(self.runs, keep)
+        ]
+        return replace(self, runs=runs)
 
     def least_memory(self) -> float:
         """Lower bound on the memory the allocator reserves on the fullest stage: every layer at its leanest
@@ -155,7 +208,7 @@ class Subproblem:
     def cost_of(self, u: int, s: Strategy) -> LayerCost:
         """The cost of layer u under strategy s (one of its run's strategies)."""
         rt = self.runs[self.graph.run_of[u]]
-        return rt.costs[rt.strategies.index(s)]
+        return rt.costs[rt.index[s]]
 
 
 def build_subproblem(
@@ -199,3 +252,21 @@ def build_subproblem(
         boundary_intra_node=boundary_intra,
         cost_model=cost_model,
     )
+
+
+def _knapsack_bound(sizes: list[int], weights: list[np.ndarray], memory: list[np.ndarray], budget: float) -> float:
+    """max over multipliers lam >= 0 of sum_r |r| min_k (w_rk + lam m_rk) - lam budget (inf if even the leanest
+    choice exceeds the budget): the Lagrangian dual of choosing one strategy per layer at least weight."""
+    if sum(n * m.min() for n, m in zip(sizes, memory)) > budget * (1 + ROUNDING):
+        return float("inf")
+    multipliers = {0.0}
+    for w, m in zip(weights, memory):
+        dw, dm = w[:, None] - w[None, :], m[None, :] - m[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = dw / dm
+        multipliers.update(ratio[(dm > 0) & (ratio > 0) & np.isfinite(ratio)].tolist())
+    lam = np.array(sorted(multipliers))
+    dual = -lam * budget
+    for n, w, m in zip(sizes, weights, memory):
+        dual = dual + n * (w[None, :] + lam[:, None] * m[None, :]).min(axis=1)
+    return float(max(0.0, dual.max()))

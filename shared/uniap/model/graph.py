@@ -37,7 +37,9 @@ class Layer:
     `attention_flops` is the part of it in the attention scores and their product with V;
     `causal_attention_flops` the part of that under a causal mask, of which a flash kernel executes half.
     `extra_traffic` is memory-bound traffic per sample beyond its activations, in forward and again in
-    backward (the LM head's cross-entropy over the vocabulary), split by TP. `hidden_size` is the model's."""
+    backward (the LM head's cross-entropy over the vocabulary), split by TP. `hidden_size` is the model's.
+    `kv_bytes` is the keys and values of the whole sequence its attention reads: what context parallelism's
+    ring passes around its ranks."""
 
     name: str
     kind: str
@@ -56,6 +58,7 @@ class Layer:
     causal_attention_flops: float = 0.0
     extra_traffic: float = 0.0
     hidden_size: int = 0  # the model's; sizes the communication buckets of frameworks that scale them with it
+    kv_bytes: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -71,6 +74,7 @@ class Layer:
             "attention_flops",
             "causal_attention_flops",
             "extra_traffic",
+            "kv_bytes",
         ):
             if getattr(self, name) < 0:
                 raise SpecError(f"invalid layer '{self.name}': field '{name}' must be >= 0")
@@ -280,6 +284,7 @@ class _Builder:
             scores=scores,
             attention_flops=attention_flops,
             causal_attention_flops=attention_flops if causal else 0.0,
+            kv_bytes=bpv * s_kv * 2 * kv,
         )
 
     def _mlp(self, s: int) -> dict[str, float]:
@@ -300,6 +305,7 @@ class _Builder:
             scores=0.0,
             attention_flops=0.0,
             causal_attention_flops=0.0,
+            kv_bytes=0.0,
         )
 
     def _combine(
@@ -322,6 +328,7 @@ class _Builder:
             tp_comm_bytes=float(tp_comm),
             attention_flops=float(sum(p["attention_flops"] for p in parts)),
             causal_attention_flops=float(sum(p["causal_attention_flops"] for p in parts)),
+            kv_bytes=float(sum(p["kv_bytes"] for p in parts)),
         )
 
     def _transformer(self, kind: str, s: int) -> Layer:

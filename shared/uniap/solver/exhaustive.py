@@ -32,14 +32,21 @@ def placements(sub: Subproblem) -> Iterator[list[int]]:
     yield from rec(0, [])
 
 
+def assignments(sub: Subproblem) -> Iterator[list[Strategy]]:
+    """Per-layer strategies to try: every product of the layers' strategies within one combination of the
+    values all layers must share (`Subproblem.tie_groups`; a plan outside them breaks a tie, which
+    `check_assignment` refuses anyway). A plan may be produced by more than one combination."""
+    g = sub.graph
+    for masks in sub.tie_groups():
+        allowed = [[s for s, ok in zip(rt.strategies, m) if ok] for rt, m in zip(sub.runs, masks)]
+        yield from (list(x) for x in itertools.product(*(allowed[g.run_of[u]] for u in range(len(g.layers)))))
+
+
 def exhaustive_optimum(sub: Subproblem) -> tuple[float, list[int], list[Strategy], Prediction] | None:
     """The best plan that fits in memory, or None when none does."""
-    g = sub.graph
-    options = [sub.runs[g.run_of[u]].strategies for u in range(len(g.layers))]
     best = None
     for stage_of in placements(sub):
-        for strategy_of in itertools.product(*options):
-            strategy_of = list(strategy_of)
+        for strategy_of in assignments(sub):
             try:
                 check_assignment(sub, stage_of, strategy_of)
             except SpecError:

@@ -11,7 +11,7 @@ from ..errors import SpecError
 
 
 def best_uniform_plan(sub: Subproblem) -> tuple[Prediction, list[int], list[Strategy]] | None:
-    """The fastest fitting plan where all layers share (tp, zero, recompute) where they can, or None."""
+    """The fastest fitting plan where all layers share (tp, cp, zero, recompute) where they can, or None."""
     if not sub.feasible_strategies:
         return None
     g = sub.graph
@@ -22,12 +22,10 @@ def best_uniform_plan(sub: Subproblem) -> tuple[Prediction, list[int], list[Stra
     main = max(sub.runs, key=lambda rt: rt.run.size)
     best = None
     for choice in main.strategies:
-        strategy_of = []
-        for u in range(len(g.layers)):
-            rt = sub.runs[g.run_of[u]]
-            strategy_of.append(_closest(rt.strategies, choice))
-        if None in strategy_of:
+        per_run = [_closest(rt.strategies, choice) for rt in sub.runs]  # layers of a run are alike
+        if None in per_run:
             continue
+        strategy_of = [per_run[g.run_of[u]] for u in range(len(g.layers))]
         try:
             pred = evaluate(sub, stage_of, strategy_of)
         except SpecError:
@@ -38,11 +36,11 @@ def best_uniform_plan(sub: Subproblem) -> tuple[Prediction, list[int], list[Stra
 
 
 def _closest(options: list[Strategy], want: Strategy) -> Strategy | None:
-    """`want` itself, else the same TP and ZeRO without recompute, else the same TP."""
+    """`want` itself, else the same TP, CP and ZeRO without recompute, else the same TP and CP."""
     for ok in (
         lambda s: s == want,
-        lambda s: (s.tp, s.zero, s.recompute) == (want.tp, want.zero, "none"),
-        lambda s: s.tp == want.tp,
+        lambda s: (s.tp, s.cp, s.zero, s.recompute) == (want.tp, want.cp, want.zero, "none"),
+        lambda s: (s.tp, s.cp) == (want.tp, want.cp),
     ):
         for s in options:
             if ok(s):

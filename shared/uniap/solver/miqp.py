@@ -168,7 +168,7 @@ class _Formulation:
         framework-wide ties as shared one-hots g:
 
             sum_l Lay_r[i, l] = 1,   N_r[i, k] <= U_r[i, k] Lay_r[i, tp(k)],
-            uniform TP / ZeRO / recompute: sum_v g_v = 1,   N_r[i, k] <= U_r[i, k] g_{value(k)}."""
+            CP, and uniform TP / ZeRO / recompute: sum_v g_v = 1,   N_r[i, k] <= U_r[i, k] g_{value(k)}."""
         cons = self.families[STRATEGY]
         cap, runs, deg = self.sub.capability, self.sub.runs, self.deg
         ones = np.ones((deg, 1))
@@ -191,8 +191,9 @@ class _Formulation:
                 cons.append(cp.sum(lay, axis=1) == 1)
             self.Lay[r] = lay
             cons.append(N <= cp.multiply(self.U[r], lay @ to_strat))
+        self._tie(lambda s: s.cp, lambda rt, s: True)  # one CP degree for the model, on every target
         if cap.uniform_zero:
-            self._tie(lambda s: s.zero, lambda rt, s: s.dp > 1)
+            self._tie(lambda s: s.zero, lambda rt, s: s.shards > 1)
         if cap.uniform_recompute:
             self._tie(lambda s: s.recompute, lambda rt, s: rt.layer.kind in TRANSFORMER_KINDS)
 

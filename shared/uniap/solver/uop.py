@@ -160,7 +160,9 @@ def optimize(
             elif remaining is not None and remaining <= 0:
                 result = SubproblemResult(sub.deg, sub.c, "not_solved", bound=bounds[id(sub)])
             else:
-                result = solve_subproblem(sub, time_limit=remaining, gap=gap, cutoff=incumbent)
+                # Tied combinations that cannot beat the incumbent leave the MIQP (Subproblem.restricted).
+                narrowed = sub if incumbent is None else sub.restricted(incumbent)
+                result = solve_subproblem(narrowed, time_limit=remaining, gap=gap, cutoff=incumbent)
                 if result.status == "pruned" and best[1] is sub:
                     # Nothing beats this subproblem's own uniform plan: that plan is its optimum.
                     result = SubproblemResult(
