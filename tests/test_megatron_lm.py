@@ -223,6 +223,10 @@ GPT3_175B = """
 --vocab-size 50257 --global-batch-size 1536 --bf16
 """.split()
 NO_ROPE_FUSION = "--no-rope-fusion"
+PRECISION_AWARE = """
+--use-distributed-optimizer --use-precision-aware-optimizer --main-grads-dtype bf16 --exp-avg-dtype bf16
+--exp-avg-sq-dtype bf16
+""".split()
 FULL_RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 # Realistic jobs (name, Megatron arguments, nodes of 8 GPUs, CUDA_DEVICE_MAX_CONNECTIONS at launch): the
 # models people pretrain, 8 to 1024 GPUs, long sequences where context parallelism pays, and the user's pins.
@@ -297,3 +301,17 @@ def test_megatron_lm_runs_realistic_jobs_as_planned():
     by_name = dict(zip((name for name, *_ in REAL_JOBS), plans))
     assert by_name["llama3-8b-128k"].context_parallel_size > 1  # 128k tokens: context parallelism pays
     assert by_name["llama3-70b-32k"].context_parallel_size > 1
+
+
+def test_megatron_lm_accepts_a_plan_with_the_precision_aware_optimizer():
+    """--use-precision-aware-optimizer with bf16 gradients and moments: the plan keeps the user's distributed
+    optimizer, and Megatron-LM's validate_args accepts the merged command line."""
+    megatron_lm.require()
+    argv = LLAMA2_70B + PRECISION_AWARE
+    plan = plan_megatron(argv, nodes=8, gpus_per_node=8, connections="1")
+    merged, merge = merged_argv(plan, argv)
+    report = ("use_precision_aware_optimizer", "use_distributed_optimizer", "data_parallel_size")
+    (result,) = megatron_lm.validate([(merged, {**merge.env, CONNECTIONS_ENV: "1"}, 64)], report=report)
+    assert "error" not in result, (plan.uniform_strategy, result)
+    assert result["args"]["use_precision_aware_optimizer"] and result["args"]["use_distributed_optimizer"]
+    assert plan.training.precision_aware_optimizer and plan.training.exp_avg_dtype == "bf16"

@@ -151,6 +151,15 @@ def model_args(model: ModelSpec, training: TrainingSpec) -> list[str]:
         args += F.DISABLE_BIAS_LINEAR.tokens()
     if training.optimizer != F.OPTIMIZER.default:
         args += F.OPTIMIZER.tokens(training.optimizer)
+    if training.precision_aware_optimizer:
+        args += F.PRECISION_AWARE_OPTIMIZER.tokens()
+        for flag, value in (
+            (F.MAIN_GRADS_DTYPE, training.main_grads_dtype),
+            (F.MAIN_PARAMS_DTYPE, training.main_params_dtype),
+            (F.EXP_AVG_DTYPE, training.exp_avg_dtype),
+            (F.EXP_AVG_SQ_DTYPE, training.exp_avg_sq_dtype),
+        ):
+            args += flag.tokens(value) if value != flag.default else []
     return args
 
 
@@ -209,12 +218,24 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         add_bias=ns.add_bias_linear,
         dropout=ns.hidden_dropout,
     )
+    if ns.use_precision_aware_optimizer and not given(F.DISTRIBUTED_OPTIMIZER.dest):
+        # megatron-core 0.16.1 optimizer/optimizer_config.py asserts it; uniap will not choose it silently.
+        raise SpecError(
+            f"{F.PRECISION_AWARE_OPTIMIZER.spelling} needs {F.DISTRIBUTED_OPTIMIZER.spelling} (Megatron-LM's "
+            "OptimizerConfig asserts it)",
+            f"add {F.DISTRIBUTED_OPTIMIZER.spelling}, or drop {F.PRECISION_AWARE_OPTIMIZER.spelling}",
+        )
     training = TrainingSpec(
         global_batch_size=given(F.GLOBAL_BATCH_SIZE.dest),
         seq_length=ns.seq_length,
         precision="bf16" if given(F.BF16.dest) else "fp16" if given(F.FP16.dest) else "fp32",
         fused_kernels=fused_kernels_available(),
         optimizer=MUON if MUON in ns.optimizer else ns.optimizer,  # dist_muon is Muon, sharded its own way
+        precision_aware_optimizer=ns.use_precision_aware_optimizer,
+        main_grads_dtype=ns.main_grads_dtype,
+        main_params_dtype=ns.main_params_dtype,
+        exp_avg_dtype=ns.exp_avg_dtype,
+        exp_avg_sq_dtype=ns.exp_avg_sq_dtype,
     )
     fsdp = given(F.TORCH_FSDP2.dest) or given(F.MEGATRON_FSDP.dest)
     zero = 3 if fsdp else 1 if given(F.DISTRIBUTED_OPTIMIZER.dest) else None

@@ -58,6 +58,7 @@ MEGATRON = Capability(
     uniform_zero=True,
     uniform_recompute=True,
     max_zero_with_pipeline=1,
+    precision_aware_optimizer=True,
     reasons={
         "zero_stages": "Megatron-LM shards optimizer states (--use-distributed-optimizer, ZeRO-1) or everything "
         "(--use-torch-fsdp2, ZeRO-3), nothing in between",

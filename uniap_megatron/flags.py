@@ -142,6 +142,11 @@ POSITION_EMBEDDING = Flag("--position-embedding-type", type=str, default="learne
 DISABLE_BIAS_LINEAR = Flag("--disable-bias-linear", Kind.NEGATION, dest="add_bias_linear")
 HIDDEN_DROPOUT = Flag("--hidden-dropout", type=float, default=0.1)
 OPTIMIZER = Flag("--optimizer", type=str, default="adam")  # adam, sgd, muon, dist_muon
+PRECISION_AWARE_OPTIMIZER = Flag("--use-precision-aware-optimizer", Kind.SWITCH)
+MAIN_GRADS_DTYPE = Flag("--main-grads-dtype", type=str, default="fp32")
+MAIN_PARAMS_DTYPE = Flag("--main-params-dtype", type=str, default="fp32")
+EXP_AVG_DTYPE = Flag("--exp-avg-dtype", type=str, default="fp32")
+EXP_AVG_SQ_DTYPE = Flag("--exp-avg-sq-dtype", type=str, default="fp32")
 MODEL_FLAGS = (
     NUM_LAYERS,
     HIDDEN_SIZE,
@@ -162,6 +167,11 @@ MODEL_FLAGS = (
     DISABLE_BIAS_LINEAR,
     HIDDEN_DROPOUT,
     OPTIMIZER,
+    PRECISION_AWARE_OPTIMIZER,
+    MAIN_GRADS_DTYPE,
+    MAIN_PARAMS_DTYPE,
+    EXP_AVG_DTYPE,
+    EXP_AVG_SQ_DTYPE,
 )
 
 # --- parallelism uniap does not plan yet: refused by name when set, never ignored -----------------------

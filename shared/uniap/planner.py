@@ -75,6 +75,12 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
     one stage per layer; the micro-batch size per replica must divide the global batch, and so must
     micro-batch size x data-parallel size when the degrees are pinned."""
     capability.check_pins(job.pins)
+    if job.training.precision_aware_optimizer and not capability.precision_aware_optimizer:
+        raise SpecError(
+            f"target '{capability.name}' has no precision-aware optimizer (lower-precision gradients, master "
+            "parameters or moments)",
+            "plan with fp32 optimizer states, or for a target that has one (megatron)",
+        )
     p, flags, c = job.pins, job.pin_flags, job.cluster
     world, node, gbs = c.num_gpus, c.gpus_per_node, job.training.global_batch_size
     hint = f"drop the pin to let the planner choose, or change it (target '{job.target}')"

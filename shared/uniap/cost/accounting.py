@@ -29,6 +29,12 @@ FOREACH_ADAM_STEP_TRAFFIC = 94.0
 # 0.16.1 optimizer/muon.py) keep one.
 ADAM = "adam"
 OPTIMIZER_STATE_BYTES = {ADAM: 2 * FP32_BYTES, "sgd": FP32_BYTES, "muon": FP32_BYTES}
+# Bytes per value of the dtypes a precision-aware optimizer keeps its tensors in.
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# With bf16 parameters and an fp32 master copy, TransformerEngine's FusedAdam (>= 2.1) keeps only the 16 bits
+# of each master value that the bf16 parameter lacks (megatron-core 0.16.1 OptimizerConfig.store_param_remainders,
+# on by default).
+PARAM_REMAINDER_BYTES = 2
 
 
 @dataclass(frozen=True)
@@ -94,28 +100,32 @@ class Accounting:
                 if precision not in PRECISIONS or zero not in (0, 1, 2, 3):
                     raise SpecError(f"invalid accounting '{self.name}': key ({precision!r}, {zero!r})")
 
-    def state_bytes(self, precision: str, zero: int, pipelined: bool = False, optimizer: str = ADAM) -> PerParam:
-        """Bytes per parameter resident while computing."""
+    def state_bytes(
+        self, precision: str, zero: int, pipelined: bool = False, optimizer: str = ADAM, saving: PerParam = PerParam()
+    ) -> PerParam:
+        """Bytes per parameter resident while computing, less a precision-aware optimizer's `saving`."""
         key = (precision, zero)
         if pipelined and key in self.pipelined_states:
-            return with_optimizer(self.pipelined_states[key], optimizer)
+            return with_optimizer(self.pipelined_states[key], optimizer, saving)
         try:
-            return with_optimizer(self.states[key], optimizer)
+            return with_optimizer(self.states[key], optimizer, saving)
         except KeyError:
             raise SpecError(
                 f"accounting '{self.name}' has no model-state bytes for {precision} with ZeRO stage {zero}"
             ) from None
 
-    def step_bytes(self, precision: str, zero: int, pipelined: bool = False, optimizer: str = ADAM) -> PerParam:
+    def step_bytes(
+        self, precision: str, zero: int, pipelined: bool = False, optimizer: str = ADAM, saving: PerParam = PerParam()
+    ) -> PerParam:
         """Bytes per parameter at the optimizer step's peak, with fused kernels."""
         key = (precision, zero)
         if pipelined and key in self.pipelined_step:
-            return with_optimizer(self.pipelined_step[key], optimizer)
+            return with_optimizer(self.pipelined_step[key], optimizer, saving)
         if pipelined and key in self.pipelined_states:
-            return with_optimizer(self.pipelined_states[key], optimizer)
+            return with_optimizer(self.pipelined_states[key], optimizer, saving)
         if key in self.step:
-            return with_optimizer(self.step[key], optimizer)
-        return self.state_bytes(precision, zero, optimizer=optimizer)
+            return with_optimizer(self.step[key], optimizer, saving)
+        return self.state_bytes(precision, zero, optimizer=optimizer, saving=saving)
 
     def foreach_temporary(self, fused_kernels: bool, optimizer: str = ADAM) -> float:
         """Bytes per optimizer-local parameter torch's foreach AdamW adds at the step, when it is used."""
@@ -152,15 +162,38 @@ class Accounting:
         }
 
 
-def with_optimizer(per_param: PerParam, optimizer: str) -> PerParam:
+def with_optimizer(per_param: PerParam, optimizer: str, saving: PerParam = PerParam()) -> PerParam:
     """Adam's bytes per parameter for `optimizer`: fewer fp32 states, taken from the part ZeRO shards when
-    there is one (the optimizer states are what it shards first), else from what every rank holds."""
+    there is one (the optimizer states are what it shards first), else from what every rank holds; less a
+    precision-aware optimizer's `saving`."""
     fewer = OPTIMIZER_STATE_BYTES[ADAM] - OPTIMIZER_STATE_BYTES[optimizer]
-    if not fewer:
-        return per_param
-    if per_param.sharded >= fewer:
-        return PerParam(per_param.replicated, per_param.sharded - fewer)
-    return PerParam(per_param.replicated - fewer, per_param.sharded)
+    if fewer and per_param.sharded >= fewer:
+        per_param = PerParam(per_param.replicated, per_param.sharded - fewer)
+    elif fewer:
+        per_param = PerParam(per_param.replicated - fewer, per_param.sharded)
+    return PerParam(max(0.0, per_param.replicated - saving.replicated), max(0.0, per_param.sharded - saving.sharded))
+
+
+def precision_aware_saving(
+    precision: str, zero: int, main_grads: str, main_params: str, exp_avg: str, exp_avg_sq: str
+) -> PerParam:
+    """Bytes per parameter a precision-aware optimizer saves against fp32 gradients, master parameters and Adam
+    moments (megatron-core 0.16.1 optimizer/optimizer_config.py with TransformerEngine's FusedAdam): bf16
+    gradients in the buffer (bf16 training), a 16-bit master (fp16, or bf16's remainders), smaller moments.
+    The buffer's gradients are what every rank holds up to ZeRO-1; ZeRO shards the rest from stage 1 on."""
+    grads = FP32_BYTES - DTYPE_BYTES[main_grads] if precision == "bf16" else 0
+    if precision == "bf16" and main_params == "fp32":
+        master = FP32_BYTES - PARAM_REMAINDER_BYTES
+    elif precision in ("bf16", "fp16"):
+        master = FP32_BYTES - DTYPE_BYTES[main_params]
+    else:
+        master = 0  # fp32 training has no separate master copy
+    moments = 2 * FP32_BYTES - DTYPE_BYTES[exp_avg] - DTYPE_BYTES[exp_avg_sq]
+    if zero == 0:
+        return PerParam(grads + master + moments)
+    if zero == 1:
+        return PerParam(grads, master + moments)
+    return PerParam(0.0, grads + master + moments)
 
 
 def zero_sharded(weights: float, grads: float, optimizer: float) -> dict[int, PerParam]:

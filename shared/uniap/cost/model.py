@@ -27,7 +27,7 @@ from ..cluster.spec import ClusterSpec
 from ..model.graph import Layer
 from ..model.spec import TrainingSpec
 from ..profile.schema import Profile, bus_factor
-from .accounting import Accounting
+from .accounting import Accounting, PerParam, precision_aware_saving
 from .strategy import Strategy
 
 MEASURED, ESTIMATED, CALIBRATED = "measured", "estimated", "calibrated"
@@ -213,6 +213,15 @@ class CostModel:
         bwd = overlapped(FLASH_BACKWARD_FLOPS * attn_fwd, 2 * ring_fwd, self.overlap) - FLASH_BACKWARD_FLOPS * attn_fwd
         return (2 if s.recompute == "full" else 1) * fwd + bwd
 
+    def optimizer_saving(self, zero: int) -> PerParam:
+        """Bytes per parameter the job's precision-aware optimizer saves under ZeRO stage `zero` (none without it)."""
+        t = self.training
+        if not t.precision_aware_optimizer:
+            return PerParam()
+        return precision_aware_saving(
+            t.precision, zero, t.main_grads_dtype, t.main_params_dtype, t.exp_avg_dtype, t.exp_avg_sq_dtype
+        )
+
     def optimizer_step(
         self,
         params: float,
@@ -227,6 +236,7 @@ class CostModel:
         the profile's measured step scaled by parameters where it has one (its temporaries on top of the
         resident states), else the framework's HBM traffic and bytes (uniap.cost.accounting)."""
         precision, fused, optimizer = self.training.precision, self.training.fused_kernels, self.training.optimizer
+        saving = self.optimizer_saving(s.zero)
         measured = self.profile.optimizer if self.profile else None
         if measured is not None:
             per_param = optimizer_params / measured.num_params
@@ -236,7 +246,7 @@ class CostModel:
                 extra = measured.extra_peak_bytes * per_param
             return measured.step_ms * 1e-3 * per_param, resident + extra
         seconds = optimizer_params * accounting.step_traffic(fused) / self.hbm_bytes_per_second
-        peak = params * accounting.step_bytes(precision, s.zero, pipelined, optimizer).at(s.shards)
+        peak = params * accounting.step_bytes(precision, s.zero, pipelined, optimizer, saving).at(s.shards)
         return seconds, peak + optimizer_params * accounting.foreach_temporary(fused, optimizer)
 
     def layer_cost(
@@ -292,7 +302,8 @@ class CostModel:
         accumulate = params * accounting.accumulation_traffic(precision, fused) / self.hbm_bytes_per_second
         optimizer_params = params / dp if s.zero >= 1 else params
         pipelined = pipeline_degree > 1
-        state = params * accounting.state_bytes(precision, s.zero, pipelined, self.training.optimizer).at(dp)
+        saving = self.optimizer_saving(s.zero)
+        state = params * accounting.state_bytes(precision, s.zero, pipelined, self.training.optimizer, saving).at(dp)
         optimizer, step_bytes = self.optimizer_step(params, optimizer_params, state, s, pipelined, accounting)
         # While one layer recomputes, its full activations live; FSDP holds a layer's gathered weights
         # and prefetches the next one's.

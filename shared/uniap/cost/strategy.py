@@ -76,7 +76,8 @@ class Capability:
     has more than one stage. tp_degrees None: any degree that divides a node's GPUs. cp_degrees: the
     context-parallel degrees it runs (None: any the sequence allows; one for every layer in any case).
     accounting: how the framework keeps model states in memory and updates them (bytes per parameter,
-    optimizer traffic).
+    optimizer traffic). precision_aware_optimizer: it can keep gradients, master parameters and moments in
+    lower precision (TrainingSpec.precision_aware_optimizer).
     """
 
     name: str
@@ -92,6 +93,7 @@ class Capability:
     max_pipeline_degree: int | None = None
     reasons: dict[str, str] = field(default_factory=dict)
     accounting: Accounting = GENERIC_ACCOUNTING
+    precision_aware_optimizer: bool = False
 
     def __post_init__(self) -> None:
         if not set(self.zero_stages) <= set(ZERO_NAMES) or 0 not in self.zero_stages:

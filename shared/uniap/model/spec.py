@@ -17,6 +17,11 @@ ARCHITECTURES = ("decoder", "encoder", "encoder_decoder", "vit")
 PRECISIONS = ("bf16", "fp16", "fp32")
 # Adam keeps two fp32 moments per parameter; SGD with momentum and Muon one (cost/accounting.py).
 OPTIMIZERS = ("adam", "sgd", "muon")
+# The dtypes a precision-aware optimizer may keep its tensors in (Megatron-LM core_v0.16.1 arguments.py:
+# --main-grads-dtype, --main-params-dtype, --exp-avg-dtype, --exp-avg-sq-dtype).
+MAIN_GRADS_DTYPES = ("fp32", "bf16")
+MAIN_PARAMS_DTYPES = ("fp32", "fp16")
+MOMENT_DTYPES = ("fp32", "fp16", "bf16", "fp8")
 
 
 def _require(cond: bool, field: str, rule: str) -> None:
@@ -149,6 +154,9 @@ class TrainingSpec:
     fallback (megatron/core/optimizer/__init__.py): torch's foreach AdamW, whose step holds an fp32
     temporary per parameter, and a separate pass adding each micro-batch's gradients into the buffer.
     `optimizer` sets the optimizer states per parameter (Adam's two moments, SGD's or Muon's one momentum).
+    `precision_aware_optimizer` (Adam only; Megatron-LM's --use-precision-aware-optimizer, TransformerEngine's
+    FusedAdam) keeps the gradients, the fp32 master parameters and Adam's moments in the `*_dtype` fields'
+    dtypes; without it they are all fp32.
     """
 
     global_batch_size: int
@@ -158,14 +166,36 @@ class TrainingSpec:
     decoder_seq_length: int | None = None
     fused_kernels: bool = True
     optimizer: str = "adam"
+    precision_aware_optimizer: bool = False
+    main_grads_dtype: str = "fp32"
+    main_params_dtype: str = "fp32"
+    exp_avg_dtype: str = "fp32"
+    exp_avg_sq_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("global_batch_size", "seq_length"))
         _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        for name, choices in (
+            ("main_grads_dtype", MAIN_GRADS_DTYPES),
+            ("main_params_dtype", MAIN_PARAMS_DTYPES),
+            ("exp_avg_dtype", MOMENT_DTYPES),
+            ("exp_avg_sq_dtype", MOMENT_DTYPES),
+        ):
+            _require(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}")
+            _require(
+                self.precision_aware_optimizer or getattr(self, name) == "fp32",
+                name,
+                "can only be fp32 without the precision-aware optimizer (Megatron-LM's OptimizerConfig asserts it)",
+            )
+        _require(
+            not self.precision_aware_optimizer or self.optimizer == "adam",
+            "precision_aware_optimizer",
+            "is only supported with the adam optimizer",
+        )
         if self.decoder_seq_length is not None:
             _positive_ints(self, ("decoder_seq_length",))
         _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
-        for name in ("flash_attention", "fused_kernels"):
+        for name in ("flash_attention", "fused_kernels", "precision_aware_optimizer"):
             _require(isinstance(getattr(self, name), bool), name, "must be true or false")
 
     @property
