@@ -110,7 +110,9 @@ def best_expressible(graph, cluster, training, cap, cm) -> tuple[float, str] | N
     if len(graph.runs) != 3 or any(e.kind != "chain" for e in graph.edges):
         return None
     best = None
-    for deg, c in candidate_pairs(graph, cluster, training, cap, NO_PINS):
+    for deg, c, v in candidate_pairs(graph, cluster, training, cap, NO_PINS):
+        if v > 1:
+            continue  # the best split below is 1F1B's (one chunk per rank)
         sub = build_subproblem(graph, cluster, training, cap, cm, deg, c)
         if not sub.feasible_strategies:
             continue
@@ -179,8 +181,8 @@ def main() -> None:
             even = min(
                 (
                     u[0].time_per_iteration
-                    for d, c in candidate_pairs(graph, cluster, training, cap, NO_PINS)
-                    if (u := _uniform(graph, cluster, training, cap, cm, d, c))
+                    for d, c, v in candidate_pairs(graph, cluster, training, cap, NO_PINS)
+                    if v == 1 and (u := _uniform(graph, cluster, training, cap, cm, d, c))
                 ),
                 default=None,
             )

@@ -86,12 +86,14 @@ for case in cases:
         except (AssertionError, ValueError, RuntimeError) as exc:
             results.append({"error": f"TransformerConfig: {exc}"})
             continue
-        ranks = range(args.pipeline_model_parallel_size)
+        # Per model chunk in placement order: chunk k of every rank, then chunk k + 1 (one chunk without VPP).
+        pp, vpp = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
+        stages = [(k if vpp else None, i) for k in range(vpp or 1) for i in range(pp)]
         layout = config.pipeline_model_parallel_layout
-        if layout is not None:
-            counts = [layout.get_num_layers_to_build(LayerType.decoder, pp_rank=i) for i in ranks]
+        if layout is not None:  # its getters read the chunk from parallel_state, which is not set up here
+            counts = [layout.layout[i][k or 0].count(LayerType.decoder) for k, i in stages]
         else:
-            counts = [get_num_layers_to_build(config, pp_rank=i) for i in ranks]
+            counts = [get_num_layers_to_build(config, vp_stage=k, pp_rank=i) for k, i in stages]
         report[LAYERS_PER_STAGE] = counts
     results.append({"args": report})
 print(json.dumps(results))

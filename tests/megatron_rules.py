@@ -33,6 +33,7 @@ INT_FLAGS = {
     "--global-batch-size",
     "--decoder-first-pipeline-num-layers",
     "--decoder-last-pipeline-num-layers",
+    "--num-virtual-stages-per-pipeline-rank",
     "--recompute-num-layers",
     "--num-layers",
     "--hidden-size",
@@ -183,6 +184,18 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
     # Pipeline split (A.6-9, B uneven PP and layout, C get_num_layers_to_build).
     first, last = g("--decoder-first-pipeline-num-layers"), g("--decoder-last-pipeline-num-layers")
     layout = g("--pipeline-model-parallel-layout")
+    vpp = g("--num-virtual-stages-per-pipeline-rank")
+    if vpp is not None:
+        # A.6 / B: at most one of layout and virtual-stage flags; interleaving needs PP > 1 and a number of
+        # micro-batches that is a multiple of PP; an even split of the layers over PP x v chunks.
+        if layout is not None:
+            bad.append("--num-virtual-stages-per-pipeline-rank together with a layout")
+        if pp < 2:
+            bad.append("interleaved schedule with PP 1")
+        elif (gbs // (mbs * dp)) % pp:
+            bad.append(f"{gbs // (mbs * dp)} micro-batches is not a multiple of PP {pp} (interleaved schedule)")
+        if layers % (pp * vpp):
+            bad.append(f"num_layers {layers} % (PP {pp} * v {vpp}) != 0")
     if layout is not None:
         if first is not None or last is not None:
             bad.append("a layout cannot be combined with --decoder-first/last-pipeline-num-layers")
@@ -190,8 +203,10 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
         flat = "".join(stages)
         if set(flat) - set("ELt"):
             bad.append(f"layout letters {sorted(set(flat) - set('ELt'))} (only E, L, t for a GPT)")
-        if len(stages) != pp:
-            bad.append(f"layout has {len(stages)} stages, PP is {pp} (uniap never sets VPP)")
+        if len(stages) % pp:
+            bad.append(f"layout has {len(stages)} stages, not a multiple of PP {pp}")
+        elif len(stages) > pp and (gbs // (mbs * dp)) % pp:
+            bad.append("an interleaved layout needs the number of micro-batches to be a multiple of PP")
         if flat.count("E") != 1 or not stages[0].startswith("E"):
             bad.append("layout needs exactly one E, first in stage 0")
         if flat.count("L") != 1 or not stages[-1].endswith("L"):
@@ -209,7 +224,7 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
             bad.append(f"{mid_layers} middle layers but {mid_stages} middle stages")
         elif mid_stages and mid_layers % mid_stages:
             bad.append(f"middle layers {mid_layers} % middle stages {mid_stages} != 0")
-    elif layers % pp:
+    elif layers % pp and vpp is None:
         bad.append(f"even split: num_layers {layers} % PP {pp} != 0")
     # Recompute (A.18-19, B): full needs method + count; selective forbids both.
     gran = g("--recompute-granularity")
@@ -268,6 +283,9 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
 def expected_stage_counts(flags: dict) -> list[int]:
     """Transformer layers per pipeline stage as Megatron derives them from the flags (frameworks.md 1.4 C)."""
     layers, pp = flags["--num-layers"], flags.get("--pipeline-model-parallel-size", 1)
+    vpp = flags.get("--num-virtual-stages-per-pipeline-rank")
+    if vpp:
+        return [layers // (pp * vpp)] * (pp * vpp)
     if "--pipeline-model-parallel-layout" in flags:
         return [stage.count("t") for stage in expand_layout(flags["--pipeline-model-parallel-layout"])]
     first = flags.get("--decoder-first-pipeline-num-layers")
@@ -369,6 +387,7 @@ def transformer_config(flags: dict) -> TransformerConfig:
         num_layers_in_first_pipeline_stage=g("--decoder-first-pipeline-num-layers"),
         num_layers_in_last_pipeline_stage=g("--decoder-last-pipeline-num-layers"),
         pipeline_model_parallel_layout=g("--pipeline-model-parallel-layout"),
+        virtual_pipeline_model_parallel_size=g("--num-virtual-stages-per-pipeline-rank"),
         recompute_granularity=g("--recompute-granularity"),
         recompute_method=g("--recompute-method"),
         recompute_num_layers=g("--recompute-num-layers"),
@@ -385,17 +404,20 @@ def transformer_config(flags: dict) -> TransformerConfig:
 
 
 def core_stage_layers(config: TransformerConfig) -> tuple[list[int], list[int]]:
-    """(layers to build, first layer's offset) per pipeline rank, from megatron-core."""
+    """(layers to build, first layer's offset) per pipeline stage -- per (chunk, rank) in placement order when
+    interleaved -- from megatron-core."""
     pp = config.pipeline_model_parallel_size
     layout = config.pipeline_model_parallel_layout
-    if layout is not None:  # the layout path reads the PP rank from parallel_state unless given directly
-        return (
-            [layout.get_num_layers_to_build(LayerType.decoder, pp_rank=i) for i in range(pp)],
-            [layout.get_layer_offset(LayerType.decoder, pp_rank=i) for i in range(pp)],
-        )
+    if layout is not None:
+        # The parsed layout per (rank, chunk); its getters read the chunk from parallel_state, not set up here.
+        stages = [(k, i) for k in range(layout.virtual_pipeline_model_parallel_size) for i in range(pp)]
+        counts = [layout.layout[i][k].count(LayerType.decoder) for k, i in stages]
+        return counts, [sum(counts[:j]) for j in range(len(counts))]
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages = [(k if vpp else None, i) for k in range(vpp or 1) for i in range(pp)]
     return (
-        [get_num_layers_to_build(config, pp_rank=i) for i in range(pp)],
-        [get_transformer_layer_offset(config, pp_rank=i) for i in range(pp)],
+        [get_num_layers_to_build(config, vp_stage=k, pp_rank=i) for k, i in stages],
+        [get_transformer_layer_offset(config, vp_stage=k, pp_rank=i) for k, i in stages],
     )
 
 

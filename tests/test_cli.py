@@ -103,7 +103,7 @@ def check_plan_invariants(plan: Plan) -> None:
     assert plan.time_per_iteration > 0
     assert plan.samples_per_second > 0
     assert plan.micro_batch_all_replicas * plan.micro_batches == plan.training.global_batch_size
-    assert len(plan.stages) == plan.pipeline_degree
+    assert len(plan.stages) == plan.num_stages
     assert plan.devices_per_stage * plan.pipeline_degree == plan.cluster.num_nodes * plan.cluster.gpus_per_node
     for stage in plan.stages:
         assert 0 < stage.memory_bytes <= plan.memory_capacity_bytes
@@ -115,7 +115,7 @@ def check_plan_invariants(plan: Plan) -> None:
     # stages are contiguous and in order
     stages = [lp.stage for lp in plan.layers]
     assert stages == sorted(stages)
-    assert set(stages) == set(range(plan.pipeline_degree))
+    assert set(stages) == set(range(plan.num_stages))
 
 
 # --- plan: table and JSON -----------------------------------------------------------------------------

@@ -67,15 +67,17 @@ def test_megatron_core_accepts_arguments(name, argv):
     counts = plan.stage_layer_counts()
     if "--pipeline-model-parallel-layout" in flags:  # megatron-core's parser (frameworks.md 1.5)
         layout = PipelineParallelLayerLayout(flags["--pipeline-model-parallel-layout"], plan.pipeline_degree)
-        assert layout.virtual_pipeline_model_parallel_size == 1
+        v = layout.virtual_pipeline_model_parallel_size
+        assert v == plan.virtual_stages
         layout.validate_layer_layout(num_layers=model.num_layers, mtp_num_layers=None)
-        assert [layout.layout[i][0].count(LayerType.decoder) for i in range(plan.pipeline_degree)] == counts
-        assert layout.layout[0][0][0] == LayerType.embedding and layout.layout[-1][0][-1] == LayerType.loss
+        chunks = [(k, i) for k in range(v) for i in range(plan.pipeline_degree)]  # placement order
+        assert [layout.layout[i][k].count(LayerType.decoder) for k, i in chunks] == counts
+        assert layout.layout[0][0][0] == LayerType.embedding and layout.layout[-1][-1][-1] == LayerType.loss
     config = transformer_config(flags)  # __post_init__ validates
     assert config.num_query_groups == model.query_groups
     assert config.ffn_hidden_size == model.ffn_hidden_size and config.kv_channels == model.head_dim
     assert config.sequence_parallel == (plan.uniform_strategy.tp > 1)
-    assert config.virtual_pipeline_model_parallel_size is None
+    assert config.virtual_pipeline_model_parallel_size == (plan.virtual_stages if plan.virtual_stages > 1 else None)
     build, offsets = core_stage_layers(config)
     assert build == counts
     assert offsets == [sum(counts[:i]) for i in range(len(counts))]

@@ -13,6 +13,7 @@ from uniap.model.presets import MODEL_PRESETS
 from uniap.model.spec import TrainingSpec
 
 from uniap_megatron.args import job_from_args, model_args, world_size
+from uniap_megatron.planning import plan_megatron
 from uniap_megatron.environment import fused_kernels_available
 
 # The smallest command line job_from_args plans from: shape, sequence and global batch.
@@ -237,17 +238,34 @@ def test_model_args_refuses_non_decoder():
     [
         ("--expert-model-parallel-size", "4"),
         ("--num-layers-per-virtual-pipeline-stage", "4"),
-        ("--num-virtual-stages-per-pipeline-rank", "2"),
         ("--num-experts", "8"),
     ],
 )
 def test_parallelism_uniap_does_not_plan_is_refused_by_name(flag, value):
     """Planning without it would price a configuration other than the one Megatron-LM runs."""
     argv = list(TINY_ARGV)
-    with pytest.raises(SpecError, match=f"{flag} {value}: uniap does not plan this parallelism yet"):
+    with pytest.raises(SpecError, match=f"{flag} {value}: uniap does not plan this parallelism yet") as err:
         job_from_args(argv + [flag, value])
+    if flag == "--num-layers-per-virtual-pipeline-stage":
+        assert "--num-virtual-stages-per-pipeline-rank" in err.value.hint  # what to say instead
     if flag == "--expert-model-parallel-size":
         job_from_args(argv + [flag, "1"])  # Megatron's default is no such parallelism: nothing to refuse
+
+
+def test_virtual_stages_per_rank_is_a_pin_with_an_even_split():
+    """Megatron takes no layout beside --num-virtual-stages-per-pipeline-rank, so the plan keeps it even."""
+    pins = job_from_args([*TINY_ARGV, "--num-virtual-stages-per-pipeline-rank", "2"]).pins
+    assert pins.virtual_stages == 2 and pins.even_split
+
+
+def test_virtual_stages_that_cannot_split_the_layers_are_refused_with_the_rule():
+    """The issue's 26 layers with PP 8 and 2 chunks per rank: no even split exists, and uniap says why
+    instead of emitting a layout beside the flag (which Megatron-LM refuses)."""
+    argv = [*LLAMA2_70B_ARGV, "--num-virtual-stages-per-pipeline-rank", "2"]
+    argv[argv.index("--num-layers") + 1] = "26"
+    argv[argv.index("--tensor-model-parallel-size") + 1] = "1"
+    with pytest.raises(SpecError, match="split the 26 transformer layers evenly into pipeline degree x 2 chunks"):
+        plan_megatron(argv, nodes=8, gpus_per_node=8)
 
 
 def test_context_parallel_size_is_a_pin():

@@ -249,6 +249,14 @@ REAL_JOBS = [
     ("llama3-8b-8k-dist-opt", LLAMA3_8B_8K + ["--use-distributed-optimizer"], 1, "1"),
     ("llama2-7b-muon", LLAMA2_7B + ["--optimizer", "muon"], 1, "1"),
     ("gpt3-175b-1024", GPT3_175B, 128, None),
+    # interleaved 1F1B pinned: an even split over PP x 2 chunks, no layout beside the flag
+    ("llama2-70b-vpp2", LLAMA2_70B + ["--num-virtual-stages-per-pipeline-rank", "2"], 8, "1"),
+    (
+        "llama2-7b-pp4-vpp4",
+        LLAMA2_7B + ["--pipeline-model-parallel-size", "4", "--num-virtual-stages-per-pipeline-rank", "4"],
+        1,
+        "1",
+    ),
 ]
 
 
@@ -256,8 +264,8 @@ def test_megatron_lm_runs_realistic_jobs_as_planned():
     """Each realistic job's merged command line passes Megatron-LM's parse_args, validate_args and
     core_transformer_config_from_args in the launch's environment (Hopper), and Megatron's final arguments are
     the plan: TP, CP, PP, DP, micro and global batch, number of micro-batches, the decoder layers each pipeline
-    rank builds, sequence parallelism, distributed optimizer / Megatron-FSDP and recompute. The user's pins
-    hold, and long sequences get context parallelism."""
+    rank builds (per model chunk when interleaved), sequence parallelism, distributed optimizer / Megatron-FSDP
+    and recompute. The user's pins hold (interleaving included), and long sequences get context parallelism."""
     megatron_lm.require()
     plans, cases = [], []
     for _name, argv, nodes, connections in REAL_JOBS:
@@ -267,7 +275,13 @@ def test_megatron_lm_runs_realistic_jobs_as_planned():
         plans.append(plan)
         # Without TransformerEngine (a CPU machine), TransformerConfig refuses Megatron's default RoPE fusion.
         cases.append((merged + [NO_ROPE_FUSION], {**env, **merge.env}, nodes * 8))
-    report = (*REPORTED, "use_distributed_optimizer", "use_megatron_fsdp", megatron_lm.LAYERS_PER_STAGE)
+    report = (
+        *REPORTED,
+        "virtual_pipeline_model_parallel_size",
+        "use_distributed_optimizer",
+        "use_megatron_fsdp",
+        megatron_lm.LAYERS_PER_STAGE,
+    )
     results = megatron_lm.validate(cases, report=report)
     failures = []
     for (name, argv, _nodes, _conn), plan, result in zip(REAL_JOBS, plans, results):
@@ -279,6 +293,7 @@ def test_megatron_lm_runs_realistic_jobs_as_planned():
             "tensor_model_parallel_size": s.tp,
             "context_parallel_size": s.cp,
             "pipeline_model_parallel_size": plan.pipeline_degree,
+            "virtual_pipeline_model_parallel_size": plan.virtual_stages if plan.virtual_stages > 1 else None,
             "data_parallel_size": plan.data_parallel_size,
             "micro_batch_size": plan.micro_batch_per_replica,
             "global_batch_size": plan.training.global_batch_size,
@@ -292,9 +307,11 @@ def test_megatron_lm_runs_realistic_jobs_as_planned():
         micro_batches = got["global_batch_size"] // (got["micro_batch_size"] * got["data_parallel_size"])
         if micro_batches != plan.micro_batches:
             wrong["micro-batches"] = (micro_batches, plan.micro_batches)
-        for flag in ("--tensor-model-parallel-size", "--context-parallel-size", "--pipeline-model-parallel-size"):
-            if flag in argv and str(got[F.BY_SPELLING[flag].dest]) != argv[argv.index(flag) + 1]:
-                wrong[flag] = (got[F.BY_SPELLING[flag].dest], argv[argv.index(flag) + 1])
+        pinned = ("--tensor-model-parallel-size", "--context-parallel-size", "--pipeline-model-parallel-size")
+        for flag in pinned + ("--num-virtual-stages-per-pipeline-rank",):
+            dest = "virtual_pipeline_model_parallel_size" if flag not in pinned else F.BY_SPELLING[flag].dest
+            if flag in argv and str(got[dest]) != argv[argv.index(flag) + 1]:
+                wrong[flag] = (got[dest], argv[argv.index(flag) + 1])
         if wrong:
             failures.append(f"{name}: {wrong} (Megatron's value, the plan's)")
     assert failures == [], "\n".join(failures)

@@ -70,6 +70,7 @@ def megatron_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--pipeline-model-parallel-layout", type=str, default=None)
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
@@ -520,6 +521,8 @@ def test_every_plan_flag_maps_to_megatrons_dest():
         "5",
         "--pipeline-model-parallel-layout",
         "Et|t|t|tL",
+        "--num-virtual-stages-per-pipeline-rank",
+        "2",
         "--sequence-parallel",
         "--use-distributed-optimizer",
         "--overlap-grad-reduce",

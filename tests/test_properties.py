@@ -243,8 +243,8 @@ def test_optimum_matches_exhaustive_search(model, cluster, training, target):
     capability = capability_for(target)
     cost_model = CostModel(cluster, training, None)
     best = None
-    for deg, c in candidate_pairs(graph, cluster, training, capability, NO_PINS):
-        sub = build_subproblem(graph, cluster, training, capability, cost_model, deg, c)
+    for deg, c, v in candidate_pairs(graph, cluster, training, capability, NO_PINS):
+        sub = build_subproblem(graph, cluster, training, capability, cost_model, deg, c, v=v)
         if not sub.feasible_strategies:
             continue
         found = exhaustive_optimum(sub)

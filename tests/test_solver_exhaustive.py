@@ -84,8 +84,8 @@ def test_unified_optimization_matches_exhaustive_over_all_subproblems(seed):
     sub, what = random_instance(seed)
     graph, cluster, training, cap, cm = sub.graph, sub.cluster, sub.training, sub.capability, sub.cost_model
     best = None
-    for deg, c in candidate_pairs(graph, cluster, training, cap, NO_PINS):
-        found = exhaustive_optimum(build_subproblem(graph, cluster, training, cap, cm, deg, c))
+    for deg, c, v in candidate_pairs(graph, cluster, training, cap, NO_PINS):
+        found = exhaustive_optimum(build_subproblem(graph, cluster, training, cap, cm, deg, c, v=v))
         if found and (best is None or found[0] < best):
             best = found[0]
     if best is None:

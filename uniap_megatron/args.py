@@ -35,10 +35,16 @@ class MegatronLaunch:
     env: dict[str, str]
 
 
-def pipeline_split_args(counts: list[int]) -> list[str]:
+def pipeline_split_args(counts: list[int], virtual_stages: int = 1) -> list[str]:
     """Megatron flags for transformer layers per stage: none when even, first/last counts when only the
-    ends differ (both > 0, equal middles), otherwise a full layout (embedding first, loss last)."""
+    ends differ (both > 0, equal middles), otherwise a full layout (embedding first, loss last). Interleaved
+    (`counts` per model chunk, PP x v of them): --num-virtual-stages-per-pipeline-rank when even, else a layout
+    of all the chunks (Megatron derives v from it; it takes no virtual-stage flag beside a layout)."""
     pp = len(counts)
+    if virtual_stages > 1:
+        if len(set(counts)) == 1:
+            return F.VIRTUAL_STAGES_PER_RANK.tokens(virtual_stages)
+        return _layout(counts)
     if pp == 1 or len(set(counts)) == 1:
         return []
     first, middle, last = counts[0], counts[1:-1], counts[-1]
@@ -49,6 +55,12 @@ def pipeline_split_args(counts: list[int]) -> list[str]:
         if not middle or last != middle[0]:
             flags += F.LAST_STAGE_LAYERS.tokens(last)
         return flags
+    return _layout(counts)
+
+
+def _layout(counts: list[int]) -> list[str]:
+    """--pipeline-model-parallel-layout with `counts` transformer layers per stage, the embedding first, the
+    loss last."""
     stages = [("t*%d" % n) if n else "" for n in counts]
     stages[0] = "E" + ("," + stages[0] if stages[0] else "")
     stages[-1] = (stages[-1] + "," if stages[-1] else "") + "L"
@@ -88,7 +100,7 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
         + F.MICRO_BATCH_SIZE.tokens(plan.micro_batch_per_replica)
         + F.GLOBAL_BATCH_SIZE.tokens(plan.training.global_batch_size)
     )
-    args += pipeline_split_args(plan.stage_layer_counts())
+    args += pipeline_split_args(plan.stage_layer_counts(), plan.virtual_stages)
     if s.tp > 1:
         args += F.SEQUENCE_PARALLEL.tokens()
     fsdp = s.zero == 3 and s.shards > 1
@@ -242,6 +254,9 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
     pins = Pins(
         tp=given(F.TENSOR_PARALLEL.dest),
         cp=given(F.CONTEXT_PARALLEL.dest),
+        virtual_stages=given(F.VIRTUAL_STAGES_PER_RANK.dest),
+        # Megatron takes no layout beside the virtual-stage flag: the user's flag means an even split.
+        even_split=given(F.VIRTUAL_STAGES_PER_RANK.dest) is not None,
         pipeline_degree=given(F.PIPELINE_PARALLEL.dest),
         zero=zero,
         recompute=given(F.RECOMPUTE_GRANULARITY.dest),  # --recompute-activations: 'selective'
@@ -251,7 +266,8 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
 
 
 def check_unplanned(ns: argparse.Namespace) -> None:
-    """Refuse, by name, a parallelism the planner does not search yet (expert, interleaved pipeline):
+    """Refuse, by name, a parallelism the planner does not search yet (expert; layers per virtual stage, for
+    which --num-virtual-stages-per-pipeline-rank says the same):
     planning without it would price one configuration while Megatron-LM runs another."""
     for flag in F.UNPLANNED_FLAGS:
         value = getattr(ns, flag.dest)
@@ -259,7 +275,9 @@ def check_unplanned(ns: argparse.Namespace) -> None:
             raise SpecError(
                 f"{flag.spelling} {value}: uniap does not plan this parallelism yet, so the plan would not be the "
                 "configuration Megatron-LM runs",
-                f"drop {flag.spelling} to let uniap plan without it, or set every parallel flag yourself and "
+                f"use {F.VIRTUAL_STAGES_PER_RANK.spelling} (model chunks per pipeline rank), which uniap plans"
+                if flag is F.LAYERS_PER_VIRTUAL_STAGE
+                else f"drop {flag.spelling} to let uniap plan without it, or set every parallel flag yourself and "
                 "launch without --auto-parallel",
             )
 

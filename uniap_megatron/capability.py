@@ -7,6 +7,9 @@
 - ZeRO: none, the distributed optimizer (ZeRO-1), or Megatron-FSDP (ZeRO-3, optim_grads_params) only
   with PP = 1 (0.16.1 does not assert that for Megatron-FSDP; torch FSDP2 does, and uniap keeps the
   stricter rule);
+- interleaved 1F1B (`--num-virtual-stages-per-pipeline-rank`, or a layout of PP x v stages) with the number
+  of micro-batches a multiple of PP (megatron-core pipeline_parallel/schedules.py); the search tries 2 chunks
+  per rank, a user's pin any count;
 - one recompute setting for all transformer layers (`--recompute-granularity full --recompute-method
   uniform --recompute-num-layers 1`, or selective);
 - heads, query groups and FFN divisible by TP (checked by the core's strategy enumeration).
@@ -59,6 +62,7 @@ MEGATRON = Capability(
     uniform_recompute=True,
     max_zero_with_pipeline=1,
     precision_aware_optimizer=True,
+    virtual_stages=(1, 2),
     reasons={
         "zero_stages": "Megatron-LM shards optimizer states (--use-distributed-optimizer, ZeRO-1) or everything "
         "(--use-torch-fsdp2, ZeRO-3), nothing in between",

@@ -74,6 +74,7 @@ GLOBAL_BATCH_SIZE = Flag("--global-batch-size", type=int)
 FIRST_STAGE_LAYERS = Flag("--decoder-first-pipeline-num-layers", type=int)
 LAST_STAGE_LAYERS = Flag("--decoder-last-pipeline-num-layers", type=int)
 PIPELINE_LAYOUT = Flag("--pipeline-model-parallel-layout", type=str)
+VIRTUAL_STAGES_PER_RANK = Flag("--num-virtual-stages-per-pipeline-rank", type=int)
 SEQUENCE_PARALLEL = Flag("--sequence-parallel", Kind.SWITCH)
 DISTRIBUTED_OPTIMIZER = Flag("--use-distributed-optimizer", Kind.SWITCH)
 OVERLAP_GRAD_REDUCE = Flag("--overlap-grad-reduce", Kind.SWITCH)
@@ -100,6 +101,7 @@ PLAN_FLAGS = (
     FIRST_STAGE_LAYERS,
     LAST_STAGE_LAYERS,
     PIPELINE_LAYOUT,
+    VIRTUAL_STAGES_PER_RANK,
     SEQUENCE_PARALLEL,
     DISTRIBUTED_OPTIMIZER,
     OVERLAP_GRAD_REDUCE,
@@ -177,9 +179,8 @@ MODEL_FLAGS = (
 # --- parallelism uniap does not plan yet: refused by name when set, never ignored -----------------------
 EXPERT_PARALLEL = Flag("--expert-model-parallel-size", type=int, default=1)
 LAYERS_PER_VIRTUAL_STAGE = Flag("--num-layers-per-virtual-pipeline-stage", type=int)
-VIRTUAL_STAGES_PER_RANK = Flag("--num-virtual-stages-per-pipeline-rank", type=int)
 NUM_EXPERTS = Flag("--num-experts", type=int)
-UNPLANNED_FLAGS = (EXPERT_PARALLEL, LAYERS_PER_VIRTUAL_STAGE, VIRTUAL_STAGES_PER_RANK, NUM_EXPERTS)
+UNPLANNED_FLAGS = (EXPERT_PARALLEL, LAYERS_PER_VIRTUAL_STAGE, NUM_EXPERTS)
 
 ALL_FLAGS = PLAN_FLAGS + USER_ALIASES + MODEL_FLAGS + UNPLANNED_FLAGS
 BY_SPELLING = {f.spelling: f for f in ALL_FLAGS}

@@ -22,7 +22,8 @@ def plan_summary(plan: Plan) -> str:
     s = plan.uniform_strategy
     c = plan.cluster
     cp = f" CP{s.cp}" if s and s.cp > 1 else ""
-    par = f"TP{s.tp}{cp} PP{plan.pipeline_degree} DP{s.dp}" if s else f"PP{plan.pipeline_degree}"
+    vpp = f"x{plan.virtual_stages}" if plan.virtual_stages > 1 else ""
+    par = f"TP{s.tp}{cp} PP{plan.pipeline_degree}{vpp} DP{s.dp}" if s else f"PP{plan.pipeline_degree}{vpp}"
     text = (
         f"{plan.model.name} on {c.num_nodes}x{c.gpus_per_node} {c.gpu_name}: {par}, "
         f"micro-batch size {plan.micro_batch_per_replica} x {plural(plan.micro_batches, 'micro-batch')}, predicted "

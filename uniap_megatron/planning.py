@@ -35,6 +35,7 @@ ANY_CONNECTIONS = "any"
 PIN_FLAGS = {
     "tp": F.TENSOR_PARALLEL.spelling,
     "cp": F.CONTEXT_PARALLEL.spelling,
+    "virtual_stages": F.VIRTUAL_STAGES_PER_RANK.spelling,
     "pipeline_degree": F.PIPELINE_PARALLEL.spelling,
     "micro_batch_per_replica": F.MICRO_BATCH_SIZE.spelling,
 }

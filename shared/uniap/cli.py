@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--pp", type=int, help="pipeline degree (default: chosen)")
     g.add_argument(
+        "--virtual-stages",
+        type=int,
+        help="model chunks per pipeline rank, interleaved 1F1B, with an even split (default: chosen where the "
+        "target interleaves, else 1)",
+    )
+    g.add_argument(
         "--zero",
         type=int,
         choices=ZERO_STAGES,
@@ -292,6 +298,8 @@ def cmd_plan(args) -> int:
         tp=args.tp,
         cp=args.cp,
         pipeline_degree=args.pp,
+        virtual_stages=args.virtual_stages,
+        even_split=args.virtual_stages is not None and args.virtual_stages > 1,
         zero=args.zero,
         recompute=args.recompute,
         micro_batch_per_replica=args.micro_batch_size,

@@ -24,10 +24,11 @@ from .model.graph import TRANSFORMER_KINDS
 from .model.spec import ModelSpec, TrainingSpec
 
 PLAN_FORMAT = "uniap-plan"
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 # Version 2 added each stage's memory breakdown; version 3 renamed micro_batch -> micro_batch_all_replicas
-# and the pin micro_batch_size -> micro_batch_per_replica.
-READABLE_VERSIONS = (1, 2, 3)
+# and the pin micro_batch_size -> micro_batch_per_replica; version 4 added virtual_stages (interleaved
+# pipelines; older plans have one chunk per rank) and each strategy's cp.
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,10 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One pipeline stage: its layers, time per micro-batch, once-per-iteration time, and memory per GPU:
-    `memory_bytes` is the predicted peak the allocator reserves; the rest are allocated bytes (model states,
-    in-flight activations, peaks while computing, the states at the optimizer step with its temporaries)."""
+    """One pipeline stage (a model chunk of rank index % pipeline_degree when interleaved): its layers, time per
+    micro-batch, once-per-iteration time, and memory per GPU of its rank: `memory_bytes` is the predicted peak
+    the allocator reserves; the rest are allocated bytes (model states, in-flight activations, peaks while
+    computing, the states at the optimizer step with its temporaries)."""
 
     index: int
     first_layer: str
@@ -64,7 +66,9 @@ class Plan:
     `micro_batches` is the paper's c (micro-batches per iteration, Megatron's accumulation steps x the
     pipeline's); `micro_batch_all_replicas` = global batch / c is the samples of one pipeline micro-batch
     over all data-parallel replicas of a stage together; `micro_batch_per_replica` is what each replica
-    computes (Megatron's --micro-batch-size, DeepSpeed's train_micro_batch_size_per_gpu)."""
+    computes (Megatron's --micro-batch-size, DeepSpeed's train_micro_batch_size_per_gpu). `virtual_stages`
+    is the model chunks per pipeline rank (Megatron's --num-virtual-stages-per-pipeline-rank; 1: plain 1F1B):
+    the layers sit on pipeline_degree x virtual_stages stages, stage i on rank i % pipeline_degree."""
 
     target: str
     model: ModelSpec
@@ -86,21 +90,29 @@ class Plan:
     solver: dict[str, Any] = field(default_factory=dict)
     pins: Pins = NO_PINS
     reserved_per_allocated: float | None = None
+    virtual_stages: int = 1
 
     def __post_init__(self) -> None:
         for name, kind in (("model", ModelSpec), ("cluster", ClusterSpec), ("training", TrainingSpec), ("pins", Pins)):
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"Plan.{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
-        if self.pipeline_degree < 1 or self.micro_batches < 1 or self.micro_batch_all_replicas < 1:
-            raise SpecError("invalid plan: pipeline_degree, micro_batches and micro_batch_all_replicas must be >= 1")
+        if min(self.pipeline_degree, self.micro_batches, self.micro_batch_all_replicas, self.virtual_stages) < 1:
+            raise SpecError(
+                "invalid plan: pipeline_degree, virtual_stages, micro_batches and micro_batch_all_replicas must be >= 1"
+            )
         if self.micro_batch_all_replicas * self.micro_batches != self.training.global_batch_size:
             raise SpecError("invalid plan: micro_batch_all_replicas * micro_batches must equal the global batch size")
-        if {lp.stage for lp in self.layers} != set(range(self.pipeline_degree)):
+        if {lp.stage for lp in self.layers} != set(range(self.num_stages)):
             raise SpecError("invalid plan: every stage must hold at least one layer")
-        if len(self.stages) != self.pipeline_degree:
+        if len(self.stages) != self.num_stages:
             raise SpecError("invalid plan: one stage entry per pipeline stage is required")
 
     # --- views the adapters use -------------------------------------------------------------------
+
+    @property
+    def num_stages(self) -> int:
+        """Stages the layers are placed on: pipeline ranks x model chunks per rank."""
+        return self.pipeline_degree * self.virtual_stages
 
     @property
     def uniform_strategy(self) -> Strategy | None:
@@ -125,7 +137,8 @@ class Plan:
         return self.micro_batch_all_replicas // self.data_parallel_size
 
     def stage_layer_counts(self, kinds: tuple[str, ...] = TRANSFORMER_KINDS) -> list[int]:
-        counts = [0] * self.pipeline_degree
+        """Layers of `kinds` per stage (per model chunk, in placement order, when interleaved)."""
+        counts = [0] * self.num_stages
         for lp in self.layers:
             if lp.kind in kinds:
                 counts[lp.stage] += 1
@@ -219,7 +232,7 @@ def make_plan(
     g = sub.graph
     layers = [LayerPlan(layer.name, layer.kind, stage_of[u], strategy_of[u]) for u, layer in enumerate(g.layers)]
     stages = []
-    for i in range(sub.deg):
+    for i in range(sub.stages):
         members = [lp.name for lp in layers if lp.stage == i]
         mem = pred.stage_breakdown[i]
         stages.append(
@@ -273,6 +286,7 @@ def make_plan(
         solver=solver,
         pins=pins,
         reserved_per_allocated=pred.reserved_per_allocated,
+        virtual_stages=sub.v,
     )
 
 

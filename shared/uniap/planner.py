@@ -46,7 +46,13 @@ def training_spec(model: ModelSpec, global_batch_size: int, seq_length: int | No
 
 
 # How the `uniap` command spells each pin; an adapter passes its framework's spelling (Job.pin_flags).
-PIN_FLAGS = {"tp": "--tp", "cp": "--cp", "pipeline_degree": "--pp", "micro_batch_per_replica": "--micro-batch-size"}
+PIN_FLAGS = {
+    "tp": "--tp",
+    "cp": "--cp",
+    "pipeline_degree": "--pp",
+    "virtual_stages": "--virtual-stages",
+    "micro_batch_per_replica": "--micro-batch-size",
+}
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,12 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
                 f"{world} GPUs",
                 hint,
             )
+    if p.virtual_stages is not None and p.virtual_stages > 1 and p.pipeline_degree == 1:
+        raise SpecError(
+            f"{flags['virtual_stages']} {p.virtual_stages} interleaves model chunks over pipeline ranks, but "
+            f"{flags['pipeline_degree']} is 1 (an interleaved schedule needs more than one)",
+            hint,
+        )
     if p.pipeline_degree is not None:
         if world % (p.pipeline_degree * (p.tp or 1) * (p.cp or 1)):
             raise SpecError(
@@ -208,6 +220,7 @@ def price(plan: Plan, profile: Profile | None = None) -> PricedPlan:
         CostModel(cluster, training, profile),
         plan.pipeline_degree,
         plan.micro_batches,
+        v=plan.virtual_stages,
     )
     stage_of = [lp.stage for lp in plan.layers]
     strategy_of = [lp.strategy for lp in plan.layers]

@@ -14,6 +14,8 @@ PIN_WORDS = {
     "tp": "TP",
     "cp": "CP",
     "pipeline_degree": "PP",
+    "virtual_stages": "chunks per rank",
+    "even_split": "even split",
     "zero": "ZeRO",
     "recompute": "recompute",
     "micro_batch_per_replica": "micro-batch size",
@@ -45,6 +47,10 @@ def batch_line(plan: Plan) -> str:
     """The batch as Megatron-LM and DeepSpeed name it: per-replica micro-batch size, data-parallel size and
     micro-batches per iteration (Megatron's number of micro-batches, DeepSpeed's gradient_accumulation_steps)."""
     head = f"pipeline degree {plan.pipeline_degree}, {plan.devices_per_stage} GPUs per stage"
+    if plan.virtual_stages > 1:
+        head += (
+            f", {plan.virtual_stages} model chunks per rank interleaved (stage i on rank i mod {plan.pipeline_degree})"
+        )
     steps = plural(plan.micro_batches, "micro-batch")
     if plan.uniform_strategy is None:  # layers differ in data-parallel size (generic target)
         return f"{head}; {steps} of {plan.micro_batch_all_replicas} samples over all replicas per iteration"

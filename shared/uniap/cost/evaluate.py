@@ -48,9 +48,15 @@ class Prediction:
 
     TPI = sum_i p_i + sum_j o_j + (c - 1) * max(max_i p_i, max_j o_j) + max_i g_i
     with p_i the stage's time per micro-batch, o_j the boundary's P2P time per micro-batch and g_i the
-    stage's once-per-iteration time (exposed gradient sync, optimizer step). `stage_memory` is the peak
-    the allocator reserves per GPU (allocated peak x reserved_per_allocated), `memory_capacity` what it may
-    reserve (the device minus what lives outside it)."""
+    stage's once-per-iteration time (exposed gradient sync, optimizer step). Interleaved over v > 1 chunks per
+    rank, with P_r and G_r the sums over rank r's stages: every micro-batch passes each rank at the pace of
+    the slowest rank, and the fill and drain take deg - 1 steps of the slowest chunk (Narayanan et al. 2021:
+    the bubble shrinks to (deg - 1)/v of a rank's time when the chunks are equal, not when they are not):
+
+    TPI = c * max(max_r P_r, max_j o_j) + (deg - 1) * max_i p_i + sum_j o_j + max_r G_r.
+
+    `stage_memory` is the peak the allocator reserves per GPU of the stage's rank (allocated peak x
+    reserved_per_allocated), `memory_capacity` what it may reserve (the device minus what lives outside it)."""
 
     time_per_iteration: float
     stage_time: list[float]
@@ -66,9 +72,17 @@ class Prediction:
         return all(m <= self.memory_capacity * (1 + MEMORY_FIT) for m in self.stage_memory)
 
 
-def pipeline_time(stage_time: list[float], boundary_time: list[float], stage_iter: list[float], c: int) -> float:
-    bottleneck = max(stage_time + boundary_time)
-    return sum(stage_time) + sum(boundary_time) + (c - 1) * bottleneck + max(stage_iter)
+def pipeline_time(
+    stage_time: list[float], boundary_time: list[float], stage_iter: list[float], c: int, deg: int | None = None
+) -> float:
+    """TPI of the stages (see Prediction); `deg` pipeline ranks hold the stages round-robin (default: one each)."""
+    deg = deg or len(stage_time)
+    rank_time = [sum(stage_time[r::deg]) for r in range(deg)]
+    rank_iter = [sum(stage_iter[r::deg]) for r in range(deg)]
+    bottleneck = max(rank_time + boundary_time)
+    if len(stage_time) == deg:
+        return sum(stage_time) + sum(boundary_time) + (c - 1) * bottleneck + max(rank_iter)
+    return c * bottleneck + (deg - 1) * max(stage_time) + sum(boundary_time) + max(rank_iter)
 
 
 def check_assignment(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) -> None:
@@ -77,9 +91,9 @@ def check_assignment(sub: Subproblem, stage_of: list[int], strategy_of: list[Str
     n = len(g.layers)
     if len(stage_of) != n or len(strategy_of) != n:
         raise SpecError(f"plan covers {len(stage_of)} layers, the model has {n}")
-    if any(not 0 <= s < sub.deg for s in stage_of):
-        raise SpecError(f"plan places a layer outside stages 0..{sub.deg - 1}")
-    if set(stage_of) != set(range(sub.deg)):
+    if any(not 0 <= s < sub.stages for s in stage_of):
+        raise SpecError(f"plan places a layer outside stages 0..{sub.stages - 1}")
+    if set(stage_of) != set(range(sub.stages)):
         raise SpecError("plan leaves a pipeline stage empty")
     for e in g.edges:
         if stage_of[e.src] > stage_of[e.dst]:
@@ -87,6 +101,12 @@ def check_assignment(sub: Subproblem, stage_of: list[int], strategy_of: list[Str
                 f"plan is not order preserving: {g.layers[e.src].name} (stage {stage_of[e.src]}) "
                 f"feeds {g.layers[e.dst].name} (stage {stage_of[e.dst]})"
             )
+    if sub.even_split:
+        counts = [0] * sub.stages
+        for u, layer in enumerate(g.layers):
+            counts[stage_of[u]] += layer.kind in TRANSFORMER_KINDS
+        if len(set(counts)) > 1:
+            raise SpecError(f"plan splits the transformer layers {counts}; the pinned flags need an even split")
     layout: dict[tuple[int, int], int] = {}
     for u, s in enumerate(strategy_of):
         rt = sub.runs[g.run_of[u]]
@@ -108,42 +128,45 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
     """Predicted time and memory of the plan; raises SpecError if it is outside the search space."""
     check_assignment(sub, stage_of, strategy_of)
     g = sub.graph
-    deg = sub.deg
-    p = [0.0] * deg
-    it = [0.0] * deg
+    n, deg = sub.stages, sub.deg
+    p = [0.0] * n
+    it = [0.0] * n
+    # Memory is the rank's: the sum over its stages (chunks), the peaks over their layers.
     states, acts, step = [0.0] * deg, [0.0] * deg, [0.0] * deg
     peaks = [dict.fromkeys(TRANSIENT_CLASSES, 0.0) for _ in range(deg)]
     for u, s in enumerate(strategy_of):
         cost = sub.cost_of(u, s)
         i = stage_of[u]
+        r = sub.rank_of(i)
         p[i] += cost.time_per_microbatch
         it[i] += cost.time_per_iteration
-        states[i] += cost.state_bytes
-        acts[i] += sub.inflight[i] * cost.activation_bytes
-        step[i] += cost.step_bytes
+        states[r] += cost.state_bytes
+        acts[r] += sub.inflight[i] * cost.activation_bytes
+        step[r] += cost.step_bytes
         for name in TRANSIENT_CLASSES:
-            peaks[i][name] = max(peaks[i][name], getattr(cost, name))
+            peaks[r][name] = max(peaks[r][name], getattr(cost, name))
     for e in g.edges:
         if e.kind == "chain" and stage_of[e.src] == stage_of[e.dst]:
             p[stage_of[e.src]] += sub.reshard_time(g.layers[e.src], strategy_of[e.src].tp, strategy_of[e.dst].tp)
-    o = [0.0] * (deg - 1)
+    o = [0.0] * (n - 1)
     for u, layer in enumerate(g.layers):
         last_consumer = max((stage_of[e.dst] for e in g.succ(u)), default=stage_of[u])
         for boundary in range(stage_of[u], last_consumer):
             o[boundary] += sub.p2p_time(layer, boundary)
-    breakdown = [
+    rank_memory = [
         StageMemory(
-            states=states[i],
-            activations=acts[i],
-            transients=sum(peaks[i].values()),
-            buffers=peaks[i][BUFFERS],
-            step_states=step[i],
+            states=states[r],
+            activations=acts[r],
+            transients=sum(peaks[r].values()),
+            buffers=peaks[r][BUFFERS],
+            step_states=step[r],
         )
-        for i in range(deg)
+        for r in range(deg)
     ]
+    breakdown = [rank_memory[sub.rank_of(i)] for i in range(n)]
     ratio = sub.cost_model.reserved_per_allocated
     return Prediction(
-        time_per_iteration=pipeline_time(p, o, it, sub.c),
+        time_per_iteration=pipeline_time(p, o, it, sub.c, deg),
         stage_time=p,
         boundary_time=o,
         stage_iteration_time=it,

@@ -20,6 +20,9 @@ from ..model.graph import TRANSFORMER_KINDS
 from .accounting import GENERIC_ACCOUNTING, Accounting
 
 RECOMPUTE_MODES = ("none", "selective", "full")
+# The most model chunks per pipeline rank a user may pin where a target interleaves (Megatron-LM's examples use
+# up to 5; each chunk adds point-to-point transfers and in-flight activations).
+MAX_VIRTUAL_STAGES = 8
 ZERO_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "FSDP"}
 
 
@@ -75,6 +78,9 @@ class Capability:
     of a per-layer choice. max_zero_with_pipeline: the highest ZeRO stage allowed when the pipeline
     has more than one stage. tp_degrees None: any degree that divides a node's GPUs. cp_degrees: the
     context-parallel degrees it runs (None: any the sequence allows; one for every layer in any case).
+    virtual_stages: the model chunks per pipeline rank the search tries (1: plain 1F1B), with the micro-batch
+    count a multiple of the pipeline degree when above 1; a target that interleaves at all runs any pinned
+    count up to MAX_VIRTUAL_STAGES.
     accounting: how the framework keeps model states in memory and updates them (bytes per parameter,
     optimizer traffic). precision_aware_optimizer: it can keep gradients, master parameters and moments in
     lower precision (TrainingSpec.precision_aware_optimizer).
@@ -84,6 +90,7 @@ class Capability:
     description: str
     tp_degrees: tuple[int, ...] | None = None
     cp_degrees: tuple[int, ...] | None = (1,)
+    virtual_stages: tuple[int, ...] = (1,)
     zero_stages: tuple[int, ...] = (0, 1, 2, 3)
     recompute_modes: tuple[str, ...] = ("none", "full")
     uniform_tp: bool = False
@@ -148,6 +155,13 @@ class Capability:
                 "cp_degrees",
                 f"pin a context-parallel degree in {', '.join(map(str, self.cp_degrees))} or choose another --target",
             )
+        most = MAX_VIRTUAL_STAGES if max(self.virtual_stages) > 1 else 1
+        if pins.virtual_stages is not None and pins.virtual_stages > most:
+            refuse(
+                f"{pins.virtual_stages} model chunks per pipeline rank (interleaved pipeline)",
+                "virtual_stages",
+                f"pin at most {most} chunk(s) per rank or choose another --target",
+            )
         if pins.zero is not None and pins.zero not in self.zero_stages:
             refuse(
                 f"ZeRO stage {pins.zero}", "zero_stages", f"pin a ZeRO stage in {', '.join(map(str, self.zero_stages))}"
@@ -187,7 +201,8 @@ class Capability:
 class Pins:
     """Choices the user fixed (e.g. `--tensor-model-parallel-size 4`): constraints, never overridden.
 
-    `micro_batch_per_replica` is per data-parallel replica (Megatron's --micro-batch-size)."""
+    `micro_batch_per_replica` is per data-parallel replica (Megatron's --micro-batch-size). `even_split`: the
+    framework flag the user set cannot express an uneven split (Megatron's virtual-pipeline flags)."""
 
     tp: int | None = None
     pipeline_degree: int | None = None
@@ -196,9 +211,11 @@ class Pins:
     micro_batch_per_replica: int | None = None
     micro_batches: int | None = None
     cp: int | None = None
+    virtual_stages: int | None = None
+    even_split: bool = False  # every stage holds the same number of transformer layers
 
     def __post_init__(self) -> None:
-        for name in ("tp", "cp", "pipeline_degree", "micro_batch_per_replica", "micro_batches"):
+        for name in ("tp", "cp", "pipeline_degree", "micro_batch_per_replica", "micro_batches", "virtual_stages"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise SpecError(f"invalid pin '{name}': must be a positive integer (got {v!r})")
@@ -219,7 +236,7 @@ class Pins:
         return self.micro_batch_per_replica is None or micro_batch_all_replicas == self.micro_batch_per_replica * s.dp
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and v is not False}
 
 
 NO_PINS = Pins()

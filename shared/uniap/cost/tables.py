@@ -43,8 +43,11 @@ class RunTable:
 
 @dataclass
 class Subproblem:
-    """Tables for one (pipeline degree, micro-batch count) pair. `memory_capacity` is the budget in
-    allocated bytes per GPU (see build_subproblem)."""
+    """Tables for one (pipeline degree, micro-batch count) pair, with `v` model chunks per pipeline rank (the
+    interleaved 1F1B schedule when v > 1): the layers are placed on `stages` = deg * v consecutive
+    (virtual) stages, stage j running on rank j % deg. `inflight[j]`: micro-batches whose activations stage
+    j keeps at its rank's peak; `boundary_intra_node[b]`: whether the boundary after stage b stays in a node.
+    `memory_capacity` is the budget in allocated bytes per GPU (see build_subproblem)."""
 
     graph: LayerGraph
     capability: Capability
@@ -53,10 +56,20 @@ class Subproblem:
     deg: int
     c: int
     runs: list[RunTable]
-    inflight: list[int]
+    inflight: list[float]
     memory_capacity: float
     boundary_intra_node: list[bool]
     cost_model: CostModel = field(repr=False)
+    v: int = 1
+    even_split: bool = False
+
+    @property
+    def stages(self) -> int:
+        """Stages the layers are placed on: deg pipeline ranks x v chunks each."""
+        return self.deg * self.v
+
+    def rank_of(self, stage: int) -> int:
+        return stage % self.deg
 
     @property
     def usable_memory(self) -> float:
@@ -134,12 +147,17 @@ class Subproblem:
         with it (a plan obeys every tie, so it lies within one combination)."""
         keys = [[self.tie_key(rt, s) for s in rt.strategies] for rt in self.runs]
         values = [sorted({k[i] for ks in keys for k in ks if k[i] is not None}) or [None] for i in range(4)]
+        # Each run's keys as value indices, -1 where no tie applies (consistent with every combination).
+        codes = [
+            np.array(
+                [[-1 if k[i] is None else values[i].index(k[i]) for i in range(4)] for k in ks], dtype=int
+            ).reshape(-1, 4)
+            for ks in keys
+        ]
         groups = []
-        for combo in itertools.product(*values):
-            masks = [
-                np.array([all(k[i] is None or k[i] == combo[i] for i in range(4)) for k in ks], dtype=bool)
-                for ks in keys
-            ]
+        for combo in itertools.product(*(range(len(v)) for v in values)):
+            want = np.array(combo)
+            masks = [((c == want) | (c < 0)).all(axis=1) for c in codes]
             if all(m.any() for m in masks):
                 groups.append(masks)
         return groups
@@ -154,7 +172,8 @@ class Subproblem:
         activations) within deg x capacity, so the cheapest such choice is a knapsack whose LP
         relaxation bounds the sums; its Lagrangian dual, evaluated at every breakpoint of the
         multiplier, is the bound (each multiplier gives a valid bound by weak duality)."""
-        w_time, w_iter = (self.deg + self.c - 1) / self.deg, 1.0 / self.deg
+        # Interleaved: TPI >= S/v + (c - 1/v) max_r P_r >= S (deg + c v - 1) / (v deg) with S = sum of stage times.
+        w_time, w_iter = (self.deg + self.c * self.v - 1) / (self.deg * self.v), 1.0 / self.deg
         weights, memory = [], []
         for rt in self.runs:
             weights.append(np.array([w_time * c.time_per_microbatch + w_iter * c.time_per_iteration for c in rt.costs]))
@@ -211,6 +230,17 @@ class Subproblem:
         return rt.costs[rt.index[s]]
 
 
+def inflight_microbatches(deg: int, c: int, v: int) -> list[float]:
+    """Per stage, micro-batches whose activations it holds at its rank's peak. 1F1B: stage i keeps min(deg - i,
+    c). Interleaved (megatron-core 0.16.1 pipeline_parallel/schedules.py): rank r runs (deg - r - 1) * 2 +
+    (v - 1) * deg warm-up chunk forwards before its first backward, so it holds min(that + 1, c v) chunk
+    micro-batches, counted here as that / v on each of its v chunks (Korthikanti et al.'s deg + (deg-1)/v on
+    the first rank)."""
+    if v == 1:
+        return [float(min(deg - i, c)) for i in range(deg)]
+    return [min((deg - j % deg - 1) * 2 + (v - 1) * deg + 1, c * v) / v for j in range(deg * v)]
+
+
 def build_subproblem(
     graph: LayerGraph,
     cluster: ClusterSpec,
@@ -220,6 +250,7 @@ def build_subproblem(
     deg: int,
     c: int,
     pins: Pins = NO_PINS,
+    v: int = 1,
 ) -> Subproblem:
     n = cluster.num_gpus // deg
     mb = training.global_batch_size // c
@@ -232,10 +263,10 @@ def build_subproblem(
         )
         costs = [cost_model.layer_cost(layer, s, mb, deg, n <= G, capability.accounting) for s in strategies]
         runs.append(RunTable(run, layer, strategies, costs))
-    # Stage i of a 1F1B pipeline keeps the activations of min(deg - i, c) micro-batches alive.
-    inflight = [min(deg - i, c) for i in range(deg)]
-    # Stages are consecutive blocks of n ranks; a boundary stays inside a node when both sides do.
-    boundary_intra = [n < G and ((i + 1) * n) % G != 0 for i in range(deg - 1)]
+    inflight = inflight_microbatches(deg, c, v)
+    # Ranks are consecutive blocks of n GPUs; a boundary stays inside a node when both sides do.
+    node = [r * n // G for r in range(deg)]
+    boundary_intra = [n < G and node[b % deg] == node[(b + 1) % deg] for b in range(deg * v - 1)]
     # Every memory figure of the tables is allocated bytes; the allocator reserves more than that at the
     # peak, so the allocated budget is the usable memory over the reserved-per-allocated ratio.
     capacity = cluster.usable_memory_bytes / cost_model.reserved_per_allocated
@@ -251,6 +282,8 @@ def build_subproblem(
         memory_capacity=capacity,
         boundary_intra_node=boundary_intra,
         cost_model=cost_model,
+        v=v,
+        even_split=pins.even_split,
     )
 
 

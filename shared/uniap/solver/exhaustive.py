@@ -15,7 +15,7 @@ from ..errors import SpecError
 
 def placements(sub: Subproblem) -> Iterator[list[int]]:
     """All stage assignments where every edge goes forward or stays, and no stage is empty."""
-    g, deg = sub.graph, sub.deg
+    g, deg = sub.graph, sub.stages
     preds = [[e.src for e in g.pred(v)] for v in range(len(g.layers))]
 
     def rec(v: int, stage_of: list[int]) -> Iterator[list[int]]:

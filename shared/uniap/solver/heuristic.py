@@ -8,6 +8,7 @@ from ..cost.evaluate import Prediction, evaluate, even_split
 from ..cost.strategy import Strategy
 from ..cost.tables import Subproblem
 from ..errors import SpecError
+from ..tolerances import MEMORY_FIT
 
 
 def best_uniform_plan(sub: Subproblem) -> tuple[Prediction, list[int], list[Strategy]] | None:
@@ -16,15 +17,22 @@ def best_uniform_plan(sub: Subproblem) -> tuple[Prediction, list[int], list[Stra
         return None
     g = sub.graph
     try:
-        stage_of = even_split(g, sub.deg)
+        stage_of = even_split(g, sub.stages)
     except SpecError:
         return None
     main = max(sub.runs, key=lambda rt: rt.run.size)
-    best = None
-    for choice in main.strategies:
-        per_run = [_closest(rt.strategies, choice) for rt in sub.runs]  # layers of a run are alike
-        if None in per_run:
+    # Stage 0's rank holds at least its share of the main run, at stage 0's in-flight count: a choice whose
+    # share alone exceeds the budget cannot fit (a quick test before pricing the plan).
+    share = sum(1 for u in range(main.run.first, main.run.last + 1) if sub.rank_of(stage_of[u]) == 0)
+    budget = sub.memory_capacity * (1 + MEMORY_FIT)
+    best, seen = None, set()
+    for choice, cost in zip(main.strategies, main.costs):
+        if share * (cost.state_bytes + sub.inflight[0] * cost.activation_bytes) > budget:
             continue
+        per_run = tuple(_closest(rt.strategies, choice) for rt in sub.runs)  # layers of a run are alike
+        if None in per_run or per_run in seen:
+            continue
+        seen.add(per_run)
         strategy_of = [per_run[g.run_of[u]] for u in range(len(g.layers))]
         try:
             pred = evaluate(sub, stage_of, strategy_of)

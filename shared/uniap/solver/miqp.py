@@ -6,7 +6,9 @@ costs, so only how many of them each stage holds under each strategy matters):
 - Zf/Zl[r][i] binary, run r's first/last layer sits on a stage <= i (order preservation);
 - Lay[r][i, l] binary, the TP degree (activation layout) of run r's layers on stage i.
 Products of binaries are linearized (y >= x1 + x2 - 1), the max of the 1F1B objective becomes an
-epigraph variable. With deg = 1 there is no placement and the problem is the paper's QIP.
+epigraph variable. With deg = 1 there is no placement and the problem is the paper's QIP. With v chunks per
+pipeline rank (interleaved 1F1B) the layers are placed on deg * v stages, stage i on rank i % deg, and the
+time and memory of a rank are sums over its stages (the matrix R below).
 """
 
 from __future__ import annotations
@@ -60,10 +62,12 @@ class SubproblemResult:
     solve_seconds: float = 0.0
     stage_of: list[int] | None = None
     strategy_of: list[Strategy] | None = None
+    v: int = 1
 
     def to_dict(self) -> dict:
         return {
             "pipeline_degree": self.deg,
+            "virtual_stages": self.v,
             "micro_batches": self.c,
             "status": self.status,
             "time_per_iteration": self.objective,
@@ -78,7 +82,9 @@ class _Formulation:
 
     def __init__(self, sub: Subproblem, memory_limited: bool = True):
         self.sub = sub
-        self.deg = sub.deg
+        self.deg = sub.stages  # stages the layers are placed on (deg * v)
+        # R[r, i] = 1 when stage i runs on pipeline rank r
+        self.R = np.array([[1.0 if sub.rank_of(i) == r else 0.0 for i in range(sub.stages)] for r in range(sub.deg)])
         self.families: dict[str, list] = {family: [] for family in FAMILIES}  # constraints by family
         # Units: SCIP's tolerances are absolute (1e-6), and a plan's times span 1e-5..1e3 s and its
         # memory 1e3..1e11 bytes, so both are rescaled to put the numbers that matter near 100.
@@ -123,13 +129,19 @@ class _Formulation:
         return [c for family in FAMILIES for c in self.families[family]]
 
     def placement(self) -> None:
-        """Every layer on exactly one stage, no stage empty (C_r[i] = sum_k N_r[i, k]):
+        """Every layer on exactly one stage, no stage empty (C_r[i] = sum_k N_r[i, k]), and with an even split
+        pinned, L / stages transformer layers on each stage:
 
-        0 <= N_r[i, k] <= U_r[i, k],   sum_i C_r[i] = |r|,   sum_r C_r[i] >= 1."""
+        0 <= N_r[i, k] <= U_r[i, k],   sum_i C_r[i] = |r|,   sum_r C_r[i] >= 1,
+        even:  sum_(r transformer) C_r[i] = L / stages."""
         cons = self.families[PLACEMENT]
         for rt, N, C, U in zip(self.sub.runs, self.N, self.C, self.U):
             cons += [N >= 0, N <= U, cp.sum(C) == rt.run.size]
         cons.append(sum(self.C) >= 1)
+        if self.sub.even_split:
+            main = [(rt, C) for rt, C in zip(self.sub.runs, self.C) if rt.layer.kind in TRANSFORMER_KINDS]
+            total = sum(rt.run.size for rt, _ in main)
+            cons.append(sum(C for _, C in main) == total / self.deg)
 
     def order_preserving(self) -> None:
         """A layer's stage never exceeds its successors' (contiguous stages on the DAG). With F_r[i] the
@@ -281,18 +293,19 @@ class _Formulation:
         return sum(N @ np.array([c.time_per_iteration / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
 
     def memory(self, limit) -> None:
-        """Allocated bytes per GPU of every stage i, in both phases of an iteration, within `limit`:
+        """Allocated bytes per GPU of every pipeline rank q (the stages i on it: R[q, i] = 1), in both phases of
+        an iteration, within `limit`:
 
-            training: sum_r N_r[i] . state_r + inflight_i * N_r[i] . act_r + sum_classes peak_class[i] <= limit
-            step:     sum_r N_r[i] . step_r + peak_buffers[i] <= limit
+            training: sum_i R[q, i] (sum_r N_r[i] . state_r + inflight_i N_r[i] . act_r) + sum_classes peak_class[q]
+            step:     sum_i R[q, i] sum_r N_r[i] . step_r + peak_buffers[q]
 
-        A transient class's peak is the largest among the stage's layers (peak >= value * used, with the
-        binary `used` forced to 1 by any layer whose strategy has that value: N <= U * used)."""
+        A transient class's peak is the largest among the rank's layers (peak[q] >= value * used[i] for its
+        stages i, with the binary `used` forced to 1 by any layer whose strategy has that value: N <= U * used)."""
         sub, deg, cons = self.sub, self.deg, self.families[MEMORY]
         inflight = np.array(sub.inflight, dtype=float)
         training, step = 0, 0
         mu = self.memory_unit
-        peaks = {name: cp.Variable(deg, nonneg=True) for name in TRANSIENT_CLASSES}
+        peaks = {name: cp.Variable(sub.deg, nonneg=True) for name in TRANSIENT_CLASSES}
         used_classes: set[str] = set()
         for rt, N, U in zip(sub.runs, self.N, self.U):
             state = N @ np.array([c.state_bytes / mu for c in rt.costs])
@@ -308,8 +321,9 @@ class _Formulation:
                 for value, cols in by_value.items():
                     used = cp.Variable(deg, boolean=True)
                     cons.append(N[:, cols] <= cp.multiply(U[:, cols], used[:, None] @ np.ones((1, len(cols)))))
-                    cons.append(peaks[name] >= value / mu * used)
+                    cons.append(self.R.T @ peaks[name] >= value / mu * used)
                     used_classes.add(name)
+        training, step = self.R @ training, self.R @ step
         for name in used_classes:
             training = training + peaks[name]
         if BUFFERS in used_classes:
@@ -317,24 +331,32 @@ class _Formulation:
         cons += [training <= limit, step <= limit]
 
     def objective(self) -> cp.Expression:
-        """TPI = sum p + sum o + (c - 1) * max(p, o) + max g, the maxima as epigraph variables:
+        """The paper's TPI = sum p + sum o + (c - 1) max(p, o) + max g; interleaved (v > 1), with P = R p and
+        G = R g the ranks' sums over their stages, TPI = c max(P, o) + (deg - 1) max p + sum o + max G
+        (uniap.cost.evaluate.Prediction). The maxima are epigraph variables:
 
-        gmax >= g_i,   bottleneck >= p_i,   bottleneck >= o_j."""
+        gmax >= G_q,   bottleneck >= P_q,   bottleneck >= o_j,   chunk >= p_i."""
         cons = self.families[OBJECTIVE]
+        sub = self.sub
         p = self.stage_time()
         o = self.communication_time()
         g = self.iteration_time()
         gmax = cp.Variable(nonneg=True)
-        cons.append(gmax >= g)
-        total = cp.sum(p) + gmax
-        if o is not None:
-            total = total + cp.sum(o)
-        if self.sub.c > 1:
+        cons.append(gmax >= self.R @ g)
+        total = gmax + (cp.sum(o) if o is not None else 0)
+        if sub.v > 1:
+            chunk = cp.Variable(nonneg=True)
+            cons.append(chunk >= p)
+            total = total + (sub.deg - 1) * chunk
+        else:
+            total = total + cp.sum(p)
+        weight = sub.c if sub.v > 1 else sub.c - 1
+        if weight > 0:
             bottleneck = cp.Variable(nonneg=True)
-            cons.append(bottleneck >= p)
+            cons.append(bottleneck >= self.R @ p)
             if o is not None:
                 cons.append(bottleneck >= o)
-            total = total + (self.sub.c - 1) * bottleneck
+            total = total + weight * bottleneck
         return total
 
     def build(self, minimize_memory: bool = False, cutoff: float | None = None) -> cp.Problem:
@@ -398,7 +420,7 @@ def _stdout_to_stderr():
 def least_memory_needed(sub: Subproblem, time_limit: float | None = None) -> float | None:
     """Bytes per device the allocator reserves on the fullest stage in the leanest plan of this subproblem
     (None if the subproblem has no plan at all, or the solver ran out of time)."""
-    if not sub.feasible_strategies or sub.deg > len(sub.graph.layers):
+    if not sub.feasible_strategies or sub.stages > len(sub.graph.layers):
         return None
     form = _Formulation(sub, memory_limited=False)
     problem = form.build(minimize_memory=True)
@@ -415,9 +437,9 @@ def solve_subproblem(
     `cutoff`, a subproblem without a plan at least that fast comes back 'pruned'."""
     start = time.perf_counter()
     if not sub.feasible_strategies:
-        return SubproblemResult(sub.deg, sub.c, "no_strategy", solve_seconds=time.perf_counter() - start)
-    if sub.deg > len(sub.graph.layers):
-        return SubproblemResult(sub.deg, sub.c, "infeasible", solve_seconds=time.perf_counter() - start)
+        return SubproblemResult(sub.deg, sub.c, "no_strategy", solve_seconds=time.perf_counter() - start, v=sub.v)
+    if sub.stages > len(sub.graph.layers):
+        return SubproblemResult(sub.deg, sub.c, "infeasible", solve_seconds=time.perf_counter() - start, v=sub.v)
     form = _Formulation(sub)
     problem = form.build(cutoff=cutoff)
     _solve(problem, time_limit, gap)
@@ -426,11 +448,11 @@ def solve_subproblem(
     scip_status = model.getStatus() if model is not None else problem.status
     if problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
         if cutoff is not None:
-            return SubproblemResult(sub.deg, sub.c, "pruned", bound=cutoff, solve_seconds=elapsed)
-        return SubproblemResult(sub.deg, sub.c, "infeasible", solve_seconds=elapsed)
+            return SubproblemResult(sub.deg, sub.c, "pruned", bound=cutoff, solve_seconds=elapsed, v=sub.v)
+        return SubproblemResult(sub.deg, sub.c, "infeasible", solve_seconds=elapsed, v=sub.v)
     if problem.value is None or not np.isfinite(problem.value) or form.N[0].value is None:
         status = "time_limit" if scip_status in ("timelimit", "userinterrupt") else "infeasible"
-        return SubproblemResult(sub.deg, sub.c, status, solve_seconds=elapsed)
+        return SubproblemResult(sub.deg, sub.c, status, solve_seconds=elapsed, v=sub.v)
     stage_of, strategy_of = form.extract()
     status = "optimal" if scip_status == "optimal" or (model and model.getGap() <= gap) else "time_limit"
     # The plan's exact price; the MIQP's value exceeds it only by slack in auxiliary variables.
@@ -446,4 +468,5 @@ def solve_subproblem(
         solve_seconds=elapsed,
         stage_of=stage_of,
         strategy_of=strategy_of,
+        v=sub.v,
     )

@@ -1,5 +1,5 @@
-"""The unified optimization process (UOP): one MIQP per (pipeline degree, micro-batch count), the best
-plan over all of them.
+"""The unified optimization process (UOP): one MIQP per (pipeline degree, micro-batch count) -- and, where
+the target interleaves, per number of model chunks per pipeline rank --, the best plan over all of them.
 
 Subproblems are visited in order of a valid lower bound on their time per iteration; one whose bound
 is not below the incumbent is pruned (it cannot hold a better plan), so the answer stays optimal.
@@ -19,7 +19,7 @@ from ..cost.model import CostModel
 from ..cost.strategy import NO_PINS, Capability, Pins
 from ..cost.tables import Subproblem, build_subproblem
 from ..errors import InfeasibleError, SolverTimeLimitError, SpecError
-from ..model.graph import LayerGraph
+from ..model.graph import TRANSFORMER_KINDS, LayerGraph
 from ..model.spec import TrainingSpec
 from ..tolerances import SAME_OBJECTIVE
 from .heuristic import best_uniform_plan
@@ -63,9 +63,10 @@ def divisors(n: int) -> list[int]:
 
 def candidate_pairs(
     graph: LayerGraph, cluster: ClusterSpec, training: TrainingSpec, capability: Capability, pins: Pins
-) -> list[tuple[int, int]]:
-    """(deg, c): deg divides the GPU count (equal stages), at most one stage per layer; c divides the
-    global batch; pins and the capability's pipeline limit restrict both."""
+) -> list[tuple[int, int, int]]:
+    """(deg, c, v): deg divides the GPU count (equal stages), c divides the global batch, v model chunks per
+    rank (the capability's; v > 1 only with deg > 1 and c a multiple of deg, Megatron's interleaved schedule
+    rule), at most one stage per layer; pins and the capability's pipeline limit restrict all three."""
     degs = [d for d in divisors(cluster.num_gpus) if d <= len(graph.layers)]
     if capability.max_pipeline_degree:
         degs = [d for d in degs if d <= capability.max_pipeline_degree]
@@ -79,7 +80,24 @@ def candidate_pairs(
     cs = divisors(training.global_batch_size)
     if pins.micro_batches is not None:
         cs = [c for c in cs if c == pins.micro_batches]
-    return [(d, c) for d in degs for c in cs]
+    transformer_layers = sum(layer.kind in TRANSFORMER_KINDS for layer in graph.layers)
+    vs = capability.virtual_stages if pins.virtual_stages is None else (pins.virtual_stages,)
+    found = [
+        (d, c, v)
+        for d in degs
+        for c in cs
+        for v in vs
+        if (v == 1 or (d > 1 and c % d == 0 and d * v <= len(graph.layers)))
+        and not (pins.even_split and transformer_layers % (d * v))
+    ]
+    if not found and pins.virtual_stages is not None:
+        raise SpecError(
+            f"no pipeline degree runs {pins.virtual_stages} model chunks per rank here: it must divide the "
+            f"{cluster.num_gpus} GPUs, be more than 1, divide the micro-batch count, and split the "
+            f"{transformer_layers} transformer layers evenly into pipeline degree x {pins.virtual_stages} chunks",
+            "change the chunks per rank (or drop the pin), or pin a pipeline degree that fits",
+        )
+    return found
 
 
 def optimize(
@@ -110,8 +128,8 @@ def optimize(
     )
     try:
         subs, bounds, uniform = [], {}, {}
-        for d, c in pairs:
-            sub = build_subproblem(graph, cluster, training, capability, cost_model, d, c, pins)
+        for d, c, v in pairs:
+            sub = build_subproblem(graph, cluster, training, capability, cost_model, d, c, pins, v)
             bounds[id(sub)] = sub.lower_bound()
             # The best uniform plan of each subproblem: a first incumbent and the order of the search.
             uniform[id(sub)] = best_uniform_plan(sub)
@@ -132,6 +150,7 @@ def optimize(
                     objective=pred.time_per_iteration,
                     stage_of=stage_of,
                     strategy_of=strategy_of,
+                    v=subs[0].v,
                 ),
                 subs[0],
             )
@@ -178,11 +197,12 @@ def optimize(
                     )
                 if result.objective is not None and (incumbent is None or result.objective <= incumbent):
                     best = (result, sub)
+            result.v = sub.v
             results.append(result)
             bar.update(1)
             if best:
                 bar.set_postfix_str(f"best {best[0].objective:.3f} s/iter (pp{best[1].deg}, c{best[1].c})")
-            log.debug("deg=%d c=%d %s %s", sub.deg, sub.c, result.status, result.objective)
+            log.debug("deg=%d v=%d c=%d %s %s", sub.deg, sub.v, sub.c, result.status, result.objective)
     finally:
         bar.close()  # also on Ctrl-C: the terminal line is left clean
     elapsed = time.perf_counter() - start
