@@ -31,6 +31,7 @@ REPORTED = (
     "tensor_model_parallel_size",
     "context_parallel_size",
     "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
     "micro_batch_size",
     "global_batch_size",
     "sequence_parallel",
@@ -97,28 +98,43 @@ def test_megatron_lm_validates_every_plan_of_the_grid():
     results = megatron_lm.validate(cases, report=REPORTED)
     failures = []
     for (name, _argv), plan, result in zip(ALL_JOBS, plans, results):
-        if "error" in result:
-            failures.append(f"{name}: {result['error']}")
-            continue
-        got, s = result["args"], plan.uniform_strategy
-        expected = {
-            "data_parallel_size": s.dp,
-            "tensor_model_parallel_size": s.tp,
-            "context_parallel_size": s.cp,
-            "pipeline_model_parallel_size": plan.pipeline_degree,
-            "micro_batch_size": plan.micro_batch_per_replica,
-            "global_batch_size": plan.training.global_batch_size,
-            "sequence_parallel": s.tp > 1,
-            "recompute_granularity": None if s.recompute == "none" else s.recompute,
-        }
-        wrong = {k: (got[k], v) for k, v in expected.items() if got[k] != v}
+        wrong = differences(result, plan)
         if wrong:
-            failures.append(f"{name}: Megatron derived {wrong} (Megatron's value, the plan's)")
-        elif got["global_batch_size"] // (got["micro_batch_size"] * got["data_parallel_size"]) != plan.micro_batches:
-            failures.append(
-                f"{name}: Megatron runs another number of micro-batches than the plan's {plan.micro_batches}"
-            )
+            failures.append(f"{name}: {wrong}")
     assert failures == [], f"{len(failures)} of {len(plans)} plans:\n" + "\n".join(failures)
+
+
+def planned_arguments(plan) -> dict:
+    """What Megatron-LM's final arguments must say for `plan` (validate_args' names; LAYERS_PER_STAGE: the decoder
+    layers megatron-core builds per model chunk)."""
+    s = plan.uniform_strategy
+    return {
+        "tensor_model_parallel_size": s.tp,
+        "context_parallel_size": s.cp,
+        "pipeline_model_parallel_size": plan.pipeline_degree,
+        "virtual_pipeline_model_parallel_size": plan.virtual_stages if plan.virtual_stages > 1 else None,
+        "data_parallel_size": plan.data_parallel_size,
+        "micro_batch_size": plan.micro_batch_per_replica,
+        "global_batch_size": plan.training.global_batch_size,
+        "sequence_parallel": s.tp > 1,
+        "use_distributed_optimizer": s.zero in (1, 3) and s.shards > 1,
+        "use_megatron_fsdp": s.zero == 3 and s.shards > 1,
+        "recompute_granularity": None if s.recompute == "none" else s.recompute,
+        megatron_lm.LAYERS_PER_STAGE: plan.stage_layer_counts(),
+    }
+
+
+def differences(result: dict, plan) -> dict | str:
+    """Megatron's error, or {argument: (Megatron's value, the plan's)} for each reported argument that differs,
+    and the number of micro-batches Megatron derives (empty: Megatron runs the plan)."""
+    if "error" in result:
+        return result["error"]
+    got = result["args"]
+    wrong = {k: (got[k], v) for k, v in planned_arguments(plan).items() if k in got and got[k] != v}
+    micro_batches = got["global_batch_size"] // (got["micro_batch_size"] * got["data_parallel_size"])
+    if micro_batches != plan.micro_batches:
+        wrong["micro-batches"] = (micro_batches, plan.micro_batches)
+    return wrong
 
 
 LLAMA2_7B = """
@@ -227,6 +243,13 @@ PRECISION_AWARE = """
 --use-distributed-optimizer --use-precision-aware-optimizer --main-grads-dtype bf16 --exp-avg-dtype bf16
 --exp-avg-sq-dtype bf16
 """.split()
+# The user's parallel flags and the attribute validate_args leaves each in (the pin must hold).
+PINNED_DESTS = {
+    "--tensor-model-parallel-size": "tensor_model_parallel_size",
+    "--context-parallel-size": "context_parallel_size",
+    "--pipeline-model-parallel-size": "pipeline_model_parallel_size",
+    "--num-virtual-stages-per-pipeline-rank": "virtual_pipeline_model_parallel_size",
+}
 FULL_RECOMPUTE = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
 # Realistic jobs (name, Megatron arguments, nodes of 8 GPUs, CUDA_DEVICE_MAX_CONNECTIONS at launch): the
 # models people pretrain, 8 to 1024 GPUs, long sequences where context parallelism pays, and the user's pins.
@@ -275,45 +298,17 @@ def test_megatron_lm_runs_realistic_jobs_as_planned():
         plans.append(plan)
         # Without TransformerEngine (a CPU machine), TransformerConfig refuses Megatron's default RoPE fusion.
         cases.append((merged + [NO_ROPE_FUSION], {**env, **merge.env}, nodes * 8))
-    report = (
-        *REPORTED,
-        "virtual_pipeline_model_parallel_size",
-        "use_distributed_optimizer",
-        "use_megatron_fsdp",
-        megatron_lm.LAYERS_PER_STAGE,
-    )
+    report = (*REPORTED, "use_distributed_optimizer", "use_megatron_fsdp", megatron_lm.LAYERS_PER_STAGE)
     results = megatron_lm.validate(cases, report=report)
     failures = []
     for (name, argv, _nodes, _conn), plan, result in zip(REAL_JOBS, plans, results):
-        if "error" in result:
-            failures.append(f"{name}: {result['error']}")
-            continue
-        got, s = result["args"], plan.uniform_strategy
-        expected = {
-            "tensor_model_parallel_size": s.tp,
-            "context_parallel_size": s.cp,
-            "pipeline_model_parallel_size": plan.pipeline_degree,
-            "virtual_pipeline_model_parallel_size": plan.virtual_stages if plan.virtual_stages > 1 else None,
-            "data_parallel_size": plan.data_parallel_size,
-            "micro_batch_size": plan.micro_batch_per_replica,
-            "global_batch_size": plan.training.global_batch_size,
-            "sequence_parallel": s.tp > 1,
-            "use_distributed_optimizer": s.zero in (1, 3) and s.shards > 1,
-            "use_megatron_fsdp": s.zero == 3 and s.shards > 1,
-            "recompute_granularity": None if s.recompute == "none" else s.recompute,
-            megatron_lm.LAYERS_PER_STAGE: plan.stage_layer_counts(),
-        }
-        wrong = {k: (got[k], v) for k, v in expected.items() if got[k] != v}
-        micro_batches = got["global_batch_size"] // (got["micro_batch_size"] * got["data_parallel_size"])
-        if micro_batches != plan.micro_batches:
-            wrong["micro-batches"] = (micro_batches, plan.micro_batches)
-        pinned = ("--tensor-model-parallel-size", "--context-parallel-size", "--pipeline-model-parallel-size")
-        for flag in pinned + ("--num-virtual-stages-per-pipeline-rank",):
-            dest = "virtual_pipeline_model_parallel_size" if flag not in pinned else F.BY_SPELLING[flag].dest
-            if flag in argv and str(got[dest]) != argv[argv.index(flag) + 1]:
-                wrong[flag] = (got[dest], argv[argv.index(flag) + 1])
+        wrong = differences(result, plan)
+        if isinstance(wrong, dict):  # the user's pins hold as well
+            for flag, dest in PINNED_DESTS.items():
+                if flag in argv and str(result["args"][dest]) != argv[argv.index(flag) + 1]:
+                    wrong[flag] = (result["args"][dest], argv[argv.index(flag) + 1])
         if wrong:
-            failures.append(f"{name}: {wrong} (Megatron's value, the plan's)")
+            failures.append(f"{name}: {wrong}")
     assert failures == [], "\n".join(failures)
     by_name = dict(zip((name for name, *_ in REAL_JOBS), plans))
     assert by_name["llama3-8b-128k"].context_parallel_size > 1  # 128k tokens: context parallelism pays
