@@ -106,6 +106,7 @@ EVALUATE_CONFIG = (
 )
 EVALUATE_DEFAULTS = {"tp": 1, "cp": 1, "pp": 1, "micro_batch_size": 1, "zero": 0, "recompute": "none"}
 TABLE_LEGEND = """reading the table:
+  stage             the pipeline stage (interleaved: model chunk/rank, e.g. 4/r0)
   time/micro-batch  one micro-batch's forward and backward on the stage (the pipeline's beat)
   memory (GiB)      predicted peak the allocator reserves per GPU / what the GPU leaves usable
   strategies        per stage: how many transformer layers run each strategy (TPn: tensor parallel,

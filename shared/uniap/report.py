@@ -102,8 +102,10 @@ def render(plan: Plan, title: str) -> str:
     lines += ["", f"  {'stage':>5}  {'layers':<{width}} {'time/micro-batch':>16}  {'memory (GiB)':>14}  strategies"]
     cap = plan.memory_capacity_bytes / GiB
     for s, span in zip(plan.stages, spans):
+        # Interleaved: the rank a chunk runs on, whose memory the row shows.
+        stage = f"{s.index}/r{s.index % plan.pipeline_degree}" if plan.virtual_stages > 1 else str(s.index)
         lines.append(
-            f"  {s.index:>5}  {span:<{width}} {_seconds(s.time_per_microbatch):>16}  "
+            f"  {stage:>5}  {span:<{width}} {_seconds(s.time_per_microbatch):>16}  "
             f"{s.memory_bytes / GiB:>6.1f} / {cap:<5.1f}  {describe_stage(plan, s.index)}"
         )
     lines += _memory_note(plan)
