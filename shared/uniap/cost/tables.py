@@ -172,7 +172,7 @@ class Subproblem:
         activations) within deg x capacity, so the cheapest such choice is a knapsack whose LP
         relaxation bounds the sums; its Lagrangian dual, evaluated at every breakpoint of the
         multiplier, is the bound (each multiplier gives a valid bound by weak duality)."""
-        # Interleaved: TPI >= S/v + (c - 1/v) max_r P_r >= S (deg + c v - 1) / (v deg) with S = sum of stage times.
+        # Interleaved: TPI >= c max_r P_r + (deg - 1) max_i p_i >= S (c v + deg - 1) / (v deg), S: sum of stage times.
         w_time, w_iter = (self.deg + self.c * self.v - 1) / (self.deg * self.v), 1.0 / self.deg
         weights, memory = [], []
         for rt in self.runs:
