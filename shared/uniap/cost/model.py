@@ -230,13 +230,14 @@ class CostModel:
         s: Strategy,
         pipelined: bool,
         accounting: Accounting,
+        saving: PerParam,
     ) -> tuple[float, float]:
         """(seconds, bytes at the step's peak) of the optimizer step for a layer's `params` on this device, of
         which this rank updates `optimizer_params` and which hold `resident` bytes of states while computing:
         the profile's measured step scaled by parameters where it has one (its temporaries on top of the
-        resident states), else the framework's HBM traffic and bytes (uniap.cost.accounting)."""
+        resident states), else the framework's HBM traffic and bytes (uniap.cost.accounting), less the
+        precision-aware optimizer's `saving` (`optimizer_saving`)."""
         precision, fused, optimizer = self.training.precision, self.training.fused_kernels, self.training.optimizer
-        saving = self.optimizer_saving(s.zero)
         measured = self.profile.optimizer if self.profile else None
         if measured is not None:
             per_param = optimizer_params / measured.num_params
@@ -304,7 +305,7 @@ class CostModel:
         pipelined = pipeline_degree > 1
         saving = self.optimizer_saving(s.zero)
         state = params * accounting.state_bytes(precision, s.zero, pipelined, self.training.optimizer, saving).at(dp)
-        optimizer, step_bytes = self.optimizer_step(params, optimizer_params, state, s, pipelined, accounting)
+        optimizer, step_bytes = self.optimizer_step(params, optimizer_params, state, s, pipelined, accounting, saving)
         # While one layer recomputes, its full activations live; FSDP holds a layer's gathered weights
         # and prefetches the next one's.
         rc_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]

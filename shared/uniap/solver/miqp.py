@@ -64,6 +64,11 @@ class SubproblemResult:
     strategy_of: list[Strategy] | None = None
     v: int = 1
 
+    @classmethod
+    def of(cls, sub: Subproblem, status: str, **fields) -> "SubproblemResult":
+        """The result of `sub` (its pipeline degree, micro-batch count and chunks per rank)."""
+        return cls(sub.deg, sub.c, status, v=sub.v, **fields)
+
     def to_dict(self) -> dict:
         return {
             "pipeline_degree": self.deg,
@@ -437,9 +442,9 @@ def solve_subproblem(
     `cutoff`, a subproblem without a plan at least that fast comes back 'pruned'."""
     start = time.perf_counter()
     if not sub.feasible_strategies:
-        return SubproblemResult(sub.deg, sub.c, "no_strategy", solve_seconds=time.perf_counter() - start, v=sub.v)
+        return SubproblemResult.of(sub, "no_strategy", solve_seconds=time.perf_counter() - start)
     if sub.stages > len(sub.graph.layers):
-        return SubproblemResult(sub.deg, sub.c, "infeasible", solve_seconds=time.perf_counter() - start, v=sub.v)
+        return SubproblemResult.of(sub, "infeasible", solve_seconds=time.perf_counter() - start)
     form = _Formulation(sub)
     problem = form.build(cutoff=cutoff)
     _solve(problem, time_limit, gap)
@@ -448,19 +453,18 @@ def solve_subproblem(
     scip_status = model.getStatus() if model is not None else problem.status
     if problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
         if cutoff is not None:
-            return SubproblemResult(sub.deg, sub.c, "pruned", bound=cutoff, solve_seconds=elapsed, v=sub.v)
-        return SubproblemResult(sub.deg, sub.c, "infeasible", solve_seconds=elapsed, v=sub.v)
+            return SubproblemResult.of(sub, "pruned", bound=cutoff, solve_seconds=elapsed)
+        return SubproblemResult.of(sub, "infeasible", solve_seconds=elapsed)
     if problem.value is None or not np.isfinite(problem.value) or form.N[0].value is None:
         status = "time_limit" if scip_status in ("timelimit", "userinterrupt") else "infeasible"
-        return SubproblemResult(sub.deg, sub.c, status, solve_seconds=elapsed, v=sub.v)
+        return SubproblemResult.of(sub, status, solve_seconds=elapsed)
     stage_of, strategy_of = form.extract()
     status = "optimal" if scip_status == "optimal" or (model and model.getGap() <= gap) else "time_limit"
     # The plan's exact price; the MIQP's value exceeds it only by slack in auxiliary variables.
     objective = evaluate(sub, stage_of, strategy_of).time_per_iteration
     bound = min(objective, float(model.getDualbound()) * form.time_unit) if model else None
-    return SubproblemResult(
-        sub.deg,
-        sub.c,
+    return SubproblemResult.of(
+        sub,
         status,
         objective=objective,
         bound=bound,
@@ -468,5 +472,4 @@ def solve_subproblem(
         solve_seconds=elapsed,
         stage_of=stage_of,
         strategy_of=strategy_of,
-        v=sub.v,
     )

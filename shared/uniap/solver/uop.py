@@ -143,14 +143,12 @@ def optimize(
         if subs and uniform[id(subs[0])]:
             pred, stage_of, strategy_of = uniform[id(subs[0])]
             best = (
-                SubproblemResult(
-                    subs[0].deg,
-                    subs[0].c,
+                SubproblemResult.of(
+                    subs[0],
                     "heuristic",
                     objective=pred.time_per_iteration,
                     stage_of=stage_of,
                     strategy_of=strategy_of,
-                    v=subs[0].v,
                 ),
                 subs[0],
             )
@@ -158,14 +156,13 @@ def optimize(
             incumbent = best[0].objective if best else None
             remaining = None if time_limit is None else time_limit - (time.perf_counter() - start)
             if not sub.feasible_strategies:
-                result = SubproblemResult(sub.deg, sub.c, "no_strategy")
+                result = SubproblemResult.of(sub, "no_strategy")
             elif bounds[id(sub)] == float("inf"):
-                result = SubproblemResult(sub.deg, sub.c, "infeasible")  # the memory bound alone rules it out
+                result = SubproblemResult.of(sub, "infeasible")  # the memory bound alone rules it out
             elif best is not None and best[1] is sub and bounds[id(sub)] >= incumbent * (1 - SAME_OBJECTIVE):
                 # This subproblem's uniform plan meets its lower bound: it is the subproblem's optimum.
-                result = SubproblemResult(
-                    sub.deg,
-                    sub.c,
+                result = SubproblemResult.of(
+                    sub,
                     "optimal",
                     objective=incumbent,
                     bound=bounds[id(sub)],
@@ -175,18 +172,17 @@ def optimize(
                 )
                 best = (result, sub)
             elif incumbent is not None and bounds[id(sub)] >= incumbent:
-                result = SubproblemResult(sub.deg, sub.c, "pruned", bound=bounds[id(sub)])
+                result = SubproblemResult.of(sub, "pruned", bound=bounds[id(sub)])
             elif remaining is not None and remaining <= 0:
-                result = SubproblemResult(sub.deg, sub.c, "not_solved", bound=bounds[id(sub)])
+                result = SubproblemResult.of(sub, "not_solved", bound=bounds[id(sub)])
             else:
                 # Tied combinations that cannot beat the incumbent leave the MIQP (Subproblem.restricted).
                 narrowed = sub if incumbent is None else sub.restricted(incumbent)
                 result = solve_subproblem(narrowed, time_limit=remaining, gap=gap, cutoff=incumbent)
                 if result.status == "pruned" and best[1] is sub:
                     # Nothing beats this subproblem's own uniform plan: that plan is its optimum.
-                    result = SubproblemResult(
-                        sub.deg,
-                        sub.c,
+                    result = SubproblemResult.of(
+                        sub,
                         "optimal",
                         objective=incumbent,
                         bound=incumbent,
@@ -197,7 +193,6 @@ def optimize(
                     )
                 if result.objective is not None and (incumbent is None or result.objective <= incumbent):
                     best = (result, sub)
-            result.v = sub.v
             results.append(result)
             bar.update(1)
             if best:
