@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from megatron_argv import SMALLEST_ARGV
 from uniap.errors import SpecError
 from uniap.model.presets import MODEL_PRESETS
 from uniap.model.spec import TrainingSpec
@@ -15,20 +16,6 @@ from uniap.model.spec import TrainingSpec
 from uniap_megatron.args import job_from_args, model_args, world_size
 from uniap_megatron.planning import plan_megatron
 from uniap_megatron.environment import fused_kernels_available
-
-# The smallest command line job_from_args plans from: shape, sequence and global batch.
-TINY_ARGV = (
-    "--num-layers",
-    "4",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--global-batch-size",
-    "8",
-)
 
 
 # Llama-2-70B pretraining with pretrain_gpt.py (Megatron-LM examples style): GQA, SwiGLU, RMSNorm, RoPE,
@@ -174,7 +161,7 @@ def test_job_from_args_plans_with_the_kernels_of_this_environment():
     "drop", ["--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length", "--global-batch-size"]
 )
 def test_job_from_args_requires_the_shape_and_batch(drop):
-    argv = list(TINY_ARGV)
+    argv = list(SMALLEST_ARGV)
     i = argv.index(drop)
     with pytest.raises(SpecError, match=drop):
         job_from_args(argv[:i] + argv[i + 2 :])
@@ -182,7 +169,7 @@ def test_job_from_args_requires_the_shape_and_batch(drop):
 
 def test_job_from_args_rejects_bf16_with_fp16():
     with pytest.raises(SpecError, match="mutually exclusive"):
-        job_from_args([*TINY_ARGV, "--bf16", "--fp16"])
+        job_from_args([*SMALLEST_ARGV, "--bf16", "--fp16"])
 
 
 # --- world size from the launcher ---------------------------------------------------------------------
@@ -243,7 +230,7 @@ def test_model_args_refuses_non_decoder():
 )
 def test_parallelism_uniap_does_not_plan_is_refused_by_name(flag, value):
     """Planning without it would price a configuration other than the one Megatron-LM runs."""
-    argv = list(TINY_ARGV)
+    argv = list(SMALLEST_ARGV)
     with pytest.raises(SpecError, match=f"{flag} {value}: uniap does not plan this parallelism yet") as err:
         job_from_args(argv + [flag, value])
     if flag == "--num-layers-per-virtual-pipeline-stage":
@@ -254,7 +241,7 @@ def test_parallelism_uniap_does_not_plan_is_refused_by_name(flag, value):
 
 def test_virtual_stages_per_rank_is_a_pin_with_an_even_split():
     """Megatron takes no layout beside --num-virtual-stages-per-pipeline-rank, so the plan keeps it even."""
-    pins = job_from_args([*TINY_ARGV, "--num-virtual-stages-per-pipeline-rank", "2"]).pins
+    pins = job_from_args([*SMALLEST_ARGV, "--num-virtual-stages-per-pipeline-rank", "2"]).pins
     assert pins.virtual_stages == 2 and pins.even_split
 
 
@@ -270,15 +257,15 @@ def test_virtual_stages_that_cannot_split_the_layers_are_refused_with_the_rule()
 
 def test_context_parallel_size_is_a_pin():
     """--context-parallel-size is planned: the user's value is kept as a constraint, not refused or ignored."""
-    assert job_from_args([*TINY_ARGV, "--context-parallel-size", "2"]).pins.cp == 2
-    assert job_from_args(list(TINY_ARGV)).pins.cp is None
+    assert job_from_args([*SMALLEST_ARGV, "--context-parallel-size", "2"]).pins.cp == 2
+    assert job_from_args(list(SMALLEST_ARGV)).pins.cp is None
 
 
 @pytest.mark.parametrize(
     "optimizer, expected", [("adam", "adam"), ("sgd", "sgd"), ("muon", "muon"), ("dist_muon", "muon")]
 )
 def test_the_users_optimizer_reaches_the_training_spec(optimizer, expected):
-    argv = [*TINY_ARGV, "--optimizer", optimizer]
+    argv = [*SMALLEST_ARGV, "--optimizer", optimizer]
     job = job_from_args(argv)
     assert job.training.optimizer == expected
     assert ("--optimizer" in model_args(job.model, job.training)) == (expected != "adam")

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from megatron_argv import TINY_JOB_ARGV
 from uniap.plan import Plan
 
 from uniap_megatron.args import megatron_launch, model_args
@@ -25,23 +26,6 @@ from uniap_megatron.launch import LAUNCH_KINDS, launch_script
 from uniap_megatron.merge import merged_argv
 from uniap_megatron.planning import plan_megatron
 
-TINY = [
-    "--num-layers",
-    "4",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "128",
-    "--max-position-embeddings",
-    "128",
-    "--vocab-size",
-    "1000",
-    "--global-batch-size",
-    "8",
-    "--bf16",
-]
 NASTY = ["--data-path", 'my data/it\'s "here" $HOME `id`', "--tokenizer-model", "a;b|c&d > e"]
 VENV_BIN = Path(sys.executable).parent
 
@@ -72,7 +56,7 @@ def assert_clean_error(rc: int, err: str, code: int = 2) -> None:
 
 
 def test_run_dry_run_prints_plan_and_torchrun_command(capsys, tmp_path):
-    user = [*TINY, "--tensor-model-parallel-size", "2", *NASTY]
+    user = [*TINY_JOB_ARGV, "--tensor-model-parallel-size", "2", *NASTY]
     plan_out = tmp_path / "plan.json"
     rc, out, err = run_main(
         capsys,
@@ -117,7 +101,7 @@ def test_run_dry_run_unpinned_adds_all_plan_flags(capsys, tmp_path):
         "--",
         "pretrain_gpt.py",
         "--auto-parallel",
-        *TINY,
+        *TINY_JOB_ARGV,
     )
     assert rc == 0, err
     plan = Plan.load(plan_out)
@@ -128,7 +112,7 @@ def test_run_dry_run_unpinned_adds_all_plan_flags(capsys, tmp_path):
     expected = [t for t in launch.args if t not in ("--bf16",)]
     gbs = expected.index("--global-batch-size")
     del expected[gbs : gbs + 2]
-    assert tokens[i + 1 :] == [*TINY, *expected]
+    assert tokens[i + 1 :] == [*TINY_JOB_ARGV, *expected]
     assert (tokens[0] == "CUDA_DEVICE_MAX_CONNECTIONS=1") == bool(launch.env)
 
 
@@ -144,7 +128,7 @@ def test_run_honours_the_scripts_auto_parallel_options(capsys, tmp_path):
         str(plan_out),
         "--",
         "pretrain_gpt.py",
-        *TINY,
+        *TINY_JOB_ARGV,
         "--auto-parallel",
         "--auto-parallel-cluster",
         "dgx-h100",
@@ -157,7 +141,7 @@ def test_run_honours_the_scripts_auto_parallel_options(capsys, tmp_path):
 
 
 def test_run_with_saved_plan_and_multi_node(capsys, tmp_path):
-    plan = plan_megatron(TINY, 2, 1)
+    plan = plan_megatron(TINY_JOB_ARGV, 2, 1)
     path = tmp_path / "plan.json"
     plan.save(path)
     rc, out, err = run_main(
@@ -176,7 +160,7 @@ def test_run_with_saved_plan_and_multi_node(capsys, tmp_path):
         "10.0.0.1",
         "--",
         "pretrain_gpt.py",
-        *TINY,
+        *TINY_JOB_ARGV,
     )
     assert rc == 0, err
     tokens = command_line(out)
@@ -209,7 +193,7 @@ def test_run_writes_a_slurm_script(capsys, tmp_path):
         "--",
         "pretrain_gpt.py",
         "--auto-parallel",
-        *TINY,
+        *TINY_JOB_ARGV,
         "--tensor-model-parallel-size",
         "2",
         *NASTY,
@@ -244,7 +228,7 @@ def test_run_slurm_task_per_gpu_mode(capsys, tmp_path):
         "2",
         "--",
         "pretrain_gpt.py",
-        *TINY,
+        *TINY_JOB_ARGV,
     )
     assert rc == 0, err
     text = out_file.read_text()
@@ -256,7 +240,7 @@ def test_run_slurm_task_per_gpu_mode(capsys, tmp_path):
 
 
 def test_args_prints_plan_arguments_and_env(capsys, tmp_path):
-    plan = plan_megatron([*TINY, "--tensor-model-parallel-size", "2"], 1, 2)
+    plan = plan_megatron([*TINY_JOB_ARGV, "--tensor-model-parallel-size", "2"], 1, 2)
     path = tmp_path / "plan.json"
     plan.save(path)
     rc, out, err = run_main(capsys, "args", str(path))
@@ -315,9 +299,22 @@ def test_args_of_a_plan_megatron_cannot_run(capsys, tmp_path):
             ["run", "--dry-run", "--nproc-per-node", "2", "--", "pretrain_gpt.py", "--hidden-size", "64"],
             "--num-layers is required",
         ),
-        (["run", "--dry-run", "--cluster", "nope", "--", "pretrain_gpt.py", *TINY], "unknown cluster preset 'nope'"),
         (
-            ["run", "--dry-run", "--nproc-per-node", "2", "--time-limit", "-1", "--", "pretrain_gpt.py", *TINY],
+            ["run", "--dry-run", "--cluster", "nope", "--", "pretrain_gpt.py", *TINY_JOB_ARGV],
+            "unknown cluster preset 'nope'",
+        ),
+        (
+            [
+                "run",
+                "--dry-run",
+                "--nproc-per-node",
+                "2",
+                "--time-limit",
+                "-1",
+                "--",
+                "pretrain_gpt.py",
+                *TINY_JOB_ARGV,
+            ],
             "time limit must be positive",
         ),
         (
@@ -328,14 +325,14 @@ def test_args_of_a_plan_megatron_cannot_run(capsys, tmp_path):
                 "2",
                 "--",
                 "pretrain_gpt.py",
-                *TINY,
+                *TINY_JOB_ARGV,
                 "--tensor-model-parallel-size",
                 "3",
             ],
             "--tensor-model-parallel-size 3 does not divide",
         ),
         (
-            ["run", "--dry-run", "--nnodes", "2", "--nproc-per-node", "1", "--", "pretrain_gpt.py", *TINY],
+            ["run", "--dry-run", "--nnodes", "2", "--nproc-per-node", "1", "--", "pretrain_gpt.py", *TINY_JOB_ARGV],
             "needs --master-addr",
         ),
         (["args", "missing.json"], "cannot read plan file"),
@@ -415,9 +412,9 @@ def stubs(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def plans() -> dict[str, Plan]:
     return {
-        "tp2": plan_megatron([*TINY, "--tensor-model-parallel-size", "2"], 1, 2),
-        "tp1": plan_megatron([*TINY, "--tensor-model-parallel-size", "1"], 1, 2),
-        "2x1": plan_megatron(TINY, 2, 1),
+        "tp2": plan_megatron([*TINY_JOB_ARGV, "--tensor-model-parallel-size", "2"], 1, 2),
+        "tp1": plan_megatron([*TINY_JOB_ARGV, "--tensor-model-parallel-size", "1"], 1, 2),
+        "2x1": plan_megatron(TINY_JOB_ARGV, 2, 1),
     }
 
 
@@ -439,7 +436,7 @@ def test_every_template_renders_quoted_values_and_passes_bash_n(tmp_path, plans,
         tmp_path,
         kind,
         plan,
-        [*TINY, *NASTY],
+        [*TINY_JOB_ARGV, *NASTY],
         master_addr="head node'1",
         job_name="job 'x' $(id)",
         python="/opt/my python/bin/python",
@@ -450,16 +447,16 @@ def test_every_template_renders_quoted_values_and_passes_bash_n(tmp_path, plans,
 
 
 def test_env_export_only_when_the_plan_needs_it(tmp_path, plans):
-    with_tp, _ = render_and_check(tmp_path, "single-node", plans["tp2"], TINY)
+    with_tp, _ = render_and_check(tmp_path, "single-node", plans["tp2"], TINY_JOB_ARGV)
     assert "\nexport CUDA_DEVICE_MAX_CONNECTIONS=1\n" in with_tp.read_text()
     (tmp_path / "b").mkdir()
-    without, _ = render_and_check(tmp_path / "b", "single-node", plans["tp1"], TINY)
+    without, _ = render_and_check(tmp_path / "b", "single-node", plans["tp1"], TINY_JOB_ARGV)
     assert "export CUDA_DEVICE_MAX_CONNECTIONS" not in without.read_text()
 
 
 def test_single_node_script_runs_torchrun_with_exact_arguments(tmp_path, plans, stubs):
     _, calls = stubs
-    path, command = render_and_check(tmp_path, "single-node", plans["tp2"], [*TINY, *NASTY])
+    path, command = render_and_check(tmp_path, "single-node", plans["tp2"], [*TINY_JOB_ARGV, *NASTY])
     run_bash(path)
     (call,) = calls()
     assert call["name"] == "torchrun"
@@ -470,7 +467,7 @@ def test_single_node_script_runs_torchrun_with_exact_arguments(tmp_path, plans, 
 def test_multi_node_script_takes_node_rank_from_argument_or_env(tmp_path, plans, stubs, monkeypatch):
     _, calls = stubs
     path, command = render_and_check(
-        tmp_path, "multi-node", plans["2x1"], [*TINY, *NASTY], master_addr="head 1", master_port=29600
+        tmp_path, "multi-node", plans["2x1"], [*TINY_JOB_ARGV, *NASTY], master_addr="head 1", master_port=29600
     )
     run_bash(path, "1")
     monkeypatch.setenv("NODE_RANK", "0")
@@ -488,7 +485,7 @@ def test_multi_node_script_takes_node_rank_from_argument_or_env(tmp_path, plans,
 
 def test_slurm_per_node_script_runs_torchrun_per_node(tmp_path, plans, stubs):
     _, calls = stubs
-    path, command = render_and_check(tmp_path, "slurm", plans["2x1"], [*TINY, *NASTY], job_name="a b")
+    path, command = render_and_check(tmp_path, "slurm", plans["2x1"], [*TINY_JOB_ARGV, *NASTY], job_name="a b")
     text = path.read_text()
     for line in (
         "#SBATCH --nodes=2",
@@ -521,7 +518,7 @@ def test_slurm_task_per_gpu_script_exports_ranks(tmp_path, plans, stubs):
         tmp_path,
         "slurm-task-per-gpu",
         plans["2x1"],
-        [*TINY, *NASTY],
+        [*TINY_JOB_ARGV, *NASTY],
         python=str(bin_dir / "fakepython"),
         master_port=29700,
     )
@@ -561,12 +558,12 @@ def test_script_subcommand_writes_each_kind(capsys, tmp_path, plans):
             "--",
             "pretrain_gpt.py",
             "--auto-parallel",
-            *TINY,
+            *TINY_JOB_ARGV,
         )
         assert rc == 0, err
         assert subprocess.run(["bash", "-n", str(out)]).returncode == 0
         assert "--auto-parallel" not in out.read_text()
-    rc, _, err = run_main(capsys, "script", str(path), "--kind", "single-node", "--", "pretrain_gpt.py", *TINY)
+    rc, _, err = run_main(capsys, "script", str(path), "--kind", "single-node", "--", "pretrain_gpt.py", *TINY_JOB_ARGV)
     assert_clean_error(rc, err)
     assert "single-node script runs one node" in err
 
@@ -591,7 +588,7 @@ def test_run_spawns_torchrun_with_rewritten_arguments(capsys, tmp_path, monkeypa
     script.write_text(RECORD_SCRIPT)
     record = tmp_path / "record dir"
     record.mkdir()
-    user = [*TINY, "--tensor-model-parallel-size", "2", "--record-dir", str(record)]
+    user = [*TINY_JOB_ARGV, "--tensor-model-parallel-size", "2", "--record-dir", str(record)]
     rc, out, err = run_main(capsys, "run", "--nproc-per-node", "2", "--", str(script), "--auto-parallel", *user)
     assert rc == 0, err + out
     expected = [*user, "--pipeline-model-parallel-size", "1", "--micro-batch-size", "8", "--sequence-parallel"]

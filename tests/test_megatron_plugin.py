@@ -19,6 +19,7 @@ import sys
 import types
 
 import pytest
+from megatron_argv import TINY_JOB_ARGV
 from uniap.errors import InfeasibleError, SpecError, UniapError
 from uniap.cost.strategy import Pins
 from uniap.plan import Plan
@@ -29,24 +30,6 @@ from uniap_megatron.flags import PLAN_FLAGS
 from uniap_megatron.merge import merge_plan, plan_settings
 from uniap_megatron.planning import plan_megatron
 from uniap_megatron.plugin import auto_parallel_args, chain_providers, install, plan_file_path, rewrite_args
-
-TINY = [
-    "--num-layers",
-    "4",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "128",
-    "--max-position-embeddings",
-    "128",
-    "--vocab-size",
-    "1000",
-    "--global-batch-size",
-    "8",
-    "--bf16",
-]
 
 
 def megatron_parser() -> argparse.ArgumentParser:
@@ -205,7 +188,7 @@ def test_chain_providers_skips_none_and_keeps_parser_when_provider_returns_none(
 
 
 def test_without_auto_parallel_args_are_untouched(world):
-    argv = TINY + ["--micro-batch-size", "2"]
+    argv = TINY_JOB_ARGV + ["--micro-batch-size", "2"]
     args, plan = run_hook(argv)
     assert plan is None
     assert vars(args) == vars(parse(argv))
@@ -213,14 +196,14 @@ def test_without_auto_parallel_args_are_untouched(world):
 
 def test_auto_parallel_option_without_the_switch_is_an_error(world, tmp_path):
     with pytest.raises(SpecError, match="without --auto-parallel"):
-        run_hook(TINY + ["--auto-parallel-dry-run"])
+        run_hook(TINY_JOB_ARGV + ["--auto-parallel-dry-run"])
 
 
 # --- rewriting -------------------------------------------------------------------------------------
 
 
 def test_rank0_plans_and_sets_args_from_the_plan(world, capsys):
-    args, plan = run_hook(TINY + ["--auto-parallel"])
+    args, plan = run_hook(TINY_JOB_ARGV + ["--auto-parallel"])
     launch = megatron_launch(plan)
     expected = {s.dest: s.value for s in plan_settings(launch.args)}
     for dest, value in expected.items():
@@ -237,7 +220,7 @@ def test_rank0_plans_and_sets_args_from_the_plan(world, capsys):
 
 
 def test_pinned_tensor_parallel_size_stays(world):
-    argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
     args, plan = run_hook(argv)
     assert args.tensor_model_parallel_size == 2 == plan.uniform_strategy.tp
     assert plan.pins == Pins(tp=2)
@@ -249,7 +232,7 @@ def test_pinned_tensor_parallel_size_stays(world):
 
 
 def test_second_rank_reuses_the_plan_without_solving(world, monkeypatch):
-    argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
     args0, plan0 = run_hook(argv)
     path = plan_file_path(args0, argv, 1, 2)
     assert path.exists()
@@ -271,7 +254,7 @@ def test_second_rank_reuses_the_plan_without_solving(world, monkeypatch):
 
 
 def test_plan_file_depends_on_the_job_not_on_the_rank(world):
-    argv = TINY + ["--auto-parallel"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel"]
     args = parse(argv)
     base = plan_file_path(args, argv, 1, 2)
     assert plan_file_path(args, argv + ["--local-rank", "1"], 1, 2) == base
@@ -284,12 +267,12 @@ def test_plan_file_depends_on_the_job_not_on_the_rank(world):
 def test_waiting_rank_times_out_with_a_clear_error(world):
     world(size=2, rank=1)
     with pytest.raises(SpecError, match="UNIAP_PLAN_DIR") as info:
-        run_hook(TINY + ["--auto-parallel", "--auto-parallel-wait", "0.3"])
+        run_hook(TINY_JOB_ARGV + ["--auto-parallel", "--auto-parallel-wait", "0.3"])
     assert "rank 1 waited 0.3 s for rank 0's plan" in str(info.value)
 
 
 def test_waiting_rank_fails_with_rank0s_error(world):
-    argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "3", "--auto-parallel-wait", "5"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel", "--tensor-model-parallel-size", "3", "--auto-parallel-wait", "5"]
     with pytest.raises(SpecError) as first:
         run_hook(argv)
     world(size=2, rank=1)
@@ -312,13 +295,13 @@ def test_waiting_rank_fails_with_rank0s_error(world):
 )
 def test_impossible_pin_is_a_clear_error(world, pin, message):
     with pytest.raises(UniapError, match=message) as info:
-        run_hook(TINY + ["--auto-parallel", *pin])
+        run_hook(TINY_JOB_ARGV + ["--auto-parallel", *pin])
     assert info.value.exit_code == 2 and info.value.hint
 
 
 def test_pin_that_does_not_split_the_heads(world):
     world(size=4)
-    argv = [*TINY, "--auto-parallel", "--tensor-model-parallel-size", "4", "--num-attention-heads", "2"]
+    argv = [*TINY_JOB_ARGV, "--auto-parallel", "--tensor-model-parallel-size", "4", "--num-attention-heads", "2"]
     with pytest.raises(SpecError, match="attention heads 2"):
         run_hook(argv)
 
@@ -347,7 +330,7 @@ def test_model_that_fits_nowhere_is_infeasible(world):
 
 def test_explicit_flags_are_never_overridden(world):
     world(size=4)
-    argv = TINY + [
+    argv = TINY_JOB_ARGV + [
         "--auto-parallel",
         "--recompute-granularity",
         "full",
@@ -370,7 +353,7 @@ def test_explicit_flags_are_never_overridden(world):
 
 
 def test_recompute_activations_pin_plans_selective_recompute(world):
-    args, plan = run_hook(TINY + ["--auto-parallel", "--recompute-activations"])
+    args, plan = run_hook(TINY_JOB_ARGV + ["--auto-parallel", "--recompute-activations"])
     assert {lp.strategy.recompute for lp in plan.layers if lp.kind == "transformer"} == {"selective"}
     assert args.recompute_activations and args.recompute_granularity is None  # validate_args sets it
     assert_megatron_accepts(args)
@@ -379,7 +362,7 @@ def test_recompute_activations_pin_plans_selective_recompute(world):
 def test_torch_fsdp2_pin_keeps_one_stage_and_no_megatron_fsdp(world, monkeypatch):
     world(size=4)
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
-    argv = TINY + ["--auto-parallel", "--use-torch-fsdp2", "--untie-embeddings-and-output-weights"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel", "--use-torch-fsdp2", "--untie-embeddings-and-output-weights"]
     args, plan = run_hook(argv)
     assert plan.pipeline_degree == 1 and args.pipeline_model_parallel_size == 1
     assert args.use_megatron_fsdp is False and args.ckpt_format == "torch_dist"
@@ -390,14 +373,14 @@ def test_torch_fsdp2_pin_keeps_one_stage_and_no_megatron_fsdp(world, monkeypatch
 def test_tensor_parallel_pin_without_the_connection_setting_is_refused_naming_it(world, monkeypatch):
     """TP 2 over both GPUs leaves no data parallelism for FSDP: with the variable unset no plan can run."""
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
-    argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
     with pytest.raises(SpecError, match="CUDA_DEVICE_MAX_CONNECTIONS is unset") as info:
         run_hook(argv)
     assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in info.value.hint and "uniap-megatron run" in info.value.hint
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
     with pytest.raises(SpecError, match="'8'"):
         run_hook(argv)
-    argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel", "--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]
     with pytest.raises(SpecError, match="--tensor-model-parallel-size 2 without FSDP needs it to be 1"):
         run_hook(argv)
 
@@ -406,7 +389,7 @@ def test_the_launch_environment_limits_the_plan(world, monkeypatch):
     """With CUDA_DEVICE_MAX_CONNECTIONS=1 no FSDP; unset, tensor parallelism only under FSDP; a pinned FSDP flag
     with 1 is refused naming the variable. Every plan made passes the plugin's own environment check."""
     world(size=4)
-    argv = TINY + ["--auto-parallel"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel"]
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _args, plan = run_hook(argv + ["--tensor-model-parallel-size", "2"])
     assert plan.uniform_strategy.zero != 3
@@ -423,7 +406,7 @@ def test_the_launch_environment_limits_the_plan(world, monkeypatch):
 
 
 def test_plan_file_depends_on_the_connection_setting(world, monkeypatch):
-    argv = TINY + ["--auto-parallel"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel"]
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     with_one = plan_file_path(parse(argv), argv, 1, 2)
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS")
@@ -431,7 +414,7 @@ def test_plan_file_depends_on_the_connection_setting(world, monkeypatch):
 
 
 def test_dry_run_prints_the_plan_and_exits_0(world, monkeypatch, capsys):
-    argv = TINY + ["--auto-parallel", "--auto-parallel-dry-run", "--tensor-model-parallel-size", "2"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel", "--auto-parallel-dry-run", "--tensor-model-parallel-size", "2"]
     args = parse(argv)
     with pytest.raises(SystemExit) as info:
         rewrite_args(args, argv)
@@ -449,7 +432,7 @@ def test_dry_run_prints_the_plan_and_exits_0(world, monkeypatch, capsys):
 def test_a_saved_plan_the_environment_rules_out_is_an_error_or_a_dry_run_warning(world, monkeypatch):
     """A saved plan was not made for this launch's CUDA_DEVICE_MAX_CONNECTIONS: the plugin checks it."""
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
     _args, plan = run_hook(argv)
     merge = merge_plan(plan, argv)
     assert merge.env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"} and plugin.check_env(merge) == []
@@ -464,11 +447,11 @@ def test_a_saved_plan_the_environment_rules_out_is_an_error_or_a_dry_run_warning
 
 
 def test_saved_plan_is_used_as_is(world, monkeypatch, tmp_path):
-    saved = plan_megatron(TINY + ["--tensor-model-parallel-size", "2"], 1, 2)
+    saved = plan_megatron(TINY_JOB_ARGV + ["--tensor-model-parallel-size", "2"], 1, 2)
     path = tmp_path / "plan.json"
     saved.save(path)
     monkeypatch.setattr(plugin, "plan_megatron", lambda *a, **k: pytest.fail("must not plan"))
-    args, plan = run_hook(TINY + ["--auto-parallel", "--auto-parallel-plan", str(path)])
+    args, plan = run_hook(TINY_JOB_ARGV + ["--auto-parallel", "--auto-parallel-plan", str(path)])
     assert plan.to_dict() == saved.to_dict()
     assert args.tensor_model_parallel_size == 2 and args.sequence_parallel
     assert args.micro_batch_size == saved.micro_batch_all_replicas // plan_dp(saved)
@@ -476,28 +459,30 @@ def test_saved_plan_is_used_as_is(world, monkeypatch, tmp_path):
 
 
 def test_saved_plan_for_another_job_is_refused(world, tmp_path):
-    saved = plan_megatron(TINY, 1, 4)
+    saved = plan_megatron(TINY_JOB_ARGV, 1, 4)
     path = tmp_path / "plan.json"
     saved.save(path)
     with pytest.raises(SpecError, match="is for 4 GPUs"):
-        run_hook(TINY + ["--auto-parallel", "--auto-parallel-plan", str(path)])
+        run_hook(TINY_JOB_ARGV + ["--auto-parallel", "--auto-parallel-plan", str(path)])
     world(size=4)
-    other = [a if a != "64" else "128" for a in TINY]  # hidden size 128
+    other = [a if a != "64" else "128" for a in TINY_JOB_ARGV]  # hidden size 128
     with pytest.raises(SpecError, match="hidden_size 64 \\(command line: 128\\)"):
         run_hook(other + ["--auto-parallel", "--auto-parallel-plan", str(path)])
 
 
 def test_saved_plan_contradicting_a_pin_is_refused(world, tmp_path):
-    saved = plan_megatron(TINY + ["--tensor-model-parallel-size", "1"], 1, 2)
+    saved = plan_megatron(TINY_JOB_ARGV + ["--tensor-model-parallel-size", "1"], 1, 2)
     path = tmp_path / "plan.json"
     saved.save(path)
     with pytest.raises(SpecError, match="plan sets --tensor-model-parallel-size 1 but the command line gives 2"):
-        run_hook(TINY + ["--auto-parallel", "--auto-parallel-plan", str(path), "--tensor-model-parallel-size", "2"])
+        run_hook(
+            TINY_JOB_ARGV + ["--auto-parallel", "--auto-parallel-plan", str(path), "--tensor-model-parallel-size", "2"]
+        )
 
 
 def test_missing_saved_plan_is_a_clear_error(world, tmp_path):
     with pytest.raises(SpecError, match="cannot read plan file"):
-        run_hook(TINY + ["--auto-parallel", "--auto-parallel-plan", str(tmp_path / "none.json")])
+        run_hook(TINY_JOB_ARGV + ["--auto-parallel", "--auto-parallel-plan", str(tmp_path / "none.json")])
 
 
 # --- the plan's flags ------------------------------------------------------------------------------
@@ -585,7 +570,7 @@ def test_install_wraps_validate_args(world, fake_megatron, monkeypatch):
     install()  # idempotent
     wrapped = initialize.validate_args
     assert wrapped._uniap_wrapped and not getattr(wrapped.__wrapped__, "_uniap_wrapped", False)
-    argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel", "--tensor-model-parallel-size", "2"]
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
     args = parse(argv)
     initialize.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
@@ -599,7 +584,7 @@ def test_install_wraps_validate_args(world, fake_megatron, monkeypatch):
 def test_installed_hook_reports_errors_without_traceback(world, fake_megatron, monkeypatch, capsys):
     initialize, _, seen = fake_megatron
     install()
-    argv = TINY + ["--auto-parallel", "--tensor-model-parallel-size", "3"]
+    argv = TINY_JOB_ARGV + ["--auto-parallel", "--tensor-model-parallel-size", "3"]
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
     with pytest.raises(SystemExit) as info:
         initialize.validate_args(parse(argv), {})
@@ -675,7 +660,7 @@ def test_two_ranks_plan_once_through_the_installed_hook(tmp_path):
             "2",
             str(script),
             "--auto-parallel",
-            *TINY,
+            *TINY_JOB_ARGV,
             "--tensor-model-parallel-size",
             "2",
             "--record-dir",

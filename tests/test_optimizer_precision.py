@@ -4,7 +4,7 @@ master parameters and Adam moments in the memory model, its rules, and reading i
 from __future__ import annotations
 
 import pytest
-from test_megatron_command_line import TINY_ARGV
+from megatron_argv import SMALLEST_ARGV
 
 from uniap.cluster.spec import load_cluster
 from uniap.cost.accounting import PerParam, precision_aware_saving
@@ -76,7 +76,7 @@ def test_its_rules_are_checked_when_the_spec_is_built(fields, needle):
 
 
 def test_a_megatron_command_line_sets_it_and_gets_it_back():
-    argv = [*TINY_ARGV, *AWARE, "--main-grads-dtype", "bf16", "--exp-avg-sq-dtype", "fp8"]
+    argv = [*SMALLEST_ARGV, *AWARE, "--main-grads-dtype", "bf16", "--exp-avg-sq-dtype", "fp8"]
     training = job_from_args(argv).training
     assert training.precision_aware_optimizer
     assert (training.main_grads_dtype, training.exp_avg_dtype, training.exp_avg_sq_dtype) == ("bf16", "fp32", "fp8")
@@ -87,4 +87,4 @@ def test_a_megatron_command_line_sets_it_and_gets_it_back():
 
 def test_without_the_distributed_optimizer_it_is_refused_by_name():
     with pytest.raises(SpecError, match="--use-precision-aware-optimizer needs --use-distributed-optimizer"):
-        job_from_args([*TINY_ARGV, "--use-precision-aware-optimizer"])
+        job_from_args([*SMALLEST_ARGV, "--use-precision-aware-optimizer"])
