@@ -27,10 +27,10 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from uniap.cluster.spec import cluster_preset
+from uniap.cluster.spec import cluster_preset, device_cluster
 from uniap.cost.model import CostModel
 from uniap.errors import SpecError
 from uniap.model.graph import build_graph
@@ -282,55 +282,84 @@ WARMUP, ITERATIONS = 2, 5
 JOB_TIME_TARGET, JOB_TIME_WORST, JOB_MEMORY_TARGET, JOB_MEMORY_UNDER = 5.0, 10.0, 5.0, 3.0
 
 
+def _runner(framework: str):
+    if framework == "megatron":
+        from uniap_megatron import training_run
+    else:
+        from uniap_deepspeed import training_run
+    return training_run
+
+
+def _job_model(job: Job, smoke: bool) -> ModelSpec:
+    runner = _runner(job.framework)
+    return runner.reduced_model(_tiny(job.shape) if smoke else model_preset(job.shape), job.layers)
+
+
+def _training(job: Job) -> TrainingSpec:
+    return TrainingSpec(global_batch_size=job.micro_batch_size * job.micro_batches, seq_length=job.seq_length)
+
+
+def _predictions(plan, measured_time_s: float, measured_reserved_bytes: float | None) -> dict:
+    """The prediction of `plan` for a measured run, and the errors."""
+    row = {
+        "predicted_time_s": plan.time_per_iteration,
+        "time_error_percent": _percent(plan.time_per_iteration, measured_time_s),
+        "predicted_reserved_bytes": plan.stages[0].memory_bytes,
+        "basis": plan.basis,
+    }
+    if measured_reserved_bytes:
+        row["memory_error_percent"] = _percent(plan.stages[0].memory_bytes, measured_reserved_bytes)
+    return row
+
+
 def _run_job(job: Job, smoke: bool, profile: Profile | None) -> dict:
     """Train `job` for real and price the same configuration; one row of the table."""
-    model = _tiny(job.shape) if smoke else model_preset(job.shape)
-    training = TrainingSpec(global_batch_size=job.micro_batch_size * job.micro_batches, seq_length=job.seq_length)
+    runner = _runner(job.framework)
     row = {"job": job.label, **asdict(job)}
+    extra = {"recompute": job.recompute} if job.framework == "megatron" else {}
     try:
-        if job.framework == "megatron":
-            from uniap_megatron import training_run as runner
-
-            run = runner.run_training(
-                runner.reduced_model(model, job.layers),
-                training,
-                profile,
-                job.micro_batch_size,
-                job.micro_batches,
-                WARMUP,
-                ITERATIONS,
-                recompute=job.recompute,
-            )
-        else:
-            from uniap_deepspeed import training_run as runner
-
-            run = runner.run_training(
-                runner.reduced_model(model, job.layers),
-                training,
-                profile,
-                job.micro_batch_size,
-                job.micro_batches,
-                WARMUP,
-                ITERATIONS,
-            )
+        run = runner.run_training(
+            _job_model(job, smoke),
+            _training(job),
+            profile,
+            job.micro_batch_size,
+            job.micro_batches,
+            WARMUP,
+            ITERATIONS,
+            **extra,
+        )
     except Exception as exc:  # an out-of-memory or a framework error is a result of this benchmark too
         return {**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-    plan = run.plan
     row.update(
         measured_time_s=run.time_per_iteration_s,
-        predicted_time_s=plan.time_per_iteration,
-        time_error_percent=_percent(plan.time_per_iteration, run.time_per_iteration_s),
-        predicted_reserved_bytes=plan.stages[0].memory_bytes,
         measured_reserved_bytes=run.peak_reserved_bytes,
         measured_allocated_bytes=run.peak_allocated_bytes,
-        basis=plan.basis,
         optimizer=run.optimizer,
         loss_first=run.losses[0],
         loss_last=run.losses[-1],
+        memory_before_bytes=run.memory_before_bytes,
     )
-    if run.peak_reserved_bytes:
-        row["memory_error_percent"] = _percent(plan.stages[0].memory_bytes, run.peak_reserved_bytes)
+    row.update(_predictions(run.plan, run.time_per_iteration_s, run.peak_reserved_bytes))
     return row
+
+
+def reprice(recorded: dict, profile: Profile | None) -> list[dict]:
+    """The rows of a recorded run (an earlier --json on a GPU) with the measurements kept and the predictions of
+    this version of the cost model, planned as the runners plan (their training_plan) on the recorded device."""
+    cluster = device_cluster(recorded["device"], recorded["device_memory_bytes"])
+    rows = []
+    for r in recorded["jobs"]:
+        if "error" in r:
+            rows.append(r)
+            continue
+        job = Job(**{f.name: r[f.name] for f in fields(Job)})
+        runner = _runner(job.framework)
+        extra = {"recompute": job.recompute} if job.framework == "megatron" else {}
+        plan = runner.training_plan(
+            _job_model(job, False), _training(job), profile, job.micro_batch_size, job.micro_batches, cluster, **extra
+        )
+        rows.append({**r, **_predictions(plan, r["measured_time_s"], r.get("measured_reserved_bytes"))})
+    return rows
 
 
 def jobs(smoke: bool, profile: Profile | None) -> list[dict]:
@@ -344,6 +373,12 @@ def jobs(smoke: bool, profile: Profile | None) -> list[dict]:
     init_distributed()
     init_deepspeed()
     return [_run_job(job, smoke, profile) for job in (SMOKE_JOBS if smoke else GPU_JOBS)]
+
+
+def _device_memory() -> int | None:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
 def print_jobs(rows: list[dict], device: str, smoke: bool) -> None:
@@ -369,6 +404,9 @@ def print_jobs(rows: list[dict], device: str, smoke: bool) -> None:
             measured, predicted = r["measured_reserved_bytes"] / 2**30, r["predicted_reserved_bytes"] / 2**30
             line += f"   {measured:>12.2f} {predicted:>9.2f} {r['memory_error_percent']:>+6.1f}%"
         print(line)
+    leftovers = [(r["job"], r["memory_before_bytes"]) for r in rows if (r.get("memory_before_bytes") or 0) >= 2**30]
+    for job, left in leftovers:
+        print(f"  ({job}: {left / 2**30:.2f} GiB left alive by earlier jobs when it began, not counted in its peak)")
     if time_errors:
         print(
             f"  time: mean |error| {statistics.mean(map(abs, time_errors)):.1f} %, worst "
@@ -397,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-published", action="store_true", help="section 3 only")
     parser.add_argument("--profile", help="price the jobs with this measured profile (default: estimates)")
     parser.add_argument("--json", help="also write every row to this JSON file")
+    parser.add_argument(
+        "--reprice",
+        metavar="JSON",
+        help="section 3 from a recorded GPU run (its --json): the measurements it holds, priced by this cost model",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     result = {}
@@ -405,9 +448,16 @@ def main(argv: list[str] | None = None) -> int:
         print_published(result["published"])
         print_layers(result["layers"])
     device = _device()
-    if not args.skip_jobs and (args.smoke or device not in ("cpu", "no torch")):
-        result["device"] = device
-        result["jobs"] = jobs(args.smoke, Profile.load(args.profile) if args.profile else None)
+    profile = Profile.load(args.profile) if args.profile else None
+    if args.reprice:
+        recorded = json.loads(Path(args.reprice).read_text())
+        result.update(device=recorded["device"], device_memory_bytes=recorded["device_memory_bytes"])
+        result["jobs"] = reprice(recorded, profile)
+        print(f"   (measured earlier, recorded in {args.reprice}; predictions by this version of the cost model)")
+        print_jobs(result["jobs"], recorded["device"], False)
+    elif not args.skip_jobs and (args.smoke or device not in ("cpu", "no torch")):
+        result["device"], result["device_memory_bytes"] = device, _device_memory()
+        result["jobs"] = jobs(args.smoke, profile)
         print_jobs(result["jobs"], device, args.smoke)
     elif not args.skip_jobs:
         print("3. jobs: skipped (no GPU here; --smoke runs the harness on the CPU)\n")

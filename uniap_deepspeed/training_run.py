@@ -42,6 +42,7 @@ from .config import deepspeed_config
 from .profile import (
     _accelerator,
     _all_ranks_ok,
+    _free_cached_memory,
     _max_over_ranks,
     _node_layout,
     _Runtime,
@@ -176,6 +177,32 @@ def training_config(plan: Plan, rt: _Runtime, torch_adam: bool) -> dict[str, Any
 # ==================================================================================================
 
 
+def training_plan(
+    model: ModelSpec,
+    training: TrainingSpec,
+    profile: Profile | None,
+    micro_batch_size: int,
+    micro_batches: int,
+    cluster: ClusterSpec,
+    world_size: int = 1,
+) -> Plan:
+    """The plan run_training prices its run with: TP 1, PP 1, ZeRO 0, one data-parallel replica per rank, each
+    training `micro_batches` micro-batches of `micro_batch_size`."""
+    job = replace(training, global_batch_size=micro_batch_size * micro_batches * world_size)
+    return configure(
+        model,
+        cluster,
+        job,
+        target="deepspeed",
+        tp=1,
+        pp=1,
+        micro_batch_size=micro_batch_size,
+        zero=0,
+        recompute="none",
+        profile=profile,
+    )[0]
+
+
 def run_training(
     model: ModelSpec,
     training: TrainingSpec,
@@ -198,19 +225,12 @@ def run_training(
     rt = _runtime(training.precision)
     acc = _accelerator()
     cluster = cluster or world_cluster(rt)
-    job = replace(training, global_batch_size=micro_batch_size * micro_batches * rt.world_size)
-    plan, _ = configure(
-        model,
-        cluster,
-        job,
-        target="deepspeed",
-        tp=1,
-        pp=1,
-        micro_batch_size=micro_batch_size,
-        zero=0,
-        recompute="none",
-        profile=profile,
-    )
+    cuda = rt.device_kind == "cuda"
+    _free_cached_memory()  # the peaks below count this run's memory alone
+    before_allocated = float(acc.memory_allocated()) if cuda else None
+    before_reserved = float(acc.memory_reserved()) if cuda else None
+    plan = training_plan(model, training, profile, micro_batch_size, micro_batches, cluster, rt.world_size)
+    job = plan.training
     config = training_config(plan, rt, use_torch_adam(rt))
     torch.manual_seed(SEED)  # the same weights and batches on every rank
     with torch.device(rt.device):
@@ -220,7 +240,7 @@ def run_training(
     try:
         assert engine.gradient_accumulation_steps() == micro_batches, config
         assert engine.train_micro_batch_size_per_gpu() == micro_batch_size, config
-        cuda, warm = rt.device_kind == "cuda", max(warmup, 1)
+        warm = max(warmup, 1)
         losses: list[float] = []
         times: list[float] = []
         skipped_before = 0
@@ -244,8 +264,8 @@ def run_training(
                 times.append(seconds)
         reserved = allocated = None
         if cuda:
-            reserved = _max_over_ranks(float(acc.max_memory_reserved()), rt)
-            allocated = _max_over_ranks(float(acc.max_memory_allocated()), rt)
+            reserved = _max_over_ranks(float(acc.max_memory_reserved()) - before_reserved, rt)
+            allocated = _max_over_ranks(float(acc.max_memory_allocated()) - before_allocated, rt)
         return TrainingRun(
             plan=plan,
             config=config,
@@ -256,6 +276,7 @@ def run_training(
             peak_reserved_bytes=reserved,
             peak_allocated_bytes=allocated,
             skipped_steps=engine.skipped_steps - skipped_before,
+            memory_before_bytes=before_allocated,
         )
     finally:
         if hasattr(engine, "destroy"):

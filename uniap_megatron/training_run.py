@@ -42,6 +42,7 @@ from uniap.cluster.spec import ClusterSpec
 from uniap.cluster.spec import device_cluster as detected_cluster
 from uniap.errors import ProfileError, SpecError, UniapError
 from uniap.model.spec import ModelSpec, TrainingSpec
+from uniap.plan import Plan
 from uniap.planner import configure
 from uniap.profile.calibrate import TrainingRun, fit, report_lines
 from uniap.profile.schema import Profile
@@ -294,6 +295,33 @@ def _train(ddp, optimizer, batches: list, positions, warm: int, iterations: int)
     return losses, times, skipped
 
 
+def training_plan(
+    model: ModelSpec,
+    training: TrainingSpec,
+    profile: Profile | None,
+    micro_batch_size: int,
+    micro_batches: int,
+    cluster: ClusterSpec,
+    recompute: str = "none",
+) -> Plan:
+    """The plan run_training prices its run with: one GPU, TP 1, PP 1, no ZeRO, `micro_batches` micro-batches of
+    `micro_batch_size`, the fused kernels this process has."""
+    reduced_model(model, model.num_layers)  # the architecture checks
+    job = replace(training, global_batch_size=micro_batch_size * micro_batches, fused_kernels=fused_kernels_available())
+    return configure(
+        model,
+        cluster,
+        job,
+        target="megatron",
+        tp=1,
+        pp=1,
+        micro_batch_size=micro_batch_size,
+        zero=0,
+        recompute=recompute,
+        profile=profile,
+    )[0]
+
+
 def run_training(
     model: ModelSpec,
     training: TrainingSpec,
@@ -318,22 +346,14 @@ def run_training(
         raise SpecError("micro-batch size, micro-batches and iterations must be >= 1, warm-up >= 0")
     if dist.get_world_size() != 1:
         raise SpecError(f"the calibration run needs one process (world size {dist.get_world_size()})")
-    reduced_model(model, model.num_layers)  # the architecture checks
-    job = replace(training, global_batch_size=micro_batch_size * micro_batches, fused_kernels=fused_kernels_available())
-    plan, _ = configure(
-        model,
-        cluster or device_cluster(),
-        job,
-        target="megatron",
-        tp=1,
-        pp=1,
-        micro_batch_size=micro_batch_size,
-        zero=0,
-        recompute=recompute,
-        profile=profile,
+    plan = training_plan(
+        model, training, profile, micro_batch_size, micro_batches, cluster or device_cluster(), recompute
     )
+    job = plan.training
     cuda = _cuda()
     _free_cached_memory()  # the allocator's peaks below are this run's alone
+    before_allocated = float(torch.cuda.memory_allocated()) if cuda else None
+    before_reserved = float(torch.cuda.memory_reserved()) if cuda else None
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     ddp = optimizer = None
     try:
@@ -354,8 +374,8 @@ def run_training(
         ddp.train()
         with current_device_on_cpu():
             losses, times, skipped = _train(ddp, optimizer, batches, positions, max(warmup, 1), iterations)
-        reserved = float(torch.cuda.max_memory_reserved()) if cuda else None
-        allocated = float(torch.cuda.max_memory_allocated()) if cuda else None
+        reserved = float(torch.cuda.max_memory_reserved()) - before_reserved if cuda else None
+        allocated = float(torch.cuda.max_memory_allocated()) - before_allocated if cuda else None
         return TrainingRun(
             plan=plan,
             optimizer=optimizer_name(optimizer),
@@ -365,6 +385,7 @@ def run_training(
             peak_reserved_bytes=reserved,
             peak_allocated_bytes=allocated,
             skipped_steps=skipped,
+            memory_before_bytes=before_allocated,
         )
     finally:
         del ddp, optimizer

@@ -43,8 +43,9 @@ class TrainingRun:
     """One whole-model run a profiler or benchmark made: the plan of its configuration (and the framework
     config it ran, where there is one), the optimizer, the loss of every iteration (mean over its
     micro-batches, warm-up included), the timed iterations' seconds and the time per iteration (their median;
-    over ranks the slowest), peak bytes over the timed iterations (GPU only), and the optimizer steps an fp16
-    loss scaler skipped while timing."""
+    over ranks the slowest), peak bytes over the timed iterations (GPU only) above what the device held when
+    the run began (`memory_before_bytes`: tensors earlier work in the process left alive, which the peak
+    would otherwise count), and the optimizer steps an fp16 loss scaler skipped while timing."""
 
     plan: Plan
     optimizer: str
@@ -55,6 +56,7 @@ class TrainingRun:
     peak_allocated_bytes: float | None = None
     skipped_steps: int = 0
     config: dict | None = None
+    memory_before_bytes: float | None = None
 
     def measurement(self, label: str) -> Measurement:
         return Measurement(
