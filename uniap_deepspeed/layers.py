@@ -19,6 +19,9 @@ from uniap.model.spec import ModelSpec
 # layernorm_epsilon, models/gpt/gpt_model.py rotary_base).
 NORM_EPS = 1e-5
 ROPE_BASE = 10000
+# Embedding tables start as megatron-core's (init_method_std, transformer_config.py) and Hugging Face GPT-2's
+# (initializer_range) do: torch's N(0, 1) would make a tied output projection's first logits ~sqrt(h) large.
+EMBEDDING_INIT_STD = 0.02
 
 
 def norm(m: ModelSpec) -> nn.Module:
@@ -161,6 +164,9 @@ class Embedding(nn.Module):
             nn.Embedding(m.max_position_embeddings, m.hidden_size) if m.position_embedding == "learned" else None
         )
         self.tokentype_embeddings = nn.Embedding(2, m.hidden_size) if m.architecture == "encoder" else None
+        for table in (self.word_embeddings, self.position_embeddings, self.tokentype_embeddings):
+            if table is not None:
+                nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
 
     def forward(self, ids):
         out = self.word_embeddings(ids)
