@@ -52,7 +52,7 @@ def best_split_time(sub: Subproblem, choice: Strategy) -> float | None:
         ends = [c for c, on in ((ce, i == 0), (ch, i == last)) if on]
         base_mem = sum(c.state_bytes + infl * c.activation_bytes for c in ends)
         fsdp_ends = max([c.fsdp_transient_bytes for c in ends], default=0.0)
-        with_layers = base_mem + cl.recompute_transient_bytes + max(fsdp_ends, cl.fsdp_transient_bytes)
+        with_layers = base_mem + cl.backward_transient_bytes + max(fsdp_ends, cl.fsdp_transient_bytes)
         per_layer = cl.state_bytes + infl * cl.activation_bytes
         fit = math.floor((cap * (1 + 1e-9) - with_layers) / per_layer) if per_layer > 0 else L
         fit = min(L, fit)

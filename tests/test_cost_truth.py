@@ -161,6 +161,85 @@ def test_causal_flash_attention_executes_half_the_scores():
     assert short.seq_length < long_.seq_length
 
 
+# --- the vocabulary as the framework builds it ---------------------------------------------------------
+
+
+def _head(vocab: int, training: TrainingSpec):
+    model = replace(model_preset("gpt3-2.7b"), num_layers=1, vocab_size=vocab)
+    return build_graph(model, training).layers[-1]
+
+
+def test_only_a_head_has_logits():
+    training = TrainingSpec(global_batch_size=1, seq_length=2048)
+    layers = build_graph(replace(model_preset("gpt3-2.7b"), num_layers=2), training).layers
+    assert [(layer.vocab_size, layer.logits) for layer in layers[:-1]] == [(0, 0.0)] * 3
+    assert (layers[-1].vocab_size, layers[-1].logits) == (50257, 2048.0 * 50257)
+
+
+@pytest.mark.parametrize(
+    "vocab, multiple, tp, precision, aligned",
+    [
+        (50257, 1, 1, "bf16", False),  # GPT-2's vocabulary as Hugging Face and DeepSpeed build it
+        (50257, 128, 1, "bf16", True),  # Megatron pads it to 50304
+        (50257, 128, 8, "bf16", True),  # to 51200 over 8 ranks: 6400 each
+        (32000, 1, 1, "bf16", True),
+        (32004, 1, 1, "bf16", False),
+        (32004, 1, 1, "fp32", True),  # 16 bytes are 4 fp32 values
+        (32000, 1, 3, "bf16", False),  # 10666.7 per rank: not even a whole share
+    ],
+)
+def test_vocab_alignment_as_the_framework_pads(vocab, multiple, tp, precision, aligned):
+    training = TrainingSpec(global_batch_size=1, seq_length=128, precision=precision)
+    assert CostModel(H200_1, training, vocab_multiple=multiple).vocab_aligned(vocab, tp) is aligned
+
+
+def test_an_unpadded_vocabulary_slows_the_output_projection_as_measured():
+    """On the H200 an output projection over 50,257 tokens ran at 0.17 of the aligned GEMM efficiency
+    (devices.py); padding to 50,304, or a framework that pads, removes the penalty."""
+    training = TrainingSpec(global_batch_size=4, seq_length=2048)
+    unpadded, padded = CostModel(H200_1, training), CostModel(H200_1, training, vocab_multiple=128)
+    head, head_50304 = _head(50257, training), _head(50304, training)
+    slow, fast = unpadded.estimated_compute_times(head, 1, 4), padded.estimated_compute_times(head, 1, 4)
+    gemm_fwd = 2 * head.hidden_size * head.logits * 4 / (H200_1.peak_tflops * 1e12 * H200_1.coefficients.gemm_forward)
+    misaligned = H200_1.coefficients.misaligned_gemm
+    assert slow[0] - fast[0] == pytest.approx(gemm_fwd * (1 / misaligned - 1), rel=1e-9)
+    assert slow[1] > 2 * fast[1]
+    near = unpadded.estimated_compute_times(head_50304, 1, 4)
+    assert near[0] == pytest.approx(fast[0], rel=0.01)  # 47 more tokens, nothing else
+    layer = build_graph(replace(model_preset("gpt3-2.7b"), num_layers=1), training).layers[1]
+    assert unpadded.estimated_compute_times(layer, 1, 4) == padded.estimated_compute_times(layer, 1, 4)
+
+
+def test_deepspeed_plans_price_the_unpadded_vocabulary_and_megatron_pads():
+    model = replace(model_preset("gpt3-2.7b"), num_layers=2)
+    training = TrainingSpec(global_batch_size=4, seq_length=2048)
+    padded = replace(model, vocab_size=50304)
+
+    def time(target, m):
+        return configure(m, H200_1, training, target=target, tp=1, pp=1, micro_batch_size=4, zero=0)[0]
+
+    assert time("deepspeed", model).time_per_iteration > 1.3 * time("deepspeed", padded).time_per_iteration
+    assert time("megatron", model).time_per_iteration == pytest.approx(
+        time("megatron", padded).time_per_iteration, rel=0.01
+    )
+
+
+def test_a_plain_pytorch_loss_allocates_per_logit_in_backward():
+    """DeepSpeed runs the user's loss (torch cross-entropy over fp32 logits): 8 bytes per logit beyond the
+    saved activations while the head's backward runs, as measured on an H200; Megatron's vocab-parallel
+    cross-entropy reuses its buffer."""
+    training = TrainingSpec(global_batch_size=4, seq_length=2048)
+    model = replace(model_preset("gpt3-2.7b"), num_layers=1)
+    graph = build_graph(model, training)
+    head, layer = graph.layers[-1], graph.layers[1]
+    cm = CostModel(H200_1, training)
+    plain = Strategy(tp=1, dp=1, zero=0, recompute="none")
+    deepspeed, megatron = capability_for("deepspeed").accounting, capability_for("megatron").accounting
+    assert cm.layer_cost(head, plain, 4, 1, True, deepspeed).backward_transient_bytes == 8.0 * 4 * 2048 * 50257
+    assert cm.layer_cost(head, plain, 4, 1, True, megatron).backward_transient_bytes == 0
+    assert cm.layer_cost(layer, plain, 4, 1, True, deepspeed).backward_transient_bytes == 0
+
+
 # --- profiles: interpolation, measured activations and optimizer step --------------------------------
 
 
@@ -217,7 +296,7 @@ def test_measured_activation_bytes_and_optimizer_step_drive_the_cost():
     assert cost.step_bytes == pytest.approx((18 + 4.0) * layer.params)  # 4 B per parameter at the step, measured
     assert cost.time_per_iteration == pytest.approx(2e-3 * layer.params / 1e6)
     full = cm.layer_cost(layer, Strategy(1, 1, recompute="full"), 1, 1, True, accounting)
-    assert full.activation_basis == "estimated" and full.recompute_transient_bytes == 123456.0
+    assert full.activation_basis == "estimated" and full.backward_transient_bytes == 123456.0
 
 
 def test_profile_v2_round_trip_and_v1_still_read(tmp_path):

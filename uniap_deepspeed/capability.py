@@ -35,6 +35,12 @@ from uniap.cost.strategy import Capability
 REDUCE_BUCKET_PER_HIDDEN_SQUARE = 1.0
 PREFETCH_BUCKET_PER_HIDDEN_SQUARE = 0.9
 PERSISTENCE_THRESHOLD_PER_HIDDEN = 10
+# A model's loss as plain PyTorch computes it (Hugging Face's models, uniap_deepspeed.layers.LMHead:
+# F.cross_entropy over logits cast to fp32) allocates in backward the fp32 gradient of the log-softmax and
+# more while the saved logits are alive: measured on one H200 (bf16, torch 2.11, whole DeepSpeed iterations,
+# 2026-11-27) 7.8 bytes per logit for a GPT-3-2.7B shape (micro-batch 4 x 2048 x 50,257) and 8.0 for
+# Llama-2-7B (1 x 4096 x 32,000) above the end of the forward.
+LOSS_BACKWARD_BYTES_PER_LOGIT = 8.0
 # ZeRO-0 all-reduces gradients in chunks of a fixed size (engine.py MEMORY_OPT_ALLREDUCE_SIZE), not configurable.
 ZERO0_ALLREDUCE_CHUNK = 500_000_000
 STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's defaults, kept
@@ -86,6 +92,7 @@ DEEPSPEED_ACCOUNTING = Accounting(
     # The engine adds each micro-batch's gradients into its buffers: read, read, write in the model's dtype.
     grad_accumulation_traffic={"bf16": 6.0, "fp16": 6.0, "fp32": 12.0},
     buffer_elements={0: ZERO0_ALLREDUCE_CHUNK, 3: STAGE3_MAX_LIVE_PARAMETERS},
+    loss_backward_bytes_per_logit=LOSS_BACKWARD_BYTES_PER_LOGIT,
     buffer_hidden_squares={
         1: 3 * REDUCE_BUCKET_PER_HIDDEN_SQUARE,
         2: 3 * REDUCE_BUCKET_PER_HIDDEN_SQUARE,
@@ -111,4 +118,5 @@ DEEPSPEED = Capability(
         "recompute_modes": "DeepSpeed checkpoints whole layers (activation_checkpoint_interval), not modules",
     },
     accounting=DEEPSPEED_ACCOUNTING,
+    vocab_multiple=1,  # the user's model as it is built: DeepSpeed pads nothing
 )

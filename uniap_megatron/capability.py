@@ -63,6 +63,9 @@ MEGATRON = Capability(
     max_zero_with_pipeline=1,
     precision_aware_optimizer=True,
     virtual_stages=(1, 2),
+    # --make-vocab-size-divisible-by's default (megatron/training/arguments.py; padded x TP in
+    # megatron/training/tokenizer/tokenizer.py _vocab_size_with_padding)
+    vocab_multiple=128,
     reasons={
         "zero_stages": "Megatron-LM shards optimizer states (--use-distributed-optimizer, ZeRO-1) or everything "
         "(--use-torch-fsdp2, ZeRO-3), nothing in between",

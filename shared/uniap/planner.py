@@ -172,7 +172,7 @@ def plan(
     graph = build_graph(job.model, job.training)
     capability = job.capability or capability_for(job.target)
     check_pins(job, graph, capability)
-    cost_model = CostModel(job.cluster, job.training, job.profile)
+    cost_model = CostModel(job.cluster, job.training, job.profile, capability.vocab_multiple)
     outcome = optimize(
         graph,
         job.cluster,
@@ -212,12 +212,13 @@ def price(plan: Plan, profile: Profile | None = None) -> PricedPlan:
             f"{len(names)} ({names[0]} .. {names[-1]})",
             "re-plan with this uniap version",
         )
+    capability = capability_for(plan.target)
     sub = build_subproblem(
         graph,
         cluster,
         training,
-        capability_for(plan.target),
-        CostModel(cluster, training, profile),
+        capability,
+        CostModel(cluster, training, profile, capability.vocab_multiple),
         plan.pipeline_degree,
         plan.micro_batches,
         v=plan.virtual_stages,
@@ -273,7 +274,7 @@ def configure(
         cluster,
         training,
         capability,
-        CostModel(cluster, training, profile),
+        CostModel(cluster, training, profile, capability.vocab_multiple),
         pp,
         training.global_batch_size // micro_batch,
         pins,

@@ -32,9 +32,12 @@ class DeviceCoefficients:
     layer_overhead_ms: float
     source: str
     basis: str = ESTIMATED
+    # The fraction of the GEMM efficiencies a GEMM keeps when one of its dimensions is not a multiple of 16
+    # bytes (cuBLAS leaves its fastest tensor-core kernels): an output projection over an unpadded vocabulary.
+    misaligned_gemm: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("gemm_forward", "gemm_backward", "attention", "memory"):
+        for name in ("gemm_forward", "gemm_backward", "attention", "memory", "misaligned_gemm"):
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and 0 < v <= 1, name, f"must be in (0, 1] (got {v!r})")
         _require(
@@ -54,6 +57,7 @@ class DeviceCoefficients:
             layer_overhead_ms=self.layer_overhead_ms,
             source=f"matmul_efficiency {efficiency:g} set in the cluster spec; {self.source}",
             basis=ESTIMATED,
+            misaligned_gemm=self.misaligned_gemm,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +69,11 @@ class DeviceCoefficients:
 # and through a DeepSpeed 0.19.8 engine, and a GPT-3-13B-shaped layer (h 5120, GELU 4h, seq 2048), micro-batch
 # sizes 1, 2, 4; `memory` fixed at 0.8 (not separable from these points). Residuals: forward -13..+8 %,
 # backward -5..+6 % (the two Llama implementations differ by 20 % in forward).
+# misaligned_gemm: whole DeepSpeed iterations of a GPT-3-2.7B shape cut to 8 layers (micro-batch 4 x seq 2048,
+# bf16, torch 2.11 / CUDA 13.0) with its vocabulary of 50,257 against the same model padded to 50,304: the
+# output projection's forward took 18.0 ms more and its backward 22.7 ms more per micro-batch, i.e. 0.13 and
+# 0.20 of the aligned efficiencies; 0.17 over both (benchmarks/data/h200-2026-11-27-misaligned-vocab.json).
+MISALIGNED_GEMM_H200 = 0.17
 _H200 = DeviceCoefficients(
     gemm_forward=0.785,
     gemm_backward=0.76,
@@ -73,6 +82,7 @@ _H200 = DeviceCoefficients(
     layer_overhead_ms=0.07,
     source="fitted to layer timings measured on one H200 (bf16, SDPA flash attention, 2026-11-27)",
     basis=MEASURED,
+    misaligned_gemm=MISALIGNED_GEMM_H200,
 )
 
 # The H100 SXM is the same GH100 chip at the same tensor peak; only HBM differs (3.35 vs 4.8 TB/s), which the
@@ -85,6 +95,7 @@ _H100 = DeviceCoefficients(
     layer_overhead_ms=_H200.layer_overhead_ms,
     source="the H200 fit applied to the H100 (same GH100 chip and tensor peak; HBM bandwidth from the "
     "cluster spec); not measured on an H100",
+    misaligned_gemm=MISALIGNED_GEMM_H200,
 )
 
 # Fitted to Galvatron's measured Llama-2-7B layer forward times (hetu-galvatron, bf16, seq 2048, micro-batch
@@ -100,6 +111,7 @@ _A100 = DeviceCoefficients(
     source="fitted to Galvatron's measured A100 Llama-2-7B layer forward times (seq 2048, micro-batch 1-12); "
     "backward and attention not measured",
     basis=MEASURED,
+    misaligned_gemm=MISALIGNED_GEMM_H200,  # the H200's; not measured on an A100
 )
 
 # Any other GPU: the A100/H200 fits' lower GEMM efficiencies, rounded down; nothing measured.
@@ -111,6 +123,7 @@ GENERIC_DEVICE = DeviceCoefficients(
     layer_overhead_ms=0.3,
     source="generic defaults for an unmeasured GPU (below the A100 and H200 fits); run a profiler or "
     "`uniap calibrate` for this GPU",
+    misaligned_gemm=MISALIGNED_GEMM_H200,  # the H200's; not measured on this GPU
 )
 
 DEVICE_COEFFICIENTS: dict[str, DeviceCoefficients] = {"H200": _H200, "H100": _H100, "A100": _A100}

@@ -76,6 +76,8 @@ class Accounting:
     buffer_elements: elements (in the model's dtype) per GPU that do not scale with parameters
       (communication buckets), per ZeRO stage, when there is data parallelism; buffer_hidden_squares: more
       of them per squared hidden size, for buckets sized to the model.
+    loss_backward_bytes_per_logit: bytes per logit (Layer.logits, split by TP) the loss's backward allocates
+      beyond what the head keeps for it, while every activation of the stage is still alive.
     """
 
     name: str
@@ -89,6 +91,7 @@ class Accounting:
     fusable_grad_accumulation: bool = False
     buffer_elements: dict[int, float] = field(default_factory=dict)
     buffer_hidden_squares: dict[int, float] = field(default_factory=dict)
+    loss_backward_bytes_per_logit: float = 0.0
 
     def buffers(self, zero: int, hidden_size: int) -> float:
         """Elements of communication buffers per GPU under ZeRO stage `zero` for a model of `hidden_size`."""

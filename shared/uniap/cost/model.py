@@ -38,9 +38,12 @@ DEFAULT_OVERLAP = 1.15  # slowdown of overlapped compute/communication when noth
 DEFAULT_RESERVED_PER_ALLOCATED = 1.05
 # A flash kernel's backward recomputes the attention scores: 2.5x the forward's FLOPs instead of 2x.
 FLASH_BACKWARD_FLOPS = 2.5
+# A GEMM dimension cuBLAS's tensor-core kernels run fastest on is a multiple of 16 bytes (8 bf16/fp16 values);
+# other sizes fall back to slower kernels (DeviceCoefficients.misaligned_gemm).
+GEMM_ALIGNMENT_BYTES = 16
 # Peaks a stage holds on top of states and activations: the largest of each class among its layers.
 BUFFERS = "buffer_bytes"  # the one class that lives through the optimizer step too
-TRANSIENT_CLASSES = ("recompute_transient_bytes", "fsdp_transient_bytes", BUFFERS)
+TRANSIENT_CLASSES = ("backward_transient_bytes", "fsdp_transient_bytes", BUFFERS)
 
 
 def overlapped(a: float, b: float, coefficient: float) -> float:
@@ -61,7 +64,7 @@ class LayerCost:
     time_per_iteration: float
     state_bytes: float
     activation_bytes: float
-    recompute_transient_bytes: float
+    backward_transient_bytes: float
     fsdp_transient_bytes: float
     buffer_bytes: float
     step_bytes: float
@@ -86,8 +89,12 @@ def activation_bytes(layer: Layer, tp: int, samples: float, recompute: str, sequ
 class CostModel:
     """Costs on one cluster, from a measured profile where it has the number, else estimated."""
 
-    def __init__(self, cluster: ClusterSpec, training: TrainingSpec, profile: Profile | None = None):
+    def __init__(
+        self, cluster: ClusterSpec, training: TrainingSpec, profile: Profile | None = None, vocab_multiple: int = 1
+    ):
+        """`vocab_multiple`: the framework pads the vocabulary to a multiple of it times TP (Capability)."""
         self.cluster, self.training, self.profile = cluster, training, profile
+        self.vocab_multiple = vocab_multiple
         self.bpv = training.bytes_per_value
         self.coefficients = cluster.coefficients
         measured_overlap = profile.overlap_coefficient if profile else None
@@ -164,6 +171,8 @@ class CostModel:
         traffic = 2.0 * activation_bytes(layer, tp, samples, "none") / self.hbm_bytes_per_second
         extra = samples * layer.extra_traffic / tp / self.hbm_bytes_per_second
         overhead = co.layer_overhead_ms * 1e-3
+        if not self.vocab_aligned(layer.vocab_size, tp):  # as if the GEMM had 1/misaligned_gemm times the FLOPs
+            gemm += 2.0 * layer.hidden_size * layer.logits * (1.0 / co.misaligned_gemm - 1.0)
         # An embedding's backward writes a dense gradient of its whole table (zero-fill, then scatter-add).
         table = 2.0 * self.bpv * layer.params_tp / tp / self.hbm_bytes_per_second if layer.flops_fwd == 0 else 0.0
         fwd = samples * (gemm / (peak * co.gemm_forward) + attn_fwd) / tp + traffic + extra + overhead
@@ -175,6 +184,14 @@ class CostModel:
             + 2.0 * overhead
         )
         return fwd, bwd
+
+    def vocab_aligned(self, vocab_size: int, tp: int) -> bool:
+        """Whether each TP rank's share of the vocabulary, as the framework pads it (`vocab_multiple` x TP),
+        is a multiple of 16 bytes of the compute precision: what cuBLAS's fastest kernels need."""
+        if vocab_size == 0:
+            return True
+        padded = -(-vocab_size // (self.vocab_multiple * tp)) * self.vocab_multiple * tp
+        return (padded // tp) % max(1, GEMM_ALIGNMENT_BYTES // self.bpv) == 0
 
     def executed_attention_flops(self, layer: Layer) -> float:
         """Attention FLOPs per sample the kernel executes: a flash kernel skips the masked half of causal scores."""
@@ -306,9 +323,10 @@ class CostModel:
         saving = self.optimizer_saving(s.zero)
         state = params * accounting.state_bytes(precision, s.zero, pipelined, self.training.optimizer, saving).at(dp)
         optimizer, step_bytes = self.optimizer_step(params, optimizer_params, state, s, pipelined, accounting, saving)
-        # While one layer recomputes, its full activations live; FSDP holds a layer's gathered weights
-        # and prefetches the next one's.
-        rc_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
+        # While one layer recomputes, its full activations live, and a head's loss may allocate per logit in its
+        # backward (the framework's accounting); FSDP holds a layer's gathered weights and prefetches the next one's.
+        backward_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
+        backward_transient += b * layer.logits / tp * accounting.loss_backward_bytes_per_logit
         fsdp_transient = 2 * weight_bytes if s.zero == 3 else 0.0
         buffers = accounting.buffers(s.zero, layer.hidden_size) * bpv if dp > 1 and params else 0.0
         return LayerCost(
@@ -316,7 +334,7 @@ class CostModel:
             time_per_iteration=exposed_iter + optimizer,
             state_bytes=state,
             activation_bytes=act,
-            recompute_transient_bytes=rc_transient,
+            backward_transient_bytes=backward_transient,
             fsdp_transient_bytes=fsdp_transient,
             buffer_bytes=buffers,
             step_bytes=step_bytes,

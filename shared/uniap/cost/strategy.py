@@ -83,7 +83,9 @@ class Capability:
     count up to MAX_VIRTUAL_STAGES.
     accounting: how the framework keeps model states in memory and updates them (bytes per parameter,
     optimizer traffic). precision_aware_optimizer: it can keep gradients, master parameters and moments in
-    lower precision (TrainingSpec.precision_aware_optimizer).
+    lower precision (TrainingSpec.precision_aware_optimizer). vocab_multiple: it pads the vocabulary to a
+    multiple of this times TP before building the embedding and output layer (1: the model's own vocabulary),
+    which decides whether the output projection's GEMMs are aligned (uniap.cost.model.CostModel.vocab_aligned).
     """
 
     name: str
@@ -101,6 +103,7 @@ class Capability:
     reasons: dict[str, str] = field(default_factory=dict)
     accounting: Accounting = GENERIC_ACCOUNTING
     precision_aware_optimizer: bool = False
+    vocab_multiple: int = 1
 
     def __post_init__(self) -> None:
         if not set(self.zero_stages) <= set(ZERO_NAMES) or 0 not in self.zero_stages:
@@ -245,6 +248,7 @@ GENERIC = Capability(
     name="generic",
     description="the paper's full freedom: per layer TP degree, ZeRO stage and recompute; "
     "layers of one run on one stage share a TP degree",
+    vocab_multiple=128,  # the vocabulary padded as Megatron-LM pads it: the fastest the model can be built
 )
 
 

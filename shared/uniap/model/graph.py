@@ -39,7 +39,9 @@ class Layer:
     `extra_traffic` is memory-bound traffic per sample beyond its activations, in forward and again in
     backward (the LM head's cross-entropy over the vocabulary), split by TP. `hidden_size` is the model's.
     `kv_bytes` is the keys and values of the whole sequence its attention reads: what context parallelism's
-    ring passes around its ranks."""
+    ring passes around its ranks. `logits` is a head's output values per sample (sequence x `vocab_size`): its
+    output projection (2 x hidden_size FLOPs per logit) runs slowly where the vocabulary the framework builds is
+    not aligned, and some frameworks' loss allocates per logit in backward."""
 
     name: str
     kind: str
@@ -59,6 +61,8 @@ class Layer:
     extra_traffic: float = 0.0
     hidden_size: int = 0  # the model's; sizes the communication buckets of frameworks that scale them with it
     kv_bytes: float = 0.0
+    vocab_size: int = 0
+    logits: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -75,6 +79,8 @@ class Layer:
             "causal_attention_flops",
             "extra_traffic",
             "kv_bytes",
+            "vocab_size",
+            "logits",
         ):
             if getattr(self, name) < 0:
                 raise SpecError(f"invalid layer '{self.name}': field '{name}' must be >= 0")
@@ -394,6 +400,8 @@ class _Builder:
             tp_comm_bytes=float(bpv * s * h),
             tied_weights=tied,
             extra_traffic=float(CROSS_ENTROPY_TRAFFIC * s * v),
+            vocab_size=v,
+            logits=float(s * v),
         )
 
     def _bert_head(self, s: int) -> Layer:
@@ -415,6 +423,8 @@ class _Builder:
             output_bytes=0.0,
             tp_comm_bytes=float(bpv * s * h),
             tied_weights=m.tied_embeddings,
+            vocab_size=v,
+            logits=float(s * v),
         )
 
     def _patch_embedding(self, s: int) -> Layer:
