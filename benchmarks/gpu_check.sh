@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the cost model, in one call on a lent GPU machine (DEVELOPERS.md says how to prepare it):
 # both profilers on Llama-2-7B layers (their calibration runs included), then the accuracy benchmark's whole
-# jobs priced with estimates and with the Megatron profile. Everything lands in $OUT (default ./gpu-check).
+# jobs priced with estimates and with the Megatron profile, and what attention really costs (attention_kernels.py).
+# Everything lands in $OUT (default ./gpu-check).
 #   UNIAP_GPU_CHECK_SMOKE=1 bash benchmarks/gpu_check.sh   # the same steps on the CPU with a tiny model
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,3 +31,4 @@ python3 benchmarks/cost_model_accuracy.py "${bench[@]}" --json "$out/accuracy.js
   | tee "$out/accuracy.txt"
 python3 benchmarks/cost_model_accuracy.py "${bench[@]}" --skip-published --profile "$out/megatron-profile.json" \
   --json "$out/accuracy-profiled.json" 2>&1 | grep -v Warning | tee "$out/accuracy-profiled.txt"
+python3 benchmarks/attention_kernels.py "${bench[@]}" --json "$out/attention.json" 2>&1 | tee "$out/attention.txt"

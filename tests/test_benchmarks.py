@@ -17,6 +17,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import attention_kernels  # noqa: E402
 import cost_model_accuracy as accuracy  # noqa: E402
 
 
@@ -35,6 +36,30 @@ def test_layer_section_reads_the_measured_data():
     assert pytorch_layers and all(
         abs(accuracy._percent(r["estimated_ms"][0], r["measured_ms"][0])) < 10 for r in pytorch_layers
     )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_attention_kernels_harness_runs_on_the_cpu(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    assert attention_kernels.main(["--smoke", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {r["layout"] for r in result["kernels"]} == set(attention_kernels.LAYOUTS)
+    assert all(r["default"]["ms"] > 0 and r["math"]["ms"] > 0 for r in result["kernels"])
+    assert [r["cp"] for r in result["ring"]] == list(attention_kernels.RING_CP)
+    assert "2. ring" in capsys.readouterr().out
+
+
+def test_recorded_h200_jobs_stay_true_to_this_cost_model():
+    """Whole iterations measured on an H200 (benchmarks/data), priced again by this version: a change that makes
+    the predictions less true fails here, without a GPU. The bounds are what the 2026-11-27 record gives."""
+    recorded = json.loads((BENCHMARKS / "data" / "h200-2026-11-27-jobs.json").read_text())
+    rows = accuracy.reprice(recorded, None)
+    assert [r["measured_time_s"] for r in rows] == [r["measured_time_s"] for r in recorded["jobs"]]
+    assert {r["framework"] for r in rows} == {"megatron", "deepspeed"}
+    time_errors = [abs(r["time_error_percent"]) for r in rows]
+    memory_errors = [r["memory_error_percent"] for r in rows]
+    assert sum(time_errors) / len(time_errors) <= 5.0 and max(time_errors) <= 12.0
+    assert min(memory_errors) >= -4.5 and sum(map(abs, memory_errors)) / len(memory_errors) <= 3.0
 
 
 @pytest.mark.slow
