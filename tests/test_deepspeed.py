@@ -41,6 +41,7 @@ from uniap.cli import main as uniap_main  # noqa: E402
 from uniap.errors import InfeasibleError, SpecError  # noqa: E402
 from uniap.plan import Plan  # noqa: E402
 from uniap_deepspeed.capability import DEEPSPEED  # noqa: E402
+from uniap_deepspeed.cli import for_remote_shell  # noqa: E402
 from uniap_deepspeed.cli import main as ds_main  # noqa: E402
 from uniap_deepspeed.merge import merge_config
 from uniap_deepspeed.config import deepspeed_config, plan_config, plan_for_deepspeed  # noqa: E402
@@ -956,19 +957,28 @@ def test_cli_launch(capsys, tmp_path, two_node_plan):
     assert (parsed.hostfile, parsed.num_nodes, parsed.num_gpus) == ("$here/hostfile", 2, 8)
     assert (parsed.master_addr, parsed.master_port) == ("node-a", 29555)
     assert parsed.user_script == script
-    assert parsed.user_args == [*script_args, "--deepspeed", "--deepspeed_config", "$here/ds_config.json"]
+    # prepared for the shell DeepSpeed's pdsh runner hands them to on each node (the test below runs it)
+    remote = [for_remote_shell(a) for a in script_args]
+    assert parsed.user_args == [*remote, "--deepspeed", "--deepspeed_config", "$here/ds_config.json"]
     assert Plan.load(out / "plan.json").to_dict() == Plan.load(two_node_plan).to_dict()  # for PlannedPipelineModule
 
 
-def test_cli_launch_passes_the_config_as_hugging_face_trainer_expects(capsys, tmp_path, two_node_plan):
+def test_cli_launch_passes_the_config_as_hugging_face_trainer_expects(capsys, tmp_path):
     """Trainer's --deepspeed takes the path itself; DeepSpeed's style (--deepspeed --deepspeed_config PATH) makes
-    it fail with 'argument --deepspeed: expected one argument'. Both are checked with the parsers that read them."""
+    it fail with 'argument --deepspeed: expected one argument'. Both are checked with the parsers that read them.
+    The Trainer's batch and precision arguments are added to match the config."""
+    plan = tmp_path / "plan.json"
+    rc, _, err = run_cli(
+        capsys, ds_main, "config", "--hf", "--model", "gpt3-1.3b", "--nodes", "2", "--gpus-per-node", "8",
+        "--global-batch-size", "64", "--seq-length", "512", "--save-plan", str(plan), "-o", str(tmp_path / "c.json"),
+    )  # fmt: skip
+    assert rc == 0, err
     out = tmp_path / "hf"
     rc, _stdout, err = run_cli(
         capsys,
         ds_main,
         "launch",
-        str(two_node_plan),
+        str(plan),
         "--hosts",
         "a,b",
         "--script",
@@ -982,11 +992,23 @@ def test_cli_launch_passes_the_config_as_hugging_face_trainer_expects(capsys, tm
         "run",
     )
     assert rc == 0, err
+    config = json.loads((out / "ds_config.json").read_text())
+    assert config["optimizer"]["params"]["lr"] == "auto" and config["gradient_clipping"] == "auto"
     parsed = ds_launcher_args(deepspeed_command((out / "launch.sh").read_text())[1:])
-    assert parsed.user_args == ["--output_dir", "run", "--deepspeed", "$here/ds_config.json"]
+    batch = [
+        "--per_device_train_batch_size",
+        str(config["train_micro_batch_size_per_gpu"]),
+        "--gradient_accumulation_steps",
+        str(config["gradient_accumulation_steps"]),
+        "--bf16",
+    ]
+    assert parsed.user_args == ["--output_dir", "run", *batch, "--deepspeed", "$here/ds_config.json"]
     trainer_like = argparse.ArgumentParser()  # transformers' TrainingArguments field: deepspeed: str | dict
     trainer_like.add_argument("--deepspeed", type=str)
     trainer_like.add_argument("--output_dir")
+    trainer_like.add_argument("--per_device_train_batch_size", type=int)
+    trainer_like.add_argument("--gradient_accumulation_steps", type=int)
+    trainer_like.add_argument("--bf16", action="store_true")
     assert trainer_like.parse_args(parsed.user_args).deepspeed == "$here/ds_config.json"
     with pytest.raises(SystemExit):
         trainer_like.parse_args(["--deepspeed", "--deepspeed_config", "x.json"])
@@ -1042,7 +1064,8 @@ def test_cli_launch_script_runs_with_its_arguments_intact(capsys, tmp_path, two_
         29500,
     )
     assert parsed.user_script == "my dir/train.py"
-    assert parsed.user_args[:-1] == [*script_args, "--deepspeed", "--deepspeed_config"]
+    remote = [for_remote_shell(a) for a in script_args]
+    assert parsed.user_args[:-1] == [*remote, "--deepspeed", "--deepspeed_config"]
     assert Path(parsed.user_args[-1]) == (out / "ds_config.json").resolve()
 
 
@@ -1190,3 +1213,57 @@ def test_a_layer_list_that_does_not_match_the_plan_names_what_it_saw(tmp_path):
     with pytest.raises(SpecError) as info:
         entry_stages(plan, [False, False, False, False], names)
     assert "the list: EmbeddingPipe, MyLayerImpl x2, HeadPipe" in str(info.value)
+
+
+@pytest.mark.slow
+def test_launch_arguments_survive_the_pdsh_runner_and_the_remote_shell(capsys, tmp_path, two_node_plan):
+    """Run launch.sh for two nodes through DeepSpeed's real launcher, with stand-ins for `ssh` and `pdsh` first on
+    PATH (nothing leaves the machine): pdsh's stand-in records the command it was given, and runs it through a
+    shell as a node would, with the per-node launcher replaced by a recorder. The training script on the node
+    gets every argument as the user wrote it: spaces, quotes, $, backquotes, backslashes, ';', '*', empty."""
+    script_args = [
+        "--name", "a b", "--q", "x'y\"z", "--note", 'it\'s "quoted" $HOME `x` \\n', "--glob", "*.json",
+        "--sep", "a;b", "--empty", "", "--lr", "3e-4", "--dollar", "$USER",
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    rc, _, err = run_cli(
+        capsys, ds_main, "launch", str(two_node_plan), "--hosts", "h1,h2", "--script", "train.py",
+        "--output-dir", str(out), "--", *script_args,
+    )  # fmt: skip
+    assert rc == 0, err
+    bin_dir, record = tmp_path / "bin", tmp_path / "node_argv.json"
+    bin_dir.mkdir()
+    node = tmp_path / "node_launcher.py"
+    node.write_text("import json, os, sys\njson.dump(sys.argv[1:], open(os.environ['NODE_ARGV'], 'w'))\n")
+    (bin_dir / "ssh").write_text("#!/bin/sh\nexit 0\n")  # the launcher's reachability check
+    (bin_dir / "pdsh").write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, shlex, subprocess, sys\n"
+        "args = sys.argv[1:]\n"
+        "json.dump(args, open(os.environ['PDSH_ARGV'], 'w'))\n"
+        "words = args[args.index('-w') + 2:]\n"  # after pdsh's options and its host list: the remote command
+        "command = ' '.join(words).replace('%n', '0')\n"
+        "command = command.replace('-m deepspeed.launcher.launch', shlex.quote(os.environ['NODE_LAUNCHER']))\n"
+        "sys.exit(subprocess.call(['sh', '-c', command]))\n"
+    )
+    for tool in ("ssh", "pdsh"):
+        (bin_dir / tool).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PDSH_ARGV": str(tmp_path / "pdsh_argv.json"),
+        "NODE_ARGV": str(record),
+        "NODE_LAUNCHER": str(node),
+        "DS_ACCELERATOR": "cpu",
+    }
+    proc = subprocess.run(
+        ["bash", str(out / "launch.sh")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    pdsh = json.loads((tmp_path / "pdsh_argv.json").read_text())
+    assert pdsh[: pdsh.index("-w") + 2][-2:] == ["-w", "h1,h2"]
+    seen = json.loads(record.read_text())
+    assert "--node_rank=0" in seen and "--master_addr=h1" in seen
+    user = seen[seen.index("train.py") + 1 :]
+    assert user[:-3] == script_args
+    assert user[-3:-1] == ["--deepspeed", "--deepspeed_config"] and Path(user[-1]) == (out / "ds_config.json").resolve()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,14 +26,77 @@ from uniap.launch_templates import render
 from uniap.plan import Plan
 from uniap.report import plural
 
-from .config import DEFAULT_BATCH, DEFAULT_PRECISION, deepspeed_config, plan_for_deepspeed, read_base
-from .merge import base_job, merge_config
+from .config import (
+    DEFAULT_BATCH,
+    DEFAULT_PRECISION,
+    check_hf_plan,
+    deepspeed_config,
+    hf_pipeline_stages,
+    plan_for_deepspeed,
+    read_base,
+)
+from .merge import base_job, merge_config, trainer_arguments
 
 PROG = "uniap-deepspeed"
 PLAN_FILE = "plan.json"
 # How a training script takes the config: DeepSpeed's own argument style (deepspeed.add_config_arguments) or
 # Hugging Face Trainer's (--deepspeed PATH; "argument --deepspeed: expected one argument" otherwise).
-CONFIG_FLAGS = {"deepspeed": ("--deepspeed", "--deepspeed_config"), "hf": ("--deepspeed",)}
+HF = "hf"
+NO_SSH_CHECK = "--no_ssh_check"  # deepspeed launcher/runner.py
+CONFIG_FLAGS = {"deepspeed": ("--deepspeed", "--deepspeed_config"), HF: ("--deepspeed",)}
+
+
+# DeepSpeed 0.19.8 launcher/multinode_runner.py PDSHRunner.parse_user_args wraps an argument holding a space in
+# double quotes (escaping its double quotes) and passes every other one as it is; pdsh joins the words into one
+# command line that a shell on each node parses again.
+_SHELL_SAFE = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+_SPECIAL_IN_DOUBLE_QUOTES = re.compile(r"([\\$`])")
+
+
+def for_remote_shell(arg: str) -> str:
+    """`arg` as the deepspeed launcher must receive it for the training script on every node to get `arg`."""
+    if " " in arg:
+        return _SPECIAL_IN_DOUBLE_QUOTES.sub(r"\\\1", arg)
+    return arg if _SHELL_SAFE.fullmatch(arg) else shlex.quote(arg)
+
+
+def with_trainer_arguments(script_args: list[str], required: list[str]) -> list[str]:
+    """`script_args` with the Trainer arguments the config requires added; SpecError where the script's own
+    arguments say otherwise (the Trainer would refuse the config)."""
+    given: dict[str, str | None] = {}
+    for i, arg in enumerate(script_args):
+        if arg.startswith("--"):
+            flag, _, value = arg.partition("=")
+            nxt = script_args[i + 1] if i + 1 < len(script_args) else None
+            given[flag] = value or (nxt if nxt is not None and not nxt.startswith("--") else None)
+    out = list(script_args)
+    i = 0
+    while i < len(required):
+        flag = required[i]
+        value = required[i + 1] if i + 1 < len(required) and not required[i + 1].startswith("--") else None
+        i += 2 if value is not None else 1
+        other = {"--bf16": "--fp16", "--fp16": "--bf16"}.get(flag)
+        if other in given and given[other] not in ("False", "false", "0"):
+            raise SpecError(
+                f"the script's arguments pass {other}, the plan trains in {flag[2:]}",
+                f"drop {other} from the arguments after --; uniap adds {flag}",
+            )
+        if flag not in given:
+            out += [flag] if value is None else [flag, value]
+        elif value is not None and given[flag] != value:
+            raise SpecError(
+                f"the script's arguments pass {flag} {given[flag]}, the plan's config needs {value}",
+                f"drop {flag} from the arguments after --; uniap adds the plan's value",
+            )
+    return out
+
+
+def _report_trainer_arguments(config: dict) -> None:
+    print(
+        f"{PROG}: pass the Trainer {' '.join(trainer_arguments(config))} (the config's micro-batch, accumulation "
+        'and precision; the Trainer refuses a mismatch and fills every "auto" from its own arguments)',
+        file=sys.stderr,
+    )
 
 
 def cmd_config(args) -> int:
@@ -44,7 +109,11 @@ def cmd_config(args) -> int:
         args.precision = job.get("precision", DEFAULT_PRECISION)
     if args.plan:
         plan = Plan.load(args.plan)
+        if args.hf:
+            check_hf_plan(plan)
     else:
+        if args.hf:
+            args.pipeline_stages = hf_pipeline_stages(args.pipeline_stages)
         plan = plan_for_deepspeed(
             args.model,
             cluster=args.cluster,
@@ -60,12 +129,14 @@ def cmd_config(args) -> int:
             flash_attention=not args.no_flash_attention,
             decoder_seq_length=args.decoder_seq_length,
         )
-    merged = merge_config(deepspeed_config(plan), base)
+    merged = merge_config(deepspeed_config(plan), base, hf=args.hf)
     config = merged.config
     if args.save_plan:
         plan.save(args.save_plan)
     for line in merged.report_lines():
         print(f"{PROG}: {line.strip()}", file=sys.stderr)
+    if args.hf:
+        _report_trainer_arguments(config)
     if args.output:
         write_json_atomic(Path(args.output), config)
         u = config["uniap"]
@@ -95,10 +166,18 @@ def cmd_launch(args) -> int:
     hostfile, script, config_path = out / "hostfile", out / "launch.sh", out / "ds_config.json"
     plan_path = out / PLAN_FILE
     check_output_paths([str(hostfile), str(script), str(config_path), str(plan_path)], args.force)
-    merged = merge_config(deepspeed_config(plan), read_base(args.base) if args.base else None)
+    hf = args.config_arg == HF
+    if hf:
+        check_hf_plan(plan)
+    merged = merge_config(deepspeed_config(plan), read_base(args.base) if args.base else None, hf=hf)
     config = merged.config
     for line in merged.report_lines():
         print(f"{PROG}: {line.strip()}", file=sys.stderr)
+    script_args = list(args.script_args)
+    if hf:
+        script_args = with_trainer_arguments(script_args, trainer_arguments(config))
+    if nodes > 1:  # DeepSpeed's pdsh runner hands the arguments to a shell on every node
+        script_args = [for_remote_shell(a) for a in script_args]
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config_path, config)
     plan.save(plan_path)
@@ -112,10 +191,12 @@ def cmd_launch(args) -> int:
             hostfile="hostfile",
             num_nodes=nodes,
             gpus_per_node=gpus,
+            # With a hostfile DeepSpeed's runner checks ssh to the first host even when it is the only one.
+            launcher_flags=[] if nodes > 1 else [NO_SSH_CHECK],
             master_addr=hosts[0],
             master_port=args.master_port,
             script=args.script,
-            script_args=args.script_args,
+            script_args=script_args,
             config_flags=list(CONFIG_FLAGS[args.config_arg]),
             config="ds_config.json",
         ),
@@ -218,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the plan sets, each change printed (default: a complete config whose AdamW, warm-up scheduler and "
         "clipping 1.0 are defaults to review)",
     )
+    g.add_argument(
+        "--hf",
+        action="store_true",
+        help='for a Hugging Face Trainer / Accelerate script: one pipeline stage, "auto" optimizer, scheduler '
+        "and clipping (the Trainer fills them), and the Trainer arguments the batch needs printed (default: a "
+        "config for a DeepSpeed script)",
+    )
     g.add_argument("-o", "--output", help="write the config JSON to this file (default: print it on stdout)")
     g.add_argument("--save-plan", help="also write the plan JSON to this file (default: not written)")
     g.add_argument(
@@ -252,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(CONFIG_FLAGS),
         default="deepspeed",
         help="how the script takes the config: deepspeed (--deepspeed --deepspeed_config PATH, DeepSpeed's "
-        "add_config_arguments) or hf (--deepspeed PATH, Hugging Face Trainer) (default: %(default)s)",
+        "add_config_arguments) or hf (--deepspeed PATH, Hugging Face Trainer: the config as `config --hf` "
+        "writes it, and the Trainer's batch and precision arguments added) (default: %(default)s)",
     )
     p.add_argument("--force", action="store_true", help="overwrite those files if they exist (default: refuse)")
     sub.add_parser(

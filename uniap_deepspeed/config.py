@@ -145,15 +145,42 @@ def plan_for_deepspeed(
     return solve(job, time_limit=time_limit, progress=False)[0]
 
 
-def plan_config(model: str, base: dict[str, Any] | str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
+def plan_config(
+    model: str, base: dict[str, Any] | str | Path | None = None, hf: bool = False, **kwargs: Any
+) -> dict[str, Any]:
     """The DeepSpeed config for a training script: plans (see plan_for_deepspeed), translates, and merges
     into `base` (the user's config, a dict or a JSON file; uniap_deepspeed.merge), whose batch and
-    precision are the job's unless given in `kwargs`."""
+    precision are the job's unless given in `kwargs`. `hf`: for a Hugging Face Trainer (one pipeline stage,
+    "auto" where the Trainer fills values; pass it merge.trainer_arguments(config))."""
     if base is not None and not isinstance(base, dict):
         base = read_base(base)
     for key, value in (base_job(base) if base else {}).items():
         kwargs.setdefault(key, value)
-    return merge_config(deepspeed_config(plan_for_deepspeed(model, **kwargs)), base).config
+    if hf:
+        kwargs["pipeline_stages"] = hf_pipeline_stages(kwargs.get("pipeline_stages"))
+    return merge_config(deepspeed_config(plan_for_deepspeed(model, **kwargs)), base, hf=hf).config
+
+
+def hf_pipeline_stages(pinned: int | None) -> int:
+    """The pipeline stages a Hugging Face Trainer job is planned with: one (the Trainer runs DeepSpeed's ZeRO
+    engine, not its PipelineEngine); SpecError for another pin."""
+    if pinned not in (None, 1):
+        raise SpecError(
+            f"--hf plans for Hugging Face's Trainer, which has no DeepSpeed pipeline engine, but "
+            f"{pinned} pipeline stages are pinned",
+            "drop --pipeline-stages, or train with a DeepSpeed script and PlannedPipelineModule",
+        )
+    return 1
+
+
+def check_hf_plan(plan: Plan) -> None:
+    """SpecError for a saved plan a Hugging Face Trainer cannot run (more than one pipeline stage)."""
+    if plan.pipeline_degree > 1:
+        raise SpecError(
+            f"the plan has {plan.pipeline_degree} pipeline stages; Hugging Face's Trainer runs DeepSpeed's ZeRO "
+            "engine, not its pipeline engine",
+            "re-plan with --hf (one stage), or train with a DeepSpeed script and PlannedPipelineModule",
+        )
 
 
 def read_base(path: str | Path) -> dict[str, Any]:

@@ -6,6 +6,11 @@ when the plan recomputes) and precision (bf16 / fp16). Everything else of the us
 optimizer, the scheduler, gradient clipping, logging, checkpointing, communication settings, any key uniap
 does not know. Each key uniap changes is reported with the reason. Without a base, the config gets an AdamW
 optimizer, a warm-up scheduler and clipping 1.0, reported as defaults to review, so it runs as it is.
+
+For Hugging Face's Trainer (and Accelerate) the defaults are "auto" instead: the Trainer fills the optimizer,
+the scheduler and clipping from its own arguments (transformers integrations/deepspeed.py
+HfTrainerDeepSpeedConfig.trainer_config_process). The plan's batch and precision stay numbers, which the
+Trainer checks against its arguments and refuses on a mismatch; `trainer_arguments` are the ones to pass.
 """
 
 from __future__ import annotations
@@ -43,6 +48,30 @@ DEFAULT_TRAINING = {
 }
 
 
+# The same for a Hugging Face Trainer: "auto", filled from its TrainingArguments (learning rate, Adam betas and
+# epsilon, weight decay, warm-up and total steps, max_grad_norm).
+HF_AUTO = "auto"
+HF_TRAINING = {
+    "optimizer": {
+        "type": "AdamW",
+        "params": {"lr": HF_AUTO, "betas": HF_AUTO, "eps": HF_AUTO, "weight_decay": HF_AUTO},
+    },
+    "scheduler": {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": HF_AUTO,
+            "warmup_max_lr": HF_AUTO,
+            "warmup_num_steps": HF_AUTO,
+            "total_num_steps": HF_AUTO,
+        },
+    },
+    "gradient_clipping": HF_AUTO,
+}
+# TrainingArguments that must equal the config's keys (the Trainer's own spelling).
+HF_MICRO_BATCH, HF_ACCUMULATION = "--per_device_train_batch_size", "--gradient_accumulation_steps"
+HF_PRECISION_FLAGS = {"bf16": "--bf16", "fp16": "--fp16"}
+
+
 @dataclass
 class MergedConfig:
     """The config to write and what uniap did to the user's: (key, what changed and why) per change."""
@@ -75,12 +104,14 @@ def base_job(base: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-def merge_config(planned: dict[str, Any], base: dict[str, Any] | None) -> MergedConfig:
-    """`planned` (deepspeed_config(plan)) merged into `base` as the module docstring says."""
+def merge_config(planned: dict[str, Any], base: dict[str, Any] | None, hf: bool = False) -> MergedConfig:
+    """`planned` (deepspeed_config(plan)) merged into `base` as the module docstring says; `hf`: for a Hugging
+    Face Trainer ("auto" defaults)."""
     if base is None:
-        config = copy.deepcopy(DEFAULT_TRAINING)
+        defaults = HF_TRAINING if hf else DEFAULT_TRAINING
+        config = copy.deepcopy(defaults)
         config.update(copy.deepcopy(planned))
-        return MergedConfig(config, defaults=list(DEFAULT_TRAINING))
+        return MergedConfig(config, defaults=[] if hf else list(defaults))
     config = copy.deepcopy(base)
     merged = MergedConfig(config)
     for key, value in planned.items():
@@ -127,3 +158,14 @@ def _change(old: Any, new: Any, why: str) -> str:
             parts.append(f"dropped {', '.join(dropped)}")
         return f"{'; '.join(parts)} ({why})"
     return f"{old!r} -> {new!r} ({why})"
+
+
+def trainer_arguments(config: dict[str, Any]) -> list[str]:
+    """The Trainer's arguments that `config`'s batch and precision require (it refuses a mismatch)."""
+    args = [
+        HF_MICRO_BATCH,
+        str(config["train_micro_batch_size_per_gpu"]),
+        HF_ACCUMULATION,
+        str(config["gradient_accumulation_steps"]),
+    ]
+    return args + [flag for key, flag in HF_PRECISION_FLAGS.items() if config.get(key, {}).get("enabled") is True]
