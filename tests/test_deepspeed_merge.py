@@ -155,3 +155,29 @@ def test_real_training_with_a_merged_zero2_config_and_no_optimizer_in_the_script
     for r in reports:
         assert r["zero_stage"] == 2 and r["optimizer"] == "DeepSpeedZeroOptimizer"
         assert r["finite"] and r["losses"][-1] < r["losses"][0]
+
+
+NO_REPLICA_JOB = ("--model", "gpt3-1.3b", "--nodes", "1", "--gpus-per-node", "2", "--global-batch-size", "8")
+
+
+def test_a_pin_that_changes_nothing_is_reported_with_its_reason(capsys, tmp_path):
+    """Issue 12: '--zero-stage 1 with one data-parallel replica is dropped silently'."""
+    out = tmp_path / "c.json"
+    rc = ds_main(["config", *NO_REPLICA_JOB, "--zero-stage", "1", "--pipeline-stages", "2", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == EXIT_OK, err
+    assert json.loads(out.read_text())["zero_optimization"]["stage"] == 0
+    assert "note: ZeRO stage 1 was pinned" in err and "data parallel 1" in err and "nothing to shard" in err
+    rc = ds_main(["config", *JOB, "--zero-stage", "1", "-o", str(tmp_path / "d.json")])
+    err = capsys.readouterr().err
+    assert rc == EXIT_OK and "was pinned" not in err  # 8 replicas: the pin does something
+
+
+def test_bf16_pipeline_accumulation_is_stated_plainly(capsys, tmp_path):
+    out = tmp_path / "c.json"
+    rc = ds_main(["config", *NO_REPLICA_JOB, "--pipeline-stages", "2", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == EXIT_OK and json.loads(out.read_text())["gradient_accumulation_steps"] > 1
+    assert "in bf16 (DeepSpeed warns" in err and "grad_accum_dtype fp32" in err
+    rc = ds_main(["config", *NO_REPLICA_JOB, "--pipeline-stages", "2", "--precision", "fp32"])
+    assert rc == EXIT_OK and "in bf16" not in capsys.readouterr().err

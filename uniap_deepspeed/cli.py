@@ -23,7 +23,9 @@ from uniap.errors import (
 )
 from uniap.io import check_output_paths, write_json_atomic, write_text_atomic
 from uniap.launch_templates import render
+from uniap.cost.strategy import Pins
 from uniap.plan import Plan
+from uniap.planner import ineffective_pins
 from uniap.report import plural
 
 from .config import (
@@ -31,6 +33,7 @@ from .config import (
     DEFAULT_PRECISION,
     check_hf_plan,
     deepspeed_config,
+    precision_notes,
     hf_pipeline_stages,
     plan_for_deepspeed,
     read_base,
@@ -129,12 +132,16 @@ def cmd_config(args) -> int:
             flash_attention=not args.no_flash_attention,
             decoder_seq_length=args.decoder_seq_length,
         )
+        for note in ineffective_pins(plan, Pins(zero=args.zero_stage)):
+            print(f"{PROG}: note: {note}", file=sys.stderr)
     merged = merge_config(deepspeed_config(plan), base, hf=args.hf)
     config = merged.config
     if args.save_plan:
         plan.save(args.save_plan)
     for line in merged.report_lines():
         print(f"{PROG}: {line.strip()}", file=sys.stderr)
+    for note in precision_notes(config):
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     if args.hf:
         _report_trainer_arguments(config)
     if args.output:

@@ -10,6 +10,7 @@ prediction for the training script and for humans.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,14 @@ from uniap.errors import SpecError
 from uniap.io import read_text
 from uniap.model.loaders import load_model
 from uniap.plan import Plan
-from uniap.planner import Job, training_spec
+from uniap.planner import Job, ineffective_pins, training_spec
 from uniap.planner import plan as solve
 
 from .merge import base_job, merge_config
 from .capability import DEEPSPEED, STAGE3_MAX_LIVE_PARAMETERS, STAGE3_MAX_REUSE_DISTANCE, zero_buckets
 
 
+log = logging.getLogger("uniap.deepspeed")
 DEFAULT_BATCH = 512
 DEFAULT_PRECISION = "bf16"
 
@@ -158,7 +160,22 @@ def plan_config(
         kwargs.setdefault(key, value)
     if hf:
         kwargs["pipeline_stages"] = hf_pipeline_stages(kwargs.get("pipeline_stages"))
-    return merge_config(deepspeed_config(plan_for_deepspeed(model, **kwargs)), base, hf=hf).config
+    plan = plan_for_deepspeed(model, **kwargs)
+    for note in ineffective_pins(plan, Pins(zero=kwargs.get("zero_stage"))):
+        log.warning("%s", note)
+    return merge_config(deepspeed_config(plan), base, hf=hf).config
+
+
+def precision_notes(config: dict[str, Any]) -> list[str]:
+    """What the config's precision does to gradients that a user should know before training with it."""
+    steps = config["gradient_accumulation_steps"]
+    if config["uniap"]["pipeline_stages"] > 1 and config.get("bf16", {}).get("enabled") is True and steps > 1:
+        return [
+            f"the pipeline engine adds each stage's gradients over {steps} micro-batches in bf16 (DeepSpeed warns "
+            "this is numerically unsafe over many steps); DeepSpeed 0.19.8 accumulates in fp32 only with ZeRO-1 "
+            "(data_types.grad_accum_dtype fp32), whose memory uniap does not price yet, so it is not set here"
+        ]
+    return []
 
 
 def hf_pipeline_stages(pinned: int | None) -> int:

@@ -191,6 +191,20 @@ def plan(
     return made, outcome
 
 
+def ineffective_pins(plan: Plan, pins: Pins) -> list[str]:
+    """The pinned choices `plan` honours only because they change nothing there, each with the reason, for the
+    user who pinned them to read (a pin is never dropped silently)."""
+    notes = []
+    sharded = [lp.strategy for lp in plan.layers if lp.strategy.shards > 1]
+    if pins.zero and not sharded:
+        notes.append(
+            f"ZeRO stage {pins.zero} was pinned, but every stage of the plan has one data-parallel replica "
+            f"(data parallel {plan.data_parallel_size}): ZeRO shards over data-parallel ranks and has nothing "
+            "to shard, so the plan runs stage 0"
+        )
+    return notes
+
+
 @dataclass(frozen=True)
 class PricedPlan:
     """A plan's subproblem tables, assignment and prediction under one cost model."""
