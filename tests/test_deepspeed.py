@@ -183,9 +183,9 @@ def split_plan(
     return Plan.load(out)
 
 
-def run_ds_train(tmp_path: Path, *args: str, nproc: int = 2, timeout: int = 300) -> list[dict]:
-    """Run tests/ds_train.py on `nproc` CPU ranks with torch.distributed.run; return each rank's report.
-    On failure the whole output of the run is in the assertion message."""
+def run_ds_train(tmp_path: Path, *args: str, nproc: int = 2, timeout: int = 300, script: Path = DS_TRAIN) -> list[dict]:
+    """Run `script` (tests/ds_train.py) on `nproc` CPU ranks with torch.distributed.run; return each rank's report
+    (`<out>/rank<r>.json`, --out given). On failure the whole output of the run is in the assertion message."""
     out = tmp_path / "ranks"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
@@ -200,7 +200,7 @@ def run_ds_train(tmp_path: Path, *args: str, nproc: int = 2, timeout: int = 300)
             "127.0.0.1",
             "--master-port",
             str(free_port()),
-            str(DS_TRAIN),
+            str(script),
             *args,
             "--out",
             str(out),
@@ -208,7 +208,7 @@ def run_ds_train(tmp_path: Path, *args: str, nproc: int = 2, timeout: int = 300)
         try:
             proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"ds_train.py ran past {timeout} s\nSTDOUT:\n{exc.stdout}\nSTDERR:\n{exc.stderr}")
+            pytest.fail(f"{script.name} ran past {timeout} s\nSTDOUT:\n{exc.stdout}\nSTDERR:\n{exc.stderr}")
         output = (
             f"command: {shlex.join(cmd)}\nexit code {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
         )
