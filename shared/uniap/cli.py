@@ -5,6 +5,7 @@ to training logs (`calibrate`), list presets. Exit codes: uniap.errors.EXIT_CODE
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import entry_points
 import json
 import logging
 import os
@@ -235,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-warmup", type=int, help="leading logged intervals to ignore (default: the warm-up ones)")
     _add_output_args(p, what="profile")
 
+    frameworks = ", ".join(sorted(ep.name for ep in entry_points(group=CONVERTERS))) or "none installed"
+    p = sub.add_parser(
+        "convert",
+        help="price an existing launch as it is, plan it, and write it converted",
+        description="Price an existing training launch as it is, plan it, and write it converted, with a "
+        f"before/after table. Frameworks: {frameworks}; `uniap convert FRAMEWORK -h` lists its options.",
+        usage="uniap convert FRAMEWORK [options]",
+        epilog=exit_codes_epilog(),
+        formatter_class=_formatter,
+    )
+    p.add_argument("framework", help=f"the launch's framework: {frameworks}")
     sub.add_parser(
         "presets",
         help="list model and cluster presets and targets",
@@ -437,7 +449,25 @@ def cmd_presets(args) -> int:
     return EXIT_OK
 
 
+CONVERTERS = "uniap.converters"  # entry-point group: a framework's `main(argv) -> exit code`
+
+
+def convert(argv: list[str]) -> int:
+    """`uniap convert FRAMEWORK ...`: the converter an installed adapter declares (the core imports none)."""
+    found = {ep.name: ep for ep in entry_points(group=CONVERTERS)}
+    if not argv or argv[0].startswith("-"):
+        build_parser().parse_args(["convert", *argv[:1]])  # the help, or the usage error (exit 2)
+    if argv[0] not in found:
+        names = ", ".join(sorted(found)) or "none installed"
+        print(f"uniap: error: no converter for {argv[0]!r} (installed: {names})", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    return found[argv[0]].load()(argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:
+        return convert(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
