@@ -181,3 +181,11 @@ def test_bf16_pipeline_accumulation_is_stated_plainly(capsys, tmp_path):
     assert "in bf16 (DeepSpeed warns" in err and "grad_accum_dtype fp32" in err
     rc = ds_main(["config", *NO_REPLICA_JOB, "--pipeline-stages", "2", "--precision", "fp32"])
     assert rc == EXIT_OK and "in bf16" not in capsys.readouterr().err
+
+
+def test_an_unaligned_vocabulary_is_named_with_the_padding_that_fixes_it(capsys, tmp_path):
+    rc = ds_main(["config", *JOB, "-o", str(tmp_path / "a.json")])  # gpt3-1.3b: GPT-2's 50,257 tokens
+    err = capsys.readouterr().err
+    assert rc == EXIT_OK and "vocabulary of 50,257 tokens is not a multiple of 8" in err and "50,304" in err
+    rc = ds_main(["config", *JOB, "--model", "llama2-7b", "-o", str(tmp_path / "b.json")])
+    assert rc == EXIT_OK and "vocabulary" not in capsys.readouterr().err

@@ -34,6 +34,7 @@ from .config import (
     check_hf_plan,
     deepspeed_config,
     precision_notes,
+    vocabulary_notes,
     hf_pipeline_stages,
     plan_for_deepspeed,
     read_base,
@@ -140,7 +141,7 @@ def cmd_config(args) -> int:
         plan.save(args.save_plan)
     for line in merged.report_lines():
         print(f"{PROG}: {line.strip()}", file=sys.stderr)
-    for note in precision_notes(config):
+    for note in precision_notes(config) + vocabulary_notes(plan):
         print(f"{PROG}: note: {note}", file=sys.stderr)
     if args.hf:
         _report_trainer_arguments(config)

@@ -28,6 +28,7 @@ from .capability import DEEPSPEED, STAGE3_MAX_LIVE_PARAMETERS, STAGE3_MAX_REUSE_
 
 
 log = logging.getLogger("uniap.deepspeed")
+PAD_VOCAB_TO = 64  # what Hugging Face's resize_token_embeddings(pad_to_multiple_of=...) is usually given
 DEFAULT_BATCH = 512
 DEFAULT_PRECISION = "bf16"
 
@@ -164,6 +165,25 @@ def plan_config(
     for note in ineffective_pins(plan, Pins(zero=kwargs.get("zero_stage"))):
         log.warning("%s", note)
     return merge_config(deepspeed_config(plan), base, hf=hf).config
+
+
+def vocabulary_notes(plan: Plan) -> list[str]:
+    """A vocabulary DeepSpeed builds unaligned (the model's own size) and what padding it would save."""
+    from uniap.cost.model import CostModel
+
+    vocab = plan.model.vocab_size
+    if not vocab or CostModel(plan.cluster, plan.training, vocab_multiple=DEEPSPEED.vocab_multiple).vocab_aligned(
+        vocab, 1
+    ):
+        return []
+    padded = -(-vocab // PAD_VOCAB_TO) * PAD_VOCAB_TO
+    fraction = plan.cluster.coefficients.misaligned_gemm
+    return [
+        f"the vocabulary of {vocab:,} tokens is not a multiple of 8, so the output projection's GEMMs run at "
+        f"{fraction:g} of the usual efficiency (measured on an H200) and the plan is priced so; padding it to "
+        f"{padded:,} (Hugging Face: model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of="
+        f"{PAD_VOCAB_TO})) and planning with that size makes the head several times faster"
+    ]
 
 
 def precision_notes(config: dict[str, Any]) -> list[str]:
