@@ -5,12 +5,12 @@ to training logs (`calibrate`), list presets. Exit codes: uniap.errors.EXIT_CODE
 from __future__ import annotations
 
 import argparse
-from importlib.metadata import entry_points
 import json
 import logging
 import os
 import sys
 from dataclasses import replace
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
@@ -236,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-warmup", type=int, help="leading logged intervals to ignore (default: the warm-up ones)")
     _add_output_args(p, what="profile")
 
+    p = sub.add_parser(
+        "explain",
+        help="why a plan: bottleneck, bubble, communication, memory headroom, runner-ups; --plot draws it",
+        description="Explain a saved plan: each pipeline rank's time per micro-batch (the kernels' share), its "
+        "memory against the device, the bottleneck, the bubble's and the once-per-iteration share of the "
+        "iteration, and the subproblems the search compared it with. --plot draws the 1F1B timeline and the "
+        "memory per GPU (matplotlib).",
+        epilog=exit_codes_epilog((EXIT_OK, EXIT_INTERNAL, EXIT_INVALID_INPUT, EXIT_INTERRUPTED)),
+        formatter_class=_formatter,
+    )
+    p.add_argument("plan", help="the saved plan JSON (uniap plan -o plan.json)")
+    p.add_argument("--profile", help="price it with this measured profile (default: estimates)")
+    p.add_argument("--plot", help="also draw it into this file: .png, .svg or .pdf (default: no picture)")
+    p.add_argument("--force", action="store_true", help="overwrite --plot's file if it exists (default: refuse)")
     frameworks = ", ".join(sorted(ep.name for ep in entry_points(group=CONVERTERS))) or "none installed"
     p = sub.add_parser(
         "convert",
@@ -442,6 +456,19 @@ def cmd_calibrate(args) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args) -> int:
+    from .explain import explain, plot, render_explanation
+
+    if args.plot:
+        check_output_path(args.plot, args.force)
+    explanation = explain(Plan.load(args.plan), Profile.load(args.profile) if args.profile else None)
+    print(render_explanation(explanation))
+    if args.plot:
+        plot(explanation, args.plot)
+        print(f"\n  picture written to {args.plot}")
+    return EXIT_OK
+
+
 def cmd_presets(args) -> int:
     print("models:   " + ", ".join(MODEL_PRESETS))
     print("clusters: " + ", ".join(CLUSTER_PRESETS))
@@ -474,9 +501,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return {"plan": cmd_plan, "evaluate": cmd_evaluate, "calibrate": cmd_calibrate, "presets": cmd_presets}[
-            args.command
-        ](args)
+        commands = {
+            "plan": cmd_plan,
+            "evaluate": cmd_evaluate,
+            "calibrate": cmd_calibrate,
+            "explain": cmd_explain,
+            "presets": cmd_presets,
+        }
+        return commands[args.command](args)
     except UniapError as exc:
         print(f"uniap: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -58,7 +58,8 @@ class LayerCost:
     state_bytes: model states resident while computing (from the second iteration on); activation_bytes: kept
     per in-flight micro-batch; the TRANSIENT_CLASSES: peaks while the layer computes or communicates;
     step_bytes: its model states at the optimizer step's peak, temporaries included (activations are freed
-    by then)."""
+    by then). compute_time: the part of time_per_microbatch that is the layer's own kernels (forward, backward,
+    recomputation), the rest being communication and gradient accumulation."""
 
     time_per_microbatch: float
     time_per_iteration: float
@@ -70,6 +71,7 @@ class LayerCost:
     step_bytes: float
     compute_basis: str
     activation_basis: str
+    compute_time: float = 0.0
 
 
 def activation_bytes(layer: Layer, tp: int, samples: float, recompute: str, sequence_parallel: bool = True) -> float:
@@ -340,4 +342,5 @@ class CostModel:
             step_bytes=step_bytes,
             compute_basis=basis,
             activation_basis=act_basis,
+            compute_time=compute,
         )
