@@ -108,3 +108,22 @@ def test_cli_explain(capsys, pipelined, tmp_path):
     assert rc == EXIT_INVALID_INPUT and "exists" in err and picture.read_text() == "mine"
     rc, _, err = run_main(capsys, "explain", str(tmp_path / "missing.json"))
     assert rc == EXIT_INVALID_INPUT and "missing.json" in err
+
+
+def test_compare_lists_plans_side_by_side(capsys, pipelined, tmp_path):
+    hand = tmp_path / "hand.json"
+    rc, _, err = run_main(
+        capsys, "evaluate", "--model", "gpt3-13b", "--cluster", "dgx-a100-80g", "--nodes", "1", "--gpus-per-node",
+        "8", "--global-batch-size", "32", "--seq-length", "2048", "--target", "megatron", "--tp", "8", "--pp", "1",
+        "--micro-batch-size", "1", "-o", str(hand),
+    )  # fmt: skip
+    assert rc == EXIT_OK, err
+    picture = tmp_path / "compare.svg"
+    rc, out, err = run_main(capsys, "compare", str(pipelined), str(hand), "--plot", str(picture))
+    assert rc == EXIT_OK, err
+    lines = out.splitlines()
+    assert lines[1].split()[0] == "plan" and lines[2].split()[0] == "hand"
+    assert "TP8 CP1 PP1 DP1" in lines[2] and ("best" in lines[1]) != ("best" in lines[2])
+    assert "x slower" in out and picture.exists()
+    rc, _, err = run_main(capsys, "compare", str(tmp_path / "nope.json"))
+    assert rc == EXIT_INVALID_INPUT and "nope.json" in err

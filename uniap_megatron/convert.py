@@ -24,6 +24,7 @@ from uniap import shell
 from uniap.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, SpecError, UniapError, exit_codes_epilog
 from uniap.io import check_output_path, read_text, write_text_atomic
 from uniap.plan import Plan
+from uniap.report import short_label
 
 from . import flags as F
 from .args import job_from_args
@@ -365,15 +366,9 @@ def converted_path(path: Path) -> Path:
 
 def _row(c: Configuration, tokens_per_iteration: float) -> list[str]:
     plan = c.plan
-    s = plan.uniform_strategy
-    label = (
-        f"TP{s.tp} CP{s.cp} PP{plan.pipeline_degree} DP{plan.data_parallel_size} "
-        f"{'ZeRO-' + str(s.zero) if s.zero else 'no ZeRO'}{' rc-' + s.recompute if s.recompute != 'none' else ''} "
-        f"mbs {plan.micro_batch_per_replica} x{plan.micro_batches}"
-    )
     return [
         c.label,
-        label,
+        short_label(plan),
         f"{plan.time_per_iteration:.3f}",
         f"{tokens_per_iteration / plan.time_per_iteration:,.0f}",
         f"{plan.mfu * 100:.1f}%",

@@ -250,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="price it with this measured profile (default: estimates)")
     p.add_argument("--plot", help="also draw it into this file: .png, .svg or .pdf (default: no picture)")
     p.add_argument("--force", action="store_true", help="overwrite --plot's file if it exists (default: refuse)")
+    p = sub.add_parser(
+        "compare",
+        help="several saved plans side by side (and one picture with --plot)",
+        description="Compare saved plans (uniap plan / evaluate -o, uniap-deepspeed config --save-plan, ...) in "
+        "one table: configuration, time per iteration, tokens/s, MFU, peak memory per GPU, how much slower than "
+        "the fastest. --plot draws the times and the memory as bars.",
+        epilog=exit_codes_epilog((EXIT_OK, EXIT_INTERNAL, EXIT_INVALID_INPUT, EXIT_INTERRUPTED)),
+        formatter_class=_formatter,
+    )
+    p.add_argument("plans", nargs="+", help="saved plan JSON files, in the order to list them")
+    p.add_argument("--plot", help="also draw them into this file: .png, .svg or .pdf (default: no picture)")
+    p.add_argument("--force", action="store_true", help="overwrite --plot's file if it exists (default: refuse)")
     frameworks = ", ".join(sorted(ep.name for ep in entry_points(group=CONVERTERS))) or "none installed"
     p = sub.add_parser(
         "convert",
@@ -469,6 +481,20 @@ def cmd_explain(args) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args) -> int:
+    from .explain import compare_table, plot_comparison
+
+    if args.plot:
+        check_output_path(args.plot, args.force)
+    plans = [Plan.load(path) for path in args.plans]
+    names = [Path(path).stem for path in args.plans]
+    print(compare_table(plans, names))
+    if args.plot:
+        plot_comparison(plans, names, args.plot)
+        print(f"\n  picture written to {args.plot}")
+    return EXIT_OK
+
+
 def cmd_presets(args) -> int:
     print("models:   " + ", ".join(MODEL_PRESETS))
     print("clusters: " + ", ".join(CLUSTER_PRESETS))
@@ -506,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate": cmd_evaluate,
             "calibrate": cmd_calibrate,
             "explain": cmd_explain,
+            "compare": cmd_compare,
             "presets": cmd_presets,
         }
         return commands[args.command](args)

@@ -225,17 +225,9 @@ def schedule(e: Explanation) -> list[list[tuple[str, int, float, float]]]:
 
 def plot(e: Explanation, path: str | Path) -> None:
     """The timeline and the memory bars in one figure (PNG, SVG or PDF by the file's suffix)."""
-    try:
-        import matplotlib
+    plt = _pyplot(path)
+    from matplotlib.patches import Patch
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-    except ImportError:
-        raise SpecError("--plot needs matplotlib", "pip install 'uniap[plot]' (or matplotlib)") from None
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise SpecError(f"--plot {path}: the file must end in .png, .svg or .pdf")
     runs = schedule(e)
     deg = len(runs)
     fig, (ax_t, ax_m) = plt.subplots(
@@ -292,3 +284,75 @@ def plot(e: Explanation, path: str | Path) -> None:
     )
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- uniap compare ----------------------------------------------------------------------------------
+
+
+def compare_table(plans: list[Plan], names: list[str]) -> str:
+    """Plans side by side: configuration, time per iteration, tokens/s, MFU, peak memory per GPU, and speed
+    relative to the fastest."""
+    from .report import short_label
+
+    fastest = min(p.time_per_iteration for p in plans)
+    header = ["", "target", "GPUs", "configuration", "s/iteration", "tokens/s", "MFU", "peak GiB / usable", "vs best"]
+    rows = [header]
+    for name, p in zip(names, plans):
+        peak = max(st.memory_bytes for st in p.stages) / GiB
+        fits = "" if peak <= p.memory_capacity_bytes / GiB else " (does not fit)"
+        rows.append(
+            [
+                name,
+                p.target,
+                str(p.cluster.num_gpus),
+                short_label(p),
+                f"{p.time_per_iteration:.4g}",
+                f"{p.tokens_per_second:,.0f}",
+                f"{p.mfu * 100:.1f}%",
+                f"{peak:.1f} / {p.memory_capacity_bytes / GiB:.1f}{fits}",
+                "best" if p.time_per_iteration == fastest else f"{p.time_per_iteration / fastest:.2f}x slower",
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def plot_comparison(plans: list[Plan], names: list[str], path: str | Path) -> None:
+    """Time per iteration and peak memory per GPU of each plan, as bars (memory against the usable line)."""
+    plt = _pyplot(path)
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 1.4 + 0.5 * len(plans)), layout="constrained")
+    rows = range(len(plans))
+    times = [p.time_per_iteration for p in plans]
+    ax_t.barh(rows, times, color="#4C72B0")
+    for r, t in zip(rows, times):
+        relative = "best" if t == min(times) else f"{t / min(times):.2f}x the best"
+        ax_t.text(t, r, f" {t:.3g} s ({relative})", va="center", fontsize=8)
+    ax_t.set_yticks(list(rows), names)
+    ax_t.invert_yaxis()
+    ax_t.set_xlabel("seconds per iteration (predicted)")
+    ax_t.set_xlim(0, max(times) * 1.3)
+    peaks = [max(st.memory_bytes for st in p.stages) / GiB for p in plans]
+    usable = [p.memory_capacity_bytes / GiB for p in plans]
+    colors = ["#55A868" if m <= u else "#C44E52" for m, u in zip(peaks, usable)]
+    ax_m.barh(rows, peaks, color=colors)
+    ax_m.scatter(usable, rows, marker="|", s=300, color="black", label="usable memory")
+    ax_m.set_yticks(list(rows), names)
+    ax_m.invert_yaxis()
+    ax_m.set_xlabel("peak GiB per GPU (red: does not fit)")
+    ax_m.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pyplot(path: str | Path):
+    """matplotlib's pyplot on the Agg backend, for a file of a supported kind."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SpecError("--plot needs matplotlib", "pip install 'uniap[plot]' (or matplotlib)") from None
+    if Path(path).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise SpecError(f"--plot {path}: the file must end in .png, .svg or .pdf")
+    return plt

@@ -43,6 +43,18 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}es" if noun.endswith(("ch", "sh", "s", "x")) else f"{n} {noun}s"
 
 
+def short_label(plan: Plan) -> str:
+    """The configuration in one line, e.g. 'TP4 CP1 PP16 DP2 ZeRO-1 +rc mbs 2 x384' (a per-layer plan: its
+    first transformer layer's strategy, marked 'mixed')."""
+    s = plan.uniform_strategy
+    mixed = "" if s is not None else " mixed"
+    s = s or next((lp.strategy for lp in plan.layers if lp.kind in TRANSFORMER_KINDS), plan.layers[0].strategy)
+    pp = f"PP{plan.pipeline_degree}" + (f"x{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
+    zero = f" ZeRO-{s.zero}" if s.zero else ""
+    rc = {"none": "", "selective": " +sel-rc", "full": " +rc"}[s.recompute]
+    return f"TP{s.tp} CP{s.cp} {pp} DP{s.dp}{zero}{rc}{mixed} mbs {plan.micro_batch_per_replica} x{plan.micro_batches}"
+
+
 def batch_line(plan: Plan) -> str:
     """The batch as Megatron-LM and DeepSpeed name it: per-replica micro-batch size, data-parallel size and
     micro-batches per iteration (Megatron's number of micro-batches, DeepSpeed's gradient_accumulation_steps)."""
