@@ -17,14 +17,14 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from uniap import shell
+from uniap.launch import Launch, read_launch
 from uniap.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, SpecError, UniapError, exit_codes_epilog
 from uniap.io import check_output_path, read_text, write_text_atomic
-from uniap.plan import Plan
-from uniap.report import short_label
+from uniap.report import Configuration, before_after, configuration_summary
 
 from . import flags as F
 from .args import job_from_args
@@ -34,14 +34,6 @@ from .merge import merged_argv
 PROG = "uniap convert megatron"
 DEFAULT_CLUSTER = "dgx-a100-80g"
 SUFFIX = ".uniap"  # train.sh -> train.uniap.sh
-# Launchers and how they name the cluster's shape: (nodes flags, processes-per-node flags).
-LAUNCHERS = {
-    "torchrun": (("--nnodes",), ("--nproc_per_node", "--nproc-per-node")),
-    "torch.distributed.run": (("--nnodes",), ("--nproc_per_node", "--nproc-per-node")),
-    "torch.distributed.launch": (("--nnodes",), ("--nproc_per_node", "--nproc-per-node")),
-    "deepspeed": (("--num_nodes",), ("--num_gpus",)),
-    "srun": (("--nodes", "-N"), ("--ntasks-per-node", "--gpus-per-node")),
-}
 # The choices --keep can hold fixed, and the flags that carry each.
 KEEP = {
     "tp": (F.TENSOR_PARALLEL,),
@@ -68,111 +60,6 @@ class Item:
     flag: str
     words: list[shell.Word]  # the flag word, and the value word when separate
     value: str | None
-
-
-@dataclass
-class Launch:
-    """The training command of a launch script."""
-
-    text: str
-    command: shell.Command
-    script_index: int  # the word that is the training script
-    nodes: int | None
-    gpus_per_node: int | None
-    source: str  # the file, or "the command line"
-    script: shell.Script | None = None
-
-    @property
-    def argv(self) -> list[str]:
-        return [w.value for w in self.command.words[self.script_index + 1 :]]
-
-    @property
-    def arg_words(self) -> list[shell.Word]:
-        return self.command.words[self.script_index + 1 :]
-
-
-@dataclass
-class Configuration:
-    """A configuration and its prediction, for the before/after table."""
-
-    label: str
-    plan: Plan
-    fits: bool
-    memory_bytes: float
-    capacity_bytes: float
-    notes: list[str] = field(default_factory=list)
-
-
-def read_launch(text: str, source: str) -> Launch:
-    """The training command of `text`; SpecError naming the line when there is none or it cannot be read."""
-    script = shell.parse(text)
-    for command in script.commands:
-        values = [w.value for w in command.words]
-        index = next((i for i, v in enumerate(values) if v.endswith(".py")), None)
-        if index is None:
-            continue
-        nodes, gpus = _shape(values[:index], command)
-        directives = _sbatch(text)
-        return Launch(
-            text,
-            command,
-            index,
-            nodes or directives.get("nodes"),
-            gpus or directives.get("gpus_per_node"),
-            source,
-            script,
-        )
-    raise SpecError(
-        f"{source}: no command runs a .py training script (torchrun / python -m torch.distributed.run / "
-        "deepspeed / srun / python ... pretrain_gpt.py)",
-        "pass the launch script that starts training, or the training arguments after --",
-    )
-
-
-SBATCH = {"--nodes": "nodes", "-N": "nodes", "--ntasks-per-node": "gpus_per_node", "--gpus-per-node": "gpus_per_node"}
-
-
-def _sbatch(text: str) -> dict[str, int]:
-    """Nodes and GPUs per node from a Slurm batch file's `#SBATCH` directives (one task per GPU)."""
-    found: dict[str, int] = {}
-    for line in text.splitlines():
-        if not line.startswith("#SBATCH"):
-            continue
-        words = line.split()[1:]
-        for i, word in enumerate(words):
-            name, eq, value = word.partition("=")
-            value = value if eq else (words[i + 1] if i + 1 < len(words) else "")
-            value = value.split(":")[-1]  # --gpus-per-node=h100:8
-            if name in SBATCH and value.isdigit():
-                found.setdefault(SBATCH[name], int(value))
-    return found
-
-
-def _shape(launcher: list[str], command: shell.Command) -> tuple[int | None, int | None]:
-    """(nodes, processes per node) from the launcher's arguments, None where it does not say."""
-    kind = next((k for k in LAUNCHERS if any(Path(w).name == k or w == k for w in launcher)), None)
-    if kind is None:
-        return None, None
-    node_flags, gpu_flags = LAUNCHERS[kind]
-    found: dict[str, str] = {}
-    for i, word in enumerate(launcher):
-        name, eq, value = word.partition("=")
-        if name in node_flags + gpu_flags:
-            found[name] = value if eq else (launcher[i + 1] if i + 1 < len(launcher) else "")
-    return _count(found, node_flags, command), _count(found, gpu_flags, command)
-
-
-def _count(found: dict[str, str], names: tuple[str, ...], command: shell.Command) -> int | None:
-    for name in names:
-        if name in found:
-            text = found[name].split(":")[-1]  # torchrun's MIN:MAX
-            if not text.isdigit() or int(text) < 1:
-                raise SpecError(
-                    f"line {command.line}: the launcher's {name} is {found[name]!r}, not a number this script sets",
-                    "pass --nodes and --gpus-per-node to uniap convert",
-                )
-            return int(text)
-    return None
 
 
 def items(words: list[shell.Word]) -> list[Item]:
@@ -364,37 +251,6 @@ def converted_path(path: Path) -> Path:
     return path.with_name(path.stem + SUFFIX + path.suffix)
 
 
-def _row(c: Configuration, tokens_per_iteration: float) -> list[str]:
-    plan = c.plan
-    return [
-        c.label,
-        short_label(plan),
-        f"{plan.time_per_iteration:.3f}",
-        f"{tokens_per_iteration / plan.time_per_iteration:,.0f}",
-        f"{plan.mfu * 100:.1f}%",
-        f"{c.memory_bytes / 2**30:.1f} / {c.capacity_bytes / 2**30:.1f}" + ("" if c.fits else " (does not fit)"),
-    ]
-
-
-def report(before: Configuration, after: Configuration, removed: list[str], added: list[str]) -> str:
-    tokens = before.plan.training.global_batch_size * before.plan.training.seq_length
-    header = ["", "configuration", "s/iteration", "tokens/s", "MFU", "peak GiB per GPU / usable"]
-    rows = [header, _row(before, tokens), _row(after, tokens)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
-    speedup = before.plan.time_per_iteration / after.plan.time_per_iteration
-    basis = after.plan.basis.get("compute", "estimated")
-    lines.append(f"  speedup {speedup:.2f}x ({basis} compute; both priced by the same cost model)")
-    if not before.fits:
-        over = (before.memory_bytes - before.capacity_bytes) / 2**30
-        lines.append(f"  the current configuration does not fit: {over:.1f} GiB per GPU over the usable memory")
-    for note in before.notes:
-        lines.append(f"  note: {note}")
-    diff = [*(f"- {r}" for r in removed), *(f"+ {a}" for a in added)]
-    lines.append("  arguments: " + ("; ".join(diff) or "unchanged"))
-    return "\n".join(lines)
-
-
 def convert(args) -> int:
     from uniap.cluster.spec import load_cluster
     from uniap.profile.schema import Profile
@@ -446,8 +302,8 @@ def convert(args) -> int:
         print(
             json.dumps(
                 {
-                    "before": _summary(before),
-                    "after": _summary(after),
+                    "before": configuration_summary(before),
+                    "after": configuration_summary(after),
                     "speedup": before.plan.time_per_iteration / after.plan.time_per_iteration,
                     "removed": removed,
                     "added": added,
@@ -459,35 +315,13 @@ def convert(args) -> int:
         )
         return EXIT_OK
     print(f"{PROG}: {launch.source}, {nodes} x {gpus} GPUs of {cluster.name} ({cluster.gpu_name})")
-    print(report(before, after, removed, added))
+    print(before_after(before, after, removed, added))
     if out_path:
         print(f"\n  converted script written to {out_path} (the original is unchanged)")
     else:
         launcher = [w.value for w in launch.command.words[: launch.script_index + 1]]
         print("\n  converted arguments: " + shlex.join(launcher + new_argv))
     return EXIT_OK
-
-
-def _summary(c: Configuration) -> dict:
-    s = c.plan.uniform_strategy
-    return {
-        "tp": s.tp,
-        "cp": s.cp,
-        "pp": c.plan.pipeline_degree,
-        "dp": c.plan.data_parallel_size,
-        "zero": s.zero,
-        "recompute": s.recompute,
-        "micro_batch_size": c.plan.micro_batch_per_replica,
-        "micro_batches": c.plan.micro_batches,
-        "time_per_iteration_s": c.plan.time_per_iteration,
-        "tokens_per_second": c.plan.tokens_per_second,
-        "mfu": c.plan.mfu,
-        "peak_memory_bytes": c.memory_bytes,
-        "usable_memory_bytes": c.capacity_bytes,
-        "fits": c.fits,
-        "basis": c.plan.basis,
-        "notes": c.notes,
-    }
 
 
 DESCRIPTION = """\
