@@ -286,7 +286,8 @@ def convert(args) -> int:
     argv = launch.argv
     before = current_configuration(argv, cluster, profile)
     planning_argv = strip_flags(argv, keep)
-    plan = plan_megatron(planning_argv, nodes, gpus, args.cluster, args.profile, args.time_limit)
+    progress = False if args.json else None  # a bar on a terminal while the search runs
+    plan = plan_megatron(planning_argv, nodes, gpus, args.cluster, args.profile, args.time_limit, progress)
     new_argv, _merge = merged_argv(plan, planning_argv)
     after = Configuration("planned", plan, True, max(s.memory_bytes for s in plan.stages), before.capacity_bytes)
     edits, removed, added = edits_for(launch, new_argv)
