@@ -258,9 +258,9 @@ def test_never_over_the_original_or_an_existing_output(capsys, tmp_path):
 def test_uniap_convert_lists_the_converters(capsys):
     with pytest.raises(SystemExit) as exc:
         uniap_main(["convert", "--help"])
-    assert exc.value.code == 0 and "Frameworks: megatron" in capsys.readouterr().out
+    assert exc.value.code == 0 and "Frameworks: deepspeed, megatron" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         uniap_main(["convert"])
     assert exc.value.code == EXIT_INVALID_INPUT and "framework" in capsys.readouterr().err
     assert uniap_main(["convert", "caffe"]) == EXIT_INVALID_INPUT
-    assert "no converter for 'caffe' (installed: megatron)" in capsys.readouterr().err
+    assert "no converter for 'caffe' (installed: deepspeed, megatron)" in capsys.readouterr().err

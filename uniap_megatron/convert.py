@@ -194,10 +194,9 @@ def edits_for(launch: Launch, new_argv: list[str]) -> tuple[list[Edit], list[str
         if name not in seen:
             extra += [name] + ([value] if value is not None else [])
             added.append(f"{name}{'' if value is None else ' ' + value}")
-    if extra:
-        end = launch.command.words[-1]
-        anchor = _written_span(launch, end) if end.source is None else _command_end(launch)
-        edits.append(Edit(shell.Span(anchor.end, anchor.end), " " + " ".join(shlex.quote(t) for t in extra)))
+    if extra:  # after the command's last word as written (a spliced array's elements live elsewhere)
+        end = launch.command.span.end
+        edits.append(Edit(shell.Span(end, end), " " + " ".join(shlex.quote(t) for t in extra)))
     return edits, removed, added
 
 
@@ -215,10 +214,6 @@ def environment_edits(launch: Launch, env: dict[str, str]) -> list[Edit]:
     start = launch.text.rfind("\n", 0, launch.command.span.start) + 1
     lines = [f"export {name}={shlex.quote(value)}  # uniap: the plan needs it\n" for name, value in missing.items()]
     return [Edit(shell.Span(start, start), "".join(lines))]
-
-
-def _command_end(launch: Launch) -> shell.Span:
-    return shell.Span(launch.command.span.end, launch.command.span.end)
 
 
 def _written_span(launch: Launch, word: shell.Word) -> shell.Span:

@@ -72,7 +72,6 @@ class _Raw:
 
     parts: list[tuple[str, str]]  # (kind, text): 'lit' literal text, 'var' a $NAME / ${...} to expand (quoted?)
     span: Span
-    quoted_array: bool = False
 
 
 def parse(text: str) -> Script:
