@@ -18,9 +18,9 @@ from uniap.errors import (
     EXIT_INVALID_INPUT,
     EXIT_OK,
     SpecError,
-    UniapError,
     exit_codes_epilog,
 )
+from uniap.entry import guarded
 from uniap.io import check_output_paths, write_json_atomic, write_text_atomic
 from uniap.launch_templates import render
 from uniap.cost.strategy import Pins
@@ -369,19 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     script_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.script_args = script_args
-    try:
-        return {"config": cmd_config, "launch": cmd_launch}[args.command](args)
-    except UniapError as exc:
-        print(f"uniap-deepspeed: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("uniap-deepspeed: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug, not the user's input
-        print(
-            f"uniap-deepspeed: internal error (a bug, please report it): {type(exc).__name__}: {exc}", file=sys.stderr
-        )
-        return EXIT_INTERNAL
+    return guarded(PROG, lambda: {"config": cmd_config, "launch": cmd_launch}[args.command](args))
 
 
 if __name__ == "__main__":

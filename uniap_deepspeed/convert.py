@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from uniap.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, SpecError, UniapError, exit_codes_epilog
+from uniap.errors import EXIT_OK, SpecError, exit_codes_epilog
+from uniap.entry import guarded
 from uniap.io import check_output_path, read_text, write_json_atomic
 from uniap.launch import read_launch
 from uniap.report import Configuration, before_after, configuration_summary
@@ -195,14 +196,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return convert(args)
-    except UniapError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug, not the user's input
-        print(f"{PROG}: internal error (a bug, please report it): {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
+    return guarded(PROG, lambda: convert(args))

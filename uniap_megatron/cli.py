@@ -34,9 +34,9 @@ from uniap.errors import (
     EXIT_INVALID_INPUT,
     EXIT_OK,
     SpecError,
-    UniapError,
     exit_codes_epilog,
 )
+from uniap.entry import guarded
 from uniap.io import check_output_paths, write_text_atomic
 from uniap.plan import Plan
 from uniap.report import render
@@ -381,17 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "args" and args.script_args:
         print(f"{PROG}: error: `args` takes no arguments after --", file=sys.stderr)
         return EXIT_INVALID_INPUT
-    try:
-        return {"args": cmd_args, "run": cmd_run, "script": cmd_script}[args.command](args)
-    except UniapError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug, not the user's input
-        print(f"{PROG}: internal error (a bug, please report it): {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
+    return guarded(PROG, lambda: {"args": cmd_args, "run": cmd_run, "script": cmd_script}[args.command](args))
 
 
 if __name__ == "__main__":

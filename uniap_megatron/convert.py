@@ -22,7 +22,8 @@ from pathlib import Path
 
 from uniap import shell
 from uniap.launch import Launch, read_launch
-from uniap.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, SpecError, UniapError, exit_codes_epilog
+from uniap.errors import EXIT_OK, SpecError, exit_codes_epilog
+from uniap.entry import guarded
 from uniap.io import check_output_path, read_text, write_text_atomic
 from uniap.report import Configuration, before_after, configuration_summary
 
@@ -359,14 +360,4 @@ def main(argv: list[str] | None = None) -> int:
     head = argv[: argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(head)
     args.args = tail
-    try:
-        return convert(args)
-    except UniapError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug, not the user's input
-        print(f"{PROG}: internal error (a bug, please report it): {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
+    return guarded(PROG, lambda: convert(args))

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from importlib import import_module
 
-from .errors import EXIT_INTERRUPTED
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, UniapError
 
 
 def run_command(prog: str, module: str) -> int:
@@ -26,3 +27,19 @@ def run_command(prog: str, module: str) -> int:
 
 def uniap() -> int:
     return run_command("uniap", "uniap.cli")
+
+
+def guarded(prog: str, command: Callable[[], int]) -> int:
+    """`command()`'s exit code; an input error becomes `prog: error: <message>` and its code, Ctrl-C 130 and
+    anything else an internal error (1), each said in one line on stderr, never as a traceback."""
+    try:
+        return command()
+    except UniapError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug, not the user's input
+        print(f"{prog}: internal error (a bug, please report it): {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
