@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then  # the carried wheels: the project, megatron-core, deepspeed, ...
+if [ "${UNIAP_GPU_CHECK_SMOKE:-}" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then  # the carried wheels (cp312)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
