@@ -324,7 +324,7 @@ def convert(args) -> int:
 DESCRIPTION = """\
 Price an existing Megatron-LM launch as it is, plan it, and write it converted.
   uniap convert megatron train_gpt3.sh --cluster dgx-h100 [--keep tp,pp]
-  uniap convert megatron -- pretrain_gpt.py --num-layers 32 ... --nproc-per-node 8
+  uniap convert megatron --gpus-per-node 8 -- pretrain_gpt.py --num-layers 32 ...
 The script is read, never run: continuation lines, variables, bash arrays and
 exported variables as Megatron-LM's example scripts use them. The converted
 script (NAME.uniap.sh beside the original, or -o) changes only the parallel
