@@ -348,31 +348,26 @@ def _word(text: str, i: int) -> tuple[_Raw, int]:
 
 def _dollar(text: str, i: int) -> tuple[str | None, int]:
     """A `$` reference at offset `i` and the offset after it; (None, i + 1) for a lone `$`."""
-    if text.startswith("${", i):
-        depth, j = 0, i + 1
-        while j < len(text):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i : j + 1], j + 1
-            j += 1
-        raise SpecError(f"line {text.count(chr(10), 0, i) + 1}: `${{` is never closed")
-    if text.startswith("$(", i):
-        depth, j = 0, i + 1
-        while j < len(text):
-            if text[j] == "(":
-                depth += 1
-            elif text[j] == ")":
-                depth -= 1
-                if depth == 0:
-                    return text[i : j + 1], j + 1
-            j += 1
-        raise SpecError(f"line {text.count(chr(10), 0, i) + 1}: `$(` is never closed")
+    for opening, closing in (("{", "}"), ("(", ")")):  # ${...} and $(...), nested ones inside
+        if text.startswith("$" + opening, i):
+            end = _closing(text, i + 1, opening, closing)
+            return text[i : end + 1], end + 1
     m = _NAME.match(text, i + 1)
     if m:
         return text[i : m.end()], m.end()
     if i + 1 < len(text) and (text[i + 1].isdigit() or text[i + 1] in "@*#?$!"):
         return text[i : i + 2], i + 2
     return None, i + 1
+
+
+def _closing(text: str, start: int, opening: str, closing: str) -> int:
+    """The offset of the bracket that closes the one at `start`; SpecError naming the line when none does."""
+    depth = 0
+    for j in range(start, len(text)):
+        if text[j] == opening:
+            depth += 1
+        elif text[j] == closing:
+            depth -= 1
+            if depth == 0:
+                return j
+    raise SpecError(f"line {text.count(chr(10), 0, start) + 1}: `${opening}` is never closed")
