@@ -17,7 +17,8 @@ import pytest
 from uniap.cli import main as uniap_main
 from uniap.errors import EXIT_INVALID_INPUT, EXIT_OK
 from uniap_megatron.args import job_from_args
-from uniap_megatron.convert import converted_path, read_launch
+from uniap.conversion import converted_path
+from uniap.launch import read_launch
 from uniap_megatron.merge import explicit_settings
 
 GPT3_TEMPLATE = """#!/bin/bash

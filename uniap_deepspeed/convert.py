@@ -19,17 +19,15 @@ from typing import Any
 
 from uniap.errors import EXIT_OK, SpecError, exit_codes_epilog
 from uniap.entry import guarded
-from uniap.io import check_output_path, read_text, write_json_atomic
+from uniap.conversion import Configuration, add_options, before_after, configuration_summary, keep_choices, output_path
+from uniap.io import read_text, write_json_atomic
 from uniap.launch import read_launch
-from uniap.report import Configuration, before_after, configuration_summary
 
 from .capability import DEEPSPEED
 from .config import DEFAULT_PRECISION, deepspeed_config, plan_for_deepspeed, read_base
 from .merge import BATCH_KEYS, base_job, merge_config
 
 PROG = "uniap convert deepspeed"
-DEFAULT_CLUSTER = "dgx-a100-80g"
-SUFFIX = ".uniap"  # ds_config.json -> ds_config.uniap.json
 KEEP = ("zero", "pp", "mbs")
 
 
@@ -86,9 +84,7 @@ def convert(args) -> int:
     model = load_model(args.model)
     training = training_spec(model, current["global_batch_size"], args.seq_length, precision=precision)
     profile = Profile.load(args.profile) if args.profile else None
-    keep = {k.strip() for k in args.keep.split(",") if k.strip()} if args.keep else set()
-    if keep - set(KEEP):
-        raise SpecError(f"--keep {','.join(sorted(keep - set(KEEP)))}: not a choice", f"choose from {', '.join(KEEP)}")
+    keep = keep_choices(args.keep, KEEP)
     plan_now, prediction = configure(
         model,
         cluster,
@@ -117,12 +113,9 @@ def convert(args) -> int:
         profile=args.profile,
         time_limit=args.time_limit,
     )
-    after = Configuration("planned", plan, True, max(s.memory_bytes for s in plan.stages), before.capacity_bytes)
+    after = Configuration.planned(plan)
     merged = merge_config(deepspeed_config(plan), base)
-    out_path = Path(args.output) if args.output else path.with_name(path.stem + SUFFIX + path.suffix)
-    if out_path.resolve() == path.resolve():
-        raise SpecError(f"{out_path} is the original config; uniap never writes over it", "choose another -o")
-    check_output_path(str(out_path), args.force)
+    out_path = output_path(path, args.output, args.force, "config")
     write_json_atomic(out_path, merged.config)
     changes = [f"{key}: {why}" for key, why in merged.changes]
     if args.json:
@@ -170,7 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the job's DeepSpeed config JSON")
     p.add_argument("--model", required=True, help="model preset, uniap spec, or Hugging Face config.json (required)")
     p.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")
-    p.add_argument("--cluster", default=DEFAULT_CLUSTER, help="the GPUs' preset or file (default: %(default)s)")
     p.add_argument("--launch", help="the job's launch script, for its nodes and GPUs per node (default: none)")
     p.add_argument("--nodes", type=int, help="nodes (default: --launch's, else 1)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: --launch's, else the cluster's)")
@@ -183,14 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="whether the script checkpoints activations today: %(choices)s (default: %(default)s)",
     )
-    p.add_argument(
-        "--keep", help=f"choices the plan keeps as they are, comma-separated from {','.join(KEEP)} (default: none)"
-    )
-    p.add_argument("--profile", help="measured profile JSON to price and plan with (default: estimates)")
-    p.add_argument("--time-limit", type=float, help="seconds for the search (default: no limit)")
-    p.add_argument("-o", "--output", help="the converted config's path (default: NAME.uniap.json beside it)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing converted config (never the original)")
-    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    add_options(p, KEEP, "config")
     return p
 
 

@@ -24,8 +24,8 @@ from uniap import shell
 from uniap.launch import Launch, read_launch
 from uniap.errors import EXIT_OK, SpecError, exit_codes_epilog
 from uniap.entry import guarded
-from uniap.io import check_output_path, read_text, write_text_atomic
-from uniap.report import Configuration, before_after, configuration_summary
+from uniap.conversion import Configuration, add_options, before_after, configuration_summary, keep_choices, output_path
+from uniap.io import read_text, write_text_atomic
 
 from . import flags as F
 from .args import job_from_args
@@ -33,8 +33,6 @@ from .capability import MEGATRON
 from .merge import merged_argv
 
 PROG = "uniap convert megatron"
-DEFAULT_CLUSTER = "dgx-a100-80g"
-SUFFIX = ".uniap"  # train.sh -> train.uniap.sh
 # The choices --keep can hold fixed, and the flags that carry each.
 KEEP = {
     "tp": (F.TENSOR_PARALLEL,),
@@ -243,10 +241,6 @@ def apply_edits(text: str, edits: list[Edit]) -> str:
     return "\n".join(kept)
 
 
-def converted_path(path: Path) -> Path:
-    return path.with_name(path.stem + SUFFIX + path.suffix)
-
-
 def convert(args) -> int:
     from uniap.cluster.spec import load_cluster
     from uniap.profile.schema import Profile
@@ -266,10 +260,7 @@ def convert(args) -> int:
     else:
         raise SpecError("nothing to convert", "pass a launch script, or `-- pretrain_gpt.py <Megatron arguments>`")
     check_known(launch)
-    keep = {k.strip() for k in args.keep.split(",") if k.strip()} if args.keep else set()
-    unknown = keep - set(KEEP)
-    if unknown:
-        raise SpecError(f"--keep {','.join(sorted(unknown))}: not a choice", f"choose from {', '.join(KEEP)}")
+    keep = keep_choices(args.keep, tuple(KEEP))
     nodes = args.nodes or launch.nodes or 1
     gpus = args.gpus_per_node or launch.gpus_per_node
     if gpus is None:
@@ -285,15 +276,12 @@ def convert(args) -> int:
     progress = False if args.json else None  # a bar on a terminal while the search runs
     plan = plan_megatron(planning_argv, nodes, gpus, args.cluster, args.profile, args.time_limit, progress)
     new_argv, _merge = merged_argv(plan, planning_argv)
-    after = Configuration("planned", plan, True, max(s.memory_bytes for s in plan.stages), before.capacity_bytes)
+    after = Configuration.planned(plan)
     edits, removed, added = edits_for(launch, new_argv)
     edits += environment_edits(launch, _merge.env)
     out_path = None
     if path is not None:
-        out_path = Path(args.output) if args.output else converted_path(path)
-        if out_path.resolve() == path.resolve():
-            raise SpecError(f"{out_path} is the original script; uniap never writes over it", "choose another -o")
-        check_output_path(str(out_path), args.force)
+        out_path = output_path(path, args.output, args.force, "script")
         write_text_atomic(out_path, apply_edits(text, edits), executable=path.stat().st_mode & 0o111 != 0)
     if args.json:
         print(
@@ -339,18 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("script", nargs="?", help="the launch script (bash) that starts training")
-    p.add_argument("--cluster", default=DEFAULT_CLUSTER, help="the GPUs' preset or file (default: %(default)s)")
     p.add_argument("--nodes", type=int, help="nodes (default: the launcher's --nnodes, else 1)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the launcher's --nproc-per-node)")
-    p.add_argument(
-        "--keep",
-        help=f"choices the plan keeps as the launch has them, comma-separated from {','.join(KEEP)} (default: none)",
-    )
-    p.add_argument("--profile", help="measured profile JSON to price and plan with (default: estimates)")
-    p.add_argument("--time-limit", type=float, help="seconds for the search (default: no limit)")
-    p.add_argument("-o", "--output", help="the converted script's path (default: NAME.uniap.sh beside the script)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing converted script (never the original)")
-    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    add_options(p, tuple(KEEP), "script")
     return p
 
 

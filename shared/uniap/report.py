@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 
 from .model.graph import TRANSFORMER_KINDS
 from .plan import Plan
@@ -168,77 +167,3 @@ def render_calibration(calibration: Calibration, output: str | None) -> str:
     if output:
         lines.append(f"\n  profile written to {output}; plan with --profile {output}")
     return "\n".join(lines)
-
-
-# --- a converted job: its configuration before and after -----------------------------------------
-
-
-@dataclass
-class Configuration:
-    """A configuration and its prediction, for the before/after table."""
-
-    label: str
-    plan: Plan
-    fits: bool
-    memory_bytes: float
-    capacity_bytes: float
-    notes: list[str] = field(default_factory=list)
-
-
-def _before_after_row(c: Configuration, tokens_per_iteration: float) -> list[str]:
-    """One row of the before/after table."""
-    plan = c.plan
-    return [
-        c.label,
-        short_label(plan),
-        f"{plan.time_per_iteration:.3f}",
-        f"{tokens_per_iteration / plan.time_per_iteration:,.0f}",
-        f"{plan.mfu * 100:.1f}%",
-        f"{c.memory_bytes / 2**30:.1f} / {c.capacity_bytes / 2**30:.1f}" + ("" if c.fits else " (does not fit)"),
-    ]
-
-
-def before_after(
-    before: Configuration, after: Configuration, removed: list[str], added: list[str], changed: str = "arguments"
-) -> str:
-    """The before/after table of a conversion, the speedup, whether the current configuration fits (by how much
-    it does not), and what `changed` (the arguments, the config's keys) lost and gained."""
-    tokens = before.plan.training.global_batch_size * before.plan.training.seq_length
-    header = ["", "configuration", "s/iteration", "tokens/s", "MFU", "peak GiB per GPU / usable"]
-    rows = [header, _before_after_row(before, tokens), _before_after_row(after, tokens)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
-    speedup = before.plan.time_per_iteration / after.plan.time_per_iteration
-    basis = after.plan.basis.get("compute", "estimated")
-    lines.append(f"  speedup {speedup:.2f}x ({basis} compute; both priced by the same cost model)")
-    if not before.fits:
-        over = (before.memory_bytes - before.capacity_bytes) / 2**30
-        lines.append(f"  the current configuration does not fit: {over:.1f} GiB per GPU over the usable memory")
-    for note in before.notes:
-        lines.append(f"  note: {note}")
-    diff = [*(f"- {r}" for r in removed), *(f"+ {a}" for a in added)]
-    lines.append(f"  {changed}: " + ("; ".join(diff) or "unchanged"))
-    return "\n".join(lines)
-
-
-def configuration_summary(c: Configuration) -> dict:
-    """A configuration and its prediction for --json."""
-    s = c.plan.uniform_strategy
-    return {
-        "tp": s.tp,
-        "cp": s.cp,
-        "pp": c.plan.pipeline_degree,
-        "dp": c.plan.data_parallel_size,
-        "zero": s.zero,
-        "recompute": s.recompute,
-        "micro_batch_size": c.plan.micro_batch_per_replica,
-        "micro_batches": c.plan.micro_batches,
-        "time_per_iteration_s": c.plan.time_per_iteration,
-        "tokens_per_second": c.plan.tokens_per_second,
-        "mfu": c.plan.mfu,
-        "peak_memory_bytes": c.memory_bytes,
-        "usable_memory_bytes": c.capacity_bytes,
-        "fits": c.fits,
-        "basis": c.plan.basis,
-        "notes": c.notes,
-    }
