@@ -89,6 +89,11 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", help="measured profile JSON (default: analytic estimate from the cluster)")
 
 
+def _add_plot_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--plot", help=f"also draw {what} into this file: .png, .svg or .pdf (default: no picture)")
+    p.add_argument("--force", action="store_true", help="overwrite --plot's file if it exists (default: refuse)")
+
+
 def _add_output_args(p: argparse.ArgumentParser, what: str = "plan") -> None:
     g = p.add_argument_group("output")
     g.add_argument("-o", "--output", help=f"write the {what} JSON here, checked before any work (default: not written)")
@@ -248,8 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("plan", help="the saved plan JSON (uniap plan -o plan.json)")
     p.add_argument("--profile", help="price it with this measured profile (default: estimates)")
-    p.add_argument("--plot", help="also draw it into this file: .png, .svg or .pdf (default: no picture)")
-    p.add_argument("--force", action="store_true", help="overwrite --plot's file if it exists (default: refuse)")
+    _add_plot_args(p, "it")
     p = sub.add_parser(
         "compare",
         help="several saved plans side by side (and one picture with --plot)",
@@ -260,8 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
     )
     p.add_argument("plans", nargs="+", help="saved plan JSON files, in the order to list them")
-    p.add_argument("--plot", help="also draw them into this file: .png, .svg or .pdf (default: no picture)")
-    p.add_argument("--force", action="store_true", help="overwrite --plot's file if it exists (default: refuse)")
+    _add_plot_args(p, "them")
     frameworks = ", ".join(sorted(ep.name for ep in entry_points(group=CONVERTERS))) or "none installed"
     p = sub.add_parser(
         "convert",

@@ -94,7 +94,7 @@ def explain(plan: Plan, profile: Profile | None = None) -> Explanation:
     once = max(g)
     bubble = max(0.0, tpi - busy - once)
     total_p = sum(p)
-    communication = sum(p) - sum(compute)
+    communication = total_p - sum(compute)
     return Explanation(
         plan=plan,
         ranks=ranks,

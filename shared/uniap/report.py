@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .cost.strategy import RECOMPUTE_SUFFIX
 from .model.graph import TRANSFORMER_KINDS
 from .plan import Plan
 from .profile.schema import Calibration
@@ -51,7 +52,7 @@ def short_label(plan: Plan) -> str:
     s = s or next((lp.strategy for lp in plan.layers if lp.kind in TRANSFORMER_KINDS), plan.layers[0].strategy)
     pp = f"PP{plan.pipeline_degree}" + (f"x{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
     zero = f" ZeRO-{s.zero}" if s.zero else ""
-    rc = {"none": "", "selective": " +sel-rc", "full": " +rc"}[s.recompute]
+    rc = RECOMPUTE_SUFFIX[s.recompute]
     return f"TP{s.tp} CP{s.cp} {pp} DP{s.dp}{zero}{rc}{mixed} mbs {plan.micro_batch_per_replica} x{plan.micro_batches}"
 
 

@@ -24,6 +24,7 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 # up to 5; each chunk adds point-to-point transfers and in-flight activations).
 MAX_VIRTUAL_STAGES = 8
 ZERO_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "FSDP"}
+RECOMPUTE_SUFFIX = {"none": "", "selective": " +sel-rc", "full": " +rc"}  # how labels mark recomputation
 
 
 @dataclass(frozen=True, order=True)
@@ -64,7 +65,7 @@ class Strategy:
         if self.zero:
             parts.append(ZERO_NAMES[self.zero])
         text = " ".join(parts) or "1 GPU"
-        return text + {"none": "", "selective": " +sel-rc", "full": " +rc"}[self.recompute]
+        return text + RECOMPUTE_SUFFIX[self.recompute]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
