@@ -206,11 +206,11 @@ def environment_edits(launch: Launch, env: dict[str, str]) -> list[Edit]:
     missing = {
         name: value
         for name, value in env.items()
-        if script is None or name not in script.exported or [w.value for w in script.variables.get(name, [])] != [value]
+        if name not in script.exported or [w.value for w in script.variables.get(name, [])] != [value]
     }
     if not missing:
         return []
-    start = launch.text.rfind("\n", 0, launch.command.span.start) + 1
+    start = script.text.rfind("\n", 0, launch.command.span.start) + 1
     lines = [f"export {name}={shlex.quote(value)}  # uniap: the plan needs it\n" for name, value in missing.items()]
     return [Edit(shell.Span(start, start), "".join(lines))]
 

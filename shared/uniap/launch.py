@@ -27,13 +27,12 @@ LAUNCHERS = {
 class Launch:
     """The training command of a launch script."""
 
-    text: str
+    script: shell.Script  # what the whole script sets and runs (its text among it)
     command: shell.Command
     script_index: int  # the word that is the training script
     nodes: int | None
     gpus_per_node: int | None
     source: str  # the file, or "the command line"
-    script: shell.Script | None = None
 
     @property
     def argv(self) -> list[str]:
@@ -55,13 +54,12 @@ def read_launch(text: str, source: str) -> Launch:
         nodes, gpus = _shape(values[:index], command)
         directives = _sbatch(text)
         return Launch(
-            text,
+            script,
             command,
             index,
             nodes or directives.get("nodes"),
             gpus or directives.get("gpus_per_node"),
             source,
-            script,
         )
     raise SpecError(
         f"{source}: no command runs a .py training script (torchrun / python -m torch.distributed.run / "
