@@ -56,6 +56,14 @@ def test_config_is_priced_planned_and_merged_beside_the_original(capsys, tmp_pat
     assert any(change.startswith("zero_optimization") for change in result["changes"]) or after["zero"] == 3
 
 
+def test_a_config_with_no_precision_enabled_stays_fp32(capsys, tmp_path):
+    """DeepSpeed trains in fp32 unless bf16 or fp16 is enabled; a disabled section must not turn it on."""
+    rc, _, err, _ = convert(capsys, tmp_path, {**USER, "bf16": {"enabled": False}})
+    assert rc == EXIT_OK, err
+    converted = json.loads((tmp_path / "ds_config.uniap.json").read_text())
+    assert converted["bf16"] == {"enabled": False} and not converted.get("fp16", {}).get("enabled")
+
+
 def test_keep_holds_the_zero_stage(capsys, tmp_path):
     rc, result, err, _ = convert(capsys, tmp_path, USER, "--keep", "zero")
     assert rc == EXIT_OK, err

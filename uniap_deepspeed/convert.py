@@ -24,7 +24,7 @@ from uniap.io import read_text, write_json_atomic
 from uniap.launch import read_launch
 
 from .capability import DEEPSPEED
-from .config import DEFAULT_PRECISION, deepspeed_config, plan_for_deepspeed, read_base
+from .config import deepspeed_config, plan_for_deepspeed, read_base
 from .merge import BATCH_KEYS, base_job, merge_config
 
 PROG = "uniap convert deepspeed"
@@ -80,7 +80,7 @@ def convert(args) -> int:
     nodes = nodes or 1
     cluster = load_cluster(args.cluster, nodes, gpus)
     current = current_settings(base, cluster.num_gpus, args.pipeline_stages)
-    precision = base_job(base).get("precision", DEFAULT_PRECISION if "bf16" in base else "fp32")
+    precision = base_job(base).get("precision", "fp32")  # DeepSpeed trains in fp32 unless a section enables one
     model = load_model(args.model)
     training = training_spec(model, current["global_batch_size"], args.seq_length, precision=precision)
     profile = Profile.load(args.profile) if args.profile else None
