@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from uniap.cluster.spec import ClusterSpec
 from uniap.cost.model import CostModel
@@ -97,6 +98,11 @@ def random_instance(seed: int):
     degs = [d for d in (1, 2, 4) if cluster.num_gpus % d == 0 and d <= len(graph.layers)]
     deg = rng.choice(degs)
     c = rng.choice([1, 2, 4])
+    # Drawn last, so the instances above stay what they were: hosts that DeepSpeed may offload to, or none.
+    cluster = replace(cluster, host_memory_gib=rng.choice([None, 4.0, 64.0]))
     sub = build_subproblem(graph, cluster, training, capability, CostModel(cluster, training), deg, c)
-    what = f"seed={seed} shape={shape} target={capability.name} gpus={cluster.num_gpus} mem={memory} deg={deg} c={c}"
+    what = (
+        f"seed={seed} shape={shape} target={capability.name} gpus={cluster.num_gpus} mem={memory} "
+        f"host={cluster.host_memory_gib} deg={deg} c={c}"
+    )
     return sub, what

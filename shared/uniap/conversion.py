@@ -80,6 +80,8 @@ def configuration_summary(c: Configuration) -> dict:
         "pp": c.plan.pipeline_degree,
         "dp": c.plan.data_parallel_size,
         "zero": s.zero,
+        "offload": s.offload,
+        "zeropp": s.zeropp,
         "recompute": s.recompute,
         "micro_batch_size": c.plan.micro_batch_per_replica,
         "micro_batches": c.plan.micro_batches,

@@ -24,11 +24,12 @@ from .model.graph import TRANSFORMER_KINDS
 from .model.spec import ModelSpec, TrainingSpec
 
 PLAN_FORMAT = "uniap-plan"
-PLAN_VERSION = 4
+PLAN_VERSION = 5
 # Version 2 added each stage's memory breakdown; version 3 renamed micro_batch -> micro_batch_all_replicas
 # and the pin micro_batch_size -> micro_batch_per_replica; version 4 added virtual_stages (interleaved
-# pipelines; older plans have one chunk per rank) and each strategy's cp.
-READABLE_VERSIONS = (1, 2, 3, 4)
+# pipelines; older plans have one chunk per rank) and each strategy's cp; version 5 each strategy's ZeRO variant
+# (offload, zeropp) and each stage's host_bytes.
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class StagePlan:
     """One pipeline stage (a model chunk of rank index % pipeline_degree when interleaved): its layers, time per
     micro-batch, once-per-iteration time, and memory per GPU of its rank: `memory_bytes` is the predicted peak
     the allocator reserves; the rest are allocated bytes (model states, in-flight activations, peaks while
-    computing, the states at the optimizer step with its temporaries)."""
+    computing, the states at the optimizer step with its temporaries, offloaded states in host memory)."""
 
     index: int
     first_layer: str
@@ -57,6 +58,7 @@ class StagePlan:
     activation_bytes: float | None = None
     transient_bytes: float | None = None
     step_bytes: float | None = None
+    host_bytes: float | None = None  # offloaded states in host memory per GPU (absent: none)
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Plan:
     pins: Pins = NO_PINS
     reserved_per_allocated: float | None = None
     virtual_stages: int = 1
+    notes: list[str] = field(default_factory=list)  # what the planner wants the user to know about its choice
 
     def __post_init__(self) -> None:
         for name, kind in (("model", ModelSpec), ("cluster", ClusterSpec), ("training", TrainingSpec), ("pins", Pins)):
@@ -248,6 +251,7 @@ def make_plan(
                 activation_bytes=mem.activations,
                 transient_bytes=mem.transients,
                 step_bytes=mem.step_states,
+                host_bytes=mem.host or None,
             )
         )
     tpi = pred.time_per_iteration

@@ -11,17 +11,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .cluster.spec import ClusterSpec
 from .cost.evaluate import Prediction, check_assignment, evaluate, even_split, split_by_counts
 from .cost.model import CostModel
-from .cost.strategy import NO_PINS, Capability, Pins, Strategy, capability_for, cp_fits_sequence, tp_fits_layer
+from .cost.strategy import (
+    NO_PINS,
+    OFFLOAD_NONE,
+    Capability,
+    Pins,
+    Strategy,
+    capability_for,
+    cp_fits_sequence,
+    tp_fits_layer,
+)
 from .cost.tables import Subproblem, build_subproblem
-from .errors import SpecError
+from .errors import InfeasibleError, SpecError
 from .model.graph import TRANSFORMER, TRANSFORMER_KINDS, LayerGraph, build_graph
 from .model.spec import ModelSpec, TrainingSpec
 from .plan import Plan, make_plan
+from .report import short_label
 from .profile.schema import Profile
 from .solver.miqp import DEFAULT_GAP
 from .solver.uop import Outcome, optimize
@@ -188,14 +198,55 @@ def plan(
     made = make_plan(
         outcome.sub, best.stage_of, best.strategy_of, outcome.prediction, job.model, outcome.solver_report(), job.pins
     )
+    variant = next((s for s in best.strategy_of if s.offload != OFFLOAD_NONE or s.zeropp), None)
+    if variant is not None:
+        made.notes.append(variant_note(job, graph, capability, cost_model, made, variant, time_limit, gap))
     return made, outcome
+
+
+def variant_note(
+    job: Job,
+    graph: LayerGraph,
+    capability: Capability,
+    cost_model: CostModel,
+    made: Plan,
+    variant: Strategy,
+    time_limit: float | None,
+    gap: float,
+) -> str:
+    """Why the plan offloads or runs ZeRO++: pinned, nothing else fits, or how much faster it is than
+    the best plan without any of them (planned again with the capability narrowed to plain ZeRO)."""
+    what = variant.zero_label
+    if job.pins.offload not in (None, OFFLOAD_NONE):
+        return f"{what}: offloading was pinned"
+    plain = replace(capability, offload_modes=(OFFLOAD_NONE,), zeropp=False)
+    try:
+        other = optimize(
+            graph,
+            job.cluster,
+            job.training,
+            plain,
+            cost_model,
+            pins=job.pins,
+            time_limit=time_limit,
+            gap=gap,
+            progress=False,
+        )
+    except InfeasibleError as exc:
+        return f"{what} chosen because no plan without offloading or ZeRO++ fits: {exc.message}"
+    without = make_plan(other.sub, other.best.stage_of, other.best.strategy_of, other.prediction, job.model, {})
+    gain = without.time_per_iteration / made.time_per_iteration - 1
+    return (
+        f"{what} chosen: {gain * 100:.1f}% faster than the best plan without offloading or ZeRO++ "
+        f"({short_label(without)}, {without.time_per_iteration:.3f} s/iteration)"
+    )
 
 
 def ineffective_pins(plan: Plan, pins: Pins) -> list[str]:
     """The pinned choices `plan` honours only because they change nothing there, each with the reason, for the
     user who pinned them to read (a pin is never dropped silently)."""
     notes = []
-    sharded = [lp.strategy for lp in plan.layers if lp.strategy.shards > 1]
+    sharded = [lp.strategy for lp in plan.layers if lp.strategy.shards > 1 or lp.strategy.offload != OFFLOAD_NONE]
     if pins.zero and not sharded:
         notes.append(
             f"ZeRO stage {pins.zero} was pinned, but every stage of the plan has one data-parallel replica "
@@ -255,15 +306,24 @@ def configure(
     split: list[int] | None = None,
     profile: Profile | None = None,
     cp: int = 1,
+    offload: str = OFFLOAD_NONE,
+    zeropp: bool = False,
 ) -> tuple[Plan, Prediction]:
     """The plan of one configuration as Megatron-LM names it (TP, CP, PP, micro-batch size per replica, DP =
     GPUs / (TP x CP x PP)), every transformer layer alike, the split even unless `split` lists transformer
-    layers per stage; SpecError names the rule a configuration breaks."""
+    layers per stage, with a ZeRO variant where the target runs one (Strategy); SpecError names the rule a
+    configuration breaks."""
     if tp < 1 or cp < 1 or pp < 1 or micro_batch_size < 1:
         raise SpecError("tp, cp, pp and the micro-batch size must be positive")
     graph = build_graph(model, training)
     pins = Pins(
-        tp=tp, cp=cp, pipeline_degree=pp, zero=zero, recompute=recompute, micro_batch_per_replica=micro_batch_size
+        tp=tp,
+        cp=cp,
+        pipeline_degree=pp,
+        zero=zero,
+        recompute=recompute,
+        micro_batch_per_replica=micro_batch_size,
+        offload=offload,
     )
     capability = capability_for(target)
     check_pins(Job(model=model, cluster=cluster, training=training, target=target, pins=pins), graph, capability)
@@ -281,7 +341,7 @@ def configure(
             f"{micro_batch_size} x {dp}",
             "change the global batch size or the micro-batch size",
         )
-    if zero and dp * cp == 1:
+    if zero and dp * cp == 1 and offload == OFFLOAD_NONE:
         raise SpecError(f"ZeRO stage {zero} needs data parallelism (or context parallelism), but dp = cp = 1 here")
     sub = build_subproblem(
         graph,
@@ -294,8 +354,17 @@ def configure(
         pins,
     )
     stage_of = split_by_counts(graph, split) if split else even_split(graph, pp)
+    sharded = dp * cp > 1 or offload != OFFLOAD_NONE
     strategy_of = [
-        Strategy(tp, dp, zero if dp * cp > 1 else 0, recompute if layer.kind in TRANSFORMER_KINDS else "none", cp)
+        Strategy(
+            tp,
+            dp,
+            zero if sharded else 0,
+            recompute if layer.kind in TRANSFORMER_KINDS else "none",
+            cp,
+            offload=offload if sharded and zero else OFFLOAD_NONE,
+            zeropp=zeropp,
+        )
         for layer in graph.layers
     ]
     check_assignment(sub, stage_of, strategy_of)

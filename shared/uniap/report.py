@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .cost.strategy import RECOMPUTE_SUFFIX
 from .model.graph import TRANSFORMER_KINDS
 from .plan import Plan
 from .profile.schema import Calibration
@@ -51,9 +50,9 @@ def short_label(plan: Plan) -> str:
     mixed = "" if s is not None else " mixed"
     s = s or next((lp.strategy for lp in plan.layers if lp.kind in TRANSFORMER_KINDS), plan.layers[0].strategy)
     pp = f"PP{plan.pipeline_degree}" + (f"x{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
-    zero = f" ZeRO-{s.zero}" if s.zero else ""
-    rc = RECOMPUTE_SUFFIX[s.recompute]
-    return f"TP{s.tp} CP{s.cp} {pp} DP{s.dp}{zero}{rc}{mixed} mbs {plan.micro_batch_per_replica} x{plan.micro_batches}"
+    zero = "" if not s.zero else f" {s.zero_name}" if s.zeropp else f" ZeRO-{s.zero}"
+    batch = f"mbs {plan.micro_batch_per_replica} x{plan.micro_batches}"
+    return f"TP{s.tp} CP{s.cp} {pp} DP{s.dp}{zero}{s.suffix}{mixed} {batch}"
 
 
 def batch_line(plan: Plan) -> str:
@@ -84,7 +83,16 @@ def _memory_note(plan: Plan) -> list[str]:
         f"{full.activation_bytes / GiB:.1f} activations + {full.transient_bytes / GiB:.1f} peaks while computing,",
         f"    {full.step_bytes / GiB:.1f} at the optimizer step; reserved = the larger phase x"
         f"{plan.reserved_per_allocated:.3g} (allocator), of {plan.memory_capacity_bytes / GiB:.1f} usable",
-    ]
+    ] + _host_note(plan)
+
+
+def _host_note(plan: Plan) -> list[str]:
+    """Host memory the offloaded states take per GPU, against what the cluster's hosts allow."""
+    host = max((s.host_bytes or 0.0 for s in plan.stages), default=0.0)
+    capacity = plan.cluster.host_memory_per_gpu_bytes
+    if not host or capacity is None:
+        return []
+    return [f"    host memory per GPU (offloaded states): {host / GiB:.1f} GiB of {capacity / GiB:.1f} usable"]
 
 
 def scale_warning(plan: Plan) -> str | None:
@@ -122,6 +130,7 @@ def render(plan: Plan, title: str) -> str:
             f"{s.memory_bytes / GiB:>6.1f} / {cap:<5.1f}  {describe_stage(plan, s.index)}"
         )
     lines += _memory_note(plan)
+    lines += [f"  note: {note}" for note in plan.notes]
     if plan.solver:
         sv = plan.solver
         counts = ", ".join(f"{n} {k}" for k, n in sorted(sv.get("subproblem_counts", {}).items()))

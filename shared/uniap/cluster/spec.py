@@ -21,11 +21,19 @@ from .devices import DeviceCoefficients, device_coefficients
 
 GB = 1e9
 GiB = 2**30
+# The share of a node's host memory offloaded model states may take (pinned): an estimate, leaving the rest to the
+# operating system, the data loaders and the page cache.
+HOST_MEMORY_USABLE = 0.8
 
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """Bandwidths are per GPU, one direction, GB/s (1e9 bytes/s); memory in GiB; peak in TFLOP/s."""
+    """Bandwidths are per GPU, one direction, GB/s (1e9 bytes/s); memory in GiB; peak in TFLOP/s.
+
+    The host, for offloading model states to CPU memory (DeepSpeed's ZeRO-Offload): `host_memory_gib` and
+    `host_memory_bandwidth_gbps` (datasheet peak) per node, `host_link_bandwidth_gbps` per GPU between host and
+    device (PCIe); DeepSpeedCPUAdam is bound by memory bandwidth, not cores (uniap.cost.model.CostModel.cpu_adam).
+    Without `host_memory_gib` uniap does not consider offloading."""
 
     name: str
     num_nodes: int
@@ -41,6 +49,9 @@ class ClusterSpec:
     intra_node_efficiency: float = 0.55
     inter_node_efficiency: float = 0.8
     collective_latency_us: float = 20.0
+    host_memory_gib: float | None = None
+    host_memory_bandwidth_gbps: float = 200.0
+    host_link_bandwidth_gbps: float = 32.0
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("num_nodes", "gpus_per_node"))
@@ -55,9 +66,12 @@ class ClusterSpec:
             "intra_node_efficiency",
             "inter_node_efficiency",
             "collective_latency_us",
+            "host_memory_gib",
+            "host_memory_bandwidth_gbps",
+            "host_link_bandwidth_gbps",
         ):
             v = getattr(self, name)
-            if v is None and name == "matmul_efficiency":
+            if v is None and name in ("matmul_efficiency", "host_memory_gib"):
                 continue
             _require(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v != float("inf"),
@@ -70,6 +84,8 @@ class ClusterSpec:
             "hbm_bandwidth_gbps",
             "intra_node_bandwidth_gbps",
             "inter_node_bandwidth_gbps",
+            "host_memory_bandwidth_gbps",
+            "host_link_bandwidth_gbps",
         ):
             _require(getattr(self, name) > 0, name, f"must be positive (got {getattr(self, name)!r})")
         for name in ("matmul_efficiency", "intra_node_efficiency", "inter_node_efficiency"):
@@ -81,6 +97,9 @@ class ClusterSpec:
             "must be >= 0 and below gpu_memory_gib",
         )
         _require(self.collective_latency_us >= 0, "collective_latency_us", "must be >= 0")
+        _require(
+            self.host_memory_gib is None or self.host_memory_gib > 0, "host_memory_gib", "must be positive or absent"
+        )
 
     @property
     def num_gpus(self) -> int:
@@ -96,6 +115,14 @@ class ClusterSpec:
     def usable_memory_bytes(self) -> float:
         return (self.gpu_memory_gib - self.reserved_memory_gib) * GiB
 
+    @property
+    def host_memory_per_gpu_bytes(self) -> float | None:
+        """Host memory one GPU's process may fill with offloaded states: its share of the node's, less what
+        the operating system, data loaders and the page cache keep (HOST_MEMORY_USABLE); None: unknown."""
+        if self.host_memory_gib is None:
+            return None
+        return self.host_memory_gib * HOST_MEMORY_USABLE * GiB / self.gpus_per_node
+
     def with_shape(self, nodes: int | None = None, gpus_per_node: int | None = None) -> "ClusterSpec":
         return replace(self, num_nodes=nodes or self.num_nodes, gpus_per_node=gpus_per_node or self.gpus_per_node)
 
@@ -106,6 +133,12 @@ class ClusterSpec:
     def from_dict(cls, data: dict[str, Any]) -> "ClusterSpec":
         return _from_dict(cls, data, "cluster")
 
+
+# Hosts from NVIDIA's DGX datasheets: DGX A100 80GB, 2 TB DDR4-3200 on 2 x 8 channels (409.6 GB/s, AMD EPYC 7742),
+# PCIe Gen4 x16 per GPU (32 GB/s per direction); DGX H100/H200, 2 TB DDR5-4800 on 2 x 8 channels (614 GB/s, Xeon
+# Platinum 8480C), PCIe Gen5 x16 (64 GB/s).
+DGX_A100_HOST = dict(host_memory_gib=2048.0, host_memory_bandwidth_gbps=409.6, host_link_bandwidth_gbps=32.0)
+DGX_H100_HOST = dict(host_memory_gib=2048.0, host_memory_bandwidth_gbps=614.4, host_link_bandwidth_gbps=64.0)
 
 CLUSTER_PRESETS: dict[str, ClusterSpec] = {
     c.name: c
@@ -124,6 +157,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             hbm_bandwidth_gbps=2039.0,
             intra_node_bandwidth_gbps=300.0,
             inter_node_bandwidth_gbps=25.0,
+            **DGX_A100_HOST,
         ),
         # DGX H100: 989 TFLOP/s dense bf16, 3.35 TB/s, NVLink4 900 GB/s (450 per direction),
         # 8x NDR 400 Gb/s = 50 GB/s per GPU.
@@ -137,6 +171,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             hbm_bandwidth_gbps=3350.0,
             intra_node_bandwidth_gbps=450.0,
             inter_node_bandwidth_gbps=50.0,
+            **DGX_H100_HOST,
         ),
         # DGX H200: the H100's chip and links with 141 GB HBM3e at 4.8 TB/s.
         ClusterSpec(
@@ -149,6 +184,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             hbm_bandwidth_gbps=4800.0,
             intra_node_bandwidth_gbps=450.0,
             inter_node_bandwidth_gbps=50.0,
+            **DGX_H100_HOST,
         ),
         # 8x A100 80GB PCIe in one server: PCIe Gen4 x16 (32 GB/s per direction), no NVLink;
         # one 100 Gb/s NIC shared by the node = 1.5625 GB/s per GPU.
@@ -163,6 +199,9 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             intra_node_bandwidth_gbps=32.0,
             inter_node_bandwidth_gbps=1.5625,
             intra_node_efficiency=0.7,
+            host_memory_gib=1024.0,
+            host_memory_bandwidth_gbps=409.6,
+            host_link_bandwidth_gbps=32.0,
         ),
     )
 }

@@ -58,6 +58,21 @@ class PerParam:
 
 
 @dataclass(frozen=True)
+class Offloaded:
+    """Model states with part of them in host memory (ZeRO-Offload): bytes per parameter on the GPU and on the
+    host (PerParam over the ranks sharding the states), and what crosses the host link per parameter a rank
+    updates: `microbatch_bytes` each micro-batch (gradients to the host and back to accumulate),
+    `step_bytes` around the CPU's step (gradients down, updated weights up), `fetch_bytes` host to device in
+    each forward and each backward (offloaded parameters)."""
+
+    device: PerParam
+    host: PerParam
+    microbatch_bytes: float
+    step_bytes: float
+    fetch_bytes: float = 0.0
+
+
+@dataclass(frozen=True)
 class Accounting:
     """A framework's model-state memory and optimizer traffic, per (precision, ZeRO stage).
 
@@ -78,6 +93,8 @@ class Accounting:
       of them per squared hidden size, for buckets sized to the model.
     loss_backward_bytes_per_logit: bytes per logit (Layer.logits, split by TP) the loss's backward allocates
       beyond what the head keeps for it, while every activation of the stage is still alive.
+    offloaded: model states and host-link traffic per (precision, ZeRO stage, offload mode) where the framework
+      offloads (Strategy.offload).
     """
 
     name: str
@@ -92,6 +109,16 @@ class Accounting:
     buffer_elements: dict[int, float] = field(default_factory=dict)
     buffer_hidden_squares: dict[int, float] = field(default_factory=dict)
     loss_backward_bytes_per_logit: float = 0.0
+    offloaded: dict[tuple[str, int, str], Offloaded] = field(default_factory=dict)
+
+    def offload(self, precision: str, zero: int, mode: str) -> Offloaded:
+        """The offloaded states of `mode` under ZeRO stage `zero`; SpecError where the framework has none."""
+        try:
+            return self.offloaded[(precision, zero, mode)]
+        except KeyError:
+            raise SpecError(
+                f"accounting '{self.name}' has no offloaded states for {precision} with ZeRO stage {zero} ({mode})"
+            ) from None
 
     def buffers(self, zero: int, hidden_size: int) -> float:
         """Elements of communication buffers per GPU under ZeRO stage `zero` for a model of `hidden_size`."""
@@ -162,6 +189,16 @@ class Accounting:
             "fusable_grad_accumulation": self.fusable_grad_accumulation,
             "buffer_elements": {str(k): v for k, v in self.buffer_elements.items()},
             "buffer_hidden_squares": {str(k): v for k, v in self.buffer_hidden_squares.items()},
+            "offloaded": {
+                f"{p}/zero{z}/{m}": {
+                    "device": str(o.device),
+                    "host": str(o.host),
+                    "microbatch_bytes": o.microbatch_bytes,
+                    "step_bytes": o.step_bytes,
+                    "fetch_bytes": o.fetch_bytes,
+                }
+                for (p, z, m), o in self.offloaded.items()
+            },
         }
 
 

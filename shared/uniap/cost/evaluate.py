@@ -20,13 +20,14 @@ from .tables import Subproblem
 class StageMemory:
     """Allocated bytes on one GPU of a stage: model states, in-flight activations, the peaks on top of them
     while computing (recompute, FSDP gathers, buckets), and the model states at the optimizer step's peak
-    (its temporaries included)."""
+    (its temporaries included); `host`: offloaded states in host memory for this GPU."""
 
     states: float
     activations: float
     transients: float
     buffers: float
     step_states: float
+    host: float = 0.0
 
     @property
     def training_peak(self) -> float:
@@ -56,7 +57,8 @@ class Prediction:
     TPI = c * max(max_r P_r, max_j o_j) + (deg - 1) * max_i p_i + sum_j o_j + max_r G_r.
 
     `stage_memory` is the peak the allocator reserves per GPU of the stage's rank (allocated peak x
-    reserved_per_allocated), `memory_capacity` what it may reserve (the device minus what lives outside it)."""
+    reserved_per_allocated), `memory_capacity` what it may reserve (the device minus what lives outside it);
+    `host_capacity` the host memory per GPU offloaded states may take."""
 
     time_per_iteration: float
     stage_time: list[float]
@@ -66,10 +68,15 @@ class Prediction:
     memory_capacity: float
     stage_breakdown: list[StageMemory]
     reserved_per_allocated: float
+    host_capacity: float = float("inf")
 
     @property
     def fits(self) -> bool:
-        return all(m <= self.memory_capacity * (1 + MEMORY_FIT) for m in self.stage_memory)
+        return all(m <= self.memory_capacity * (1 + MEMORY_FIT) for m in self.stage_memory) and self.fits_host
+
+    @property
+    def fits_host(self) -> bool:
+        return all(m.host <= self.host_capacity * (1 + MEMORY_FIT) for m in self.stage_breakdown)
 
 
 def pipeline_time(
@@ -132,7 +139,7 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
     p = [0.0] * n
     it = [0.0] * n
     # Memory is the rank's: the sum over its stages (chunks), the peaks over their layers.
-    states, acts, step = [0.0] * deg, [0.0] * deg, [0.0] * deg
+    states, acts, step, host = [0.0] * deg, [0.0] * deg, [0.0] * deg, [0.0] * deg
     peaks = [dict.fromkeys(TRANSIENT_CLASSES, 0.0) for _ in range(deg)]
     for u, s in enumerate(strategy_of):
         cost = sub.cost_of(u, s)
@@ -143,6 +150,7 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
         states[r] += cost.state_bytes
         acts[r] += sub.inflight[i] * cost.activation_bytes
         step[r] += cost.step_bytes
+        host[r] += cost.host_bytes
         for name in TRANSIENT_CLASSES:
             peaks[r][name] = max(peaks[r][name], getattr(cost, name))
     for e in g.edges:
@@ -160,6 +168,7 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
             transients=sum(peaks[r].values()),
             buffers=peaks[r][BUFFERS],
             step_states=step[r],
+            host=host[r],
         )
         for r in range(deg)
     ]
@@ -174,6 +183,7 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
         memory_capacity=sub.usable_memory,
         stage_breakdown=breakdown,
         reserved_per_allocated=ratio,
+        host_capacity=sub.host_capacity,
     )
 
 

@@ -28,7 +28,7 @@ from ..model.graph import Layer
 from ..model.spec import TrainingSpec
 from ..profile.schema import Profile, bus_factor
 from .accounting import Accounting, PerParam, precision_aware_saving
-from .strategy import Strategy
+from .strategy import OFFLOAD_NONE, Strategy
 
 MEASURED, ESTIMATED, CALIBRATED = "measured", "estimated", "calibrated"
 DEFAULT_OVERLAP = 1.15  # slowdown of overlapped compute/communication when nothing was measured
@@ -52,6 +52,28 @@ def overlapped(a: float, b: float, coefficient: float) -> float:
     return max(a, b) + (coefficient - 1.0) * min(a, b)
 
 
+# The host, for offloaded model states (estimates where not measured): pinned copies reach about 80 % of a PCIe
+# link's rate per direction (CUDA's bandwidthTest: 25-26 of Gen4 x16's 32 GB/s); a two-socket server's memory
+# about 70 % of its datasheet bandwidth (STREAM).
+HOST_LINK_EFFICIENCY = 0.8
+HOST_MEMORY_EFFICIENCY = 0.7
+# DeepSpeedCPUAdam (DeepSpeed 0.19.8 csrc/adam/cpu_adam_impl.cpp) reads the fp32 parameter, gradient and both
+# moments and writes the parameter and moments: 28 bytes per parameter, and it is bound by them: measured on a
+# 2-core Xeon VM (benchmarks/cpu_adam.py, benchmarks/data/cpu-adam-2026-11-28.json), 100M parameters took 0.167 s
+# on one thread and 0.173 s on two, 16.8 GB/s, the bandwidth torch's add_ reaches there (15.2 GB/s). The step's
+# result is then cast on the host to the parameters' dtype (runtime/zero/stage_1_and_2.py): 4 more bytes read
+# and one parameter's bytes written.
+CPU_ADAM_HOST_BYTES = 28.0
+CPU_CAST_READ_BYTES = 4.0
+# ZeRO++ (Wang et al. 2023; DeepSpeed 0.19.8 runtime/zero/partition_parameters.py,
+# runtime/comm/coalesced_collectives.py): weights all-gathered as int8 and gradients reduced as int4, each group
+# of up to 8,000 values with one fp32 scale (under 0.1 %), and the quantize/dequantize kernels' HBM bytes per
+# parameter per micro-batch (read 2, write 1, read 1, write 2 for the weights; about the same for gradients).
+ZEROPP_WEIGHT_RATIO = 0.5
+ZEROPP_GRAD_RATIO = 0.25
+ZEROPP_QUANTIZATION_TRAFFIC = 9.0
+
+
 @dataclass(frozen=True)
 class LayerCost:
     """One layer under one strategy, on one device. Memory in bytes allocated (not reserved):
@@ -59,7 +81,8 @@ class LayerCost:
     per in-flight micro-batch; the TRANSIENT_CLASSES: peaks while the layer computes or communicates;
     step_bytes: its model states at the optimizer step's peak, temporaries included (activations are freed
     by then). compute_time: the part of time_per_microbatch that is the layer's own kernels (forward, backward,
-    recomputation), the rest being communication and gradient accumulation."""
+    recomputation), the rest being communication and gradient accumulation. host_bytes: offloaded model states
+    in host memory, per GPU."""
 
     time_per_microbatch: float
     time_per_iteration: float
@@ -72,6 +95,7 @@ class LayerCost:
     compute_basis: str
     activation_basis: str
     compute_time: float = 0.0
+    host_bytes: float = 0.0
 
 
 def activation_bytes(layer: Layer, tp: int, samples: float, recompute: str, sequence_parallel: bool = True) -> float:
@@ -131,6 +155,19 @@ class CostModel:
         return self.cluster.collective_latency_us * 1e-6 + bus_factor(op, group) * nbytes / self.bus_bandwidth(
             op, group, intra_node
         )
+
+    def host_transfer(self, nbytes: float) -> float:
+        """Seconds to copy `nbytes` between one GPU and host memory over its host link (one direction)."""
+        if nbytes <= 0:
+            return 0.0
+        return nbytes / (self.cluster.host_link_bandwidth_gbps * HOST_LINK_EFFICIENCY * 1e9)
+
+    def cpu_adam(self, params: float) -> float:
+        """Seconds of DeepSpeedCPUAdam's step over `params` and the cast of the result, on one GPU's share of
+        its node's host memory bandwidth (CPU_ADAM_HOST_BYTES: the step is bound by memory, not by the cores)."""
+        c = self.cluster
+        share = c.host_memory_bandwidth_gbps * HOST_MEMORY_EFFICIENCY * 1e9 / c.gpus_per_node
+        return params * (CPU_ADAM_HOST_BYTES + CPU_CAST_READ_BYTES + self.bpv) / share
 
     def p2p(self, nbytes: float, intra_node: bool) -> float:
         if nbytes <= 0:
@@ -304,33 +341,39 @@ class CostModel:
         params_tp = 0 if (layer.tied_weights and pipeline_degree == 1) else layer.params_tp
         params = params_tp / tp + layer.params_rep
         weight_bytes = params * bpv
-        per_mb_comm, exposed_iter = 0.0, 0.0
-        if dp > 1:
-            ag = self.collective("all_gather", weight_bytes, dp, stage_intra_node)
-            rs = self.collective("reduce_scatter", weight_bytes, dp, stage_intra_node)
-            if s.zero == 3:
-                per_mb_comm = 2 * ag + rs
-            elif s.zero == 2:
-                per_mb_comm, exposed_iter = rs, ag
-            elif s.zero == 1:
-                exposed_iter = overlapped(bwd, rs, self.overlap) - bwd + ag
-            else:
-                ar = self.collective("all_reduce", weight_bytes, dp, stage_intra_node)
-                exposed_iter = overlapped(bwd, ar, self.overlap) - bwd
+        per_mb_comm, exposed_iter = self.zero_communication(s, weight_bytes, bwd, stage_intra_node)
+        if s.zeropp:  # quantizing before, dequantizing after each collective
+            per_mb_comm += params * ZEROPP_QUANTIZATION_TRAFFIC / self.hbm_bytes_per_second
         # Gradient accumulation into the framework's buffer after each micro-batch's backward, and the
         # optimizer step over the parameters this rank updates.
         accumulate = params * accounting.accumulation_traffic(precision, fused) / self.hbm_bytes_per_second
-        optimizer_params = params / dp if s.zero >= 1 else params
+        optimizer_params = params / s.shards if s.zero >= 1 else params
         pipelined = pipeline_degree > 1
         saving = self.optimizer_saving(s.zero)
-        state = params * accounting.state_bytes(precision, s.zero, pipelined, self.training.optimizer, saving).at(dp)
-        optimizer, step_bytes = self.optimizer_step(params, optimizer_params, state, s, pipelined, accounting, saving)
+        host = 0.0
+        if s.offload == OFFLOAD_NONE:
+            per_param = accounting.state_bytes(precision, s.zero, pipelined, self.training.optimizer, saving)
+            state = params * per_param.at(s.shards)
+            optimizer, step_bytes = self.optimizer_step(
+                params, optimizer_params, state, s, pipelined, accounting, saving
+            )
+        else:
+            # The CPU steps the states in host memory; gradients go down each micro-batch, weights come back
+            # after the step, and offloaded parameters come up for each forward and backward.
+            off = accounting.offload(precision, s.zero, s.offload)
+            state, host = params * off.device.at(s.shards), params * off.host.at(s.shards)
+            per_mb_comm += self.host_transfer(optimizer_params * (off.microbatch_bytes + 2 * off.fetch_bytes))
+            optimizer = self.cpu_adam(optimizer_params) + self.host_transfer(optimizer_params * off.step_bytes)
+            step_bytes = state
+        if s.zeropp:  # ZeRO++'s secondary copy of the weights in their dtype, split over a node's ranks
+            secondary = weight_bytes / min(dp, self.cluster.gpus_per_node)
+            state, step_bytes = state + secondary, step_bytes + secondary
         # While one layer recomputes, its full activations live, and a head's loss may allocate per logit in its
         # backward (the framework's accounting); FSDP holds a layer's gathered weights and prefetches the next one's.
         backward_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
         backward_transient += b * layer.logits / tp * accounting.loss_backward_bytes_per_logit
         fsdp_transient = 2 * weight_bytes if s.zero == 3 else 0.0
-        buffers = accounting.buffers(s.zero, layer.hidden_size) * bpv if dp > 1 and params else 0.0
+        buffers = accounting.buffers(s.zero, layer.hidden_size) * bpv if (dp > 1 or s.zero) and params else 0.0
         return LayerCost(
             time_per_microbatch=overlapped(compute, per_mb_comm, self.overlap) + tp_comm + accumulate,
             time_per_iteration=exposed_iter + optimizer,
@@ -343,4 +386,38 @@ class CostModel:
             compute_basis=basis,
             activation_basis=act_basis,
             compute_time=compute,
+            host_bytes=host,
         )
+
+    def zero_communication(
+        self, s: Strategy, weight_bytes: float, backward: float, stage_intra_node: bool
+    ) -> tuple[float, float]:
+        """(seconds per micro-batch overlapped with compute, seconds exposed once per iteration) of the
+        data-parallel collectives on a layer's `weight_bytes`:
+
+        DP: all-reduce overlapped with the last backward; ZeRO-1: reduce-scatter overlapped with it, then the
+        all-gather of updated weights; ZeRO-2: reduce-scatter each micro-batch, the all-gather once; ZeRO-3:
+        all-gather in forward and backward and reduce-scatter each micro-batch. ZeRO++ gathers int8 weights for
+        forward over all ranks, bf16 ones from the node's secondary copy for backward, and reduces int4
+        gradients through a node-local then a cross-node all-to-all."""
+        dp, G = s.shards, self.cluster.gpus_per_node
+        if dp == 1:
+            return 0.0, 0.0
+        if s.zeropp:
+            node = min(dp, G)
+            forward = self.collective("all_gather", weight_bytes * ZEROPP_WEIGHT_RATIO, dp, False)
+            backward_gather = self.collective("all_gather", weight_bytes, node, True)
+            reduce = self.collective("all_to_all", weight_bytes * ZEROPP_GRAD_RATIO, node, True) + self.collective(
+                "all_to_all", weight_bytes * ZEROPP_GRAD_RATIO / node, dp // node, False
+            )
+            return forward + backward_gather + reduce, 0.0
+        ag = self.collective("all_gather", weight_bytes, dp, stage_intra_node)
+        rs = self.collective("reduce_scatter", weight_bytes, dp, stage_intra_node)
+        if s.zero == 3:
+            return 2 * ag + rs, 0.0
+        if s.zero == 2:
+            return rs, ag
+        if s.zero == 1:
+            return 0.0, overlapped(backward, rs, self.overlap) - backward + ag
+        ar = self.collective("all_reduce", weight_bytes, dp, stage_intra_node)
+        return 0.0, overlapped(backward, ar, self.overlap) - backward

@@ -25,15 +25,28 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 MAX_VIRTUAL_STAGES = 8
 ZERO_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "FSDP"}
 RECOMPUTE_SUFFIX = {"none": "", "selective": " +sel-rc", "full": " +rc"}  # how labels mark recomputation
+# Model states offloaded to host memory (DeepSpeed's ZeRO-Offload): none; the optimizer (fp32 master weights,
+# moments and gradients, stepped by the CPU); the parameters too (ZeRO-3 only).
+OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS = "none", "optimizer", "params"
+OFFLOAD_MODES = (OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS)
+OFFLOAD_SUFFIX = {OFFLOAD_NONE: "", OFFLOAD_OPTIMIZER: " +offload", OFFLOAD_PARAMS: " +offload(params)"}
 
 
 @dataclass(frozen=True, order=True)
 class Strategy:
+    """TP x CP x DP with a ZeRO stage and a recompute mode, and the ZeRO variants a framework may offer:
+
+    offload: model states kept in host memory (OFFLOAD_MODES; any ZeRO stage >= 1, on one GPU too);
+    zeropp: ZeRO++ (Wang et al. 2023): weights all-gathered in int8, a secondary bf16 copy of them sharded
+      inside each node for backward's all-gather, gradients reduced in int4 through node-local all-to-alls."""
+
     tp: int
     dp: int
     zero: int = 0
     recompute: str = "none"
     cp: int = 1
+    offload: str = OFFLOAD_NONE
+    zeropp: bool = False
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.dp < 1 or self.cp < 1:
@@ -42,8 +55,18 @@ class Strategy:
             raise SpecError(f"invalid strategy: zero stage {self.zero} (0, 1, 2 or 3)")
         if self.recompute not in RECOMPUTE_MODES:
             raise SpecError(f"invalid strategy: recompute '{self.recompute}' ({', '.join(RECOMPUTE_MODES)})")
-        if self.shards == 1 and self.zero != 0:
-            raise SpecError("invalid strategy: ZeRO sharding needs data parallelism (dp * cp > 1)")
+        if self.offload not in OFFLOAD_MODES:
+            raise SpecError(f"invalid strategy: offload '{self.offload}' ({', '.join(OFFLOAD_MODES)})")
+        if self.shards == 1 and self.zero != 0 and self.offload == OFFLOAD_NONE:
+            raise SpecError("invalid strategy: ZeRO sharding needs data parallelism (dp * cp > 1) or offloading")
+        if self.offload != OFFLOAD_NONE and self.zero == 0:
+            raise SpecError("invalid strategy: offloading needs a ZeRO stage (1, 2 or 3)")
+        if self.offload == OFFLOAD_PARAMS and self.zero != 3:
+            raise SpecError("invalid strategy: offloading parameters needs ZeRO stage 3")
+        if self.zeropp and (self.zero != 3 or self.shards == 1):
+            raise SpecError("invalid strategy: ZeRO++ is ZeRO-3 with data parallelism")
+        if self.zeropp and self.offload != OFFLOAD_NONE:
+            raise SpecError("invalid strategy: offloading and ZeRO++ are alternatives (one at a time)")
 
     @property
     def devices(self) -> int:
@@ -55,17 +78,39 @@ class Strategy:
         return self.dp * self.cp
 
     @property
+    def zero_variant(self) -> tuple[int, str, bool]:
+        """What one DeepSpeed engine runs for every layer: the ZeRO stage and its variant."""
+        return (self.zero, self.offload, self.zeropp)
+
+    @property
     def label(self) -> str:
-        """e.g. 'TP4 DP2 ZeRO-1 +rc', 'TP8 CP4 DP2 ZeRO-1', 'DP8 FSDP', '1 GPU'."""
+        """e.g. 'TP4 DP2 ZeRO-1 +rc', 'TP8 CP4 DP2 ZeRO-1', 'DP8 FSDP', 'DP16 ZeRO++', 'ZeRO-2 +offload', '1 GPU'."""
         parts = [f"TP{self.tp}"] if self.tp > 1 else []
         if self.cp > 1:
             parts.append(f"CP{self.cp}")
         if self.dp > 1:
             parts.append(f"DP{self.dp}")
         if self.zero:
-            parts.append(ZERO_NAMES[self.zero])
+            parts.append(self.zero_name)
         text = " ".join(parts) or "1 GPU"
-        return text + RECOMPUTE_SUFFIX[self.recompute]
+        return text + self.suffix
+
+    @property
+    def zero_name(self) -> str:
+        """The ZeRO stage as labels name it: '', 'ZeRO-1', 'ZeRO-2', 'FSDP', 'ZeRO++'."""
+        if self.zeropp:
+            return "ZeRO++"
+        return ZERO_NAMES[self.zero] if self.zero else ""
+
+    @property
+    def zero_label(self) -> str:
+        """The ZeRO stage as DeepSpeed's users name it, with its variant: 'ZeRO-1', 'ZeRO-2 +offload', 'ZeRO++'."""
+        return ("ZeRO++" if self.zeropp else f"ZeRO-{self.zero}") + OFFLOAD_SUFFIX[self.offload]
+
+    @property
+    def suffix(self) -> str:
+        """What labels append: offloading and recomputation, e.g. ' +offload +rc'."""
+        return OFFLOAD_SUFFIX[self.offload] + RECOMPUTE_SUFFIX[self.recompute]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +132,8 @@ class Capability:
     lower precision (TrainingSpec.precision_aware_optimizer). vocab_multiple: it pads the vocabulary to a
     multiple of this times TP before building the embedding and output layer (1: the model's own vocabulary),
     which decides whether the output projection's GEMMs are aligned (uniap.cost.model.CostModel.vocab_aligned).
+    offload_modes / zeropp: the ZeRO variants it runs (Strategy), offered where the cluster describes its hosts
+    (offloading) or a stage spans nodes (ZeRO++).
     """
 
     name: str
@@ -105,12 +152,16 @@ class Capability:
     accounting: Accounting = GENERIC_ACCOUNTING
     precision_aware_optimizer: bool = False
     vocab_multiple: int = 1
+    offload_modes: tuple[str, ...] = (OFFLOAD_NONE,)
+    zeropp: bool = False
 
     def __post_init__(self) -> None:
         if not set(self.zero_stages) <= set(ZERO_NAMES) or 0 not in self.zero_stages:
             raise SpecError(f"invalid capability '{self.name}': zero_stages must include 0 and be within 0..3")
         if not set(self.recompute_modes) <= set(RECOMPUTE_MODES) or "none" not in self.recompute_modes:
             raise SpecError(f"invalid capability '{self.name}': recompute_modes must include 'none'")
+        if not set(self.offload_modes) <= set(OFFLOAD_MODES) or OFFLOAD_NONE not in self.offload_modes:
+            raise SpecError(f"invalid capability '{self.name}': offload_modes must include '{OFFLOAD_NONE}'")
 
     def allows(self, s: Strategy, pipeline_degree: int) -> bool:
         if self.tp_degrees is not None and s.tp not in self.tp_degrees:
@@ -120,6 +171,8 @@ class Capability:
         if s.zero not in self.zero_stages:
             return False
         if pipeline_degree > 1 and s.zero > self.max_zero_with_pipeline:
+            return False
+        if s.offload not in self.offload_modes or (s.zeropp and not self.zeropp):
             return False
         return s.recompute in self.recompute_modes
 
@@ -134,8 +187,8 @@ class Capability:
             out.append("every layer runs one context-parallel degree (the sequence is split once)")
         if self.uniform_tp and len({s.tp for _, s in layers}) > 1:
             out.append(f"target '{self.name}' runs one TP degree for all layers")
-        if self.uniform_zero and len({s.zero for _, s in layers if s.shards > 1}) > 1:
-            out.append(f"target '{self.name}' runs one ZeRO stage for all layers")
+        if self.uniform_zero and len({s.zero_variant for _, s in layers}) > 1:
+            out.append(f"target '{self.name}' runs one ZeRO stage (and variant) for all layers")
         if self.uniform_recompute and len({s.recompute for kind, s in layers if kind in TRANSFORMER_KINDS}) > 1:
             out.append(f"target '{self.name}' runs one recompute mode for all transformer layers")
         return out
@@ -182,6 +235,8 @@ class Capability:
                 f"pin ZeRO <= {self.max_zero_with_pipeline} with a pipeline, or one pipeline stage with "
                 f"ZeRO {pins.zero}",
             )
+        if pins.offload is not None and pins.offload not in self.offload_modes:
+            refuse(f"offload '{pins.offload}'", "offload_modes", f"pin one of {', '.join(self.offload_modes)}")
         if pins.recompute is not None and pins.recompute not in self.recompute_modes:
             refuse(
                 f"recompute mode '{pins.recompute}'", "recompute_modes", f"pin one of {', '.join(self.recompute_modes)}"
@@ -217,6 +272,7 @@ class Pins:
     cp: int | None = None
     virtual_stages: int | None = None
     even_split: bool = False  # every stage holds the same number of transformer layers
+    offload: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("tp", "cp", "pipeline_degree", "micro_batch_per_replica", "micro_batches", "virtual_stages"):
@@ -227,13 +283,17 @@ class Pins:
             raise SpecError(f"invalid pin 'zero': {self.zero!r} (0, 1, 2 or 3)")
         if self.recompute is not None and self.recompute not in RECOMPUTE_MODES:
             raise SpecError(f"invalid pin 'recompute': {self.recompute!r} ({', '.join(RECOMPUTE_MODES)})")
+        if self.offload is not None and self.offload not in OFFLOAD_MODES:
+            raise SpecError(f"invalid pin 'offload': {self.offload!r} ({', '.join(OFFLOAD_MODES)})")
 
     def allows(self, s: Strategy, micro_batch_all_replicas: int, transformer: bool) -> bool:
         if self.tp is not None and s.tp != self.tp:
             return False
         if self.cp is not None and s.cp != self.cp:
             return False
-        if self.zero is not None and s.shards > 1 and s.zero != self.zero:
+        if self.zero is not None and (s.shards > 1 or s.zero) and s.zero != self.zero:
+            return False
+        if self.offload is not None and s.offload != self.offload:
             return False
         if self.recompute is not None and transformer and s.recompute != self.recompute:
             return False
@@ -299,6 +359,24 @@ def tp_fits_layer(tp: int, divisibility: dict[str, int], kind: str) -> bool:
     return heads % tp == 0 and ffn % tp == 0 and (groups % tp == 0 or tp % groups == 0)
 
 
+def zero_variants(zero: int, shards: int, gpus_per_node: int, capability: Capability, host: bool) -> list[dict]:
+    """The variants of ZeRO stage `zero` over `shards` ranks the capability runs (Strategy's fields beyond the
+    stage): offloading where the cluster describes its hosts (`host`); ZeRO++ when the ranks span nodes (its
+    secondary partition is a node's, and it reduces gradients inside nodes first)."""
+    out: list[dict] = [{}] if shards > 1 or zero == 0 else []
+    if zero == 0:
+        return out
+    if host:
+        out += [
+            {"offload": m}
+            for m in capability.offload_modes
+            if m == OFFLOAD_OPTIMIZER or (m == OFFLOAD_PARAMS and zero == 3)
+        ]
+    if zero == 3 and shards > gpus_per_node and capability.zeropp:
+        out.append({"zeropp": True})
+    return out
+
+
 def stage_strategies(
     devices: int,
     gpus_per_node: int,
@@ -309,10 +387,11 @@ def stage_strategies(
     divisibility: dict[str, int],
     flash_attention: bool,
     pins: Pins = NO_PINS,
+    host: bool = False,
 ) -> list[Strategy]:
     """All strategies for a layer of `kind` on a stage of `devices` devices that the capability and the
     pins allow, with TP inside a node, the sequence split as CP and TP need it, and the micro-batch
-    (samples per pipeline micro-batch) divisible by dp."""
+    (samples per pipeline micro-batch) divisible by dp; `host`: the cluster describes its hosts (offloading)."""
     transformer = kind in TRANSFORMER_KINDS
     out = []
     for tp in range(1, devices + 1):
@@ -324,15 +403,18 @@ def stage_strategies(
             dp = devices // (tp * cp)
             if micro_batch_all_replicas % dp:
                 continue
-            for zero in (0,) if dp * cp == 1 else (0, 1, 2, 3):
-                for rc in RECOMPUTE_MODES:
-                    if rc == "selective" and flash_attention and pins.recompute != "selective":
-                        # With FlashAttention there is no score matrix for selective recompute to drop: never
-                        # better than none, offered only when the user pinned it (it recomputes the attention).
-                        continue
-                    if rc != "none" and not transformer:
-                        continue
-                    s = Strategy(tp, dp, zero, rc, cp)
-                    if capability.allows(s, pipeline_degree) and pins.allows(s, micro_batch_all_replicas, transformer):
-                        out.append(s)
+            for zero in (0, 1, 2, 3):
+                for variant in zero_variants(zero, dp * cp, gpus_per_node, capability, host):
+                    for rc in RECOMPUTE_MODES:
+                        if rc == "selective" and flash_attention and pins.recompute != "selective":
+                            # With FlashAttention there is no score matrix for selective recompute to drop: never
+                            # better than none, offered only when the user pinned it (it recomputes the attention).
+                            continue
+                        if rc != "none" and not transformer:
+                            continue
+                        s = Strategy(tp, dp, zero, rc, cp, **variant)
+                        if capability.allows(s, pipeline_degree) and pins.allows(
+                            s, micro_batch_all_replicas, transformer
+                        ):
+                            out.append(s)
     return out

@@ -77,6 +77,12 @@ class Subproblem:
         return self.cluster.usable_memory_bytes
 
     @property
+    def host_capacity(self) -> float:
+        """Bytes of host memory per GPU offloaded states may take (inf where the cluster does not say)."""
+        host = self.cluster.host_memory_per_gpu_bytes
+        return float("inf") if host is None else host
+
+    @property
     def micro_batch_all_replicas(self) -> int:
         """Samples in one pipeline micro-batch, all data-parallel replicas of a stage together."""
         return self.training.global_batch_size // self.c
@@ -133,12 +139,13 @@ class Subproblem:
 
     def tie_key(self, rt: RunTable, s: Strategy) -> tuple:
         """The values of `s` that every layer must share (None where no tie applies to it): the CP degree
-        always, and the TP degree, ZeRO stage and recompute mode where the capability makes them uniform."""
+        always, and the TP degree, ZeRO stage (with its variant) and recompute mode where the capability makes
+        them uniform."""
         cap = self.capability
         return (
             s.cp,
             s.tp if cap.uniform_tp else None,
-            s.zero if cap.uniform_zero and s.shards > 1 else None,
+            s.zero_variant if cap.uniform_zero else None,
             s.recompute if cap.uniform_recompute and rt.layer.kind in TRANSFORMER_KINDS else None,
         )
 
@@ -259,7 +266,16 @@ def build_subproblem(
     for run in graph.runs:
         layer = graph.layers[run.first]
         strategies = stage_strategies(
-            n, G, mb, deg, capability, layer.kind, graph.divisibility, training.flash_attention, pins
+            n,
+            G,
+            mb,
+            deg,
+            capability,
+            layer.kind,
+            graph.divisibility,
+            training.flash_attention,
+            pins,
+            host=cluster.host_memory_gib is not None,
         )
         costs = [cost_model.layer_cost(layer, s, mb, deg, n <= G, capability.accounting) for s in strategies]
         runs.append(RunTable(run, layer, strategies, costs))

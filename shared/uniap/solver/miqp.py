@@ -210,7 +210,8 @@ class _Formulation:
             cons.append(N <= cp.multiply(self.U[r], lay @ to_strat))
         self._tie(lambda s: s.cp, lambda rt, s: True)  # one CP degree for the model, on every target
         if cap.uniform_zero:
-            self._tie(lambda s: s.zero, lambda rt, s: s.shards > 1)
+            # Every layer, one replica or many: with one, offloading still applies to all or none of them.
+            self._tie(lambda s: s.zero_variant, lambda rt, s: True)
         if cap.uniform_recompute:
             self._tie(lambda s: s.recompute, lambda rt, s: rt.layer.kind in TRANSFORMER_KINDS)
 
@@ -303,12 +304,13 @@ class _Formulation:
 
             training: sum_i R[q, i] (sum_r N_r[i] . state_r + inflight_i N_r[i] . act_r) + sum_classes peak_class[q]
             step:     sum_i R[q, i] sum_r N_r[i] . step_r + peak_buffers[q]
+            host:     sum_i R[q, i] sum_r N_r[i] . host_r <= host capacity per GPU   (offloaded states)
 
         A transient class's peak is the largest among the rank's layers (peak[q] >= value * used[i] for its
         stages i, with the binary `used` forced to 1 by any layer whose strategy has that value: N <= U * used)."""
         sub, deg, cons = self.sub, self.deg, self.families[MEMORY]
         inflight = np.array(sub.inflight, dtype=float)
-        training, step = 0, 0
+        training, step, host = 0, 0, 0
         mu = self.memory_unit
         peaks = {name: cp.Variable(sub.deg, nonneg=True) for name in TRANSIENT_CLASSES}
         used_classes: set[str] = set()
@@ -318,6 +320,8 @@ class _Formulation:
                 training + state + cp.multiply(inflight, N @ np.array([c.activation_bytes / mu for c in rt.costs]))
             )
             step = step + N @ np.array([c.step_bytes / mu for c in rt.costs])
+            if any(c.host_bytes for c in rt.costs):
+                host = host + N @ np.array([c.host_bytes / mu for c in rt.costs])
             for name in TRANSIENT_CLASSES:
                 by_value: dict[float, list[int]] = {}
                 for k, cost in enumerate(rt.costs):
@@ -334,6 +338,8 @@ class _Formulation:
         if BUFFERS in used_classes:
             step = step + peaks[BUFFERS]
         cons += [training <= limit, step <= limit]
+        if not isinstance(host, int):
+            cons.append(self.R @ host <= sub.host_capacity / mu)
 
     def objective(self) -> cp.Expression:
         """The paper's TPI = sum p + sum o + (c - 1) max(p, o) + max g; interleaved (v > 1), with P = R p and

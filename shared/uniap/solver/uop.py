@@ -263,6 +263,10 @@ def _infeasible(
         hints.append(f"a target with activation recompute (target '{capability.name}' has none)")
     if 3 not in capability.zero_stages:
         hints.append(f"a target with ZeRO-3/FSDP (target '{capability.name}' has none)")
+    if len(capability.offload_modes) > 1 and cluster.host_memory_gib is None:
+        hints.append(
+            "host_memory_gib in the cluster file, so that offloading model states to host memory is considered"
+        )
     hints.append("a smaller --global-batch-size (smaller micro-batches)")
     usable_gib = usable / GiB
     if least is None:
