@@ -206,6 +206,11 @@ def main() -> None:
         train_batch_size=engine.train_batch_size(),
         dp_world_size=engine.dp_world_size,
         optimizer=type(engine.optimizer).__name__,
+        basic_optimizer=type(engine.basic_optimizer).__name__,
+        # What the ZeRO optimizer runs, not only what the file says: states offloaded to the host.
+        offload_optimizer=bool(getattr(engine.optimizer, "cpu_offload", False))
+        or bool(getattr(engine.optimizer, "offload_optimizer", False)),
+        offload_param=bool(getattr(engine.optimizer, "offload_param", False)),
     )
     report["finite"] = all(math.isfinite(v) for v in report["losses"])
     out = Path(args.out)

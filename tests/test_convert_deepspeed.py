@@ -81,3 +81,24 @@ def test_a_config_that_does_not_hold_is_refused_by_name(capsys, tmp_path, config
     rc, _, err, path = convert(capsys, tmp_path, config)
     assert rc == EXIT_INVALID_INPUT and words in err
     assert not (tmp_path / "ds_config.uniap.json").exists()
+
+
+@pytest.mark.usefixtures("ds_world")
+def test_offloading_is_priced_as_the_config_has_it_and_mics_is_refused(capsys, tmp_path):
+    """Issue 12 item 4: a ZeRO-2 job with its optimizer in CPU memory is priced so (its GPUs hold the bf16 weights
+    alone); MiCS, which DeepSpeed 0.19 removed, is named; "--keep zero" keeps the stage and its offloading."""
+    offloaded = {**USER, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+    rc, result, err, _ = convert(capsys, tmp_path, offloaded, "--keep", "zero")
+    assert rc == EXIT_OK, err
+    before, after = result["before"], result["after"]
+    assert (before["zero"], before["offload"]) == (2, "optimizer") == (after["zero"], after["offload"])
+    converted = json.loads((tmp_path / "ds_config.uniap.json").read_text())
+    assert converted["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    accepted_by_deepspeed(converted, dp=after["dp"])
+    plain = {**USER, "zero_optimization": {"stage": 2}}
+    rc, result, err, _ = convert(capsys, tmp_path, plain, "--keep", "zero", "--force")
+    assert rc == EXIT_OK, err
+    assert result["before"]["peak_memory_bytes"] > before["peak_memory_bytes"]  # the states the host took
+    mics = {**USER, "zero_optimization": {"stage": 3, "mics_shard_size": 8}}
+    rc, result, err, _ = convert(capsys, tmp_path, mics, "--force")
+    assert rc == EXIT_INVALID_INPUT and "MiCS was removed in DeepSpeed 0.19" in err and "Traceback" not in err

@@ -89,6 +89,7 @@ if importlib.util.find_spec("torch") is None:
 if importlib.util.find_spec("deepspeed") is None:
     pytest.skip("deepspeed is not installed", allow_module_level=True)
 
+from uniap.cost.strategy import Strategy
 from uniap_deepspeed.capability import DEEPSPEED, ZERO0_ALLREDUCE_CHUNK
 from uniap_deepspeed.config import zero_section
 
@@ -125,7 +126,7 @@ def _name(config) -> str:
 
 def ds_config(precision: str, zero: int) -> dict:
     """What uniap emits for the stage (no pipeline), with every size scaled by SCALE, plus AdamW."""
-    section = zero_section(zero, pipeline=False, hidden_size=HIDDEN_FOR_BUCKETS)
+    section = zero_section(Strategy(1, 2, zero), pipeline=False, hidden_size=HIDDEN_FOR_BUCKETS, gpus_per_node=2)
     for key in SIZES:
         if key in section:
             section[key] = round(section[key] * SCALE)

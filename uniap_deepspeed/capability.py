@@ -23,10 +23,24 @@ PipelineModule's extra one) and flatten a bucket's worth more while reducing; Ze
 prefetches up to stage3_prefetch_bucket_size and keeps parameters gathered up to stage3_max_live_parameters
 (with stage3_max_reuse_distance 1e9 most of a forward's parameters stay gathered until backward); ZeRO-0
 flattens gradients in reduce-bucket-sized chunks for the all-reduce.
+
+Offloaded to host memory (offload_optimizer / offload_param with device "cpu"), read from the source
+(stage_1_and_2.py, stage3.py, partition_parameters.py), P parameters over d ranks, in bf16 (fp32: 4-byte
+weights, gradients and staging buffers):
+- ZeRO-1: the GPU keeps the bf16 weights and their full gradients until the boundary (4); the host the fp32
+  master, its fp32 gradient, a bf16 staging copy and the moments (18/d). Only at the boundary do gradients go
+  down (cast to fp32 on the GPU, 4/d) and the weights come back in bf16 (2/d).
+- ZeRO-2: the GPU keeps the bf16 weights (2); the host also accumulates the bf16 gradients (20/d): each
+  micro-batch's go down and the sum comes back up to be added on the GPU (2 + 2 per micro-batch).
+- ZeRO-3, optimizer: the GPU keeps the bf16 weight partition (2/d); the host the bf16 gradient partition it
+  accumulates in and the optimizer's 16 (18/d), with the same traffic as ZeRO-2.
+- ZeRO-3, parameters too: the weight partition moves to the host (20/d, always pinned) and comes up for
+  each forward and each backward (2/d each), on the prefetch stream; the step writes it on the host.
+Unmeasured on a GPU: what pinned host buffers and the transfers cost there is an estimate.
 """
 
-from uniap.cost.accounting import Accounting, PerParam
-from uniap.cost.strategy import Capability
+from uniap.cost.accounting import FP32_BYTES, Accounting, Offloaded, PerParam
+from uniap.cost.strategy import OFFLOAD_MODES, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, Capability
 
 # ZeRO's buckets sized to the model as Hugging Face's DeepSpeed integration sizes its "auto" values
 # (transformers integrations/deepspeed.py: reduce_bucket_size h*h, stage3_prefetch_bucket_size 0.9*h*h,
@@ -81,6 +95,27 @@ _FP32 = {
 }
 _TABLES = {"bf16": _HALF, "fp16": _HALF, "fp32": _FP32}
 
+
+def _offloaded(value: int) -> dict[tuple[int, str], Offloaded]:
+    """The offloaded states above for weights of `value` bytes (2 bf16/fp16, 4 fp32); 16 = the fp32 master,
+    its fp32 gradient and the two moments."""
+    optimizer = 4 * FP32_BYTES
+    down_up = FP32_BYTES + value  # fp32 gradients down at the boundary, updated weights up
+    accumulate = 2 * value  # a micro-batch's gradients down, the running sum back up
+    return {
+        (1, OFFLOAD_OPTIMIZER): Offloaded(PerParam(2 * value), PerParam(0, optimizer + value), 0, down_up),
+        (2, OFFLOAD_OPTIMIZER): Offloaded(PerParam(value), PerParam(0, optimizer + 2 * value), accumulate, down_up),
+        (3, OFFLOAD_OPTIMIZER): Offloaded(PerParam(0, value), PerParam(0, optimizer + value), accumulate, down_up),
+        (3, OFFLOAD_PARAMS): Offloaded(
+            PerParam(), PerParam(0, optimizer + 2 * value), accumulate, FP32_BYTES, fetch_bytes=value
+        ),
+    }
+
+
+_OFFLOADED = {
+    (p, z, m): o for p, value in (("bf16", 2), ("fp16", 2), ("fp32", 4)) for (z, m), o in _offloaded(value).items()
+}
+
 DEEPSPEED_ACCOUNTING = Accounting(
     name="deepspeed",
     source="DeepSpeed 0.19.8 runtime/fp16/fused_optimizer.py, runtime/bf16_optimizer.py, "
@@ -93,6 +128,7 @@ DEEPSPEED_ACCOUNTING = Accounting(
     grad_accumulation_traffic={"bf16": 6.0, "fp16": 6.0, "fp32": 12.0},
     buffer_elements={0: ZERO0_ALLREDUCE_CHUNK, 3: STAGE3_MAX_LIVE_PARAMETERS},
     loss_backward_bytes_per_logit=LOSS_BACKWARD_BYTES_PER_LOGIT,
+    offloaded=_OFFLOADED,
     buffer_hidden_squares={
         1: 3 * REDUCE_BUCKET_PER_HIDDEN_SQUARE,
         2: 3 * REDUCE_BUCKET_PER_HIDDEN_SQUARE,
@@ -102,7 +138,8 @@ DEEPSPEED_ACCOUNTING = Accounting(
 
 DEEPSPEED = Capability(
     name="deepspeed",
-    description="DeepSpeed 0.19: no TP, one ZeRO stage (2/3 only without pipeline), uniform checkpointing",
+    description="DeepSpeed 0.19: no TP, one ZeRO stage (2/3 only without pipeline) with CPU offload or ZeRO++, "
+    "uniform checkpointing",
     tp_degrees=(1,),
     zero_stages=(0, 1, 2, 3),
     recompute_modes=("none", "full"),
@@ -119,4 +156,6 @@ DEEPSPEED = Capability(
     },
     accounting=DEEPSPEED_ACCOUNTING,
     vocab_multiple=1,  # the user's model as it is built: DeepSpeed pads nothing
+    offload_modes=OFFLOAD_MODES,
+    zeropp=True,
 )

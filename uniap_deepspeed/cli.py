@@ -23,7 +23,7 @@ from uniap.errors import (
 from uniap.entry import guarded
 from uniap.io import check_output_paths, write_json_atomic, write_text_atomic
 from uniap.launch_templates import render
-from uniap.cost.strategy import Pins
+from uniap.cost.strategy import OFFLOAD_MODES, Pins
 from uniap.plan import Plan
 from uniap.planner import ineffective_pins
 from uniap.report import plural
@@ -34,6 +34,7 @@ from .config import (
     check_hf_plan,
     deepspeed_config,
     precision_notes,
+    variant_notes,
     vocabulary_notes,
     hf_pipeline_stages,
     plan_for_deepspeed,
@@ -126,6 +127,7 @@ def cmd_config(args) -> int:
             global_batch_size=args.global_batch_size,
             seq_length=args.seq_length,
             zero_stage=args.zero_stage,
+            offload=args.offload,
             pipeline_stages=args.pipeline_stages,
             precision=args.precision,
             profile=args.profile,
@@ -133,7 +135,7 @@ def cmd_config(args) -> int:
             flash_attention=not args.no_flash_attention,
             decoder_seq_length=args.decoder_seq_length,
         )
-        for note in ineffective_pins(plan, Pins(zero=args.zero_stage)):
+        for note in ineffective_pins(plan, Pins(zero=args.zero_stage)) + plan.notes:
             print(f"{PROG}: note: {note}", file=sys.stderr)
     merged = merge_config(deepspeed_config(plan), base, hf=args.hf)
     config = merged.config
@@ -141,7 +143,7 @@ def cmd_config(args) -> int:
         plan.save(args.save_plan)
     for line in merged.report_lines():
         print(f"{PROG}: {line.strip()}", file=sys.stderr)
-    for note in precision_notes(config) + vocabulary_notes(plan):
+    for note in precision_notes(config) + vocabulary_notes(plan) + variant_notes(config):
         print(f"{PROG}: note: {note}", file=sys.stderr)
     if args.hf:
         _report_trainer_arguments(config)
@@ -151,7 +153,7 @@ def cmd_config(args) -> int:
         print(
             f"wrote {args.output}: {u['pipeline_stages']} pipeline stage(s), "
             f"data parallel {u['data_parallel_size']}, "
-            f"ZeRO-{config['zero_optimization']['stage']}, micro-batch {config['train_micro_batch_size_per_gpu']} "
+            f"{u['zero']}, micro-batch {config['train_micro_batch_size_per_gpu']} "
             f"x {plural(config['gradient_accumulation_steps'], 'accumulation step')}; predicted "
             f"{u['predicted_time_per_iteration_s']:.3f} s/iteration ({u['basis']['compute']} compute)"
         )
@@ -291,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ZeRO stage, one of %(choices)s (default: the planner chooses)",
     )
     g.add_argument("--pipeline-stages", type=int, help="number of pipeline stages (default: the planner chooses)")
+    g.add_argument(
+        "--offload",
+        choices=OFFLOAD_MODES,
+        help="model states offloaded to host memory: %(choices)s (params: the optimizer's and the parameters, "
+        "ZeRO-3) (default: the planner chooses, when the cluster describes its hosts)",
+    )
     g = p.add_argument_group("solver")
     g.add_argument(
         "--time-limit",

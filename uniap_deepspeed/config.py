@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from uniap.cluster.spec import load_cluster
-from uniap.cost.strategy import Pins
+from uniap.cost.strategy import OFFLOAD_NONE, OFFLOAD_PARAMS, Pins, Strategy
 from uniap.errors import SpecError
 from uniap.io import read_text
 from uniap.model.loaders import load_model
@@ -31,11 +31,13 @@ log = logging.getLogger("uniap.deepspeed")
 PAD_VOCAB_TO = 64  # what Hugging Face's resize_token_embeddings(pad_to_multiple_of=...) is usually given
 DEFAULT_BATCH = 512
 DEFAULT_PRECISION = "bf16"
+OFFLOAD_DEVICE = "cpu"  # DeepSpeed also offloads to NVMe (ZeRO-Infinity); uniap prices host memory only
 
 
-def zero_section(stage: int, pipeline: bool, hidden_size: int) -> dict[str, Any]:
-    """zero_optimization for `stage`, its buckets sized to the model (capability.zero_buckets); overlap_comm
-    is off under a pipeline (the engine forces it off)."""
+def zero_section(strategy: Strategy, pipeline: bool, hidden_size: int, gpus_per_node: int) -> dict[str, Any]:
+    """zero_optimization for the strategy's ZeRO stage and variant, its buckets sized to the model
+    (capability.zero_buckets); overlap_comm is off under a pipeline (the engine forces it off)."""
+    stage = strategy.zero
     if stage == 0:
         return {"stage": 0}
     buckets = zero_buckets(hidden_size)
@@ -58,7 +60,26 @@ def zero_section(stage: int, pipeline: bool, hidden_size: int) -> dict[str, Any]
                 "stage3_gather_16bit_weights_on_model_save": True,
             }
         )
-    return section
+    return section | variant_keys(strategy, gpus_per_node)
+
+
+def variant_keys(strategy: Strategy, gpus_per_node: int) -> dict[str, Any]:
+    """The zero_optimization keys of the strategy's variant (DeepSpeed 0.19.8 runtime/zero/config.py,
+    offload_config.py): host memory pinned for offloading; ZeRO++'s three parts with the secondary partition
+    over a node. (MiCS was removed in DeepSpeed 0.19: runtime/config.py _REMOVED_ZERO_CONFIG_KEYS refuses
+    mics_shard_size.)"""
+    if strategy.offload != OFFLOAD_NONE:
+        keys = {"offload_optimizer": {"device": OFFLOAD_DEVICE, "pin_memory": True}}
+        if strategy.offload == OFFLOAD_PARAMS:
+            keys["offload_param"] = {"device": OFFLOAD_DEVICE, "pin_memory": True}
+        return keys
+    if strategy.zeropp:
+        return {
+            "zero_quantized_weights": True,
+            "zero_hpz_partition_size": min(gpus_per_node, strategy.shards),
+            "zero_quantized_gradients": True,
+        }
+    return {}
 
 
 def deepspeed_config(plan: Plan) -> dict[str, Any]:
@@ -76,7 +97,7 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
         "train_batch_size": plan.training.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_per_replica,
         "gradient_accumulation_steps": plan.micro_batches,
-        "zero_optimization": zero_section(strategy.zero, pipeline, plan.model.hidden_size),
+        "zero_optimization": zero_section(strategy, pipeline, plan.model.hidden_size, plan.cluster.gpus_per_node),
         "steps_per_print": 10,
         "wall_clock_breakdown": False,
     }
@@ -101,6 +122,7 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
         "target": plan.target,
         "pipeline_stages": plan.pipeline_degree,
         "data_parallel_size": plan.data_parallel_size,
+        "zero": strategy.zero_label,
         "transformer_layers_per_stage": plan.stage_layer_counts(),
         "layer_stages": [lp.stage for lp in plan.layers],
         "activation_checkpointing": recompute,
@@ -119,13 +141,14 @@ def plan_for_deepspeed(
     seq_length: int | None = None,
     zero_stage: int | None = None,
     pipeline_stages: int | None = None,
+    offload: str | None = None,
     precision: str = DEFAULT_PRECISION,
     profile: str | None = None,
     time_limit: float | None = None,
     flash_attention: bool = True,
     decoder_seq_length: int | None = None,
 ) -> Plan:
-    """Plan `model` on `cluster` for DeepSpeed; pinned ZeRO stage / pipeline stages are constraints."""
+    """Plan `model` on `cluster` for DeepSpeed; pinned ZeRO stage / pipeline stages / offload are constraints."""
     from uniap.profile.schema import Profile
 
     spec = load_model(model)
@@ -142,7 +165,7 @@ def plan_for_deepspeed(
         cluster=load_cluster(cluster, nodes, gpus_per_node),
         training=training,
         target=DEEPSPEED.name,
-        pins=Pins(zero=zero_stage, pipeline_degree=pipeline_stages),
+        pins=Pins(zero=zero_stage, pipeline_degree=pipeline_stages, offload=offload),
         profile=Profile.load(profile) if profile else None,
     )
     return solve(job, time_limit=time_limit, progress=False)[0]
@@ -162,9 +185,10 @@ def plan_config(
     if hf:
         kwargs["pipeline_stages"] = hf_pipeline_stages(kwargs.get("pipeline_stages"))
     plan = plan_for_deepspeed(model, **kwargs)
-    for note in ineffective_pins(plan, Pins(zero=kwargs.get("zero_stage"))):
+    config = merge_config(deepspeed_config(plan), base, hf=hf).config
+    for note in ineffective_pins(plan, Pins(zero=kwargs.get("zero_stage"))) + plan.notes + variant_notes(config):
         log.warning("%s", note)
-    return merge_config(deepspeed_config(plan), base, hf=hf).config
+    return config
 
 
 def vocabulary_notes(plan: Plan) -> list[str]:
@@ -196,6 +220,26 @@ def precision_notes(config: dict[str, Any]) -> list[str]:
             "(data_types.grad_accum_dtype fp32), whose memory uniap does not price yet, so it is not set here"
         ]
     return []
+
+
+def variant_notes(config: dict[str, Any]) -> list[str]:
+    """What running the config's ZeRO variant asks of the user (DeepSpeed 0.19.8 runtime/engine.py
+    _configure_basic_optimizer, runtime/zero/partition_parameters.py)."""
+    zero = config["zero_optimization"]
+    notes = []
+    if "offload_optimizer" in zero:
+        notes.append(
+            "offloaded optimizer states are stepped by DeepSpeedCPUAdam, which DeepSpeed compiles on first use "
+            "(minutes; a C++ compiler and ninja needed, or install DeepSpeed with DS_BUILD_CPU_ADAM=1); a script "
+            "that passes its own torch optimizer to deepspeed.initialize is refused unless the config sets "
+            '"zero_force_ds_cpu_optimizer": false, and then steps slower'
+        )
+    if zero.get("zero_quantized_weights"):
+        notes.append(
+            "ZeRO++ all-gathers weights in int8 and reduces gradients in int4 (CUDA kernels only; the ZeRO++ paper "
+            "reports pretraining converging as without): a change of numerics to watch in the first loss curves"
+        )
+    return notes
 
 
 def hf_pipeline_stages(pinned: int | None) -> int:

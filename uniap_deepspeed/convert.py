@@ -22,22 +22,53 @@ from uniap.entry import guarded
 from uniap.conversion import Configuration, add_options, before_after, configuration_summary, keep_choices, output_path
 from uniap.io import read_text, write_json_atomic
 from uniap.launch import read_launch
+from uniap.cost.strategy import OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS
 
 from .capability import DEEPSPEED
-from .config import deepspeed_config, plan_for_deepspeed, read_base
+from .config import OFFLOAD_DEVICE, deepspeed_config, plan_for_deepspeed, read_base
 from .merge import BATCH_KEYS, base_job, merge_config
 
 PROG = "uniap convert deepspeed"
 KEEP = ("zero", "pp", "mbs")
 
 
-def current_settings(config: dict[str, Any], gpus: int, pipeline_stages: int) -> dict[str, Any]:
-    """ZeRO stage, micro-batch size, accumulation steps and global batch as DeepSpeed derives them from the
-    config (any two of the three batch keys give the third, deepspeed/runtime/config.py
-    _configure_train_batch_size); SpecError naming a missing or inconsistent key."""
-    zero = (
-        config.get("zero_optimization", {}).get("stage", 0) if isinstance(config.get("zero_optimization"), dict) else 0
+def zero_variant(section: dict[str, Any]) -> dict[str, Any]:
+    """The ZeRO variant a zero_optimization section runs (uniap.cost.strategy.Strategy's offload and zeropp):
+    offloading to the CPU; ZeRO++ when its three parts are on together (what uniap prices; one or two of them
+    are priced as plain ZeRO-3). SpecError for what DeepSpeed 0.19 or uniap cannot run or price."""
+    removed = [key for key in ("mics_shard_size", "mics_hierarchical_params_gather") if key in section]
+    if removed:
+        raise SpecError(
+            f"zero_optimization.{removed[0]}: MiCS was removed in DeepSpeed 0.19, which refuses this config "
+            "(deepspeed/runtime/config.py _REMOVED_ZERO_CONFIG_KEYS)",
+            "drop the MiCS keys; uniap prices the job as ZeRO-3 and may offer ZeRO++ across nodes",
+        )
+    devices = {}
+    for key in ("offload_optimizer", "offload_param"):
+        device = section.get(key, {}).get("device", "none") if isinstance(section.get(key), dict) else "none"
+        if device not in ("none", OFFLOAD_DEVICE):
+            raise SpecError(
+                f"zero_optimization.{key}.device is {device!r}; uniap prices offloading to CPU memory only",
+                f'set "device": "{OFFLOAD_DEVICE}" to compare, or convert the job without offloading',
+            )
+        devices[key] = device == OFFLOAD_DEVICE
+    offload = (
+        OFFLOAD_PARAMS if devices["offload_param"] else OFFLOAD_OPTIMIZER if devices["offload_optimizer"] else None
     )
+    zeropp = bool(
+        section.get("zero_quantized_weights")
+        and section.get("zero_quantized_gradients")
+        and section.get("zero_hpz_partition_size", 1) > 1
+    )
+    return {"offload": offload or OFFLOAD_NONE, "zeropp": zeropp}
+
+
+def current_settings(config: dict[str, Any], gpus: int, pipeline_stages: int) -> dict[str, Any]:
+    """ZeRO stage and variant, micro-batch size, accumulation steps and global batch as DeepSpeed derives them
+    from the config (any two of the three batch keys give the third, deepspeed/runtime/config.py
+    _configure_train_batch_size); SpecError naming a missing or inconsistent key."""
+    section = config.get("zero_optimization") if isinstance(config.get("zero_optimization"), dict) else {}
+    zero = section.get("stage", 0)
     values = {key: config.get(key) for key in BATCH_KEYS}
     for key, value in values.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -62,7 +93,13 @@ def current_settings(config: dict[str, Any], gpus: int, pipeline_stages: int) ->
         )
     if zero not in (0, 1, 2, 3):
         raise SpecError(f"zero_optimization.stage is {zero!r}; DeepSpeed's stages are 0 to 3")
-    return {"zero": zero, "micro_batch_size": mbs, "accumulation": gas, "global_batch_size": batch}
+    return {
+        "zero": zero,
+        "micro_batch_size": mbs,
+        "accumulation": gas,
+        "global_batch_size": batch,
+        **zero_variant(section),
+    }
 
 
 def convert(args) -> int:
@@ -85,6 +122,12 @@ def convert(args) -> int:
     training = training_spec(model, current["global_batch_size"], args.seq_length, precision=precision)
     profile = Profile.load(args.profile) if args.profile else None
     keep = keep_choices(args.keep, KEEP)
+    offloads = current["offload"] != OFFLOAD_NONE and current["zero"] > 0
+    if offloads and cluster.host_memory_gib is None:
+        raise SpecError(
+            f"the config offloads model states to CPU memory, but cluster '{cluster.name}' does not describe its hosts",
+            "add host_memory_gib (and host_memory_bandwidth_gbps, host_link_bandwidth_gbps) to the cluster file",
+        )
     plan_now, prediction = configure(
         model,
         cluster,
@@ -93,9 +136,11 @@ def convert(args) -> int:
         tp=1,
         pp=args.pipeline_stages,
         micro_batch_size=current["micro_batch_size"],
-        zero=current["zero"] if cluster.num_gpus // args.pipeline_stages > 1 else 0,
+        zero=current["zero"] if cluster.num_gpus // args.pipeline_stages > 1 or offloads else 0,
         recompute=args.recompute,
         profile=profile,
+        offload=current["offload"] if current["zero"] else OFFLOAD_NONE,  # DeepSpeed offloads under ZeRO only
+        zeropp=current["zeropp"] and current["zero"] == 3 and cluster.num_gpus > cluster.gpus_per_node,
     )
     before = Configuration(
         "current", plan_now, prediction.fits, max(prediction.stage_memory), prediction.memory_capacity
@@ -108,6 +153,7 @@ def convert(args) -> int:
         global_batch_size=current["global_batch_size"],
         seq_length=args.seq_length,
         zero_stage=current["zero"] if "zero" in keep else None,
+        offload=current["offload"] if "zero" in keep else None,
         pipeline_stages=args.pipeline_stages if "pp" in keep else None,
         precision=precision,
         profile=args.profile,
@@ -148,7 +194,8 @@ Price an existing DeepSpeed job as its config has it, plan it, and write the
 plan merged into a copy of the config (NAME.uniap.json beside it, or -o).
   uniap convert deepspeed ds_config.json --model llama2-7b --nodes 2 --gpus-per-node 8
   uniap convert deepspeed ds_config.json --model my_model/config.json --launch launch.sh
-The config's batch keys, ZeRO stage and precision are the current configuration;
+The config's batch keys, ZeRO stage (with CPU offload or ZeRO++) and precision are
+the current configuration ("--keep zero" keeps the stage and its offloading);
 the pipeline stages the script builds are --pipeline-stages (the config does not
 hold them). The original config is never modified."""
 
