@@ -88,3 +88,16 @@ def test_smoke_run_trains_both_frameworks(tmp_path):
         assert "error" not in job, job
         assert job["measured_time_s"] > 0 and job["predicted_time_s"] > 0
         assert math.isfinite(job["loss_first"]) and math.isfinite(job["loss_last"])
+
+
+def test_recorded_cpu_adam_streams_at_the_memory_rate_the_cost_model_assumes():
+    """uniap.cost.model prices DeepSpeedCPUAdam as CPU_ADAM_HOST_BYTES per parameter at the host's memory rate:
+    the recorded run (benchmarks/cpu_adam.py) must show it within 15 % of what torch's add_ streams there."""
+    from uniap.cost.model import CPU_ADAM_HOST_BYTES
+
+    record = json.loads((BENCHMARKS / "data" / "cpu-adam-2026-11-28.json").read_text())
+    assert record["bytes_per_param"] == CPU_ADAM_HOST_BYTES
+    for row in record["rows"]:
+        rate = row["params"] * CPU_ADAM_HOST_BYTES / row["deepspeed_cpu_adam_s"] / 1e9
+        assert rate == pytest.approx(row["add_gbps"], rel=0.15), row
+        assert row["torch_adamw_foreach_s"] > 2 * row["deepspeed_cpu_adam_s"]

@@ -58,11 +58,12 @@ def overlapped(a: float, b: float, coefficient: float) -> float:
 HOST_LINK_EFFICIENCY = 0.8
 HOST_MEMORY_EFFICIENCY = 0.7
 # DeepSpeedCPUAdam (DeepSpeed 0.19.8 csrc/adam/cpu_adam_impl.cpp) reads the fp32 parameter, gradient and both
-# moments and writes the parameter and moments: 28 bytes per parameter, and it is bound by them: measured on a
-# 2-core Xeon VM (benchmarks/cpu_adam.py, benchmarks/data/cpu-adam-2026-11-28.json), 100M parameters took 0.167 s
-# on one thread and 0.173 s on two, 16.8 GB/s, the bandwidth torch's add_ reaches there (15.2 GB/s). The step's
-# result is then cast on the host to the parameters' dtype (runtime/zero/stage_1_and_2.py): 4 more bytes read
-# and one parameter's bytes written.
+# moments and writes the parameter and moments: 28 bytes per parameter, which it streams at the rate a plain
+# memory-bound kernel reaches: measured on a 2-core Xeon VM (benchmarks/cpu_adam.py, 100M parameters,
+# benchmarks/data/cpu-adam-2026-11-28.json) 0.163 s on one thread and 0.083 s on two, 17.2 and 33.7 GB/s, where
+# torch's add_ reaches 16.1 and 32.1. A DGX node's cores stream more than its memory delivers, so the step is
+# priced at the GPU's share of the node's memory bandwidth. The step's result is then cast on the host to the
+# parameters' dtype (runtime/zero/stage_1_and_2.py): 4 more bytes read and one parameter's bytes written.
 CPU_ADAM_HOST_BYTES = 28.0
 CPU_CAST_READ_BYTES = 4.0
 # ZeRO++ (Wang et al. 2023; DeepSpeed 0.19.8 runtime/zero/partition_parameters.py,
