@@ -29,14 +29,19 @@ Offloaded to host memory (offload_optimizer / offload_param with device "cpu"), 
 weights, gradients and staging buffers):
 - ZeRO-1: the GPU keeps the bf16 weights and their full gradients until the boundary (4); the host the fp32
   master, its fp32 gradient, a bf16 staging copy and the moments (18/d). Only at the boundary do gradients go
-  down (cast to fp32 on the GPU, 4/d) and the weights come back in bf16 (2/d).
-- ZeRO-2: the GPU keeps the bf16 weights (2); the host also accumulates the bf16 gradients (20/d): each
-  micro-batch's go down and the sum comes back up to be added on the GPU (2 + 2 per micro-batch).
+  down (cast to fp32 on the GPU: the step holds the weights and that cast, 2 + 4/d) and the weights come back
+  in bf16 (2/d).
+- ZeRO-2: the GPU keeps the bf16 weights (2), 4/d more at the step for the same cast; the host also
+  accumulates the bf16 gradients (20/d): each micro-batch's go down and the sum comes back up to be added on
+  the GPU (2 + 2 per micro-batch).
 - ZeRO-3, optimizer: the GPU keeps the bf16 weight partition (2/d); the host the bf16 gradient partition it
   accumulates in and the optimizer's 16 (18/d), with the same traffic as ZeRO-2.
 - ZeRO-3, parameters too: the weight partition moves to the host (20/d, always pinned) and comes up for
   each forward and each backward (2/d each), on the prefetch stream; the step writes it on the host.
-Unmeasured on a GPU: what pinned host buffers and the transfers cost there is an estimate.
+Measured on 2 CPU ranks, where host and device are one memory (tests/test_deepspeed_memory.py): the sum of the
+GPU's and the host's bytes, while computing and at the step. Unmeasured on a GPU: what pinned host buffers and
+the transfers cost there is an estimate. Besides, offloading allocates two gradient-sized scratch buffers of the
+largest parameter (temp_grad_buffer_for_cpu_offload / _for_gpu_offload), which no model-sized term counts.
 """
 
 from uniap.cost.accounting import FP32_BYTES, Accounting, Offloaded, PerParam
@@ -98,13 +103,29 @@ _TABLES = {"bf16": _HALF, "fp16": _HALF, "fp32": _FP32}
 
 def _offloaded(value: int) -> dict[tuple[int, str], Offloaded]:
     """The offloaded states above for weights of `value` bytes (2 bf16/fp16, 4 fp32); 16 = the fp32 master,
-    its fp32 gradient and the two moments."""
+    its fp32 gradient and the two moments. At the step, measured on 2 CPU ranks: bf16 holds the weights and the
+    fp32 cast of the gradient partition (value + 4/d); fp32 ZeRO-1 keeps its full gradients through the step,
+    and fp32 ZeRO-2 holds 8 bytes per parameter at d = 2, written here as 4 + 8/d (which part is sharded is
+    not resolved by two ranks)."""
     optimizer = 4 * FP32_BYTES
     down_up = FP32_BYTES + value  # fp32 gradients down at the boundary, updated weights up
     accumulate = 2 * value  # a micro-batch's gradients down, the running sum back up
+    half = value < FP32_BYTES
     return {
-        (1, OFFLOAD_OPTIMIZER): Offloaded(PerParam(2 * value), PerParam(0, optimizer + value), 0, down_up),
-        (2, OFFLOAD_OPTIMIZER): Offloaded(PerParam(value), PerParam(0, optimizer + 2 * value), accumulate, down_up),
+        (1, OFFLOAD_OPTIMIZER): Offloaded(
+            PerParam(2 * value),
+            PerParam(0, optimizer + value),
+            0,
+            down_up,
+            device_step=PerParam(value, FP32_BYTES) if half else None,
+        ),
+        (2, OFFLOAD_OPTIMIZER): Offloaded(
+            PerParam(value),
+            PerParam(0, optimizer + 2 * value),
+            accumulate,
+            down_up,
+            device_step=PerParam(value, FP32_BYTES if half else 2 * FP32_BYTES),
+        ),
         (3, OFFLOAD_OPTIMIZER): Offloaded(PerParam(0, value), PerParam(0, optimizer + value), accumulate, down_up),
         (3, OFFLOAD_PARAMS): Offloaded(
             PerParam(), PerParam(0, optimizer + 2 * value), accumulate, FP32_BYTES, fetch_bytes=value

@@ -63,13 +63,19 @@ class Offloaded:
     host (PerParam over the ranks sharding the states), and what crosses the host link per parameter a rank
     updates: `microbatch_bytes` each micro-batch (gradients to the host and back to accumulate),
     `step_bytes` around the CPU's step (gradients down, updated weights up), `fetch_bytes` host to device in
-    each forward and each backward (offloaded parameters)."""
+    each forward and each backward (offloaded parameters). `device_step`: the GPU's bytes at the optimizer
+    step's peak (None: `device`)."""
 
     device: PerParam
     host: PerParam
     microbatch_bytes: float
     step_bytes: float
     fetch_bytes: float = 0.0
+    device_step: PerParam | None = None
+
+    @property
+    def at_step(self) -> PerParam:
+        return self.device if self.device_step is None else self.device_step
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,7 @@ class Accounting:
             "offloaded": {
                 f"{p}/zero{z}/{m}": {
                     "device": str(o.device),
+                    "device_step": str(o.at_step),
                     "host": str(o.host),
                     "microbatch_bytes": o.microbatch_bytes,
                     "step_bytes": o.step_bytes,

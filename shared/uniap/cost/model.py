@@ -365,7 +365,7 @@ class CostModel:
             state, host = params * off.device.at(s.shards), params * off.host.at(s.shards)
             per_mb_comm += self.host_transfer(optimizer_params * (off.microbatch_bytes + 2 * off.fetch_bytes))
             optimizer = self.cpu_adam(optimizer_params) + self.host_transfer(optimizer_params * off.step_bytes)
-            step_bytes = state
+            step_bytes = params * off.at_step.at(s.shards)
         if s.zeropp:  # ZeRO++'s secondary copy of the weights in their dtype, split over a node's ranks
             secondary = weight_bytes / min(dp, self.cluster.gpus_per_node)
             state, step_bytes = state + secondary, step_bytes + secondary
