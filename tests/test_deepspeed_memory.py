@@ -116,9 +116,12 @@ ITEMSIZE = {"bf16": 2, "fp32": 4}
 
 pytestmark = [pytest.mark.slow]
 
-# (precision, ZeRO stage, offload); ZeRO-3 last: its engine leaves hooks and registries behind in the process.
+# (precision, ZeRO stage, variant: an offload mode or FP32_ACCUMULATION); ZeRO-3 last: its engine leaves hooks and
+# registries behind in the process.
+FP32_ACCUMULATION = "fp32-accumulation"  # data_types.grad_accum_dtype fp32: what uniap emits for a bf16 pipeline
 CONFIGS = [
     *((p, z, OFFLOAD_NONE) for p, z in (("bf16", 0), ("bf16", 1), ("bf16", 2), ("fp32", 0), ("fp32", 1), ("fp32", 2))),
+    ("bf16", 1, FP32_ACCUMULATION),
     ("bf16", 1, OFFLOAD_OPTIMIZER),
     ("bf16", 2, OFFLOAD_OPTIMIZER),
     ("bf16", 3, OFFLOAD_NONE),
@@ -137,6 +140,8 @@ ACCOUNTING = DEEPSPEED.accounting
 
 def _name(config) -> str:
     precision, zero, offload = config
+    if offload == FP32_ACCUMULATION:
+        return f"{precision}-zero{zero}-{offload}"
     return f"{precision}-zero{zero}" + ("" if offload == OFFLOAD_NONE else f"-offload-{offload}")
 
 
@@ -144,15 +149,19 @@ def declared(config) -> tuple[float, float]:
     """The accounting's bytes per parameter at d = D while computing and at the step's peak; offloaded states
     count the GPU's and the host's together (on a CPU they are one memory)."""
     precision, zero, offload = config
-    if offload == OFFLOAD_NONE:
-        return ACCOUNTING.state_bytes(precision, zero).at(D), ACCOUNTING.step_bytes(precision, zero).at(D)
+    if offload in (OFFLOAD_NONE, FP32_ACCUMULATION):
+        pipelined = offload == FP32_ACCUMULATION  # the accounting's row for a pipeline (BF16_Optimizer)
+        return (
+            ACCOUNTING.state_bytes(precision, zero, pipelined).at(D),
+            ACCOUNTING.step_bytes(precision, zero, pipelined).at(D),
+        )
     off = ACCOUNTING.offload(precision, zero, offload)
     return off.device.at(D) + off.host.at(D), off.at_step.at(D) + off.host.at(D)
 
 
 def ds_config(precision: str, zero: int, offload: str = OFFLOAD_NONE) -> dict:
     """What uniap emits for the stage (no pipeline), with every size scaled by SCALE, plus AdamW."""
-    strategy = Strategy(1, 2, zero, offload=offload)
+    strategy = Strategy(1, 2, zero, offload=OFFLOAD_NONE if offload == FP32_ACCUMULATION else offload)
     section = zero_section(strategy, pipeline=False, hidden_size=HIDDEN_FOR_BUCKETS, gpus_per_node=2)
     for key in SIZES:
         if key in section:
@@ -169,6 +178,8 @@ def ds_config(precision: str, zero: int, offload: str = OFFLOAD_NONE) -> dict:
     }
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
+    if offload == FP32_ACCUMULATION:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 
 
@@ -255,8 +266,12 @@ def test_runs_what_the_accounting_assumes(runs, config):
     for r in runs[_name(config)]:
         assert r["world_size"] == r["dp_world_size"] == D and r["gradient_accumulation_steps"] == 2
         assert r["zero_stage"] == zero
-        assert r["basic_optimizer"] == ("FusedAdam" if offload == OFFLOAD_NONE else "DeepSpeedCPUAdam")
-        assert r["wrapper"] == ("FusedAdam" if (precision, zero) == ("fp32", 0) else WRAPPER[zero])
+        offloaded = offload in (OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS)
+        assert r["basic_optimizer"] == ("DeepSpeedCPUAdam" if offloaded else "FusedAdam")
+        if offload == FP32_ACCUMULATION:
+            assert r["wrapper"] == "BF16_Optimizer"
+        else:
+            assert r["wrapper"] == ("FusedAdam" if (precision, zero) == ("fp32", 0) else WRAPPER[zero])
         assert r["skipped_steps"] == 0 and r["global_steps"] == 2, "a skipped step would not create Adam's moments"
         assert r["largest_param"] <= BUCKET, "every gradient must fit a reduce bucket"
         if zero == 3:
@@ -303,7 +318,7 @@ def test_buffers_within_the_accounting(runs, config):
     precision, zero, offload = config
     constant = ACCOUNTING.buffer_elements.get(zero, 0.0) * SCALE
     bound = (constant + ACCOUNTING.buffer_hidden_squares.get(zero, 0.0) * HIDDEN_FOR_BUCKETS**2) * ITEMSIZE[precision]
-    if offload != OFFLOAD_NONE:  # two scratch buffers of the largest parameter (the module docstring)
+    if offload in (OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS):  # two scratch buffers of the largest parameter (docstring)
         bound += 2 * 128 * 128 * ITEMSIZE[precision]
     for r in runs[_name(config)]:
         held = [buckets(s) for s in r["snapshots"].values()]

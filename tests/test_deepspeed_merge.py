@@ -178,7 +178,8 @@ def test_bf16_pipeline_accumulation_is_stated_plainly(capsys, tmp_path):
     rc = ds_main(["config", *NO_REPLICA_JOB, "--pipeline-stages", "2", "-o", str(out)])
     err = capsys.readouterr().err
     assert rc == EXIT_OK and json.loads(out.read_text())["gradient_accumulation_steps"] > 1
-    assert "in bf16 (DeepSpeed warns" in err and "grad_accum_dtype fp32" in err
+    assert "in bf16 (DeepSpeed warns" in err and "with --zero-stage 1 uniap sets it and prices its cost" in err
+    assert "data_types" not in json.loads(out.read_text())
     rc = ds_main(["config", *NO_REPLICA_JOB, "--pipeline-stages", "2", "--precision", "fp32"])
     assert rc == EXIT_OK and "in bf16" not in capsys.readouterr().err
 
@@ -189,3 +190,40 @@ def test_an_unaligned_vocabulary_is_named_with_the_padding_that_fixes_it(capsys,
     assert rc == EXIT_OK and "vocabulary of 50,257 tokens is not a multiple of 8" in err and "50,304" in err
     rc = ds_main(["config", *JOB, "--model", "llama2-7b", "-o", str(tmp_path / "b.json")])
     assert rc == EXIT_OK and "vocabulary" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_bf16_pipeline_with_zero1_accumulates_in_fp32(tmp_path):
+    """Issue 12 item 5: a bf16 pipeline with ZeRO-1 gets data_types.grad_accum_dtype fp32, and DeepSpeed runs it as
+    the accounting prices it (BF16_Optimizer, fp32 accumulation buffers): 2 stages x 2 replicas on 4 CPU ranks."""
+    from uniap_deepspeed.config import deepspeed_config, plan_for_deepspeed
+
+    plan = plan_for_deepspeed(
+        str(tiny_yaml(tmp_path)),
+        cluster="dgx-a100-80g",
+        gpus_per_node=4,
+        global_batch_size=8,
+        seq_length=16,
+        precision="bf16",
+        zero_stage=1,
+        pipeline_stages=2,
+    )
+    assert plan.pipeline_degree == 2 and plan.uniform_strategy.dp == 2 and plan.uniform_strategy.zero == 1
+    plan_path, config_path = tmp_path / "plan.json", tmp_path / "ds_config.json"
+    plan.save(plan_path)
+    base = {"optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.0}}}
+    config = merge_config(deepspeed_config(plan), base).config
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+    config_path.write_text(json.dumps(config))
+    reports = run_ds_train(
+        tmp_path, "--config", str(config_path), "--plan", str(plan_path), "--mode", "pipe", "--steps", "6", nproc=4
+    )
+    for r in reports:
+        assert r["optimizer"] == "BF16_Optimizer" and r["zero_stage"] == 1 and r["dp"] == 2
+        assert r["finite"] and r["losses"][-1] < r["losses"][0]
+
+
+def test_a_base_accumulation_dtype_the_plan_does_not_price_is_dropped():
+    merged = merge_config(PLANNED, {**USER, "data_types": {"grad_accum_dtype": "fp32", "other": 1}})
+    assert merged.config["data_types"] == {"other": 1}
+    assert any(key == "data_types" and "dropped grad_accum_dtype" in why for key, why in merged.changes)

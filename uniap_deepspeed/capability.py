@@ -5,15 +5,22 @@
   asserts "ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism");
 - one activation-checkpointing setting for all transformer layers.
 
-Model states, for the config uniap emits (no data_types.grad_accum_dtype: gradients accumulate in the model's
-dtype) and an Adam/AdamW optimizer section, which DeepSpeed runs as its FusedAdam (DeepSpeed 0.19.8
-deepspeed/runtime/engine.py `_do_optimizer_sanity_check`, `_configure_optimizer`). Bytes per parameter over d
-data-parallel ranks, read from the source and measured on 2 CPU ranks (bf16 and fp32; fp16 runs the same
-classes as bf16 but CPUs refuse it), while computing / at the optimizer step's peak:
+Model states, for the config uniap emits (gradients accumulate in the model's dtype, except under a pipeline with
+bf16 and ZeRO-1, where data_types.grad_accum_dtype is fp32) and an Adam/AdamW optimizer section, which DeepSpeed
+runs as its FusedAdam (DeepSpeed 0.19.8 deepspeed/runtime/engine.py `_do_optimizer_sanity_check`,
+`_configure_optimizer`). Bytes per parameter over d data-parallel ranks, read from the source and measured on 2 CPU
+ranks (bf16 and fp32; fp16 runs the same classes as bf16 but CPUs refuse it), while computing / at the optimizer
+step's peak:
 - bf16/fp16 ZeRO-0 (FP16_Optimizer, runtime/fp16/fused_optimizer.py): 2 weights + 4 fp32 master + 8 moments
   + 2 gradients = 16; the step casts every gradient to fp32 and flattens: 24.
 - bf16 ZeRO-0 in a PipelineModule (BF16_Optimizer, runtime/bf16_optimizer.py: a full bf16 accumulation buffer,
-  fp32 master and moments partitioned): 6 + 12/d; at the step 6 + 16/d.
+  fp32 master and moments partitioned): 6 + 12/d; at the step 6 + 16/d. It all-reduces the accumulated
+  gradients at the boundary (engine.py buffered_allreduce_fallback, flattening up to 5e8 elements at a time)
+  and all-gathers the updated weights (update_lp_params).
+- bf16 ZeRO-1 with fp32 accumulation (also BF16_Optimizer, the only way DeepSpeed 0.19.8 accumulates a bf16
+  pipeline's gradients in fp32: engine.py `_do_optimizer_sanity_check`): the weights, their bf16 gradients and
+  a full fp32 accumulation buffer (_hp_grad), 8 + 12/d; at the step 8 + 16/d (measured at d = 2: 14 / 16). Its
+  all-reduce carries fp32: twice the bytes, and a flattening buffer twice the size.
 - ZeRO-1 (DeepSpeedZeroOptimizer, runtime/zero/stage_1_and_2.py): full gradients until the end of backward,
   4 + 12/d; then a partition, its fp32 cast at the step: 2 + 20/d. ZeRO-2: 2 + 14/d, at the step 2 + 20/d.
 - ZeRO-3 (runtime/zero/stage3.py): 16/d (the bf16 gradient partition is made at init); at the step 22/d.
@@ -143,8 +150,10 @@ DEEPSPEED_ACCOUNTING = Accounting(
     "runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py; measured on CPU ranks",
     states={(p, z): rows[z][0] for p, rows in _TABLES.items() for z in rows},
     step={(p, z): rows[z][1] for p, rows in _TABLES.items() for z in rows},
-    pipelined_states={(p, 0): PerParam(6.0, 12.0) for p in ("bf16", "fp16")},
-    pipelined_step={(p, 0): PerParam(6.0, 16.0) for p in ("bf16", "fp16")},
+    pipelined_states={**{(p, 0): PerParam(6.0, 12.0) for p in ("bf16", "fp16")}, ("bf16", 1): PerParam(8.0, 12.0)},
+    pipelined_step={**{(p, 0): PerParam(6.0, 16.0) for p in ("bf16", "fp16")}, ("bf16", 1): PerParam(8.0, 16.0)},
+    pipelined_allreduce={("bf16", 0): 2.0, ("bf16", 1): FP32_BYTES},
+    pipelined_buffer_elements={1: 2 * ZERO0_ALLREDUCE_CHUNK},  # fp32 chunks, in bf16 elements
     # The engine adds each micro-batch's gradients into its buffers: read, read, write in the model's dtype.
     grad_accumulation_traffic={"bf16": 6.0, "fp16": 6.0, "fp32": 12.0},
     buffer_elements={0: ZERO0_ALLREDUCE_CHUNK, 3: STAGE3_MAX_LIVE_PARAMETERS},

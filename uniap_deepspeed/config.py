@@ -112,6 +112,8 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
             "contiguous_memory_optimization": False,
             "cpu_checkpointing": False,
         }
+    if pipeline and precision == "bf16" and strategy.zero == 1:  # fp32 accumulation (capability.py: BF16_Optimizer)
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if pipeline:
         config["pipeline"] = {
             "activation_checkpoint_interval": 1 if recompute else 0,
@@ -213,13 +215,19 @@ def vocabulary_notes(plan: Plan) -> list[str]:
 def precision_notes(config: dict[str, Any]) -> list[str]:
     """What the config's precision does to gradients that a user should know before training with it."""
     steps = config["gradient_accumulation_steps"]
-    if config["uniap"]["pipeline_stages"] > 1 and config.get("bf16", {}).get("enabled") is True and steps > 1:
+    pipeline = config["uniap"]["pipeline_stages"] > 1
+    if not pipeline or config.get("bf16", {}).get("enabled") is not True or steps == 1:
+        return []
+    if config.get("data_types", {}).get("grad_accum_dtype") == "fp32":
         return [
-            f"the pipeline engine adds each stage's gradients over {steps} micro-batches in bf16 (DeepSpeed warns "
-            "this is numerically unsafe over many steps); DeepSpeed 0.19.8 accumulates in fp32 only with ZeRO-1 "
-            "(data_types.grad_accum_dtype fp32), whose memory uniap does not price yet, so it is not set here"
+            f"the pipeline's gradients are added over {steps} micro-batches in fp32 (data_types.grad_accum_dtype; "
+            "DeepSpeed's BF16_Optimizer): 2 bytes per parameter more than in bf16 and an fp32 all-reduce, both priced"
         ]
-    return []
+    return [
+        f"the pipeline engine adds each stage's gradients over {steps} micro-batches in bf16 (DeepSpeed warns "
+        "this is numerically unsafe over many steps); DeepSpeed 0.19.8 accumulates in fp32 only with ZeRO-1: with "
+        "--zero-stage 1 uniap sets it and prices its cost (2 bytes per parameter more, twice the all-reduce's bytes)"
+    ]
 
 
 def variant_notes(config: dict[str, Any]) -> list[str]:

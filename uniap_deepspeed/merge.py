@@ -29,11 +29,13 @@ OWNED_REASONS = {
     "zero_optimization": "the plan's ZeRO stage and the buckets it was priced with",
     "pipeline": "the plan's pipeline",
     "activation_checkpointing": "the plan recomputes activations",
+    "data_types": "the plan accumulates the pipeline's bf16 gradients in fp32",
     "bf16": "the plan's precision",
     "fp16": "the plan's precision",
     "uniap": "the plan's split and prediction, for the training script",
 }
 UNIAP_SECTION = "uniap"
+DATA_TYPES, GRAD_ACCUM_DTYPE = "data_types", "grad_accum_dtype"
 # A complete config needs these; without a base they are uniap's defaults, printed for review.
 DEFAULT_TRAINING = {
     "optimizer": {
@@ -126,6 +128,13 @@ def merge_config(planned: dict[str, Any], base: dict[str, Any] | None, hf: bool 
             if key != UNIAP_SECTION:
                 merged.changes.append((key, _change(old, value, OWNED_REASONS[key])))
     _merge_precision(config, planned, merged)
+    section = config.get(DATA_TYPES)
+    if DATA_TYPES not in planned and isinstance(section, dict) and GRAD_ACCUM_DTYPE in section:
+        # Priced in the model's dtype: another accumulation dtype changes the optimizer DeepSpeed runs and its memory.
+        config[DATA_TYPES] = {k: v for k, v in section.items() if k != GRAD_ACCUM_DTYPE}
+        merged.changes.append(
+            (DATA_TYPES, f"dropped {GRAD_ACCUM_DTYPE} (the plan accumulates gradients in the model's dtype, as priced)")
+        )
     return merged
 
 

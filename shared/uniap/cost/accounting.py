@@ -101,6 +101,10 @@ class Accounting:
       beyond what the head keeps for it, while every activation of the stage is still alive.
     offloaded: model states and host-link traffic per (precision, ZeRO stage, offload mode) where the framework
       offloads (Strategy.offload).
+    pipelined_allreduce: where, under a pipeline, the framework's optimizer wrapper all-reduces gradients of
+      this many bytes per parameter at the accumulation boundary and then all-gathers the updated weights
+      (instead of the ZeRO stage's own collectives), per (precision, zero); pipelined_buffer_elements: its
+      flattening buffers (elements in the model's dtype) per ZeRO stage, replacing buffer_elements.
     """
 
     name: str
@@ -116,6 +120,8 @@ class Accounting:
     buffer_hidden_squares: dict[int, float] = field(default_factory=dict)
     loss_backward_bytes_per_logit: float = 0.0
     offloaded: dict[tuple[str, int, str], Offloaded] = field(default_factory=dict)
+    pipelined_allreduce: dict[tuple[str, int], float] = field(default_factory=dict)
+    pipelined_buffer_elements: dict[int, float] = field(default_factory=dict)
 
     def offload(self, precision: str, zero: int, mode: str) -> Offloaded:
         """The offloaded states of `mode` under ZeRO stage `zero`; SpecError where the framework has none."""
@@ -126,9 +132,12 @@ class Accounting:
                 f"accounting '{self.name}' has no offloaded states for {precision} with ZeRO stage {zero} ({mode})"
             ) from None
 
-    def buffers(self, zero: int, hidden_size: int) -> float:
+    def buffers(self, zero: int, hidden_size: int, pipelined: bool = False) -> float:
         """Elements of communication buffers per GPU under ZeRO stage `zero` for a model of `hidden_size`."""
-        return self.buffer_elements.get(zero, 0.0) + self.buffer_hidden_squares.get(zero, 0.0) * hidden_size**2
+        constant = self.buffer_elements.get(zero, 0.0)
+        if pipelined:
+            constant = self.pipelined_buffer_elements.get(zero, constant)
+        return constant + self.buffer_hidden_squares.get(zero, 0.0) * hidden_size**2
 
     def __post_init__(self) -> None:
         for table in (self.states, self.step, self.pipelined_states, self.pipelined_step):
@@ -195,6 +204,8 @@ class Accounting:
             "fusable_grad_accumulation": self.fusable_grad_accumulation,
             "buffer_elements": {str(k): v for k, v in self.buffer_elements.items()},
             "buffer_hidden_squares": {str(k): v for k, v in self.buffer_hidden_squares.items()},
+            "pipelined_allreduce": {f"{p}/zero{z}": v for (p, z), v in self.pipelined_allreduce.items()},
+            "pipelined_buffer_elements": {str(k): v for k, v in self.pipelined_buffer_elements.items()},
             "offloaded": {
                 f"{p}/zero{z}/{m}": {
                     "device": str(o.device),

@@ -342,14 +342,17 @@ class CostModel:
         params_tp = 0 if (layer.tied_weights and pipeline_degree == 1) else layer.params_tp
         params = params_tp / tp + layer.params_rep
         weight_bytes = params * bpv
-        per_mb_comm, exposed_iter = self.zero_communication(s, weight_bytes, bwd, stage_intra_node)
+        pipelined = pipeline_degree > 1
+        allreduce = accounting.pipelined_allreduce.get((precision, s.zero)) if pipelined else None
+        per_mb_comm, exposed_iter = self.zero_communication(
+            s, weight_bytes, bwd, stage_intra_node, None if allreduce is None else params * allreduce
+        )
         if s.zeropp:  # quantizing before, dequantizing after each collective
             per_mb_comm += params * ZEROPP_QUANTIZATION_TRAFFIC / self.hbm_bytes_per_second
         # Gradient accumulation into the framework's buffer after each micro-batch's backward, and the
         # optimizer step over the parameters this rank updates.
         accumulate = params * accounting.accumulation_traffic(precision, fused) / self.hbm_bytes_per_second
         optimizer_params = params / s.shards if s.zero >= 1 else params
-        pipelined = pipeline_degree > 1
         saving = self.optimizer_saving(s.zero)
         host = 0.0
         if s.offload == OFFLOAD_NONE:
@@ -374,7 +377,9 @@ class CostModel:
         backward_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
         backward_transient += b * layer.logits / tp * accounting.loss_backward_bytes_per_logit
         fsdp_transient = 2 * weight_bytes if s.zero == 3 else 0.0
-        buffers = accounting.buffers(s.zero, layer.hidden_size) * bpv if (dp > 1 or s.zero) and params else 0.0
+        buffers = (
+            accounting.buffers(s.zero, layer.hidden_size, pipelined) * bpv if (dp > 1 or s.zero) and params else 0.0
+        )
         return LayerCost(
             time_per_microbatch=overlapped(compute, per_mb_comm, self.overlap) + tp_comm + accumulate,
             time_per_iteration=exposed_iter + optimizer,
@@ -391,7 +396,7 @@ class CostModel:
         )
 
     def zero_communication(
-        self, s: Strategy, weight_bytes: float, backward: float, stage_intra_node: bool
+        self, s: Strategy, weight_bytes: float, backward: float, stage_intra_node: bool, allreduce: float | None = None
     ) -> tuple[float, float]:
         """(seconds per micro-batch overlapped with compute, seconds exposed once per iteration) of the
         data-parallel collectives on a layer's `weight_bytes`:
@@ -400,10 +405,16 @@ class CostModel:
         all-gather of updated weights; ZeRO-2: reduce-scatter each micro-batch, the all-gather once; ZeRO-3:
         all-gather in forward and backward and reduce-scatter each micro-batch. ZeRO++ gathers int8 weights for
         forward over all ranks, bf16 ones from the node's secondary copy for backward, and reduces int4
-        gradients through a node-local then a cross-node all-to-all."""
+        gradients through a node-local then a cross-node all-to-all. `allreduce`: bytes a framework's pipeline
+        wrapper all-reduces instead (Accounting.pipelined_allreduce), overlapped with the last backward, then
+        the all-gather of the updated weights."""
         dp, G = s.shards, self.cluster.gpus_per_node
         if dp == 1:
             return 0.0, 0.0
+        if allreduce is not None:
+            ar = self.collective("all_reduce", allreduce, dp, stage_intra_node)
+            ag = self.collective("all_gather", weight_bytes, dp, stage_intra_node)
+            return 0.0, overlapped(backward, ar, self.overlap) - backward + ag
         if s.zeropp:
             node = min(dp, G)
             forward = self.collective("all_gather", weight_bytes * ZEROPP_WEIGHT_RATIO, dp, False)
