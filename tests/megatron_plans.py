@@ -56,7 +56,10 @@ def _plan_grid() -> list[tuple[str, list[str]]]:
             for pi, pin in enumerate(PINS):
                 if model == "llama2-70b" and pin == PINS[-1]:
                     pin = ["--tp", "8", "--pp", "2", "--zero", "1", "--recompute", "full"]  # TP 2 does not fit
-                gbs, seq = jobs[(pi + ci) % len(jobs)]
+                # A batch below the GPU count (16 samples on 32 GPUs) leaves every replica a fraction of a
+                # sample: no one trains so, and its solves were the grid's slowest. Multi-node runs the others.
+                usable = [(gbs, seq) for gbs, seq in jobs if gbs >= nodes * gpus]
+                gbs, seq = usable[(pi + ci) % len(usable)]
                 name = f"{model}-{nodes}x{gpus}-b{gbs}-s{seq}" + ("-" + "".join(pin).replace("--", "") if pin else "")
                 grid.append(
                     (
