@@ -116,9 +116,16 @@ def test_host_memory_bounds_offloading(tmp_path):
     assert load_cluster(str(small)).host_memory_per_gpu_bytes == 64.0 * HOST_MEMORY_USABLE * GiB / 8
 
 
-def test_pins_decide_offloading():
+def test_pins_decide_offloading(tmp_path):
     with pytest.raises(InfeasibleError):
         plan_for_deepspeed("llama2-7b", **ONE_GPU, offload="none")
+    for zero, offload in ((0, OFFLOAD_OPTIMIZER), (2, OFFLOAD_PARAMS)):
+        with pytest.raises(SpecError, match=f"offloading the {offload} needs ZeRO stage"):
+            plan_for_deepspeed("llama2-7b", **ONE_GPU, zero_stage=zero, offload=offload)
+    no_host = tmp_path / "no-host.json"
+    no_host.write_text(json.dumps({**load_cluster("dgx-h100").to_dict(), "host_memory_gib": None}))
+    with pytest.raises(SpecError, match="does not describe its hosts"):
+        plan_for_deepspeed("llama2-7b", **{**ONE_GPU, "cluster": str(no_host)}, offload=OFFLOAD_OPTIMIZER)
     plan = plan_for_deepspeed("llama2-7b", **ONE_GPU, offload=OFFLOAD_PARAMS)
     assert plan.uniform_strategy.offload == OFFLOAD_PARAMS and plan.uniform_strategy.zero == 3
     assert plan.notes == ["ZeRO-3 +offload(params): offloading was pinned"]

@@ -19,6 +19,7 @@ from .cost.model import CostModel
 from .cost.strategy import (
     NO_PINS,
     OFFLOAD_NONE,
+    OFFLOAD_PARAMS,
     Capability,
     Pins,
     Strategy,
@@ -100,6 +101,18 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
     p, flags, c = job.pins, job.pin_flags, job.cluster
     world, node, gbs = c.num_gpus, c.gpus_per_node, job.training.global_batch_size
     hint = f"drop the pin to let the planner choose, or change it (target '{job.target}')"
+    if p.offload not in (None, OFFLOAD_NONE):
+        if c.host_memory_gib is None:
+            raise SpecError(
+                f"offloading to host memory is pinned, but cluster '{c.name}' does not describe its hosts",
+                "add host_memory_gib (and host_memory_bandwidth_gbps, host_link_bandwidth_gbps) to the cluster file",
+            )
+        if p.zero == 0 or (p.offload == OFFLOAD_PARAMS and p.zero not in (None, 3)):
+            raise SpecError(
+                f"offloading the {p.offload} needs ZeRO stage {'3' if p.offload == OFFLOAD_PARAMS else '1, 2 or 3'}, "
+                f"but ZeRO stage {p.zero} is pinned",
+                "pin another ZeRO stage, or drop one of the two pins",
+            )
     if p.tp is not None:
         if p.tp > node or node % p.tp or world % p.tp:
             raise SpecError(
