@@ -12,6 +12,7 @@ from uniap.cluster.spec import GiB, HOST_MEMORY_USABLE, load_cluster
 from uniap.cost.model import CostModel
 from uniap.cost.strategy import GENERIC, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, Strategy, stage_strategies
 from uniap.errors import InfeasibleError, SpecError
+from uniap.explain import explain, render_explanation
 from uniap.model.graph import build_graph
 from uniap.model.presets import model_preset
 from uniap.plan import Plan
@@ -98,6 +99,8 @@ def test_a_model_too_big_for_one_gpu_is_offloaded_and_the_plan_says_why():
     accepted_by_deepspeed(config, 1)
     again = Plan.from_dict(json.loads(plan.to_json()))  # version 5 keeps the variant and the host memory
     assert again.uniform_strategy == s and again.notes == plan.notes and again.stages == plan.stages
+    text = render_explanation(explain(plan))
+    assert "host memory per GPU (offloaded states)" in text and "note: ZeRO-" in text
 
 
 def test_host_memory_bounds_offloading(tmp_path):

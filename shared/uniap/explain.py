@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import SpecError
 from .plan import Plan
+from .report import host_note
 from .profile.schema import Profile
 
 GiB = 2**30
@@ -169,6 +170,7 @@ def render_explanation(e: Explanation) -> str:
         "micro-batch (the rest is the layers' kernels)",
         f"  memory headroom: {worst.usable_gib - worst.reserved_gib:.1f} GiB on rank {worst.rank}, the fullest",
     ]
+    lines += host_note(e.plan, indent="  ") + [f"  note: {note}" for note in e.plan.notes]
     if e.runner_ups:
         lines.append("  the search's next best:")
         lines += [f"    {line}" for line in e.runner_ups]

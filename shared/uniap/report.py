@@ -83,16 +83,16 @@ def _memory_note(plan: Plan) -> list[str]:
         f"{full.activation_bytes / GiB:.1f} activations + {full.transient_bytes / GiB:.1f} peaks while computing,",
         f"    {full.step_bytes / GiB:.1f} at the optimizer step; reserved = the larger phase x"
         f"{plan.reserved_per_allocated:.3g} (allocator), of {plan.memory_capacity_bytes / GiB:.1f} usable",
-    ] + _host_note(plan)
+    ] + host_note(plan)
 
 
-def _host_note(plan: Plan) -> list[str]:
+def host_note(plan: Plan, indent: str = "    ") -> list[str]:
     """Host memory the offloaded states take per GPU, against what the cluster's hosts allow."""
     host = max((s.host_bytes or 0.0 for s in plan.stages), default=0.0)
     capacity = plan.cluster.host_memory_per_gpu_bytes
     if not host or capacity is None:
         return []
-    return [f"    host memory per GPU (offloaded states): {host / GiB:.1f} GiB of {capacity / GiB:.1f} usable"]
+    return [f"{indent}host memory per GPU (offloaded states): {host / GiB:.1f} GiB of {capacity / GiB:.1f} usable"]
 
 
 def scale_warning(plan: Plan) -> str | None:
