@@ -195,12 +195,10 @@ def plan_config(
 
 def vocabulary_notes(plan: Plan) -> list[str]:
     """A vocabulary DeepSpeed builds unaligned (the model's own size) and what padding it would save."""
-    from uniap.cost.model import CostModel
+    from uniap.cost.model import vocab_aligned
 
     vocab = plan.model.vocab_size
-    if not vocab or CostModel(plan.cluster, plan.training, vocab_multiple=DEEPSPEED.vocab_multiple).vocab_aligned(
-        vocab, 1
-    ):
+    if vocab_aligned(vocab, 1, DEEPSPEED.vocab_multiple, plan.training.bytes_per_value):
         return []
     padded = -(-vocab // PAD_VOCAB_TO) * PAD_VOCAB_TO
     fraction = plan.cluster.coefficients.misaligned_gemm

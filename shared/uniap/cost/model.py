@@ -99,6 +99,15 @@ class LayerCost:
     host_bytes: float = 0.0
 
 
+def vocab_aligned(vocab_size: int, tp: int, vocab_multiple: int, bytes_per_value: int) -> bool:
+    """Whether each TP rank's share of the vocabulary, as the framework pads it (`vocab_multiple` x TP), is a
+    multiple of 16 bytes of the compute precision: what cuBLAS's fastest kernels need."""
+    if vocab_size == 0:
+        return True
+    padded = -(-vocab_size // (vocab_multiple * tp)) * vocab_multiple * tp
+    return (padded // tp) % max(1, GEMM_ALIGNMENT_BYTES // bytes_per_value) == 0
+
+
 def activation_bytes(layer: Layer, tp: int, samples: float, recompute: str, sequence_parallel: bool = True) -> float:
     """Bytes a layer keeps for backward per micro-batch on one device (Korthikanti et al. 2022).
 
@@ -226,12 +235,8 @@ class CostModel:
         return fwd, bwd
 
     def vocab_aligned(self, vocab_size: int, tp: int) -> bool:
-        """Whether each TP rank's share of the vocabulary, as the framework pads it (`vocab_multiple` x TP),
-        is a multiple of 16 bytes of the compute precision: what cuBLAS's fastest kernels need."""
-        if vocab_size == 0:
-            return True
-        padded = -(-vocab_size // (self.vocab_multiple * tp)) * self.vocab_multiple * tp
-        return (padded // tp) % max(1, GEMM_ALIGNMENT_BYTES // self.bpv) == 0
+        """`vocab_aligned` for this cost model's framework padding and precision."""
+        return vocab_aligned(vocab_size, tp, self.vocab_multiple, self.bpv)
 
     def executed_attention_flops(self, layer: Layer) -> float:
         """Attention FLOPs per sample the kernel executes: a flash kernel skips the masked half of causal scores."""
