@@ -26,7 +26,9 @@ from uniap.solver.uop import optimize
 
 BIN = Path(sys.executable).parent
 # A search that takes seconds: Llama-2-70B on 8 DGX A100 nodes (several hundred subproblems).
-LONG_PLAN = ["plan", "--model", "llama2-70b", "--nodes", "8", "--json", "-v"]
+# Megatron's space (CP, interleaving) keeps the search busy for seconds after its first subproblem: the generic
+# target's remaining subproblems are pruned within tens of milliseconds, which a loaded machine's SIGINT can miss.
+LONG_PLAN = ["plan", "--model", "llama2-70b", "--nodes", "8", "--target", "megatron", "--json", "-v"]
 SMALL = ["--model", "gpt3-1.3b", "--gpus-per-node", "8", "--global-batch-size", "16", "--seq-length", "512"]
 START_TIMEOUT_S = 120
 MEGATRON_JOB = (
