@@ -112,8 +112,8 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
             "contiguous_memory_optimization": False,
             "cpu_checkpointing": False,
         }
-    if pipeline and precision == "bf16" and strategy.zero == 1:  # fp32 accumulation (capability.py: BF16_Optimizer)
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if pipeline and precision == "bf16" and strategy.zero == 1 and strategy.offload == OFFLOAD_NONE:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}  # fp32 accumulation (capability.py: BF16_Optimizer)
     if pipeline:
         config["pipeline"] = {
             "activation_checkpoint_interval": 1 if recompute else 0,
@@ -223,8 +223,9 @@ def precision_notes(config: dict[str, Any]) -> list[str]:
         ]
     return [
         f"the pipeline engine adds each stage's gradients over {steps} micro-batches in bf16 (DeepSpeed warns "
-        "this is numerically unsafe over many steps); DeepSpeed 0.19.8 accumulates in fp32 only with ZeRO-1: with "
-        "--zero-stage 1 uniap sets it and prices its cost (2 bytes per parameter more, twice the all-reduce's bytes)"
+        "this is numerically unsafe over many steps); DeepSpeed 0.19.8 accumulates in fp32 only with ZeRO-1 and no "
+        "offloading: with --zero-stage 1 --offload none uniap sets it and prices its cost (2 bytes per parameter "
+        "more, twice the all-reduce's bytes)"
     ]
 
 

@@ -348,7 +348,9 @@ class CostModel:
         params = params_tp / tp + layer.params_rep
         weight_bytes = params * bpv
         pipelined = pipeline_degree > 1
-        allreduce = accounting.pipelined_allreduce.get((precision, s.zero)) if pipelined else None
+        # A pipeline's own optimizer wrapper (its all-reduce and buffers) runs where the states stay on the GPU.
+        wrapped = pipelined and s.offload == OFFLOAD_NONE
+        allreduce = accounting.pipelined_allreduce.get((precision, s.zero)) if wrapped else None
         per_mb_comm, exposed_iter = self.zero_communication(
             s, weight_bytes, bwd, stage_intra_node, None if allreduce is None else params * allreduce
         )
@@ -382,9 +384,7 @@ class CostModel:
         backward_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
         backward_transient += b * layer.logits / tp * accounting.loss_backward_bytes_per_logit
         fsdp_transient = 2 * weight_bytes if s.zero == 3 else 0.0
-        buffers = (
-            accounting.buffers(s.zero, layer.hidden_size, pipelined) * bpv if (dp > 1 or s.zero) and params else 0.0
-        )
+        buffers = accounting.buffers(s.zero, layer.hidden_size, wrapped) * bpv if (dp > 1 or s.zero) and params else 0.0
         return LayerCost(
             time_per_microbatch=overlapped(compute, per_mb_comm, self.overlap) + tp_comm + accumulate,
             time_per_iteration=exposed_iter + optimizer,
