@@ -178,7 +178,8 @@ def test_bf16_pipeline_accumulation_is_stated_plainly(capsys, tmp_path):
     rc = ds_main(["config", *NO_REPLICA_JOB, "--pipeline-stages", "2", "-o", str(out)])
     err = capsys.readouterr().err
     assert rc == EXIT_OK and json.loads(out.read_text())["gradient_accumulation_steps"] > 1
-    assert "in bf16 (DeepSpeed warns" in err and "with --zero-stage 1 --offload none uniap sets it and prices its cost" in err
+    assert "in bf16 (DeepSpeed warns" in err
+    assert "with --zero-stage 1 --offload none uniap sets it and prices its cost" in err
     assert "data_types" not in json.loads(out.read_text())
     rc = ds_main(["config", *NO_REPLICA_JOB, "--pipeline-stages", "2", "--precision", "fp32"])
     assert rc == EXIT_OK and "in bf16" not in capsys.readouterr().err
