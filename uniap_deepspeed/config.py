@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from uniap.cluster.spec import load_cluster
-from uniap.cost.strategy import OFFLOAD_NONE, OFFLOAD_PARAMS, Pins, Strategy
+from uniap.cost.strategy import OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS, Pins, Strategy
 from uniap.errors import SpecError
 from uniap.io import read_text
 from uniap.model.loaders import load_model
@@ -23,7 +23,7 @@ from uniap.plan import Plan
 from uniap.planner import Job, ineffective_pins, training_spec
 from uniap.planner import plan as solve
 
-from .merge import base_job, merge_config
+from .merge import DATA_TYPES, GRAD_ACCUM_DTYPE, base_job, merge_config
 from .capability import DEEPSPEED, STAGE3_MAX_LIVE_PARAMETERS, STAGE3_MAX_REUSE_DISTANCE, zero_buckets
 
 
@@ -32,6 +32,15 @@ PAD_VOCAB_TO = 64  # what Hugging Face's resize_token_embeddings(pad_to_multiple
 DEFAULT_BATCH = 512
 DEFAULT_PRECISION = "bf16"
 OFFLOAD_DEVICE = "cpu"  # DeepSpeed also offloads to NVMe (ZeRO-Infinity); uniap prices host memory only
+# zero_optimization's sections for each offloaded part (DeepSpeed 0.19.8 runtime/zero/offload_config.py): offloading
+# the parameters offloads the optimizer too, so OFFLOAD_PARAMS writes both.
+OFFLOAD_KEYS = {OFFLOAD_OPTIMIZER: "offload_optimizer", OFFLOAD_PARAMS: "offload_param"}
+# ZeRO++'s three parts (runtime/zero/config.py): int8 weights, the hpZ secondary partition's size, int4 gradients.
+QUANTIZED_WEIGHTS, HPZ_PARTITION_SIZE, QUANTIZED_GRADIENTS = (
+    "zero_quantized_weights",
+    "zero_hpz_partition_size",
+    "zero_quantized_gradients",
+)
 
 
 def zero_section(strategy: Strategy, pipeline: bool, hidden_size: int, gpus_per_node: int) -> dict[str, Any]:
@@ -69,15 +78,15 @@ def variant_keys(strategy: Strategy, gpus_per_node: int) -> dict[str, Any]:
     over a node. (MiCS was removed in DeepSpeed 0.19: runtime/config.py _REMOVED_ZERO_CONFIG_KEYS refuses
     mics_shard_size.)"""
     if strategy.offload != OFFLOAD_NONE:
-        keys = {"offload_optimizer": {"device": OFFLOAD_DEVICE, "pin_memory": True}}
-        if strategy.offload == OFFLOAD_PARAMS:
-            keys["offload_param"] = {"device": OFFLOAD_DEVICE, "pin_memory": True}
-        return keys
+        parts = (
+            OFFLOAD_KEYS if strategy.offload == OFFLOAD_PARAMS else {OFFLOAD_OPTIMIZER: OFFLOAD_KEYS[OFFLOAD_OPTIMIZER]}
+        )
+        return {key: {"device": OFFLOAD_DEVICE, "pin_memory": True} for key in parts.values()}
     if strategy.zeropp:
         return {
-            "zero_quantized_weights": True,
-            "zero_hpz_partition_size": min(gpus_per_node, strategy.shards),
-            "zero_quantized_gradients": True,
+            QUANTIZED_WEIGHTS: True,
+            HPZ_PARTITION_SIZE: min(gpus_per_node, strategy.shards),
+            QUANTIZED_GRADIENTS: True,
         }
     return {}
 
@@ -113,7 +122,7 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
             "cpu_checkpointing": False,
         }
     if pipeline and precision == "bf16" and strategy.zero == 1 and strategy.offload == OFFLOAD_NONE:
-        config["data_types"] = {"grad_accum_dtype": "fp32"}  # fp32 accumulation (capability.py: BF16_Optimizer)
+        config[DATA_TYPES] = {GRAD_ACCUM_DTYPE: "fp32"}  # fp32 accumulation (capability.py: BF16_Optimizer)
     if pipeline:
         config["pipeline"] = {
             "activation_checkpoint_interval": 1 if recompute else 0,
@@ -216,7 +225,7 @@ def precision_notes(config: dict[str, Any]) -> list[str]:
     pipeline = config["uniap"]["pipeline_stages"] > 1
     if not pipeline or config.get("bf16", {}).get("enabled") is not True or steps == 1:
         return []
-    if config.get("data_types", {}).get("grad_accum_dtype") == "fp32":
+    if config.get(DATA_TYPES, {}).get(GRAD_ACCUM_DTYPE) == "fp32":
         return [
             f"the pipeline's gradients are added over {steps} micro-batches in fp32 (data_types.grad_accum_dtype; "
             "DeepSpeed's BF16_Optimizer): 2 bytes per parameter more than in bf16 and an fp32 all-reduce, both priced"
@@ -234,14 +243,14 @@ def variant_notes(config: dict[str, Any]) -> list[str]:
     _configure_basic_optimizer, runtime/zero/partition_parameters.py)."""
     zero = config["zero_optimization"]
     notes = []
-    if "offload_optimizer" in zero:
+    if OFFLOAD_KEYS[OFFLOAD_OPTIMIZER] in zero:
         notes.append(
             "offloaded optimizer states are stepped by DeepSpeedCPUAdam, which DeepSpeed compiles on first use "
             "(minutes; a C++ compiler and ninja needed, or install DeepSpeed with DS_BUILD_CPU_ADAM=1); a script "
             "that passes its own torch optimizer to deepspeed.initialize is refused unless the config sets "
             '"zero_force_ds_cpu_optimizer": false, and then steps slower'
         )
-    if zero.get("zero_quantized_weights"):
+    if zero.get(QUANTIZED_WEIGHTS):
         notes.append(
             "ZeRO++ all-gathers weights in int8 and reduces gradients in int4 (CUDA kernels only; the ZeRO++ paper "
             "reports pretraining converging as without): a change of numerics to watch in the first loss curves"

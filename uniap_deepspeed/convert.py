@@ -22,13 +22,23 @@ from uniap.entry import guarded
 from uniap.conversion import Configuration, add_options, before_after, configuration_summary, keep_choices, output_path
 from uniap.io import read_text, write_json_atomic
 from uniap.launch import read_launch
-from uniap.cost.strategy import OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS
+from uniap.cost.strategy import OFFLOAD_NONE
 
 from .capability import DEEPSPEED
-from .config import OFFLOAD_DEVICE, deepspeed_config, plan_for_deepspeed, read_base
+from .config import (
+    HPZ_PARTITION_SIZE,
+    OFFLOAD_DEVICE,
+    OFFLOAD_KEYS,
+    QUANTIZED_GRADIENTS,
+    QUANTIZED_WEIGHTS,
+    deepspeed_config,
+    plan_for_deepspeed,
+    read_base,
+)
 from .merge import BATCH_KEYS, base_job, merge_config
 
 PROG = "uniap convert deepspeed"
+NO_DEVICE = "none"  # DeepSpeed's offload device when nothing is offloaded (runtime/zero/offload_config.py)
 KEEP = ("zero", "pp", "mbs")
 
 
@@ -43,24 +53,21 @@ def zero_variant(section: dict[str, Any]) -> dict[str, Any]:
             "(deepspeed/runtime/config.py _REMOVED_ZERO_CONFIG_KEYS)",
             "drop the MiCS keys; uniap prices the job as ZeRO-3 and may offer ZeRO++ across nodes",
         )
-    devices = {}
-    for key in ("offload_optimizer", "offload_param"):
-        device = section.get(key, {}).get("device", "none") if isinstance(section.get(key), dict) else "none"
-        if device not in ("none", OFFLOAD_DEVICE):
+    offload = OFFLOAD_NONE
+    for mode, key in OFFLOAD_KEYS.items():  # the optimizer's, then the parameters' (which offload both)
+        part = section.get(key)
+        device = part.get("device", NO_DEVICE) if isinstance(part, dict) else NO_DEVICE
+        if device not in (NO_DEVICE, OFFLOAD_DEVICE):
             raise SpecError(
                 f"zero_optimization.{key}.device is {device!r}; uniap prices offloading to CPU memory only",
                 f'set "device": "{OFFLOAD_DEVICE}" to compare, or convert the job without offloading',
             )
-        devices[key] = device == OFFLOAD_DEVICE
-    offload = (
-        OFFLOAD_PARAMS if devices["offload_param"] else OFFLOAD_OPTIMIZER if devices["offload_optimizer"] else None
-    )
+        if device == OFFLOAD_DEVICE:
+            offload = mode
     zeropp = bool(
-        section.get("zero_quantized_weights")
-        and section.get("zero_quantized_gradients")
-        and section.get("zero_hpz_partition_size", 1) > 1
+        section.get(QUANTIZED_WEIGHTS) and section.get(QUANTIZED_GRADIENTS) and section.get(HPZ_PARTITION_SIZE, 1) > 1
     )
-    return {"offload": offload or OFFLOAD_NONE, "zeropp": zeropp}
+    return {"offload": offload, "zeropp": zeropp}
 
 
 def current_settings(config: dict[str, Any], gpus: int, pipeline_stages: int) -> dict[str, Any]:
@@ -122,12 +129,7 @@ def convert(args) -> int:
     training = training_spec(model, current["global_batch_size"], args.seq_length, precision=precision)
     profile = Profile.load(args.profile) if args.profile else None
     keep = keep_choices(args.keep, KEEP)
-    offloads = current["offload"] != OFFLOAD_NONE and current["zero"] > 0
-    if offloads and cluster.host_memory_gib is None:
-        raise SpecError(
-            f"the config offloads model states to CPU memory, but cluster '{cluster.name}' does not describe its hosts",
-            "add host_memory_gib (and host_memory_bandwidth_gbps, host_link_bandwidth_gbps) to the cluster file",
-        )
+    offloads = current["offload"] != OFFLOAD_NONE and current["zero"] > 0  # configure refuses hosts not described
     plan_now, prediction = configure(
         model,
         cluster,

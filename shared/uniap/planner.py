@@ -104,7 +104,7 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
     if p.offload not in (None, OFFLOAD_NONE):
         if c.host_memory_gib is None:
             raise SpecError(
-                f"offloading to host memory is pinned, but cluster '{c.name}' does not describe its hosts",
+                f"offloading to host memory is asked for, but cluster '{c.name}' does not describe its hosts",
                 "add host_memory_gib (and host_memory_bandwidth_gbps, host_link_bandwidth_gbps) to the cluster file",
             )
         if p.zero == 0 or (p.offload == OFFLOAD_PARAMS and p.zero not in (None, 3)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from .cost.strategy import RECOMPUTE_SUFFIX
 from .model.graph import TRANSFORMER_KINDS
 from .plan import Plan
 from .profile.schema import Calibration
@@ -50,9 +51,9 @@ def short_label(plan: Plan) -> str:
     mixed = "" if s is not None else " mixed"
     s = s or next((lp.strategy for lp in plan.layers if lp.kind in TRANSFORMER_KINDS), plan.layers[0].strategy)
     pp = f"PP{plan.pipeline_degree}" + (f"x{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
-    zero = "" if not s.zero else f" {s.zero_name}" if s.zeropp else f" ZeRO-{s.zero}"
+    zero = f" {s.zero_label}" if s.zero else ""
     batch = f"mbs {plan.micro_batch_per_replica} x{plan.micro_batches}"
-    return f"TP{s.tp} CP{s.cp} {pp} DP{s.dp}{zero}{s.suffix}{mixed} {batch}"
+    return f"TP{s.tp} CP{s.cp} {pp} DP{s.dp}{zero}{RECOMPUTE_SUFFIX[s.recompute]}{mixed} {batch}"
 
 
 def batch_line(plan: Plan) -> str:

@@ -73,6 +73,11 @@ class Offloaded:
     fetch_bytes: float = 0.0
     device_step: PerParam | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("microbatch_bytes", "step_bytes", "fetch_bytes"):
+            if getattr(self, name) < 0:
+                raise SpecError(f"invalid offloaded states: {name} {getattr(self, name)!r} (must be >= 0)")
+
     @property
     def at_step(self) -> PerParam:
         return self.device if self.device_step is None else self.device_step

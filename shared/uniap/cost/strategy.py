@@ -91,26 +91,14 @@ class Strategy:
         if self.dp > 1:
             parts.append(f"DP{self.dp}")
         if self.zero:
-            parts.append(self.zero_name)
+            parts.append("ZeRO++" if self.zeropp else ZERO_NAMES[self.zero])
         text = " ".join(parts) or "1 GPU"
-        return text + self.suffix
-
-    @property
-    def zero_name(self) -> str:
-        """The ZeRO stage as labels name it: '', 'ZeRO-1', 'ZeRO-2', 'FSDP', 'ZeRO++'."""
-        if self.zeropp:
-            return "ZeRO++"
-        return ZERO_NAMES[self.zero] if self.zero else ""
+        return text + OFFLOAD_SUFFIX[self.offload] + RECOMPUTE_SUFFIX[self.recompute]
 
     @property
     def zero_label(self) -> str:
         """The ZeRO stage as DeepSpeed's users name it, with its variant: 'ZeRO-1', 'ZeRO-2 +offload', 'ZeRO++'."""
         return ("ZeRO++" if self.zeropp else f"ZeRO-{self.zero}") + OFFLOAD_SUFFIX[self.offload]
-
-    @property
-    def suffix(self) -> str:
-        """What labels append: offloading and recomputation, e.g. ' +offload +rc'."""
-        return OFFLOAD_SUFFIX[self.offload] + RECOMPUTE_SUFFIX[self.recompute]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

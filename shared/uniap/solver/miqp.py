@@ -310,7 +310,7 @@ class _Formulation:
         stages i, with the binary `used` forced to 1 by any layer whose strategy has that value: N <= U * used)."""
         sub, deg, cons = self.sub, self.deg, self.families[MEMORY]
         inflight = np.array(sub.inflight, dtype=float)
-        training, step, host = 0, 0, 0
+        training, step, host = 0, 0, []
         mu = self.memory_unit
         peaks = {name: cp.Variable(sub.deg, nonneg=True) for name in TRANSIENT_CLASSES}
         used_classes: set[str] = set()
@@ -321,7 +321,7 @@ class _Formulation:
             )
             step = step + N @ np.array([c.step_bytes / mu for c in rt.costs])
             if any(c.host_bytes for c in rt.costs):
-                host = host + N @ np.array([c.host_bytes / mu for c in rt.costs])
+                host.append(N @ np.array([c.host_bytes / mu for c in rt.costs]))
             for name in TRANSIENT_CLASSES:
                 by_value: dict[float, list[int]] = {}
                 for k, cost in enumerate(rt.costs):
@@ -338,8 +338,8 @@ class _Formulation:
         if BUFFERS in used_classes:
             step = step + peaks[BUFFERS]
         cons += [training <= limit, step <= limit]
-        if not isinstance(host, int):
-            cons.append(self.R @ host <= sub.host_capacity / mu)
+        if host:
+            cons.append(self.R @ sum(host) <= sub.host_capacity / mu)
 
     def objective(self) -> cp.Expression:
         """The paper's TPI = sum p + sum o + (c - 1) max(p, o) + max g; interleaved (v > 1), with P = R p and
