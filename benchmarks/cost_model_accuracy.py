@@ -79,7 +79,7 @@ def published() -> list[dict]:
             vocab_size=SC21_VOCAB,
             max_position_embeddings=SC21_SEQ,
         )
-        training = TrainingSpec(global_batch_size=batch, seq_length=SC21_SEQ, flash_attention=False)
+        training = TrainingSpec(global_batch_size=batch, seq_length=SC21_SEQ, flash_attention=False, overlaps=())
         cluster = cluster_preset("dgx-a100-80g").with_shape(gpus // 8, 8)
         dp = gpus // (tp * pp)
         # Narayanan et al.'s count with activation recompute: 96 B s l h^2 (1 + s/6h + V/16lh).

@@ -50,6 +50,9 @@ CHOICE_FLAGS = {
     "--recompute-method": {"uniform", "block"},
     "--data-parallel-sharding-strategy": {"no_shard", "optim", "optim_grads", "optim_grads_params"},
     "--ckpt-format": {"torch", "torch_dist", "torch_dcp", "fsdp_dtensor"},
+    # TransformerConfig.fp8 / fp8_recipe as Megatron-LM's parser offers them (Fp8Recipe, less 'custom').
+    "--fp8-format": {"e4m3", "hybrid"},
+    "--fp8-recipe": {"tensorwise", "delayed", "mxfp8", "blockwise"},
     "--normalization": {"LayerNorm", "RMSNorm"},
     # GPTModel(position_embedding_type=...) accepts these (megatron/core/models/gpt/gpt_model.py)
     "--position-embedding-type": set(
@@ -65,6 +68,7 @@ SWITCHES = {
     "--use-distributed-optimizer",
     "--overlap-grad-reduce",
     "--overlap-param-gather",
+    "--tp-comm-overlap",
     "--use-megatron-fsdp",
     "--use-torch-fsdp2",
     "--no-gradient-accumulation-fusion",
@@ -178,6 +182,12 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
             bad.append("--sequence-parallel at TP 1 (Megatron silently drops it: not what was planned)")
         elif (seq // cp) % tp:
             bad.append(f"--sequence-parallel needs (seq {seq} / CP {cp}) % TP {tp} == 0")
+    # A.20: TP communication overlap only with sequence parallelism.
+    if g("--tp-comm-overlap") and not g("--sequence-parallel"):
+        bad.append("--tp-comm-overlap without --sequence-parallel")
+    # --fp8-recipe is read only beside --fp8-format (TransformerConfig.fp8 None: no FP8).
+    if g("--fp8-recipe") is not None and g("--fp8-format") is None:
+        bad.append("--fp8-recipe without --fp8-format (no FP8 runs)")
     # A.17: CP > 1 splits the sequence into 2 * CP chunks.
     if cp > 1 and seq % (2 * cp):
         bad.append(f"CP {cp} needs seq {seq} % (2 * CP) == 0")
@@ -345,6 +355,8 @@ def translation_mismatches(flags: dict, plan: Plan, model: ModelSpec, training: 
         ("--sequence-parallel", s.tp > 1),
         ("--bf16", training.precision == "bf16"),
         ("--fp16", training.precision == "fp16"),
+        ("--fp8-format", training.fp8),
+        ("--tp-comm-overlap", s.tp > 1 and "tp_comm" in (training.overlaps or ())),
     ):
         if bool(g(flag)) != cond:
             bad.append(f"{flag} {'missing' if cond else 'unexpected'}")

@@ -77,6 +77,10 @@ def megatron_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
+    g = p.add_argument_group("transformer engine")
+    g.add_argument("--fp8-format", dest="fp8", default=None, choices=["e4m3", "hybrid"])
+    g.add_argument("--fp8-recipe", default="delayed", choices=["tensorwise", "delayed", "mxfp8", "blockwise", "custom"])
+    g.add_argument("--tp-comm-overlap", action="store_true")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--ckpt-format", default="torch_dist", choices=["torch", "torch_dist", "torch_dcp", "fsdp_dtensor"])
     g = p.add_argument_group("data")
@@ -526,6 +530,11 @@ def test_every_plan_flag_maps_to_megatrons_dest():
         "1",
         "--bf16",
         "--fp16",
+        "--fp8-format",
+        "hybrid",
+        "--fp8-recipe",
+        "tensorwise",
+        "--tp-comm-overlap",
     ]
     assert {a for a in argv if a.startswith("--")} == {f.spelling for f in PLAN_FLAGS}
     mine = {s.dest: s.value for s in plan_settings(argv)}

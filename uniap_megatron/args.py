@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from uniap.cost.strategy import Pins
 from uniap.errors import SpecError
-from uniap.model.spec import ModelSpec, TrainingSpec
+from uniap.model.spec import PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP, ModelSpec, TrainingSpec
 from uniap.plan import Plan
 
 from . import flags as F
@@ -101,11 +101,14 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
         + F.GLOBAL_BATCH_SIZE.tokens(plan.training.global_batch_size)
     )
     args += pipeline_split_args(plan.stage_layer_counts(), plan.virtual_stages)
+    overlaps = plan.training.overlaps or ()
     if s.tp > 1:
         args += F.SEQUENCE_PARALLEL.tokens()
+        args += F.TP_COMM_OVERLAP.tokens() if TP_COMM_OVERLAP in overlaps else []
     fsdp = s.zero == 3 and s.shards > 1
     if s.zero == 1 and s.shards > 1:
-        args += F.DISTRIBUTED_OPTIMIZER.tokens() + F.OVERLAP_GRAD_REDUCE.tokens() + F.OVERLAP_PARAM_GATHER.tokens()
+        args += F.DISTRIBUTED_OPTIMIZER.tokens() + F.OVERLAP_GRAD_REDUCE.tokens()
+        args += F.OVERLAP_PARAM_GATHER.tokens() if PARAM_GATHER_OVERLAP in overlaps else []
     elif fsdp:
         args += (
             F.MEGATRON_FSDP.tokens()
@@ -125,6 +128,8 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
     elif s.recompute == F.SELECTIVE:
         args += F.RECOMPUTE_GRANULARITY.tokens(F.SELECTIVE)
     args += {"bf16": F.BF16.tokens(), "fp16": F.FP16.tokens()}.get(plan.training.precision, [])
+    if plan.training.fp8:
+        args += F.FP8_FORMAT.tokens(plan.training.fp8_format) + F.FP8_RECIPE.tokens(plan.training.fp8_recipe)
     # Before Blackwell, TP or CP needs one CUDA connection and Megatron-FSDP more than one (capability.py).
     env = {}
     if fsdp:
@@ -237,6 +242,7 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
             "OptimizerConfig asserts it)",
             f"add {F.DISTRIBUTED_OPTIMIZER.spelling}, or drop {F.PRECISION_AWARE_OPTIMIZER.spelling}",
         )
+    fp8 = given(F.FP8_FORMAT.dest)
     training = TrainingSpec(
         global_batch_size=given(F.GLOBAL_BATCH_SIZE.dest),
         seq_length=ns.seq_length,
@@ -248,6 +254,8 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         main_params_dtype=ns.main_params_dtype,
         exp_avg_dtype=ns.exp_avg_dtype,
         exp_avg_sq_dtype=ns.exp_avg_sq_dtype,
+        fp8_recipe=(given(F.FP8_RECIPE.dest) or F.FP8_RECIPE.default) if fp8 else None,
+        fp8_format=fp8 or "hybrid",
     )
     fsdp = given(F.TORCH_FSDP2.dest) or given(F.MEGATRON_FSDP.dest)
     zero = 3 if fsdp else 1 if given(F.DISTRIBUTED_OPTIMIZER.dest) else None

@@ -8,8 +8,11 @@
   with PP = 1 (0.16.1 does not assert that for Megatron-FSDP; torch FSDP2 does, and uniap keeps the
   stricter rule);
 - interleaved 1F1B (`--num-virtual-stages-per-pipeline-rank`, or a layout of PP x v stages) with the number
-  of micro-batches a multiple of PP (megatron-core pipeline_parallel/schedules.py); the search tries 2 chunks
-  per rank, a user's pin any count;
+  of micro-batches a multiple of PP (megatron-core pipeline_parallel/schedules.py); the search tries every
+  count of chunks per rank up to MAX_VIRTUAL_STAGES that the layers and micro-batches allow (memory decides);
+- communication overlaps: TP collectives with the GEMMs (--tp-comm-overlap, Transformer Engine's userbuffers;
+  validate_args asserts sequence parallelism beside it) and the distributed optimizer's all-gather with the
+  next forward (--overlap-param-gather beside --overlap-grad-reduce);
 - one recompute setting for all transformer layers (`--recompute-granularity full --recompute-method
   uniform --recompute-num-layers 1`, or selective);
 - heads, query groups and FFN divisible by TP (checked by the core's strategy enumeration).
@@ -28,7 +31,8 @@ Without Transformer Engine or Apex, megatron/core/optimizer/__init__.py falls ba
 from dataclasses import replace
 
 from uniap.cost.accounting import Accounting, PerParam
-from uniap.cost.strategy import Capability
+from uniap.cost.strategy import MAX_VIRTUAL_STAGES, Capability
+from uniap.model.spec import PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP
 
 MEGATRON_ACCOUNTING = Accounting(
     name="megatron",
@@ -62,7 +66,8 @@ MEGATRON = Capability(
     uniform_recompute=True,
     max_zero_with_pipeline=1,
     precision_aware_optimizer=True,
-    virtual_stages=(1, 2),
+    virtual_stages=tuple(range(1, MAX_VIRTUAL_STAGES + 1)),
+    overlaps=(TP_COMM_OVERLAP, PARAM_GATHER_OVERLAP),
     # --make-vocab-size-divisible-by's default (megatron/training/arguments.py; padded x TP in
     # megatron/training/tokenizer/tokenizer.py _vocab_size_with_padding)
     vocab_multiple=128,

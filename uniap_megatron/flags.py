@@ -90,6 +90,11 @@ RECOMPUTE_METHOD = Flag("--recompute-method", type=str)
 RECOMPUTE_NUM_LAYERS = Flag("--recompute-num-layers", type=int)
 BF16 = Flag("--bf16", Kind.SWITCH)
 FP16 = Flag("--fp16", Kind.SWITCH)
+# Transformer Engine (megatron-core TransformerConfig / ModelParallelConfig fields, as Megatron-LM's parser
+# derives them): FP8 GEMMs, and TP collectives overlapped with GEMMs (userbuffers).
+FP8_FORMAT = Flag("--fp8-format", type=str, dest="fp8")
+FP8_RECIPE = Flag("--fp8-recipe", type=str, default="delayed")
+TP_COMM_OVERLAP = Flag("--tp-comm-overlap", Kind.SWITCH)
 
 # The flags a plan sets, in the order args.py emits them.
 PLAN_FLAGS = (
@@ -115,6 +120,9 @@ PLAN_FLAGS = (
     RECOMPUTE_NUM_LAYERS,
     BF16,
     FP16,
+    FP8_FORMAT,
+    FP8_RECIPE,
+    TP_COMM_OVERLAP,
 )
 
 # --- other spellings of the same settings a user may pass (Megatron's aliases and implications) -------

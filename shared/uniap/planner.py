@@ -192,8 +192,9 @@ def plan(
 ) -> tuple[Plan, Outcome]:
     """The optimal plan of `job` (or the best found within `time_limit`) and the search's outcome; raises
     InfeasibleError when no plan fits, SolverTimeLimitError when time ran out before any plan."""
-    graph = build_graph(job.model, job.training)
     capability = job.capability or capability_for(job.target)
+    job = replace(job, training=capability.job_training(job.training))
+    graph = build_graph(job.model, job.training)
     check_pins(job, graph, capability)
     cost_model = CostModel(job.cluster, job.training, job.profile, capability.vocab_multiple)
     outcome = optimize(
@@ -291,6 +292,7 @@ def price(plan: Plan, profile: Profile | None = None) -> PricedPlan:
             "re-plan with this uniap version",
         )
     capability = capability_for(plan.target)
+    training = capability.job_training(training)
     sub = build_subproblem(
         graph,
         cluster,
@@ -321,13 +323,16 @@ def configure(
     cp: int = 1,
     offload: str = OFFLOAD_NONE,
     zeropp: bool = False,
+    virtual_stages: int = 1,
 ) -> tuple[Plan, Prediction]:
-    """The plan of one configuration as Megatron-LM names it (TP, CP, PP, micro-batch size per replica, DP =
-    GPUs / (TP x CP x PP)), every transformer layer alike, the split even unless `split` lists transformer
-    layers per stage, with a ZeRO variant where the target runs one (Strategy); SpecError names the rule a
-    configuration breaks."""
-    if tp < 1 or cp < 1 or pp < 1 or micro_batch_size < 1:
-        raise SpecError("tp, cp, pp and the micro-batch size must be positive")
+    """The plan of one configuration as Megatron-LM names it (TP, CP, PP, model chunks per pipeline rank,
+    micro-batch size per replica, DP = GPUs / (TP x CP x PP)), every transformer layer alike, the split even
+    over the PP x chunks stages unless `split` lists transformer layers per stage, with a ZeRO variant where the
+    target runs one (Strategy); SpecError names the rule a configuration breaks."""
+    if min(tp, cp, pp, micro_batch_size, virtual_stages) < 1:
+        raise SpecError("tp, cp, pp, the model chunks per rank and the micro-batch size must be positive")
+    capability = capability_for(target)
+    training = capability.job_training(training)
     graph = build_graph(model, training)
     pins = Pins(
         tp=tp,
@@ -337,8 +342,8 @@ def configure(
         recompute=recompute,
         micro_batch_per_replica=micro_batch_size,
         offload=offload,
+        virtual_stages=virtual_stages,
     )
-    capability = capability_for(target)
     check_pins(Job(model=model, cluster=cluster, training=training, target=target, pins=pins), graph, capability)
     n = cluster.num_gpus
     if n % (tp * cp * pp):
@@ -356,6 +361,13 @@ def configure(
         )
     if zero and dp * cp == 1 and offload == OFFLOAD_NONE:
         raise SpecError(f"ZeRO stage {zero} needs data parallelism (or context parallelism), but dp = cp = 1 here")
+    micro_batches = training.global_batch_size // micro_batch
+    if virtual_stages > 1 and micro_batches % pp:
+        raise SpecError(
+            f"{virtual_stages} model chunks per rank need the {micro_batches} micro-batches to be a multiple of the "
+            f"pipeline degree {pp} (Megatron-LM's interleaved schedule)",
+            "change the global batch or the micro-batch size",
+        )
     sub = build_subproblem(
         graph,
         cluster,
@@ -363,10 +375,11 @@ def configure(
         capability,
         CostModel(cluster, training, profile, capability.vocab_multiple),
         pp,
-        training.global_batch_size // micro_batch,
+        micro_batches,
         pins,
+        virtual_stages,
     )
-    stage_of = split_by_counts(graph, split) if split else even_split(graph, pp)
+    stage_of = split_by_counts(graph, split) if split else even_split(graph, pp * virtual_stages)
     sharded = dp * cp > 1 or offload != OFFLOAD_NONE
     strategy_of = [
         Strategy(

@@ -13,7 +13,7 @@ a measured profile replaces the layer times, and `uniap calibrate` fits what is 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..model.spec import _require
@@ -35,9 +35,13 @@ class DeviceCoefficients:
     # The fraction of the GEMM efficiencies a GEMM keeps when one of its dimensions is not a multiple of 16
     # bytes (cuBLAS leaves its fastest tensor-core kernels): an output projection over an unpadded vocabulary.
     misaligned_gemm: float = 1.0
+    # FP8 linear GEMMs: their forward's fraction of the dense FP8 peak (backward at gemm_backward / gemm_forward
+    # of it), and the Transformer Engine recipes the GPU runs (TrainingSpec.fp8_recipe).
+    gemm_fp8: float = 0.6
+    fp8_recipes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("gemm_forward", "gemm_backward", "attention", "memory", "misaligned_gemm"):
+        for name in ("gemm_forward", "gemm_backward", "attention", "memory", "misaligned_gemm", "gemm_fp8"):
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and 0 < v <= 1, name, f"must be in (0, 1] (got {v!r})")
         _require(
@@ -49,15 +53,12 @@ class DeviceCoefficients:
 
     def with_gemm_efficiency(self, efficiency: float) -> DeviceCoefficients:
         """These coefficients with both GEMM efficiencies set by hand (a cluster file's matmul_efficiency)."""
-        return DeviceCoefficients(
+        return replace(
+            self,
             gemm_forward=efficiency,
             gemm_backward=efficiency,
-            attention=self.attention,
-            memory=self.memory,
-            layer_overhead_ms=self.layer_overhead_ms,
             source=f"matmul_efficiency {efficiency:g} set in the cluster spec; {self.source}",
             basis=ESTIMATED,
-            misaligned_gemm=self.misaligned_gemm,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +75,9 @@ class DeviceCoefficients:
 # output projection's forward took 18.0 ms more and its backward 22.7 ms more per micro-batch, i.e. 0.13 and
 # 0.20 of the aligned efficiencies; 0.17 over both (benchmarks/data/h200-2026-11-27-misaligned-vocab.json).
 MISALIGNED_GEMM_H200 = 0.17
+# Transformer Engine 2.x recipes by architecture: Hopper runs per-tensor (delayed, current) and block scaling;
+# MXFP8 needs Blackwell's block-scaled tensor cores.
+HOPPER_FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 _H200 = DeviceCoefficients(
     gemm_forward=0.785,
     gemm_backward=0.76,
@@ -83,19 +87,16 @@ _H200 = DeviceCoefficients(
     source="fitted to layer timings measured on one H200 (bf16, SDPA flash attention, 2026-11-27)",
     basis=MEASURED,
     misaligned_gemm=MISALIGNED_GEMM_H200,
+    fp8_recipes=HOPPER_FP8_RECIPES,
 )
 
 # The H100 SXM is the same GH100 chip at the same tensor peak; only HBM differs (3.35 vs 4.8 TB/s), which the
 # memory term takes from the cluster spec. Not measured on an H100.
-_H100 = DeviceCoefficients(
-    gemm_forward=_H200.gemm_forward,
-    gemm_backward=_H200.gemm_backward,
-    attention=_H200.attention,
-    memory=_H200.memory,
-    layer_overhead_ms=_H200.layer_overhead_ms,
+_H100 = replace(
+    _H200,
     source="the H200 fit applied to the H100 (same GH100 chip and tensor peak; HBM bandwidth from the "
     "cluster spec); not measured on an H100",
-    misaligned_gemm=MISALIGNED_GEMM_H200,
+    basis=ESTIMATED,
 )
 
 # Fitted to Galvatron's measured Llama-2-7B layer forward times (hetu-galvatron, bf16, seq 2048, micro-batch

@@ -24,6 +24,8 @@ GiB = 2**30
 # The share of a node's host memory offloaded model states may take (pinned): an estimate, leaving the rest to the
 # operating system, the data loaders and the page cache.
 HOST_MEMORY_USABLE = 0.8
+# Fields a cluster may leave out: no hand-set GEMM efficiency, hosts not described, no FP8 tensor cores.
+OPTIONAL_FIELDS = ("matmul_efficiency", "host_memory_gib", "peak_fp8_tflops")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class ClusterSpec:
     The host, for offloading model states to CPU memory (DeepSpeed's ZeRO-Offload): `host_memory_gib` and
     `host_memory_bandwidth_gbps` (datasheet peak) per node, `host_link_bandwidth_gbps` per GPU between host and
     device (PCIe); DeepSpeedCPUAdam is bound by memory bandwidth, not cores (uniap.cost.model.CostModel.cpu_adam).
-    Without `host_memory_gib` uniap does not consider offloading."""
+    Without `host_memory_gib` uniap does not consider offloading. `peak_fp8_tflops`: the dense FP8 tensor peak
+    (None: the GPU has no FP8 tensor cores, like the A100)."""
 
     name: str
     num_nodes: int
@@ -52,6 +55,7 @@ class ClusterSpec:
     host_memory_gib: float | None = None
     host_memory_bandwidth_gbps: float = 200.0
     host_link_bandwidth_gbps: float = 32.0
+    peak_fp8_tflops: float | None = None
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("num_nodes", "gpus_per_node"))
@@ -69,9 +73,10 @@ class ClusterSpec:
             "host_memory_gib",
             "host_memory_bandwidth_gbps",
             "host_link_bandwidth_gbps",
+            "peak_fp8_tflops",
         ):
             v = getattr(self, name)
-            if v is None and name in ("matmul_efficiency", "host_memory_gib"):
+            if v is None and name in OPTIONAL_FIELDS:
                 continue
             _require(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v != float("inf"),
@@ -97,9 +102,9 @@ class ClusterSpec:
             "must be >= 0 and below gpu_memory_gib",
         )
         _require(self.collective_latency_us >= 0, "collective_latency_us", "must be >= 0")
-        _require(
-            self.host_memory_gib is None or self.host_memory_gib > 0, "host_memory_gib", "must be positive or absent"
-        )
+        for name in ("host_memory_gib", "peak_fp8_tflops"):
+            v = getattr(self, name)
+            _require(v is None or v > 0, name, "must be positive or absent")
 
     @property
     def num_gpus(self) -> int:
@@ -159,7 +164,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             inter_node_bandwidth_gbps=25.0,
             **DGX_A100_HOST,
         ),
-        # DGX H100: 989 TFLOP/s dense bf16, 3.35 TB/s, NVLink4 900 GB/s (450 per direction),
+        # DGX H100: 989 TFLOP/s dense bf16 (1,979 dense FP8), 3.35 TB/s, NVLink4 900 GB/s (450 per direction),
         # 8x NDR 400 Gb/s = 50 GB/s per GPU.
         ClusterSpec(
             name="dgx-h100",
@@ -171,6 +176,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             hbm_bandwidth_gbps=3350.0,
             intra_node_bandwidth_gbps=450.0,
             inter_node_bandwidth_gbps=50.0,
+            peak_fp8_tflops=1979.0,
             **DGX_H100_HOST,
         ),
         # DGX H200: the H100's chip and links with 141 GB HBM3e at 4.8 TB/s.
@@ -184,6 +190,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             hbm_bandwidth_gbps=4800.0,
             intra_node_bandwidth_gbps=450.0,
             inter_node_bandwidth_gbps=50.0,
+            peak_fp8_tflops=1979.0,
             **DGX_H100_HOST,
         ),
         # 8x A100 80GB PCIe in one server: PCIe Gen4 x16 (32 GB/s per direction), no NVLink;

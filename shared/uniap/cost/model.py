@@ -24,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..cluster.spec import ClusterSpec
-from ..model.graph import Layer
-from ..model.spec import TrainingSpec
+from ..errors import SpecError
+from ..model.graph import TRANSFORMER_KINDS, Layer
+from ..model.spec import PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP, TrainingSpec
 from ..profile.schema import Profile, bus_factor
 from .accounting import Accounting, PerParam, precision_aware_saving
 from .strategy import OFFLOAD_NONE, Strategy
@@ -73,6 +74,14 @@ CPU_CAST_READ_BYTES = 4.0
 ZEROPP_WEIGHT_RATIO = 0.5
 ZEROPP_GRAD_RATIO = 0.25
 ZEROPP_QUANTIZATION_TRAFFIC = 9.0
+# FP8 (Transformer Engine 2.x): each value entering a linear GEMM is quantized in forward (read in the compute
+# dtype, written as FP8 and, for the weight-gradient GEMM, as a transposed/column-wise FP8 copy), each output
+# gradient likewise in backward: 2 + 1 + 1 bytes of HBM traffic per value (an estimate; amax reductions are
+# fused into the producing kernels). Weights are quantized once per iteration (megatron-core passes
+# is_first_microbatch, so TE caches them over the micro-batches), into the same two FP8 copies that stay
+# allocated: 2 bytes per linear weight.
+FP8_CAST_TRAFFIC = 4.0
+FP8_WEIGHT_COPIES = 2.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,23 @@ class LayerCost:
     activation_basis: str
     compute_time: float = 0.0
     host_bytes: float = 0.0
+
+
+def check_fp8(cluster: ClusterSpec, recipe: str) -> None:
+    """Refuse an FP8 recipe the cluster's GPUs cannot run (SpecError naming the GPU and what it runs)."""
+    runs = cluster.coefficients.fp8_recipes
+    if cluster.peak_fp8_tflops is None or not runs:
+        raise SpecError(
+            f"FP8 recipe '{recipe}' asked for, but {cluster.gpu_name} ({cluster.name}) has no FP8 tensor cores "
+            "(the cluster gives no peak_fp8_tflops)",
+            "plan in bf16, or for a GPU with FP8 (H100, H200, B200, GB200...); a cluster file may set peak_fp8_tflops",
+        )
+    if recipe not in runs:
+        raise SpecError(
+            f"FP8 recipe '{recipe}' does not run on {cluster.gpu_name}: Transformer Engine runs "
+            f"{', '.join(runs)} there",
+            f"choose one of {', '.join(runs)}",
+        )
 
 
 def vocab_aligned(vocab_size: int, tp: int, vocab_multiple: int, bytes_per_value: int) -> bool:
@@ -142,6 +168,10 @@ class CostModel:
         self.reserved_per_allocated = fitted or DEFAULT_RESERVED_PER_ALLOCATED
         self.reserved_basis = CALIBRATED if fitted else ESTIMATED
         self.comm_bases: set[str] = set()
+        self.fp8 = training.fp8
+        self.overlaps = training.overlaps or ()
+        if self.fp8:
+            check_fp8(cluster, training.fp8_recipe)
 
     # --- collectives ------------------------------------------------------------------------------
 
@@ -209,6 +239,7 @@ class CostModel:
         scores are batched GEMMs and their softmax traffic is part of the activations."""
         co, peak = self.coefficients, self.cluster.peak_tflops * 1e12
         flash = self.training.flash_attention
+        fp8 = self.runs_fp8(layer)
         attention = self.executed_attention_flops(layer)
         gemm = layer.flops_fwd - layer.attention_flops
         if flash:
@@ -220,19 +251,42 @@ class CostModel:
         traffic = 2.0 * activation_bytes(layer, tp, samples, "none") / self.hbm_bytes_per_second
         extra = samples * layer.extra_traffic / tp / self.hbm_bytes_per_second
         overhead = co.layer_overhead_ms * 1e-3
+        gemm_fwd, gemm_bwd = self.gemm_rates(layer)
+        extra_fwd = extra_bwd = extra
+        if fp8:  # the quantization of the FP8 GEMMs' inputs and output gradients
+            cast = FP8_CAST_TRAFFIC / tp / self.hbm_bytes_per_second
+            extra_fwd += samples * layer.linear_inputs * cast
+            extra_bwd += samples * layer.linear_outputs * cast
         if not self.vocab_aligned(layer.vocab_size, tp):  # as if the GEMM had 1/misaligned_gemm times the FLOPs
             gemm += 2.0 * layer.hidden_size * layer.logits * (1.0 / co.misaligned_gemm - 1.0)
         # An embedding's backward writes a dense gradient of its whole table (zero-fill, then scatter-add).
         table = 2.0 * self.bpv * layer.params_tp / tp / self.hbm_bytes_per_second if layer.flops_fwd == 0 else 0.0
-        fwd = samples * (gemm / (peak * co.gemm_forward) + attn_fwd) / tp + traffic + extra + overhead
-        bwd = (
-            samples * (2.0 * gemm / (peak * co.gemm_backward) + attn_bwd) / tp
-            + 2.0 * traffic
-            + extra
-            + table
-            + 2.0 * overhead
-        )
+        fwd = samples * (gemm / gemm_fwd + attn_fwd) / tp + traffic + extra_fwd + overhead
+        bwd = samples * (2.0 * gemm / gemm_bwd + attn_bwd) / tp + 2.0 * traffic + extra_bwd + table + 2.0 * overhead
         return fwd, bwd
+
+    def runs_fp8(self, layer: Layer) -> bool:
+        """Whether `layer`'s linear GEMMs run in FP8: a transformer layer's under an FP8 recipe (the embedding,
+        output layer and attention core stay in the compute dtype, as megatron-core builds them)."""
+        return self.fp8 and layer.kind in TRANSFORMER_KINDS
+
+    def gemm_rates(self, layer: Layer) -> tuple[float, float]:
+        """FLOP/s `layer`'s linear GEMMs reach in forward and backward: the bf16 peak at the GPU model's GEMM
+        efficiencies, or under FP8 the FP8 peak at its FP8 efficiency (backward at the bf16 backward/forward
+        ratio)."""
+        co = self.coefficients
+        if not self.runs_fp8(layer):
+            peak = self.cluster.peak_tflops * 1e12
+            return peak * co.gemm_forward, peak * co.gemm_backward
+        forward = self.cluster.peak_fp8_tflops * 1e12 * co.gemm_fp8
+        return forward, forward * co.gemm_backward / co.gemm_forward
+
+    def gemm_times(self, layer: Layer, tp: int, samples: float) -> tuple[float, float]:
+        """Seconds of `layer`'s linear GEMMs (forward, backward) for `samples` on one of `tp` ranks: what
+        tensor-parallel communication overlaps with."""
+        gemm = samples * (layer.flops_fwd - layer.attention_flops) / tp
+        forward, backward = self.gemm_rates(layer)
+        return gemm / forward, 2.0 * gemm / backward
 
     def vocab_aligned(self, vocab_size: int, tp: int) -> bool:
         """`vocab_aligned` for this cost model's framework padding and precision."""
@@ -340,8 +394,7 @@ class CostModel:
         else:
             compute = fwd + bwd
 
-        tp_one_way = self.collective("all_reduce", layer.tp_comm_bytes * b, tp, True)
-        tp_comm = tp_one_way * (3 if s.recompute == "full" else 2) + self.context_parallel_exposed(layer, s, b)
+        tp_comm = self.tensor_parallel_exposed(layer, s, b) + self.context_parallel_exposed(layer, s, b)
 
         # A tied weight that shares a stage with its twin (pipeline degree 1) holds no extra copy.
         params_tp = 0 if (layer.tied_weights and pipeline_degree == 1) else layer.params_tp
@@ -352,7 +405,7 @@ class CostModel:
         wrapped = pipelined and s.offload == OFFLOAD_NONE
         allreduce = accounting.pipelined_allreduce.get((precision, s.zero)) if wrapped else None
         per_mb_comm, exposed_iter = self.zero_communication(
-            s, weight_bytes, bwd, stage_intra_node, None if allreduce is None else params * allreduce
+            s, weight_bytes, fwd, bwd, stage_intra_node, None if allreduce is None else params * allreduce
         )
         if s.zeropp:  # quantizing before, dequantizing after each collective
             per_mb_comm += params * ZEROPP_QUANTIZATION_TRAFFIC / self.hbm_bytes_per_second
@@ -379,11 +432,17 @@ class CostModel:
         if s.zeropp:  # ZeRO++'s secondary copy of the weights in their dtype, split over a node's ranks
             secondary = weight_bytes / min(dp, self.cluster.gpus_per_node)
             state, step_bytes = state + secondary, step_bytes + secondary
+        fp8_weights = layer.params_tp / tp * FP8_WEIGHT_COPIES if self.runs_fp8(layer) else 0.0
+        if fp8_weights:  # quantized once per iteration into two FP8 copies, which live with the weights
+            optimizer += layer.params_tp / tp * (self.bpv + FP8_WEIGHT_COPIES) / self.hbm_bytes_per_second
+            if s.zero == 3:
+                fp8_weights /= dp  # sharded like the weights; a gathered layer's copies are part of its peak
+            state, step_bytes = state + fp8_weights, step_bytes + fp8_weights
         # While one layer recomputes, its full activations live, and a head's loss may allocate per logit in its
         # backward (the framework's accounting); FSDP holds a layer's gathered weights and prefetches the next one's.
         backward_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
         backward_transient += b * layer.logits / tp * accounting.loss_backward_bytes_per_logit
-        fsdp_transient = 2 * weight_bytes if s.zero == 3 else 0.0
+        fsdp_transient = 2 * (weight_bytes + fp8_weights * dp) if s.zero == 3 else 0.0
         buffers = accounting.buffers(s.zero, layer.hidden_size, wrapped) * bpv if (dp > 1 or s.zero) and params else 0.0
         return LayerCost(
             time_per_microbatch=overlapped(compute, per_mb_comm, self.overlap) + tp_comm + accumulate,
@@ -400,8 +459,31 @@ class CostModel:
             host_bytes=host,
         )
 
+    def tensor_parallel_exposed(self, layer: Layer, s: Strategy, samples: float) -> float:
+        """Seconds per micro-batch of TP's collectives on the critical path: with sequence parallelism an
+        all-gather before and a reduce-scatter after each block in forward (the volume of one all-reduce of the
+        layer's `tp_comm_bytes`), the same in backward, and again in a fully recomputed forward. Overlapped with
+        the linear GEMMs (Transformer Engine's userbuffers under --tp-comm-overlap: each collective split into
+        chunks pipelined with the GEMM that consumes or produces it, the weight-gradient GEMMs hiding the
+        backward's bulk collectives), only what exceeds the GEMMs, plus the overlap coefficient's share of
+        the rest, stays exposed."""
+        if s.tp == 1:
+            return 0.0
+        one_way = self.collective("all_reduce", layer.tp_comm_bytes * samples, s.tp, True)
+        forwards = 2 if s.recompute == "full" else 1
+        if TP_COMM_OVERLAP not in self.overlaps:
+            return one_way * (forwards + 1)
+        fwd, bwd = self.gemm_times(layer, s.tp, samples)
+        return forwards * (overlapped(fwd, one_way, self.overlap) - fwd) + overlapped(bwd, one_way, self.overlap) - bwd
+
     def zero_communication(
-        self, s: Strategy, weight_bytes: float, backward: float, stage_intra_node: bool, allreduce: float | None = None
+        self,
+        s: Strategy,
+        weight_bytes: float,
+        forward: float,
+        backward: float,
+        stage_intra_node: bool,
+        allreduce: float | None = None,
     ) -> tuple[float, float]:
         """(seconds per micro-batch overlapped with compute, seconds exposed once per iteration) of the
         data-parallel collectives on a layer's `weight_bytes`:
@@ -412,7 +494,8 @@ class CostModel:
         forward over all ranks, bf16 ones from the node's secondary copy for backward, and reduces int4
         gradients through a node-local then a cross-node all-to-all. `allreduce`: bytes a framework's pipeline
         wrapper all-reduces instead (Accounting.pipelined_allreduce), overlapped with the last backward, then
-        the all-gather of the updated weights."""
+        the all-gather of the updated weights. Under PARAM_GATHER_OVERLAP the all-gather of updated weights
+        overlaps the layer's next `forward` (Megatron-LM's --overlap-param-gather)."""
         dp, G = s.shards, self.cluster.gpus_per_node
         if dp == 1:
             return 0.0, 0.0
@@ -435,6 +518,8 @@ class CostModel:
         if s.zero == 2:
             return rs, ag
         if s.zero == 1:
+            if PARAM_GATHER_OVERLAP in self.overlaps:
+                ag = overlapped(forward, ag, self.overlap) - forward
             return 0.0, overlapped(backward, rs, self.overlap) - backward + ag
         ar = self.collective("all_reduce", weight_bytes, dp, stage_intra_node)
         return 0.0, overlapped(backward, ar, self.overlap) - backward

@@ -11,18 +11,23 @@ a node; CP is one degree for the whole model (the data loader splits each sequen
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import entry_points
 from typing import Any
 
 from ..errors import SpecError, UnknownPresetError
 from ..model.graph import TRANSFORMER_KINDS
+from ..model.spec import OVERLAPS, TP_COMM_OVERLAP, TrainingSpec
 from .accounting import GENERIC_ACCOUNTING, Accounting
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 # The most model chunks per pipeline rank a user may pin where a target interleaves (Megatron-LM's examples use
 # up to 5; each chunk adds point-to-point transfers and in-flight activations).
 MAX_VIRTUAL_STAGES = 8
+# Above this many model chunks per rank the search splits the transformer layers evenly over the chunks (what
+# Megatron-LM's --num-virtual-stages-per-pipeline-rank runs without a layout): each chunk then holds a few layers,
+# an uneven split gains little, and the placement MIQP over deg x v stages would take minutes, not seconds.
+FREE_SPLIT_VIRTUAL_STAGES = 2
 ZERO_NAMES = {0: "DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "FSDP"}
 RECOMPUTE_SUFFIX = {"none": "", "selective": " +sel-rc", "full": " +rc"}  # how labels mark recomputation
 # Model states offloaded to host memory (DeepSpeed's ZeRO-Offload): none; the optimizer (fp32 master weights,
@@ -121,7 +126,8 @@ class Capability:
     multiple of this times TP before building the embedding and output layer (1: the model's own vocabulary),
     which decides whether the output projection's GEMMs are aligned (uniap.cost.model.CostModel.vocab_aligned).
     offload_modes / zeropp: the ZeRO variants it runs (Strategy), offered where the cluster describes its hosts
-    (offloading) or a stage spans nodes (ZeRO++).
+    (offloading) or a stage spans nodes (ZeRO++). overlaps: the communication overlaps it runs beyond the
+    gradient reduction's (uniap.model.spec.OVERLAPS); a job runs them unless it says otherwise (`job_training`).
     """
 
     name: str
@@ -142,6 +148,7 @@ class Capability:
     vocab_multiple: int = 1
     offload_modes: tuple[str, ...] = (OFFLOAD_NONE,)
     zeropp: bool = False
+    overlaps: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not set(self.zero_stages) <= set(ZERO_NAMES) or 0 not in self.zero_stages:
@@ -150,6 +157,22 @@ class Capability:
             raise SpecError(f"invalid capability '{self.name}': recompute_modes must include 'none'")
         if not set(self.offload_modes) <= set(OFFLOAD_MODES) or OFFLOAD_NONE not in self.offload_modes:
             raise SpecError(f"invalid capability '{self.name}': offload_modes must include '{OFFLOAD_NONE}'")
+
+    def job_training(self, training: TrainingSpec) -> TrainingSpec:
+        """`training` with the overlaps the job runs: the ones it lists (SpecError for one this target cannot
+        run), else every one the target runs, TP communication overlap only with fused kernels (Transformer
+        Engine's userbuffers)."""
+        if training.overlaps is not None:
+            missing = [o for o in training.overlaps if o not in self.overlaps]
+            if missing:
+                raise SpecError(
+                    f"target '{self.name}' cannot overlap {', '.join(missing)}"
+                    + (f" (it overlaps {', '.join(self.overlaps)})" if self.overlaps else ""),
+                    "drop those overlaps, or choose another --target",
+                )
+            return training
+        runs = tuple(o for o in self.overlaps if o != TP_COMM_OVERLAP or training.fused_kernels)
+        return replace(training, overlaps=runs)
 
     def allows(self, s: Strategy, pipeline_degree: int) -> bool:
         if self.tp_degrees is not None and s.tp not in self.tp_degrees:
@@ -298,6 +321,7 @@ GENERIC = Capability(
     description="the paper's full freedom: per layer TP degree, ZeRO stage and recompute; "
     "layers of one run on one stage share a TP degree",
     vocab_multiple=128,  # the vocabulary padded as Megatron-LM pads it: the fastest the model can be built
+    overlaps=OVERLAPS,  # every overlap a framework runs: generic's space contains each target's
 )
 
 

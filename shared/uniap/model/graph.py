@@ -27,6 +27,9 @@ TRANSFORMER_KINDS = (TRANSFORMER, CROSS_TRANSFORMER)
 # backward (fp32 cast, max, shift, exp, sum, normalisation; the gradient's update and cast back): fitted to
 # an LM head with its loss measured on an H200 (benchmarks/data/h200-2026-11-27-deepspeed-profile.json).
 CROSS_ENTROPY_TRAFFIC = 18
+# Bytes per value of a linear layer's input that Transformer Engine keeps for backward under FP8: the quantized
+# copy it computed the forward GEMM from (transformer_engine/pytorch/module/linear.py, layernorm_linear.py).
+FP8_BYTES = 1
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,9 @@ class Layer:
     `kv_bytes` is the keys and values of the whole sequence its attention reads: what context parallelism's
     ring passes around its ranks. `logits` is a head's output values per sample (sequence x `vocab_size`): its
     output projection (2 x hidden_size FLOPs per logit) runs slowly where the vocabulary the framework builds is
-    not aligned, and some frameworks' loss allocates per logit in backward."""
+    not aligned, and some frameworks' loss allocates per logit in backward. `linear_inputs` / `linear_outputs`:
+    values per sample entering and leaving the layer's linear GEMMs (what FP8 quantizes: the inputs in forward,
+    the output gradients in backward)."""
 
     name: str
     kind: str
@@ -63,6 +68,8 @@ class Layer:
     kv_bytes: float = 0.0
     vocab_size: int = 0
     logits: float = 0.0
+    linear_inputs: float = 0.0
+    linear_outputs: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -81,6 +88,8 @@ class Layer:
             "kv_bytes",
             "vocab_size",
             "logits",
+            "linear_inputs",
+            "linear_outputs",
         ):
             if getattr(self, name) < 0:
                 raise SpecError(f"invalid layer '{self.name}': field '{name}' must be >= 0")
@@ -258,6 +267,7 @@ class _Builder:
             f"{kind}/h{m.hidden_size}/a{m.num_attention_heads}/g{m.query_groups}/d{m.head_dim}"
             f"/f{m.ffn_hidden_size}{'/glu' if m.gated_mlp else ''}{'/bias' if m.add_bias else ''}"
             f"/s{s}{extra}/{self.t.precision}{'/flash' if self.t.flash_attention else ''}"
+            f"{'/fp8-' + self.t.fp8_recipe if self.t.fp8 and kind in TRANSFORMER_KINDS else ''}"
         )
 
     def _norm_params(self) -> int:
@@ -273,10 +283,11 @@ class _Builder:
         params_rep = self._norm_params() + (h if m.add_bias else 0)
         attention_flops = 4 * s_q * s_kv * q  # Q K^T and the product with V
         flops = 2 * s_q * h * q + 2 * s_kv * h * 2 * kv + 2 * s_q * q * h + attention_flops
-        act_seq = bpv * s_q * h * 2 + mask * s_q * h  # norm input, Q(KV) input, output dropout mask
+        lin = FP8_BYTES if self.t.fp8 else bpv  # a linear layer's saved input
+        act_seq = bpv * s_q * h + lin * s_q * h + mask * s_q * h  # norm input, Q(KV) input, output dropout mask
         if not self_attn:
-            act_seq += bpv * s_kv * h  # the encoder output that K and V are computed from
-        act_split = bpv * s_q * q + bpv * s_kv * 2 * kv + bpv * s_q * q  # Q, K, V, projection input
+            act_seq += lin * s_kv * h  # the encoder output that K and V are computed from
+        act_split = bpv * s_q * q + bpv * s_kv * 2 * kv + lin * s_q * q  # Q, K, V, projection input
         if self.t.flash_attention:
             scores = 4 * m.num_attention_heads * s_q  # the softmax statistics (fp32) only
         else:
@@ -291,6 +302,8 @@ class _Builder:
             attention_flops=attention_flops,
             causal_attention_flops=attention_flops if causal else 0.0,
             kv_bytes=bpv * s_kv * 2 * kv,
+            linear_inputs=(s_q if self_attn else s_q + s_kv) * h + s_q * q,
+            linear_outputs=s_q * q + s_kv * 2 * kv + s_q * h,
         )
 
     def _mlp(self, s: int) -> dict[str, float]:
@@ -300,8 +313,9 @@ class _Builder:
         params_tp = (up + 1) * h * f + (up * f if m.add_bias else 0)
         params_rep = self._norm_params() + (h if m.add_bias else 0)
         flops = 2 * s * (up + 1) * h * f
-        act_seq = bpv * s * h * 2 + (s * h if m.dropout > 0 else 0)  # norm input, fc1 input, mask
-        act_split = bpv * s * f * (up + 1)  # fc1 output(s), fc2 input
+        lin = FP8_BYTES if self.t.fp8 else bpv  # a linear layer's saved input
+        act_seq = bpv * s * h + lin * s * h + (s * h if m.dropout > 0 else 0)  # norm input, fc1 input, mask
+        act_split = bpv * s * f * up + lin * s * f  # fc1 output(s), fc2 input
         return dict(
             params_tp=params_tp,
             params_rep=params_rep,
@@ -312,6 +326,8 @@ class _Builder:
             attention_flops=0.0,
             causal_attention_flops=0.0,
             kv_bytes=0.0,
+            linear_inputs=s * h + s * f,
+            linear_outputs=s * up * f + s * h,
         )
 
     def _combine(
@@ -335,6 +351,8 @@ class _Builder:
             attention_flops=float(sum(p["attention_flops"] for p in parts)),
             causal_attention_flops=float(sum(p["causal_attention_flops"] for p in parts)),
             kv_bytes=float(sum(p["kv_bytes"] for p in parts)),
+            linear_inputs=float(sum(p["linear_inputs"] for p in parts)),
+            linear_outputs=float(sum(p["linear_outputs"] for p in parts)),
         )
 
     def _transformer(self, kind: str, s: int) -> Layer:

@@ -15,6 +15,18 @@ from ..errors import SpecError
 Architecture = Literal["decoder", "encoder", "encoder_decoder", "vit"]
 ARCHITECTURES = ("decoder", "encoder", "encoder_decoder", "vit")
 PRECISIONS = ("bf16", "fp16", "fp32")
+# FP8 training recipes (Transformer Engine 2.x as megatron-core core_v0.16.1 drives it, --fp8-recipe): per-tensor
+# scales from an amax history (delayed) or from the tensor itself (tensorwise, "current scaling"), 1x128/128x128
+# block scales (blockwise, Hopper), and 1x32 block scales in E8M0 (mxfp8, Blackwell).
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+# --fp8-format: E4M3 everywhere, or E4M3 forward and E5M2 for gradients (hybrid).
+FP8_FORMATS = ("hybrid", "e4m3")
+# Communication a framework can hide behind computation beyond what every data-parallel job overlaps (the
+# gradient reduction with the backward): tensor-parallel collectives behind the linear GEMMs (Megatron-LM's
+# --tp-comm-overlap, Transformer Engine's userbuffers) and the distributed optimizer's all-gather of updated
+# weights behind the next forward (--overlap-param-gather).
+TP_COMM_OVERLAP, PARAM_GATHER_OVERLAP = "tp_comm", "param_gather"
+OVERLAPS = (TP_COMM_OVERLAP, PARAM_GATHER_OVERLAP)
 # Adam keeps two fp32 moments per parameter; SGD with momentum and Muon one (cost/accounting.py).
 OPTIMIZERS = ("adam", "sgd", "muon")
 # The dtypes a precision-aware optimizer may keep its tensors in (Megatron-LM core_v0.16.1 arguments.py:
@@ -157,6 +169,10 @@ class TrainingSpec:
     `precision_aware_optimizer` (Adam only; Megatron-LM's --use-precision-aware-optimizer, TransformerEngine's
     FusedAdam) keeps the gradients, the fp32 master parameters and Adam's moments in the `*_dtype` fields'
     dtypes; without it they are all fp32.
+    `fp8_recipe` (None: no FP8) runs the transformer layers' linear GEMMs in FP8 (Transformer Engine) with
+    `precision` the dtype of everything else (parameters, the attention core, embedding and output layer).
+    `overlaps`: the OVERLAPS the job runs; None leaves them to the planner (those the target runs), which
+    writes the ones it chose into the plan's training spec.
     """
 
     global_batch_size: int
@@ -171,9 +187,30 @@ class TrainingSpec:
     main_params_dtype: str = "fp32"
     exp_avg_dtype: str = "fp32"
     exp_avg_sq_dtype: str = "fp32"
+    fp8_recipe: str | None = None
+    fp8_format: str = "hybrid"
+    overlaps: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.overlaps, list):  # read from JSON
+            object.__setattr__(self, "overlaps", tuple(self.overlaps))
+        _require(
+            self.overlaps is None or (isinstance(self.overlaps, tuple) and all(o in OVERLAPS for o in self.overlaps)),
+            "overlaps",
+            f"must list some of {', '.join(OVERLAPS)} (or be absent: the planner chooses)",
+        )
         _positive_ints(self, ("global_batch_size", "seq_length"))
+        _require(
+            self.fp8_recipe is None or self.fp8_recipe in FP8_RECIPES,
+            "fp8_recipe",
+            f"must be one of {', '.join(FP8_RECIPES)} or absent",
+        )
+        _require(self.fp8_format in FP8_FORMATS, "fp8_format", f"must be one of {', '.join(FP8_FORMATS)}")
+        _require(
+            self.fp8_recipe is None or self.precision in ("bf16", "fp16"),
+            "fp8_recipe",
+            "needs --bf16 or --fp16 beside it (FP8 GEMMs inside a bf16/fp16 model, as Megatron-LM runs them)",
+        )
         _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         for name, choices in (
             ("main_grads_dtype", MAIN_GRADS_DTYPES),
@@ -202,6 +239,17 @@ class TrainingSpec:
     def bytes_per_value(self) -> int:
         return 4 if self.precision == "fp32" else 2
 
+    @property
+    def fp8(self) -> bool:
+        """Whether the transformer layers' linear GEMMs run in FP8."""
+        return self.fp8_recipe is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.overlaps is not None:
+            data["overlaps"] = list(self.overlaps)  # as JSON holds it
+        return data
+
     def check_against(self, model: ModelSpec) -> None:
         """Rules that involve both specs (Megatron asserts the same: max_position_embeddings >= seq)."""
         if model.architecture == "vit":
@@ -215,9 +263,6 @@ class TrainingSpec:
                 f"{model.max_position_embeddings}); use a shorter length or a model spec with "
                 f"larger max_position_embeddings",
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingSpec":

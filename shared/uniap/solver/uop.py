@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ..cluster.spec import ClusterSpec
 from ..cost.evaluate import Prediction, evaluate
 from ..cost.model import CostModel
-from ..cost.strategy import NO_PINS, Capability, Pins
+from ..cost.strategy import FREE_SPLIT_VIRTUAL_STAGES, NO_PINS, Capability, Pins
 from ..cost.tables import Subproblem, build_subproblem
 from ..errors import InfeasibleError, SolverTimeLimitError, SpecError
 from ..model.graph import TRANSFORMER_KINDS, LayerGraph
@@ -66,7 +66,8 @@ def candidate_pairs(
 ) -> list[tuple[int, int, int]]:
     """(deg, c, v): deg divides the GPU count (equal stages), c divides the global batch, v model chunks per
     rank (the capability's; v > 1 only with deg > 1 and c a multiple of deg, Megatron's interleaved schedule
-    rule), at most one stage per layer; pins and the capability's pipeline limit restrict all three."""
+    rule; above FREE_SPLIT_VIRTUAL_STAGES only where the transformer layers split evenly over the chunks), at
+    most one stage per layer; pins and the capability's pipeline limit restrict all three."""
     degs = [d for d in divisors(cluster.num_gpus) if d <= len(graph.layers)]
     if capability.max_pipeline_degree:
         degs = [d for d in degs if d <= capability.max_pipeline_degree]
@@ -88,7 +89,7 @@ def candidate_pairs(
         for c in cs
         for v in vs
         if (v == 1 or (d > 1 and c % d == 0 and d * v <= len(graph.layers)))
-        and not (pins.even_split and transformer_layers % (d * v))
+        and not ((pins.even_split or v > FREE_SPLIT_VIRTUAL_STAGES) and transformer_layers % (d * v))
     ]
     if not found and pins.virtual_stages is not None:
         raise SpecError(
