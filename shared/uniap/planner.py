@@ -99,7 +99,7 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
             "plan with fp32 optimizer states, or for a target that has one (megatron)",
         )
     p, flags, c = job.pins, job.pin_flags, job.cluster
-    world, node, gbs = c.num_gpus, c.gpus_per_node, job.training.global_batch_size
+    world, node, gbs = c.num_gpus, c.nvlink_gpus, job.training.global_batch_size
     hint = f"drop the pin to let the planner choose, or change it (target '{job.target}')"
     if p.offload not in (None, OFFLOAD_NONE):
         if c.host_memory_gib is None:
@@ -116,8 +116,8 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
     if p.tp is not None:
         if p.tp > node or node % p.tp or world % p.tp:
             raise SpecError(
-                f"{flags['tp']} {p.tp} does not divide the {node} GPUs per node (tensor parallelism "
-                f"stays inside a node; {world} GPUs in all)",
+                f"{flags['tp']} {p.tp} does not divide the {node} GPUs NVLink joins (tensor parallelism "
+                f"stays inside a node or NVLink domain; {world} GPUs in all)",
                 hint,
             )
         seq = graph.divisibility.get("sequence_length", 0)

@@ -115,6 +115,24 @@ _A100 = DeviceCoefficients(
     misaligned_gemm=MISALIGNED_GEMM_H200,  # the H200's; not measured on an A100
 )
 
+# Blackwell (B200, GB200, B300, GB300): nothing measured by uniap. GEMM efficiencies from the largest bf16 and
+# FP8 GEMMs published for these GPUs (stas00/ml-engineering compute/accelerator "maximum achievable matmul
+# FLOPS": B200 1,745 of 2,250 bf16 and 3,432 of 4,500 FP8, GB200 1,822 of 2,500 and 3,616 of 5,000), the
+# backward at the H200's backward/forward ratio, attention and the per-pass overhead the H200's.
+BLACKWELL_FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+_BLACKWELL = DeviceCoefficients(
+    gemm_forward=0.75,
+    gemm_backward=0.75 * _H200.gemm_backward / _H200.gemm_forward,
+    attention=_H200.attention,
+    memory=0.8,
+    layer_overhead_ms=_H200.layer_overhead_ms,
+    source="published maximum GEMM throughput of B200/GB200 (bf16 and FP8); attention and overheads the H200's; "
+    "not measured by uniap",
+    misaligned_gemm=MISALIGNED_GEMM_H200,
+    gemm_fp8=0.74,
+    fp8_recipes=BLACKWELL_FP8_RECIPES,
+)
+
 # Any other GPU: the A100/H200 fits' lower GEMM efficiencies, rounded down; nothing measured.
 GENERIC_DEVICE = DeviceCoefficients(
     gemm_forward=0.7,
@@ -125,9 +143,19 @@ GENERIC_DEVICE = DeviceCoefficients(
     source="generic defaults for an unmeasured GPU (below the A100 and H200 fits); run a profiler or "
     "`uniap calibrate` for this GPU",
     misaligned_gemm=MISALIGNED_GEMM_H200,  # the H200's; not measured on this GPU
+    fp8_recipes=("delayed", "tensorwise"),  # per-tensor scaling runs wherever FP8 tensor cores do
 )
 
-DEVICE_COEFFICIENTS: dict[str, DeviceCoefficients] = {"H200": _H200, "H100": _H100, "A100": _A100}
+# Matched as substrings of the GPU's name, in this order (GB200 before B200).
+DEVICE_COEFFICIENTS: dict[str, DeviceCoefficients] = {
+    "GB300": _BLACKWELL,
+    "GB200": _BLACKWELL,
+    "B300": _BLACKWELL,
+    "B200": _BLACKWELL,
+    "H200": _H200,
+    "H100": _H100,
+    "A100": _A100,
+}
 
 
 def device_coefficients(gpu_name: str) -> DeviceCoefficients:

@@ -25,7 +25,7 @@ GiB = 2**30
 # operating system, the data loaders and the page cache.
 HOST_MEMORY_USABLE = 0.8
 # Fields a cluster may leave out: no hand-set GEMM efficiency, hosts not described, no FP8 tensor cores.
-OPTIONAL_FIELDS = ("matmul_efficiency", "host_memory_gib", "peak_fp8_tflops")
+OPTIONAL_FIELDS = ("matmul_efficiency", "host_memory_gib", "peak_fp8_tflops", "nvlink_domain")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ class ClusterSpec:
     `host_memory_bandwidth_gbps` (datasheet peak) per node, `host_link_bandwidth_gbps` per GPU between host and
     device (PCIe); DeepSpeedCPUAdam is bound by memory bandwidth, not cores (uniap.cost.model.CostModel.cpu_adam).
     Without `host_memory_gib` uniap does not consider offloading. `peak_fp8_tflops`: the dense FP8 tensor peak
-    (None: the GPU has no FP8 tensor cores, like the A100)."""
+    (None: the GPU has no FP8 tensor cores, like the A100). `nvlink_domain`: GPUs one NVLink fabric joins when it
+    spans nodes (72 in a GB200 NVL72 rack of 4-GPU trays; None: the node): `intra_node_*` figures apply inside
+    it, and tensor, context and data-parallel groups inside it use them."""
 
     name: str
     num_nodes: int
@@ -56,6 +58,7 @@ class ClusterSpec:
     host_memory_bandwidth_gbps: float = 200.0
     host_link_bandwidth_gbps: float = 32.0
     peak_fp8_tflops: float | None = None
+    nvlink_domain: int | None = None
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("num_nodes", "gpus_per_node"))
@@ -102,6 +105,16 @@ class ClusterSpec:
             "must be >= 0 and below gpu_memory_gib",
         )
         _require(self.collective_latency_us >= 0, "collective_latency_us", "must be >= 0")
+        _require(
+            self.nvlink_domain is None
+            or (
+                isinstance(self.nvlink_domain, int)
+                and self.nvlink_domain >= self.gpus_per_node
+                and self.nvlink_domain % self.gpus_per_node == 0
+            ),
+            "nvlink_domain",
+            f"must be a multiple of gpus_per_node ({self.gpus_per_node}) or absent",
+        )
         for name in ("host_memory_gib", "peak_fp8_tflops"):
             v = getattr(self, name)
             _require(v is None or v > 0, name, "must be positive or absent")
@@ -109,6 +122,11 @@ class ClusterSpec:
     @property
     def num_gpus(self) -> int:
         return self.num_nodes * self.gpus_per_node
+
+    @property
+    def nvlink_gpus(self) -> int:
+        """GPUs joined by NVLink (the intra-node bandwidth): the NVLink domain, else one node."""
+        return self.nvlink_domain or self.gpus_per_node
 
     @property
     def coefficients(self) -> DeviceCoefficients:
@@ -193,6 +211,77 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             peak_fp8_tflops=1979.0,
             **DGX_H100_HOST,
         ),
+        # DGX B200 (NVIDIA DGX B200 User Guide, "DGX B200 Component Descriptions"; dense peaks are half the
+        # datasheet's sparse 72 PFLOPS FP8 / 8): 2,250 TFLOP/s bf16, 4,500 FP8, 180 GB HBM3e (178.35 GiB as
+        # PyTorch reports it) at 8 TB/s, NVLink5 1.8 TB/s (900 per direction), 8x ConnectX-7 400 Gb/s; hosts
+        # 2x Xeon Platinum 8570 with 2 TB DDR5-5600 on 2 x 8 channels (716.8 GB/s), PCIe Gen5 x16 per GPU.
+        ClusterSpec(
+            name="dgx-b200",
+            num_nodes=1,
+            gpus_per_node=8,
+            gpu_name="B200-SXM-180GB",
+            gpu_memory_gib=178.35,
+            peak_tflops=2250.0,
+            peak_fp8_tflops=4500.0,
+            hbm_bandwidth_gbps=8000.0,
+            intra_node_bandwidth_gbps=900.0,
+            inter_node_bandwidth_gbps=50.0,
+            host_memory_gib=2048.0,
+            host_memory_bandwidth_gbps=716.8,
+            host_link_bandwidth_gbps=64.0,
+        ),
+        # GB200 NVL72 (NVIDIA GB200 NVL72 page, rack figures / 72): 2,500 TFLOP/s bf16, 5,000 FP8, 186 GB HBM3e
+        # (184.31 GiB in PyTorch) at 8 TB/s; 18 trays of 4 GPUs and 2 Grace CPUs, all 72 GPUs on one NVLink5
+        # fabric (900 GB/s per direction per GPU); one ConnectX-7 400 Gb/s per GPU. Hosts: up to 480 GB LPDDR5X
+        # at ~512 GB/s per Grace, reached over NVLink-C2C (900 GB/s both ways per Grace, ~225 per GPU and
+        # direction).
+        ClusterSpec(
+            name="gb200-nvl72",
+            num_nodes=18,
+            gpus_per_node=4,
+            nvlink_domain=72,
+            gpu_name="GB200",
+            gpu_memory_gib=184.31,
+            peak_tflops=2500.0,
+            peak_fp8_tflops=5000.0,
+            hbm_bandwidth_gbps=8000.0,
+            intra_node_bandwidth_gbps=900.0,
+            inter_node_bandwidth_gbps=50.0,
+            host_memory_gib=960.0,
+            host_memory_bandwidth_gbps=1024.0,
+            host_link_bandwidth_gbps=225.0,
+        ),
+        # DGX B300 (Blackwell Ultra; DGX B300 datasheet via secondary sources, not re-read): 2,250 TFLOP/s bf16,
+        # 4,500 FP8, 288 GB HBM3e (267.69 GiB in PyTorch) at 8 TB/s, NVLink5, 8x ConnectX-8 800 Gb/s (100 GB/s
+        # per GPU). Its hosts' memory is not verified: not described.
+        ClusterSpec(
+            name="dgx-b300",
+            num_nodes=1,
+            gpus_per_node=8,
+            gpu_name="B300-SXM-288GB",
+            gpu_memory_gib=267.69,
+            peak_tflops=2250.0,
+            peak_fp8_tflops=4500.0,
+            hbm_bandwidth_gbps=8000.0,
+            intra_node_bandwidth_gbps=900.0,
+            inter_node_bandwidth_gbps=100.0,
+        ),
+        # GB300 NVL72 (NVIDIA GB300 NVL72 page via secondary sources: 360 PF dense FP8 / 72): 2,500 TFLOP/s bf16,
+        # 5,000 FP8, ~279 GB HBM3e (276.50 GiB in PyTorch) at 8 TB/s, one 72-GPU NVLink5 fabric, one ConnectX-8
+        # 800 Gb/s per GPU; Grace hosts as GB200 (not verified).
+        ClusterSpec(
+            name="gb300-nvl72",
+            num_nodes=18,
+            gpus_per_node=4,
+            nvlink_domain=72,
+            gpu_name="GB300",
+            gpu_memory_gib=276.5,
+            peak_tflops=2500.0,
+            peak_fp8_tflops=5000.0,
+            hbm_bandwidth_gbps=8000.0,
+            intra_node_bandwidth_gbps=900.0,
+            inter_node_bandwidth_gbps=100.0,
+        ),
         # 8x A100 80GB PCIe in one server: PCIe Gen4 x16 (32 GB/s per direction), no NVLink;
         # one 100 Gb/s NIC shared by the node = 1.5625 GB/s per GPU.
         ClusterSpec(
@@ -215,7 +304,15 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
 
 
 # GPU family -> the preset whose peak FLOP/s and link bandwidths a detected GPU of that family gets.
-PRESET_OF_FAMILY = (("H200", "dgx-h200"), ("H100", "dgx-h100"), ("A100", "dgx-a100-80g"))
+PRESET_OF_FAMILY = (
+    ("GB300", "gb300-nvl72"),
+    ("GB200", "gb200-nvl72"),
+    ("B300", "dgx-b300"),
+    ("B200", "dgx-b200"),
+    ("H200", "dgx-h200"),
+    ("H100", "dgx-h100"),
+    ("A100", "dgx-a100-80g"),
+)
 DEFAULT_DEVICE_PRESET = "dgx-h100"
 
 

@@ -316,11 +316,11 @@ class CostModel:
         of cp - 1 steps a rank sends its chunk of keys and values to the next rank while computing on the one
         it holds (TransformerEngine's p2p ring); backward passes keys, values and their gradients (twice the
         bytes), and full recompute runs the forward's exchange again. The ranks of a CP group are adjacent
-        after TP (Megatron's rank order tp-cp-dp-pp), so the ring stays in a node while tp * cp fits one.
+        after TP (Megatron's rank order tp-cp-dp-pp), so the ring stays on NVLink while tp * cp fits its domain.
         `samples` is the b/cp samples' worth each rank computes."""
         if s.cp == 1 or layer.kv_bytes == 0:
             return 0.0
-        G = self.cluster.gpus_per_node
+        G = self.cluster.nvlink_gpus
         intra = s.tp * s.cp <= G and G % (s.tp * s.cp) == 0
         chunk = samples * layer.kv_bytes / s.tp  # this rank's keys and values (1/cp of the sequence)
         ring_fwd = (s.cp - 1) * self.p2p(chunk, intra)

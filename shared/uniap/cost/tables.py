@@ -93,7 +93,7 @@ class Subproblem:
 
     @property
     def stage_intra_node(self) -> bool:
-        return self.stage_devices <= self.cluster.gpus_per_node
+        return self.stage_devices <= self.cluster.nvlink_gpus
 
     @property
     def feasible_strategies(self) -> bool:
@@ -261,7 +261,7 @@ def build_subproblem(
 ) -> Subproblem:
     n = cluster.num_gpus // deg
     mb = training.global_batch_size // c
-    G = cluster.gpus_per_node
+    G = cluster.nvlink_gpus
     runs = []
     for run in graph.runs:
         layer = graph.layers[run.first]

@@ -1,0 +1,260 @@
+"""The published record of large real training runs (benchmarks/data/published/), priced by uniap's cost model.
+
+Each row is priced as its source ran it: its GPUs (the preset of its system), model, batch, sequence, precision
+and FP8 recipe, TP/PP/CP/VP, micro-batch size, the distributed optimizer or FSDP, recompute and the overlaps the
+source states (`uniap.planner.configure`, target megatron). The error is uniap's tokens/s per GPU against the
+published one; a source that publishes TFLOP/s only is turned into tokens/s with that source's own FLOP count.
+
+Rows fall into three splits: `held-out` (sources kept out of every fit on purpose: the Megatron-LM README's
+scaling table, the Llama 3 paper's Table 4), `validation` (published from VALIDATION_FROM on), `fit` (the rest):
+coefficients are fitted on `fit` only (benchmarks/fit_published.py), and the errors are reported per split.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uniap.cluster.spec import cluster_preset
+from uniap.errors import SpecError
+from uniap.model.spec import PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP, ModelSpec, TrainingSpec
+from uniap.planner import configure
+
+CORPUS = Path(__file__).resolve().parent / "data" / "published"
+FIT, VALIDATION, HELD_OUT = "fit", "validation", "held-out"
+SPLITS = (FIT, VALIDATION, HELD_OUT)
+# Rows published from this month on validate what the earlier ones fitted (container releases 26.x).
+VALIDATION_FROM = "2026-01"
+# Targets of issue 20: mean |error| on the fit and validation splits, and no row beyond the last.
+TARGETS = {FIT: 5.0, VALIDATION: 7.0}
+WORST_TARGET = 12.0
+# FlashAttention was released in May 2022; rows before it ran attention that keeps the s x s scores.
+FLASH_ATTENTION_SINCE = "2022-06"
+# The micro-batch sizes tried where a source does not state its own (the fastest that fits is taken).
+MICRO_BATCH_SIZES = (1, 2, 4, 8)
+# GPU name prefix -> the cluster preset of the system the source ran.
+PRESET_OF_GPU = (
+    ("GB300", "gb300-nvl72"),
+    ("GB200", "gb200-nvl72"),
+    ("B300", "dgx-b300"),
+    ("B200", "dgx-b200"),
+    ("H100", "dgx-h100"),
+    ("A100", "dgx-a100-80g"),
+)
+# A recipe a source leaves unnamed: Transformer Engine's per-tensor current scaling, the one NeMo 25.x ran.
+DEFAULT_FP8_RECIPE = "tensorwise"
+
+
+@dataclass
+class PricedRow:
+    """One published row and uniap's price of it (or why it was not priced)."""
+
+    id: str
+    source: str
+    split: str
+    gpu: str
+    label: str
+    measured: float  # tokens/s per GPU, as published or converted with the source's FLOP count
+    predicted: float | None = None
+    micro_batch_size: int | None = None
+    fits: bool | None = None
+    skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def error_percent(self) -> float | None:
+        return None if self.predicted is None else (self.predicted / self.measured - 1.0) * 100.0
+
+
+# --- the sources' FLOP counts (per token), to turn a published TFLOP/s into tokens/s ------------------------
+
+
+def _padded_vocab(vocab: int, tp: int) -> int:
+    return -(-vocab // (128 * tp)) * 128 * tp
+
+
+def megatron_flops(model: ModelSpec, seq: int, tp: int) -> float:
+    """Megatron-LM core_v0.16.1 training.py num_floating_point_operations (= Megatron-Bridge flop_utils.py
+    transformer_flops): 6 x [L (GEMMs of the FFN, QKV, projection + causal attention q s) + h V_padded]."""
+    h, q, kv = model.hidden_size, model.num_attention_heads * model.head_dim, model.query_groups * model.head_dim
+    ffn = (3 if model.gated_mlp else 2) * h * model.ffn_hidden_size
+    layer = ffn + h * (q + 2 * kv) + q * h + q * seq
+    return 6.0 * (model.num_layers * layer + h * _padded_vocab(model.vocab_size, tp))
+
+
+def narayanan_flops(model: ModelSpec, seq: int, recompute: bool) -> float:
+    """Narayanan et al. 2021 Eq. 3 per token: 24 f l h^2 (1 + s/6h + V/16lh), f = 4 with recompute, else 3."""
+    h, layers = model.hidden_size, model.num_layers
+    f = 4 if recompute else 3
+    return 24 * f * layers * h**2 * (1 + seq / (6 * h) + model.vocab_size / (16 * layers * h))
+
+
+def nemo_flops(model: ModelSpec, seq: int) -> float:
+    """NeMo's FLOPsMeasurementCallback (perf_metrics.py / flops_formulas.py) per token: GPT-3
+    72 L h^2 + 12 L s h + 6 h V; Llama 18 ffn/h (gated), Nemotron 12 ffn/h (squared ReLU), with GQA."""
+    h, layers, v = model.hidden_size, model.num_layers, model.vocab_size
+    if model.architecture == "decoder" and not model.gated_mlp and model.query_groups == model.num_attention_heads:
+        if model.position_embedding == "learned":  # GPT-3
+            return 72 * layers * h * h + 12 * layers * seq * h + 6 * h * v
+    g, a = model.query_groups, model.num_attention_heads
+    ffn = (18 if model.gated_mlp else 12) * model.ffn_hidden_size / h
+    return layers * h * h * (12 + 12 * g / a + ffn + 12 * seq / h + 6 * v / (layers * h))
+
+
+def flops_per_token(source: str, model: ModelSpec, seq: int, tp: int, recompute: bool) -> float:
+    """The FLOPs per token the source counted for its TFLOP/s column."""
+    if source in ("megatron-lm-sc21", "deepspeed"):
+        return narayanan_flops(model, seq, recompute)
+    if source == "nemo":
+        return nemo_flops(model, seq)
+    return megatron_flops(model, seq, tp)
+
+
+# --- pricing --------------------------------------------------------------------------------------------------
+
+
+def load_rows() -> list[tuple[str, bool, dict]]:
+    """(source name, held out, row) for every row of every source file."""
+    out = []
+    for path in sorted(CORPUS.glob("*.json")):
+        data = json.loads(path.read_text())
+        out += [(path.stem, bool(data.get("held_out")), row) for row in data["rows"]]
+    return out
+
+
+def split_of(row: dict, held_out: bool) -> str:
+    if held_out:
+        return HELD_OUT
+    return VALIDATION if row["date"] >= VALIDATION_FROM else FIT
+
+
+def recompute_of(flags: dict) -> str:
+    """uniap's recompute mode for a source's statement (a partial 'full (block, 5 layers)' counts as full)."""
+    stated = str(flags.get("recompute", "none")).lower()
+    return "full" if stated.startswith("full") else "selective" if stated.startswith("selective") else "none"
+
+
+def preset_of(gpu: str) -> str | None:
+    return next((preset for prefix, preset in PRESET_OF_GPU if gpu.upper().startswith(prefix)), None)
+
+
+def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
+    """uniap's tokens/s per GPU for one row, configured as the source states it."""
+    flags = row.get("flags") or {}
+    recompute = recompute_of(flags)
+    tp, pp, cp, vp = row["tp"], row["pp"], row["cp"], row.get("vp") or 1
+    label = (
+        f"{row['model'].get('name', '?')} {row['gpus']}x{row['gpu'].split('-')[0]} {row['precision']}"
+        f"{'/' + row['recipe'] if row.get('recipe') else ''} TP{tp} PP{pp}{f' VP{vp}' if vp > 1 else ''}"
+        f"{f' CP{cp}' if cp > 1 else ''}{' FSDP' if row.get('fsdp') else ''}"
+    )
+    priced = PricedRow(row["id"], source, split_of(row, held_out), row["gpu"], label, measured=0.0)
+    try:
+        model = ModelSpec.from_dict(row["model"])
+    except SpecError as exc:
+        priced.skipped = f"model not fully stated ({exc.message})"
+        return priced
+    seq = row["seq_length"]
+    measured = row["measured"]
+    if "tokens_per_s_per_gpu" in measured:
+        priced.measured = float(measured["tokens_per_s_per_gpu"])
+    else:
+        priced.measured = measured["tflops_per_gpu"] * 1e12 / flops_per_token(source, model, seq, tp, recompute == "full")
+        priced.notes.append("tokens/s from the source's TFLOP/s and FLOP count")
+    preset = preset_of(row["gpu"])
+    if preset is None:
+        priced.skipped = f"no cluster preset for {row['gpu']}"
+        return priced
+    if row["precision"] not in ("bf16", "fp16", "fp8"):
+        priced.skipped = f"{row['precision']} is not modelled yet"
+        return priced
+    cluster = cluster_preset(preset)
+    nodes = row["gpus"] // cluster.gpus_per_node
+    cluster = cluster.with_shape(nodes)
+    if model.max_position_embeddings < seq:
+        model = ModelSpec.from_dict({**row["model"], "max_position_embeddings": seq})
+    overlaps = tuple(
+        o for o, key in ((TP_COMM_OVERLAP, "tp_comm_overlap"), (PARAM_GATHER_OVERLAP, "overlap_param_gather"))
+        if flags.get(key) and (o != TP_COMM_OVERLAP or tp > 1)
+    )
+    fp8 = row["precision"] == "fp8"
+    training = TrainingSpec(
+        global_batch_size=row["global_batch_size"],
+        seq_length=seq,
+        precision="bf16" if fp8 else row["precision"],
+        flash_attention=flags.get("flash_attention", row["date"] >= FLASH_ATTENTION_SINCE),
+        fp8_recipe=(row.get("recipe") or DEFAULT_FP8_RECIPE) if fp8 else None,
+        overlaps=overlaps,
+    )
+    dp = row["gpus"] // (tp * pp * cp)
+    zero = 3 if row.get("fsdp") else 1 if flags.get("distributed_optimizer", True) and dp * cp > 1 else 0
+    if zero == 3 and pp > 1:
+        zero = 1  # Megatron runs FSDP only at PP 1: a pipelined FSDP (Llama 3's) is priced with sharded optimizer
+        priced.notes.append("FSDP with a pipeline priced as the distributed optimizer")
+    sizes = (row["micro_batch_size"],) if row.get("micro_batch_size") else MICRO_BATCH_SIZES
+    best = None
+    for mbs in sizes:
+        try:
+            plan, pred = configure(
+                model, cluster, training, "megatron", tp, pp, mbs, zero, recompute, cp=cp, virtual_stages=vp
+            )
+        except SpecError as exc:
+            priced.skipped = exc.message
+            continue
+        tokens = plan.tokens_per_second / row["gpus"]
+        if best is None or (pred.fits, tokens) > (best[1], best[0]):
+            best = (tokens, pred.fits, mbs)
+    if best is not None:
+        priced.predicted, priced.fits, priced.micro_batch_size = best
+        priced.skipped = None
+    return priced
+
+
+def price_corpus() -> list[PricedRow]:
+    return [price_row(source, held_out, row) for source, held_out, row in load_rows()]
+
+
+def summary(rows: list[PricedRow]) -> dict[str, dict]:
+    """Per split: rows priced, mean and worst |error|, and how many uniap says would not fit."""
+    out = {}
+    for split in SPLITS:
+        errors = [abs(r.error_percent) for r in rows if r.split == split and r.predicted is not None]
+        out[split] = {
+            "rows": len(errors),
+            "skipped": sum(1 for r in rows if r.split == split and r.predicted is None),
+            "mean_abs_error_percent": statistics.mean(errors) if errors else None,
+            "worst_abs_error_percent": max(errors) if errors else None,
+            "not_fitting": sum(1 for r in rows if r.split == split and r.fits is False),
+        }
+    return out
+
+
+def print_table(rows: list[PricedRow]) -> None:
+    print("1. published: real runs as their sources ran them (benchmarks/data/published), tokens/s per GPU")
+    print(f"  {'split':<10} {'row':<60} {'mbs':>3} {'published':>9} {'uniap':>9} {'error':>7}")
+    for r in sorted(rows, key=lambda r: (SPLITS.index(r.split), r.gpu, r.source, r.id)):
+        if r.predicted is None:
+            continue
+        fits = "" if r.fits else "  (uniap: does not fit)"
+        print(
+            f"  {r.split:<10} {r.label[:60]:<60} {r.micro_batch_size:>3} {r.measured:>9.0f} {r.predicted:>9.0f} "
+            f"{r.error_percent:>+6.1f}%{fits}"
+        )
+    skipped: dict[str, int] = {}
+    for r in rows:
+        if r.predicted is None:
+            skipped[r.skipped] = skipped.get(r.skipped, 0) + 1
+    for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]):
+        print(f"  not priced: {n} row(s): {reason}")
+    for split, s in summary(rows).items():
+        if not s["rows"]:
+            continue
+        target = f" (target {TARGETS[split]:.0f} %)" if split in TARGETS else ""
+        print(
+            f"  {split}: {s['rows']} rows, mean |error| {s['mean_abs_error_percent']:.1f} %{target}, worst "
+            f"{s['worst_abs_error_percent']:.1f} % (target {WORST_TARGET:.0f} %), {s['not_fitting']} priced as not "
+            "fitting in memory"
+        )
+    print()
