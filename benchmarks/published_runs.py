@@ -45,6 +45,18 @@ PRESET_OF_GPU = (
 )
 # A recipe a source leaves unnamed: Transformer Engine's per-tensor current scaling, the one NeMo 25.x ran.
 DEFAULT_FP8_RECIPE = "tensorwise"
+# What NeMo's and Megatron-Bridge's performance recipes set where a row does not say (their perf configs: the
+# distributed optimizer with both overlaps, TP communication overlap at TP > 1, gradients reduced in bf16).
+RECIPE_DEFAULTS = {
+    "distributed_optimizer": True,
+    "overlap_param_gather": True,
+    "tp_comm_overlap": True,
+    "grad_reduce_in_fp32": False,
+}
+RECIPE_FRAMEWORKS = ("NeMo", "Megatron-Bridge")
+# Megatron-DeepSpeed (BLOOM's) ran TP without sequence parallelism: norms and dropout on every TP rank, which
+# uniap's Megatron pricing (sequence parallel at TP > 1) does not describe.
+NO_SEQUENCE_PARALLEL = ("Megatron-DeepSpeed",)
 
 
 @dataclass
@@ -75,12 +87,13 @@ def _padded_vocab(vocab: int, tp: int) -> int:
     return -(-vocab // (128 * tp)) * 128 * tp
 
 
-def megatron_flops(model: ModelSpec, seq: int, tp: int) -> float:
+def megatron_flops(model: ModelSpec, seq: int, tp: int, causal: bool = True) -> float:
     """Megatron-LM core_v0.16.1 training.py num_floating_point_operations (= Megatron-Bridge flop_utils.py
-    transformer_flops): 6 x [L (GEMMs of the FFN, QKV, projection + causal attention q s) + h V_padded]."""
+    transformer_flops): 6 x [L (GEMMs of the FFN, QKV, projection + causal attention q s) + h V_padded];
+    before 2025 (core_r0.8.0) the attention was counted in full, 2 q s."""
     h, q, kv = model.hidden_size, model.num_attention_heads * model.head_dim, model.query_groups * model.head_dim
     ffn = (3 if model.gated_mlp else 2) * h * model.ffn_hidden_size
-    layer = ffn + h * (q + 2 * kv) + q * h + q * seq
+    layer = ffn + h * (q + 2 * kv) + q * h + q * seq * (1 if causal else 2)
     return 6.0 * (model.num_layers * layer + h * _padded_vocab(model.vocab_size, tp))
 
 
@@ -109,7 +122,7 @@ def flops_per_token(source: str, model: ModelSpec, seq: int, tp: int, recompute:
         return narayanan_flops(model, seq, recompute)
     if source == "nemo":
         return nemo_flops(model, seq)
-    return megatron_flops(model, seq, tp)
+    return megatron_flops(model, seq, tp, causal=source != "megatron-lm-readme")
 
 
 # --- pricing --------------------------------------------------------------------------------------------------
@@ -131,8 +144,11 @@ def split_of(row: dict, held_out: bool) -> str:
 
 
 def recompute_of(flags: dict) -> str:
-    """uniap's recompute mode for a source's statement (a partial 'full (block, 5 layers)' counts as full)."""
+    """uniap's recompute mode for a source's statement. Recomputing only the first few layers of each stage
+    (recompute_method 'block') is priced without recompute: uniap recomputes every layer or none."""
     stated = str(flags.get("recompute", "none")).lower()
+    if flags.get("recompute_method") == "block":
+        return "none"
     return "full" if stated.startswith("full") else "selective" if stated.startswith("selective") else "none"
 
 
@@ -143,6 +159,8 @@ def preset_of(gpu: str) -> str | None:
 def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
     """uniap's tokens/s per GPU for one row, configured as the source states it."""
     flags = row.get("flags") or {}
+    if row["framework"] in RECIPE_FRAMEWORKS:
+        flags = {**RECIPE_DEFAULTS, **flags}
     recompute = recompute_of(flags)
     tp, pp, cp, vp = row["tp"], row["pp"], row["cp"], row.get("vp") or 1
     label = (
@@ -161,8 +179,14 @@ def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
     if "tokens_per_s_per_gpu" in measured:
         priced.measured = float(measured["tokens_per_s_per_gpu"])
     else:
-        priced.measured = measured["tflops_per_gpu"] * 1e12 / flops_per_token(source, model, seq, tp, recompute == "full")
+        flops = flops_per_token(source, model, seq, tp, recompute == "full")
+        priced.measured = measured["tflops_per_gpu"] * 1e12 / flops
         priced.notes.append("tokens/s from the source's TFLOP/s and FLOP count")
+    if row["framework"] in NO_SEQUENCE_PARALLEL and tp > 1:
+        priced.skipped = f"TP without sequence parallelism ({row['framework']}) is not modelled"
+        return priced
+    if flags.get("recompute_method") == "block":
+        priced.notes.append("block recompute of a few layers priced without recompute")
     preset = preset_of(row["gpu"])
     if preset is None:
         priced.skipped = f"no cluster preset for {row['gpu']}"
@@ -171,12 +195,13 @@ def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
         priced.skipped = f"{row['precision']} is not modelled yet"
         return priced
     cluster = cluster_preset(preset)
-    nodes = row["gpus"] // cluster.gpus_per_node
-    cluster = cluster.with_shape(nodes)
+    gpus, per_node = row["gpus"], cluster.gpus_per_node
+    cluster = cluster.with_shape(max(1, gpus // per_node), min(gpus, per_node))
     if model.max_position_embeddings < seq:
         model = ModelSpec.from_dict({**row["model"], "max_position_embeddings": seq})
     overlaps = tuple(
-        o for o, key in ((TP_COMM_OVERLAP, "tp_comm_overlap"), (PARAM_GATHER_OVERLAP, "overlap_param_gather"))
+        o
+        for o, key in ((TP_COMM_OVERLAP, "tp_comm_overlap"), (PARAM_GATHER_OVERLAP, "overlap_param_gather"))
         if flags.get(key) and (o != TP_COMM_OVERLAP or tp > 1)
     )
     fp8 = row["precision"] == "fp8"
@@ -187,6 +212,9 @@ def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
         flash_attention=flags.get("flash_attention", row["date"] >= FLASH_ATTENTION_SINCE),
         fp8_recipe=(row.get("recipe") or DEFAULT_FP8_RECIPE) if fp8 else None,
         overlaps=overlaps,
+        # Megatron-Bridge and NeMo reduce gradients in bf16 unless the source says fp32 (grad_reduce_in_fp32).
+        grad_reduce_in_bf16=row["precision"] != "fp16" and flags.get("grad_reduce_in_fp32") is False,
+        fp8_param_gather=fp8 and bool(flags.get("fp8_param_gather")),
     )
     dp = row["gpus"] // (tp * pp * cp)
     zero = 3 if row.get("fsdp") else 1 if flags.get("distributed_optimizer", True) and dp * cp > 1 else 0
@@ -194,11 +222,12 @@ def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
         zero = 1  # Megatron runs FSDP only at PP 1: a pipelined FSDP (Llama 3's) is priced with sharded optimizer
         priced.notes.append("FSDP with a pipeline priced as the distributed optimizer")
     sizes = (row["micro_batch_size"],) if row.get("micro_batch_size") else MICRO_BATCH_SIZES
+    split = pipeline_split(model, pp * vp, flags) if pp > 1 else None
     best = None
     for mbs in sizes:
         try:
             plan, pred = configure(
-                model, cluster, training, "megatron", tp, pp, mbs, zero, recompute, cp=cp, virtual_stages=vp
+                model, cluster, training, "megatron", tp, pp, mbs, zero, recompute, split, cp=cp, virtual_stages=vp
             )
         except SpecError as exc:
             priced.skipped = exc.message
@@ -210,6 +239,19 @@ def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
         priced.predicted, priced.fits, priced.micro_batch_size = best
         priced.skipped = None
     return priced
+
+
+def pipeline_split(model: ModelSpec, stages: int, flags: dict) -> list[int]:
+    """Transformer layers per stage as Megatron splits them: evenly over the stages, the embedding and the loss
+    counted as a layer each where the source says so (Megatron-Bridge's account_for_embedding_in_pipeline_split
+    and account_for_loss_in_pipeline_split), earlier stages taking the remainder."""
+    embedding = int(bool(flags.get("account_for_embedding_in_pipeline_split")))
+    loss = int(bool(flags.get("account_for_loss_in_pipeline_split")))
+    base, extra = divmod(model.num_layers + embedding + loss, stages)
+    counts = [base + (i < extra) for i in range(stages)]
+    counts[0] -= embedding
+    counts[-1] -= loss
+    return counts
 
 
 def price_corpus() -> list[PricedRow]:

@@ -69,6 +69,8 @@ SWITCHES = {
     "--overlap-grad-reduce",
     "--overlap-param-gather",
     "--tp-comm-overlap",
+    "--fp8-param-gather",
+    "--grad-reduce-in-bf16",
     "--use-megatron-fsdp",
     "--use-torch-fsdp2",
     "--no-gradient-accumulation-fusion",

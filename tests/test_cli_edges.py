@@ -22,6 +22,8 @@ from uniap.errors import EXIT_INFEASIBLE, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, 
 from uniap.model.graph import build_graph
 from uniap.model.presets import MODEL_PRESETS
 from uniap.model.spec import TrainingSpec
+from uniap.planner import configure
+from uniap.report import scale_warning
 from uniap.solver.uop import optimize
 
 BIN = Path(sys.executable).parent
@@ -276,11 +278,22 @@ def test_help_explains_the_table(capsys):
 
 
 def test_a_cluster_far_larger_than_the_batch_is_warned_about(capsys):
-    rc, _out, err = run_main(capsys, "plan", "--nodes", "64", "--global-batch-size", "64", "--json")
+    """The warning counts data-parallel replicas and their pipeline stages, not GPUs."""
+    rc, out, err = run_main(capsys, "plan", "--nodes", "64", "--global-batch-size", "8", "--json")
     assert rc == EXIT_OK
-    assert "uniap: warning: the global batch (64 samples) is smaller than the 512 GPUs" in err and "MFU" in err
+    assert "uniap: warning: each of the" in err and "pipeline never fills" in err and "MFU" in err
     rc, _out, err = run_main(capsys, "plan", *SMALL, "--json")
     assert "warning" not in err
+
+
+@pytest.mark.parametrize("batch, warned", [(2048, False), (64, True)])
+def test_the_scale_warning_counts_replicas_not_gpus(batch, warned):
+    """TP8 PP16 on 8,192 GPUs: 64 replicas; a batch of 2,048 gives each 32 samples for 16 stages (a normal
+    job), one of 64 gives each a single sample."""
+    training = TrainingSpec(global_batch_size=batch, seq_length=4096)
+    cluster = CLUSTER_PRESETS["dgx-h100"].with_shape(1024)
+    plan, _ = configure(MODEL_PRESETS["llama2-70b"], cluster, training, "megatron", 8, 16, 1, 1)
+    assert (scale_warning(plan) is not None) is warned
 
 
 # --- progress ----------------------------------------------------------------------------------------

@@ -81,6 +81,8 @@ def megatron_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-format", dest="fp8", default=None, choices=["e4m3", "hybrid"])
     g.add_argument("--fp8-recipe", default="delayed", choices=["tensorwise", "delayed", "mxfp8", "blockwise", "custom"])
     g.add_argument("--tp-comm-overlap", action="store_true")
+    g.add_argument("--fp8-param-gather", action="store_true")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--ckpt-format", default="torch_dist", choices=["torch", "torch_dist", "torch_dcp", "fsdp_dtensor"])
     g = p.add_argument_group("data")
@@ -535,6 +537,8 @@ def test_every_plan_flag_maps_to_megatrons_dest():
         "--fp8-recipe",
         "tensorwise",
         "--tp-comm-overlap",
+        "--fp8-param-gather",
+        "--grad-reduce-in-bf16",
     ]
     assert {a for a in argv if a.startswith("--")} == {f.spelling for f in PLAN_FLAGS}
     mine = {s.dest: s.value for s in plan_settings(argv)}

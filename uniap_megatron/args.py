@@ -130,6 +130,9 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
     args += {"bf16": F.BF16.tokens(), "fp16": F.FP16.tokens()}.get(plan.training.precision, [])
     if plan.training.fp8:
         args += F.FP8_FORMAT.tokens(plan.training.fp8_format) + F.FP8_RECIPE.tokens(plan.training.fp8_recipe)
+        # validate_args: only with the distributed optimizer or FSDP (priced likewise).
+        args += F.FP8_PARAM_GATHER.tokens() if plan.training.fp8_param_gather and s.zero and s.shards > 1 else []
+    args += F.GRAD_REDUCE_IN_BF16.tokens() if plan.training.grad_reduce_in_bf16 else []
     # Before Blackwell, TP or CP needs one CUDA connection and Megatron-FSDP more than one (capability.py).
     env = {}
     if fsdp:
@@ -256,6 +259,8 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         exp_avg_sq_dtype=ns.exp_avg_sq_dtype,
         fp8_recipe=(given(F.FP8_RECIPE.dest) or F.FP8_RECIPE.default) if fp8 else None,
         fp8_format=fp8 or "hybrid",
+        fp8_param_gather=bool(fp8 and given(F.FP8_PARAM_GATHER.dest)),
+        grad_reduce_in_bf16=bool(given(F.GRAD_REDUCE_IN_BF16.dest)) and bool(given(F.BF16.dest)),
     )
     fsdp = given(F.TORCH_FSDP2.dest) or given(F.MEGATRON_FSDP.dest)
     zero = 3 if fsdp else 1 if given(F.DISTRIBUTED_OPTIMIZER.dest) else None

@@ -52,6 +52,7 @@ MEGATRON_ACCOUNTING = Accounting(
     torch_adam_without_fused_kernels=True,
     grad_accumulation_traffic={"bf16": 10.0, "fp16": 6.0, "fp32": 12.0},
     fusable_grad_accumulation=True,
+    fp32_grads=True,
 )
 
 MEGATRON = Capability(

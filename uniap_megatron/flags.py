@@ -95,6 +95,8 @@ FP16 = Flag("--fp16", Kind.SWITCH)
 FP8_FORMAT = Flag("--fp8-format", type=str, dest="fp8")
 FP8_RECIPE = Flag("--fp8-recipe", type=str, default="delayed")
 TP_COMM_OVERLAP = Flag("--tp-comm-overlap", Kind.SWITCH)
+FP8_PARAM_GATHER = Flag("--fp8-param-gather", Kind.SWITCH)
+GRAD_REDUCE_IN_BF16 = Flag("--grad-reduce-in-bf16", Kind.SWITCH)
 
 # The flags a plan sets, in the order args.py emits them.
 PLAN_FLAGS = (
@@ -123,6 +125,8 @@ PLAN_FLAGS = (
     FP8_FORMAT,
     FP8_RECIPE,
     TP_COMM_OVERLAP,
+    FP8_PARAM_GATHER,
+    GRAD_REDUCE_IN_BF16,
 )
 
 # --- other spellings of the same settings a user may pass (Megatron's aliases and implications) -------

@@ -29,7 +29,7 @@ from .errors import (
 from .io import check_output_path
 from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
-from .model.spec import PRECISIONS
+from .model.spec import FP8_FORMATS, FP8_RECIPES, OVERLAPS, PRECISIONS
 from .plan import Plan, make_plan
 from .planner import DEFAULT_GAP, Job, configure, price, training_spec
 from .planner import plan as solve
@@ -83,6 +83,31 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
         "parameter at the step) and unfused gradient accumulation (default: fused kernels)",
     )
     g.add_argument(
+        "--fp8",
+        choices=FP8_RECIPES,
+        help="run the transformer layers' linear GEMMs in FP8 with this Transformer Engine recipe (Megatron's "
+        "--fp8-recipe; the GPU must run it) (default: no FP8)",
+    )
+    g.add_argument("--fp8-format", choices=FP8_FORMATS, help="FP8 format with --fp8 (default: hybrid)")
+    g.add_argument(
+        "--fp8-param-gather",
+        action="store_true",
+        help="keep and all-gather the linear layers' parameters in FP8 (needs --fp8) (default: bf16 parameters)",
+    )
+    g.add_argument(
+        "--grad-reduce-in-bf16",
+        action="store_true",
+        help="keep and reduce gradients in bf16 where the framework keeps them in fp32 (Megatron-LM) "
+        "(default: the framework's)",
+    )
+    g.add_argument(
+        "--no-overlap",
+        action="append",
+        choices=OVERLAPS,
+        help="do not overlap this communication (repeatable): tp_comm (Megatron's --tp-comm-overlap), "
+        "param_gather (--overlap-param-gather) (default: every overlap the target runs)",
+    )
+    g.add_argument(
         "--target",
         help=f"what the plan must run on: {', '.join(known_targets())} (default: generic, the paper's space)",
     )
@@ -109,8 +134,17 @@ EVALUATE_CONFIG = (
     ("--cp", int, 1, "context-parallel degree (ranks each sequence is split over)"),
     ("--pp", int, 1, "pipeline degree"),
     ("--micro-batch-size", int, 1, "samples per data-parallel replica per micro-batch"),
+    ("--virtual-stages", int, 1, "model chunks per pipeline rank (interleaved 1F1B; --split then lists chunks)"),
 )
-EVALUATE_DEFAULTS = {"tp": 1, "cp": 1, "pp": 1, "micro_batch_size": 1, "zero": 0, "recompute": "none"}
+EVALUATE_DEFAULTS = {
+    "tp": 1,
+    "cp": 1,
+    "pp": 1,
+    "micro_batch_size": 1,
+    "virtual_stages": 1,
+    "zero": 0,
+    "recompute": "none",
+}
 TABLE_LEGEND = """reading the table:
   stage             the pipeline stage (interleaved: model chunk/rank, e.g. 4/r0)
   time/micro-batch  one micro-batch's forward and backward on the stage (the pipeline's beat)
@@ -300,8 +334,15 @@ def _job(args):
         flash_attention=not args.no_flash_attention,
         decoder_seq_length=args.decoder_seq_length,
         fused_kernels=not args.no_fused_kernels,
+        fp8_recipe=args.fp8,
+        fp8_format=args.fp8_format or "hybrid",
+        fp8_param_gather=args.fp8_param_gather,
+        grad_reduce_in_bf16=args.grad_reduce_in_bf16,
     )
-    capability_for(args.target)  # an unknown target is an input error before anything is solved
+    capability = capability_for(args.target)  # an unknown target is an input error before anything is solved
+    if args.no_overlap:
+        runs = capability.job_training(training).overlaps
+        training = replace(training, overlaps=tuple(o for o in runs if o not in args.no_overlap))
     return Job(
         model=model,
         cluster=cluster,
@@ -375,9 +416,10 @@ def cmd_evaluate(args) -> int:
         args.micro_batch_size,
         args.zero,
         args.recompute,
-        _split(args.split, args.pp) if args.split else None,
+        _split(args.split, args.pp * args.virtual_stages) if args.split else None,
         job.profile,
         cp=args.cp,
+        virtual_stages=args.virtual_stages,
     )
     return _emit_priced(plan, pred, args)
 
@@ -429,13 +471,14 @@ def _emit_priced(plan: Plan, pred, args) -> int:
     return EXIT_OK
 
 
-def _split(text: str, pp: int) -> list[int]:
+def _split(text: str, stages: int) -> list[int]:
+    """--split's transformer layers per stage: one count per stage (pipeline degree x model chunks per rank)."""
     try:
         counts = [int(x) for x in text.split(",")]
     except ValueError:
         raise SpecError(f"--split {text!r} must be comma-separated integers, e.g. 9,8,8,7") from None
-    if len(counts) != pp:
-        raise SpecError(f"--split lists {len(counts)} stages, --pp is {pp}")
+    if len(counts) != stages:
+        raise SpecError(f"--split lists {len(counts)} stages, --pp x --virtual-stages is {stages}")
     return counts
 
 

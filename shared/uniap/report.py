@@ -97,15 +97,18 @@ def host_note(plan: Plan, indent: str = "    ") -> list[str]:
 
 
 def scale_warning(plan: Plan) -> str | None:
-    """A warning when the cluster is larger than the batch can use: fewer samples per iteration than GPUs
-    leaves every replica a fraction of a sample, so communication and bubbles dominate (the MFU says so)."""
-    gpus, batch = plan.cluster.num_gpus, plan.training.global_batch_size
-    if batch >= gpus:
+    """A warning when the cluster is larger than the batch can use: each data-parallel replica (a pipeline of
+    TP x CP x PP GPUs) gets fewer samples per iteration than it has pipeline stages, so its pipeline never
+    fills and bubbles dominate (the MFU says so). A batch below the GPU count is normal where replicas are few
+    (TP8 PP16 on 8,192 GPUs with a batch of 2,048: 64 replicas of 32 samples)."""
+    replicas, batch, stages = plan.data_parallel_size, plan.training.global_batch_size, plan.pipeline_degree
+    per_replica = batch / replicas
+    if per_replica >= stages:
         return None
     return (
-        f"the global batch ({batch} samples) is smaller than the {gpus} GPUs: each computes "
-        f"{batch / gpus:.2g} samples per iteration and the best plan reaches MFU {plan.mfu * 100:.1f}%; "
-        f"a larger --global-batch-size or fewer --nodes would use the GPUs better"
+        f"each of the {replicas} data-parallel replicas computes {per_replica:.2g} samples per iteration, fewer "
+        f"than its {stages} pipeline stages: the pipeline never fills and the best plan reaches MFU "
+        f"{plan.mfu * 100:.1f}%; a larger --global-batch-size or fewer --nodes would use the GPUs better"
     )
 
 

@@ -90,13 +90,20 @@ _H200 = DeviceCoefficients(
     fp8_recipes=HOPPER_FP8_RECIPES,
 )
 
-# The H100 SXM is the same GH100 chip at the same tensor peak; only HBM differs (3.35 vs 4.8 TB/s), which the
-# memory term takes from the cluster spec. Not measured on an H100.
+# The H100 SXM is the H200's GH100 chip at the same tensor peak (HBM from the cluster spec): its bf16 GEMM
+# efficiencies and per-pass overhead are the H200's. Its FP8 GEMM and attention efficiencies are fitted to
+# the fit split of the published real runs (benchmarks/fit_published.py over benchmarks/data/published: 27
+# Megatron-Core runs by NVIDIA, NeMo 24.x and Megatron-Bridge 25.x, FP8 on 8-1,024 H100s, Transformer
+# Engine's fused attention; rms log error 0.083). The attention fraction is Transformer Engine's cuDNN kernel in
+# whole iterations, above the 0.22 torch's SDPA reached alone on the H200 and below FlashAttention-3's published
+# 0.5-0.6 (its kernel-only benchmarks).
 _H100 = replace(
     _H200,
-    source="the H200 fit applied to the H100 (same GH100 chip and tensor peak; HBM bandwidth from the "
-    "cluster spec); not measured on an H100",
-    basis=ESTIMATED,
+    gemm_fp8=0.634,
+    attention=0.333,
+    source="the H200's bf16 GEMM fit; FP8 GEMM and attention fitted to 27 published H100 runs "
+    "(benchmarks/fit_published.py)",
+    basis=MEASURED,
 )
 
 # Fitted to Galvatron's measured Llama-2-7B layer forward times (hetu-galvatron, bf16, seq 2048, micro-batch
@@ -115,22 +122,34 @@ _A100 = DeviceCoefficients(
     misaligned_gemm=MISALIGNED_GEMM_H200,  # the H200's; not measured on an A100
 )
 
-# Blackwell (B200, GB200, B300, GB300): nothing measured by uniap. GEMM efficiencies from the largest bf16 and
-# FP8 GEMMs published for these GPUs (stas00/ml-engineering compute/accelerator "maximum achievable matmul
-# FLOPS": B200 1,745 of 2,250 bf16 and 3,432 of 4,500 FP8, GB200 1,822 of 2,500 and 3,616 of 5,000), the
-# backward at the H200's backward/forward ratio, attention and the per-pass overhead the H200's.
+# Blackwell (B200, GB200) and Blackwell Ultra (B300, GB300): nothing measured by uniap. bf16 GEMMs at the
+# largest GEMMs' published throughput (stas00/ml-engineering compute/accelerator "maximum achievable matmul
+# FLOPS": B200 1,745 of 2,250, GB200 1,822 of 2,500), the backward at the H200's backward/forward ratio, the
+# per-pass overhead the H200's. FP8 GEMM and attention efficiencies fitted to the fit split of the published
+# runs (benchmarks/fit_published.py): B200/GB200 on 32 Megatron-Bridge 25.x and NeMo 25.04 runs (rms log error
+# 0.063), B300/GB300 on 4 (0.056). The fitted FP8 fraction sits below the 0.72-0.76 of the largest FP8 GEMMs:
+# whole iterations spend more of their time outside the GEMMs on these GPUs than the model counts.
 BLACKWELL_FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 _BLACKWELL = DeviceCoefficients(
     gemm_forward=0.75,
     gemm_backward=0.75 * _H200.gemm_backward / _H200.gemm_forward,
-    attention=_H200.attention,
+    attention=0.434,
     memory=0.8,
     layer_overhead_ms=_H200.layer_overhead_ms,
-    source="published maximum GEMM throughput of B200/GB200 (bf16 and FP8); attention and overheads the H200's; "
-    "not measured by uniap",
+    source="bf16 GEMMs from published maximum GEMM throughput; FP8 GEMM and attention fitted to 32 published "
+    "B200/GB200 runs (benchmarks/fit_published.py)",
+    basis=MEASURED,
     misaligned_gemm=MISALIGNED_GEMM_H200,
-    gemm_fp8=0.74,
+    gemm_fp8=0.49,
     fp8_recipes=BLACKWELL_FP8_RECIPES,
+)
+# Blackwell Ultra doubles the attention's exponentials (SFU) at the same dense bf16/FP8 tensor peaks.
+_BLACKWELL_ULTRA = replace(
+    _BLACKWELL,
+    attention=0.728,
+    gemm_fp8=0.581,
+    source="bf16 GEMMs as B200; FP8 GEMM and attention fitted to 4 published B300/GB300 runs "
+    "(benchmarks/fit_published.py)",
 )
 
 # Any other GPU: the A100/H200 fits' lower GEMM efficiencies, rounded down; nothing measured.
@@ -148,9 +167,9 @@ GENERIC_DEVICE = DeviceCoefficients(
 
 # Matched as substrings of the GPU's name, in this order (GB200 before B200).
 DEVICE_COEFFICIENTS: dict[str, DeviceCoefficients] = {
-    "GB300": _BLACKWELL,
+    "GB300": _BLACKWELL_ULTRA,
     "GB200": _BLACKWELL,
-    "B300": _BLACKWELL,
+    "B300": _BLACKWELL_ULTRA,
     "B200": _BLACKWELL,
     "H200": _H200,
     "H100": _H100,

@@ -127,6 +127,7 @@ class Accounting:
     offloaded: dict[tuple[str, int, str], Offloaded] = field(default_factory=dict)
     pipelined_allreduce: dict[tuple[str, int], float] = field(default_factory=dict)
     pipelined_buffer_elements: dict[int, float] = field(default_factory=dict)
+    fp32_grads: bool = False
 
     def offload(self, precision: str, zero: int, mode: str) -> Offloaded:
         """The offloaded states of `mode` under ZeRO stage `zero`; SpecError where the framework has none."""

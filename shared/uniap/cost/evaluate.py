@@ -196,7 +196,9 @@ def even_split(graph, deg: int) -> list[int]:
 
 
 def split_by_counts(graph, counts: list[int]) -> list[int]:
-    """Stage of every layer when stage i holds counts[i] consecutive transformer layers."""
+    """Stage of every layer when stage i holds counts[i] consecutive transformer layers; the layers before the
+    first transformer layer sit on the first stage and those after the last on the last stage (Megatron's
+    embedding and loss, which a layout may leave alone on their stage: counts[0] or counts[-1] = 0)."""
     main = [u for u, layer in enumerate(graph.layers) if layer.kind in TRANSFORMER_KINDS]
     if any(c < 0 for c in counts) or sum(counts) != len(main):
         raise SpecError(
@@ -204,6 +206,9 @@ def split_by_counts(graph, counts: list[int]) -> list[int]:
             f"stage summing to {len(main)}"
         )
     stage_of = [-1] * len(graph.layers)
+    if main:
+        stage_of[: main[0]] = [0] * main[0]
+        stage_of[main[-1] + 1 :] = [len(counts) - 1] * (len(graph.layers) - main[-1] - 1)
     u = 0
     for i, count in enumerate(counts):
         for _ in range(count):

@@ -28,7 +28,7 @@ from ..errors import SpecError
 from ..model.graph import TRANSFORMER_KINDS, Layer
 from ..model.spec import PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP, TrainingSpec
 from ..profile.schema import Profile, bus_factor
-from .accounting import Accounting, PerParam, precision_aware_saving
+from .accounting import FP32_BYTES, Accounting, PerParam, precision_aware_saving
 from .strategy import OFFLOAD_NONE, Strategy
 
 MEASURED, ESTIMATED, CALIBRATED = "measured", "estimated", "calibrated"
@@ -81,6 +81,13 @@ ZEROPP_QUANTIZATION_TRAFFIC = 9.0
 # is_first_microbatch, so TE caches them over the micro-batches), into the same two FP8 copies that stay
 # allocated: 2 bytes per linear weight.
 FP8_CAST_TRAFFIC = 4.0
+# Context parallelism's ring splits each rank's attention into 2 x cp blocks of s / (2 cp) tokens, each its own
+# kernel launches: short blocks run far below the unsplit kernel. Measured on one H200 (benchmarks/RESULTS.md,
+# attention_kernels.py ring rows, benchmarks/data/h200-2026-11-27-attention.json): one rank's blocks took 13.2x
+# its share of the unsplit attention at 1,024 tokens per rank, 3.5x at 2,048, 1.2-1.4x at 4,096, 1.0-1.1x
+# from 8,192 on; fitted (within 15 %) as 1 + (3,040 / tokens per rank) ** 2.3.
+RING_BLOCK_TOKENS = 3040.0
+RING_BLOCK_EXPONENT = 2.3
 FP8_WEIGHT_COPIES = 2.0
 
 
@@ -106,6 +113,12 @@ class LayerCost:
     activation_basis: str
     compute_time: float = 0.0
     host_bytes: float = 0.0
+
+
+def ring_slowdown(tokens_per_rank: int) -> float:
+    """How much slower one CP rank's attention runs, split into the ring's blocks, than its 1/cp share of the
+    unsplit attention: 1 + (RING_BLOCK_TOKENS / tokens per rank) ** RING_BLOCK_EXPONENT."""
+    return 1.0 + (RING_BLOCK_TOKENS / tokens_per_rank) ** RING_BLOCK_EXPONENT
 
 
 def check_fp8(cluster: ClusterSpec, recipe: str) -> None:
@@ -175,8 +188,11 @@ class CostModel:
 
     # --- collectives ------------------------------------------------------------------------------
 
-    def bus_bandwidth(self, op: str, group: int, intra_node: bool) -> float:
-        """Bytes/s: measured for this op, group size and scope if the profile has it, else datasheet."""
+    def bus_bandwidth(self, op: str, group: int, intra_node: bool, per_node: int = 1) -> float:
+        """Bytes/s: measured for this op, group size and scope if the profile has it, else datasheet. A group
+        across nodes with `per_node` members in each node's NVLink domain runs hierarchically (NCCL's rings
+        over every NIC of the node, rail-aligned): each member carries 1/per_node of the inter-node traffic
+        over its own NIC, so the bus bandwidth is per_node NICs' worth, up to NVLink's."""
         scope = "intra_node" if intra_node else "inter_node"
         measured = self.profile.bus_bandwidth(op, group, scope) if self.profile else None
         if measured:
@@ -184,17 +200,24 @@ class CostModel:
             return measured * 1e9
         self.comm_bases.add(ESTIMATED)
         c = self.cluster
+        nvlink = c.intra_node_bandwidth_gbps * c.intra_node_efficiency * 1e9
         if intra_node:
-            return c.intra_node_bandwidth_gbps * c.intra_node_efficiency * 1e9
-        return c.inter_node_bandwidth_gbps * c.inter_node_efficiency * 1e9
+            return nvlink
+        return min(nvlink, per_node * c.inter_node_bandwidth_gbps * c.inter_node_efficiency * 1e9)
 
-    def collective(self, op: str, nbytes: float, group: int, intra_node: bool) -> float:
-        """Seconds for a ring collective on `nbytes` (the full tensor) over `group` ranks."""
+    def collective(self, op: str, nbytes: float, group: int, intra_node: bool, per_node: int = 1) -> float:
+        """Seconds for a ring collective on `nbytes` (the full tensor) over `group` ranks, `per_node` of them in
+        each NVLink domain where the group spans several (`bus_bandwidth`)."""
         if group <= 1 or nbytes <= 0:
             return 0.0
         return self.cluster.collective_latency_us * 1e-6 + bus_factor(op, group) * nbytes / self.bus_bandwidth(
-            op, group, intra_node
+            op, group, intra_node, per_node
         )
+
+    def data_parallel_per_node(self, s: Strategy) -> int:
+        """Members of one data-parallel (x context-parallel) group inside one NVLink domain: Megatron's rank
+        order puts the TP ranks innermost, so a domain of G GPUs holds G / TP of each group."""
+        return max(1, min(s.shards, self.cluster.nvlink_gpus // s.tp))
 
     def host_transfer(self, nbytes: float) -> float:
         """Seconds to copy `nbytes` between one GPU and host memory over its host link (one direction)."""
@@ -312,14 +335,18 @@ class CostModel:
         return activation_bytes(layer, tp, samples, recompute), ESTIMATED
 
     def context_parallel_exposed(self, layer: Layer, s: Strategy, samples: float) -> float:
-        """Seconds of CP's ring exchange per micro-batch not hidden behind the attention it overlaps: in each
-        of cp - 1 steps a rank sends its chunk of keys and values to the next rank while computing on the one
-        it holds (TransformerEngine's p2p ring); backward passes keys, values and their gradients (twice the
-        bytes), and full recompute runs the forward's exchange again. The ranks of a CP group are adjacent
-        after TP (Megatron's rank order tp-cp-dp-pp), so the ring stays on NVLink while tp * cp fits its domain.
-        `samples` is the b/cp samples' worth each rank computes."""
+        """Seconds CP adds per micro-batch: the ring exchange not hidden behind the attention it overlaps (in
+        each of cp - 1 steps a rank sends its chunk of keys and values to the next rank while computing on the
+        one it holds, TransformerEngine's p2p ring; backward passes keys, values and their gradients, twice the
+        bytes; full recompute runs the forward's exchange again), and the attention's own slowdown when split
+        into short blocks (`ring_slowdown`). The ranks of a CP group are adjacent after TP (Megatron's rank
+        order tp-cp-dp-pp), so the ring stays on NVLink while tp * cp fits its domain. `samples` is the b/cp
+        samples' worth each rank computes."""
         if s.cp == 1 or layer.kv_bytes == 0:
             return 0.0
+        forwards = 2 if s.recompute == "full" else 1
+        attn = self.attention_forward(layer, s.tp, samples)
+        blocks = (ring_slowdown(self.training.seq_length // s.cp) - 1.0) * (forwards + FLASH_BACKWARD_FLOPS) * attn
         G = self.cluster.nvlink_gpus
         intra = s.tp * s.cp <= G and G % (s.tp * s.cp) == 0
         chunk = samples * layer.kv_bytes / s.tp  # this rank's keys and values (1/cp of the sequence)
@@ -327,16 +354,27 @@ class CostModel:
         attn_fwd = self.attention_forward(layer, s.tp, samples)
         fwd = overlapped(attn_fwd, ring_fwd, self.overlap) - attn_fwd
         bwd = overlapped(FLASH_BACKWARD_FLOPS * attn_fwd, 2 * ring_fwd, self.overlap) - FLASH_BACKWARD_FLOPS * attn_fwd
-        return (2 if s.recompute == "full" else 1) * fwd + bwd
+        return forwards * fwd + bwd + blocks
 
-    def optimizer_saving(self, zero: int) -> PerParam:
-        """Bytes per parameter the job's precision-aware optimizer saves under ZeRO stage `zero` (none without it)."""
+    def optimizer_saving(self, zero: int, accounting: Accounting) -> PerParam:
+        """Bytes per parameter saved under ZeRO stage `zero` against the accounting's fp32 optimizer states: the
+        job's precision-aware optimizer, or a bf16 gradient buffer where the framework would keep it in fp32
+        (`grad_reduce_in_bf16`)."""
         t = self.training
-        if not t.precision_aware_optimizer:
-            return PerParam()
-        return precision_aware_saving(
-            t.precision, zero, t.main_grads_dtype, t.main_params_dtype, t.exp_avg_dtype, t.exp_avg_sq_dtype
-        )
+        if t.precision_aware_optimizer:
+            return precision_aware_saving(
+                t.precision, zero, t.main_grads_dtype, t.main_params_dtype, t.exp_avg_dtype, t.exp_avg_sq_dtype
+            )
+        if t.grad_reduce_in_bf16 and accounting.fp32_grads:  # the buffer's fp32 gradients, in bf16
+            half = FP32_BYTES - self.bpv
+            return PerParam(0.0, half) if zero >= 2 else PerParam(half)
+        return PerParam()
+
+    def grad_bytes(self, accounting: Accounting) -> int:
+        """Bytes per gradient value the data-parallel reduction moves: fp32 where the framework's buffer is."""
+        t = self.training
+        fp32 = accounting.fp32_grads and t.precision == "bf16" and not t.grad_reduce_in_bf16
+        return 4 if fp32 and not (t.precision_aware_optimizer and t.main_grads_dtype == "bf16") else self.bpv
 
     def optimizer_step(
         self,
@@ -405,7 +443,13 @@ class CostModel:
         wrapped = pipelined and s.offload == OFFLOAD_NONE
         allreduce = accounting.pipelined_allreduce.get((precision, s.zero)) if wrapped else None
         per_mb_comm, exposed_iter = self.zero_communication(
-            s, weight_bytes, fwd, bwd, stage_intra_node, None if allreduce is None else params * allreduce
+            s,
+            weight_bytes,
+            params * self.grad_bytes(accounting),
+            fwd,
+            bwd,
+            stage_intra_node,
+            None if allreduce is None else params * allreduce,
         )
         if s.zeropp:  # quantizing before, dequantizing after each collective
             per_mb_comm += params * ZEROPP_QUANTIZATION_TRAFFIC / self.hbm_bytes_per_second
@@ -413,7 +457,7 @@ class CostModel:
         # optimizer step over the parameters this rank updates.
         accumulate = params * accounting.accumulation_traffic(precision, fused) / self.hbm_bytes_per_second
         optimizer_params = params / s.shards if s.zero >= 1 else params
-        saving = self.optimizer_saving(s.zero)
+        saving = self.optimizer_saving(s.zero, accounting)
         host = 0.0
         if s.offload == OFFLOAD_NONE:
             per_param = accounting.state_bytes(precision, s.zero, pipelined, self.training.optimizer, saving)
@@ -433,6 +477,10 @@ class CostModel:
             secondary = weight_bytes / min(dp, self.cluster.gpus_per_node)
             state, step_bytes = state + secondary, step_bytes + secondary
         fp8_weights = layer.params_tp / tp * FP8_WEIGHT_COPIES if self.runs_fp8(layer) else 0.0
+        if fp8_weights and self.training.fp8_param_gather and s.zero >= 1:
+            # With the distributed optimizer or FSDP (Megatron-LM validate_args) the parameter itself is FP8
+            # (one byte instead of the compute dtype's), with its transposed copy.
+            fp8_weights = layer.params_tp / tp * (FP8_WEIGHT_COPIES - self.bpv)
         if fp8_weights:  # quantized once per iteration into two FP8 copies, which live with the weights
             optimizer += layer.params_tp / tp * (self.bpv + FP8_WEIGHT_COPIES) / self.hbm_bytes_per_second
             if s.zero == 3:
@@ -480,13 +528,15 @@ class CostModel:
         self,
         s: Strategy,
         weight_bytes: float,
+        grad_bytes: float,
         forward: float,
         backward: float,
         stage_intra_node: bool,
         allreduce: float | None = None,
     ) -> tuple[float, float]:
         """(seconds per micro-batch overlapped with compute, seconds exposed once per iteration) of the
-        data-parallel collectives on a layer's `weight_bytes`:
+        data-parallel collectives on a layer's `weight_bytes` and `grad_bytes` (its gradients in the dtype the
+        framework reduces them in):
 
         DP: all-reduce overlapped with the last backward; ZeRO-1: reduce-scatter overlapped with it, then the
         all-gather of updated weights; ZeRO-2: reduce-scatter each micro-batch, the all-gather once; ZeRO-3:
@@ -499,9 +549,10 @@ class CostModel:
         dp, G = s.shards, self.cluster.gpus_per_node
         if dp == 1:
             return 0.0, 0.0
+        k = self.data_parallel_per_node(s)
         if allreduce is not None:
-            ar = self.collective("all_reduce", allreduce, dp, stage_intra_node)
-            ag = self.collective("all_gather", weight_bytes, dp, stage_intra_node)
+            ar = self.collective("all_reduce", allreduce, dp, stage_intra_node, k)
+            ag = self.collective("all_gather", weight_bytes, dp, stage_intra_node, k)
             return 0.0, overlapped(backward, ar, self.overlap) - backward + ag
         if s.zeropp:
             node = min(dp, G)
@@ -511,8 +562,8 @@ class CostModel:
                 "all_to_all", weight_bytes * ZEROPP_GRAD_RATIO / node, dp // node, False
             )
             return forward + backward_gather + reduce, 0.0
-        ag = self.collective("all_gather", weight_bytes, dp, stage_intra_node)
-        rs = self.collective("reduce_scatter", weight_bytes, dp, stage_intra_node)
+        ag = self.collective("all_gather", weight_bytes, dp, stage_intra_node, k)
+        rs = self.collective("reduce_scatter", grad_bytes, dp, stage_intra_node, k)
         if s.zero == 3:
             return 2 * ag + rs, 0.0
         if s.zero == 2:
@@ -521,5 +572,5 @@ class CostModel:
             if PARAM_GATHER_OVERLAP in self.overlaps:
                 ag = overlapped(forward, ag, self.overlap) - forward
             return 0.0, overlapped(backward, rs, self.overlap) - backward + ag
-        ar = self.collective("all_reduce", weight_bytes, dp, stage_intra_node)
+        ar = self.collective("all_reduce", grad_bytes, dp, stage_intra_node, k)
         return 0.0, overlapped(backward, ar, self.overlap) - backward

@@ -21,8 +21,9 @@ from ..model.spec import OVERLAPS, TP_COMM_OVERLAP, TrainingSpec
 from .accounting import GENERIC_ACCOUNTING, Accounting
 
 RECOMPUTE_MODES = ("none", "selective", "full")
-# The most model chunks per pipeline rank a user may pin where a target interleaves (Megatron-LM's examples use
-# up to 5; each chunk adds point-to-point transfers and in-flight activations).
+# The most model chunks per pipeline rank the search tries where a target interleaves (Megatron-Bridge runs
+# Llama-3.1-405B with 8; each chunk adds point-to-point transfers and in-flight activations). A pin may ask for
+# more: Megatron-LM sets no maximum beyond a layer per chunk.
 MAX_VIRTUAL_STAGES = 8
 # Above this many model chunks per rank the search splits the transformer layers evenly over the chunks (what
 # Megatron-LM's --num-virtual-stages-per-pipeline-rank runs without a layout): each chunk then holds a few layers,
@@ -119,7 +120,7 @@ class Capability:
     context-parallel degrees it runs (None: any the sequence allows; one for every layer in any case).
     virtual_stages: the model chunks per pipeline rank the search tries (1: plain 1F1B), with the micro-batch
     count a multiple of the pipeline degree when above 1; a target that interleaves at all runs any pinned
-    count up to MAX_VIRTUAL_STAGES.
+    count the layers allow.
     accounting: how the framework keeps model states in memory and updates them (bytes per parameter,
     optimizer traffic). precision_aware_optimizer: it can keep gradients, master parameters and moments in
     lower precision (TrainingSpec.precision_aware_optimizer). vocab_multiple: it pads the vocabulary to a
@@ -223,12 +224,11 @@ class Capability:
                 "cp_degrees",
                 f"pin a context-parallel degree in {', '.join(map(str, self.cp_degrees))} or choose another --target",
             )
-        most = MAX_VIRTUAL_STAGES if max(self.virtual_stages) > 1 else 1
-        if pins.virtual_stages is not None and pins.virtual_stages > most:
+        if pins.virtual_stages is not None and pins.virtual_stages > 1 and max(self.virtual_stages) == 1:
             refuse(
                 f"{pins.virtual_stages} model chunks per pipeline rank (interleaved pipeline)",
                 "virtual_stages",
-                f"pin at most {most} chunk(s) per rank or choose another --target",
+                "pin 1 chunk per rank or choose another --target",
             )
         if pins.zero is not None and pins.zero not in self.zero_stages:
             refuse(

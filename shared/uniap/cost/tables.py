@@ -18,7 +18,7 @@ from ..model.graph import CHAIN, TRANSFORMER_KINDS, Layer, LayerGraph, Run
 from ..model.spec import TrainingSpec
 from ..tolerances import ROUNDING
 from .model import CostModel, LayerCost
-from .strategy import FREE_SPLIT_VIRTUAL_STAGES, NO_PINS, Capability, Pins, Strategy, stage_strategies
+from .strategy import NO_PINS, Capability, Pins, Strategy, stage_strategies
 
 
 @dataclass
@@ -299,7 +299,7 @@ def build_subproblem(
         boundary_intra_node=boundary_intra,
         cost_model=cost_model,
         v=v,
-        even_split=pins.even_split or v > FREE_SPLIT_VIRTUAL_STAGES,
+        even_split=pins.even_split,
     )
 
 

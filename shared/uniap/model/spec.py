@@ -173,6 +173,9 @@ class TrainingSpec:
     `precision` the dtype of everything else (parameters, the attention core, embedding and output layer).
     `overlaps`: the OVERLAPS the job runs; None leaves them to the planner (those the target runs), which
     writes the ones it chose into the plan's training spec.
+    `grad_reduce_in_bf16` (Megatron-LM's --grad-reduce-in-bf16; Megatron-Bridge's default): the gradient buffer
+    and its reduction in bf16 where the framework would keep them in fp32. `fp8_param_gather`
+    (--fp8-param-gather): the linear layers' parameters kept, and all-gathered, in FP8.
     """
 
     global_batch_size: int
@@ -190,6 +193,8 @@ class TrainingSpec:
     fp8_recipe: str | None = None
     fp8_format: str = "hybrid"
     overlaps: tuple[str, ...] | None = None
+    grad_reduce_in_bf16: bool = False
+    fp8_param_gather: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.overlaps, list):  # read from JSON
@@ -232,8 +237,16 @@ class TrainingSpec:
         if self.decoder_seq_length is not None:
             _positive_ints(self, ("decoder_seq_length",))
         _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
-        for name in ("flash_attention", "fused_kernels", "precision_aware_optimizer"):
+        for name in (
+            "flash_attention",
+            "fused_kernels",
+            "precision_aware_optimizer",
+            "grad_reduce_in_bf16",
+            "fp8_param_gather",
+        ):
             _require(isinstance(getattr(self, name), bool), name, "must be true or false")
+        _require(not self.grad_reduce_in_bf16 or self.precision == "bf16", "grad_reduce_in_bf16", "needs bf16")
+        _require(not self.fp8_param_gather or self.fp8, "fp8_param_gather", "needs an fp8_recipe")
 
     @property
     def bytes_per_value(self) -> int:

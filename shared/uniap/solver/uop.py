@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
@@ -130,7 +130,9 @@ def optimize(
     try:
         subs, bounds, uniform = [], {}, {}
         for d, c, v in pairs:
-            sub = build_subproblem(graph, cluster, training, capability, cost_model, d, c, pins, v)
+            # Many chunks per rank: the layers split evenly over them (FREE_SPLIT_VIRTUAL_STAGES).
+            even = replace(pins, even_split=True) if v > FREE_SPLIT_VIRTUAL_STAGES else pins
+            sub = build_subproblem(graph, cluster, training, capability, cost_model, d, c, even, v)
             bounds[id(sub)] = sub.lower_bound()
             # The best uniform plan of each subproblem: a first incumbent and the order of the search.
             uniform[id(sub)] = best_uniform_plan(sub)
