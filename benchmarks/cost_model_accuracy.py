@@ -1,15 +1,16 @@
 """How true uniap's predictions are: predicted vs measured, with the error printed.
 
     python benchmarks/cost_model_accuracy.py              # published + layers; whole jobs when a GPU is present
+    python benchmarks/cost_model_accuracy.py --published  # the published real runs alone
     python benchmarks/cost_model_accuracy.py --smoke      # the whole-job harness on the CPU (a tiny case each)
     python benchmarks/cost_model_accuracy.py --json out.json
 
 Sections:
-1. published: Megatron-LM's SC'21 Table 1 (Narayanan et al., A100-80GB, the 2021 stack without flash
-   attention, full recompute, seq 2048, vocabulary 51200): `uniap evaluate` of each row's TP, PP, GPU count and
-   batch on DGX A100 nodes, at the micro-batch size that gives it the highest throughput (the table does not
-   list the authors' tuned micro-batch size), TFLOP/s per GPU counted as the paper does (with recompute).
-   Target: every row within +-6 %.
+1. published (--published runs it alone): every row of the published record of real runs
+   (benchmarks/data/published: Megatron-Bridge, NeMo, Megatron-LM SC'21 and README, BLOOM, Llama 3), priced
+   as its source ran it (benchmarks/published_runs.py), tokens/s per GPU, the error per split: fit (what the
+   GPU coefficients were fitted on, benchmarks/fit_published.py), validation (rows published from 2026 on),
+   held-out (never fitted). Targets: mean |error| <= 5 % fit, <= 7 % validation, no row beyond 12 %.
 2. layers: the analytic layer times (no profile) against layers measured on GPUs (benchmarks/data): an H200
    (two shapes as plain PyTorch modules, one through a DeepSpeed engine) and Galvatron's A100 forward times.
 3. jobs (needs a GPU; --smoke runs it on the CPU): whole training iterations of single-GPU jobs run the way the
@@ -32,106 +33,21 @@ from pathlib import Path
 
 from uniap.cluster.spec import cluster_preset, device_cluster
 from uniap.cost.model import CostModel
-from uniap.errors import SpecError
 from uniap.model.graph import build_graph
 from uniap.model.presets import model_preset
 from uniap.model.spec import ModelSpec, TrainingSpec
-from uniap.planner import configure
 from uniap.profile.schema import Profile
 
-DATA = Path(__file__).resolve().parent / "data"
-PUBLISHED_TARGET = 0.06
+import published_runs
 
-# SC'21 Table 1: (billions of parameters, heads, hidden, layers, TP, PP, GPUs, batch, achieved TFLOP/s per GPU).
-SC21_TABLE1 = (
-    (1.7, 24, 2304, 24, 1, 1, 32, 512, 137),
-    (3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
-    (7.5, 32, 4096, 36, 4, 1, 128, 512, 142),
-    (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135),
-    (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138),
-    (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140),
-    (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148),
-    (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
-    (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163),
-    (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
-)
-SC21_SEQ, SC21_VOCAB = 2048, 51200
-MICRO_BATCH_SIZES = (1, 2, 4, 8)
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def _percent(predicted: float, measured: float) -> float:
     return (predicted / measured - 1.0) * 100.0
 
 
-# --- 1. published ------------------------------------------------------------------------------------------
-
-
-def published() -> list[dict]:
-    rows = []
-    for params, heads, hidden, layers, tp, pp, gpus, batch, tflops in SC21_TABLE1:
-        model = ModelSpec(
-            name=f"gpt-{params}b",
-            architecture="decoder",
-            num_layers=layers,
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            ffn_hidden_size=4 * hidden,
-            vocab_size=SC21_VOCAB,
-            max_position_embeddings=SC21_SEQ,
-        )
-        training = TrainingSpec(global_batch_size=batch, seq_length=SC21_SEQ, flash_attention=False, overlaps=())
-        cluster = cluster_preset("dgx-a100-80g").with_shape(gpus // 8, 8)
-        dp = gpus // (tp * pp)
-        # Narayanan et al.'s count with activation recompute: 96 B s l h^2 (1 + s/6h + V/16lh).
-        flops = (
-            96
-            * batch
-            * SC21_SEQ
-            * layers
-            * hidden**2
-            * (1 + SC21_SEQ / (6 * hidden) + SC21_VOCAB / (16 * layers * hidden))
-        )
-        best = None
-        for mbs in MICRO_BATCH_SIZES:
-            try:
-                _, pred = configure(model, cluster, training, "megatron", tp, pp, mbs, 1 if dp > 1 else 0, "full")
-            except SpecError:
-                continue
-            predicted = flops / pred.time_per_iteration / gpus / 1e12
-            if pred.fits and (best is None or predicted > best[0]):
-                best = (predicted, mbs, pred.time_per_iteration)
-        rows.append(
-            {
-                "model": f"{params}B",
-                "tp": tp,
-                "pp": pp,
-                "gpus": gpus,
-                "batch": batch,
-                "micro_batch_size": best[1],
-                "published_tflops": tflops,
-                "predicted_tflops": best[0],
-                "error_percent": _percent(best[0], tflops),
-            }
-        )
-    return rows
-
-
-def print_published(rows: list[dict]) -> None:
-    print("1. published: Megatron-LM SC'21 Table 1 (A100-80GB, no flash attention, full recompute), TFLOP/s/GPU")
-    print(
-        f"  {'model':>8} {'TP':>3} {'PP':>3} {'GPUs':>5} {'batch':>5} {'mbs':>4} {'published':>9} {'uniap':>7} "
-        f"{'error':>7}"
-    )
-    for r in rows:
-        print(
-            f"  {r['model']:>8} {r['tp']:>3} {r['pp']:>3} {r['gpus']:>5} {r['batch']:>5} {r['micro_batch_size']:>4} "
-            f"{r['published_tflops']:>9} {r['predicted_tflops']:>7.1f} {r['error_percent']:>+6.1f}%"
-        )
-    errors = [abs(r["error_percent"]) for r in rows]
-    print(
-        f"  mean |error| {statistics.mean(errors):.1f} %, worst {max(errors):.1f} % "
-        f"(target: every row within {PUBLISHED_TARGET * 100:.0f} %)\n"
-    )
+# --- 1. published: benchmarks/published_runs.py ----------------------------------------------------------
 
 
 # --- 2. layers ---------------------------------------------------------------------------------------------
@@ -433,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="run the whole-job section on the CPU, tiny cases")
     parser.add_argument("--skip-jobs", action="store_true", help="sections 1 and 2 only")
     parser.add_argument("--skip-published", action="store_true", help="section 3 only")
+    parser.add_argument("--published", action="store_true", help="section 1 only: the published real runs")
     parser.add_argument("--profile", help="price the jobs with this measured profile (default: estimates)")
     parser.add_argument("--json", help="also write every row to this JSON file")
     parser.add_argument(
@@ -444,8 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     result = {}
     if not args.skip_published:
-        result = {"published": published(), "layers": layers()}
-        print_published(result["published"])
+        rows = published_runs.price_corpus()
+        published_runs.print_table(rows)
+        result = {"published": [asdict(r) for r in rows], "published_summary": published_runs.summary(rows)}
+    if args.published:
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"({time.perf_counter() - started:.1f} s)")
+        return 0
+    if not args.skip_published:
+        result["layers"] = layers()
         print_layers(result["layers"])
     device = _device()
     profile = Profile.load(args.profile) if args.profile else None

@@ -841,10 +841,10 @@ def test_non_numeric_cluster_value_names_the_field():
 
 
 def test_unknown_cluster_preset_lists_known_ones():
-    for call in (lambda: cluster_preset("dgx-b200"), lambda: load_cluster("dgx-b200")):
+    for call in (lambda: cluster_preset("dgx-x200"), lambda: load_cluster("dgx-x200")):
         with pytest.raises(UnknownPresetError) as info:
             call()
         msg = str(info.value)
-        assert "dgx-b200" in msg
+        assert "dgx-x200" in msg
         for known in ("dgx-a100-80g", "dgx-h100", "pcie-a100-8g"):
             assert known in msg

@@ -85,10 +85,10 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fp8",
         choices=FP8_RECIPES,
-        help="run the transformer layers' linear GEMMs in FP8 with this Transformer Engine recipe (Megatron's "
-        "--fp8-recipe; the GPU must run it) (default: no FP8)",
+        help="run the transformer layers' linear GEMMs in FP8 with this Transformer Engine recipe, one of "
+        "%(choices)s (Megatron's --fp8-recipe; the GPU must run it) (default: no FP8)",
     )
-    g.add_argument("--fp8-format", choices=FP8_FORMATS, help="FP8 format with --fp8 (default: hybrid)")
+    g.add_argument("--fp8-format", choices=FP8_FORMATS, help="FP8 format with --fp8: %(choices)s (default: hybrid)")
     g.add_argument(
         "--fp8-param-gather",
         action="store_true",

@@ -267,7 +267,7 @@ def make_plan(
         "overlap": cm.overlap_basis,
         "activations": _basis({cost.activation_basis for cost in costs if cost.activation_bytes}),
         "memory": f"{sub.capability.accounting.name} states, reserved = allocated x{cm.reserved_per_allocated:.3g} "
-        f"{cm.reserved_basis}",
+        f"{cm.reserved_basis}" + (f", {cm.memory_margin:.0%} of memory kept free" if cm.memory_margin else ""),
     }
     return Plan(
         target=sub.capability.name,

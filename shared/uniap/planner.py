@@ -116,8 +116,9 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
     if p.tp is not None:
         if p.tp > node or node % p.tp or world % p.tp:
             raise SpecError(
-                f"{flags['tp']} {p.tp} does not divide the {node} GPUs NVLink joins (tensor parallelism "
-                f"stays inside a node or NVLink domain; {world} GPUs in all)",
+                f"{flags['tp']} {p.tp} does not divide the {node} GPUs per "
+                f"{'NVLink domain' if c.nvlink_domain else 'node'} (tensor parallelism stays inside one; "
+                f"{world} GPUs in all)",
                 hint,
             )
         seq = graph.divisibility.get("sequence_length", 0)

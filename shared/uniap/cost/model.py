@@ -37,6 +37,10 @@ DEFAULT_OVERLAP = 1.15  # slowdown of overlapped compute/communication when noth
 # the GPU (what runs out) exceeds what tensors occupy. 5 % is an estimate, not a measurement; a profile's
 # calibration replaces it with the ratio fitted to measured peaks (`uniap calibrate`).
 DEFAULT_RESERVED_PER_ALLOCATED = 1.05
+# While that ratio is an estimate, a plan keeps this share of the usable memory free: the whole iterations
+# measured on an H200 (benchmarks/RESULTS.md, section 3) reserved up to 4 % more than predicted, and a plan at
+# 95 % of memory on an estimated ratio is an out-of-memory risk. A calibrated ratio needs no margin.
+ESTIMATED_MEMORY_MARGIN = 0.05
 # A flash kernel's backward recomputes the attention scores: 2.5x the forward's FLOPs instead of 2x.
 FLASH_BACKWARD_FLOPS = 2.5
 # A GEMM dimension cuBLAS's tensor-core kernels run fastest on is a multiple of 16 bytes (8 bf16/fp16 values);
@@ -180,6 +184,7 @@ class CostModel:
         fitted = calibration.reserved_per_allocated if calibration else None
         self.reserved_per_allocated = fitted or DEFAULT_RESERVED_PER_ALLOCATED
         self.reserved_basis = CALIBRATED if fitted else ESTIMATED
+        self.memory_margin = 0.0 if fitted else ESTIMATED_MEMORY_MARGIN
         self.comm_bases: set[str] = set()
         self.fp8 = training.fp8
         self.overlaps = training.overlaps or ()
@@ -556,7 +561,7 @@ class CostModel:
             return 0.0, overlapped(backward, ar, self.overlap) - backward + ag
         if s.zeropp:
             node = min(dp, G)
-            forward = self.collective("all_gather", weight_bytes * ZEROPP_WEIGHT_RATIO, dp, False)
+            forward = self.collective("all_gather", weight_bytes * ZEROPP_WEIGHT_RATIO, dp, False, k)
             backward_gather = self.collective("all_gather", weight_bytes, node, True)
             reduce = self.collective("all_to_all", weight_bytes * ZEROPP_GRAD_RATIO, node, True) + self.collective(
                 "all_to_all", weight_bytes * ZEROPP_GRAD_RATIO / node, dp // node, False

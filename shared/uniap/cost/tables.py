@@ -73,8 +73,9 @@ class Subproblem:
 
     @property
     def usable_memory(self) -> float:
-        """Bytes per GPU the caching allocator may reserve (the device minus what lives outside it)."""
-        return self.cluster.usable_memory_bytes
+        """Bytes per GPU the caching allocator may reserve: the device minus what lives outside it, less the
+        safety margin kept while the reserved/allocated ratio is estimated (CostModel.memory_margin)."""
+        return self.cluster.usable_memory_bytes * (1.0 - self.cost_model.memory_margin)
 
     @property
     def host_capacity(self) -> float:
@@ -285,7 +286,7 @@ def build_subproblem(
     boundary_intra = [n < G and node[b % deg] == node[(b + 1) % deg] for b in range(deg * v - 1)]
     # Every memory figure of the tables is allocated bytes; the allocator reserves more than that at the
     # peak, so the allocated budget is the usable memory over the reserved-per-allocated ratio.
-    capacity = cluster.usable_memory_bytes / cost_model.reserved_per_allocated
+    capacity = cluster.usable_memory_bytes * (1.0 - cost_model.memory_margin) / cost_model.reserved_per_allocated
     return Subproblem(
         graph=graph,
         capability=capability,

@@ -55,6 +55,8 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
         _llama("llama2-70b", 80, 8192, 64, 8, 28672, 32000, 4096),
         _llama("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192),
         _llama("llama3-70b", 80, 8192, 64, 8, 28672, 128256, 8192),
+        # Llama 3.1 405B (Dubey et al. 2024, Table 3; Hugging Face meta-llama/Llama-3.1-405B config.json).
+        _llama("llama3.1-405b", 126, 16384, 128, 8, 53248, 128256, 131072),
         ModelSpec(
             name="bert-large",
             architecture="encoder",

@@ -243,7 +243,9 @@ def _infeasible(
     subs: list[Subproblem], cluster: ClusterSpec, capability: Capability, training: TrainingSpec
 ) -> InfeasibleError:
     """The least memory any candidate needs, and what would make a plan fit."""
-    usable = cluster.usable_memory_bytes
+    usable = subs[0].usable_memory if subs else cluster.usable_memory_bytes
+    margin = subs[0].cost_model.memory_margin if subs else 0.0
+    kept = f", less {margin:.0%} kept free while the allocator ratio is estimated" if margin else ""
     with_strategies = [s for s in subs if s.feasible_strategies]
     if not with_strategies:
         return InfeasibleError(
@@ -275,13 +277,13 @@ def _infeasible(
     if least is None:
         return InfeasibleError(
             f"no plan fits in {usable_gib:.1f} GiB usable per GPU "
-            f"({cluster.gpu_memory_gib:g} GiB minus {cluster.reserved_memory_gib:g} reserved)",
+            f"({cluster.gpu_memory_gib:g} GiB minus {cluster.reserved_memory_gib:g} reserved{kept})",
             "; ".join(hints),
         )
     need, sub = least
     return InfeasibleError(
         f"no plan fits in {usable_gib:.1f} GiB usable per GPU ({cluster.gpu_memory_gib:g} GiB minus "
-        f"{cluster.reserved_memory_gib:g} reserved); the leanest candidate needs {need / GiB:.1f} GiB on its "
+        f"{cluster.reserved_memory_gib:g} reserved{kept}); the leanest candidate needs {need / GiB:.1f} GiB on its "
         f"fullest stage (pipeline degree {sub.deg}, {sub.c} micro-batch(es) of {sub.micro_batch_all_replicas} samples"
         " over all replicas)",
         "; ".join(hints),
