@@ -2,6 +2,7 @@
 
     python benchmarks/cost_model_accuracy.py              # published + layers; whole jobs when a GPU is present
     python benchmarks/cost_model_accuracy.py --published  # the published real runs alone
+    python benchmarks/cost_model_accuracy.py --published --plan  # ... and uniap's own plan for each (minutes)
     python benchmarks/cost_model_accuracy.py --smoke      # the whole-job harness on the CPU (a tiny case each)
     python benchmarks/cost_model_accuracy.py --json out.json
 
@@ -350,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-jobs", action="store_true", help="sections 1 and 2 only")
     parser.add_argument("--skip-published", action="store_true", help="section 3 only")
     parser.add_argument("--published", action="store_true", help="section 1 only: the published real runs")
+    parser.add_argument(
+        "--plan", action="store_true", help="also plan each published job with uniap (minutes) and compare"
+    )
     parser.add_argument("--profile", help="price the jobs with this measured profile (default: estimates)")
     parser.add_argument("--json", help="also write every row to this JSON file")
     parser.add_argument(
@@ -364,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = published_runs.price_corpus()
         published_runs.print_table(rows)
         result = {"published": [asdict(r) for r in rows], "published_summary": published_runs.summary(rows)}
+        if args.plan:
+            planned = published_runs.plan_rows()
+            published_runs.print_plans(planned)
+            result["planned"] = [asdict(r) for r in planned]
     if args.published:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from uniap.cluster.spec import cluster_preset
-from uniap.errors import SpecError
+from uniap.errors import SpecError, UniapError
 from uniap.model.spec import PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP, ModelSpec, TrainingSpec
-from uniap.planner import configure
+from uniap.planner import Job, configure, plan
+from uniap.report import short_label
 
 CORPUS = Path(__file__).resolve().parent / "data" / "published"
 FIT, VALIDATION, HELD_OUT = "fit", "validation", "held-out"
@@ -156,44 +158,27 @@ def preset_of(gpu: str) -> str | None:
     return next((preset for prefix, preset in PRESET_OF_GPU if gpu.upper().startswith(prefix)), None)
 
 
-def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
-    """uniap's tokens/s per GPU for one row, configured as the source states it."""
+def flags_of(row: dict) -> dict:
+    """What the row states beyond the degrees, with its framework's performance-recipe defaults where it is
+    silent (RECIPE_DEFAULTS)."""
     flags = row.get("flags") or {}
-    if row["framework"] in RECIPE_FRAMEWORKS:
-        flags = {**RECIPE_DEFAULTS, **flags}
-    recompute = recompute_of(flags)
-    tp, pp, cp, vp = row["tp"], row["pp"], row["cp"], row.get("vp") or 1
-    label = (
-        f"{row['model'].get('name', '?')} {row['gpus']}x{row['gpu'].split('-')[0]} {row['precision']}"
-        f"{'/' + row['recipe'] if row.get('recipe') else ''} TP{tp} PP{pp}{f' VP{vp}' if vp > 1 else ''}"
-        f"{f' CP{cp}' if cp > 1 else ''}{' FSDP' if row.get('fsdp') else ''}"
-    )
-    priced = PricedRow(row["id"], source, split_of(row, held_out), row["gpu"], label, measured=0.0)
-    try:
-        model = ModelSpec.from_dict(row["model"])
-    except SpecError as exc:
-        priced.skipped = f"model not fully stated ({exc.message})"
-        return priced
-    seq = row["seq_length"]
-    measured = row["measured"]
-    if "tokens_per_s_per_gpu" in measured:
-        priced.measured = float(measured["tokens_per_s_per_gpu"])
-    else:
-        flops = flops_per_token(source, model, seq, tp, recompute == "full")
-        priced.measured = measured["tflops_per_gpu"] * 1e12 / flops
-        priced.notes.append("tokens/s from the source's TFLOP/s and FLOP count")
+    return {**RECIPE_DEFAULTS, **flags} if row["framework"] in RECIPE_FRAMEWORKS else flags
+
+
+def job_of(row: dict) -> Job:
+    """The row's job for uniap: the preset of its GPUs reshaped to its GPU count, its model (positions long
+    enough for its sequence), its batch, sequence, precision, FP8 recipe and the overlaps and gradient dtype it
+    states. SpecError where uniap cannot describe it."""
+    flags = flags_of(row)
+    model = ModelSpec.from_dict(row["model"])
+    seq, tp = row["seq_length"], row["tp"]
     if row["framework"] in NO_SEQUENCE_PARALLEL and tp > 1:
-        priced.skipped = f"TP without sequence parallelism ({row['framework']}) is not modelled"
-        return priced
-    if flags.get("recompute_method") == "block":
-        priced.notes.append("block recompute of a few layers priced without recompute")
+        raise SpecError(f"TP without sequence parallelism ({row['framework']}) is not modelled")
     preset = preset_of(row["gpu"])
     if preset is None:
-        priced.skipped = f"no cluster preset for {row['gpu']}"
-        return priced
+        raise SpecError(f"no cluster preset for {row['gpu']}")
     if row["precision"] not in ("bf16", "fp16", "fp8"):
-        priced.skipped = f"{row['precision']} is not modelled yet"
-        return priced
+        raise SpecError(f"{row['precision']} is not modelled yet")
     cluster = cluster_preset(preset)
     gpus, per_node = row["gpus"], cluster.gpus_per_node
     cluster = cluster.with_shape(max(1, gpus // per_node), min(gpus, per_node))
@@ -202,7 +187,7 @@ def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
     overlaps = tuple(
         o
         for o, key in ((TP_COMM_OVERLAP, "tp_comm_overlap"), (PARAM_GATHER_OVERLAP, "overlap_param_gather"))
-        if flags.get(key) and (o != TP_COMM_OVERLAP or tp > 1)
+        if flags.get(key)
     )
     fp8 = row["precision"] == "fp8"
     training = TrainingSpec(
@@ -216,23 +201,67 @@ def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
         grad_reduce_in_bf16=row["precision"] != "fp16" and flags.get("grad_reduce_in_fp32") is False,
         fp8_param_gather=fp8 and bool(flags.get("fp8_param_gather")),
     )
+    return Job(model=model, cluster=cluster, training=training, target="megatron")
+
+
+def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
+    """uniap's tokens/s per GPU for one row, configured as the source states it."""
+    flags = flags_of(row)
+    recompute = recompute_of(flags)
+    tp, pp, cp, vp = row["tp"], row["pp"], row["cp"], row.get("vp") or 1
+    label = (
+        f"{row['model'].get('name', '?')} {row['gpus']}x{row['gpu'].split('-')[0]} {row['precision']}"
+        f"{'/' + row['recipe'] if row.get('recipe') else ''} TP{tp} PP{pp}{f' VP{vp}' if vp > 1 else ''}"
+        f"{f' CP{cp}' if cp > 1 else ''}{' FSDP' if row.get('fsdp') else ''}"
+    )
+    priced = PricedRow(row["id"], source, split_of(row, held_out), row["gpu"], label, measured=0.0)
+    try:
+        model = ModelSpec.from_dict(row["model"])
+    except SpecError as exc:
+        priced.skipped = f"model not fully stated ({exc.message})"
+        return priced
+    measured = row["measured"]
+    if "tokens_per_s_per_gpu" in measured:
+        priced.measured = float(measured["tokens_per_s_per_gpu"])
+    else:
+        flops = flops_per_token(source, model, row["seq_length"], tp, recompute == "full")
+        priced.measured = measured["tflops_per_gpu"] * 1e12 / flops
+        priced.notes.append("tokens/s from the source's TFLOP/s and FLOP count")
+    try:
+        job = job_of(row)
+    except SpecError as exc:
+        priced.skipped = exc.message
+        return priced
+    if flags.get("recompute_method") == "block":
+        priced.notes.append("block recompute of a few layers priced without recompute")
     dp = row["gpus"] // (tp * pp * cp)
     zero = 3 if row.get("fsdp") else 1 if flags.get("distributed_optimizer", True) and dp * cp > 1 else 0
     if zero == 3 and pp > 1:
         zero = 1  # Megatron runs FSDP only at PP 1: a pipelined FSDP (Llama 3's) is priced with sharded optimizer
         priced.notes.append("FSDP with a pipeline priced as the distributed optimizer")
     sizes = (row["micro_batch_size"],) if row.get("micro_batch_size") else MICRO_BATCH_SIZES
-    split = pipeline_split(model, pp * vp, flags) if pp > 1 else None
+    split = pipeline_split(job.model, pp * vp, flags) if pp > 1 else None
     best = None
     for mbs in sizes:
         try:
-            plan, pred = configure(
-                model, cluster, training, "megatron", tp, pp, mbs, zero, recompute, split, cp=cp, virtual_stages=vp
+            made, pred = configure(
+                job.model,
+                job.cluster,
+                job.training,
+                job.target,
+                tp,
+                pp,
+                mbs,
+                zero,
+                recompute,
+                split,
+                cp=cp,
+                virtual_stages=vp,
             )
         except SpecError as exc:
             priced.skipped = exc.message
             continue
-        tokens = plan.tokens_per_second / row["gpus"]
+        tokens = made.tokens_per_second / row["gpus"]
         if best is None or (pred.fits, tokens) > (best[1], best[0]):
             best = (tokens, pred.fits, mbs)
     if best is not None:
@@ -252,6 +281,70 @@ def pipeline_split(model: ModelSpec, stages: int, flags: dict) -> list[int]:
     counts[0] -= embedding
     counts[-1] -= loss
     return counts
+
+
+@dataclass
+class PlannedRow:
+    """uniap's own plan for a published row's job (its GPUs, model, batch, sequence and precision), against the
+    throughput the source reached with its hand-tuned configuration."""
+
+    id: str
+    gpu: str
+    label: str
+    measured: float
+    planned: float | None = None
+    configuration: str = ""
+    seconds: float = 0.0
+    failed: str | None = None
+
+    @property
+    def gain_percent(self) -> float | None:
+        return None if self.planned is None else (self.planned / self.measured - 1.0) * 100.0
+
+
+def plan_rows(time_limit: float = 120.0) -> list[PlannedRow]:
+    """Plan each distinct published job (rows that share GPUs, model, batch, sequence and precision are one job:
+    its best published throughput is the bar) with target megatron, nothing pinned."""
+    best: dict[tuple, tuple[PricedRow, dict, str, bool]] = {}
+    for source, held_out, row in load_rows():
+        priced = price_row(source, held_out, row)
+        if priced.predicted is None:
+            continue
+        key = (row["model"]["name"], row["gpu"], row["gpus"], row["global_batch_size"], row["seq_length"])
+        key += (row["precision"], row.get("recipe"))
+        if key not in best or priced.measured > best[key][0].measured:
+            best[key] = (priced, row, source, held_out)
+    out = []
+    for priced, row, source, held_out in best.values():
+        job = job_of(row)
+        label = f"{row['model']['name']} {row['gpus']}x{row['gpu'].split('-')[0]} gbs {row['global_batch_size']}"
+        label += f" seq {row['seq_length']} {row['precision']}"
+        planned = PlannedRow(row["id"], row["gpu"], label, priced.measured)
+        started = time.perf_counter()
+        try:
+            made, _ = plan(job, time_limit=time_limit, progress=False)
+            planned.planned = made.tokens_per_second / row["gpus"]
+            planned.configuration = short_label(made)
+        except UniapError as exc:
+            planned.failed = exc.message
+        planned.seconds = time.perf_counter() - started
+        out.append(planned)
+    return out
+
+
+def print_plans(rows: list[PlannedRow]) -> None:
+    print("1b. planned: uniap's own Megatron plan for each published job vs the best published throughput")
+    print(f"  {'job':<52} {'published':>9} {'planned':>9} {'gain':>7}  {'s':>5}  configuration")
+    for r in sorted(rows, key=lambda r: (r.gpu, r.label)):
+        if r.planned is None:
+            print(f"  {r.label[:52]:<52} {r.measured:>9.0f} {'-':>9} {'-':>7}  {r.seconds:>5.1f}  {r.failed}")
+            continue
+        print(
+            f"  {r.label[:52]:<52} {r.measured:>9.0f} {r.planned:>9.0f} {r.gain_percent:>+6.1f}%  {r.seconds:>5.1f}  "
+            f"{r.configuration}"
+        )
+    below = [r for r in rows if r.planned is not None and r.planned < r.measured]
+    print(f"  {len(below)} of {len(rows)} jobs planned below the published throughput\n")
 
 
 def price_corpus() -> list[PricedRow]:

@@ -319,11 +319,13 @@ def test_config_accepted_by_deepspeed(ds_world, model, cluster, batch):
         try:
             plan = plan_for_deepspeed(model, **kwargs)
         except InfeasibleError:
-            # only a 7B model forced onto one pipeline stage, where DeepSpeed's model states exceed 75 GiB:
-            # unsharded (ZeRO-0: 16 bytes/parameter, 24 at the step) anywhere; any stage over 2 GPUs (ZeRO-3's
-            # step peaks at 22/d bytes/parameter, plus the default 5e8-element buckets); fp32 ZeRO-1 over 4 GPUs
-            # (8 + 12/d bytes/parameter)
-            assert model == "llama2-7b" and pp == 1, (zero, pp)
+            # only a 7B model forced onto one pipeline stage, where DeepSpeed's model states exceed the 71.6 GiB a
+            # plan may fill (75.35 usable less the 5 % kept while the allocator ratio is estimated): unsharded
+            # (ZeRO-0: 16 bytes/parameter, 24 at the step) anywhere; any stage over 2 GPUs (ZeRO-3's step peaks
+            # at 22/d bytes/parameter, plus the default 5e8-element buckets); fp32 ZeRO-1 over 4 GPUs (8 + 12/d
+            # bytes/parameter); or unsharded on 2 GPUs whatever the pipeline (a stage's 3.4 B parameters at
+            # 16-24 bytes each and its activations need 72.5 GiB)
+            assert model == "llama2-7b" and (pp == 1 or (gpus == 2 and not zero)), (zero, pp)
             assert zero == 0 or gpus == 2 or (gpus, zero, BATCHES[batch]) == (4, 1, "fp32"), (zero, pp)
             outcomes["infeasible"] += 1
             continue

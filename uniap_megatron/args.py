@@ -188,9 +188,13 @@ def model_args(model: ModelSpec, training: TrainingSpec) -> list[str]:
 
 @dataclass(frozen=True)
 class ParsedJob:
+    """What a Megatron command line asks for: the model, the job (overlaps left to the planner) and the pinned
+    parallel settings; `overlaps`: the ones the command line itself turns on (to price it as it is)."""
+
     model: ModelSpec
     training: TrainingSpec
     pins: Pins
+    overlaps: tuple[str, ...] = ()
 
 
 def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
@@ -275,7 +279,12 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         recompute=given(F.RECOMPUTE_GRANULARITY.dest),  # --recompute-activations: 'selective'
         micro_batch_per_replica=given(F.MICRO_BATCH_SIZE.dest),
     )
-    return ParsedJob(model=model, training=training, pins=pins)
+    overlaps = tuple(
+        o
+        for o, flag in ((TP_COMM_OVERLAP, F.TP_COMM_OVERLAP), (PARAM_GATHER_OVERLAP, F.OVERLAP_PARAM_GATHER))
+        if given(flag.dest)
+    )
+    return ParsedJob(model=model, training=training, pins=pins, overlaps=overlaps)
 
 
 def check_unplanned(ns: argparse.Namespace) -> None:

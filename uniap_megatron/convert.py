@@ -17,7 +17,7 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from uniap import shell
@@ -48,6 +48,7 @@ STRATEGY_FLAGS = tuple(f for flags in KEEP.values() for f in flags) + (
     F.SEQUENCE_PARALLEL,
     F.OVERLAP_GRAD_REDUCE,
     F.OVERLAP_PARAM_GATHER,
+    F.TP_COMM_OVERLAP,
 )
 STRATEGY_SPELLINGS = {f.spelling: f for f in STRATEGY_FLAGS}
 
@@ -116,20 +117,17 @@ def strip_flags(argv: list[str], keep: set[str]) -> list[str]:
 
 def current_configuration(argv: list[str], cluster, profile) -> Configuration:
     """The launch as it is, priced: Megatron's defaults for absent flags (TP, CP, PP 1, no distributed optimizer,
-    no recompute), the split even (or as --decoder-first/last-pipeline-num-layers say)."""
+    no recompute), the split even over its stages and model chunks, only the overlaps it turns on."""
     from uniap.planner import configure
 
     job = job_from_args(argv)
     p = job.pins
     if p.micro_batch_per_replica is None:
         raise SpecError("the launch has no --micro-batch-size (Megatron-LM requires it)", "add it to the script")
-    notes = []
-    if p.virtual_stages not in (None, 1):
-        notes.append(f"priced without its {p.virtual_stages} virtual stages per rank (uniap prices 1F1B here)")
     plan, prediction = configure(
         job.model,
         cluster,
-        job.training,
+        replace(job.training, overlaps=job.overlaps),
         target=MEGATRON.name,
         tp=p.tp or 1,
         pp=p.pipeline_degree or 1,
@@ -138,10 +136,9 @@ def current_configuration(argv: list[str], cluster, profile) -> Configuration:
         recompute=p.recompute or "none",
         profile=profile,
         cp=p.cp or 1,
+        virtual_stages=p.virtual_stages or 1,
     )
-    return Configuration(
-        "current", plan, prediction.fits, max(prediction.stage_memory), prediction.memory_capacity, notes
-    )
+    return Configuration("current", plan, prediction.fits, max(prediction.stage_memory), prediction.memory_capacity)
 
 
 @dataclass

@@ -112,14 +112,28 @@ def scale_warning(plan: Plan) -> str | None:
     )
 
 
+def precision_label(t) -> str:
+    """'bf16', or 'bf16 + FP8 tensorwise (hybrid)' where the linear GEMMs run in FP8."""
+    return t.precision + (f" + FP8 {t.fp8_recipe} ({t.fp8_format})" if t.fp8 else "")
+
+
+def mfu_label(plan: Plan) -> str:
+    """MFU against the peak it is stated against: the dense bf16/fp16 peak, and under FP8 also the FP8 peak."""
+    text = f"MFU {plan.mfu * 100:.1f}% of the {plan.cluster.peak_tflops:,.0f} TFLOP/s {plan.training.precision} peak"
+    fp8 = plan.cluster.peak_fp8_tflops
+    if plan.training.fp8 and fp8:
+        text += f" ({plan.mfu * plan.cluster.peak_tflops / fp8 * 100:.1f}% of the {fp8:,.0f} FP8 peak)"
+    return text
+
+
 def render(plan: Plan, title: str) -> str:
     m, c, t = plan.model, plan.cluster, plan.training
     lines = [
         f"{title}: {m.name} on {c.name} ({c.num_nodes} x {c.gpus_per_node} {c.gpu_name}), "
-        f"global batch {t.global_batch_size}, seq {t.seq_length}, {t.precision}, target {plan.target}",
+        f"global batch {t.global_batch_size}, seq {t.seq_length}, {precision_label(t)}, target {plan.target}",
         "  " + batch_line(plan),
         f"  predicted: {plan.time_per_iteration:.3f} s/iteration, {plan.samples_per_second:.2f} samples/s, "
-        f"{plan.tokens_per_second:,.0f} tokens/s, MFU {plan.mfu * 100:.1f}%",
+        f"{plan.tokens_per_second:,.0f} tokens/s, {mfu_label(plan)}",
         "  basis: " + ", ".join(f"{k} {v}" for k, v in plan.basis.items()),
     ]
     spans = [f"{s.first_layer}..{s.last_layer} ({s.num_layers})" for s in plan.stages]

@@ -129,6 +129,7 @@ class Capability:
     offload_modes / zeropp: the ZeRO variants it runs (Strategy), offered where the cluster describes its hosts
     (offloading) or a stage spans nodes (ZeRO++). overlaps: the communication overlaps it runs beyond the
     gradient reduction's (uniap.model.spec.OVERLAPS); a job runs them unless it says otherwise (`job_training`).
+    fp8: it can run a job's FP8 recipe (TrainingSpec.fp8_recipe).
     """
 
     name: str
@@ -150,6 +151,7 @@ class Capability:
     offload_modes: tuple[str, ...] = (OFFLOAD_NONE,)
     zeropp: bool = False
     overlaps: tuple[str, ...] = ()
+    fp8: bool = True
 
     def __post_init__(self) -> None:
         if not set(self.zero_stages) <= set(ZERO_NAMES) or 0 not in self.zero_stages:
@@ -162,7 +164,13 @@ class Capability:
     def job_training(self, training: TrainingSpec) -> TrainingSpec:
         """`training` with the overlaps the job runs: the ones it lists (SpecError for one this target cannot
         run), else every one the target runs, TP communication overlap only with fused kernels (Transformer
-        Engine's userbuffers)."""
+        Engine's userbuffers). SpecError for an FP8 recipe the target cannot run."""
+        if training.fp8 and not self.fp8:
+            why = self.reasons.get("fp8", "")
+            raise SpecError(
+                f"target '{self.name}' cannot run the FP8 recipe '{training.fp8_recipe}'" + (f": {why}" if why else ""),
+                "plan in bf16 for this target, or for --target megatron",
+            )
         if training.overlaps is not None:
             missing = [o for o in training.overlaps if o not in self.overlaps]
             if missing:
