@@ -94,13 +94,13 @@ _H200 = DeviceCoefficients(
 # efficiencies and per-pass overhead are the H200's. Its FP8 GEMM and attention efficiencies are fitted to
 # the fit split of the published real runs (benchmarks/fit_published.py over benchmarks/data/published: 27
 # Megatron-Core runs by NVIDIA, NeMo 24.x and Megatron-Bridge 25.x, FP8 on 8-1,024 H100s, Transformer
-# Engine's fused attention; rms log error 0.083). The attention fraction is Transformer Engine's cuDNN kernel in
+# Engine's fused attention; rms log error 0.075). The attention fraction is Transformer Engine's cuDNN kernel in
 # whole iterations, above the 0.22 torch's SDPA reached alone on the H200 and below FlashAttention-3's published
 # 0.5-0.6 (its kernel-only benchmarks).
 _H100 = replace(
     _H200,
-    gemm_fp8=0.634,
-    attention=0.333,
+    gemm_fp8=0.613,
+    attention=0.331,
     source="the H200's bf16 GEMM fit; FP8 GEMM and attention fitted to 27 published H100 runs "
     "(benchmarks/fit_published.py)",
     basis=MEASURED,
@@ -127,27 +127,27 @@ _A100 = DeviceCoefficients(
 # FLOPS": B200 1,745 of 2,250, GB200 1,822 of 2,500), the backward at the H200's backward/forward ratio, the
 # per-pass overhead the H200's. FP8 GEMM and attention efficiencies fitted to the fit split of the published
 # runs (benchmarks/fit_published.py): B200/GB200 on 32 Megatron-Bridge 25.x and NeMo 25.04 runs (rms log error
-# 0.063), B300/GB300 on 4 (0.056). The fitted FP8 fraction sits below the 0.72-0.76 of the largest FP8 GEMMs:
+# 0.064), B300/GB300 on 4 (0.059). The fitted FP8 fraction sits below the 0.72-0.76 of the largest FP8 GEMMs:
 # whole iterations spend more of their time outside the GEMMs on these GPUs than the model counts.
 BLACKWELL_FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 _BLACKWELL = DeviceCoefficients(
     gemm_forward=0.75,
     gemm_backward=0.75 * _H200.gemm_backward / _H200.gemm_forward,
-    attention=0.434,
+    attention=0.435,
     memory=0.8,
     layer_overhead_ms=_H200.layer_overhead_ms,
     source="bf16 GEMMs from published maximum GEMM throughput; FP8 GEMM and attention fitted to 32 published "
     "B200/GB200 runs (benchmarks/fit_published.py)",
     basis=MEASURED,
     misaligned_gemm=MISALIGNED_GEMM_H200,
-    gemm_fp8=0.49,
+    gemm_fp8=0.484,
     fp8_recipes=BLACKWELL_FP8_RECIPES,
 )
 # Blackwell Ultra doubles the attention's exponentials (SFU) at the same dense bf16/FP8 tensor peaks.
 _BLACKWELL_ULTRA = replace(
     _BLACKWELL,
-    attention=0.728,
-    gemm_fp8=0.581,
+    attention=0.759,
+    gemm_fp8=0.573,
     source="bf16 GEMMs as B200; FP8 GEMM and attention fitted to 4 published B300/GB300 runs "
     "(benchmarks/fit_published.py)",
 )

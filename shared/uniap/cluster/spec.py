@@ -162,6 +162,12 @@ class ClusterSpec:
 # Platinum 8480C), PCIe Gen5 x16 (64 GB/s).
 DGX_A100_HOST = dict(host_memory_gib=2048.0, host_memory_bandwidth_gbps=409.6, host_link_bandwidth_gbps=32.0)
 DGX_H100_HOST = dict(host_memory_gib=2048.0, host_memory_bandwidth_gbps=614.4, host_link_bandwidth_gbps=64.0)
+# What NCCL reaches on Hopper and Blackwell systems (nccl-tests bus bandwidth, large messages, as collected in
+# stas00/ml-engineering network/README.md and NVIDIA's answer in nccl-tests issue #290): 8x H100/H200 all-gather
+# and reduce-scatter 361-363 GB/s of NVLink4's 450 per direction (all-reduce 367 on rings, 473-482 with NVLink
+# SHARP), 8x B200 all-reduce 682 of 900 on rings; 46-48 GB/s per 400 Gb/s NIC across nodes.
+HOPPER_LINKS = dict(intra_node_efficiency=0.8, inter_node_efficiency=0.9)
+BLACKWELL_LINKS = dict(intra_node_efficiency=0.75, inter_node_efficiency=0.9)
 
 CLUSTER_PRESETS: dict[str, ClusterSpec] = {
     c.name: c
@@ -196,6 +202,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             inter_node_bandwidth_gbps=50.0,
             peak_fp8_tflops=1979.0,
             **DGX_H100_HOST,
+            **HOPPER_LINKS,
         ),
         # DGX H200: the H100's chip and links with 141 GB HBM3e at 4.8 TB/s.
         ClusterSpec(
@@ -210,6 +217,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             inter_node_bandwidth_gbps=50.0,
             peak_fp8_tflops=1979.0,
             **DGX_H100_HOST,
+            **HOPPER_LINKS,
         ),
         # DGX B200 (NVIDIA DGX B200 User Guide, "DGX B200 Component Descriptions"; dense peaks are half the
         # datasheet's sparse 72 PFLOPS FP8 / 8): 2,250 TFLOP/s bf16, 4,500 FP8, 180 GB HBM3e (178.35 GiB as
@@ -229,6 +237,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             host_memory_gib=2048.0,
             host_memory_bandwidth_gbps=716.8,
             host_link_bandwidth_gbps=64.0,
+            **BLACKWELL_LINKS,
         ),
         # GB200 NVL72 (NVIDIA GB200 NVL72 page, rack figures / 72): 2,500 TFLOP/s bf16, 5,000 FP8, 186 GB HBM3e
         # (184.31 GiB in PyTorch) at 8 TB/s; 18 trays of 4 GPUs and 2 Grace CPUs, all 72 GPUs on one NVLink5
@@ -250,6 +259,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             host_memory_gib=960.0,
             host_memory_bandwidth_gbps=1024.0,
             host_link_bandwidth_gbps=225.0,
+            **BLACKWELL_LINKS,
         ),
         # DGX B300 (Blackwell Ultra; DGX B300 datasheet via secondary sources, not re-read): 2,250 TFLOP/s bf16,
         # 4,500 FP8, 288 GB HBM3e (267.69 GiB in PyTorch) at 8 TB/s, NVLink5, 8x ConnectX-8 800 Gb/s (100 GB/s
@@ -265,6 +275,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             hbm_bandwidth_gbps=8000.0,
             intra_node_bandwidth_gbps=900.0,
             inter_node_bandwidth_gbps=100.0,
+            **BLACKWELL_LINKS,
         ),
         # GB300 NVL72 (NVIDIA GB300 NVL72 page via secondary sources: 360 PF dense FP8 / 72): 2,500 TFLOP/s bf16,
         # 5,000 FP8, ~279 GB HBM3e (276.50 GiB in PyTorch) at 8 TB/s, one 72-GPU NVLink5 fabric, one ConnectX-8
@@ -281,6 +292,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             hbm_bandwidth_gbps=8000.0,
             intra_node_bandwidth_gbps=900.0,
             inter_node_bandwidth_gbps=100.0,
+            **BLACKWELL_LINKS,
         ),
         # 8x A100 80GB PCIe in one server: PCIe Gen4 x16 (32 GB/s per direction), no NVLink;
         # one 100 Gb/s NIC shared by the node = 1.5625 GB/s per GPU.

@@ -108,12 +108,14 @@ def check_assignment(sub: Subproblem, stage_of: list[int], strategy_of: list[Str
                 f"plan is not order preserving: {g.layers[e.src].name} (stage {stage_of[e.src]}) "
                 f"feeds {g.layers[e.dst].name} (stage {stage_of[e.dst]})"
             )
-    if sub.even_split:
+    if sub.split_counts is not None:
         counts = [0] * sub.stages
         for u, layer in enumerate(g.layers):
             counts[stage_of[u]] += layer.kind in TRANSFORMER_KINDS
-        if len(set(counts)) > 1:
-            raise SpecError(f"plan splits the transformer layers {counts}; the pinned flags need an even split")
+        if tuple(counts) != sub.split_counts:
+            raise SpecError(
+                f"plan splits the transformer layers {counts}; the pinned flags need the split {list(sub.split_counts)}"
+            )
     layout: dict[tuple[int, int], int] = {}
     for u, s in enumerate(strategy_of):
         rt = sub.runs[g.run_of[u]]

@@ -47,7 +47,8 @@ class Subproblem:
     interleaved 1F1B schedule when v > 1): the layers are placed on `stages` = deg * v consecutive
     (virtual) stages, stage j running on rank j % deg. `inflight[j]`: micro-batches whose activations stage
     j keeps at its rank's peak; `boundary_intra_node[b]`: whether the boundary after stage b stays in a node.
-    `memory_capacity` is the budget in allocated bytes per GPU (see build_subproblem)."""
+    `memory_capacity` is the budget in allocated bytes per GPU (see build_subproblem). `split_counts`: the
+    transformer layers each stage must hold where the split is fixed (`fixed_counts`), else None."""
 
     graph: LayerGraph
     capability: Capability
@@ -61,7 +62,7 @@ class Subproblem:
     boundary_intra_node: list[bool]
     cost_model: CostModel = field(repr=False)
     v: int = 1
-    even_split: bool = False
+    split_counts: tuple[int, ...] | None = None
 
     @property
     def stages(self) -> int:
@@ -238,6 +239,19 @@ class Subproblem:
         return rt.costs[rt.index[s]]
 
 
+def fixed_counts(transformer_layers: int, stages: int, account_ends: bool) -> tuple[int, ...] | None:
+    """Transformer layers per stage of a split Megatron fixes without a free layout: equal on every stage, or,
+    with `account_ends`, equal counting the embedding and the loss as one layer each (the first and last stage
+    hold one fewer: Megatron-Bridge's account_for_embedding/loss_in_pipeline_split); None: the layers do not
+    split so."""
+    if transformer_layers % stages == 0:
+        return (transformer_layers // stages,) * stages
+    if account_ends and stages >= 2 and (transformer_layers + 2) % stages == 0:
+        k = (transformer_layers + 2) // stages
+        return (k - 1,) + (k,) * (stages - 2) + (k - 1,)
+    return None
+
+
 def inflight_microbatches(deg: int, c: int, v: int) -> list[float]:
     """Per stage, micro-batches whose activations it holds at its rank's peak. 1F1B: stage i keeps min(deg - i,
     c). Interleaved (megatron-core 0.16.1 pipeline_parallel/schedules.py): rank r runs (deg - r - 1) * 2 +
@@ -259,7 +273,11 @@ def build_subproblem(
     c: int,
     pins: Pins = NO_PINS,
     v: int = 1,
+    fixed_split: bool = False,
 ) -> Subproblem:
+    """The tables of subproblem (deg, c, v). The transformer layers split evenly over the stages where the pins
+    say so (a user's Megatron flag), or as Megatron's `fixed_counts` allow where `fixed_split` (the search's
+    many-chunk subproblems)."""
     n = cluster.num_gpus // deg
     mb = training.global_batch_size // c
     G = cluster.nvlink_gpus
@@ -287,6 +305,10 @@ def build_subproblem(
     # Every memory figure of the tables is allocated bytes; the allocator reserves more than that at the
     # peak, so the allocated budget is the usable memory over the reserved-per-allocated ratio.
     capacity = cluster.usable_memory_bytes * (1.0 - cost_model.memory_margin) / cost_model.reserved_per_allocated
+    split_counts = None
+    if pins.even_split or fixed_split:
+        transformer_layers = sum(layer.kind in TRANSFORMER_KINDS for layer in graph.layers)
+        split_counts = fixed_counts(transformer_layers, deg * v, account_ends=not pins.even_split)
     return Subproblem(
         graph=graph,
         capability=capability,
@@ -300,7 +322,7 @@ def build_subproblem(
         boundary_intra_node=boundary_intra,
         cost_model=cost_model,
         v=v,
-        even_split=pins.even_split,
+        split_counts=split_counts,
     )
 
 

@@ -4,7 +4,7 @@ incumbent, to order subproblems and as the cutoff that lets SCIP discard a subpr
 
 from __future__ import annotations
 
-from ..cost.evaluate import Prediction, evaluate, even_split
+from ..cost.evaluate import Prediction, evaluate, even_split, split_by_counts
 from ..cost.strategy import Strategy
 from ..cost.tables import Subproblem
 from ..errors import SpecError
@@ -17,7 +17,7 @@ def best_uniform_plan(sub: Subproblem) -> tuple[Prediction, list[int], list[Stra
         return None
     g = sub.graph
     try:
-        stage_of = even_split(g, sub.stages)
+        stage_of = split_by_counts(g, list(sub.split_counts)) if sub.split_counts else even_split(g, sub.stages)
     except SpecError:
         return None
     main = max(sub.runs, key=lambda rt: rt.run.size)

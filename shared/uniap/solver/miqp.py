@@ -134,19 +134,18 @@ class _Formulation:
         return [c for family in FAMILIES for c in self.families[family]]
 
     def placement(self) -> None:
-        """Every layer on exactly one stage, no stage empty (C_r[i] = sum_k N_r[i, k]), and with an even split
-        pinned, L / stages transformer layers on each stage:
+        """Every layer on exactly one stage, no stage empty (C_r[i] = sum_k N_r[i, k]), and where the split is
+        fixed (Subproblem.split_counts), its transformer layers on each stage:
 
         0 <= N_r[i, k] <= U_r[i, k],   sum_i C_r[i] = |r|,   sum_r C_r[i] >= 1,
-        even:  sum_(r transformer) C_r[i] = L / stages."""
+        fixed:  sum_(r transformer) C_r[i] = counts[i]."""
         cons = self.families[PLACEMENT]
         for rt, N, C, U in zip(self.sub.runs, self.N, self.C, self.U):
             cons += [N >= 0, N <= U, cp.sum(C) == rt.run.size]
         cons.append(sum(self.C) >= 1)
-        if self.sub.even_split:
-            main = [(rt, C) for rt, C in zip(self.sub.runs, self.C) if rt.layer.kind in TRANSFORMER_KINDS]
-            total = sum(rt.run.size for rt, _ in main)
-            cons.append(sum(C for _, C in main) == total / self.deg)
+        if self.sub.split_counts is not None:
+            main = [C for rt, C in zip(self.sub.runs, self.C) if rt.layer.kind in TRANSFORMER_KINDS]
+            cons.append(sum(main) == np.array(self.sub.split_counts, dtype=float))
 
     def order_preserving(self) -> None:
         """A layer's stage never exceeds its successors' (contiguous stages on the DAG). With F_r[i] the

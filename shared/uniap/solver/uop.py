@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
@@ -17,7 +17,7 @@ from ..cluster.spec import ClusterSpec
 from ..cost.evaluate import Prediction, evaluate
 from ..cost.model import CostModel
 from ..cost.strategy import FREE_SPLIT_VIRTUAL_STAGES, NO_PINS, Capability, Pins
-from ..cost.tables import Subproblem, build_subproblem
+from ..cost.tables import Subproblem, build_subproblem, fixed_counts
 from ..errors import InfeasibleError, SolverTimeLimitError, SpecError
 from ..model.graph import TRANSFORMER_KINDS, LayerGraph
 from ..model.spec import TrainingSpec
@@ -66,7 +66,8 @@ def candidate_pairs(
 ) -> list[tuple[int, int, int]]:
     """(deg, c, v): deg divides the GPU count (equal stages), c divides the global batch, v model chunks per
     rank (the capability's; v > 1 only with deg > 1 and c a multiple of deg, Megatron's interleaved schedule
-    rule; above FREE_SPLIT_VIRTUAL_STAGES only where the transformer layers split evenly over the chunks), at
+    rule; above FREE_SPLIT_VIRTUAL_STAGES only where the transformer layers split over the chunks as Megatron
+    fixes them, `fixed_counts`), at
     most one stage per layer; pins and the capability's pipeline limit restrict all three."""
     degs = [d for d in divisors(cluster.num_gpus) if d <= len(graph.layers)]
     if capability.max_pipeline_degree:
@@ -89,7 +90,8 @@ def candidate_pairs(
         for c in cs
         for v in vs
         if (v == 1 or (d > 1 and c % d == 0 and d * v <= len(graph.layers)))
-        and not ((pins.even_split or v > FREE_SPLIT_VIRTUAL_STAGES) and transformer_layers % (d * v))
+        and not (pins.even_split and transformer_layers % (d * v))
+        and (v <= FREE_SPLIT_VIRTUAL_STAGES or fixed_counts(transformer_layers, d * v, True) is not None)
     ]
     if not found and pins.virtual_stages is not None:
         raise SpecError(
@@ -130,9 +132,10 @@ def optimize(
     try:
         subs, bounds, uniform = [], {}, {}
         for d, c, v in pairs:
-            # Many chunks per rank: the layers split evenly over them (FREE_SPLIT_VIRTUAL_STAGES).
-            even = replace(pins, even_split=True) if v > FREE_SPLIT_VIRTUAL_STAGES else pins
-            sub = build_subproblem(graph, cluster, training, capability, cost_model, d, c, even, v)
+            # Many chunks per rank: the layers split as Megatron fixes them (FREE_SPLIT_VIRTUAL_STAGES).
+            sub = build_subproblem(
+                graph, cluster, training, capability, cost_model, d, c, pins, v, v > FREE_SPLIT_VIRTUAL_STAGES
+            )
             bounds[id(sub)] = sub.lower_bound()
             # The best uniform plan of each subproblem: a first incumbent and the order of the search.
             uniform[id(sub)] = best_uniform_plan(sub)
