@@ -32,3 +32,4 @@ python3 benchmarks/cost_model_accuracy.py "${bench[@]}" --json "$out/accuracy.js
 python3 benchmarks/cost_model_accuracy.py "${bench[@]}" --skip-published --profile "$out/megatron-profile.json" \
   --json "$out/accuracy-profiled.json" 2>&1 | grep -v Warning | tee "$out/accuracy-profiled.txt"
 python3 benchmarks/attention_kernels.py "${bench[@]}" --json "$out/attention.json" 2>&1 | tee "$out/attention.txt"
+python3 benchmarks/fp8_gemm.py "${bench[@]}" --json "$out/fp8-gemm.json" 2>&1 | tee "$out/fp8-gemm.txt"

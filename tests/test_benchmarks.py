@@ -20,6 +20,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import attention_kernels  # noqa: E402
 import cost_model_accuracy as accuracy  # noqa: E402
+import fp8_gemm  # noqa: E402
 import published_runs  # noqa: E402
 
 # The errors of the record as this version prices it (benchmarks/RESULTS.md), with a little room.
@@ -80,6 +81,17 @@ def test_attention_kernels_harness_runs_on_the_cpu(tmp_path, capsys):
     assert all(r["default"]["ms"] > 0 and r["math"]["ms"] > 0 for r in result["kernels"])
     assert [r["cp"] for r in result["ring"]] == list(attention_kernels.RING_CP)
     assert "2. ring" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_fp8_gemm_harness_runs_on_the_cpu(tmp_path):
+    """torch._scaled_mm runs E4M3 GEMMs on the CPU too: the GPU check's FP8 step is exercised here."""
+    out = tmp_path / "fp8.json"
+    assert fp8_gemm.main(["--smoke", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["bf16_s"] > 0 and r["fp8_s"] > 0 for r in rows)
+    shapes = fp8_gemm.gemm_shapes("llama3-70b", fp8_gemm.TOKENS, 8)
+    assert [s[3] for s in shapes] == [(8192 + 2 * 1024) // 8, 8192, 2 * 28672 // 8, 8192]
 
 
 def test_recorded_h200_jobs_stay_true_to_this_cost_model():
