@@ -177,7 +177,7 @@ def job_of(row: dict) -> Job:
     preset = preset_of(row["gpu"])
     if preset is None:
         raise SpecError(f"no cluster preset for {row['gpu']}")
-    if row["precision"] not in ("bf16", "fp16", "fp8"):
+    if row["precision"] not in ("bf16", "fp16", "fp8", "nvfp4"):
         raise SpecError(f"{row['precision']} is not modelled yet")
     cluster = cluster_preset(preset)
     gpus, per_node = row["gpus"], cluster.gpus_per_node
@@ -189,11 +189,12 @@ def job_of(row: dict) -> Job:
         for o, key in ((TP_COMM_OVERLAP, "tp_comm_overlap"), (PARAM_GATHER_OVERLAP, "overlap_param_gather"))
         if flags.get(key)
     )
-    fp8 = row["precision"] == "fp8"
+    fp8, fp4 = row["precision"] == "fp8", row["precision"] == "nvfp4"
     training = TrainingSpec(
         global_batch_size=row["global_batch_size"],
         seq_length=seq,
-        precision="bf16" if fp8 else row["precision"],
+        precision="bf16" if fp8 or fp4 else row["precision"],
+        fp4_recipe="nvfp4" if fp4 else None,
         flash_attention=flags.get("flash_attention", row["date"] >= FLASH_ATTENTION_SINCE),
         fp8_recipe=(row.get("recipe") or DEFAULT_FP8_RECIPE) if fp8 else None,
         overlaps=overlaps,
@@ -383,6 +384,18 @@ def print_table(rows: list[PricedRow]) -> None:
             skipped[r.skipped] = skipped.get(r.skipped, 0) + 1
     for reason, n in sorted(skipped.items(), key=lambda kv: -kv[1]):
         print(f"  not priced: {n} row(s): {reason}")
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for r in rows:
+        if r.predicted is not None:
+            precision = r.label.split()[2].split("/")[0]
+            groups.setdefault((r.split, r.gpu.split("-")[0], precision), []).append(abs(r.error_percent))
+    print(
+        "  mean |error| by split, GPU and precision: "
+        + "; ".join(
+            f"{split} {gpu} {precision} {statistics.mean(e):.1f} % ({len(e)})"
+            for (split, gpu, precision), e in sorted(groups.items(), key=lambda kv: (SPLITS.index(kv[0][0]), kv[0][1:]))
+        )
+    )
     for split, s in summary(rows).items():
         if not s["rows"]:
             continue

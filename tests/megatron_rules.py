@@ -53,6 +53,8 @@ CHOICE_FLAGS = {
     # TransformerConfig.fp8 / fp8_recipe as Megatron-LM's parser offers them (Fp8Recipe, less 'custom').
     "--fp8-format": {"e4m3", "hybrid"},
     "--fp8-recipe": {"tensorwise", "delayed", "mxfp8", "blockwise"},
+    "--fp4-format": {"e2m1"},
+    "--fp4-recipe": {"nvfp4"},
     "--normalization": {"LayerNorm", "RMSNorm"},
     # GPTModel(position_embedding_type=...) accepts these (megatron/core/models/gpt/gpt_model.py)
     "--position-embedding-type": set(
@@ -190,6 +192,8 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
     # --fp8-recipe is read only beside --fp8-format (TransformerConfig.fp8 None: no FP8).
     if g("--fp8-recipe") is not None and g("--fp8-format") is None:
         bad.append("--fp8-recipe without --fp8-format (no FP8 runs)")
+    if g("--fp4-format") is not None and g("--fp8-format") is not None:
+        bad.append("--fp4-format with --fp8-format (validate_args: one of them)")
     # A.17: CP > 1 splits the sequence into 2 * CP chunks.
     if cp > 1 and seq % (2 * cp):
         bad.append(f"CP {cp} needs seq {seq} % (2 * CP) == 0")
@@ -358,6 +362,7 @@ def translation_mismatches(flags: dict, plan: Plan, model: ModelSpec, training: 
         ("--bf16", training.precision == "bf16"),
         ("--fp16", training.precision == "fp16"),
         ("--fp8-format", training.fp8),
+        ("--fp4-format", training.fp4_recipe is not None),
         ("--tp-comm-overlap", s.tp > 1 and "tp_comm" in (training.overlaps or ())),
     ):
         if bool(g(flag)) != cond:

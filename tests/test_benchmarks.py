@@ -24,7 +24,7 @@ import fp8_gemm  # noqa: E402
 import published_runs  # noqa: E402
 
 # The errors of the record as this version prices it (benchmarks/RESULTS.md), with a little room.
-RECORDED_MEAN_ABS_ERROR = {published_runs.FIT: 5.5, published_runs.VALIDATION: 5.0}
+RECORDED_MEAN_ABS_ERROR = {published_runs.FIT: 5.5, published_runs.VALIDATION: 7.5}
 SC21_TARGET = 6.0
 ROW_KEYS = {"id", "where", "date", "framework", "gpu", "gpus", "model", "seq_length", "precision", "tp", "pp"}
 

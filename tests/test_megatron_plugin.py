@@ -82,6 +82,8 @@ def megatron_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-recipe", default="delayed", choices=["tensorwise", "delayed", "mxfp8", "blockwise", "custom"])
     g.add_argument("--tp-comm-overlap", action="store_true")
     g.add_argument("--fp8-param-gather", action="store_true")
+    g.add_argument("--fp4-format", dest="fp4", default=None, choices=["e2m1"])
+    g.add_argument("--fp4-recipe", default="nvfp4", choices=["nvfp4", "custom"])
     g.add_argument("--grad-reduce-in-bf16", action="store_true")
     g = p.add_argument_group("checkpointing")
     g.add_argument("--ckpt-format", default="torch_dist", choices=["torch", "torch_dist", "torch_dcp", "fsdp_dtensor"])
@@ -538,6 +540,10 @@ def test_every_plan_flag_maps_to_megatrons_dest():
         "tensorwise",
         "--tp-comm-overlap",
         "--fp8-param-gather",
+        "--fp4-format",
+        "e2m1",
+        "--fp4-recipe",
+        "nvfp4",
         "--grad-reduce-in-bf16",
     ]
     assert {a for a in argv if a.startswith("--")} == {f.spelling for f in PLAN_FLAGS}

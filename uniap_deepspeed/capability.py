@@ -183,7 +183,7 @@ DEEPSPEED = Capability(
         "max_zero_with_pipeline": "DeepSpeed's pipeline engine asserts \"ZeRO-2 and ZeRO-3 are incompatible with "
         'pipeline parallelism" (deepspeed/runtime/pipe/engine.py)',
         "recompute_modes": "DeepSpeed checkpoints whole layers (activation_checkpoint_interval), not modules",
-        "fp8": "DeepSpeed's JSON config has no FP8: FP8 GEMMs come from the model's own code (Transformer "
+        "fp8": "DeepSpeed's JSON config has no FP8 or FP4: such GEMMs come from the model's own code (Transformer "
         "Engine's layers and fp8_autocast), which a config cannot switch on",
     },
     fp8=False,

@@ -132,6 +132,8 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
         args += F.FP8_FORMAT.tokens(plan.training.fp8_format) + F.FP8_RECIPE.tokens(plan.training.fp8_recipe)
         # validate_args: only with the distributed optimizer or FSDP (priced likewise).
         args += F.FP8_PARAM_GATHER.tokens() if plan.training.fp8_param_gather and s.zero and s.shards > 1 else []
+    if plan.training.fp4_recipe:
+        args += F.FP4_FORMAT.tokens(F.E2M1) + F.FP4_RECIPE.tokens(plan.training.fp4_recipe)
     args += F.GRAD_REDUCE_IN_BF16.tokens() if plan.training.grad_reduce_in_bf16 else []
     # Before Blackwell, TP or CP needs one CUDA connection and Megatron-FSDP more than one (capability.py).
     env = {}
@@ -264,6 +266,7 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         fp8_recipe=(given(F.FP8_RECIPE.dest) or F.FP8_RECIPE.default) if fp8 else None,
         fp8_format=fp8 or "hybrid",
         fp8_param_gather=bool(fp8 and given(F.FP8_PARAM_GATHER.dest)),
+        fp4_recipe=(given(F.FP4_RECIPE.dest) or F.FP4_RECIPE.default) if given(F.FP4_FORMAT.dest) else None,
         grad_reduce_in_bf16=bool(given(F.GRAD_REDUCE_IN_BF16.dest)) and bool(given(F.BF16.dest)),
     )
     fsdp = given(F.TORCH_FSDP2.dest) or given(F.MEGATRON_FSDP.dest)

@@ -96,6 +96,8 @@ FP8_FORMAT = Flag("--fp8-format", type=str, dest="fp8")
 FP8_RECIPE = Flag("--fp8-recipe", type=str, default="delayed")
 TP_COMM_OVERLAP = Flag("--tp-comm-overlap", Kind.SWITCH)
 FP8_PARAM_GATHER = Flag("--fp8-param-gather", Kind.SWITCH)
+FP4_FORMAT = Flag("--fp4-format", type=str, dest="fp4")
+FP4_RECIPE = Flag("--fp4-recipe", type=str, default="nvfp4")
 GRAD_REDUCE_IN_BF16 = Flag("--grad-reduce-in-bf16", Kind.SWITCH)
 
 # The flags a plan sets, in the order args.py emits them.
@@ -126,6 +128,8 @@ PLAN_FLAGS = (
     FP8_RECIPE,
     TP_COMM_OVERLAP,
     FP8_PARAM_GATHER,
+    FP4_FORMAT,
+    FP4_RECIPE,
     GRAD_REDUCE_IN_BF16,
 )
 
@@ -202,6 +206,7 @@ LEARNED_ABSOLUTE, ROPE = "learned_absolute", "rope"
 OPTIM_GRADS_PARAMS = "optim_grads_params"  # Megatron-FSDP sharding of everything (ZeRO-3)
 FSDP_DTENSOR = "fsdp_dtensor"  # the checkpoint format Megatron-FSDP saves
 FULL, SELECTIVE, UNIFORM = "full", "selective", "uniform"
+E2M1 = "e2m1"  # --fp4-format's one value
 
 
 def parser(flags: tuple[Flag, ...], with_defaults: bool) -> argparse.ArgumentParser:

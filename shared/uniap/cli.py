@@ -29,7 +29,7 @@ from .errors import (
 from .io import check_output_path
 from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
-from .model.spec import FP8_FORMATS, FP8_RECIPES, OVERLAPS, PRECISIONS
+from .model.spec import FP4_RECIPES, FP8_FORMATS, FP8_RECIPES, OVERLAPS, PRECISIONS
 from .plan import Plan, make_plan
 from .planner import DEFAULT_GAP, Job, configure, price, training_spec
 from .planner import plan as solve
@@ -89,6 +89,12 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
         "%(choices)s (Megatron's --fp8-recipe; the GPU must run it) (default: no FP8)",
     )
     g.add_argument("--fp8-format", choices=FP8_FORMATS, help="FP8 format with --fp8: %(choices)s (default: hybrid)")
+    g.add_argument(
+        "--fp4",
+        choices=FP4_RECIPES,
+        help="run them in FP4 with this recipe instead, one of %(choices)s (Megatron's --fp4-recipe; Blackwell) "
+        "(default: no FP4)",
+    )
     g.add_argument(
         "--fp8-param-gather",
         action="store_true",
@@ -337,6 +343,7 @@ def _job(args):
         fp8_recipe=args.fp8,
         fp8_format=args.fp8_format or "hybrid",
         fp8_param_gather=args.fp8_param_gather,
+        fp4_recipe=args.fp4,
         grad_reduce_in_bf16=args.grad_reduce_in_bf16,
     )
     capability = capability_for(args.target)  # an unknown target is an input error before anything is solved

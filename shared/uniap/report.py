@@ -113,16 +113,19 @@ def scale_warning(plan: Plan) -> str | None:
 
 
 def precision_label(t) -> str:
-    """'bf16', or 'bf16 + FP8 tensorwise (hybrid)' where the linear GEMMs run in FP8."""
-    return t.precision + (f" + FP8 {t.fp8_recipe} ({t.fp8_format})" if t.fp8 else "")
+    """'bf16', or 'bf16 + FP8 tensorwise (hybrid)' / 'bf16 + FP4 nvfp4' where the linear GEMMs run quantized."""
+    if t.fp8:
+        return f"{t.precision} + FP8 {t.fp8_recipe} ({t.fp8_format})"
+    return t.precision + (f" + FP4 {t.fp4_recipe}" if t.fp4_recipe else "")
 
 
 def mfu_label(plan: Plan) -> str:
     """MFU against the peak it is stated against: the dense bf16/fp16 peak, and under FP8 also the FP8 peak."""
     text = f"MFU {plan.mfu * 100:.1f}% of the {plan.cluster.peak_tflops:,.0f} TFLOP/s {plan.training.precision} peak"
-    fp8 = plan.cluster.peak_fp8_tflops
-    if plan.training.fp8 and fp8:
-        text += f" ({plan.mfu * plan.cluster.peak_tflops / fp8 * 100:.1f}% of the {fp8:,.0f} FP8 peak)"
+    c, t = plan.cluster, plan.training
+    peak = c.peak_fp8_tflops if t.fp8 else c.peak_fp4_tflops if t.fp4_recipe else None
+    if peak:
+        text += f" ({plan.mfu * c.peak_tflops / peak * 100:.1f}% of the {peak:,.0f} {t.quantized.upper()} peak)"
     return text
 
 

@@ -39,9 +39,20 @@ class DeviceCoefficients:
     # of it), and the Transformer Engine recipes the GPU runs (TrainingSpec.fp8_recipe).
     gemm_fp8: float = 0.6
     fp8_recipes: tuple[str, ...] = ()
+    # FP4 (NVFP4) linear GEMMs likewise, against the dense FP4 peak.
+    gemm_fp4: float = 0.5
+    fp4_recipes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("gemm_forward", "gemm_backward", "attention", "memory", "misaligned_gemm", "gemm_fp8"):
+        for name in (
+            "gemm_forward",
+            "gemm_backward",
+            "attention",
+            "memory",
+            "misaligned_gemm",
+            "gemm_fp8",
+            "gemm_fp4",
+        ):
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and 0 < v <= 1, name, f"must be in (0, 1] (got {v!r})")
         _require(
@@ -142,12 +153,17 @@ _BLACKWELL = DeviceCoefficients(
     misaligned_gemm=MISALIGNED_GEMM_H200,
     gemm_fp8=0.484,
     fp8_recipes=BLACKWELL_FP8_RECIPES,
+    # No NVFP4 run was published before 2026 (the fit split): the FP8 fraction, applied to the FP4 peak, is an
+    # estimate that the validation split checks.
+    gemm_fp4=0.484,
+    fp4_recipes=("nvfp4",),
 )
 # Blackwell Ultra doubles the attention's exponentials (SFU) at the same dense bf16/FP8 tensor peaks.
 _BLACKWELL_ULTRA = replace(
     _BLACKWELL,
     attention=0.759,
     gemm_fp8=0.573,
+    gemm_fp4=0.573,
     source="bf16 GEMMs as B200; FP8 GEMM and attention fitted to 4 published B300/GB300 runs "
     "(benchmarks/fit_published.py)",
 )

@@ -25,7 +25,7 @@ GiB = 2**30
 # operating system, the data loaders and the page cache.
 HOST_MEMORY_USABLE = 0.8
 # Fields a cluster may leave out: no hand-set GEMM efficiency, hosts not described, no FP8 tensor cores.
-OPTIONAL_FIELDS = ("matmul_efficiency", "host_memory_gib", "peak_fp8_tflops", "nvlink_domain")
+OPTIONAL_FIELDS = ("matmul_efficiency", "host_memory_gib", "peak_fp8_tflops", "peak_fp4_tflops", "nvlink_domain")
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,10 @@ class ClusterSpec:
     `host_memory_bandwidth_gbps` (datasheet peak) per node, `host_link_bandwidth_gbps` per GPU between host and
     device (PCIe); DeepSpeedCPUAdam is bound by memory bandwidth, not cores (uniap.cost.model.CostModel.cpu_adam).
     Without `host_memory_gib` uniap does not consider offloading. `peak_fp8_tflops`: the dense FP8 tensor peak
-    (None: the GPU has no FP8 tensor cores, like the A100). `nvlink_domain`: GPUs one NVLink fabric joins when it
-    spans nodes (72 in a GB200 NVL72 rack of 4-GPU trays; None: the node): `intra_node_*` figures apply inside
-    it, and tensor, context and data-parallel groups inside it use them."""
+    (None: the GPU has no FP8 tensor cores, like the A100); `peak_fp4_tflops` the dense FP4 (NVFP4) peak.
+    `nvlink_domain`: GPUs one NVLink fabric joins when it spans nodes (72 in a GB200 NVL72 rack of 4-GPU trays;
+    None: the node): `intra_node_*` figures apply inside it, and tensor, context and data-parallel groups inside
+    it use them."""
 
     name: str
     num_nodes: int
@@ -58,6 +59,7 @@ class ClusterSpec:
     host_memory_bandwidth_gbps: float = 200.0
     host_link_bandwidth_gbps: float = 32.0
     peak_fp8_tflops: float | None = None
+    peak_fp4_tflops: float | None = None
     nvlink_domain: int | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +79,7 @@ class ClusterSpec:
             "host_memory_bandwidth_gbps",
             "host_link_bandwidth_gbps",
             "peak_fp8_tflops",
+            "peak_fp4_tflops",
         ):
             v = getattr(self, name)
             if v is None and name in OPTIONAL_FIELDS:
@@ -115,7 +118,7 @@ class ClusterSpec:
             "nvlink_domain",
             f"must be a multiple of gpus_per_node ({self.gpus_per_node}) or absent",
         )
-        for name in ("host_memory_gib", "peak_fp8_tflops"):
+        for name in ("host_memory_gib", "peak_fp8_tflops", "peak_fp4_tflops"):
             v = getattr(self, name)
             _require(v is None or v > 0, name, "must be positive or absent")
 
@@ -220,7 +223,8 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             **HOPPER_LINKS,
         ),
         # DGX B200 (NVIDIA DGX B200 User Guide, "DGX B200 Component Descriptions"; dense peaks are half the
-        # datasheet's sparse 72 PFLOPS FP8 / 8): 2,250 TFLOP/s bf16, 4,500 FP8, 180 GB HBM3e (178.35 GiB as
+        # datasheet's sparse 72 PFLOPS FP8 / 8): 2,250 TFLOP/s bf16, 4,500 FP8, 9,000 FP4 (72 PF dense / 8), 180 GB
+        # HBM3e (178.35 GiB as
         # PyTorch reports it) at 8 TB/s, NVLink5 1.8 TB/s (900 per direction), 8x ConnectX-7 400 Gb/s; hosts
         # 2x Xeon Platinum 8570 with 2 TB DDR5-5600 on 2 x 8 channels (716.8 GB/s), PCIe Gen5 x16 per GPU.
         ClusterSpec(
@@ -231,6 +235,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             gpu_memory_gib=178.35,
             peak_tflops=2250.0,
             peak_fp8_tflops=4500.0,
+            peak_fp4_tflops=9000.0,
             hbm_bandwidth_gbps=8000.0,
             intra_node_bandwidth_gbps=900.0,
             inter_node_bandwidth_gbps=50.0,
@@ -239,7 +244,8 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             host_link_bandwidth_gbps=64.0,
             **BLACKWELL_LINKS,
         ),
-        # GB200 NVL72 (NVIDIA GB200 NVL72 page, rack figures / 72): 2,500 TFLOP/s bf16, 5,000 FP8, 186 GB HBM3e
+        # GB200 NVL72 (NVIDIA GB200 NVL72 page, rack figures / 72): 2,500 TFLOP/s bf16, 5,000 FP8, 10,000 FP4,
+        # 186 GB HBM3e
         # (184.31 GiB in PyTorch) at 8 TB/s; 18 trays of 4 GPUs and 2 Grace CPUs, all 72 GPUs on one NVLink5
         # fabric (900 GB/s per direction per GPU); one ConnectX-7 400 Gb/s per GPU. Hosts: up to 480 GB LPDDR5X
         # at ~512 GB/s per Grace, reached over NVLink-C2C (900 GB/s both ways per Grace, ~225 per GPU and
@@ -253,6 +259,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             gpu_memory_gib=184.31,
             peak_tflops=2500.0,
             peak_fp8_tflops=5000.0,
+            peak_fp4_tflops=10000.0,
             hbm_bandwidth_gbps=8000.0,
             intra_node_bandwidth_gbps=900.0,
             inter_node_bandwidth_gbps=50.0,
@@ -262,7 +269,8 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             **BLACKWELL_LINKS,
         ),
         # DGX B300 (Blackwell Ultra; DGX B300 datasheet via secondary sources, not re-read): 2,250 TFLOP/s bf16,
-        # 4,500 FP8, 288 GB HBM3e (267.69 GiB in PyTorch) at 8 TB/s, NVLink5, 8x ConnectX-8 800 Gb/s (100 GB/s
+        # 4,500 FP8, 13,500 FP4 (108 PF dense / 8: Blackwell Ultra's FP4 is not half its sparse figure), 288 GB HBM3e
+        # (267.69 GiB in PyTorch) at 8 TB/s, NVLink5, 8x ConnectX-8 800 Gb/s (100 GB/s
         # per GPU). Its hosts' memory is not verified: not described.
         ClusterSpec(
             name="dgx-b300",
@@ -272,13 +280,15 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             gpu_memory_gib=267.69,
             peak_tflops=2250.0,
             peak_fp8_tflops=4500.0,
+            peak_fp4_tflops=13500.0,
             hbm_bandwidth_gbps=8000.0,
             intra_node_bandwidth_gbps=900.0,
             inter_node_bandwidth_gbps=100.0,
             **BLACKWELL_LINKS,
         ),
         # GB300 NVL72 (NVIDIA GB300 NVL72 page via secondary sources: 360 PF dense FP8 / 72): 2,500 TFLOP/s bf16,
-        # 5,000 FP8, ~279 GB HBM3e (276.50 GiB in PyTorch) at 8 TB/s, one 72-GPU NVLink5 fabric, one ConnectX-8
+        # 5,000 FP8, 15,000 FP4 (1,080 PF dense / 72), ~279 GB HBM3e (276.50 GiB in PyTorch) at 8 TB/s, one 72-GPU
+        # NVLink5 fabric, one ConnectX-8
         # 800 Gb/s per GPU; Grace hosts as GB200 (not verified).
         ClusterSpec(
             name="gb300-nvl72",
@@ -289,6 +299,7 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             gpu_memory_gib=276.5,
             peak_tflops=2500.0,
             peak_fp8_tflops=5000.0,
+            peak_fp4_tflops=15000.0,
             hbm_bandwidth_gbps=8000.0,
             intra_node_bandwidth_gbps=900.0,
             inter_node_bandwidth_gbps=100.0,

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from ..cluster.spec import ClusterSpec
 from ..errors import SpecError
-from ..model.graph import TRANSFORMER_KINDS, Layer
-from ..model.spec import PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP, TrainingSpec
+from ..model.graph import NVFP4_BYTES, TRANSFORMER_KINDS, Layer
+from ..model.spec import FP4, FP8, PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP, TrainingSpec
 from ..profile.schema import Profile, bus_factor
 from .accounting import FP32_BYTES, Accounting, PerParam, precision_aware_saving
 from .strategy import OFFLOAD_NONE, Strategy
@@ -78,7 +78,7 @@ CPU_CAST_READ_BYTES = 4.0
 ZEROPP_WEIGHT_RATIO = 0.5
 ZEROPP_GRAD_RATIO = 0.25
 ZEROPP_QUANTIZATION_TRAFFIC = 9.0
-# FP8 (Transformer Engine 2.x): each value entering a linear GEMM is quantized in forward (read in the compute
+# FP8 and FP4 (Transformer Engine 2.x): each value entering a linear GEMM is quantized in forward (read in the compute
 # dtype, written as FP8 and, for the weight-gradient GEMM, as a transposed/column-wise FP8 copy), each output
 # gradient likewise in backward: 2 + 1 + 1 bytes of HBM traffic per value (an estimate; amax reductions are
 # fused into the producing kernels). Weights are quantized once per iteration (megatron-core passes
@@ -93,6 +93,8 @@ FP8_CAST_TRAFFIC = 4.0
 RING_BLOCK_TOKENS = 3040.0
 RING_BLOCK_EXPONENT = 2.3
 FP8_WEIGHT_COPIES = 2.0
+# Bytes per value of the quantized weight copies (row-wise and column-wise) under each format.
+WEIGHT_COPY_BYTES = {FP8: FP8_WEIGHT_COPIES, FP4: 2 * NVFP4_BYTES}
 
 
 @dataclass(frozen=True)
@@ -125,18 +127,24 @@ def ring_slowdown(tokens_per_rank: int) -> float:
     return 1.0 + (RING_BLOCK_TOKENS / tokens_per_rank) ** RING_BLOCK_EXPONENT
 
 
-def check_fp8(cluster: ClusterSpec, recipe: str) -> None:
-    """Refuse an FP8 recipe the cluster's GPUs cannot run (SpecError naming the GPU and what it runs)."""
-    runs = cluster.coefficients.fp8_recipes
-    if cluster.peak_fp8_tflops is None or not runs:
+def check_quantized(cluster: ClusterSpec, training: TrainingSpec) -> None:
+    """Refuse an FP8 or FP4 recipe the cluster's GPUs cannot run (SpecError naming the GPU and what it runs)."""
+    fmt, recipe = training.quantized, training.quantized_recipe
+    fp8 = fmt == FP8
+    peak = cluster.peak_fp8_tflops if fp8 else cluster.peak_fp4_tflops
+    runs = cluster.coefficients.fp8_recipes if fp8 else cluster.coefficients.fp4_recipes
+    field = "peak_fp8_tflops" if fp8 else "peak_fp4_tflops"
+    if peak is None or not runs:
         raise SpecError(
-            f"FP8 recipe '{recipe}' asked for, but {cluster.gpu_name} ({cluster.name}) has no FP8 tensor cores "
-            "(the cluster gives no peak_fp8_tflops)",
-            "plan in bf16, or for a GPU with FP8 (H100, H200, B200, GB200...); a cluster file may set peak_fp8_tflops",
+            f"{fmt.upper()} recipe '{recipe}' asked for, but {cluster.gpu_name} ({cluster.name}) has no "
+            f"{fmt.upper()} tensor cores (the cluster gives no {field})",
+            f"plan in bf16, or for a GPU with {fmt.upper()} ("
+            + ("H100, H200, B200, GB200..." if fp8 else "B200, GB200, B300, GB300")
+            + f"); a cluster file may set {field}",
         )
     if recipe not in runs:
         raise SpecError(
-            f"FP8 recipe '{recipe}' does not run on {cluster.gpu_name}: Transformer Engine runs "
+            f"{fmt.upper()} recipe '{recipe}' does not run on {cluster.gpu_name}: Transformer Engine runs "
             f"{', '.join(runs)} there",
             f"choose one of {', '.join(runs)}",
         )
@@ -186,10 +194,10 @@ class CostModel:
         self.reserved_basis = CALIBRATED if fitted else ESTIMATED
         self.memory_margin = 0.0 if fitted else ESTIMATED_MEMORY_MARGIN
         self.comm_bases: set[str] = set()
-        self.fp8 = training.fp8
+        self.quantized = training.quantized
         self.overlaps = training.overlaps or ()
-        if self.fp8:
-            check_fp8(cluster, training.fp8_recipe)
+        if self.quantized:
+            check_quantized(cluster, training)
 
     # --- collectives ------------------------------------------------------------------------------
 
@@ -267,7 +275,7 @@ class CostModel:
         scores are batched GEMMs and their softmax traffic is part of the activations."""
         co, peak = self.coefficients, self.cluster.peak_tflops * 1e12
         flash = self.training.flash_attention
-        fp8 = self.runs_fp8(layer)
+        quantized = self.runs_quantized(layer)
         attention = self.executed_attention_flops(layer)
         gemm = layer.flops_fwd - layer.attention_flops
         if flash:
@@ -281,7 +289,7 @@ class CostModel:
         overhead = co.layer_overhead_ms * 1e-3
         gemm_fwd, gemm_bwd = self.gemm_rates(layer)
         extra_fwd = extra_bwd = extra
-        if fp8:  # the quantization of the FP8 GEMMs' inputs and output gradients
+        if quantized:  # the quantization of the FP8/FP4 GEMMs' inputs and output gradients
             cast = FP8_CAST_TRAFFIC / tp / self.hbm_bytes_per_second
             extra_fwd += samples * layer.linear_inputs * cast
             extra_bwd += samples * layer.linear_outputs * cast
@@ -293,20 +301,23 @@ class CostModel:
         bwd = samples * (2.0 * gemm / gemm_bwd + attn_bwd) / tp + 2.0 * traffic + extra_bwd + table + 2.0 * overhead
         return fwd, bwd
 
-    def runs_fp8(self, layer: Layer) -> bool:
-        """Whether `layer`'s linear GEMMs run in FP8: a transformer layer's under an FP8 recipe (the embedding,
-        output layer and attention core stay in the compute dtype, as megatron-core builds them)."""
-        return self.fp8 and layer.kind in TRANSFORMER_KINDS
+    def runs_quantized(self, layer: Layer) -> bool:
+        """Whether `layer`'s linear GEMMs run in FP8 or FP4: a transformer layer's under such a recipe (the
+        embedding, output layer and attention core stay in the compute dtype, as megatron-core builds them)."""
+        return self.quantized is not None and layer.kind in TRANSFORMER_KINDS
 
     def gemm_rates(self, layer: Layer) -> tuple[float, float]:
         """FLOP/s `layer`'s linear GEMMs reach in forward and backward: the bf16 peak at the GPU model's GEMM
-        efficiencies, or under FP8 the FP8 peak at its FP8 efficiency (backward at the bf16 backward/forward
+        efficiencies, or under FP8 (FP4) the FP8 (FP4) peak at its efficiency (backward at the bf16 backward/forward
         ratio)."""
         co = self.coefficients
-        if not self.runs_fp8(layer):
+        if not self.runs_quantized(layer):
             peak = self.cluster.peak_tflops * 1e12
             return peak * co.gemm_forward, peak * co.gemm_backward
-        forward = self.cluster.peak_fp8_tflops * 1e12 * co.gemm_fp8
+        if self.quantized == FP8:
+            forward = self.cluster.peak_fp8_tflops * 1e12 * co.gemm_fp8
+        else:
+            forward = self.cluster.peak_fp4_tflops * 1e12 * co.gemm_fp4
         return forward, forward * co.gemm_backward / co.gemm_forward
 
     def gemm_times(self, layer: Layer, tp: int, samples: float) -> tuple[float, float]:
@@ -481,13 +492,14 @@ class CostModel:
         if s.zeropp:  # ZeRO++'s secondary copy of the weights in their dtype, split over a node's ranks
             secondary = weight_bytes / min(dp, self.cluster.gpus_per_node)
             state, step_bytes = state + secondary, step_bytes + secondary
-        fp8_weights = layer.params_tp / tp * FP8_WEIGHT_COPIES if self.runs_fp8(layer) else 0.0
+        copies = WEIGHT_COPY_BYTES[self.quantized] if self.runs_quantized(layer) else 0.0
+        fp8_weights = layer.params_tp / tp * copies
         if fp8_weights and self.training.fp8_param_gather and s.zero >= 1:
             # With the distributed optimizer or FSDP (Megatron-LM validate_args) the parameter itself is FP8
             # (one byte instead of the compute dtype's), with its transposed copy.
             fp8_weights = layer.params_tp / tp * (FP8_WEIGHT_COPIES - self.bpv)
         if fp8_weights:  # quantized once per iteration into two FP8 copies, which live with the weights
-            optimizer += layer.params_tp / tp * (self.bpv + FP8_WEIGHT_COPIES) / self.hbm_bytes_per_second
+            optimizer += layer.params_tp / tp * (self.bpv + copies) / self.hbm_bytes_per_second
             if s.zero == 3:
                 fp8_weights /= dp  # sharded like the weights; a gathered layer's copies are part of its peak
             state, step_bytes = state + fp8_weights, step_bytes + fp8_weights

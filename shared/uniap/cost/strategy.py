@@ -129,7 +129,7 @@ class Capability:
     offload_modes / zeropp: the ZeRO variants it runs (Strategy), offered where the cluster describes its hosts
     (offloading) or a stage spans nodes (ZeRO++). overlaps: the communication overlaps it runs beyond the
     gradient reduction's (uniap.model.spec.OVERLAPS); a job runs them unless it says otherwise (`job_training`).
-    fp8: it can run a job's FP8 recipe (TrainingSpec.fp8_recipe).
+    fp8: it can run a job's FP8 or FP4 recipe (TrainingSpec.fp8_recipe, fp4_recipe).
     """
 
     name: str
@@ -165,10 +165,11 @@ class Capability:
         """`training` with the overlaps the job runs: the ones it lists (SpecError for one this target cannot
         run), else every one the target runs, TP communication overlap only with fused kernels (Transformer
         Engine's userbuffers). SpecError for an FP8 recipe the target cannot run."""
-        if training.fp8 and not self.fp8:
+        if training.quantized and not self.fp8:
             why = self.reasons.get("fp8", "")
             raise SpecError(
-                f"target '{self.name}' cannot run the FP8 recipe '{training.fp8_recipe}'" + (f": {why}" if why else ""),
+                f"target '{self.name}' cannot run the {training.quantized.upper()} recipe "
+                f"'{training.quantized_recipe}'" + (f": {why}" if why else ""),
                 "plan in bf16 for this target, or for --target megatron",
             )
         if training.overlaps is not None:

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import SpecError
-from .spec import ModelSpec, TrainingSpec
+from .spec import FP4, FP8, ModelSpec, TrainingSpec
 
 CHAIN, SKIP = "chain", "skip"
 # Layer kinds. Transformer layers (self-attention, or self- and cross-attention in T5's decoder) are the runs
@@ -30,6 +30,8 @@ CROSS_ENTROPY_TRAFFIC = 18
 # Bytes per value of a linear layer's input that Transformer Engine keeps for backward under FP8: the quantized
 # copy it computed the forward GEMM from (transformer_engine/pytorch/module/linear.py, layernorm_linear.py).
 FP8_BYTES = 1
+# NVFP4 keeps 4 bits per value and one E4M3 scale per 16 values (Transformer Engine's NVFP4BlockScaling).
+NVFP4_BYTES = 0.5 + 1 / 16
 
 
 @dataclass(frozen=True)
@@ -267,8 +269,12 @@ class _Builder:
             f"{kind}/h{m.hidden_size}/a{m.num_attention_heads}/g{m.query_groups}/d{m.head_dim}"
             f"/f{m.ffn_hidden_size}{'/glu' if m.gated_mlp else ''}{'/bias' if m.add_bias else ''}"
             f"/s{s}{extra}/{self.t.precision}{'/flash' if self.t.flash_attention else ''}"
-            f"{'/fp8-' + self.t.fp8_recipe if self.t.fp8 and kind in TRANSFORMER_KINDS else ''}"
+            f"{'/' + self.t.quantized_recipe if self.t.quantized and kind in TRANSFORMER_KINDS else ''}"
         )
+
+    def _linear_input_bytes(self) -> float:
+        """Bytes per value of a linear layer's input kept for backward: its quantized copy under FP8 or FP4."""
+        return {FP8: FP8_BYTES, FP4: NVFP4_BYTES}.get(self.t.quantized, self.bpv)
 
     def _norm_params(self) -> int:
         return (2 if self.m.normalization == "layernorm" else 1) * self.m.hidden_size
@@ -283,7 +289,7 @@ class _Builder:
         params_rep = self._norm_params() + (h if m.add_bias else 0)
         attention_flops = 4 * s_q * s_kv * q  # Q K^T and the product with V
         flops = 2 * s_q * h * q + 2 * s_kv * h * 2 * kv + 2 * s_q * q * h + attention_flops
-        lin = FP8_BYTES if self.t.fp8 else bpv  # a linear layer's saved input
+        lin = self._linear_input_bytes()
         act_seq = bpv * s_q * h + lin * s_q * h + mask * s_q * h  # norm input, Q(KV) input, output dropout mask
         if not self_attn:
             act_seq += lin * s_kv * h  # the encoder output that K and V are computed from
@@ -313,7 +319,7 @@ class _Builder:
         params_tp = (up + 1) * h * f + (up * f if m.add_bias else 0)
         params_rep = self._norm_params() + (h if m.add_bias else 0)
         flops = 2 * s * (up + 1) * h * f
-        lin = FP8_BYTES if self.t.fp8 else bpv  # a linear layer's saved input
+        lin = self._linear_input_bytes()
         act_seq = bpv * s * h + lin * s * h + (s * h if m.dropout > 0 else 0)  # norm input, fc1 input, mask
         act_split = bpv * s * f * up + lin * s * f  # fc1 output(s), fc2 input
         return dict(

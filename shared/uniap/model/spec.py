@@ -21,6 +21,9 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 # --fp8-format: E4M3 everywhere, or E4M3 forward and E5M2 for gradients (hybrid).
 FP8_FORMATS = ("hybrid", "e4m3")
+# FP4 recipes (--fp4-recipe; --fp4-format e2m1): NVFP4, E2M1 values with an E4M3 scale per 16 (Blackwell).
+FP4_RECIPES = ("nvfp4",)
+FP8, FP4 = "fp8", "fp4"
 # Communication a framework can hide behind computation beyond what every data-parallel job overlaps (the
 # gradient reduction with the backward): tensor-parallel collectives behind the linear GEMMs (Megatron-LM's
 # --tp-comm-overlap, Transformer Engine's userbuffers) and the distributed optimizer's all-gather of updated
@@ -170,7 +173,8 @@ class TrainingSpec:
     FusedAdam) keeps the gradients, the fp32 master parameters and Adam's moments in the `*_dtype` fields'
     dtypes; without it they are all fp32.
     `fp8_recipe` (None: no FP8) runs the transformer layers' linear GEMMs in FP8 (Transformer Engine) with
-    `precision` the dtype of everything else (parameters, the attention core, embedding and output layer).
+    `precision` the dtype of everything else (parameters, the attention core, embedding and output layer);
+    `fp4_recipe` likewise in FP4 (NVFP4; Megatron-LM's --fp4-format, exclusive with FP8).
     `overlaps`: the OVERLAPS the job runs; None leaves them to the planner (those the target runs), which
     writes the ones it chose into the plan's training spec.
     `grad_reduce_in_bf16` (Megatron-LM's --grad-reduce-in-bf16; Megatron-Bridge's default): the gradient buffer
@@ -192,6 +196,7 @@ class TrainingSpec:
     exp_avg_sq_dtype: str = "fp32"
     fp8_recipe: str | None = None
     fp8_format: str = "hybrid"
+    fp4_recipe: str | None = None
     overlaps: tuple[str, ...] | None = None
     grad_reduce_in_bf16: bool = False
     fp8_param_gather: bool = False
@@ -211,6 +216,16 @@ class TrainingSpec:
             f"must be one of {', '.join(FP8_RECIPES)} or absent",
         )
         _require(self.fp8_format in FP8_FORMATS, "fp8_format", f"must be one of {', '.join(FP8_FORMATS)}")
+        _require(
+            self.fp4_recipe is None or self.fp4_recipe in FP4_RECIPES,
+            "fp4_recipe",
+            f"must be one of {', '.join(FP4_RECIPES)} or absent",
+        )
+        _require(
+            self.fp4_recipe is None or (self.fp8_recipe is None and self.precision in ("bf16", "fp16")),
+            "fp4_recipe",
+            "excludes fp8_recipe and needs bf16 or fp16 beside it (Megatron-LM validate_args)",
+        )
         _require(
             self.fp8_recipe is None or self.precision in ("bf16", "fp16"),
             "fp8_recipe",
@@ -256,6 +271,15 @@ class TrainingSpec:
     def fp8(self) -> bool:
         """Whether the transformer layers' linear GEMMs run in FP8."""
         return self.fp8_recipe is not None
+
+    @property
+    def quantized(self) -> str | None:
+        """What the transformer layers' linear GEMMs run in below the compute dtype: FP8, FP4 or None."""
+        return FP8 if self.fp8 else FP4 if self.fp4_recipe else None
+
+    @property
+    def quantized_recipe(self) -> str | None:
+        return self.fp8_recipe or self.fp4_recipe
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
