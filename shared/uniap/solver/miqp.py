@@ -402,7 +402,9 @@ class _Formulation:
         return stage_of, strategy_of
 
 
-def _solve(problem: cp.Problem, time_limit: float | None, gap: float) -> None:
+def _solve(problem: cp.Problem, time_limit: float | None, gap: float) -> bool:
+    """Solve with SCIP; False when it stopped at `time_limit` with no solution (CVXPY cannot read back a
+    time-limited SCIP that found none and raises SolverError; without a time limit that error is a bug)."""
     # SCIP does not catch Ctrl-C itself (it would end the solve as an error and print to stdout): Python's
     # KeyboardInterrupt follows when this subproblem's solve returns.
     params = {"limits/gap": gap, "display/verblevel": 0, "misc/catchctrlc": False}
@@ -411,7 +413,13 @@ def _solve(problem: cp.Problem, time_limit: float | None, gap: float) -> None:
     with warnings.catch_warnings(), _stdout_to_stderr():
         # CVXPY flags SCIP's "gap limit reached" as inaccurate; the gap is reported by us instead.
         warnings.simplefilter("ignore", UserWarning)
-        problem.solve(solver=cp.SCIP, scip_params=params)
+        try:
+            problem.solve(solver=cp.SCIP, scip_params=params)
+        except cp.error.SolverError:
+            if time_limit is None:
+                raise
+            return False
+    return True
 
 
 @contextmanager
@@ -434,7 +442,8 @@ def least_memory_needed(sub: Subproblem, time_limit: float | None = None) -> flo
         return None
     form = _Formulation(sub, memory_limited=False)
     problem = form.build(minimize_memory=True)
-    _solve(problem, time_limit, DEFAULT_GAP)
+    if not _solve(problem, time_limit, DEFAULT_GAP):
+        return None
     if problem.value is None or not np.isfinite(problem.value):
         return None
     return float(problem.value) * form.memory_unit * sub.cost_model.reserved_per_allocated
@@ -452,7 +461,8 @@ def solve_subproblem(
         return SubproblemResult.of(sub, "infeasible", solve_seconds=time.perf_counter() - start)
     form = _Formulation(sub)
     problem = form.build(cutoff=cutoff)
-    _solve(problem, time_limit, gap)
+    if not _solve(problem, time_limit, gap):
+        return SubproblemResult.of(sub, "time_limit", solve_seconds=time.perf_counter() - start)
     model = problem.solver_stats.extra_stats.get("model") if problem.solver_stats.extra_stats else None
     elapsed = time.perf_counter() - start
     scip_status = model.getStatus() if model is not None else problem.status
