@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import SpecError
 from .plan import Plan
-from .report import host_note
+from .report import host_note, mfu_label
 from .profile.schema import Profile
 
 GiB = 2**30
@@ -141,7 +141,7 @@ def render_explanation(e: Explanation) -> str:
     lines = [
         f"{plan.model.name} on {c.num_nodes} x {c.gpus_per_node} {c.gpu_name} (target {plan.target}): "
         f"{plan.time_per_iteration:.4g} s/iteration, {plan.tokens_per_second:,.0f} tokens/s, "
-        f"MFU {plan.mfu * 100:.1f} % ({plan.basis.get('compute', 'estimated')} compute)",
+        f"{mfu_label(plan)} ({plan.basis.get('compute', 'estimated')} compute)",
         f"pipeline: {plan.pipeline_degree} rank(s)"
         + (f" x {plan.virtual_stages} chunks" if plan.virtual_stages > 1 else "")
         + f", {plan.micro_batches} micro-batches of {plan.micro_batch_per_replica} sample(s) per replica, data "
