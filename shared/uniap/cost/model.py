@@ -78,13 +78,16 @@ CPU_CAST_READ_BYTES = 4.0
 ZEROPP_WEIGHT_RATIO = 0.5
 ZEROPP_GRAD_RATIO = 0.25
 ZEROPP_QUANTIZATION_TRAFFIC = 9.0
-# FP8 and FP4 (Transformer Engine 2.x): each value entering a linear GEMM is quantized in forward (read in the compute
-# dtype, written as FP8 and, for the weight-gradient GEMM, as a transposed/column-wise FP8 copy), each output
+# FP8 and FP4 (Transformer Engine 2.x): each value entering a linear GEMM is quantized in forward (read in the
+# compute dtype, written as FP8 and, for the weight-gradient GEMM, as a transposed/column-wise copy), each output
 # gradient likewise in backward: 2 + 1 + 1 bytes of HBM traffic per value (an estimate; amax reductions are
 # fused into the producing kernels). Weights are quantized once per iteration (megatron-core passes
 # is_first_microbatch, so TE caches them over the micro-batches), into the same two FP8 copies that stay
 # allocated: 2 bytes per linear weight.
 FP8_CAST_TRAFFIC = 4.0
+FP8_WEIGHT_COPIES = 2.0
+# Bytes per value of the quantized weight copies (row-wise and column-wise) under each format.
+WEIGHT_COPY_BYTES = {FP8: FP8_WEIGHT_COPIES, FP4: 2 * NVFP4_BYTES}
 # Context parallelism's ring splits each rank's attention into 2 x cp blocks of s / (2 cp) tokens, each its own
 # kernel launches: short blocks run far below the unsplit kernel. Measured on one H200 (benchmarks/RESULTS.md,
 # attention_kernels.py ring rows, benchmarks/data/h200-2026-11-27-attention.json): one rank's blocks took 13.2x
@@ -92,9 +95,6 @@ FP8_CAST_TRAFFIC = 4.0
 # from 8,192 on; fitted (within 15 %) as 1 + (3,040 / tokens per rank) ** 2.3.
 RING_BLOCK_TOKENS = 3040.0
 RING_BLOCK_EXPONENT = 2.3
-FP8_WEIGHT_COPIES = 2.0
-# Bytes per value of the quantized weight copies (row-wise and column-wise) under each format.
-WEIGHT_COPY_BYTES = {FP8: FP8_WEIGHT_COPIES, FP4: 2 * NVFP4_BYTES}
 
 
 @dataclass(frozen=True)
@@ -493,21 +493,21 @@ class CostModel:
             secondary = weight_bytes / min(dp, self.cluster.gpus_per_node)
             state, step_bytes = state + secondary, step_bytes + secondary
         copies = WEIGHT_COPY_BYTES[self.quantized] if self.runs_quantized(layer) else 0.0
-        fp8_weights = layer.params_tp / tp * copies
-        if fp8_weights and self.training.fp8_param_gather and s.zero >= 1:
+        quantized_weights = layer.params_tp / tp * copies
+        if quantized_weights and self.training.fp8_param_gather and s.zero >= 1:
             # With the distributed optimizer or FSDP (Megatron-LM validate_args) the parameter itself is FP8
             # (one byte instead of the compute dtype's), with its transposed copy.
-            fp8_weights = layer.params_tp / tp * (FP8_WEIGHT_COPIES - self.bpv)
-        if fp8_weights:  # quantized once per iteration into two FP8 copies, which live with the weights
+            quantized_weights = layer.params_tp / tp * (FP8_WEIGHT_COPIES - self.bpv)
+        if quantized_weights:  # quantized once per iteration into two copies, which live with the weights
             optimizer += layer.params_tp / tp * (self.bpv + copies) / self.hbm_bytes_per_second
             if s.zero == 3:
-                fp8_weights /= dp  # sharded like the weights; a gathered layer's copies are part of its peak
-            state, step_bytes = state + fp8_weights, step_bytes + fp8_weights
+                quantized_weights /= dp  # sharded like the weights; a gathered layer's copies are part of its peak
+            state, step_bytes = state + quantized_weights, step_bytes + quantized_weights
         # While one layer recomputes, its full activations live, and a head's loss may allocate per logit in its
         # backward (the framework's accounting); FSDP holds a layer's gathered weights and prefetches the next one's.
         backward_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
         backward_transient += b * layer.logits / tp * accounting.loss_backward_bytes_per_logit
-        fsdp_transient = 2 * (weight_bytes + fp8_weights * dp) if s.zero == 3 else 0.0
+        fsdp_transient = 2 * (weight_bytes + quantized_weights * dp) if s.zero == 3 else 0.0
         buffers = accounting.buffers(s.zero, layer.hidden_size, wrapped) * bpv if (dp > 1 or s.zero) and params else 0.0
         return LayerCost(
             time_per_microbatch=overlapped(compute, per_mb_comm, self.overlap) + tp_comm + accumulate,
