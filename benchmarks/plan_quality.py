@@ -15,6 +15,8 @@ Run: python benchmarks/plan_quality.py [--cases llama2-7b,...] [--targets megatr
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import argparse
 import math
 
@@ -169,6 +171,7 @@ def main() -> None:
         graph = build_graph(model, training)
         for target in args.targets.split(","):
             cap = capability_for(target)
+            training = cap.job_training(replace(training, overlaps=None))  # as `uniap plan` resolves them
             cm = CostModel(cluster, training)
             try:
                 plan = optimize(graph, cluster, training, cap, cm, progress=False).prediction.time_per_iteration
