@@ -263,7 +263,7 @@ def inflight_microbatches(deg: int, c: int, v: int) -> list[float]:
     return [min((deg - j % deg - 1) * 2 + (v - 1) * deg + 1, c * v) / v for j in range(deg * v)]
 
 
-def build_subproblem(
+def run_tables(
     graph: LayerGraph,
     cluster: ClusterSpec,
     training: TrainingSpec,
@@ -272,12 +272,8 @@ def build_subproblem(
     deg: int,
     c: int,
     pins: Pins = NO_PINS,
-    v: int = 1,
-    fixed_split: bool = False,
-) -> Subproblem:
-    """The tables of subproblem (deg, c, v). The transformer layers split evenly over the stages where the pins
-    say so (a user's Megatron flag), or as Megatron's `fixed_counts` allow where `fixed_split` (the search's
-    many-chunk subproblems)."""
+) -> list[RunTable]:
+    """Each run's strategies on a stage of (deg, c) and the cost of one of its layers under each."""
     n = cluster.num_gpus // deg
     mb = training.global_batch_size // c
     G = cluster.nvlink_gpus
@@ -298,6 +294,29 @@ def build_subproblem(
         )
         costs = [cost_model.layer_cost(layer, s, mb, deg, n <= G, capability.accounting) for s in strategies]
         runs.append(RunTable(run, layer, strategies, costs))
+    return runs
+
+
+def build_subproblem(
+    graph: LayerGraph,
+    cluster: ClusterSpec,
+    training: TrainingSpec,
+    capability: Capability,
+    cost_model: CostModel,
+    deg: int,
+    c: int,
+    pins: Pins = NO_PINS,
+    v: int = 1,
+    fixed_split: bool = False,
+    runs: list[RunTable] | None = None,
+) -> Subproblem:
+    """The tables of subproblem (deg, c, v). The transformer layers split evenly over the stages where the pins
+    say so (a user's Megatron flag), or as Megatron's `fixed_counts` allow where `fixed_split` (the search's
+    many-chunk subproblems). `runs`: the run tables of the same (deg, c) and pins under another v, which they
+    do not depend on (the search prices them once per pair)."""
+    n = cluster.num_gpus // deg
+    G = cluster.nvlink_gpus
+    runs = runs if runs is not None else run_tables(graph, cluster, training, capability, cost_model, deg, c, pins)
     inflight = inflight_microbatches(deg, c, v)
     # Ranks are consecutive blocks of n GPUs; a boundary stays inside a node when both sides do.
     node = [r * n // G for r in range(deg)]

@@ -130,12 +130,24 @@ def optimize(
         leave=False,
     )
     try:
-        subs, bounds, uniform = [], {}, {}
+        subs, bounds, uniform, tables = [], {}, {}, {}
         for d, c, v in pairs:
-            # Many chunks per rank: the layers split as Megatron fixes them (FREE_SPLIT_VIRTUAL_STAGES).
+            # Many chunks per rank: the layers split as Megatron fixes them (FREE_SPLIT_VIRTUAL_STAGES). The run
+            # tables do not depend on v: priced once per (deg, c).
             sub = build_subproblem(
-                graph, cluster, training, capability, cost_model, d, c, pins, v, v > FREE_SPLIT_VIRTUAL_STAGES
+                graph,
+                cluster,
+                training,
+                capability,
+                cost_model,
+                d,
+                c,
+                pins,
+                v,
+                v > FREE_SPLIT_VIRTUAL_STAGES,
+                tables.get((d, c)),
             )
+            tables[(d, c)] = sub.runs
             bounds[id(sub)] = sub.lower_bound()
             # The best uniform plan of each subproblem: a first incumbent and the order of the search.
             uniform[id(sub)] = best_uniform_plan(sub)
