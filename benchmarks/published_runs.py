@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uniap.cluster.spec import cluster_preset
+from uniap.cluster.spec import PRESET_OF_FAMILY, cluster_preset
 from uniap.errors import SpecError, UniapError
 from uniap.model.spec import PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP, ModelSpec, TrainingSpec
 from uniap.planner import Job, configure, plan
@@ -36,15 +36,6 @@ WORST_TARGET = 12.0
 FLASH_ATTENTION_SINCE = "2022-06"
 # The micro-batch sizes tried where a source does not state its own (the fastest that fits is taken).
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
-# GPU name prefix -> the cluster preset of the system the source ran.
-PRESET_OF_GPU = (
-    ("GB300", "gb300-nvl72"),
-    ("GB200", "gb200-nvl72"),
-    ("B300", "dgx-b300"),
-    ("B200", "dgx-b200"),
-    ("H100", "dgx-h100"),
-    ("A100", "dgx-a100-80g"),
-)
 # A recipe a source leaves unnamed: Transformer Engine's per-tensor current scaling, the one NeMo 25.x ran.
 DEFAULT_FP8_RECIPE = "tensorwise"
 # What NeMo's and Megatron-Bridge's performance recipes set where a row does not say (their perf configs: the
@@ -155,7 +146,8 @@ def recompute_of(flags: dict) -> str:
 
 
 def preset_of(gpu: str) -> str | None:
-    return next((preset for prefix, preset in PRESET_OF_GPU if gpu.upper().startswith(prefix)), None)
+    """The cluster preset of the system the source ran: the one uniap gives a detected GPU of that family."""
+    return next((preset for family, preset in PRESET_OF_FAMILY if family in gpu.upper()), None)
 
 
 def flags_of(row: dict) -> dict:
