@@ -1,4 +1,4 @@
-"""Fit each GPU family's FP8 GEMM and attention efficiencies to the fit split of the published runs.
+"""Fit each GPU family's FP8/FP4 GEMM and attention efficiencies to the fit split of the published runs.
 
     python benchmarks/fit_published.py            # fit, print the coefficients and the errors per split
 
@@ -19,9 +19,11 @@ from scipy.optimize import minimize
 import published_runs as corpus
 from uniap.cluster import devices
 
-# The families fitted (keys of DEVICE_COEFFICIENTS sharing one set of coefficients) and the fields fitted.
+# The families fitted (keys of DEVICE_COEFFICIENTS sharing one set of coefficients) and the fields fitted: the
+# FP8 GEMM and attention efficiencies always, the MXFP8 and NVFP4 GEMMs' where the family's fit rows ran them.
 FAMILIES = {"H100": ("H100",), "B200": ("B200", "GB200"), "B300": ("B300", "GB300")}
 FIELDS = ("gemm_fp8", "attention")
+FIELD_OF_RECIPE = {"mxfp8": "mxfp8_gemm", "nvfp4": "gemm_fp4"}
 BOUNDS = (0.05, 1.0)
 
 
@@ -35,8 +37,14 @@ def set_family(keys: tuple[str, ...], values: dict[str, float]) -> None:
         devices.DEVICE_COEFFICIENTS[key] = replace(devices.DEVICE_COEFFICIENTS[key], **values)
 
 
-def loss(x, keys, rows) -> float:
-    values = dict(zip(FIELDS, (min(max(v, BOUNDS[0]), BOUNDS[1]) for v in x)))
+def fields_of(rows: list[tuple[str, bool, dict]]) -> tuple[str, ...]:
+    """The coefficients these rows determine: FIELDS, and the GEMM fraction of each recipe they ran."""
+    recipes = {row.get("recipe") for _, _, row in rows}
+    return FIELDS + tuple(field for recipe, field in FIELD_OF_RECIPE.items() if recipe in recipes)
+
+
+def loss(x, keys, rows, fields) -> float:
+    values = dict(zip(fields, (min(max(v, BOUNDS[0]), BOUNDS[1]) for v in x)))
     set_family(keys, values)
     errors = []
     for source, held_out, row in rows:
@@ -54,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in family_rows(all_rows, keys) if corpus.split_of(r[2], r[1]) == corpus.FIT]
         if not rows:
             continue
-        start = [getattr(devices.DEVICE_COEFFICIENTS[keys[0]], f) for f in FIELDS]
-        result = minimize(loss, start, args=(keys, rows), method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-6})
-        fitted = dict(zip(FIELDS, (round(min(max(v, BOUNDS[0]), BOUNDS[1]), 3) for v in result.x)))
+        fields = fields_of(rows)
+        # Started below the upper bound: Nelder-Mead's first simplex steps up, where the bound flattens the loss.
+        start = [min(getattr(devices.DEVICE_COEFFICIENTS[keys[0]], f), 0.9) for f in fields]
+        options = {"xatol": 1e-3, "fatol": 1e-6}
+        result = minimize(loss, start, args=(keys, rows, fields), method="Nelder-Mead", options=options)
+        fitted = dict(zip(fields, (round(min(max(v, BOUNDS[0]), BOUNDS[1]), 3) for v in result.x)))
         set_family(keys, fitted)
         print(f"{name}: {fitted} on {len(rows)} fit rows, rms log error {math.sqrt(result.fun):.3f}")
     corpus.print_table(corpus.price_corpus())

@@ -24,7 +24,7 @@ import fp8_gemm  # noqa: E402
 import published_runs  # noqa: E402
 
 # The errors of the record as this version prices it (benchmarks/RESULTS.md), with a little room.
-RECORDED_MEAN_ABS_ERROR = {published_runs.FIT: 5.5, published_runs.VALIDATION: 7.5}
+RECORDED_MEAN_ABS_ERROR = {published_runs.FIT: 5.0, published_runs.VALIDATION: 5.5}
 SC21_TARGET = 6.0
 ROW_KEYS = {"id", "where", "date", "framework", "gpu", "gpus", "model", "seq_length", "precision", "tp", "pp"}
 
@@ -43,6 +43,7 @@ def test_the_published_record_is_well_formed():
         assert ROW_KEYS <= set(row), row["id"]
         assert row["measured"].get("tokens_per_s_per_gpu") or row["measured"].get("tflops_per_gpu"), row["id"]
         assert row["tp"] * row["pp"] * row["cp"] * row["dp"] == row["gpus"], row["id"]
+        assert "suspect" not in row or len(row["suspect"]) > 80, row["id"]  # a suspect row states its evidence
     held_out = {source for source, held, _ in rows if held}
     assert held_out == {"megatron-lm-readme", "llama3-paper"}  # issue 20: kept out of every fit
 
@@ -50,9 +51,11 @@ def test_the_published_record_is_well_formed():
 def test_the_published_record_stays_as_true_as_recorded(priced):
     summary = published_runs.summary(priced)
     for split, bound in RECORDED_MEAN_ABS_ERROR.items():
-        assert summary[split]["rows"] >= 40, split
+        assert summary[split]["rows"] >= 30, split
         assert summary[split]["mean_abs_error_percent"] <= bound, (split, summary[split])
     assert not any(r.split == published_runs.HELD_OUT and r.source == "megatron-bridge" for r in priced)
+    suspects = {row["id"] for _, _, row in published_runs.load_rows() if row.get("suspect")}
+    assert suspects and all(r.predicted is None for r in priced if r.id in suspects)  # listed, never in a split
 
 
 def test_sc21_table1_within_six_percent(priced):

@@ -39,6 +39,9 @@ class DeviceCoefficients:
     # of it), and the Transformer Engine recipes the GPU runs (TrainingSpec.fp8_recipe).
     gemm_fp8: float = 0.6
     fp8_recipes: tuple[str, ...] = ()
+    # The fraction of that FP8 rate an MXFP8 GEMM keeps: its E8M0 scale per 32 values is loaded and applied in
+    # the block-scaled MMA, and each operand is quantized row-wise and column-wise with their own blocks.
+    mxfp8_gemm: float = 1.0
     # FP4 (NVFP4) linear GEMMs likewise, against the dense FP4 peak.
     gemm_fp4: float = 0.5
     fp4_recipes: tuple[str, ...] = ()
@@ -51,6 +54,7 @@ class DeviceCoefficients:
             "memory",
             "misaligned_gemm",
             "gemm_fp8",
+            "mxfp8_gemm",
             "gemm_fp4",
         ):
             v = getattr(self, name)
@@ -103,16 +107,16 @@ _H200 = DeviceCoefficients(
 
 # The H100 SXM is the H200's GH100 chip at the same tensor peak (HBM from the cluster spec): its bf16 GEMM
 # efficiencies and per-pass overhead are the H200's. Its FP8 GEMM and attention efficiencies are fitted to
-# the fit split of the published real runs (benchmarks/fit_published.py over benchmarks/data/published: 27
-# Megatron-Core runs by NVIDIA, NeMo 24.x and Megatron-Bridge 25.x, FP8 on 8-1,024 H100s, Transformer
-# Engine's fused attention; rms log error 0.075). The attention fraction is Transformer Engine's cuDNN kernel in
+# the fit split of the published real runs (benchmarks/fit_published.py over benchmarks/data/published: 30
+# Megatron-Core runs by NVIDIA, NeMo 24.x and Megatron-Bridge 25.09-26.02, FP8 on 8-1,024 H100s, Transformer
+# Engine's fused attention; rms log error 0.073). The attention fraction is Transformer Engine's cuDNN kernel in
 # whole iterations, above the 0.22 torch's SDPA reached alone on the H200 and below FlashAttention-3's published
 # 0.5-0.6 (its kernel-only benchmarks).
 _H100 = replace(
     _H200,
     gemm_fp8=0.613,
     attention=0.331,
-    source="the H200's bf16 GEMM fit; FP8 GEMM and attention fitted to 27 published H100 runs "
+    source="the H200's bf16 GEMM fit; FP8 GEMM and attention fitted to 30 published H100 runs "
     "(benchmarks/fit_published.py)",
     basis=MEASURED,
 )
@@ -136,35 +140,39 @@ _A100 = DeviceCoefficients(
 # Blackwell (B200, GB200) and Blackwell Ultra (B300, GB300): nothing measured by uniap. bf16 GEMMs at the
 # largest GEMMs' published throughput (stas00/ml-engineering compute/accelerator "maximum achievable matmul
 # FLOPS": B200 1,745 of 2,250, GB200 1,822 of 2,500), the backward at the H200's backward/forward ratio, the
-# per-pass overhead the H200's. FP8 GEMM and attention efficiencies fitted to the fit split of the published
-# runs (benchmarks/fit_published.py): B200/GB200 on 32 Megatron-Bridge 25.x and NeMo 25.04 runs (rms log error
-# 0.064), B300/GB300 on 4 (0.059). The fitted FP8 fraction sits below the 0.72-0.76 of the largest FP8 GEMMs:
-# whole iterations spend more of their time outside the GEMMs on these GPUs than the model counts.
+# per-pass overhead the H200's. FP8, MXFP8 and NVFP4 GEMM and attention efficiencies fitted to the fit split of
+# the published runs (benchmarks/fit_published.py): B200/GB200 on 44 Megatron-Bridge 25.09-26.02 and NeMo 25.04
+# runs (rms log error 0.058), B300/GB300 on 16 (0.040). The fitted FP8 fraction sits below the 0.72-0.76 of the
+# largest FP8 GEMMs: whole iterations spend more of their time outside the GEMMs on these GPUs than the model
+# counts. MXFP8 keeps 0.94 of the tensorwise rate on B200/GB200, as the corpus' pairs of otherwise identical
+# runs show (0.93-0.98); on B300/GB300 the fit sits at the bound 1.0. NVFP4 reaches 0.41-0.42 of the FP4 peak,
+# not the FP8 fraction: priced at the FP8 fraction, the 18 NVFP4 rows came out 8-22 % too fast.
 BLACKWELL_FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 _BLACKWELL = DeviceCoefficients(
     gemm_forward=0.75,
     gemm_backward=0.75 * _H200.gemm_backward / _H200.gemm_forward,
-    attention=0.435,
+    attention=0.433,
     memory=0.8,
     layer_overhead_ms=_H200.layer_overhead_ms,
-    source="bf16 GEMMs from published maximum GEMM throughput; FP8 GEMM and attention fitted to 32 published "
-    "B200/GB200 runs (benchmarks/fit_published.py)",
+    source="bf16 GEMMs from published maximum GEMM throughput; FP8/MXFP8/NVFP4 GEMM and attention fitted to 44 "
+    "published B200/GB200 runs (benchmarks/fit_published.py)",
     basis=MEASURED,
     misaligned_gemm=MISALIGNED_GEMM_H200,
-    gemm_fp8=0.484,
+    gemm_fp8=0.495,
+    mxfp8_gemm=0.942,
     fp8_recipes=BLACKWELL_FP8_RECIPES,
-    # No NVFP4 run was published before 2026 (the fit split): the FP8 fraction, applied to the FP4 peak, is an
-    # estimate that the validation split checks.
-    gemm_fp4=0.484,
+    gemm_fp4=0.408,
     fp4_recipes=("nvfp4",),
 )
-# Blackwell Ultra doubles the attention's exponentials (SFU) at the same dense bf16/FP8 tensor peaks.
+# Blackwell Ultra doubles the attention's exponentials (SFU) at the same dense bf16/FP8 tensor peaks and has
+# 1.5x the FP4 peak.
 _BLACKWELL_ULTRA = replace(
     _BLACKWELL,
-    attention=0.759,
-    gemm_fp8=0.573,
-    gemm_fp4=0.573,
-    source="bf16 GEMMs as B200; FP8 GEMM and attention fitted to 4 published B300/GB300 runs "
+    attention=0.577,
+    gemm_fp8=0.619,
+    mxfp8_gemm=1.0,
+    gemm_fp4=0.421,
+    source="bf16 GEMMs as B200; FP8/MXFP8/NVFP4 GEMM and attention fitted to 16 published B300/GB300 runs "
     "(benchmarks/fit_published.py)",
 )
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ..cluster.spec import ClusterSpec
 from ..errors import SpecError
 from ..model.graph import NVFP4_BYTES, TRANSFORMER_KINDS, Layer
-from ..model.spec import FP4, FP8, PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP, TrainingSpec
+from ..model.spec import FP4, FP8, MXFP8, PARAM_GATHER_OVERLAP, TP_COMM_OVERLAP, TrainingSpec
 from ..profile.schema import Profile, bus_factor
 from .accounting import FP32_BYTES, Accounting, PerParam, precision_aware_saving
 from .strategy import OFFLOAD_NONE, Strategy
@@ -309,13 +309,14 @@ class CostModel:
     def gemm_rates(self, layer: Layer) -> tuple[float, float]:
         """FLOP/s `layer`'s linear GEMMs reach in forward and backward: the bf16 peak at the GPU model's GEMM
         efficiencies, or under FP8 (FP4) the FP8 (FP4) peak at its efficiency (backward at the bf16 backward/forward
-        ratio)."""
+        ratio; an MXFP8 GEMM at the GPU's mxfp8_gemm of the FP8 rate)."""
         co = self.coefficients
         if not self.runs_quantized(layer):
             peak = self.cluster.peak_tflops * 1e12
             return peak * co.gemm_forward, peak * co.gemm_backward
         if self.quantized == FP8:
             forward = self.cluster.peak_fp8_tflops * 1e12 * co.gemm_fp8
+            forward *= co.mxfp8_gemm if self.training.fp8_recipe == MXFP8 else 1.0
         else:
             forward = self.cluster.peak_fp4_tflops * 1e12 * co.gemm_fp4
         return forward, forward * co.gemm_backward / co.gemm_forward

@@ -18,7 +18,8 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 # FP8 training recipes (Transformer Engine 2.x as megatron-core core_v0.16.1 drives it, --fp8-recipe): per-tensor
 # scales from an amax history (delayed) or from the tensor itself (tensorwise, "current scaling"), 1x128/128x128
 # block scales (blockwise, Hopper), and 1x32 block scales in E8M0 (mxfp8, Blackwell).
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+MXFP8 = "mxfp8"
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", MXFP8)
 # --fp8-format: E4M3 everywhere, or E4M3 forward and E5M2 for gradients (hybrid).
 FP8_FORMATS = ("hybrid", "e4m3")
 # FP4 recipes (--fp4-recipe; --fp4-format e2m1): NVFP4, E2M1 values with an E4M3 scale per 16 (Blackwell).
