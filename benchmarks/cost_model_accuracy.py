@@ -283,8 +283,8 @@ def jobs(smoke: bool, profile: Profile | None) -> list[dict]:
     """Every job of the grid, one after another in this process (world size 1; DeepSpeed's communication
     layer wraps the process group megatron-core uses)."""
     from uniap.profile.runner import default_single_process_env
-    from uniap_deepspeed.profile import init_distributed as init_deepspeed
-    from uniap_megatron.profile import init_distributed
+    from uniap_deepspeed.runtime import init_distributed as init_deepspeed
+    from uniap_megatron.runtime import init_distributed
 
     default_single_process_env()
     init_distributed()

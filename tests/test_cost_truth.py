@@ -20,7 +20,7 @@ from uniap.model import TrainingSpec, build_graph, model_preset
 from uniap.plan import Plan
 from uniap.planner import configure, price
 from uniap.profile import Calibration, LayerTiming, OptimizerTiming, Profile
-from uniap.profile.calibrate import Measurement, fit
+from uniap.calibrate import Measurement, fit
 
 GiB = 2**30
 H200_1 = cluster_preset("dgx-h200").with_shape(1, 1)

@@ -20,7 +20,7 @@ from uniap.cluster import CLUSTER_PRESETS
 from uniap.model import ModelSpec, TrainingSpec, build_graph
 from uniap.planner import configure
 from uniap.profile import Profile
-from uniap.profile.calibrate import Measurement
+from uniap.calibrate import Measurement
 
 from uniap_deepspeed.training_run import _fit, build_training_module, reduced_model
 
@@ -74,12 +74,12 @@ RUN = """\
 import json, sys
 from uniap.model import TrainingSpec, load_model
 from uniap.profile.runner import default_single_process_env
-from uniap_deepspeed import profile
+from uniap_deepspeed import profile, runtime
 from uniap_deepspeed.training_run import device_cluster, reduced_model, run_training
 
-profile._quiet_deepspeed(False)
+runtime.quiet_deepspeed(False)
 default_single_process_env(profile.LAUNCHER_VARS)
-profile.init_distributed()
+runtime.init_distributed()
 model = reduced_model(load_model(sys.argv[1]), 2)
 run = run_training(model, TrainingSpec(global_batch_size=1, seq_length=32), None, micro_batch_size=1,
                    micro_batches=2, warmup=1, iterations=5)

@@ -20,7 +20,8 @@ pytest.importorskip("megatron.core")
 from uniap.errors import SpecError
 from uniap.model import ModelSpec, load_model
 
-from uniap_megatron.training_run import cuda_calls_on_cpu, device_cluster, reduced_model
+from uniap_megatron.runtime import cuda_calls_on_cpu
+from uniap_megatron.training_run import device_cluster, reduced_model
 
 TINY = {
     "name": "tiny",
@@ -46,7 +47,7 @@ import json, sys, warnings
 warnings.filterwarnings("ignore")
 from uniap.model import ModelSpec, TrainingSpec
 from uniap.profile.runner import default_single_process_env
-from uniap_megatron.profile import init_distributed
+from uniap_megatron.runtime import init_distributed
 from uniap_megatron.training_run import reduced_model, run_training
 default_single_process_env()
 init_distributed()

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uniap.model.spec import ModelSpec
+from uniap.model.graph import CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, Layer
+from uniap.model.spec import ModelSpec, TrainingSpec
 
 # The norms' epsilon and RoPE's base, megatron-core 0.16.1's defaults (transformer/transformer_config.py
 # layernorm_epsilon, models/gpt/gpt_model.py rotary_base).
@@ -261,3 +262,31 @@ class ClsHead(nn.Module):
             torch.randn(b, self.s, self.h, device=device, dtype=dtype, requires_grad=True),
             torch.randint(0, self.classes, (b,), device=device),
         )
+
+
+def build_layer_module(model: ModelSpec, training: TrainingSpec, layer: Layer):
+    """A torch module computing `layer` of the graph (one instance, dropout 0) with `example_inputs(b,
+    device, dtype)`; None for a layer kind this profiler does not know."""
+    flash = training.flash_attention
+    s = training.seq_length
+    s_dec = training.decoder_seq_length or s
+    arch = model.architecture
+    if arch == "vit":
+        s = model.vit_seq_length
+    base = layer.name.split(".")[0]
+    if layer.kind == TRANSFORMER:
+        return TransformerLayer(model, s, causal=arch == "decoder", flash=flash)
+    if layer.kind == CROSS_TRANSFORMER:
+        return CrossTransformerLayer(model, s_dec, s, flash=flash)
+    if layer.kind == EMBEDDING:
+        if base == "patch_embedding":
+            return PatchEmbedding(model)
+        return Embedding(model, s_dec if base == "decoder_embedding" else s)
+    if layer.kind == HEAD:
+        if base == "lm_head":
+            return LMHead(model, s_dec if arch == "encoder_decoder" else s)
+        if base == "mlm_head":
+            return MLMHead(model, s)
+        if base == "cls_head":
+            return ClsHead(model, s)
+    return None

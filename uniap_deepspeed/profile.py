@@ -33,25 +33,20 @@ launcher; rank 0 writes the profile JSON atomically.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import logging
-import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from typing import Any, TypeVar
 
 from uniap.errors import EXIT_OK, ProfileError, SpecError
-from uniap.model.graph import CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, TRANSFORMER_KINDS, Layer, build_graph
+from uniap.model.graph import TRANSFORMER_KINDS, Layer, build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
 from uniap.profile import collectives, harness
-from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE, Device
+from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE
 from uniap.profile.options import profiler_parser
 from uniap.profile.runner import (
     check_common_args,
@@ -61,6 +56,20 @@ from uniap.profile.runner import (
 )
 from uniap.profile.schema import CollectiveBandwidth, LayerTiming, OptimizerTiming, Profile
 
+from .runtime import (
+    Runtime,
+    accelerator,
+    all_ranks_ok,
+    device_description,
+    free_cached_memory,
+    init_distributed,
+    optimizer_name,
+    optimizer_section,
+    quiet_deepspeed,
+    runtime_of,
+    use_torch_adam,
+)
+
 log = logging.getLogger("uniap.deepspeed.profile")
 T = TypeVar("T")
 
@@ -69,118 +78,9 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX
 # Timed optimizer steps and calibration iterations at least: both are short, and a median of two is a mean.
 OPTIMIZER_MIN_STEPS = 5
 CALIBRATION_MIN_ITERATIONS = 3
-# The AdamW the optimizer timing and the calibration run step with (a typical pretraining setting).
-ADAMW_PARAMS: dict[str, Any] = {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
 
 
-# ==================================================================================================
-# Layer modules
-# ==================================================================================================
-
-
-def build_layer_module(model: ModelSpec, training: TrainingSpec, layer: Layer):
-    """A torch module computing `layer` of the graph (one instance, dropout 0) with `example_inputs(b,
-    device, dtype)`; None for a layer kind this profiler does not know."""
-    from . import layers  # imports torch
-
-    flash = training.flash_attention
-    s = training.seq_length
-    s_dec = training.decoder_seq_length or s
-    arch = model.architecture
-    if arch == "vit":
-        s = model.vit_seq_length
-    base = layer.name.split(".")[0]
-    if layer.kind == TRANSFORMER:
-        return layers.TransformerLayer(model, s, causal=arch == "decoder", flash=flash)
-    if layer.kind == CROSS_TRANSFORMER:
-        return layers.CrossTransformerLayer(model, s_dec, s, flash=flash)
-    if layer.kind == EMBEDDING:
-        if base == "patch_embedding":
-            return layers.PatchEmbedding(model)
-        return layers.Embedding(model, s_dec if base == "decoder_embedding" else s)
-    if layer.kind == HEAD:
-        if base == "lm_head":
-            return layers.LMHead(model, s_dec if arch == "encoder_decoder" else s)
-        if base == "mlm_head":
-            return layers.MLMHead(model, s)
-        if base == "cls_head":
-            return layers.ClsHead(model, s)
-    return None
-
-
-# ==================================================================================================
-# Runtime helpers
-# ==================================================================================================
-
-
-@dataclass(frozen=True)
-class _Runtime:
-    device_kind: str  # 'cuda', 'cpu', ...
-    device: str  # torch device string of this rank
-    dtype: Any  # compute dtype of layers and collectives
-    ds_precision: str  # 'bf16', 'fp16' or 'fp32': the DeepSpeed config's precision section
-    rank: int
-    world_size: int
-
-    @property
-    def harness_device(self) -> Device:
-        """This rank's device as uniap.profile.harness measures on it."""
-        return Device(self.device, self.device_kind, _accelerator().synchronize)
-
-
-def _accelerator():
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator()
-
-
-def _quiet_deepspeed(verbose: bool) -> None:
-    with contextlib.suppress(ImportError, AttributeError):  # pragma: no cover - logging only
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
-    warnings.filterwarnings("ignore", message=r".*is deprecated.*", category=FutureWarning)
-
-
-def init_distributed() -> tuple[int, int, str]:
-    """deepspeed.init_distributed with the accelerator's backend (gloo on the CPU accelerator unless
-    oneCCL is installed); (rank, world size, backend)."""
-    import deepspeed
-    import deepspeed.comm as dist
-    import torch.distributed as tdist
-
-    acc = _accelerator()
-    if acc.device_name() != "cpu":
-        acc.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
-    return dist.get_rank(), dist.get_world_size(), str(tdist.get_backend())
-
-
-def _runtime(precision: str) -> _Runtime:
-    import deepspeed.comm as dist
-    import torch
-
-    acc = _accelerator()
-    kind = acc.device_name()
-    device = acc.current_device_name() if kind != "cpu" else "cpu"
-    ds_precision = "fp32"
-    if kind != "cpu":
-        if precision == "bf16" and acc.is_bf16_supported():
-            ds_precision = "bf16"
-        elif precision in ("bf16", "fp16") and acc.is_fp16_supported():
-            ds_precision = "fp16"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[ds_precision]
-    return _Runtime(kind, device, dtype, ds_precision, dist.get_rank(), dist.get_world_size())
-
-
-def device_description() -> str:
-    """The GPU's name, another accelerator's kind, or 'cpu (<processor>)'."""
-    return harness.device_description(_accelerator().device_name())
-
-
-def _ds_config(rt: _Runtime, micro_batch_size: int) -> dict[str, Any]:
+def _ds_config(rt: Runtime, micro_batch_size: int) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -201,7 +101,7 @@ def _scalar(out):
     return out if out.dim() == 0 else out.mean()
 
 
-def time_layer(module, rt: _Runtime, micro_batch_size: int, warmup: int, repeats: int) -> LayerTiming:
+def time_layer(module, rt: Runtime, micro_batch_size: int, warmup: int, repeats: int) -> LayerTiming:
     """Wrap `module` in a DeepSpeed engine and time engine forward + engine.backward: medians over
     `repeats` iterations after `warmup`. Gradient reduction across ranks is off (engine.no_sync),
     so the times are compute only; DP communication is costed from the collective bandwidths."""
@@ -234,7 +134,7 @@ def _with_engine(module, config: dict[str, Any], measure: Callable[[Any], T]) ->
         if hasattr(engine, "destroy"):
             engine.destroy()
         del engine
-        _free_cached_memory()
+        free_cached_memory()
 
 
 def _loss(engine, inputs):
@@ -259,25 +159,6 @@ def _counted_step(engine) -> bool:
     return engine.skipped_steps == skipped
 
 
-def _free_cached_memory() -> None:
-    gc.collect()
-    _accelerator().empty_cache()
-
-
-def _all_ranks_ok(ok: bool, rt: _Runtime) -> bool:
-    """uniap.profile.harness.all_ranks_ok through deepspeed.comm."""
-    import deepspeed.comm as dist
-
-    return harness.all_ranks_ok(ok, dist, rt.harness_device)
-
-
-def _max_over_ranks(value: float, rt: _Runtime) -> float:
-    """uniap.profile.harness.max_over_ranks through deepspeed.comm."""
-    import deepspeed.comm as dist
-
-    return harness.max_over_ranks(value, dist, rt.harness_device)
-
-
 # ==================================================================================================
 # Layers
 # ==================================================================================================
@@ -290,7 +171,9 @@ def profile_layers(
     size that runs out of memory on any rank is skipped with the larger ones for that layer."""
     import torch
 
-    rt = _runtime(training.precision)
+    from .layers import build_layer_module
+
+    rt = runtime_of(training.precision)
     graph = build_graph(model, training)
     first: dict[str, Layer] = {}
     for layer in graph.layers:
@@ -312,9 +195,9 @@ def profile_layers(
             except torch.OutOfMemoryError:
                 ok = False
             del module
-            if not _all_ranks_ok(ok, rt):
+            if not all_ranks_ok(ok, rt):
                 log.warning("%s: micro-batch size %d ran out of memory; larger ones skipped", signature, mbs)
-                _free_cached_memory()
+                free_cached_memory()
                 break
             timings.append(timing)
             if rt.rank == 0:
@@ -331,66 +214,8 @@ def profile_layers(
 # ==================================================================================================
 
 
-@cache
-def _fused_adam_problem(device_kind: str) -> str | None:
-    """Why DeepSpeed's FusedAdam cannot step here (None when it can). On a GPU, FusedAdam is what an
-    `"optimizer": {"type": "AdamW"}` section builds (DeepSpeed 0.19.8 deepspeed/runtime/engine.py
-    get_optimizer_configuration); its op is prebuilt or JIT-compiled by FusedAdamBuilder().load(). On the CPU
-    accelerator that op is a C++ build of its own (deepspeed/ops/op_builder/cpu/fused_adam.py), so the CPU
-    path steps with torch.optim.AdamW (`torch_adam`) instead of paying for a compiler run."""
-    if device_kind == "cpu":
-        return "the CPU accelerator steps with torch.optim.AdamW (torch_adam)"
-    try:
-        from deepspeed.ops.op_builder import FusedAdamBuilder
-
-        FusedAdamBuilder().load()
-    except Exception as exc:  # noqa: BLE001 - a missing compiler or CUDA toolkit: whatever the build raises
-        first = (str(exc).splitlines() or [""])[0]
-        return f"DeepSpeed FusedAdam unavailable ({type(exc).__name__}: {first})"
-    return None
-
-
-def use_torch_adam(rt: _Runtime) -> bool:
-    """Whether the AdamW section needs `torch_adam` (FusedAdam does not load on some rank); all ranks agree."""
-    problem = _fused_adam_problem(rt.device_kind)
-    ok = _all_ranks_ok(problem is None, rt)
-    if not ok and rt.device_kind != "cpu" and rt.rank == 0:
-        log.warning("%s; stepping with torch.optim.AdamW", problem or "FusedAdam failed on another rank")
-    return not ok
-
-
-def optimizer_section(torch_adam: bool) -> dict[str, Any]:
-    """The DeepSpeed config's optimizer section uniap's measurements step with: AdamW with ADAMW_PARAMS,
-    DeepSpeed's FusedAdam, or torch.optim.AdamW when `torch_adam` (DeepSpeed 0.19.8
-    deepspeed/runtime/engine.py _configure_basic_optimizer)."""
-    params = dict(ADAMW_PARAMS)
-    if torch_adam:
-        params["torch_adam"] = True
-    return {"type": "AdamW", "params": params}
-
-
-def optimizer_name(engine) -> str:
-    """What engine.step() runs: the basic optimizer and the precision wrapper DeepSpeed put around it."""
-    import torch
-
-    basic = getattr(engine, "basic_optimizer", None) or engine.optimizer
-    cls = type(basic)
-    if cls.__name__ == "FusedAdam" and cls.__module__.startswith("deepspeed"):
-        name = "DeepSpeed FusedAdam"
-    elif isinstance(basic, torch.optim.Optimizer) and cls.__module__.startswith("torch.optim"):
-        foreach = basic.defaults.get("foreach")
-        if foreach is None:  # torch's default: foreach when every tensor is on a CUDA device
-            foreach = all(p.is_cuda for group in basic.param_groups for p in group["params"])
-        name = f"torch.optim.{cls.__name__} ({'foreach' if foreach else 'for-loop'})"
-    else:
-        name = f"{cls.__module__}.{cls.__name__}"
-    if engine.optimizer is not basic:
-        name += f" in DeepSpeed {type(engine.optimizer).__name__}"
-    return name
-
-
 def time_optimizer_step(
-    module, rt: _Runtime, micro_batch_size: int, warmup: int, repeats: int, torch_adam: bool
+    module, rt: Runtime, micro_batch_size: int, warmup: int, repeats: int, torch_adam: bool
 ) -> OptimizerTiming:
     """One engine.step() over `module`'s parameters as DeepSpeed runs it (ZeRO 0, the runtime's precision,
     the AdamW of optimizer_section): after a forward/backward that leaves gradients, the median step time of
@@ -428,7 +253,9 @@ def profile_optimizer(
     itself), through a DeepSpeed engine; None (with a warning) when it runs out of memory on any rank."""
     import torch
 
-    rt = _runtime(training.precision)
+    from .layers import build_layer_module
+
+    rt = runtime_of(training.precision)
     graph = build_graph(model, training)
     layer = next((x for x in graph.layers if x.kind in TRANSFORMER_KINDS), None)
     if layer is None:  # pragma: no cover - every architecture has transformer layers
@@ -443,9 +270,9 @@ def profile_optimizer(
     except torch.OutOfMemoryError:
         ok = False
     del module
-    if not _all_ranks_ok(ok, rt):
+    if not all_ranks_ok(ok, rt):
         log.warning("the optimizer step over %s ran out of memory; it stays estimated", layer.signature)
-        _free_cached_memory()
+        free_cached_memory()
         return None
     if rt.rank == 0:
         log.info(
@@ -481,7 +308,7 @@ def profile_model(
     if not dist.is_initialized():
         default_single_process_env(LAUNCHER_VARS)
         init_distributed()
-    rt = _runtime(training.precision)
+    rt = runtime_of(training.precision)
     layers = profile_layers(model, training, micro_batch_sizes, warmup, repeats)
     steps = max(repeats, OPTIMIZER_MIN_STEPS)
     timing = profile_optimizer(model, training, min(micro_batch_sizes), warmup, steps) if optimizer else None
@@ -519,13 +346,6 @@ def profile_model(
 # ==================================================================================================
 
 
-def _node_layout(world: int) -> list[list[int]]:
-    """uniap.profile.collectives.node_layout through deepspeed.comm."""
-    import deepspeed.comm as dist
-
-    return collectives.node_layout(dist, world)
-
-
 def profile_collectives(
     sizes_mb: list[float] | None, warmup: int, repeats: int, precision: str = "bf16", report: list[str] | None = None
 ) -> list[CollectiveBandwidth]:
@@ -538,7 +358,7 @@ def profile_collectives(
     if not dist.is_initialized():
         default_single_process_env(LAUNCHER_VARS)
         init_distributed()
-    rt = _runtime(precision)
+    rt = runtime_of(precision)
     return collectives.profile_collectives(dist, rt.harness_device, rt.dtype, sizes_mb, warmup, repeats, report)
 
 
@@ -598,7 +418,7 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
         import torch  # noqa: F401
     except ImportError as exc:
         raise SpecError(f"the profiler needs torch and deepspeed ({exc})", "pip install 'uniap[deepspeed]'") from None
-    _quiet_deepspeed(args.verbose)
+    quiet_deepspeed(args.verbose)
     default_single_process_env(LAUNCHER_VARS)
     rank, world, backend = init_distributed()
     import deepspeed.comm as dist
@@ -607,7 +427,7 @@ def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
     if args.no_layers:
         import deepspeed as ds
 
-        notes = [CPU_NOTE] if _accelerator().device_name() == "cpu" else []
+        notes = [CPU_NOTE] if accelerator().device_name() == "cpu" else []
         profile = Profile(
             device=args.device_name or device_description(),
             runtime=f"deepspeed {ds.__version__}",

@@ -11,7 +11,7 @@ DeepSpeed, with the config uniap emits for it, and fit the profile's Calibration
 - The measurement: seconds per iteration (gradient_accumulation_steps micro-batches of engine forward,
   engine.backward, engine.step; synchronised; the median of the timed iterations after warm-up, the
   slowest rank's) and on CUDA the peak reserved and allocated bytes over the timed iterations (the
-  largest over ranks); uniap.profile.calibrate.fit turns it into the profile's Calibration.
+  largest over ranks); uniap.calibrate.fit turns it into the profile's Calibration.
 
 With several ranks every rank trains (one data-parallel replica per rank, nodes as the profiler's node
 layout); the cluster is the detected GPU's, shaped nodes x ranks per node. A layout with unequal nodes
@@ -35,28 +35,26 @@ from uniap.model.graph import CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, b
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 from uniap.planner import configure
-from uniap.profile.calibrate import Measurement, TrainingRun, fit, report_lines
+from uniap.calibrate import Measurement, TrainingRun, fit, report_lines
 from uniap.profile.schema import Profile
 
 from .config import deepspeed_config
-from .profile import (
-    _accelerator,
-    _all_ranks_ok,
-    _free_cached_memory,
-    _max_over_ranks,
-    _node_layout,
-    _Runtime,
-    _runtime,
-    build_layer_module,
+from .runtime import (
+    Runtime,
+    accelerator,
+    all_ranks_ok,
     device_description,
+    free_cached_memory,
+    max_over_ranks,
+    node_layout,
     optimizer_name,
     optimizer_section,
+    runtime_of,
     use_torch_adam,
 )
 
 log = logging.getLogger("uniap.deepspeed.training_run")
 
-# GPU families -> the preset whose peak FLOP/s and link bandwidths a detected GPU of that family gets.
 SEED = 1234
 
 
@@ -68,15 +66,15 @@ SEED = 1234
 def device_cluster(nodes: int = 1, gpus_per_node: int = 1) -> ClusterSpec:
     """`nodes` x `gpus_per_node` of the device this process drives (uniap.cluster.spec.device_cluster); on the
     CPU accelerator the processor and the host's memory."""
-    acc = _accelerator()
+    acc = accelerator()
     total = acc.total_memory(acc.current_device()) if acc.device_name() != "cpu" else acc.total_memory()
     return detected_cluster(device_description(), total, nodes, gpus_per_node)
 
 
-def world_cluster(rt: _Runtime) -> ClusterSpec:
+def world_cluster(rt: Runtime) -> ClusterSpec:
     """device_cluster shaped as the ranks are placed (every rank must call it); SpecError for a layout
     whose nodes hold different numbers of ranks."""
-    nodes = _node_layout(rt.world_size) if rt.world_size > 1 else [[0]]
+    nodes = node_layout(rt.world_size) if rt.world_size > 1 else [[0]]
     sizes = {len(ranks) for ranks in nodes}
     if len(sizes) != 1:
         raise SpecError(f"nodes hold different numbers of ranks ({sorted(len(r) for r in nodes)})")
@@ -136,6 +134,8 @@ def build_training_module(model: ModelSpec, training: TrainingSpec):
     `example_batch(b, device, dtype)`), made of the profiler's layer modules in the graph's order. A layer
     the graph marks tied shares the first embedding's word embeddings (the LM head's output projection,
     an encoder-decoder's decoder embedding), as the graph counts its parameters."""
+    from .layers import build_layer_module
+
     graph = build_graph(model, training)
     parts: dict[str, list] = {EMBEDDING: [], TRANSFORMER: [], CROSS_TRANSFORMER: [], HEAD: []}
     for layer in graph.layers:
@@ -157,7 +157,7 @@ def build_training_module(model: ModelSpec, training: TrainingSpec):
     )
 
 
-def training_config(plan: Plan, rt: _Runtime, torch_adam: bool) -> dict[str, Any]:
+def training_config(plan: Plan, rt: Runtime, torch_adam: bool) -> dict[str, Any]:
     """The config uniap emits for `plan` with the profiler's AdamW section added and the precision section
     the one this runtime computes in (fp32 on the CPU accelerator)."""
     config = deepspeed_config(plan)
@@ -222,11 +222,11 @@ def run_training(
 
     if micro_batch_size < 1 or micro_batches < 1 or iterations < 1 or warmup < 0:
         raise SpecError("micro-batch size, micro-batches and iterations must be >= 1, warm-up >= 0")
-    rt = _runtime(training.precision)
-    acc = _accelerator()
+    rt = runtime_of(training.precision)
+    acc = accelerator()
     cluster = cluster or world_cluster(rt)
     cuda = rt.device_kind == "cuda"
-    _free_cached_memory()  # the peaks below count this run's memory alone
+    free_cached_memory()  # the peaks below count this run's memory alone
     before_allocated = float(acc.memory_allocated()) if cuda else None
     before_reserved = float(acc.memory_reserved()) if cuda else None
     plan = training_plan(model, training, profile, micro_batch_size, micro_batches, cluster, rt.world_size)
@@ -264,15 +264,15 @@ def run_training(
                 times.append(seconds)
         reserved = allocated = None
         if cuda:
-            reserved = _max_over_ranks(float(acc.max_memory_reserved()) - before_reserved, rt)
-            allocated = _max_over_ranks(float(acc.max_memory_allocated()) - before_allocated, rt)
+            reserved = max_over_ranks(float(acc.max_memory_reserved()) - before_reserved, rt)
+            allocated = max_over_ranks(float(acc.max_memory_allocated()) - before_allocated, rt)
         return TrainingRun(
             plan=plan,
             config=config,
             optimizer=optimizer_name(engine),
             losses=tuple(losses),
             iteration_times_s=tuple(times),
-            time_per_iteration_s=_max_over_ranks(statistics.median(times), rt),
+            time_per_iteration_s=max_over_ranks(statistics.median(times), rt),
             peak_reserved_bytes=reserved,
             peak_allocated_bytes=allocated,
             skipped_steps=engine.skipped_steps - skipped_before,
@@ -316,7 +316,7 @@ def calibrate(
     import deepspeed
     import torch
 
-    rt = _runtime(training.precision)
+    rt = runtime_of(training.precision)
     small = reduced_model(model, layers)
     report = report if report is not None else []
     run, problem = None, None
@@ -331,9 +331,9 @@ def calibrate(
             problem = f"not calibrated: the {layers}-layer model ran out of memory"
         except SpecError as exc:  # the same on every rank: the configuration is the same
             problem = f"not calibrated: {exc.message}"
-        if not _all_ranks_ok(run is not None, rt):
+        if not all_ranks_ok(run is not None, rt):
             gc.collect()
-            _accelerator().empty_cache()
+            accelerator().empty_cache()
             run, problem = None, problem or f"not calibrated: the {layers}-layer model failed on another rank"
     if run is not None and rt.rank == 0:
         what = (

@@ -39,16 +39,12 @@ profile JSON atomically.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import logging
-import os
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cache
 from typing import Any
 
 from uniap.errors import EXIT_OK, ProfileError, SpecError
@@ -57,7 +53,7 @@ from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
 from uniap.profile import collectives, harness
-from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE, Device
+from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE
 from uniap.profile.options import int_list, profiler_parser
 from uniap.profile.runner import (
     check_common_args,
@@ -67,424 +63,39 @@ from uniap.profile.runner import (
 )
 from uniap.profile.schema import CollectiveBandwidth, LayerTiming, OptimizerTiming, Profile
 
-from .environment import fused_kernels_available, transformer_engine_available
+from .environment import fused_kernels_available
+from .modules import (
+    VOCAB_MULTIPLE,
+    Kernels,
+    activation_fusion,
+    build_embedding,
+    build_lm_head,
+    build_transformer_layer,
+    choose_kernels,
+    megatron_adam,
+    norm_label,
+    normalization_name,
+    padded_vocab_size,
+    rotary_embedding,
+    sequence_parallel_supported,
+)
+from .runtime import (
+    all_ranks_ok,
+    current_device,
+    device_description,
+    dtype_of,
+    free_cached_memory,
+    harness_device,
+    init_distributed,
+    mcore_version,
+    on_cuda,
+    process_rank,
+    seed_all,
+)
 
 log = logging.getLogger("uniap.megatron.profile")
 
 PROG = "uniap-megatron profile"
-VOCAB_MULTIPLE = 128  # Megatron-LM's --make-vocab-size-divisible-by default (megatron/training/arguments.py)
-SEED = 1234
-
-
-# ==================================================================================================
-# Runtime
-# ==================================================================================================
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def init_distributed() -> tuple[int, int, str]:
-    """torch.distributed with nccl on a GPU, gloo on the CPU; (rank, world size, backend)."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if _cuda():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        dist.init_process_group(backend="nccl" if _cuda() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), str(dist.get_backend())
-
-
-def _device() -> str:
-    import torch
-
-    return f"cuda:{torch.cuda.current_device()}" if _cuda() else "cpu"
-
-
-def _dtype(precision: str):
-    import torch
-
-    if not _cuda():
-        return torch.float32
-    if precision == "bf16" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if precision in ("bf16", "fp16"):
-        return torch.float16
-    return torch.float32
-
-
-def _harness_device() -> Device:
-    """This rank's device as uniap.profile.harness measures on it."""
-    return Device(_device(), "cuda" if _cuda() else "cpu", _sync)
-
-
-def device_description() -> str:
-    """The GPU's name, or 'cpu (<processor>)'."""
-    return harness.device_description(_harness_device().kind)
-
-
-def _sync() -> None:
-    if _cuda():
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def _free_cached_memory() -> None:
-    gc.collect()
-    if _cuda():
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def _all_ranks_ok(ok: bool) -> bool:
-    import torch.distributed as dist
-
-    return harness.all_ranks_ok(ok, dist, _harness_device())
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _seed() -> None:
-    """The same weights and inputs on every rank; on a GPU also megatron-core's CUDA RNG tracker (TE's and
-    the attention's dropout forks draw from it)."""
-    import torch
-
-    torch.manual_seed(SEED)
-    if _cuda():
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.model_parallel_cuda_manual_seed(SEED)
-
-
-# ==================================================================================================
-# Kernels: the layer spec and core attention the plan assumes
-# ==================================================================================================
-
-ATTENTION_TE = "Transformer Engine"
-ATTENTION_SDPA = "SDPA (flash when the GPU/dtype allow)"
-ATTENTION_UNFUSED = "megatron-core DotProductAttention (unfused)"
-ATTENTION_UNFUSED_CPU = "SDPA math backend (unfused; megatron-core DotProductAttention needs CUDA)"
-
-
-@dataclass(frozen=True)
-class Kernels:
-    """Which megatron-core layer spec and core attention the profiler and the calibration run build:
-    `spec` 'transformer_engine' or 'local', `attention` the kernel's label, `flash` whether it keeps no
-    s x s score matrix (TrainingSpec.flash_attention, the signature's '/flash')."""
-
-    spec: str
-    attention: str
-    flash: bool
-
-    @property
-    def te(self) -> bool:
-        return self.spec == "transformer_engine"
-
-    @property
-    def spec_label(self) -> str:
-        return (
-            "Transformer Engine spec (get_gpt_layer_with_transformer_engine_spec)"
-            if self.te
-            else "local spec (get_gpt_layer_local_spec)"
-        )
-
-
-def choose_kernels(flash_attention: bool) -> Kernels:
-    """The attention kernel the plan assumes: with flash attention Transformer Engine's spec where TE is
-    importable (and a GPU present), else the local spec with SDPA; without it megatron-core's unfused
-    DotProductAttention (on the CPU, which it cannot run on, SDPA's math backend computes the same)."""
-    if flash_attention:
-        if _cuda() and transformer_engine_available():
-            return Kernels("transformer_engine", ATTENTION_TE, True)
-        return Kernels("local", ATTENTION_SDPA, True)
-    return Kernels("local", ATTENTION_UNFUSED if _cuda() else ATTENTION_UNFUSED_CPU, False)
-
-
-@cache
-def _sdpa_core_attention_class(math_only: bool):
-    """A core attention with megatron-core DotProductAttention's constructor and forward signature
-    (megatron-core 0.16.1 megatron/core/transformer/dot_product_attention.py) computed by
-    torch.nn.functional.scaled_dot_product_attention: causal for a causal mask type, K/V groups repeated for
-    GQA. SDPA picks its kernel (flash for bf16/fp16 on a GPU); `math_only` forces the math backend, which
-    materialises the scores as the unfused kernel does."""
-    import torch.nn.functional as F
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.module import MegatronModule
-
-    class SdpaCoreAttention(MegatronModule):
-        def __init__(
-            self,
-            config,
-            layer_number,
-            attn_mask_type,
-            attention_type,
-            attention_dropout=None,
-            softmax_scale=None,
-            cp_comm_type=None,
-            pg_collection=None,
-            **_,
-        ):
-            super().__init__(config=config)
-            self.attn_mask_type = attn_mask_type
-            self.softmax_scale = softmax_scale
-
-        def forward(
-            self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
-        ):
-            assert packed_seq_params is None, "packed sequences are not supported by SdpaCoreAttention"
-            mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-            s, b, heads, d = query.shape
-            groups = key.shape[2]
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-            if groups != heads:
-                k = k.repeat_interleave(heads // groups, dim=1)
-                v = v.repeat_interleave(heads // groups, dim=1)
-            causal = mask_type == AttnMaskType.causal
-            mask = None
-            if not causal and attention_mask is not None:
-                mask = ~attention_mask  # megatron masks are True where attention is NOT allowed
-            with _sdpa_backend(math_only):
-                o = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.softmax_scale
-                )
-            return o.permute(2, 0, 1, 3).reshape(s, b, heads * d)
-
-    SdpaCoreAttention.__qualname__ = SdpaCoreAttention.__name__ = (
-        "UnfusedSdpaCoreAttention" if math_only else "SdpaCoreAttention"
-    )
-    return SdpaCoreAttention
-
-
-def _sdpa_backend(math_only: bool):
-    if not math_only:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
-
-
-def layer_spec(model: ModelSpec, kernels: Kernels):
-    """The megatron-core ModuleSpec of one transformer layer: TE's or the local spec, the core attention
-    `kernels` names, no causal mask for an encoder."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-    from megatron.core.transformer.enums import AttnMaskType
-
-    if kernels.te:
-        spec = get_gpt_layer_with_transformer_engine_spec()
-    else:
-        spec = get_gpt_layer_local_spec(normalization=_normalization(model))
-    attn = spec.submodules.self_attention
-    if model.architecture != "decoder":
-        attn.params = {**(attn.params or {}), "attn_mask_type": AttnMaskType.no_mask}
-    if kernels.attention in (ATTENTION_SDPA, ATTENTION_UNFUSED_CPU):
-        attn.submodules.core_attention = _sdpa_core_attention_class(not kernels.flash)
-    return spec
-
-
-def _normalization(model: ModelSpec) -> str:
-    return "RMSNorm" if model.normalization == "rmsnorm" else "LayerNorm"
-
-
-def sequence_parallel_supported(model: ModelSpec, kernels: Kernels) -> bool:
-    """Whether the layer's norms take sequence parallelism: TE's and Apex's do; torch's (the local spec
-    without Apex, and with RMSNorm always) refuse it (megatron-core 0.16.1 transformer/torch_norm.py,
-    models/backends.py LocalSpecProvider.layer_norm)."""
-    if not _cuda():
-        return False
-    if kernels.te:
-        return True
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    return bool(getattr(gpt_layer_specs, "HAVE_APEX", False)) and model.normalization == "layernorm"
-
-
-def activation_fusion(model: ModelSpec) -> bool:
-    """Megatron-LM's default --bias-swiglu-fusion / --bias-gelu-fusion (megatron/training/arguments.py): the
-    activation is a fused function that keeps only its input for backward (megatron-core 0.16.1
-    megatron/core/fusions/fused_bias_swiglu.py), as uniap's activation count assumes. On a GPU only (its
-    jit fuser); megatron-core fuses GELU only with biases."""
-    return _cuda() and (model.gated_mlp or model.add_bias)
-
-
-def transformer_config(
-    model: ModelSpec,
-    training: TrainingSpec,
-    tp: int,
-    kernels: Kernels | None = None,
-    num_layers: int = 1,
-    gradient_accumulation_fusion: bool = False,
-    recompute: str = "none",
-):
-    """A megatron-core TransformerConfig mirroring the ModelSpec at tensor-parallel degree `tp`, with
-    `recompute` as the Megatron-LM arguments uniap emits set it (full: uniform, one layer per chunk)."""
-    import torch
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    kernels = kernels or choose_kernels(training.flash_attention)
-    cuda = _cuda()
-    dtype = _dtype(training.precision)
-    gated = {"gated_linear_unit": True, "activation_func": torch.nn.functional.silu} if model.gated_mlp else {}
-    return TransformerConfig(
-        num_layers=num_layers,
-        hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.query_groups,
-        ffn_hidden_size=model.ffn_hidden_size,
-        kv_channels=model.head_dim,
-        normalization=_normalization(model),
-        add_bias_linear=model.add_bias,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=1,
-        sequence_parallel=tp > 1 and sequence_parallel_supported(model, kernels),
-        use_cpu_initialization=not cuda,
-        params_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        gradient_accumulation_fusion=gradient_accumulation_fusion,
-        bias_activation_fusion=activation_fusion(model),
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        **_recompute_fields(recompute),
-        **gated,
-    )
-
-
-def _recompute_fields(recompute: str) -> dict[str, Any]:
-    if recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-    if recompute == "selective":
-        return {"recompute_granularity": "selective"}
-    return {}
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """The vocabulary Megatron-LM builds: padded to a multiple of 128 x TP (megatron/training/tokenizer
-    _vocab_size_with_padding)."""
-    multiple = VOCAB_MULTIPLE * tp
-    return -(-vocab_size // multiple) * multiple
-
-
-def _in_precision(module, config):
-    """`module` on this device in the precision Megatron-LM trains it in: Float16Module casts every
-    parameter (megatron-core 0.16.1 megatron/core/transformer/module.py), fp32 otherwise."""
-    module = module.to(_device())
-    if config.bf16:
-        return module.bfloat16()
-    if config.fp16:
-        return module.half()
-    return module
-
-
-def norm_label(layer) -> str:
-    """The norm a built TransformerLayer runs: its own module, or the linear TE fused it into."""
-    norm = layer.input_layernorm
-    kind = layer.config.normalization
-    if type(norm).__name__ == "IdentityOp":
-        fused = type(layer.self_attention.linear_qkv)
-        return f"{kind} fused into {fused.__module__.split('.')[0]} {fused.__name__}"
-    cls = type(norm)
-    return f"{kind}: {cls.__module__.split('.')[0]} {cls.__name__}"
-
-
-def build_transformer_layer(model: ModelSpec, training: TrainingSpec, tp: int, kernels: Kernels | None = None):
-    """A megatron-core TransformerLayer of `kernels`' spec, in the training precision; (layer, config)."""
-    from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    kernels = kernels or choose_kernels(training.flash_attention)
-    config = transformer_config(model, training, tp, kernels)
-    layer = TransformerLayer(config=config, submodules=layer_spec(model, kernels).submodules, layer_number=1)
-    return _in_precision(layer, config), config
-
-
-def build_embedding(model: ModelSpec, training: TrainingSpec, tp: int, kernels: Kernels | None = None):
-    """megatron-core's LanguageModelEmbedding as GPTModel (BERT: with two token types) builds it."""
-    from megatron.core.models.common.embeddings.language_model_embedding import (
-        LanguageModelEmbedding,
-    )
-
-    config = transformer_config(model, training, tp, kernels)
-    position = {"learned": "learned_absolute", "rope": "rope"}.get(model.position_embedding, "none")
-    module = LanguageModelEmbedding(
-        config=config,
-        vocab_size=padded_vocab_size(model.vocab_size, tp),
-        max_sequence_length=model.max_position_embeddings,
-        position_embedding_type=position,
-        num_tokentypes=2 if model.architecture == "encoder" else 0,
-    )
-    return _in_precision(module, config), config
-
-
-@cache
-def _lm_head_class():
-    from megatron.core import tensor_parallel
-    from megatron.core.transformer.module import MegatronModule
-    from megatron.core.transformer.spec_utils import build_module
-    from megatron.core.transformer.transformer_block import LayerNormImpl
-
-    class LMHead(MegatronModule):
-        """GPTModel's last stage (megatron-core 0.16.1 megatron/core/models/gpt/gpt_model.py): the
-        TransformerBlock's final norm, the output ColumnParallelLinear (parallel output) and
-        vocab_parallel_cross_entropy; forward returns the mean loss over the tokens."""
-
-        def __init__(self, config, vocab_size: int):
-            super().__init__(config=config)
-            self.final_layernorm = build_module(
-                LayerNormImpl, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
-            )
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size,
-                vocab_size,
-                config=config,
-                init_method=config.init_method,
-                bias=False,
-                skip_bias_add=False,
-                gather_output=False,
-            )
-
-        def forward(self, hidden, labels):
-            logits, _ = self.output_layer(self.final_layernorm(hidden))
-            return tensor_parallel.vocab_parallel_cross_entropy(logits, labels).float().mean()
-
-    return LMHead
-
-
-def build_lm_head(model: ModelSpec, training: TrainingSpec, tp: int, kernels: Kernels | None = None):
-    config = transformer_config(model, training, tp, kernels)
-    module = _lm_head_class()(config, padded_vocab_size(model.vocab_size, tp))
-    return _in_precision(module, config), config
-
-
-def rotary_embedding(model: ModelSpec, config, seq: int):
-    """The RoPE frequencies GPTModel passes its layers (megatron-core 0.16.1 models/common/embeddings/
-    rotary_pos_embedding.py RotaryEmbedding, rotary_percent 1, base 10000), or None without RoPE."""
-    if model.position_embedding != "rope":
-        return None
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import (
-        RotaryEmbedding,
-    )
-
-    from .training_run import current_device_on_cpu
-
-    rope = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0, use_cpu_initialization=not _cuda())
-    with current_device_on_cpu():  # get_emb moves the frequencies to torch.cuda.current_device()
-        return rope(seq)
 
 
 # ==================================================================================================
@@ -511,7 +122,7 @@ def time_passes(
             ones = torch.ones_like(out)
         out.backward(ones)
 
-    return harness.time_passes(forward, backward, reset, warmup, repeats, _harness_device())
+    return harness.time_passes(forward, backward, reset, warmup, repeats, harness_device())
 
 
 def time_layer(
@@ -523,7 +134,12 @@ def time_layer(
 
     s_local = seq // tp if config.sequence_parallel else seq
     x = torch.randn(
-        s_local, micro_batch_size, config.hidden_size, device=_device(), dtype=config.params_dtype, requires_grad=True
+        s_local,
+        micro_batch_size,
+        config.hidden_size,
+        device=current_device(),
+        dtype=config.params_dtype,
+        requires_grad=True,
     )
 
     def forward():
@@ -544,7 +160,7 @@ def time_embedding(
     """LanguageModelEmbedding on random token ids (positions 0..s-1; token type 0 where it has types)."""
     import torch
 
-    device = _device()
+    device = current_device()
     ids = torch.randint(0, vocab, (micro_batch_size, seq), device=device)
     positions = torch.arange(seq, device=device).unsqueeze(0).expand(micro_batch_size, -1)
     types = torch.zeros_like(ids) if module.num_tokentypes > 0 else None
@@ -560,7 +176,7 @@ def time_head(
     """The LM head from hidden states (its sequence shard under sequence parallelism) to the loss."""
     import torch
 
-    device = _device()
+    device = current_device()
     s_local = seq // tp if config.sequence_parallel else seq
     x = torch.randn(
         s_local, micro_batch_size, config.hidden_size, device=device, dtype=config.params_dtype, requires_grad=True
@@ -613,7 +229,7 @@ def profile_targets(model: ModelSpec, training: TrainingSpec, notes: list[str] |
             targets[layer.signature] = Target(layer.signature, HEAD, seq_of["lm_head"])
         else:
             skipped[layer.signature] = layer.name
-    if notes is not None and _rank() == 0:
+    if notes is not None and process_rank() == 0:
         for signature, name in skipped.items():
             log.warning("layer %s (%s) is not profiled; it stays estimated", name, signature)
     if skipped and notes is not None:
@@ -684,20 +300,20 @@ def profile_layers(
             notes.append(f"tp={tp} skipped (does not divide the sequence length)")
             continue
         if tp > 1 and not sp:
-            why = "torch norms refuse it" if _cuda() else "CPU"
+            why = "torch norms refuse it" if on_cuda() else "CPU"
             notes.append(f"tp={tp} without sequence parallelism ({why})")
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
         try:
             for target in targets:
                 for mbs in sorted(set(micro_batch_sizes)):
-                    _seed()
+                    seed_all()
                     ok, timing = True, None
                     try:
                         timing = _time_target(target, model, training, kernels, tp, mbs, warmup, repeats, facts)
                     except torch.OutOfMemoryError:
                         ok = False
-                    _free_cached_memory()
-                    if not _all_ranks_ok(ok):
+                    free_cached_memory()
+                    if not all_ranks_ok(ok):
                         log.warning(
                             "%s tp=%d: micro-batch size %d ran out of memory; larger ones skipped",
                             target.signature,
@@ -725,48 +341,6 @@ def profile_layers(
 # ==================================================================================================
 
 
-def megatron_adam(params: list) -> tuple[Any, str]:
-    """The Adam megatron-core 0.16.1 constructs for OptimizerConfig(optimizer='adam') and its defaults
-    (megatron/core/optimizer/__init__.py _get_megatron_optimizer_based_on_param_groups): TE's FusedAdam,
-    else Apex's, in AdamW mode; else torch.optim.AdamW. (optimizer, its name)."""
-    import torch
-    from megatron.core import optimizer as mcore_optimizer
-    from megatron.core.optimizer import OptimizerConfig
-
-    config = OptimizerConfig(optimizer="adam", lr=1e-4)
-    kwargs: dict[str, Any] = {
-        "params": [{"params": params}],
-        "lr": config.lr,
-        "weight_decay": config.weight_decay,
-        "betas": (config.adam_beta1, config.adam_beta2),
-        "eps": config.adam_eps,
-    }
-    if mcore_optimizer.USING_PYTORCH_OPTIMIZER:
-        cls = torch.optim.AdamW if config.decoupled_weight_decay else torch.optim.Adam
-    else:
-        cls = mcore_optimizer.Adam
-        kwargs["adam_w_mode"] = config.decoupled_weight_decay
-    optimizer = cls(**kwargs)
-    return optimizer, adam_name(optimizer)
-
-
-def adam_name(optimizer) -> str:
-    """'Transformer Engine FusedAdam', 'Apex FusedAdam', or 'torch.optim.AdamW (foreach|for-loop|fused)'."""
-    cls = type(optimizer)
-    if cls.__module__.startswith("transformer_engine"):
-        return f"Transformer Engine {cls.__name__}"
-    if cls.__module__.startswith("apex"):
-        return f"Apex {cls.__name__}"
-    if cls.__module__.startswith("torch.optim"):
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        fused, foreach = optimizer.defaults.get("fused"), optimizer.defaults.get("foreach")
-        if not fused and foreach is None:  # torch's default: foreach when every tensor is on a CUDA device
-            foreach = bool(params) and all(p.is_cuda for p in params)
-        mode = "fused" if fused else "foreach" if foreach else "for-loop"
-        return f"torch.optim.{cls.__name__} ({mode})"
-    return f"{cls.__module__}.{cls.__name__}"
-
-
 def time_optimizer_step(shapes: list, warmup: int, repeats: int) -> OptimizerTiming:
     """megatron_adam over fp32 parameters of `shapes` with fp32 gradients, timed by
     uniap.profile.harness.time_steps: the median step of `repeats` after max(warmup, 1) (the first creates the
@@ -775,7 +349,7 @@ def time_optimizer_step(shapes: list, warmup: int, repeats: int) -> OptimizerTim
 
     params = []
     for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, device=_device(), dtype=torch.float32) * 0.02)
+        p = torch.nn.Parameter(torch.randn(shape, device=current_device(), dtype=torch.float32) * 0.02)
         p.grad = torch.randn_like(p) * 1e-3
         params.append(p)
     optimizer, name = megatron_adam(params)
@@ -784,7 +358,7 @@ def time_optimizer_step(shapes: list, warmup: int, repeats: int) -> OptimizerTim
         optimizer.step()
         return True
 
-    step_ms, extra = harness.time_steps(step, warmup, repeats, _harness_device())
+    step_ms, extra = harness.time_steps(step, warmup, repeats, harness_device())
     return OptimizerTiming(
         implementation=name, num_params=sum(p.numel() for p in params), step_ms=step_ms, extra_peak_bytes=extra
     )
@@ -803,18 +377,18 @@ def profile_optimizer(
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     timing, ok = None, True
     try:
-        _seed()
+        seed_all()
         layer, _ = build_transformer_layer(model, training, 1, kernels)
         shapes = [tuple(p.shape) for p in layer.parameters()]
         del layer
-        _free_cached_memory()
+        free_cached_memory()
         timing = time_optimizer_step(shapes, warmup, repeats)
     except torch.OutOfMemoryError:
         ok = False
     finally:
         parallel_state.destroy_model_parallel()
-        _free_cached_memory()
-    if not _all_ranks_ok(ok):
+        free_cached_memory()
+    if not all_ranks_ok(ok):
         log.warning("the optimizer step over one transformer layer ran out of memory; it stays estimated")
         return None
     if dist.get_rank() == 0:
@@ -852,11 +426,11 @@ def profile_model(
     facts: dict[str, str] = {}
     layers = profile_layers(model, training, micro_batch_sizes, tp_degrees, warmup, repeats, notes, kernels, facts)
     opt = profile_optimizer(model, training, warmup, repeats, kernels) if optimizer else None
-    dtype = str(_dtype(training.precision)).replace("torch.", "")
+    dtype = str(dtype_of(training.precision)).replace("torch.", "")
     head = [
         (
-            f"megatron-core {_mcore_version()} {kernels.spec_label}: attention {kernels.attention}, "
-            f"norm {facts.get('norm', _normalization(model))}, {dtype}; activation fusion "
+            f"megatron-core {mcore_version()} {kernels.spec_label}: attention {kernels.attention}, "
+            f"norm {facts.get('norm', normalization_name(model))}, {dtype}; activation fusion "
             f"{'on' if activation_fusion(model) else 'off'}, bias/dropout/softmax/RoPE fusions off"
         ),
         f"median forward/backward ms of {repeats} iterations after {warmup} warmup",
@@ -868,7 +442,7 @@ def profile_model(
         head.append("head: final norm + ColumnParallelLinear + vocab_parallel_cross_entropy")
     if timed & {EMBEDDING, HEAD}:
         head.append(f"vocabulary padded to a multiple of {VOCAB_MULTIPLE} x tp")
-    if _cuda():
+    if on_cuda():
         head.append(f"{ACTIVATION_NOTE}; sequence parallel when tp > 1 and the norms take it")
     else:
         head.insert(0, CPU_NOTE)
@@ -880,23 +454,12 @@ def profile_model(
         )
     return Profile(
         device=device_name or device_description(),
-        runtime=f"megatron-core {_mcore_version()}",
+        runtime=f"megatron-core {mcore_version()}",
         layers=layers,
         backend=str(dist.get_backend()),
         notes="; ".join(head + notes),
         optimizer=opt,
     )
-
-
-def _mcore_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("megatron-core")
-    except Exception:  # noqa: BLE001  # pragma: no cover - an install without metadata
-        import megatron.core
-
-        return getattr(megatron.core, "__version__", "unknown")
 
 
 # ==================================================================================================
@@ -912,7 +475,7 @@ def profile_collectives(
     import torch.distributed as dist
 
     return collectives.profile_collectives(
-        dist, _harness_device(), _dtype(precision), sizes_mb, warmup, repeats, report, per_node=False
+        dist, harness_device(), dtype_of(precision), sizes_mb, warmup, repeats, report, per_node=False
     )
 
 

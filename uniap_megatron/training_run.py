@@ -2,7 +2,7 @@
 layers the way Megatron-LM trains it, and fit the profile's Calibration to what the iterations took.
 
 - The model: megatron-core's GPTModel with `layers` transformer layers of the profiled model's dimensions,
-  the layer spec and core attention of uniap_megatron.profile.choose_kernels (what the profile timed),
+  the layer spec and core attention of uniap_megatron.modules.choose_kernels (what the profile timed),
   the vocabulary padded as Megatron-LM pads it, embeddings tied as the ModelSpec says.
 - The wrappers, as Megatron-LM's get_model and setup_model_and_optimizer apply them
   (megatron/training/training.py): Float16Module for bf16/fp16 on a GPU (fp32 on the CPU), megatron-core
@@ -18,7 +18,7 @@ layers the way Megatron-LM trains it, and fit the profile's Calibration to what 
   warm-up) and on a GPU the peak reserved and allocated bytes over the timed iterations.
 - The plan: uniap.planner.configure of that exact job (the model cut to `layers` layers, one GPU of the
   detected kind, tp 1, pp 1, ZeRO 0 (the distributed optimizer at DP 1 shards nothing), no recompute),
-  priced with the profile just measured; uniap.profile.calibrate.fit turns the measurement into the
+  priced with the profile just measured; uniap.calibrate.fit turns the measurement into the
   Calibration.
 
 It runs with one process only (world size 1): with several ranks the calibration is skipped with a note,
@@ -44,29 +44,24 @@ from uniap.errors import ProfileError, SpecError, UniapError
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
 from uniap.planner import configure
-from uniap.profile.calibrate import TrainingRun, fit, report_lines
+from uniap.calibrate import TrainingRun, fit, report_lines
 from uniap.profile.schema import Profile
 
 from .environment import fused_kernels_available
-from .profile import (
-    Kernels,
-    _cuda,
-    _device,
-    _free_cached_memory,
-    _mcore_version,
-    _seed,
-    _sync,
-    adam_name,
-    choose_kernels,
+from .modules import DEFAULT_LR, build_gpt_model, choose_kernels, megatron_optimizer, optimizer_name, wrap_for_training
+from .runtime import (
+    cuda_calls_on_cpu,
+    current_device,
+    current_device_on_cpu,
     device_description,
-    layer_spec,
-    padded_vocab_size,
-    transformer_config,
+    free_cached_memory,
+    mcore_version,
+    on_cuda,
+    seed_all,
+    synchronize,
 )
 
 log = logging.getLogger("uniap.megatron.training_run")
-
-DEFAULT_LR = 1e-4
 
 
 # ==================================================================================================
@@ -79,7 +74,7 @@ def device_cluster() -> ClusterSpec:
     and the host's memory."""
     import torch
 
-    if _cuda():
+    if on_cuda():
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -97,158 +92,6 @@ def reduced_model(model: ModelSpec, layers: int) -> ModelSpec:
     return replace(model, name=f"{model.name}-{layers}l", num_layers=layers)
 
 
-def build_gpt_model(model: ModelSpec, training: TrainingSpec, kernels: Kernels | None = None, recompute: str = "none"):
-    """megatron-core's GPTModel of `model` (all its layers; cut it first with reduced_model) on this device,
-    in fp32 parameters on the CPU and the training precision's on a GPU; (model, config). Gradient
-    accumulation fusion where Megatron-LM enables it: on a GPU with Apex's fused_weight_gradient_mlp_cuda
-    (megatron-core 0.16.1 megatron/core/tensor_parallel/layers.py requires it)."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.tensor_parallel import layers as tp_layers
-
-    kernels = kernels or choose_kernels(training.flash_attention)
-    fusion = _cuda() and bool(getattr(tp_layers, "_grad_accum_fusion_available", False))
-    config = transformer_config(
-        model,
-        training,
-        1,
-        kernels,
-        num_layers=model.num_layers,
-        gradient_accumulation_fusion=fusion,
-        recompute=recompute,
-    )
-    gpt = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(model, kernels),
-        vocab_size=padded_vocab_size(model.vocab_size, 1),
-        max_sequence_length=model.max_position_embeddings,
-        pre_process=True,
-        post_process=True,
-        parallel_output=True,
-        share_embeddings_and_output_weights=model.tied_embeddings,
-        position_embedding_type="rope" if model.position_embedding == "rope" else "learned_absolute",
-    )
-    return gpt.to(_device()), config
-
-
-# ==================================================================================================
-# megatron-core's training wrappers
-# ==================================================================================================
-
-
-def _is_cuda_device(device) -> bool:
-    if isinstance(device, bool):
-        return False
-    if isinstance(device, int):
-        return True
-    return str(device).startswith("cuda")
-
-
-@contextlib.contextmanager
-def current_device_on_cpu():
-    """Without CUDA, torch.cuda.current_device() answers 'cpu' inside; a no-op with CUDA. GPTModel's RoPE
-    moves its frequencies to that device on every forward (megatron-core 0.16.1
-    models/common/embeddings/rotary_pos_embedding.py RotaryEmbedding.get_emb)."""
-    import torch
-
-    if torch.cuda.is_available():
-        yield
-        return
-    saved = torch.cuda.current_device
-    torch.cuda.current_device = lambda: "cpu"
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = saved
-
-
-@contextlib.contextmanager
-def cuda_calls_on_cpu():
-    """Without CUDA, let megatron-core 0.16.1's DDP and optimizers work on CPU tensors; a no-op with CUDA.
-
-    They allocate with `device=torch.cuda.current_device()` or `device='cuda'`
-    (distributed/param_and_grad_buffer.py _ParamAndGradBuffer, optimizer/optimizer.py
-    MixedPrecisionOptimizer, optimizer/clip_grads.py, utils.py local_multi_tensor_l2_norm) and accept only
-    parameters and gradients whose Tensor.type() is 'torch.cuda.*' (optimizer/distrib_optimizer.py,
-    optimizer/clip_grads.py). Inside: torch.cuda.current_device() answers 'cpu', a CUDA `device=` of a
-    torch function becomes the CPU, and Tensor.type() of a CPU tensor answers its CUDA name. Nothing else
-    changes."""
-    import torch
-
-    if torch.cuda.is_available():
-        yield
-        return
-    from torch.overrides import TorchFunctionMode
-
-    class CpuForCuda(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if _is_cuda_device(kwargs.get("device", "cpu")):
-                kwargs = {**kwargs, "device": "cpu"}
-            out = func(*args, **kwargs)
-            if (
-                func is torch.Tensor.type
-                and len(args) == 1
-                and not kwargs
-                and isinstance(out, str)
-                and out.startswith("torch.")
-                and not out.startswith("torch.cuda.")
-            ):
-                out = "torch.cuda." + out[len("torch.") :]
-            return out
-
-    with current_device_on_cpu(), CpuForCuda():
-        yield
-
-
-def wrap_for_training(module, config):
-    """`module` as Megatron-LM's get_model wraps it: Float16Module for bf16/fp16, then megatron-core
-    DistributedDataParallel with an fp32 gradient buffer laid out for the distributed optimizer."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-    )
-    from megatron.core.transformer.module import Float16Module
-
-    if config.bf16 or config.fp16:
-        module = Float16Module(config, module)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
-    with cuda_calls_on_cpu():
-        return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
-
-
-def megatron_optimizer(model, config, lr: float = DEFAULT_LR):
-    """get_megatron_optimizer(OptimizerConfig(optimizer='adam', use_distributed_optimizer=True)) with
-    Megatron-LM's defaults otherwise (weight decay 0.01, gradient clipping at 1.0); fp16 with a dynamic loss
-    scale starting at 2^16."""
-    import torch
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    fp16_scale = {"initial_loss_scale": 2.0**16} if config.fp16 else {}
-    optimizer_config = OptimizerConfig(
-        optimizer="adam",
-        lr=lr,
-        bf16=bool(config.bf16),
-        fp16=bool(config.fp16),
-        params_dtype=config.params_dtype or torch.float32,
-        use_distributed_optimizer=True,
-        **fp16_scale,
-    )
-    with cuda_calls_on_cpu():
-        return get_megatron_optimizer(optimizer_config, [model])
-
-
-def optimizer_name(optimizer) -> str:
-    """The Adam inside megatron-core's optimizer wrappers, and the wrapper: e.g. 'Transformer Engine
-    FusedAdam in megatron-core DistributedOptimizer'."""
-    inner = optimizer
-    while hasattr(inner, "chained_optimizers") and len(inner.chained_optimizers) == 1:
-        inner = inner.chained_optimizers[0]
-    base = getattr(inner, "optimizer", None)
-    if base is None:
-        return f"megatron-core {type(inner).__name__}"
-    return f"{adam_name(base)} in megatron-core {type(inner).__name__}"
-
-
 # ==================================================================================================
 # The run
 # ==================================================================================================
@@ -264,12 +107,12 @@ def _train(ddp, optimizer, batches: list, positions, warm: int, iterations: int)
     import torch
     from megatron.core.distributed import finalize_model_grads
 
-    cuda = _cuda()
+    cuda = on_cuda()
     losses: list[float] = []
     times: list[float] = []
     skipped = 0
     for i in range(warm + iterations):
-        _sync()
+        synchronize()
         if i == warm and cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -286,7 +129,7 @@ def _train(ddp, optimizer, batches: list, positions, warm: int, iterations: int)
         finalize_model_grads([ddp])
         with cuda_calls_on_cpu():
             updated, _grad_norm, _zeros = optimizer.step()
-        _sync()
+        synchronize()
         seconds = time.perf_counter() - t0
         losses.append(float(torch.stack(step_losses).sum()))
         if i >= warm:
@@ -350,19 +193,19 @@ def run_training(
         model, training, profile, micro_batch_size, micro_batches, cluster or device_cluster(), recompute
     )
     job = plan.training
-    cuda = _cuda()
-    _free_cached_memory()  # the allocator's peaks below are this run's alone
+    cuda = on_cuda()
+    free_cached_memory()  # the allocator's peaks below are this run's alone
     before_allocated = float(torch.cuda.memory_allocated()) if cuda else None
     before_reserved = float(torch.cuda.memory_reserved()) if cuda else None
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     ddp = optimizer = None
     try:
-        _seed()
+        seed_all()
         gpt, config = build_gpt_model(model, job, recompute=recompute)
         ddp = wrap_for_training(gpt, config)
         del gpt
         optimizer = megatron_optimizer(ddp, config, lr)
-        device, seq, vocab = _device(), training.seq_length, model.vocab_size
+        device, seq, vocab = current_device(), training.seq_length, model.vocab_size
         batches = [
             (
                 torch.randint(0, vocab, (micro_batch_size, seq), device=device),
@@ -390,7 +233,7 @@ def run_training(
     finally:
         del ddp, optimizer
         parallel_state.destroy_model_parallel()
-        _free_cached_memory()
+        free_cached_memory()
 
 
 def calibrate(
@@ -437,7 +280,7 @@ def calibrate(
             f"megatron-core GPTModel of {layers} layer(s), micro-batch {micro_batch_size} x {micro_batches}, "
             f"{iterations} iterations after {max(warmup, 1)} warmup"
         )
-        source = f"uniap-megatron profile: megatron-core {_mcore_version()} run of {what}"
+        source = f"uniap-megatron profile: megatron-core {mcore_version()} run of {what}"
         try:
             fitted = fit(
                 [run.measurement(f"megatron {small.name} mbs {micro_batch_size}x{micro_batches}")],
@@ -448,7 +291,7 @@ def calibrate(
             problem = f"not calibrated: {exc.message}"
         else:
             report += report_lines(fitted.calibration, what, run.skipped_steps)
-            wrappers = "Float16Module + " if _cuda() and training.precision != "fp32" else ""
+            wrappers = "Float16Module + " if on_cuda() and training.precision != "fp32" else ""
             note = (
                 f"calibration: whole-model run of {what} ({kernels.spec_label}, attention {kernels.attention}; "
                 f"{wrappers}DistributedDataParallel with fp32 gradient buffer + {run.optimizer})"

@@ -1,4 +1,5 @@
-"""Fit the cost model to measured training iterations (`uniap calibrate`, the profilers' calibration runs).
+"""Fit the cost model to measured training iterations (`uniap calibrate`, the profilers' calibration runs): it
+prices plans, so it sits above the planner, not among the profile readers.
 
 Each measurement is a plan that really ran and what its iterations took: time per iteration and, when the
 log reports it, the peak memory. Two coefficients are fitted (uniap.profile.schema.Calibration):
@@ -17,11 +18,11 @@ import math
 import statistics
 from dataclasses import dataclass, replace
 
-from ..cost.model import DEFAULT_RESERVED_PER_ALLOCATED
-from ..errors import ProfileError
-from ..plan import Plan
-from ..planner import price
-from .schema import Calibration, CalibrationRun, Profile
+from .cost.model import DEFAULT_RESERVED_PER_ALLOCATED
+from .errors import ProfileError
+from .plan import Plan
+from .planner import price
+from .profile.schema import Calibration, CalibrationRun, Profile
 
 SCALE_RANGE = (0.2, 5.0)  # the compute scales a fit may reach (Calibration's validity range)
 BISECTION_STEPS = 60

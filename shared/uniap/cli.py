@@ -34,7 +34,7 @@ from .plan import Plan, make_plan
 from .planner import DEFAULT_GAP, Job, configure, price, training_spec
 from .planner import plan as solve
 from .profile.schema import Profile
-from .profile.calibrate import Measurement, fit
+from .calibrate import Measurement, fit
 from .profile.logs import FRAMEWORKS, read_log
 from .report import render, render_calibration, scale_warning
 
