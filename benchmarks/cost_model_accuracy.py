@@ -32,12 +32,14 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from uniap.calibrate import run_plan
 from uniap.cluster.spec import cluster_preset, device_cluster
 from uniap.cost.model import CostModel
 from uniap.model.graph import build_graph
 from uniap.model.presets import model_preset
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.profile.schema import Profile
+from uniap.profile.harness import RunSchedule
 
 import published_runs
 
@@ -235,16 +237,8 @@ def _run_job(job: Job, smoke: bool, profile: Profile | None) -> dict:
     row = {"job": job.label, **asdict(job)}
     extra = {"recompute": job.recompute} if job.framework == "megatron" else {}
     try:
-        run = runner.run_training(
-            _job_model(job, smoke),
-            _training(job),
-            profile,
-            job.micro_batch_size,
-            job.micro_batches,
-            WARMUP,
-            ITERATIONS,
-            **extra,
-        )
+        schedule = RunSchedule(job.micro_batch_size, job.micro_batches, WARMUP, ITERATIONS)
+        run = runner.run_training(_job_model(job, smoke), _training(job), profile, schedule, **extra)
     except Exception as exc:  # an out-of-memory or a framework error is a result of this benchmark too
         return {**row, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     row.update(
@@ -262,7 +256,8 @@ def _run_job(job: Job, smoke: bool, profile: Profile | None) -> dict:
 
 def reprice(recorded: dict, profile: Profile | None) -> list[dict]:
     """The rows of a recorded run (an earlier --json on a GPU) with the measurements kept and the predictions of
-    this version of the cost model, planned as the runners plan (their training_plan) on the recorded device."""
+    this version of the cost model, planned as the runners plan (uniap.calibrate.run_plan; Megatron's with the fused
+    kernels of this process, uniap_megatron.training_run.training_plan) on the recorded device."""
     cluster = device_cluster(recorded["device"], recorded["device_memory_bytes"])
     rows = []
     for r in recorded["jobs"]:
@@ -270,11 +265,12 @@ def reprice(recorded: dict, profile: Profile | None) -> list[dict]:
             rows.append(r)
             continue
         job = Job(**{f.name: r[f.name] for f in fields(Job)})
-        runner = _runner(job.framework)
-        extra = {"recompute": job.recompute} if job.framework == "megatron" else {}
-        plan = runner.training_plan(
-            _job_model(job, False), _training(job), profile, job.micro_batch_size, job.micro_batches, cluster, **extra
-        )
+        schedule = RunSchedule(job.micro_batch_size, job.micro_batches, WARMUP, ITERATIONS)
+        model, training = _job_model(job, False), _training(job)
+        if job.framework == "megatron":
+            plan = _runner(job.framework).training_plan(model, training, profile, schedule, cluster, job.recompute)
+        else:
+            plan = run_plan(model, training, profile, cluster, job.framework, schedule)
         rows.append({**r, **_predictions(plan, r["measured_time_s"], r.get("measured_reserved_bytes"))})
     return rows
 

@@ -20,9 +20,9 @@ from uniap.cluster import CLUSTER_PRESETS
 from uniap.model import ModelSpec, TrainingSpec, build_graph
 from uniap.planner import configure
 from uniap.profile import Profile
-from uniap.calibrate import Measurement
+from uniap.calibrate import Measurement, fit_run
 
-from uniap_deepspeed.training_run import _fit, build_training_module, reduced_model
+from uniap_deepspeed.training_run import build_training_module, reduced_model
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
@@ -75,14 +75,15 @@ import json, sys
 from uniap.model import TrainingSpec, load_model
 from uniap.profile.runner import default_single_process_env
 from uniap_deepspeed import profile, runtime
+from uniap.profile.harness import RunSchedule
 from uniap_deepspeed.training_run import device_cluster, reduced_model, run_training
 
 runtime.quiet_deepspeed(False)
 default_single_process_env(profile.LAUNCHER_VARS)
 runtime.init_distributed()
 model = reduced_model(load_model(sys.argv[1]), 2)
-run = run_training(model, TrainingSpec(global_batch_size=1, seq_length=32), None, micro_batch_size=1,
-                   micro_batches=2, warmup=1, iterations=5)
+run = run_training(model, TrainingSpec(global_batch_size=1, seq_length=32), None,
+                   RunSchedule(micro_batch_size=1, micro_batches=2, warmup=1, iterations=5))
 cluster = device_cluster()
 print(json.dumps({"losses": run.losses, "times": run.iteration_times_s, "time": run.time_per_iteration_s,
                   "reserved": run.peak_reserved_bytes, "allocated": run.peak_allocated_bytes,
@@ -130,7 +131,7 @@ def test_fit_keeps_the_time_when_the_memory_ratio_is_out_of_range(reserved_per_a
     measured = Measurement(
         "run", plan, 1.5 * prediction.time_per_iteration, peak_reserved_bytes=reserved_per_allocated * allocated
     )
-    profile, problem = _fit(measured, Profile(device="GPU", runtime="deepspeed"), "test")
+    profile, problem = fit_run(measured, Profile(device="GPU", runtime="deepspeed"), "test")
     calibration = profile.calibration
     (run,) = calibration.runs
     assert abs(run.fitted_time_s - run.measured_time_s) <= 1e-6 * run.measured_time_s

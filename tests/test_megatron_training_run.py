@@ -48,12 +48,13 @@ warnings.filterwarnings("ignore")
 from uniap.model import ModelSpec, TrainingSpec
 from uniap.profile.runner import default_single_process_env
 from uniap_megatron.runtime import init_distributed
+from uniap.profile.harness import RunSchedule
 from uniap_megatron.training_run import reduced_model, run_training
 default_single_process_env()
 init_distributed()
 model = reduced_model(ModelSpec.from_dict(json.loads(sys.argv[1])), 2)
 run = run_training(model, TrainingSpec(global_batch_size=2, seq_length=32, precision="bf16"), None,
-                   micro_batch_size=1, micro_batches=2, warmup=1, iterations=4, lr=3e-3)
+                   RunSchedule(micro_batch_size=1, micro_batches=2, warmup=1, iterations=4), lr=3e-3)
 print(json.dumps({"losses": run.losses, "times": run.iteration_times_s, "median": run.time_per_iteration_s,
                   "reserved": run.peak_reserved_bytes, "allocated": run.peak_allocated_bytes,
                   "optimizer": run.optimizer, "skipped": run.skipped_steps, "micro_batches": run.plan.micro_batches,

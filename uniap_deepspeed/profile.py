@@ -35,27 +35,28 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
-from uniap.errors import EXIT_OK, ProfileError, SpecError
+from uniap.errors import SpecError
 from uniap.model.graph import TRANSFORMER_KINDS, Layer, build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
 from uniap.profile import collectives, harness
-from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE
+from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE, layer_line, optimizer_line, unless_out_of_memory
 from uniap.profile.options import profiler_parser
 from uniap.profile.runner import (
+    CALIBRATION_MIN_ITERATIONS,
     check_common_args,
     default_single_process_env,
-    print_summary,
+    run_profiler,
     run_profiler_cli,
 )
 from uniap.profile.schema import CollectiveBandwidth, LayerTiming, OptimizerTiming, Profile
 
+from . import training_run
 from .runtime import (
     Runtime,
     accelerator,
@@ -75,9 +76,8 @@ T = TypeVar("T")
 
 # Set by torchrun / the deepspeed launcher, or by MPI launchers DeepSpeed can discover.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
-# Timed optimizer steps and calibration iterations at least: both are short, and a median of two is a mean.
+# Timed optimizer steps at least: they are short, and a median of two is a mean.
 OPTIMIZER_MIN_STEPS = 5
-CALIBRATION_MIN_ITERATIONS = 3
 
 
 def _ds_config(rt: Runtime, micro_batch_size: int) -> dict[str, Any]:
@@ -179,6 +179,7 @@ def profile_layers(
     for layer in graph.layers:
         first.setdefault(layer.signature, layer)
     out: dict[str, list[LayerTiming]] = {}
+    agree = partial(all_ranks_ok, rt=rt)
     for signature, layer in first.items():
         timings = []
         for mbs in sorted(set(micro_batch_sizes)):
@@ -189,21 +190,16 @@ def profile_layers(
             if module is None:
                 log.warning("no module for layer kind '%s' (%s); it stays estimated", layer.kind, signature)
                 break
-            timing, ok = None, True
-            try:
-                timing = time_layer(module, rt, mbs, warmup, repeats)
-            except torch.OutOfMemoryError:
-                ok = False
+            timing = unless_out_of_memory(
+                partial(time_layer, module, rt, mbs, warmup, repeats), agree, free_cached_memory
+            )
             del module
-            if not all_ranks_ok(ok, rt):
+            if timing is None:
                 log.warning("%s: micro-batch size %d ran out of memory; larger ones skipped", signature, mbs)
-                free_cached_memory()
                 break
             timings.append(timing)
             if rt.rank == 0:
-                log.info(
-                    "%-60s mbs %3d  fwd %9.3f ms  bwd %9.3f ms", signature, mbs, timing.forward_ms, timing.backward_ms
-                )
+                log.info("%s", layer_line(signature, timing))
         if timings:
             out[signature] = timings
     return out
@@ -264,23 +260,13 @@ def profile_optimizer(
     torch.manual_seed(1234)
     with torch.device(rt.device):
         module = build_layer_module(model, training, layer)
-    timing, ok = None, True
-    try:
-        timing = time_optimizer_step(module, rt, micro_batch_size, warmup, repeats, torch_adam)
-    except torch.OutOfMemoryError:
-        ok = False
+    measure = partial(time_optimizer_step, module, rt, micro_batch_size, warmup, repeats, torch_adam)
+    timing = unless_out_of_memory(measure, partial(all_ranks_ok, rt=rt), free_cached_memory)
     del module
-    if not all_ranks_ok(ok, rt):
+    if timing is None:
         log.warning("the optimizer step over %s ran out of memory; it stays estimated", layer.signature)
-        free_cached_memory()
-        return None
-    if rt.rank == 0:
-        log.info(
-            "optimizer %s: %.3f ms per step over %d parameters",
-            timing.implementation,
-            timing.step_ms,
-            timing.num_params,
-        )
+    elif rt.rank == 0:
+        log.info("%s", optimizer_line(timing))
     return timing
 
 
@@ -407,73 +393,56 @@ def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
     return model, training
 
 
-def main_profile(argv: list[str] | None = None, prog: str = "uniap-deepspeed profile") -> int:
-    """`uniap-deepspeed profile ...`: returns the exit code (0 ok, 2 invalid input)."""
-    return run_profiler_cli(build_parser(prog), argv, prog, _check_args, _run)
+class DeepSpeedProfiler:
+    """uniap.profile.runner.ProfilerAdapter through DeepSpeed's engine and deepspeed.comm."""
 
+    prog = "uniap-deepspeed profile"
+    show_tp = False
 
-def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
-    try:
-        import deepspeed  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as exc:
-        raise SpecError(f"the profiler needs torch and deepspeed ({exc})", "pip install 'uniap[deepspeed]'") from None
-    quiet_deepspeed(args.verbose)
-    default_single_process_env(LAUNCHER_VARS)
-    rank, world, backend = init_distributed()
-    import deepspeed.comm as dist
+    def start(self, args) -> tuple[int, int]:
+        try:
+            import deepspeed  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError as exc:
+            raise SpecError(
+                f"the profiler needs torch and deepspeed ({exc})", "pip install 'uniap[deepspeed]'"
+            ) from None
+        quiet_deepspeed(args.verbose)
+        default_single_process_env(LAUNCHER_VARS)
+        rank, world, _backend = init_distributed()
+        return rank, world
 
-    started = time.perf_counter()
-    if args.no_layers:
-        import deepspeed as ds
+    def measure(self, args, model: ModelSpec, training: TrainingSpec) -> Profile:
+        if not args.no_layers:
+            return profile_model(model, training, args.micro_batch_sizes, args.warmup, args.repeats, args.device_name)
+        import deepspeed
+        import torch.distributed as tdist
 
         notes = [CPU_NOTE] if accelerator().device_name() == "cpu" else []
-        profile = Profile(
+        return Profile(
             device=args.device_name or device_description(),
-            runtime=f"deepspeed {ds.__version__}",
-            backend=backend,
+            runtime=f"deepspeed {deepspeed.__version__}",
+            backend=str(tdist.get_backend()),
             notes="; ".join(notes + ["collectives only"]),
         )
-    else:
-        profile = profile_model(model, training, args.micro_batch_sizes, args.warmup, args.repeats, args.device_name)
-    report: list[str] = []
-    if not args.no_collectives:
-        repeats = max(args.repeats, collectives.COLLECTIVE_MIN_REPEATS)
-        profile.collectives = profile_collectives(
-            args.collective_sizes_mb, args.warmup, repeats, training.precision, report
-        )
-    if profile.optimizer is not None and rank == 0:
-        o = profile.optimizer
-        extra = f", {o.extra_peak_bytes / 2**20:.1f} MiB extra" if o.extra_peak_bytes is not None else ""
-        report.append(
-            f"optimizer {o.implementation}: {o.step_ms:.3f} ms per step over {o.num_params:,} parameters{extra}"
-        )
-    if not args.no_layers and args.calibration_layers > 0:  # after the collectives: the plan prices DP with them
-        from .training_run import calibrate
 
-        profile, _ = calibrate(
-            profile,
-            model,
-            training,
-            args.calibration_layers,
-            min(args.micro_batch_sizes),
-            args.calibration_micro_batches,
-            args.warmup,
-            max(args.repeats, CALIBRATION_MIN_ITERATIONS),
-            report,
-        )
-    if rank == 0:
-        try:
-            profile.save(args.output)
-        except OSError as exc:
-            raise ProfileError(f"cannot write profile {args.output}: {exc.strerror or exc}") from None
-        print_summary(
-            "uniap-deepspeed profile", profile, report, args.output, world, time.perf_counter() - started, show_tp=False
-        )
-    if world > 1:
-        dist.barrier()  # nobody leaves while rank 0 still writes
-    dist.destroy_process_group()  # an orderly teardown of the gloo/nccl pairs before the process exits
-    return EXIT_OK
+    collectives = staticmethod(profile_collectives)
+
+    calibrate = staticmethod(training_run.calibrate)
+
+    def finish(self, world: int) -> None:
+        import deepspeed.comm as dist
+
+        if world > 1:
+            dist.barrier()  # nobody leaves while rank 0 still writes
+        dist.destroy_process_group()  # an orderly teardown of the gloo/nccl pairs before the process exits
+
+
+def main_profile(argv: list[str] | None = None, prog: str = "uniap-deepspeed profile") -> int:
+    """`uniap-deepspeed profile ...`: returns the exit code (0 ok, 2 invalid input)."""
+    return run_profiler_cli(
+        build_parser(prog), argv, prog, _check_args, lambda *a: run_profiler(DeepSpeedProfiler(), *a)
+    )
 
 
 if __name__ == "__main__":

@@ -20,24 +20,23 @@ is not calibrated (a note says so).
 
 from __future__ import annotations
 
-import gc
 import logging
-import statistics
-import time
 from dataclasses import replace
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 from uniap.cluster.spec import ClusterSpec
 from uniap.cluster.spec import device_cluster as detected_cluster
-from uniap.errors import ProfileError, SpecError
+from uniap.errors import SpecError
 from uniap.model.graph import CROSS_TRANSFORMER, EMBEDDING, HEAD, TRANSFORMER, build_graph
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
-from uniap.planner import configure
-from uniap.calibrate import Measurement, TrainingRun, fit, report_lines
+from uniap.calibrate import RunDescription, TrainingRun, calibrated, run_plan
+from uniap.profile.harness import RunSchedule, memory_in_use, time_iterations
+from uniap.profile.runner import CalibrationSettings
 from uniap.profile.schema import Profile
 
+from .capability import DEEPSPEED
 from .config import deepspeed_config
 from .runtime import (
     Runtime,
@@ -177,59 +176,45 @@ def training_config(plan: Plan, rt: Runtime, torch_adam: bool) -> dict[str, Any]
 # ==================================================================================================
 
 
-def training_plan(
-    model: ModelSpec,
-    training: TrainingSpec,
-    profile: Profile | None,
-    micro_batch_size: int,
-    micro_batches: int,
-    cluster: ClusterSpec,
-    world_size: int = 1,
-) -> Plan:
-    """The plan run_training prices its run with: TP 1, PP 1, ZeRO 0, one data-parallel replica per rank, each
-    training `micro_batches` micro-batches of `micro_batch_size`."""
-    job = replace(training, global_batch_size=micro_batch_size * micro_batches * world_size)
-    return configure(
-        model,
-        cluster,
-        job,
-        target="deepspeed",
-        tp=1,
-        pp=1,
-        micro_batch_size=micro_batch_size,
-        zero=0,
-        recompute="none",
-        profile=profile,
-    )[0]
+def _iteration(engine, batches: list):
+    """One iteration as DeepSpeed trains, for uniap.profile.harness.time_iterations: forward, backward and
+    step per micro-batch (the engine steps at the accumulation boundary). (mean loss, whether the fp16 loss
+    scaler let the step through)."""
+    import torch
+
+    def iteration() -> tuple[float, bool]:
+        skipped = engine.skipped_steps
+        losses = []
+        for batch in batches:
+            loss = engine(*batch)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+        return float(torch.stack(losses).float().mean()), engine.skipped_steps == skipped
+
+    return iteration
 
 
 def run_training(
     model: ModelSpec,
     training: TrainingSpec,
     profile: Profile | None,
-    micro_batch_size: int,
-    micro_batches: int,
-    warmup: int,
-    iterations: int,
+    schedule: RunSchedule,
     cluster: ClusterSpec | None = None,
 ) -> TrainingRun:
-    """Train `model` as it is (reduce it first with reduced_model) on fixed, seeded micro-batches for
-    max(warmup, 1) + `iterations` iterations through DeepSpeed with the config uniap emits for tp=1, pp=1,
-    ZeRO 0 and `micro_batches` micro-batches of `micro_batch_size` per rank. Every rank must call it;
-    `cluster` defaults to world_cluster. torch.OutOfMemoryError propagates."""
+    """Train `model` as it is (reduce it first with reduced_model) on fixed, seeded micro-batches as
+    `schedule` says, through DeepSpeed with the config uniap emits for tp=1, pp=1, ZeRO 0 and its
+    micro-batches per rank. Every rank must call it; `cluster` defaults to world_cluster.
+    torch.OutOfMemoryError propagates."""
     import deepspeed
     import torch
 
-    if micro_batch_size < 1 or micro_batches < 1 or iterations < 1 or warmup < 0:
-        raise SpecError("micro-batch size, micro-batches and iterations must be >= 1, warm-up >= 0")
+    micro_batch_size, micro_batches = schedule.micro_batch_size, schedule.micro_batches
     rt = runtime_of(training.precision)
-    acc = accelerator()
     cluster = cluster or world_cluster(rt)
-    cuda = rt.device_kind == "cuda"
     free_cached_memory()  # the peaks below count this run's memory alone
-    before_allocated = float(acc.memory_allocated()) if cuda else None
-    before_reserved = float(acc.memory_reserved()) if cuda else None
-    plan = training_plan(model, training, profile, micro_batch_size, micro_batches, cluster, rt.world_size)
+    before = memory_in_use(rt.harness_device)
+    plan = run_plan(model, training, profile, cluster, DEEPSPEED.name, schedule, replicas=rt.world_size)
     job = plan.training
     config = training_config(plan, rt, use_torch_adam(rt))
     torch.manual_seed(SEED)  # the same weights and batches on every rank
@@ -240,85 +225,30 @@ def run_training(
     try:
         assert engine.gradient_accumulation_steps() == micro_batches, config
         assert engine.train_micro_batch_size_per_gpu() == micro_batch_size, config
-        warm = max(warmup, 1)
-        losses: list[float] = []
-        times: list[float] = []
-        skipped_before = 0
-        for i in range(warm + iterations):
-            acc.synchronize()
-            if i == warm:
-                skipped_before = engine.skipped_steps
-                if cuda:
-                    acc.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            step_losses = []
-            for batch in batches:
-                loss = engine(*batch)
-                engine.backward(loss)
-                engine.step()
-                step_losses.append(loss.detach())
-            acc.synchronize()
-            seconds = time.perf_counter() - t0
-            losses.append(float(torch.stack(step_losses).float().mean()))
-            if i >= warm:
-                times.append(seconds)
-        reserved = allocated = None
-        if cuda:
-            reserved = max_over_ranks(float(acc.max_memory_reserved()) - before_reserved, rt)
-            allocated = max_over_ranks(float(acc.max_memory_allocated()) - before_allocated, rt)
-        return TrainingRun(
-            plan=plan,
-            config=config,
-            optimizer=optimizer_name(engine),
-            losses=tuple(losses),
-            iteration_times_s=tuple(times),
-            time_per_iteration_s=max_over_ranks(statistics.median(times), rt),
-            peak_reserved_bytes=reserved,
-            peak_allocated_bytes=allocated,
-            skipped_steps=engine.skipped_steps - skipped_before,
-            memory_before_bytes=before_allocated,
-        )
+        measured = time_iterations(_iteration(engine, batches), schedule, rt.harness_device, before)
+        slowest = partial(max_over_ranks, rt=rt)
+        return TrainingRun.measured(plan, optimizer_name(engine), measured, config, slowest)
     finally:
         if hasattr(engine, "destroy"):
             engine.destroy()
         del engine, module, batches
-        gc.collect()
-        acc.empty_cache()
-
-
-def _fit(measurement: Measurement, profile: Profile, source: str) -> tuple[Profile, str | None]:
-    """The fitted profile; where only the memory ratio falls outside the Calibration's range, the time alone
-    and why memory is not fitted. ProfileError when the time cannot be fitted."""
-    try:
-        return fit([measurement], profile, source=source).profile, None
-    except ProfileError as exc:
-        if measurement.peak_reserved_bytes is None and measurement.peak_allocated_bytes is None:
-            raise
-        timed = replace(measurement, peak_reserved_bytes=None, peak_allocated_bytes=None)
-        return fit([timed], profile, source=source).profile, f"memory not fitted ({exc.message})"
+        free_cached_memory()
 
 
 def calibrate(
-    profile: Profile,
-    model: ModelSpec,
-    training: TrainingSpec,
-    layers: int,
-    micro_batch_size: int,
-    micro_batches: int,
-    warmup: int,
-    iterations: int,
-    report: list[str] | None = None,
-) -> tuple[Profile, TrainingRun | None]:
-    """`profile` with a Calibration fitted to one whole-model run of `model` cut to `layers` transformer
-    layers (see run_training), and the run. Every rank trains; rank 0 fits (the others get `profile`
-    back). A run that cannot be made (unequal nodes, out of memory on any rank) or fitted (a time the
-    compute scale range cannot explain) leaves the profile uncalibrated, with a warning and a note."""
+    profile: Profile, model: ModelSpec, training: TrainingSpec, settings: CalibrationSettings, report: list[str]
+) -> Profile:
+    """`profile` with a Calibration fitted to one whole-model run of `model` cut to `settings.layers`
+    transformer layers (see run_training), its lines added to `report`. Every rank trains; rank 0 fits (the others get
+    `profile` back). A run that cannot be made (unequal nodes, out of memory on any rank) or fitted (a time
+    the compute scale range cannot explain) leaves the profile uncalibrated, with a warning and a note
+    (uniap.calibrate.calibrated)."""
     import deepspeed
     import torch
 
     rt = runtime_of(training.precision)
+    layers = settings.layers
     small = reduced_model(model, layers)
-    report = report if report is not None else []
     run, problem = None, None
     try:
         cluster = world_cluster(rt)
@@ -326,36 +256,19 @@ def calibrate(
         problem = f"not calibrated: {exc.message}"
     if problem is None:
         try:
-            run = run_training(small, training, profile, micro_batch_size, micro_batches, warmup, iterations, cluster)
+            run = run_training(small, training, profile, settings.schedule, cluster)
         except torch.OutOfMemoryError:
             problem = f"not calibrated: the {layers}-layer model ran out of memory"
         except SpecError as exc:  # the same on every rank: the configuration is the same
             problem = f"not calibrated: {exc.message}"
         if not all_ranks_ok(run is not None, rt):
-            gc.collect()
-            accelerator().empty_cache()
+            free_cached_memory()
             run, problem = None, problem or f"not calibrated: the {layers}-layer model failed on another rank"
-    if run is not None and rt.rank == 0:
-        what = (
-            f"{small.name}, micro-batch {micro_batch_size} x {micro_batches}, {rt.world_size} rank(s), "
-            f"{iterations} iterations after {max(warmup, 1)} warmup"
-        )
-        source = f"uniap-deepspeed profile: DeepSpeed {deepspeed.__version__} run of {what}"
-        measurement = run.measurement(f"deepspeed {small.name} mbs {micro_batch_size}x{micro_batches}")
-        try:
-            fitted, memory_problem = _fit(measurement, profile, source)
-        except ProfileError as exc:
-            problem = f"not calibrated: {exc.message}"
-        else:
-            report += report_lines(fitted.calibration, what, run.skipped_steps)
-            note = f"calibration: whole-model run of {what} ({run.optimizer}), config as uniap emits it"
-            notes = [profile.notes, note]
-            if memory_problem:
-                report.append(f"calibration: {memory_problem}")
-                notes.append(f"calibration {memory_problem}")
-            profile = replace(fitted, notes="; ".join(n for n in notes if n))
-    if problem is not None:
-        if rt.rank == 0:
-            log.warning("%s", problem)
-        profile = replace(profile, notes="; ".join(n for n in (profile.notes, problem) if n))
-    return profile, run
+    what = f"{small.name}, {settings.schedule}, {rt.world_size} rank(s)"
+    described = RunDescription(
+        label=f"deepspeed {small.name} mbs {settings.schedule.micro_batch_size}x{settings.schedule.micro_batches}",
+        what=what,
+        source=f"uniap-deepspeed profile: DeepSpeed {deepspeed.__version__} run of {what}",
+        note=f"calibration: whole-model run of {what} ({{optimizer}}), config as uniap emits it",
+    )
+    return calibrated(profile, run, problem, described, report, rank_zero=rt.rank == 0)

@@ -41,24 +41,25 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
-from uniap.errors import EXIT_OK, ProfileError, SpecError
+from uniap.errors import SpecError
 from uniap.model.graph import EMBEDDING, HEAD, TRANSFORMER, build_graph
 from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.planner import training_spec
 from uniap.profile import collectives, harness
-from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE
+from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE, layer_line, optimizer_line, unless_out_of_memory
 from uniap.profile.options import int_list, profiler_parser
 from uniap.profile.runner import (
+    CALIBRATION_MIN_ITERATIONS,
     check_common_args,
     default_single_process_env,
-    print_summary,
+    run_profiler,
     run_profiler_cli,
 )
 from uniap.profile.schema import CollectiveBandwidth, LayerTiming, OptimizerTiming, Profile
@@ -79,6 +80,7 @@ from .modules import (
     rotary_embedding,
     sequence_parallel_supported,
 )
+from . import training_run
 from .runtime import (
     all_ranks_ok,
     current_device,
@@ -276,7 +278,6 @@ def profile_layers(
     """Timings per layer signature (profile_targets) for each TP degree dividing the world size (every rank
     times; rank 0's numbers are kept). An out-of-memory micro-batch size skips the larger ones. `facts`
     receives what ran ('norm')."""
-    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -307,13 +308,9 @@ def profile_layers(
             for target in targets:
                 for mbs in sorted(set(micro_batch_sizes)):
                     seed_all()
-                    ok, timing = True, None
-                    try:
-                        timing = _time_target(target, model, training, kernels, tp, mbs, warmup, repeats, facts)
-                    except torch.OutOfMemoryError:
-                        ok = False
-                    free_cached_memory()
-                    if not all_ranks_ok(ok):
+                    measure = partial(_time_target, target, model, training, kernels, tp, mbs, warmup, repeats, facts)
+                    timing = unless_out_of_memory(measure, all_ranks_ok, free_cached_memory)
+                    if timing is None:
                         log.warning(
                             "%s tp=%d: micro-batch size %d ran out of memory; larger ones skipped",
                             target.signature,
@@ -323,14 +320,7 @@ def profile_layers(
                         break
                     out.setdefault(target.signature, []).append(timing)
                     if dist.get_rank() == 0:
-                        log.info(
-                            "%-60s tp %d mbs %3d  fwd %9.3f ms  bwd %9.3f ms",
-                            target.signature,
-                            tp,
-                            mbs,
-                            timing.forward_ms,
-                            timing.backward_ms,
-                        )
+                        log.info("%s", layer_line(target.signature, timing))
         finally:
             parallel_state.destroy_model_parallel()
     return out
@@ -370,34 +360,27 @@ def profile_optimizer(
     """One optimizer step over fp32 master parameters shaped like one transformer layer's (TP 1; the
     distributed optimizer's main parameters at DP 1); None (with a warning) when it runs out of memory
     on any rank. Every rank must call it."""
-    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    timing, ok = None, True
-    try:
+    def measure() -> OptimizerTiming:
         seed_all()
         layer, _ = build_transformer_layer(model, training, 1, kernels)
         shapes = [tuple(p.shape) for p in layer.parameters()]
         del layer
         free_cached_memory()
-        timing = time_optimizer_step(shapes, warmup, repeats)
-    except torch.OutOfMemoryError:
-        ok = False
-    finally:
+        return time_optimizer_step(shapes, warmup, repeats)
+
+    def cleanup() -> None:
         parallel_state.destroy_model_parallel()
         free_cached_memory()
-    if not all_ranks_ok(ok):
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+    timing = unless_out_of_memory(measure, all_ranks_ok, cleanup)
+    if timing is None:
         log.warning("the optimizer step over one transformer layer ran out of memory; it stays estimated")
-        return None
-    if dist.get_rank() == 0:
-        log.info(
-            "optimizer %s: %.3f ms per step over %d parameters",
-            timing.implementation,
-            timing.step_ms,
-            timing.num_params,
-        )
+    elif dist.get_rank() == 0:
+        log.info("%s", optimizer_line(timing))
     return timing
 
 
@@ -490,7 +473,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "uniap_megatron.profile",
         "Measure layer times and an optimizer step (megatron-core), collective "
         "bandwidths (torch.distributed) and a calibration against a short whole-model training run",
-        repeats_use="layers, the optimizer step and the calibration run keep the median",
+        repeats_use="layers and the optimizer step keep the median, the calibration run the median of max(repeats, "
+        f"{CALIBRATION_MIN_ITERATIONS}) iterations",
         unfused_attention="megatron-core's unfused DotProductAttention",
         calibration_note=". Runs with one process only",
     )
@@ -514,75 +498,52 @@ def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
         precision=args.precision,
         flash_attention=not args.no_flash_attention,
     )
-    return model, training
+    return model, replace(training, fused_kernels=fused_kernels_available())
+
+
+class MegatronProfiler:
+    """uniap.profile.runner.ProfilerAdapter through megatron-core and torch.distributed."""
+
+    prog = PROG
+    show_tp = True
+
+    def start(self, args) -> tuple[int, int]:
+        logging.getLogger("megatron").setLevel(logging.WARNING)  # -v: uniap's measurements, not megatron's setup
+        try:
+            import megatron.core  # noqa: F401
+            import torch  # noqa: F401
+        except ImportError as exc:
+            raise SpecError(
+                f"the profiler needs torch and megatron-core ({exc})", "pip install 'uniap[megatron]'"
+            ) from None
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron.*")
+        default_single_process_env()
+        rank, world, _backend = init_distributed()
+        return rank, world
+
+    def measure(self, args, model: ModelSpec, training: TrainingSpec) -> Profile:
+        return profile_model(
+            model, training, args.micro_batch_sizes, args.tp_degrees, args.warmup, args.repeats, args.device_name
+        )
+
+    collectives = staticmethod(profile_collectives)
+
+    calibrate = staticmethod(training_run.calibrate)
+
+    def finish(self, world: int) -> None:
+        import torch.distributed as dist
+
+        if world > 1:
+            dist.barrier()  # nobody leaves while rank 0 still writes
+        dist.destroy_process_group()
 
 
 def main_profile(argv: list[str] | None = None, prog: str = PROG) -> int:
     """`uniap-megatron profile ...`: returns the exit code (0 ok, 2 invalid input)."""
-    return run_profiler_cli(build_parser(prog), argv, prog, _check_args, _run)
-
-
-def _run(args, model: ModelSpec, training: TrainingSpec) -> int:
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # -v: uniap's measurements, not megatron's setup
-    try:
-        import megatron.core  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as exc:
-        raise SpecError(
-            f"the profiler needs torch and megatron-core ({exc})", "pip install 'uniap[megatron]'"
-        ) from None
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron.*")
-    default_single_process_env()
-    rank, world, _backend = init_distributed()
-    import torch.distributed as dist
-
-    training = replace(training, fused_kernels=fused_kernels_available())
-    started = time.perf_counter()
-    profile = profile_model(
-        model, training, args.micro_batch_sizes, args.tp_degrees, args.warmup, args.repeats, args.device_name
+    return run_profiler_cli(
+        build_parser(prog), argv, prog, _check_args, lambda *a: run_profiler(MegatronProfiler(), *a)
     )
-    report: list[str] = []
-    if not args.no_collectives:
-        repeats = max(args.repeats, collectives.COLLECTIVE_MIN_REPEATS)
-        profile.collectives = profile_collectives(
-            args.collective_sizes_mb, args.warmup, repeats, training.precision, report
-        )
-    if profile.optimizer is not None:
-        opt = profile.optimizer
-        report.append(
-            f"optimizer {opt.implementation}: {opt.step_ms:.3f} ms per step over {opt.num_params:,} "
-            f"parameters"
-            + (
-                f", {opt.extra_peak_bytes / 2**20:.1f} MiB extra at the step"
-                if opt.extra_peak_bytes is not None
-                else ""
-            )
-        )
-    if args.calibration_layers > 0:
-        from .training_run import calibrate
-
-        profile, _ = calibrate(
-            profile,
-            model,
-            training,
-            args.calibration_layers,
-            min(args.micro_batch_sizes),
-            args.calibration_micro_batches,
-            args.warmup,
-            args.repeats,
-            report,
-        )
-    if rank == 0:
-        try:
-            profile.save(args.output)
-        except OSError as exc:
-            raise ProfileError(f"cannot write profile {args.output}: {exc.strerror or exc}") from None
-        print_summary(PROG, profile, report, args.output, world, time.perf_counter() - started, show_tp=True)
-    if world > 1:
-        dist.barrier()  # nobody leaves while rank 0 still writes
-    dist.destroy_process_group()
-    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -34,31 +34,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import statistics
-import time
 from dataclasses import replace
 
 from uniap.cluster.spec import ClusterSpec
 from uniap.cluster.spec import device_cluster as detected_cluster
-from uniap.errors import ProfileError, SpecError, UniapError
+from uniap.errors import SpecError, UniapError
 from uniap.model.spec import ModelSpec, TrainingSpec
 from uniap.plan import Plan
-from uniap.planner import configure
-from uniap.calibrate import TrainingRun, fit, report_lines
+from uniap.calibrate import RunDescription, TrainingRun, calibrated, run_plan
+from uniap.profile.harness import RunSchedule, memory_in_use, time_iterations
+from uniap.profile.runner import CalibrationSettings
 from uniap.profile.schema import Profile
 
 from .environment import fused_kernels_available
+from .capability import MEGATRON
 from .modules import DEFAULT_LR, build_gpt_model, choose_kernels, megatron_optimizer, optimizer_name, wrap_for_training
 from .runtime import (
+    harness_device,
     cuda_calls_on_cpu,
-    current_device,
     current_device_on_cpu,
     device_description,
     free_cached_memory,
     mcore_version,
     on_cuda,
     seed_all,
-    synchronize,
 )
 
 log = logging.getLogger("uniap.megatron.training_run")
@@ -97,25 +96,17 @@ def reduced_model(model: ModelSpec, layers: int) -> ModelSpec:
 # ==================================================================================================
 
 
-def _train(ddp, optimizer, batches: list, positions, warm: int, iterations: int):
-    """`warm` + `iterations` iterations as Megatron-LM's train_step runs them with the no-pipelining schedule
+def _iteration(ddp, optimizer, batches: list, positions):
+    """One iteration as Megatron-LM's train_step runs it with the no-pipelining schedule
     (megatron/training/training.py train_step; megatron-core 0.16.1 pipeline_parallel/schedules.py
-    forward_backward_no_pipelining): zero the gradient buffer and the optimizer; per micro-batch the loss
-    averaged over its tokens and divided by the micro-batch count, scaled by the optimizer's loss scale and
-    back-propagated, every micro-batch but the last under no_sync(); finalize_model_grads; the optimizer step.
-    On a GPU the peak memory statistics restart after the warm-up. (losses, seconds, skipped steps)."""
+    forward_backward_no_pipelining), for uniap.profile.harness.time_iterations: zero the gradient buffer and the
+    optimizer; per micro-batch the loss averaged over its tokens and divided by the micro-batch count, scaled
+    by the optimizer's loss scale and back-propagated, every micro-batch but the last under no_sync();
+    finalize_model_grads; the optimizer step. (loss, whether the step updated the weights)."""
     import torch
     from megatron.core.distributed import finalize_model_grads
 
-    cuda = on_cuda()
-    losses: list[float] = []
-    times: list[float] = []
-    skipped = 0
-    for i in range(warm + iterations):
-        synchronize()
-        if i == warm and cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+    def iteration() -> tuple[float, bool]:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         step_losses = []
@@ -129,74 +120,50 @@ def _train(ddp, optimizer, batches: list, positions, warm: int, iterations: int)
         finalize_model_grads([ddp])
         with cuda_calls_on_cpu():
             updated, _grad_norm, _zeros = optimizer.step()
-        synchronize()
-        seconds = time.perf_counter() - t0
-        losses.append(float(torch.stack(step_losses).sum()))
-        if i >= warm:
-            times.append(seconds)
-            skipped += 0 if updated else 1
-    return losses, times, skipped
+        return float(torch.stack(step_losses).sum()), bool(updated)
+
+    return iteration
 
 
 def training_plan(
     model: ModelSpec,
     training: TrainingSpec,
     profile: Profile | None,
-    micro_batch_size: int,
-    micro_batches: int,
+    schedule: RunSchedule,
     cluster: ClusterSpec,
     recompute: str = "none",
 ) -> Plan:
-    """The plan run_training prices its run with: one GPU, TP 1, PP 1, no ZeRO, `micro_batches` micro-batches of
-    `micro_batch_size`, the fused kernels this process has."""
+    """The plan run_training prices its run with (uniap.calibrate.run_plan on one GPU), with the fused kernels
+    this process has; SpecError for a model the run cannot build."""
     reduced_model(model, model.num_layers)  # the architecture checks
-    job = replace(training, global_batch_size=micro_batch_size * micro_batches, fused_kernels=fused_kernels_available())
-    return configure(
-        model,
-        cluster,
-        job,
-        target="megatron",
-        tp=1,
-        pp=1,
-        micro_batch_size=micro_batch_size,
-        zero=0,
-        recompute=recompute,
-        profile=profile,
-    )[0]
+    job = replace(training, fused_kernels=fused_kernels_available())
+    return run_plan(model, job, profile, cluster, MEGATRON.name, schedule, recompute=recompute)
 
 
 def run_training(
     model: ModelSpec,
     training: TrainingSpec,
     profile: Profile | None,
-    micro_batch_size: int,
-    micro_batches: int,
-    warmup: int,
-    iterations: int,
+    schedule: RunSchedule,
     lr: float = DEFAULT_LR,
     cluster: ClusterSpec | None = None,
     recompute: str = "none",
 ) -> TrainingRun:
-    """Train `model` as it is (cut it first with reduced_model) on fixed, seeded micro-batches for
-    max(warmup, 1) + `iterations` iterations of `micro_batches` micro-batches of `micro_batch_size`, every
-    transformer layer with `recompute` (none or full), and price its plan with `profile`. Needs
+    """Train `model` as it is (cut it first with reduced_model) on fixed, seeded micro-batches as `schedule`
+    says, every transformer layer with `recompute` (none or full), and price its plan with `profile`. Needs
     torch.distributed with world size 1 and no model-parallel state; torch.OutOfMemoryError propagates."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if micro_batch_size < 1 or micro_batches < 1 or iterations < 1 or warmup < 0:
-        raise SpecError("micro-batch size, micro-batches and iterations must be >= 1, warm-up >= 0")
+    micro_batch_size, micro_batches = schedule.micro_batch_size, schedule.micro_batches
     if dist.get_world_size() != 1:
         raise SpecError(f"the calibration run needs one process (world size {dist.get_world_size()})")
-    plan = training_plan(
-        model, training, profile, micro_batch_size, micro_batches, cluster or device_cluster(), recompute
-    )
+    plan = training_plan(model, training, profile, schedule, cluster or device_cluster(), recompute)
     job = plan.training
-    cuda = on_cuda()
+    device = harness_device()
     free_cached_memory()  # the allocator's peaks below are this run's alone
-    before_allocated = float(torch.cuda.memory_allocated()) if cuda else None
-    before_reserved = float(torch.cuda.memory_reserved()) if cuda else None
+    before = memory_in_use(device)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     ddp = optimizer = None
     try:
@@ -205,31 +172,20 @@ def run_training(
         ddp = wrap_for_training(gpt, config)
         del gpt
         optimizer = megatron_optimizer(ddp, config, lr)
-        device, seq, vocab = current_device(), training.seq_length, model.vocab_size
+        seq, vocab = training.seq_length, model.vocab_size
         batches = [
             (
-                torch.randint(0, vocab, (micro_batch_size, seq), device=device),
-                torch.randint(0, vocab, (micro_batch_size, seq), device=device),
+                torch.randint(0, vocab, (micro_batch_size, seq), device=device.name),
+                torch.randint(0, vocab, (micro_batch_size, seq), device=device.name),
             )
             for _ in range(micro_batches)
         ]
-        positions = torch.arange(seq, device=device).unsqueeze(0).expand(micro_batch_size, -1)
+        positions = torch.arange(seq, device=device.name).unsqueeze(0).expand(micro_batch_size, -1)
         ddp.train()
         with current_device_on_cpu():
-            losses, times, skipped = _train(ddp, optimizer, batches, positions, max(warmup, 1), iterations)
-        reserved = float(torch.cuda.max_memory_reserved()) - before_reserved if cuda else None
-        allocated = float(torch.cuda.max_memory_allocated()) - before_allocated if cuda else None
-        return TrainingRun(
-            plan=plan,
-            optimizer=optimizer_name(optimizer),
-            losses=tuple(losses),
-            iteration_times_s=tuple(times),
-            time_per_iteration_s=statistics.median(times),
-            peak_reserved_bytes=reserved,
-            peak_allocated_bytes=allocated,
-            skipped_steps=skipped,
-            memory_before_bytes=before_allocated,
-        )
+            iteration = _iteration(ddp, optimizer, batches, positions)
+            measured = time_iterations(iteration, schedule, device, before)
+        return TrainingRun.measured(plan, optimizer_name(optimizer), measured)
     finally:
         del ddp, optimizer
         parallel_state.destroy_model_parallel()
@@ -237,25 +193,17 @@ def run_training(
 
 
 def calibrate(
-    profile: Profile,
-    model: ModelSpec,
-    training: TrainingSpec,
-    layers: int,
-    micro_batch_size: int,
-    micro_batches: int,
-    warmup: int,
-    iterations: int,
-    report: list[str] | None = None,
-) -> tuple[Profile, TrainingRun | None]:
-    """`profile` with a Calibration fitted to one whole-model run of `model` cut to `layers` transformer
-    layers (run_training), and the run. Skipped with a note with several ranks (every rank must call it;
-    none runs). A run that cannot be made (architecture, out of memory, a failure in megatron-core) or fitted
-    (a time the compute scale range cannot explain) leaves the profile uncalibrated, with a warning and a
-    note: the layer timings already measured are kept."""
+    profile: Profile, model: ModelSpec, training: TrainingSpec, settings: CalibrationSettings, report: list[str]
+) -> Profile:
+    """`profile` with a Calibration fitted to one whole-model run of `model` cut to `settings.layers`
+    transformer layers (run_training), its lines added to `report`. Skipped with a note with several ranks
+    (every rank must call it; none runs). A run that cannot be made (architecture, out of memory, a failure in
+    megatron-core) or fitted (a time the compute scale range cannot explain) leaves the profile uncalibrated,
+    with a warning and a note: the layer timings already measured are kept (uniap.calibrate.calibrated)."""
     import torch
     import torch.distributed as dist
 
-    report = report if report is not None else []
+    layers = settings.layers
     run, problem = None, None
     world = dist.get_world_size()
     if world > 1:
@@ -266,7 +214,7 @@ def calibrate(
     else:
         try:
             small = reduced_model(model, layers)
-            run = run_training(small, training, profile, micro_batch_size, micro_batches, warmup, iterations)
+            run = run_training(small, training, profile, settings.schedule)
         except UniapError as exc:  # an architecture GPTModel cannot build, a plan that does not fit
             problem = f"not calibrated: {exc.message}"
         except torch.OutOfMemoryError:
@@ -274,31 +222,17 @@ def calibrate(
         except Exception as exc:
             log.warning("the calibration run failed", exc_info=True)
             problem = f"not calibrated: the run failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
-    if run is not None:
-        kernels = choose_kernels(training.flash_attention)
-        what = (
-            f"megatron-core GPTModel of {layers} layer(s), micro-batch {micro_batch_size} x {micro_batches}, "
-            f"{iterations} iterations after {max(warmup, 1)} warmup"
-        )
-        source = f"uniap-megatron profile: megatron-core {mcore_version()} run of {what}"
-        try:
-            fitted = fit(
-                [run.measurement(f"megatron {small.name} mbs {micro_batch_size}x{micro_batches}")],
-                profile,
-                source=source,
-            ).profile
-        except ProfileError as exc:
-            problem = f"not calibrated: {exc.message}"
-        else:
-            report += report_lines(fitted.calibration, what, run.skipped_steps)
-            wrappers = "Float16Module + " if on_cuda() and training.precision != "fp32" else ""
-            note = (
-                f"calibration: whole-model run of {what} ({kernels.spec_label}, attention {kernels.attention}; "
-                f"{wrappers}DistributedDataParallel with fp32 gradient buffer + {run.optimizer})"
-            )
-            profile = replace(fitted, notes="; ".join(n for n in (profile.notes, note) if n))
-    if problem is not None:
-        if dist.get_rank() == 0:
-            log.warning("%s", problem)
-        profile = replace(profile, notes="; ".join(n for n in (profile.notes, problem) if n))
-    return profile, run
+    kernels = choose_kernels(training.flash_attention)
+    what = f"megatron-core GPTModel of {layers} layer(s), {settings.schedule}"
+    shape = f"{settings.schedule.micro_batch_size}x{settings.schedule.micro_batches}"
+    wrappers = "Float16Module + " if on_cuda() and training.precision != "fp32" else ""
+    described = RunDescription(
+        label=f"megatron {model.name}-{layers}l mbs {shape}",
+        what=what,
+        source=f"uniap-megatron profile: megatron-core {mcore_version()} run of {what}",
+        note=(
+            f"calibration: whole-model run of {what} ({kernels.spec_label}, attention {kernels.attention}; "
+            f"{wrappers}DistributedDataParallel with fp32 gradient buffer + {{optimizer}})"
+        ),
+    )
+    return calibrated(profile, run, problem, described, report, rank_zero=dist.get_rank() == 0)

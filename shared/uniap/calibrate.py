@@ -14,15 +14,22 @@ log reports it, the peak memory. Two coefficients are fitted (uniap.profile.sche
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .cost.model import DEFAULT_RESERVED_PER_ALLOCATED
 from .errors import ProfileError
 from .plan import Plan
-from .planner import price
+from .planner import configure, price
+from .cluster.spec import ClusterSpec
+from .model.spec import ModelSpec, TrainingSpec
+from .profile.harness import Iterations, RunSchedule
 from .profile.schema import Calibration, CalibrationRun, Profile
+
+log = logging.getLogger("uniap.calibrate")
 
 SCALE_RANGE = (0.2, 5.0)  # the compute scales a fit may reach (Calibration's validity range)
 BISECTION_STEPS = 60
@@ -59,6 +66,31 @@ class TrainingRun:
     config: dict | None = None
     memory_before_bytes: float | None = None
 
+    @classmethod
+    def measured(
+        cls,
+        plan: Plan,
+        optimizer: str,
+        measured: Iterations,
+        config: dict | None = None,
+        slowest: Callable[[float], float] = float,
+    ) -> TrainingRun:
+        """The run whose iterations `measured` holds; `slowest` turns one rank's time and peaks into the
+        largest over the ranks (every rank must call it then)."""
+        reserved, allocated = measured.peak_reserved_bytes, measured.peak_allocated_bytes
+        return cls(
+            plan=plan,
+            optimizer=optimizer,
+            losses=measured.losses,
+            iteration_times_s=measured.seconds,
+            time_per_iteration_s=slowest(statistics.median(measured.seconds)),
+            peak_reserved_bytes=None if reserved is None else slowest(reserved),
+            peak_allocated_bytes=None if allocated is None else slowest(allocated),
+            skipped_steps=measured.skipped_steps,
+            config=config,
+            memory_before_bytes=measured.memory_before_bytes,
+        )
+
     def measurement(self, label: str) -> Measurement:
         return Measurement(
             label=label,
@@ -67,6 +99,24 @@ class TrainingRun:
             peak_reserved_bytes=self.peak_reserved_bytes,
             peak_allocated_bytes=self.peak_allocated_bytes,
         )
+
+
+def run_plan(
+    model: ModelSpec,
+    training: TrainingSpec,
+    profile: Profile | None,
+    cluster: ClusterSpec,
+    target: str,
+    schedule: RunSchedule,
+    replicas: int = 1,
+    recompute: str = "none",
+) -> Plan:
+    """The plan a profiler's calibration run is priced with, for any framework: TP 1, PP 1, ZeRO 0, `replicas`
+    data-parallel replicas (one per rank) each training `schedule`'s micro-batches, every transformer layer
+    with `recompute`."""
+    mbs = schedule.micro_batch_size
+    job = replace(training, global_batch_size=mbs * schedule.micro_batches * replicas)
+    return configure(model, cluster, job, target=target, micro_batch_size=mbs, recompute=recompute, profile=profile)[0]
 
 
 @dataclass(frozen=True)
@@ -188,3 +238,61 @@ def _job_summary(plan: Plan) -> dict:
         "micro_batches": plan.micro_batches,
         "strategy": strategy.label,
     }
+
+
+def fit_run(measurement: Measurement, profile: Profile, source: str) -> tuple[Profile, str | None]:
+    """The profile fitted to one run; where only the memory ratio falls outside the Calibration's range, the
+    time alone, and why memory is not fitted. ProfileError when the time cannot be fitted."""
+    try:
+        return fit([measurement], profile, source=source).profile, None
+    except ProfileError as exc:
+        if measurement.peak_reserved_bytes is None and measurement.peak_allocated_bytes is None:
+            raise
+        timed = replace(measurement, peak_reserved_bytes=None, peak_allocated_bytes=None)
+        return fit([timed], profile, source=source).profile, f"memory not fitted ({exc.message})"
+
+
+def _noted(profile: Profile, *notes: str | None) -> Profile:
+    return replace(profile, notes="; ".join(n for n in (profile.notes, *notes) if n))
+
+
+@dataclass(frozen=True)
+class RunDescription:
+    """How a profiler names its calibration run: `label` (the measurement's), `what` ran (for the report),
+    `source` (the Calibration's), `note` (the profile's note on what ran and how; `{optimizer}` in it becomes
+    the run's optimizer)."""
+
+    label: str
+    what: str
+    source: str
+    note: str
+
+
+def calibrated(
+    profile: Profile,
+    run: TrainingRun | None,
+    problem: str | None,
+    described: RunDescription,
+    report: list[str],
+    rank_zero: bool = True,
+) -> Profile:
+    """What a profiler's calibration ends with, for any framework: `profile` fitted to `run`
+    on `rank_zero` (the other ranks keep it as it is), the report lines in `report` and the note on what
+    ran; where the run could not be made (`problem`) or fitted, the profile uncalibrated, with a warning
+    and the reason in its notes, its layer timings kept."""
+    if run is not None and rank_zero:
+        try:
+            fitted, memory_problem = fit_run(run.measurement(described.label), profile, described.source)
+        except ProfileError as exc:
+            problem = f"not calibrated: {exc.message}"
+        else:
+            report += report_lines(fitted.calibration, described.what, run.skipped_steps)
+            if memory_problem:
+                report.append(f"calibration: {memory_problem}")
+            note = described.note.format(optimizer=run.optimizer)
+            profile = _noted(fitted, note, memory_problem and f"calibration {memory_problem}")
+    if problem is not None:
+        if rank_zero:
+            log.warning("%s", problem)
+        profile = _noted(profile, problem)
+    return profile

@@ -1,20 +1,73 @@
 """What the adapters' profilers share and that needs no framework: process-group environment for a
-run without a launcher, the processor's name, the printed summary, and the command-line driver."""
+run without a launcher, the printed summary, the command-line driver, and the profiler's
+run written once against what each framework's adapter provides (ProfilerAdapter)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import platform
 import socket
 import sys
+import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from ..errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, SpecError, UniapError
+from ..errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_OK, ProfileError, SpecError, UniapError
 from ..io import check_output_path
-from .schema import Profile
+from . import collectives
+from .harness import RunSchedule, optimizer_line
+from .schema import CollectiveBandwidth, Profile
+
+# Calibration iterations at least: they are short, and a median of two is a mean.
+CALIBRATION_MIN_ITERATIONS = 3
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The whole-model run a profiler calibrates against: `layers` transformer layers of the real dimensions,
+    trained on `schedule`."""
+
+    layers: int
+    schedule: RunSchedule
+
+    @classmethod
+    def from_args(cls, args) -> CalibrationSettings:
+        """From the options every profiler has (uniap.profile.options.profiler_parser)."""
+        schedule = RunSchedule(
+            micro_batch_size=min(args.micro_batch_sizes),
+            micro_batches=args.calibration_micro_batches,
+            warmup=args.warmup,
+            iterations=max(args.repeats, CALIBRATION_MIN_ITERATIONS),
+        )
+        return cls(args.calibration_layers, schedule)
+
+
+class ProfilerAdapter(Protocol):
+    """What a framework's profiler provides; run_profiler does the rest, the same for every framework."""
+
+    prog: str
+    show_tp: bool  # whether its layer timings come at several TP degrees
+
+    def start(self, args) -> tuple[int, int]:
+        """Set up the process group and the framework's logging; (rank, world size)."""
+
+    def measure(self, args, model: Any, training: Any) -> Profile:
+        """The layers and the optimizer step as the framework runs them (every rank; rank 0's numbers)."""
+
+    def collectives(
+        self, sizes_mb: list[float] | None, warmup: int, repeats: int, precision: str, report: list[str]
+    ) -> list[CollectiveBandwidth]:
+        """The collectives' bus bandwidths through the framework's communication module."""
+
+    def calibrate(
+        self, profile: Profile, model: Any, training: Any, settings: CalibrationSettings, report: list[str]
+    ) -> Profile:
+        """`profile` calibrated against one whole-model run (uniap.calibrate.calibrated), its lines in `report`."""
+
+    def finish(self, world: int) -> None:
+        """Wait for rank 0's writing, then tear the process group down in order."""
 
 
 def free_port() -> int:
@@ -33,16 +86,6 @@ def default_single_process_env(launcher_vars: tuple[str, ...] = ("RANK", "WORLD_
     env["RANK"], env["WORLD_SIZE"] = "0", "1"
     env.setdefault("LOCAL_RANK", "0")
     env.setdefault("LOCAL_WORLD_SIZE", "1")
-
-
-def processor_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown processor"
 
 
 def print_summary(
@@ -100,3 +143,29 @@ def run_profiler_cli(
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def run_profiler(adapter: ProfilerAdapter, args, model, training) -> int:
+    """A profiler's run: the layers and optimizer step, the collectives (before the calibration: its plan
+    prices data parallelism with them), the calibration run, and on rank 0 the profile written and summed up."""
+    rank, world = adapter.start(args)
+    started = time.perf_counter()
+    profile = adapter.measure(args, model, training)
+    report: list[str] = []
+    if not args.no_collectives:
+        repeats = max(args.repeats, collectives.COLLECTIVE_MIN_REPEATS)
+        profile.collectives = adapter.collectives(
+            args.collective_sizes_mb, args.warmup, repeats, training.precision, report
+        )
+    if profile.optimizer is not None and rank == 0:
+        report.append(optimizer_line(profile.optimizer))
+    if profile.layers and args.calibration_layers > 0:
+        profile = adapter.calibrate(profile, model, training, CalibrationSettings.from_args(args), report)
+    if rank == 0:
+        try:
+            profile.save(args.output)
+        except OSError as exc:
+            raise ProfileError(f"cannot write profile {args.output}: {exc.strerror or exc}") from None
+        print_summary(adapter.prog, profile, report, args.output, world, time.perf_counter() - started, adapter.show_tp)
+    adapter.finish(world)
+    return EXIT_OK
