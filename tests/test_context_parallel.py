@@ -15,7 +15,8 @@ from uniap.errors import SpecError
 from uniap.model.graph import TRANSFORMER, build_graph
 from uniap.model.presets import MODEL_PRESETS
 from uniap.plan import Plan
-from uniap.planner import Job, configure, plan, training_spec
+from uniap.planner import Job, configure, plan
+from uniap.model.spec import training_spec
 
 # Llama-3.1-8B: Llama-3-8B's shape with 128k positions.
 LLAMA3_8B = replace(MODEL_PRESETS["llama3-8b"], name="llama3.1-8b", max_position_embeddings=131072)

@@ -17,7 +17,8 @@ from uniap.errors import SpecError
 from uniap.model.presets import MODEL_PRESETS
 from uniap.model.spec import TrainingSpec
 from uniap.plan import Plan
-from uniap.planner import Job, plan, training_spec
+from uniap.planner import Job, plan
+from uniap.model.spec import training_spec
 from uniap.solver.exhaustive import exhaustive_optimum
 from uniap.solver.miqp import solve_subproblem
 

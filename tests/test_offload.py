@@ -16,7 +16,7 @@ from uniap.explain import explain, render_explanation
 from uniap.model.graph import build_graph
 from uniap.model.presets import model_preset
 from uniap.plan import Plan
-from uniap.planner import training_spec
+from uniap.model.spec import training_spec
 from uniap_deepspeed.capability import DEEPSPEED
 from uniap_deepspeed.config import deepspeed_config, plan_for_deepspeed
 

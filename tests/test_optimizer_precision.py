@@ -10,7 +10,8 @@ from uniap.cluster.spec import load_cluster
 from uniap.cost.accounting import PerParam, precision_aware_saving
 from uniap.errors import SpecError
 from uniap.model.presets import MODEL_PRESETS
-from uniap.planner import configure, training_spec
+from uniap.planner import configure
+from uniap.model.spec import training_spec
 from uniap_megatron.args import job_from_args, model_args
 
 LLAMA2_7B = MODEL_PRESETS["llama2-7b"]

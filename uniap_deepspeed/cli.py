@@ -20,7 +20,7 @@ from uniap.errors import (
     SpecError,
     exit_codes_epilog,
 )
-from uniap.entry import guarded
+from uniap.entry import adapter_main, add_profile_command
 from uniap.io import check_output_paths, write_json_atomic, write_text_atomic
 from uniap.launch_templates import render
 from uniap.cost.strategy import OFFLOAD_MODES, Pins
@@ -360,24 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
         "writes it, and the Trainer's batch and precision arguments added) (default: %(default)s)",
     )
     p.add_argument("--force", action="store_true", help="overwrite those files if they exist (default: refuse)")
-    sub.add_parser(
-        "profile",
-        help="measure layer times and collective bandwidths through DeepSpeed; write a profile JSON",
-        add_help=False,
-    )
+    add_profile_command(sub, "layer times and collective bandwidths through DeepSpeed")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["profile"]:
-        from .profile import main_profile
-
-        return main_profile(argv[1:])
-    script_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = build_parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    args.script_args = script_args
-    return guarded(PROG, lambda: {"config": cmd_config, "launch": cmd_launch}[args.command](args))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = {"config": cmd_config, "launch": cmd_launch}
+    return adapter_main(PROG, argv, build_parser(), commands, "uniap_deepspeed.profile")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from uniap.errors import SpecError
 from uniap.io import read_text
 from uniap.model.loaders import load_model
 from uniap.plan import Plan
-from uniap.planner import Job, ineffective_pins, training_spec
+from uniap.planner import Job, ineffective_pins
+from uniap.model.spec import training_spec
 from uniap.planner import plan as solve
 
 from .merge import DATA_TYPES, GRAD_ACCUM_DTYPE, base_job, merge_config

@@ -17,9 +17,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from uniap.errors import EXIT_OK, SpecError, exit_codes_epilog
+from uniap.errors import EXIT_OK, SpecError
 from uniap.entry import guarded
-from uniap.conversion import Configuration, add_options, before_after, configuration_summary, keep_choices, output_path
+from uniap.conversion import (
+    Configuration,
+    add_options,
+    conversion_parser,
+    before_after,
+    conversion_report,
+    keep_choices,
+    output_path,
+)
 from uniap.io import read_text, write_json_atomic
 from uniap.launch import read_launch
 from uniap.cost.strategy import OFFLOAD_NONE
@@ -112,7 +120,8 @@ def current_settings(config: dict[str, Any], gpus: int, pipeline_stages: int) ->
 def convert(args) -> int:
     from uniap.cluster.spec import load_cluster
     from uniap.model.loaders import load_model
-    from uniap.planner import configure, training_spec
+    from uniap.planner import configure
+    from uniap.model.spec import training_spec
     from uniap.profile.schema import Profile
 
     path = Path(args.config)
@@ -169,13 +178,7 @@ def convert(args) -> int:
     if args.json:
         print(
             json.dumps(
-                {
-                    "before": configuration_summary(before),
-                    "after": configuration_summary(after),
-                    "speedup": before.plan.time_per_iteration / after.plan.time_per_iteration,
-                    "changes": changes,
-                    "converted": str(out_path),
-                },
+                conversion_report(before, after, changes=changes, converted=str(out_path)),
                 indent=2,
             )
         )
@@ -203,12 +206,7 @@ hold them). The original config is never modified."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=DESCRIPTION,
-        epilog=exit_codes_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = conversion_parser(PROG, DESCRIPTION)
     p.add_argument("config", help="the job's DeepSpeed config JSON")
     p.add_argument("--model", required=True, help="model preset, uniap spec, or Hugging Face config.json (required)")
     p.add_argument("--seq-length", type=int, help="tokens per sample (default: the model's maximum)")

@@ -41,15 +41,13 @@ from typing import Any, TypeVar
 
 from uniap.errors import SpecError
 from uniap.model.graph import TRANSFORMER_KINDS, Layer, build_graph
-from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
-from uniap.planner import training_spec
 from uniap.profile import collectives, harness
-from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE, layer_line, optimizer_line, unless_out_of_memory
+from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE, layer_line, optimizer_measured, unless_out_of_memory
 from uniap.profile.options import profiler_parser
 from uniap.profile.runner import (
     CALIBRATION_MIN_ITERATIONS,
-    check_common_args,
+    profiled_job,
     default_single_process_env,
     run_profiler,
     run_profiler_cli,
@@ -263,11 +261,7 @@ def profile_optimizer(
     measure = partial(time_optimizer_step, module, rt, micro_batch_size, warmup, repeats, torch_adam)
     timing = unless_out_of_memory(measure, partial(all_ranks_ok, rt=rt), free_cached_memory)
     del module
-    if timing is None:
-        log.warning("the optimizer step over %s ran out of memory; it stays estimated", layer.signature)
-    elif rt.rank == 0:
-        log.info("%s", optimizer_line(timing))
-    return timing
+    return optimizer_measured(timing, layer.signature, log, rt.rank == 0)
 
 
 def profile_model(
@@ -378,19 +372,9 @@ def build_parser(prog: str = "uniap-deepspeed profile") -> argparse.ArgumentPars
 
 
 def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
-    check_common_args(args)
     if args.no_layers and args.no_collectives:
         raise SpecError("--no-layers and --no-collectives together leave nothing to measure")
-    model = load_model(args.model)
-    training = training_spec(
-        model,
-        max(args.micro_batch_sizes),
-        args.seq_length,
-        precision=args.precision,
-        flash_attention=not args.no_flash_attention,
-        decoder_seq_length=args.decoder_seq_length,
-    )
-    return model, training
+    return profiled_job(args, decoder_seq_length=args.decoder_seq_length)
 
 
 class DeepSpeedProfiler:

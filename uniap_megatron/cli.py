@@ -36,7 +36,7 @@ from uniap.errors import (
     SpecError,
     exit_codes_epilog,
 )
-from uniap.entry import guarded
+from uniap.entry import adapter_main, add_profile_command
 from uniap.io import check_output_paths, write_text_atomic
 from uniap.plan import Plan
 from uniap.report import render
@@ -361,27 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Python on the compute nodes (slurm-task-per-gpu; default: %(default)s)",
     )
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists (default: refuse)")
-    sub.add_parser(
-        "profile",
-        help="measure layer times (megatron-core) and collective bandwidths; write a profile JSON",
-        add_help=False,
-    )
+    add_profile_command(sub, "layer times (megatron-core) and collective bandwidths")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["profile"]:
-        from .profile import main_profile
-
-        return main_profile(argv[1:])
-    cut = argv.index("--") if "--" in argv else len(argv)
-    args = build_parser().parse_args(argv[:cut])
-    args.script_args = argv[cut + 1 :]
-    if args.command == "args" and args.script_args:
-        print(f"{PROG}: error: `args` takes no arguments after --", file=sys.stderr)
-        return EXIT_INVALID_INPUT
-    return guarded(PROG, lambda: {"args": cmd_args, "run": cmd_run, "script": cmd_script}[args.command](args))
+    commands = {"args": cmd_args, "run": cmd_run, "script": cmd_script}
+    return adapter_main(PROG, argv, build_parser(), commands, "uniap_megatron.profile", no_script_args=("args",))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,17 @@ from pathlib import Path
 
 from uniap import shell
 from uniap.launch import Launch, read_launch
-from uniap.errors import EXIT_OK, SpecError, exit_codes_epilog
+from uniap.errors import EXIT_OK, SpecError
 from uniap.entry import guarded
-from uniap.conversion import Configuration, add_options, before_after, configuration_summary, keep_choices, output_path
+from uniap.conversion import (
+    Configuration,
+    add_options,
+    conversion_parser,
+    before_after,
+    conversion_report,
+    keep_choices,
+    output_path,
+)
 from uniap.io import read_text, write_text_atomic
 
 from . import flags as F
@@ -283,15 +291,14 @@ def convert(args) -> int:
     if args.json:
         print(
             json.dumps(
-                {
-                    "before": configuration_summary(before),
-                    "after": configuration_summary(after),
-                    "speedup": before.plan.time_per_iteration / after.plan.time_per_iteration,
-                    "removed": removed,
-                    "added": added,
-                    "arguments": new_argv,
-                    "converted": str(out_path) if out_path else None,
-                },
+                conversion_report(
+                    before,
+                    after,
+                    removed=removed,
+                    added=added,
+                    arguments=new_argv,
+                    converted=str(out_path) if out_path else None,
+                ),
                 indent=2,
             )
         )
@@ -317,12 +324,7 @@ flags, where they are written; the original is never modified."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG,
-        description=DESCRIPTION,
-        epilog=exit_codes_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = conversion_parser(PROG, DESCRIPTION)
     p.add_argument("script", nargs="?", help="the launch script (bash) that starts training")
     p.add_argument("--nodes", type=int, help="nodes (default: the launcher's --nnodes, else 1)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the launcher's --nproc-per-node)")

@@ -49,15 +49,13 @@ from typing import Any
 
 from uniap.errors import SpecError
 from uniap.model.graph import EMBEDDING, HEAD, TRANSFORMER, build_graph
-from uniap.model.loaders import load_model
 from uniap.model.spec import ModelSpec, TrainingSpec
-from uniap.planner import training_spec
 from uniap.profile import collectives, harness
-from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE, layer_line, optimizer_line, unless_out_of_memory
+from uniap.profile.harness import ACTIVATION_NOTE, CPU_NOTE, layer_line, optimizer_measured, unless_out_of_memory
 from uniap.profile.options import int_list, profiler_parser
 from uniap.profile.runner import (
     CALIBRATION_MIN_ITERATIONS,
-    check_common_args,
+    profiled_job,
     default_single_process_env,
     run_profiler,
     run_profiler_cli,
@@ -377,11 +375,7 @@ def profile_optimizer(
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     timing = unless_out_of_memory(measure, all_ranks_ok, cleanup)
-    if timing is None:
-        log.warning("the optimizer step over one transformer layer ran out of memory; it stays estimated")
-    elif dist.get_rank() == 0:
-        log.info("%s", optimizer_line(timing))
-    return timing
+    return optimizer_measured(timing, "one transformer layer", log, dist.get_rank() == 0)
 
 
 # ==================================================================================================
@@ -489,15 +483,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> tuple[ModelSpec, TrainingSpec]:
-    check_common_args(args)
-    model = load_model(args.model)
-    training = training_spec(
-        model,
-        max(args.micro_batch_sizes),
-        args.seq_length,
-        precision=args.precision,
-        flash_attention=not args.no_flash_attention,
-    )
+    model, training = profiled_job(args)
     return model, replace(training, fused_kernels=fused_kernels_available())
 
 

@@ -31,7 +31,8 @@ from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
 from .model.spec import FP4_RECIPES, FP8_FORMATS, FP8_RECIPES, OVERLAPS, PRECISIONS
 from .plan import Plan, make_plan
-from .planner import DEFAULT_GAP, Job, configure, price, training_spec
+from .planner import DEFAULT_GAP, Job, configure, price
+from .model.spec import training_spec
 from .planner import plan as solve
 from .profile.schema import Profile
 from .calibrate import Measurement, fit

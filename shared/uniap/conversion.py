@@ -8,7 +8,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SpecError
+from .errors import SpecError, exit_codes_epilog
 from .io import check_output_path
 from .plan import Plan
 from .report import short_label
@@ -94,6 +94,27 @@ def configuration_summary(c: Configuration) -> dict:
         "basis": c.plan.basis,
         "notes": c.notes,
     }
+
+
+def conversion_report(before: Configuration, after: Configuration, **details) -> dict:
+    """What `uniap convert ... --json` prints: both configurations, the speed-up, and the adapter's details
+    (what changed, where the converted file went)."""
+    return {
+        "before": configuration_summary(before),
+        "after": configuration_summary(after),
+        "speedup": before.plan.time_per_iteration / after.plan.time_per_iteration,
+        **details,
+    }
+
+
+def conversion_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a `uniap convert <framework>` command, its exit codes in the epilog."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def add_options(p: argparse.ArgumentParser, keep: tuple[str, ...], what: str) -> None:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from importlib import import_module
 
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, UniapError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, UniapError
 
 
 def run_command(prog: str, module: str) -> int:
@@ -43,3 +43,31 @@ def guarded(prog: str, command: Callable[[], int]) -> int:
     except Exception as exc:  # a bug, not the user's input
         print(f"{prog}: internal error (a bug, please report it): {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def add_profile_command(sub, what: str) -> None:
+    """An adapter's `profile` subcommand (its options are the profiler's own: adapter_main passes them on)."""
+    sub.add_parser("profile", help=f"measure {what}; write a profile JSON", add_help=False)
+
+
+def adapter_main(
+    prog: str,
+    argv: list[str],
+    parser,
+    commands: dict[str, Callable],
+    profiler: str,
+    no_script_args: tuple[str, ...] = (),
+) -> int:
+    """An adapter's command line (uniap-megatron, uniap-deepspeed): `profile ...` goes to the main_profile of
+    the adapter's `profiler` module, which parses its own options (imported only then); otherwise the words
+    after `--` are the training script's (args.script_args; refused for the commands in `no_script_args`) and
+    the subcommand runs guarded."""
+    if argv[:1] == ["profile"]:
+        return import_module(profiler).main_profile(argv[1:])
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    args.script_args = argv[cut + 1 :]
+    if args.command in no_script_args and args.script_args:
+        print(f"{prog}: error: `{args.command}` takes no arguments after --", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    return guarded(prog, lambda: commands[args.command](args))

@@ -1,6 +1,6 @@
 """The one planning path: a job (model, cluster, training, target, pins, profile) in, a `Plan` out.
 
-- `training_spec` applies the training defaults once (the sequence length a model trains at by default);
+- the job's TrainingSpec comes with its defaults applied once (uniap.model.spec.training_spec);
 - `plan` solves the job (the unified optimization process over one MIQP per subproblem): the `uniap plan`
   command and both adapters call it;
 - `configure` prices one hand-made configuration (what `uniap evaluate`, the profilers' calibration runs
@@ -36,24 +36,6 @@ from .report import short_label
 from .profile.schema import Profile
 from .solver.miqp import DEFAULT_GAP
 from .solver.uop import Outcome, optimize
-
-
-def default_seq_length(model: ModelSpec) -> int:
-    """The sequence a model trains at unless told: a ViT's patches plus its class token, else the model's
-    maximum position."""
-    return model.vit_seq_length if model.architecture == "vit" else model.max_position_embeddings
-
-
-def training_spec(model: ModelSpec, global_batch_size: int, seq_length: int | None = None, **fields) -> TrainingSpec:
-    """The job's TrainingSpec with the defaults applied (the sequence length; TrainingSpec's own for the
-    rest); SpecError names a field that breaks a rule, including one that involves the model."""
-    if seq_length is not None and (not isinstance(seq_length, int) or seq_length < 1):
-        raise SpecError(f"invalid sequence length: must be a positive integer (got {seq_length!r})")
-    training = TrainingSpec(
-        global_batch_size=global_batch_size, seq_length=seq_length or default_seq_length(model), **fields
-    )
-    training.check_against(model)
-    return training
 
 
 # How the `uniap` command spells each pin; an adapter passes its framework's spelling (Job.pin_flags).

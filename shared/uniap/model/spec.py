@@ -325,3 +325,21 @@ def _from_dict(cls, data: dict[str, Any], what: str):
             f"add the missing fields (the optional ones: {', '.join(sorted(known - set(required)))})",
         )
     return cls(**data)
+
+
+def default_seq_length(model: ModelSpec) -> int:
+    """The sequence a model trains at unless told: a ViT's patches plus its class token, else the model's
+    maximum position."""
+    return model.vit_seq_length if model.architecture == "vit" else model.max_position_embeddings
+
+
+def training_spec(model: ModelSpec, global_batch_size: int, seq_length: int | None = None, **fields) -> TrainingSpec:
+    """The job's TrainingSpec with the defaults applied (the sequence length; TrainingSpec's own for the
+    rest); SpecError names a field that breaks a rule, including one that involves the model."""
+    if seq_length is not None and (not isinstance(seq_length, int) or seq_length < 1):
+        raise SpecError(f"invalid sequence length: must be a positive integer (got {seq_length!r})")
+    training = TrainingSpec(
+        global_batch_size=global_batch_size, seq_length=seq_length or default_seq_length(model), **fields
+    )
+    training.check_against(model)
+    return training

@@ -157,6 +157,16 @@ def unless_out_of_memory(
     return result if agree(ok) else None
 
 
+def optimizer_measured(timing, over: str, log, rank_zero: bool):
+    """`timing` as a profiler keeps it: where unless_out_of_memory gave None, a warning that the step over
+    `over` stays estimated; else logged on rank 0."""
+    if timing is None:
+        log.warning("the optimizer step over %s ran out of memory; it stays estimated", over)
+    elif rank_zero:
+        log.info("%s", optimizer_line(timing))
+    return timing
+
+
 def layer_line(signature: str, timing) -> str:
     """A layer timing as the profilers log it (-v)."""
     return (

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 from ..errors import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_OK, ProfileError, SpecError, UniapError
 from ..io import check_output_path
+from ..model.loaders import load_model
+from ..model.spec import ModelSpec, TrainingSpec, training_spec
 from . import collectives
 from .harness import RunSchedule, optimizer_line
 from .schema import CollectiveBandwidth, Profile
@@ -120,6 +122,22 @@ def check_common_args(args) -> None:
         raise SpecError(f"--calibration-layers must be >= 0 (got {args.calibration_layers})")
     if args.calibration_micro_batches < 1:
         raise SpecError(f"--calibration-micro-batches must be >= 1 (got {args.calibration_micro_batches})")
+
+
+def profiled_job(args, **fields) -> tuple[ModelSpec, TrainingSpec]:
+    """The model and training a profiler measures, from the options every profiler has (checked first):
+    batches up to the largest micro-batch size, and the precision and attention kernel asked for."""
+    check_common_args(args)
+    model = load_model(args.model)
+    training = training_spec(
+        model,
+        max(args.micro_batch_sizes),
+        args.seq_length,
+        precision=args.precision,
+        flash_attention=not args.no_flash_attention,
+        **fields,
+    )
+    return model, training
 
 
 def run_profiler_cli(
