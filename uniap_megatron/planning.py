@@ -57,12 +57,11 @@ def plan_megatron(
     SpecError / InfeasibleError / SolverTimeLimitError with the planner's message."""
     # The solver (cvxpy, SCIP) is imported only when planning: printing and launching stay fast.
     from uniap.cluster.spec import load_cluster
-    from uniap.planner import Job
+    from uniap.planner import DEFAULT_GAP, Job, check_search_limits
     from uniap.planner import plan as solve
     from uniap.profile.schema import Profile
 
-    if time_limit is not None and not time_limit > 0:
-        raise SpecError(f"the planning time limit must be positive (got {time_limit:g})")
+    check_search_limits(time_limit, DEFAULT_GAP)
     argv = strip_auto_parallel(argv)
     job = job_from_args(argv)
     if explicit_settings(argv).get(F.TORCH_FSDP2.dest):

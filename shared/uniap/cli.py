@@ -31,7 +31,7 @@ from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
 from .model.spec import FP4_RECIPES, FP8_FORMATS, FP8_RECIPES, OVERLAPS, PRECISIONS
 from .plan import Plan, make_plan
-from .planner import DEFAULT_GAP, Job, configure, price
+from .planner import DEFAULT_GAP, Job, check_search_limits, configure, price
 from .model.spec import training_spec
 from .planner import plan as solve
 from .profile.schema import Profile
@@ -381,10 +381,7 @@ def _emit(plan: Plan, args, title: str) -> None:
 
 def cmd_plan(args) -> int:
     _check_output(args)
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise SpecError("--time-limit must be positive")
-    if not 0 <= args.gap < 1:
-        raise SpecError("--gap must be in [0, 1)")
+    check_search_limits(args.time_limit, args.gap)
     pins = Pins(
         tp=args.tp,
         cp=args.cp,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,20 @@ from .errors import SpecError
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
+# The largest spec, profile, plan, log or launch script uniap reads (a training log of millions of lines fits).
+MAX_INPUT_BYTES = 256 * 2**20
+
+
 def read_text(path: Path, what: str, error=SpecError) -> str:
-    """A file's text; an unreadable or non-UTF-8 file raises `error` naming the file."""
+    """A regular file's text, at most MAX_INPUT_BYTES; a device, pipe or folder, a larger file, an unreadable or
+    non-UTF-8 one raises `error` naming the file (a named pipe is never opened: reading it could wait forever)."""
     try:
-        return path.read_text(encoding="utf-8")
+        info = Path(path).stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{what} file {path} is not a regular file", f"pass the path of a {what} file")
+        if info.st_size > MAX_INPUT_BYTES:
+            raise error(f"{what} file {path} is {info.st_size:,} bytes; uniap reads at most {MAX_INPUT_BYTES:,}")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise error(f"cannot read {what} file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from .cluster.spec import ClusterSpec
@@ -170,11 +171,26 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
                 )
 
 
+def check_search_limits(time_limit: float | None, gap: float) -> None:
+    """The search's budget and target, refused before any work: a time limit is a positive, finite number of
+    seconds (or none), the relative gap a number in [0, 1)."""
+    if time_limit is not None and not (
+        isinstance(time_limit, (int, float)) and math.isfinite(time_limit) and time_limit > 0
+    ):
+        raise SpecError(
+            f"the time limit must be a positive number of seconds (got {time_limit!r})",
+            "pass --time-limit 60, or leave it out for no limit",
+        )
+    if not (isinstance(gap, (int, float)) and 0 <= gap < 1):
+        raise SpecError(f"the optimality gap must be in [0, 1) (got {gap!r})", "pass --gap 1e-4, the default")
+
+
 def plan(
     job: Job, time_limit: float | None = None, gap: float = DEFAULT_GAP, progress: bool | None = None
 ) -> tuple[Plan, Outcome]:
     """The optimal plan of `job` (or the best found within `time_limit`) and the search's outcome; raises
     InfeasibleError when no plan fits, SolverTimeLimitError when time ran out before any plan."""
+    check_search_limits(time_limit, gap)
     capability = job.capability or capability_for(job.target)
     job = replace(job, training=capability.job_training(job.training))
     graph = build_graph(job.model, job.training)

@@ -8,3 +8,6 @@ MEMORY_FIT = 1e-6
 CUTOFF_SLACK = 1e-7
 # Two objectives this close are the same plan value (an incumbent meeting a subproblem's lower bound).
 SAME_OBJECTIVE = 1e-12
+# A relative optimality gap below this is zero: SCIP's bounds carry its feasibility tolerance (numerics/feastol
+# 1e-6), so a search asked for --gap 0 that proved optimality still reports a gap of that order.
+SOLVER_GAP = 1e-6

@@ -25,6 +25,8 @@ GiB = 2**30
 # operating system, the data loaders and the page cache.
 HOST_MEMORY_USABLE = 0.8
 # Fields a cluster may leave out: no hand-set GEMM efficiency, hosts not described, no FP8 tensor cores.
+# The most GPUs a cluster may have: over ten times the largest training jobs run today.
+MAX_GPUS = 1_048_576
 OPTIONAL_FIELDS = ("matmul_efficiency", "host_memory_gib", "peak_fp8_tflops", "peak_fp4_tflops", "nvlink_domain")
 
 
@@ -64,6 +66,12 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         _positive_ints(self, ("num_nodes", "gpus_per_node"))
+        _require(
+            self.num_nodes * self.gpus_per_node <= MAX_GPUS,
+            "num_nodes",
+            f"{self.num_nodes:,} nodes of {self.gpus_per_node:,} GPUs are more than the {MAX_GPUS:,} GPUs uniap "
+            "plans for",
+        )
         for name in (
             "gpu_memory_gib",
             "peak_tflops",

@@ -45,6 +45,32 @@ def _require(cond: bool, field: str, rule: str) -> None:
         raise SpecError(f"invalid spec: field '{field}': {rule}")
 
 
+# The largest value each integer field may take: far beyond any model or cluster trained on today (the largest
+# dense models have under 200 layers, hidden sizes under 32k, vocabularies under 300k; the largest jobs under
+# 100k GPUs), so that a typo is refused at once instead of hanging the planner or overflowing the solver's
+# numerics.
+FIELD_LIMITS = {
+    "num_layers": 16_384,
+    "num_decoder_layers": 16_384,
+    "hidden_size": 262_144,
+    "ffn_hidden_size": 1_048_576,
+    "num_attention_heads": 16_384,
+    "num_query_groups": 16_384,
+    "kv_channels": 16_384,
+    "vocab_size": 16_777_216,
+    "max_position_embeddings": 16_777_216,
+    "image_size": 65_536,
+    "patch_size": 65_536,
+    "num_channels": 1_024,
+    "num_classes": 16_777_216,
+    "global_batch_size": 16_777_216,
+    "seq_length": 16_777_216,
+    "decoder_seq_length": 16_777_216,
+    "num_nodes": 131_072,
+    "gpus_per_node": 1_024,
+}
+
+
 def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -53,6 +79,8 @@ def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
             name,
             f"must be a positive integer (got {value!r})",
         )
+        limit = FIELD_LIMITS.get(name)
+        _require(limit is None or value <= limit, name, f"must be at most {limit:,} (got {value:,})")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from ..cost.tables import Subproblem, build_subproblem, fixed_counts
 from ..errors import InfeasibleError, SolverTimeLimitError, SpecError
 from ..model.graph import TRANSFORMER_KINDS, LayerGraph
 from ..model.spec import TrainingSpec
-from ..tolerances import SAME_OBJECTIVE
+from ..tolerances import SAME_OBJECTIVE, SOLVER_GAP
 from .heuristic import best_uniform_plan
 from .miqp import DEFAULT_GAP, SubproblemResult, least_memory_needed, solve_subproblem
 
@@ -232,7 +232,7 @@ def optimize(
     lower = min([prediction.time_per_iteration] + [_bound(r) for r in results])
     global_gap = max(0.0, (prediction.time_per_iteration - lower) / prediction.time_per_iteration)
     open_ = any(r.status in ("time_limit", "not_solved") for r in results)
-    status = "time_limit" if open_ or global_gap > gap else "optimal"
+    status = "time_limit" if open_ or global_gap > gap + SOLVER_GAP else "optimal"
     return Outcome(
         best=result,
         sub=sub,

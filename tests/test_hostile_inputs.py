@@ -1,0 +1,105 @@
+"""Inputs that used to hang, crash or pass silently (issue 22): the search's budget, sizes far beyond any real
+job, and files that are not regular files. Each is refused at once with exit 2, the field and the rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from test_cli import run_main
+
+from uniap.errors import EXIT_INVALID_INPUT, EXIT_OK, SpecError
+from uniap.io import MAX_INPUT_BYTES, read_text
+from uniap.model.spec import FIELD_LIMITS, ModelSpec, TrainingSpec
+from uniap.planner import check_search_limits
+from uniap_deepspeed.cli import main as deepspeed_main
+
+SMALL = ["--model", "gpt3-1.3b", "--nodes", "1", "--global-batch-size", "16", "--seq-length", "512"]
+# Refused before any work: far less than the planner's seconds.
+AT_ONCE_S = 5.0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-1"])
+def test_a_time_limit_must_be_a_positive_number_of_seconds(capsys, value):
+    rc, _, err = run_main(capsys, "plan", *SMALL, "--time-limit", value)
+    assert rc == EXIT_INVALID_INPUT and "time limit must be a positive number of seconds" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_deepspeed_config_refuses_the_same_time_limits(capsys, value):
+    capsys.readouterr()
+    rc = deepspeed_main(["config", *SMALL, "--time-limit", value])
+    assert rc == EXIT_INVALID_INPUT and "time limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "1", "-0.1"])
+def test_a_gap_must_be_in_zero_one(capsys, value):
+    rc, _, err = run_main(capsys, "plan", *SMALL, "--gap", value)
+    assert rc == EXIT_INVALID_INPUT and "gap must be in [0, 1)" in err
+
+
+def test_gap_zero_without_a_time_limit_is_optimal(capsys):
+    rc, out, _ = run_main(capsys, "plan", *SMALL, "--gap", "0", "--json")
+    assert rc == EXIT_OK and json.loads(out)["solver"]["status"] == "optimal"
+
+
+@pytest.mark.parametrize(
+    "flag, field", [("--nodes", "num_nodes"), ("--gpus-per-node", "gpus_per_node"), ("--global-batch-size", "")]
+)
+def test_sizes_beyond_any_real_job_are_refused_at_once(capsys, flag, field):
+    args = [a for a in SMALL]
+    if flag in args:
+        i = args.index(flag)
+        del args[i : i + 2]
+    start = time.perf_counter()
+    rc, _, err = run_main(capsys, "plan", *args, flag, "1000000000")
+    assert rc == EXIT_INVALID_INPUT and "must be at most" in err and field in err
+    assert time.perf_counter() - start < AT_ONCE_S
+
+
+def test_a_cluster_of_too_many_gpus_is_refused(capsys):
+    rc, _, err = run_main(capsys, "plan", *SMALL, "--nodes", "131072", "--gpus-per-node", "1024")
+    assert rc == EXIT_INVALID_INPUT and "more than the 1,048,576 GPUs" in err
+
+
+@pytest.mark.parametrize("field", ["num_layers", "hidden_size", "vocab_size"])
+def test_model_fields_have_an_upper_bound(field):
+    fields = dict(name="m", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=100)
+    fields[field] = FIELD_LIMITS[field] + (64 if field == "hidden_size" else 1)
+    with pytest.raises(SpecError, match=f"'{field}': must be at most"):
+        ModelSpec(**fields, architecture="decoder", max_position_embeddings=64)
+    with pytest.raises(SpecError, match="'seq_length': must be at most"):
+        TrainingSpec(global_batch_size=1, seq_length=FIELD_LIMITS["seq_length"] + 1)
+
+
+def test_search_limits_are_checked_as_numbers():
+    check_search_limits(None, 0.0)
+    check_search_limits(0.5, 0.9)
+    for bad in (float("nan"), float("inf"), 0, -3, "60"):
+        with pytest.raises(SpecError, match="time limit"):
+            check_search_limits(bad, 1e-4)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+def test_a_named_pipe_as_the_model_is_refused_not_waited_on(capsys, tmp_path):
+    fifo = tmp_path / "model.yaml"
+    os.mkfifo(fifo)
+    start = time.perf_counter()
+    rc, _, err = run_main(capsys, "plan", "--model", str(fifo), "--nodes", "1", "--global-batch-size", "8")
+    assert rc == EXIT_INVALID_INPUT and "is not a regular file" in err
+    assert time.perf_counter() - start < AT_ONCE_S
+
+
+def test_a_device_as_the_model_is_refused(capsys):
+    rc, _, err = run_main(capsys, "plan", "--model", "/dev/zero", "--nodes", "1", "--global-batch-size", "8")
+    assert rc == EXIT_INVALID_INPUT and "is not a regular file" in err
+
+
+def test_an_oversized_file_is_refused_before_it_is_read(tmp_path):
+    big = tmp_path / "big.json"
+    with open(big, "wb") as f:
+        f.truncate(MAX_INPUT_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(SpecError, match="reads at most"):
+        read_text(big, "plan")
