@@ -103,3 +103,62 @@ def test_an_oversized_file_is_refused_before_it_is_read(tmp_path):
         f.truncate(MAX_INPUT_BYTES + 1)  # sparse: no disk used
     with pytest.raises(SpecError, match="reads at most"):
         read_text(big, "plan")
+
+
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "num_attention_heads": 8,
+    "num_hidden_layers": 2,
+    "vocab_size": 1000,
+    "max_position_embeddings": 512,
+}
+VIT = {
+    "model_type": "vit",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+@pytest.mark.parametrize(
+    "base, field, value, rule",
+    [
+        (LLAMA, "attention_dropout", "abc", "must be a number"),
+        (LLAMA, "attention_dropout", 2.0, "probability"),
+        (LLAMA, "tie_word_embeddings", "false", "true or false"),  # a string "false" is not false
+        (LLAMA, "num_key_value_heads", 0, "positive integer"),  # not multi-head attention
+        (LLAMA, "attention_bias", 1, "true or false"),
+        (VIT, "patch_size", 0, "positive integer"),
+        (VIT, "id2label", 5, "a mapping of labels"),
+    ],
+)
+def test_hugging_face_fields_of_the_wrong_type_are_named(capsys, tmp_path, base, field, value, rule):
+    (tmp_path / "config.json").write_text(json.dumps({**base, field: value}))
+    rc, _, err = run_main(capsys, "plan", "--model", str(tmp_path), "--nodes", "1", "--global-batch-size", "8")
+    assert rc == EXIT_INVALID_INPUT and f"'{field}'" in err and rule in err
+
+
+def test_deeply_nested_files_are_refused(capsys, tmp_path):
+    spec = tmp_path / "deep.yaml"
+    spec.write_text("x: " + "[" * 5000 + "\n")
+    rc, _, err = run_main(capsys, "plan", "--model", str(spec), "--nodes", "1", "--global-batch-size", "8")
+    assert rc == EXIT_INVALID_INPUT and "nests its values too deeply" in err
+    plan = tmp_path / "deep.json"
+    plan.write_text("[" * 100_000)
+    rc, _, err = run_main(capsys, "explain", str(plan))
+    assert rc == EXIT_INVALID_INPUT and str(plan) in err
+
+
+def test_a_cluster_names_its_gpu_with_a_string(capsys, tmp_path):
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(
+        "name: c\ngpu_name: 300\nnum_nodes: 1\ngpus_per_node: 8\ngpu_memory_gib: 80\npeak_tflops: 300\n"
+        "hbm_bandwidth_gbps: 2000\nintra_node_bandwidth_gbps: 300\ninter_node_bandwidth_gbps: 25\n"
+    )
+    rc, _, err = run_main(capsys, "plan", "--model", "gpt3-1.3b", "--cluster", str(cluster), "--global-batch-size", "8")
+    assert rc == EXIT_INVALID_INPUT and "'gpu_name': must be a non-empty string" in err

@@ -288,6 +288,8 @@ def read_base(path: str | Path) -> dict[str, Any]:
         data = json.loads(read_text(path, "DeepSpeed config"))
     except json.JSONDecodeError as exc:
         raise SpecError(f"DeepSpeed config {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise SpecError(f"DeepSpeed config {path} nests its values too deeply") from None
     if not isinstance(data, dict):
         raise SpecError(f"DeepSpeed config {path} must hold a JSON object, not {type(data).__name__}")
     return data

@@ -66,6 +66,8 @@ def read_mapping(path: Path, what: str) -> dict[str, Any]:
             f"{what} file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
             f"{str(exc).splitlines()[0]}"
         ) from None
+    except RecursionError:
+        raise SpecError(f"{what} file {path} nests its values too deeply to be a {what}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{what} file {path} must hold a mapping of fields, not {type(data).__name__}")
     return data

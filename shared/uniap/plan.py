@@ -202,6 +202,8 @@ class Plan:
             data = json.loads(read_text(path, "plan"))
         except json.JSONDecodeError as exc:
             raise SpecError(f"corrupt plan {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except RecursionError:
+            raise SpecError(f"corrupt plan {path}: its values nest too deeply") from None
         return cls.from_dict(data, source=str(path))
 
 

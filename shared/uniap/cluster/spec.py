@@ -65,6 +65,11 @@ class ClusterSpec:
     nvlink_domain: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("name", "gpu_name"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, str) and bool(value.strip()), name, f"must be a non-empty string (got {value!r})"
+            )
         _positive_ints(self, ("num_nodes", "gpus_per_node"))
         _require(
             self.num_nodes * self.gpus_per_node <= MAX_GPUS,

@@ -42,6 +42,37 @@ def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+def _typed(cfg: dict[str, Any], key: str, default: Any, kinds: tuple[type, ...], what: str) -> Any:
+    """`cfg[key]` (or `default` where it is absent or null) when it is of `kinds`; SpecError naming the field
+    otherwise (a bool is not a number here: JSON's true is not 1 layer)."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+        raise SpecError(f"Hugging Face config field '{key}' must be {what} (got {value!r})")
+    return value
+
+
+def _flag(cfg: dict[str, Any], key: str, default: bool) -> bool:
+    return _typed(cfg, key, default, (bool,), "true or false")
+
+
+def _probability(cfg: dict[str, Any], key: str, default: float) -> float:
+    value = float(_typed(cfg, key, default, (int, float), "a number"))
+    if not 0.0 <= value <= 1.0:
+        raise SpecError(f"Hugging Face config field '{key}' must be a probability in [0, 1] (got {value!r})")
+    return value
+
+
+def _positive(cfg: dict[str, Any], *keys: str, default: int | None = None) -> int:
+    """The first of `keys` present, a positive integer (SpecError otherwise, or when none is and there is no
+    default)."""
+    value = _get(cfg, *keys, default=default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SpecError(f"Hugging Face config field '{keys[0]}' must be a positive integer (got {value!r})")
+    return value
+
+
 def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
     """Translate a Hugging Face config.json (llama/mistral/qwen2, gpt2, bert/roberta, t5, vit)."""
     kind = cfg.get("model_type", "")
@@ -53,17 +84,17 @@ def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
             num_layers=_get(cfg, "num_hidden_layers"),
             hidden_size=_get(cfg, "hidden_size"),
             num_attention_heads=heads,
-            num_query_groups=cfg.get("num_key_value_heads") or heads,
+            num_query_groups=_positive(cfg, "num_key_value_heads", default=heads),
             kv_channels=cfg.get("head_dim"),
             ffn_hidden_size=_get(cfg, "intermediate_size"),
             vocab_size=_get(cfg, "vocab_size"),
             gated_mlp=True,
             normalization="rmsnorm",
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tied_embeddings=_flag(cfg, "tie_word_embeddings", False),
             position_embedding="rope",
             max_position_embeddings=_get(cfg, "max_position_embeddings"),
-            add_bias=bool(cfg.get("attention_bias", kind == "qwen2")),
-            dropout=float(cfg.get("attention_dropout", 0.0)),
+            add_bias=_flag(cfg, "attention_bias", kind == "qwen2"),
+            dropout=_probability(cfg, "attention_dropout", 0.0),
         )
     if kind == "gpt2":
         hidden = _get(cfg, "n_embd", "hidden_size")
@@ -76,7 +107,7 @@ def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
             ffn_hidden_size=cfg.get("n_inner") or 4 * hidden,
             vocab_size=_get(cfg, "vocab_size"),
             max_position_embeddings=_get(cfg, "n_positions", "max_position_embeddings"),
-            dropout=float(cfg.get("resid_pdrop", 0.1)),
+            dropout=_probability(cfg, "resid_pdrop", 0.1),
         )
     if kind in ("bert", "roberta"):
         return ModelSpec(
@@ -88,7 +119,7 @@ def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
             ffn_hidden_size=_get(cfg, "intermediate_size"),
             vocab_size=_get(cfg, "vocab_size"),
             max_position_embeddings=_get(cfg, "max_position_embeddings"),
-            dropout=float(cfg.get("hidden_dropout_prob", 0.1)),
+            dropout=_probability(cfg, "hidden_dropout_prob", 0.1),
         )
     if kind in ("t5", "mt5"):
         layers = _get(cfg, "num_layers")
@@ -105,14 +136,14 @@ def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
             vocab_size=_get(cfg, "vocab_size"),
             gated_mlp=str(proj).startswith("gated"),
             normalization="rmsnorm",
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            tied_embeddings=_flag(cfg, "tie_word_embeddings", True),
             position_embedding="relative",
-            max_position_embeddings=int(cfg.get("n_positions", 512)),
+            max_position_embeddings=_positive(cfg, "n_positions", default=512),
             add_bias=False,
-            dropout=float(cfg.get("dropout_rate", 0.1)),
+            dropout=_probability(cfg, "dropout_rate", 0.1),
         )
     if kind == "vit":
-        image, patch = _get(cfg, "image_size"), _get(cfg, "patch_size")
+        image, patch = _positive(cfg, "image_size"), _positive(cfg, "patch_size")
         return ModelSpec(
             name=name,
             architecture="vit",
@@ -122,11 +153,11 @@ def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
             ffn_hidden_size=_get(cfg, "intermediate_size"),
             image_size=image,
             patch_size=patch,
-            num_channels=int(cfg.get("num_channels", 3)),
-            num_classes=len(cfg.get("id2label", {})) or 1000,
+            num_channels=_positive(cfg, "num_channels", default=3),
+            num_classes=len(_typed(cfg, "id2label", {}, (dict, list), "a mapping of labels")) or 1000,
             tied_embeddings=False,
             max_position_embeddings=(image // patch) ** 2 + 1,
-            dropout=float(cfg.get("hidden_dropout_prob", 0.0)),
+            dropout=_probability(cfg, "hidden_dropout_prob", 0.0),
         )
     raise SpecError(
         f"Hugging Face model_type '{kind}' is not supported; supported: llama, mistral, qwen2, "

@@ -300,6 +300,8 @@ class Profile:
                 f"corrupt profile {path}: not valid JSON ({exc.msg} at line {exc.lineno})",
                 "re-run the profiler; the file may have been truncated",
             ) from None
+        except RecursionError:
+            raise ProfileError(f"corrupt profile {path}: its values nest too deeply") from None
         return cls.from_dict(data, source=str(path))
 
 
