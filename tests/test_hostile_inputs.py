@@ -162,3 +162,24 @@ def test_a_cluster_names_its_gpu_with_a_string(capsys, tmp_path):
     )
     rc, _, err = run_main(capsys, "plan", "--model", "gpt3-1.3b", "--cluster", str(cluster), "--global-batch-size", "8")
     assert rc == EXIT_INVALID_INPUT and "'gpu_name': must be a non-empty string" in err
+
+
+@pytest.mark.parametrize(
+    "field, value, said",
+    [
+        ("notes", 5, "field 'notes' must be list[str]"),
+        ("time_per_iteration", "fast", "field 'time_per_iteration' must be float"),
+        ("mfu", 7.5, "are not a prediction"),  # explain printed it as 750 %
+        ("time_per_iteration", -1.0, "are not a prediction"),
+    ],
+)
+@pytest.mark.parametrize("command", ["explain", "compare"])
+def test_a_hand_edited_plan_is_refused_by_every_command_that_reads_it(capsys, tmp_path, field, value, said, command):
+    good = tmp_path / "plan.json"
+    rc, _, _ = run_main(capsys, "plan", *SMALL, "-o", str(good))
+    assert rc == EXIT_OK
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({**json.loads(good.read_text()), field: value}))
+    args = [str(edited)] if command == "explain" else [str(good), str(edited)]
+    rc, _, err = run_main(capsys, command, *args)
+    assert rc == EXIT_INVALID_INPUT and said in err

@@ -9,6 +9,7 @@ status, gap and time per subproblem.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -191,9 +192,18 @@ class Plan:
                 for lp in body["layers"]
             ]
             body["stages"] = [StagePlan(**sp) for sp in body["stages"]]
-            return cls(**body)
+            made = cls(**body)
         except (KeyError, TypeError) as exc:
             raise SpecError(f"corrupt plan {source}: {exc}", "re-plan; do not edit the file by hand") from None
+        for part in (made, *made.stages):
+            _check_field_types(part, source)
+        if not (made.time_per_iteration > 0 and 0 <= made.mfu <= 1):
+            raise SpecError(
+                f"corrupt plan {source}: a time per iteration of {made.time_per_iteration!r} s and an MFU of "
+                f"{made.mfu!r} are not a prediction (positive seconds, a fraction of the peak)",
+                "re-plan; do not edit the file by hand",
+            )
+        return made
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -205,6 +215,35 @@ class Plan:
         except RecursionError:
             raise SpecError(f"corrupt plan {path}: its values nest too deeply") from None
         return cls.from_dict(data, source=str(path))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What a saved plan's fields must hold, by their declared types (a hand-edited "notes": 5 or
+# "time_per_iteration": "fast" is refused when the plan is read, not wherever it is first used).
+FIELD_CHECKS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": _finite,
+    "float | None": lambda v: v is None or _finite(v),
+    "str": lambda v: isinstance(v, str),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list[float]": lambda v: isinstance(v, list) and all(_finite(x) for x in v),
+    "dict[str, str]": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+    "dict[str, Any]": lambda v: isinstance(v, dict),
+}
+
+
+def _check_field_types(part: Any, source: str) -> None:
+    for f in fields(part):
+        check = FIELD_CHECKS.get(str(f.type))
+        value = getattr(part, f.name)
+        if check is not None and not check(value):
+            raise SpecError(
+                f"corrupt plan {source}: field '{f.name}' must be {f.type} (got {value!r})",
+                "re-plan; do not edit the file by hand",
+            )
 
 
 def _upgrade(body: dict[str, Any], version: int) -> dict[str, Any]:
