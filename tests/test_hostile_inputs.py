@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from test_cli import run_main
@@ -183,3 +186,65 @@ def test_a_hand_edited_plan_is_refused_by_every_command_that_reads_it(capsys, tm
     args = [str(edited)] if command == "explain" else [str(good), str(edited)]
     rc, _, err = run_main(capsys, command, *args)
     assert rc == EXIT_INVALID_INPUT and said in err
+
+
+def _uniap(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "uniap.cli", *args], capture_output=True, text=True, timeout=120, **kwargs
+    )
+
+
+@pytest.mark.slow
+def test_a_name_the_terminal_cannot_show_is_escaped_not_a_crash(tmp_path):
+    spec = tmp_path / "m.yaml"
+    spec.write_text(
+        "name: modèle\narchitecture: decoder\nnum_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\n"
+        "ffn_hidden_size: 128\nvocab_size: 100\nmax_position_embeddings: 64\n",
+        encoding="utf-8",
+    )
+    done = _uniap(
+        "plan",
+        "--model",
+        str(spec),
+        "--nodes",
+        "1",
+        "--global-batch-size",
+        "8",
+        env={**os.environ, "PYTHONIOENCODING": "ascii"},
+    )
+    assert done.returncode == EXIT_OK and "mod\\xe8le" in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_an_output_that_cannot_be_written_is_said_not_a_bug():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "uniap.cli", "plan", *SMALL],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == EXIT_INVALID_INPUT and "cannot write the output" in done.stderr
+    closed = subprocess.run(
+        [sys.executable, "-m", "uniap.cli", "plan", *SMALL],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert closed.returncode == EXIT_INVALID_INPUT and "standard output is closed" in closed.stderr
+
+
+def test_an_output_name_too_long_is_refused(capsys, tmp_path):
+    rc, _, err = run_main(capsys, "plan", *SMALL, "-o", str(tmp_path / ("a" * 300 + ".json")))
+    assert rc == EXIT_INVALID_INPUT and "File name too long" in err
+
+
+def test_convert_deepspeed_needs_a_pipeline_stage(capsys, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text('{"train_batch_size": 16}')
+    rc, _, err = run_main(capsys, "convert", "deepspeed", str(config), "--model", "gpt3-1.3b", "--pipeline-stages", "0")
+    assert rc == EXIT_INVALID_INPUT and "--pipeline-stages must be at least 1" in err

@@ -88,6 +88,8 @@ def current_settings(config: dict[str, Any], gpus: int, pipeline_stages: int) ->
     for key, value in values.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise SpecError(f"{key} is {value!r}; converting needs the job's numbers", f"write {key} as a number")
+    if pipeline_stages < 1:
+        raise SpecError(f"--pipeline-stages must be at least 1 (got {pipeline_stages})")
     if gpus % pipeline_stages:
         raise SpecError(f"{pipeline_stages} pipeline stages do not divide the {gpus} GPUs")
     dp = gpus // pipeline_stages

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import replace
 from importlib.metadata import entry_points
@@ -16,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from .cluster.spec import CLUSTER_PRESETS, load_cluster
 from .cost.strategy import RECOMPUTE_MODES, ZERO_NAMES, Pins, capability_for, known_targets
+from .entry import guarded
 from .errors import (
     EXIT_INFEASIBLE,
     EXIT_INTERNAL,
@@ -23,7 +23,6 @@ from .errors import (
     EXIT_INVALID_INPUT,
     EXIT_OK,
     SpecError,
-    UniapError,
     exit_codes_epilog,
 )
 from .io import check_output_path
@@ -577,33 +576,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    try:
-        commands = {
-            "plan": cmd_plan,
-            "evaluate": cmd_evaluate,
-            "calibrate": cmd_calibrate,
-            "explain": cmd_explain,
-            "compare": cmd_compare,
-            "presets": cmd_presets,
-        }
-        return commands[args.command](args)
-    except UniapError as exc:
-        print(f"uniap: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("uniap: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:  # the reader of stdout went away (`uniap plan | head`): nothing left to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-    except Exception as exc:  # a bug, not the user's input
-        if getattr(args, "verbose", False):
-            raise
-        print(
-            f"uniap: internal error (a bug, please report it with -v output): {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+    commands = {
+        "plan": cmd_plan,
+        "evaluate": cmd_evaluate,
+        "calibrate": cmd_calibrate,
+        "explain": cmd_explain,
+        "compare": cmd_compare,
+        "presets": cmd_presets,
+    }
+    return guarded("uniap", lambda: commands[args.command](args), verbose=getattr(args, "verbose", False))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ imported, ends with "<prog>: interrupted" on stderr and exit code 130, never a t
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import signal
 import sys
 from collections.abc import Callable
 from importlib import import_module
 
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, UniapError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_OK, UniapError
 
 
 def run_command(prog: str, module: str) -> int:
@@ -29,20 +32,58 @@ def uniap() -> int:
     return run_command("uniap", "uniap.cli")
 
 
-def guarded(prog: str, command: Callable[[], int]) -> int:
-    """`command()`'s exit code; an input error becomes `prog: error: <message>` and its code, Ctrl-C 130 and
-    anything else an internal error (1), each said in one line on stderr, never as a traceback."""
+# Errors writing the output itself (stdout on a full disk, a closed or broken descriptor): the environment's
+# problem, said as such, not a bug.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT)
+
+
+def _safe_streams() -> None:
+    """Text that the terminal's encoding cannot show (a non-ASCII model name under PYTHONIOENCODING=ascii) is
+    written escaped, never an error."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def guarded(prog: str, command: Callable[[], int], verbose: bool = False) -> int:
+    """`command()`'s exit code, its output flushed; an input error becomes `prog: error: <message>` and its
+    code, a stdout that cannot take the output exit 2, Ctrl-C 130 and anything else an internal error (1), each
+    said in one line on stderr, never as a traceback (`verbose`: a bug's traceback is shown)."""
+    _safe_streams()
+    if sys.stdout is None:
+        print(f"{prog}: error: standard output is closed; redirect it (> file)", file=sys.stderr)
+        return EXIT_INVALID_INPUT
     try:
-        return command()
+        code = command()
+        sys.stdout.flush()
+        return code
     except UniapError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (`uniap plan | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            return _internal(prog, exc, verbose)
+        with contextlib.suppress(OSError):  # what could not be written is dropped, not retried at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"{prog}: error: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
     except Exception as exc:  # a bug, not the user's input
-        print(f"{prog}: internal error (a bug, please report it): {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal(prog, exc, verbose)
+
+
+def _internal(prog: str, exc: Exception, verbose: bool) -> int:
+    if verbose:
+        raise exc
+    print(
+        f"{prog}: internal error (a bug, please report it with -v output): {type(exc).__name__}: {exc}", file=sys.stderr
+    )
+    return EXIT_INTERNAL
 
 
 def add_profile_command(sub, what: str) -> None:

@@ -87,13 +87,19 @@ def write_text_atomic(path: Path, text: str, *, executable: bool = False) -> Non
 
     The file gets `new_file_mode(executable)`, as a fresh file from a shell redirect would (mkstemp's 0600 is
     replaced), also when it replaces an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise SpecError(f"cannot write {path}: {exc.strerror}", "choose another output path") from None
     try:
         os.fchmod(fd, new_file_mode(executable))
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a quota: the user's file, if any, is left as it was
+        Path(tmp).unlink(missing_ok=True)
+        raise SpecError(f"cannot write {path}: {exc.strerror}", "free space, or choose another output path") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -108,9 +114,13 @@ def check_output_path(path: str | Path, force: bool, option: str = "-o") -> None
     """Before any work is done: SpecError (exit 2) naming `path` and the reason it cannot be written -- an
     existing file without `force`, a folder, a location the user may not create files in."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError as exc:  # a name too long for the file system
+        raise SpecError(f"cannot write {option} {path}: {exc.strerror}", f"choose another {option} path") from None
+    if is_dir:
         raise SpecError(f"{option} {path} is a folder, not a file", "give a file path inside it, e.g. plan.json")
-    if path.exists() and not force:
+    if exists and not force:
         raise SpecError(f"{path} exists; not overwriting it", f"pass --force, or choose another {option} path")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
