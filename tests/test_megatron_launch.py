@@ -315,7 +315,7 @@ def test_args_of_a_plan_megatron_cannot_run(capsys, tmp_path):
                 "pretrain_gpt.py",
                 *TINY_JOB_ARGV,
             ],
-            "time limit must be positive",
+            "time limit must be a positive number of seconds",
         ),
         (
             [
