@@ -105,7 +105,8 @@ def _report_trainer_arguments(config: dict) -> None:
 
 
 def cmd_config(args) -> int:
-    check_output_paths([args.output, args.save_plan], args.force)
+    inputs = [args.base, args.plan, args.model, args.cluster, args.profile]
+    check_output_paths([args.output, args.save_plan], args.force, inputs)
     base = read_base(args.base) if args.base else None
     job = base_job(base) if base else {}
     if args.global_batch_size is None:
@@ -147,7 +148,7 @@ def cmd_config(args) -> int:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     if args.hf:
         _report_trainer_arguments(config)
-    if args.output:
+    if args.output is not None:
         write_json_atomic(Path(args.output), config)
         u = config["uniap"]
         print(
@@ -175,7 +176,8 @@ def cmd_launch(args) -> int:
     out = Path(args.output_dir)
     hostfile, script, config_path = out / "hostfile", out / "launch.sh", out / "ds_config.json"
     plan_path = out / PLAN_FILE
-    check_output_paths([str(hostfile), str(script), str(config_path), str(plan_path)], args.force)
+    inputs = [args.base, args.plan, args.script]
+    check_output_paths([str(hostfile), str(script), str(config_path), str(plan_path)], args.force, inputs)
     hf = args.config_arg == HF
     if hf:
         check_hf_plan(plan)

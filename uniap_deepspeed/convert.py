@@ -174,7 +174,9 @@ def convert(args) -> int:
     )
     after = Configuration.planned(plan)
     merged = merge_config(deepspeed_config(plan), base)
-    out_path = output_path(path, args.output, args.force, "config")
+    out_path = output_path(
+        path, args.output, args.force, "config", [args.launch, args.model, args.cluster, args.profile]
+    )
     write_json_atomic(out_path, merged.config)
     changes = [f"{key}: {why}" for key, why in merged.changes]
     if args.json:

@@ -179,7 +179,7 @@ def cmd_run(args) -> int:
 
 def cmd_script(args) -> int:
     script, margs = _split_command(args.script_args)
-    check_output_paths([args.output], args.force)
+    check_output_paths([args.output], args.force, [args.plan, script])
     plan = Plan.load(args.plan)
     nnodes, nproc = plan.cluster.num_nodes, plan.cluster.gpus_per_node
     check_plan_fits(plan, margs, nnodes, nproc, source=args.plan)
@@ -194,7 +194,7 @@ def cmd_script(args) -> int:
         job_name=args.job_name,
         python=args.python,
     )
-    if args.output:
+    if args.output is not None:
         write_text_atomic(Path(args.output), text, executable=True)
         print(f"wrote {args.output} ({args.kind})")
     else:

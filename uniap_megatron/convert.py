@@ -286,7 +286,7 @@ def convert(args) -> int:
     edits += environment_edits(launch, _merge.env)
     out_path = None
     if path is not None:
-        out_path = output_path(path, args.output, args.force, "script")
+        out_path = output_path(path, args.output, args.force, "script", [args.cluster, args.profile])
         write_text_atomic(out_path, apply_edits(text, edits), executable=path.stat().st_mode & 0o111 != 0)
     if args.json:
         print(

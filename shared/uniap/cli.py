@@ -359,13 +359,26 @@ def _job(args):
     )
 
 
+# The options through which a command reads files: its output may never be one of them.
+INPUT_OPTIONS = ("model", "cluster", "profile", "plan", "log")
+
+
+def _inputs(args) -> list[str]:
+    """Every file the command reads, as given on its command line."""
+    found: list[str] = []
+    for name in INPUT_OPTIONS:
+        value = getattr(args, name, None)
+        found += value if isinstance(value, list) else [value] if value else []
+    return found
+
+
 def _check_output(args) -> None:
-    if args.output:
-        check_output_path(args.output, args.force)
+    if args.output is not None:
+        check_output_path(args.output, args.force, inputs=_inputs(args))
 
 
 def _emit(plan: Plan, args, title: str) -> None:
-    if args.output:
+    if args.output is not None:
         plan.save(args.output)
     warning = scale_warning(plan)
     if warning:
@@ -374,7 +387,7 @@ def _emit(plan: Plan, args, title: str) -> None:
         print(plan.to_json())
     else:
         print(render(plan, title))
-        if args.output:
+        if args.output is not None:
             print(f"\n  plan written to {args.output}")
 
 
@@ -509,7 +522,7 @@ def cmd_calibrate(args) -> int:
         )
     base = Profile.load(args.profile) if args.profile else None
     result = fit(measurements, base, source=f"uniap calibrate on {', '.join(Path(p).name for p in args.log)}")
-    if args.output:
+    if args.output is not None:
         result.profile.save(args.output)
     if args.json:
         print(json.dumps(result.profile.to_dict(), indent=2))
@@ -522,7 +535,7 @@ def cmd_explain(args) -> int:
     from .explain import explain, plot, render_explanation
 
     if args.plot:
-        check_output_path(args.plot, args.force)
+        check_output_path(args.plot, args.force, "--plot", inputs=_inputs(args))
     explanation = explain(Plan.load(args.plan), Profile.load(args.profile) if args.profile else None)
     print(render_explanation(explanation))
     if args.plot:
@@ -535,7 +548,7 @@ def cmd_compare(args) -> int:
     from .explain import compare_table, plot_comparison
 
     if args.plot:
-        check_output_path(args.plot, args.force)
+        check_output_path(args.plot, args.force, "--plot", inputs=[*args.plans, *_inputs(args)])
     plans = [Plan.load(path) for path in args.plans]
     names = [Path(path).stem for path in args.plans]
     print(compare_table(plans, names))

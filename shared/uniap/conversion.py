@@ -5,6 +5,7 @@ the original, never over it)."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,11 +145,13 @@ def converted_path(original: Path) -> Path:
     return original.with_name(original.stem + SUFFIX + original.suffix)
 
 
-def output_path(original: Path, output: str | None, force: bool, what: str) -> Path:
-    """Where the converted `what` goes: -o, else beside the original; SpecError for the original itself or an
-    existing file without --force."""
+def output_path(
+    original: Path, output: str | None, force: bool, what: str, inputs: Iterable[str | Path | None] = ()
+) -> Path:
+    """Where the converted `what` goes: -o, else beside the original; SpecError for the original itself, any
+    other file the command reads (`inputs`) or an existing file without --force."""
     out = Path(output) if output else converted_path(original)
     if out.resolve() == original.resolve():
         raise SpecError(f"{out} is the original {what}; uniap never writes over it", "choose another -o")
-    check_output_path(str(out), force)
+    check_output_path(str(out), force, inputs=[original, *inputs])
     return out

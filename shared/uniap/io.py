@@ -8,6 +8,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
@@ -82,6 +83,21 @@ def new_file_mode(executable: bool = False) -> int:
     return (0o777 if executable else 0o666) & ~umask
 
 
+def _create_exclusively(tmp: str, path: Path) -> None:
+    """Move `tmp` to `path` only if nothing is there (FileExistsError otherwise); on a file system without hard
+    links, an atomic replace after a last look."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def write_text_atomic(path: Path, text: str, *, executable: bool = False) -> None:
     """Write `text` to a temporary file beside `path`, then rename: a crash never leaves half a file.
 
@@ -96,7 +112,17 @@ def write_text_atomic(path: Path, text: str, *, executable: bool = False) -> Non
         os.fchmod(fd, new_file_mode(executable))
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        os.replace(tmp, path)
+        if os.path.abspath(path) in _CLAIMED_NEW:  # new without --force: created only if still absent
+            _CLAIMED_NEW.discard(os.path.abspath(path))
+            _create_exclusively(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except FileExistsError:
+        Path(tmp).unlink(missing_ok=True)
+        raise SpecError(
+            f"{path} appeared while uniap was working (another run wrote it); not overwriting it",
+            "pass --force, or choose another output path",
+        ) from None
     except OSError as exc:  # a full disk, a quota: the user's file, if any, is left as it was
         Path(tmp).unlink(missing_ok=True)
         raise SpecError(f"cannot write {path}: {exc.strerror}", "free space, or choose another output path") from None
@@ -110,18 +136,52 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def check_output_path(path: str | Path, force: bool, option: str = "-o") -> None:
-    """Before any work is done: SpecError (exit 2) naming `path` and the reason it cannot be written -- an
-    existing file without `force`, a folder, a location the user may not create files in."""
-    path = Path(path)
+# Paths check_output_path found free without --force: the writer creates them exclusively, so that two runs
+# writing the same new file cannot both report success (the second is refused, its plan not lost silently).
+_CLAIMED_NEW: set[str] = set()
+
+
+def _same_file(a: Path, b: Path) -> bool:
     try:
-        is_dir, exists = path.is_dir(), path.exists()
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_path(
+    path: str | Path, force: bool, option: str = "-o", inputs: Iterable[str | Path | None] = ()
+) -> None:
+    """Before any work is done: SpecError (exit 2) naming `path` and the reason it cannot be written -- an
+    empty name, a folder (or a name ending in a separator), a link, a device or anything but a regular file,
+    an existing file without `force`, one of the command's `inputs`, a location the user may not create files
+    in. uniap writes only regular files and new paths."""
+    if not str(path):
+        raise SpecError(f"{option} needs a file name (got an empty one)", f"pass {option} plan.json")
+    if str(path).endswith((os.sep, "/")):
+        raise SpecError(f"{option} {path} names a folder, not a file", "give a file path inside it, e.g. plan.json")
+    path = Path(path)
+    _CLAIMED_NEW.discard(os.path.abspath(path))
+    try:
+        info = path.lstat()
+    except (FileNotFoundError, NotADirectoryError):  # a missing file, or one under a file (said below)
+        info = None
     except OSError as exc:  # a name too long for the file system
         raise SpecError(f"cannot write {option} {path}: {exc.strerror}", f"choose another {option} path") from None
-    if is_dir:
-        raise SpecError(f"{option} {path} is a folder, not a file", "give a file path inside it, e.g. plan.json")
-    if exists and not force:
-        raise SpecError(f"{path} exists; not overwriting it", f"pass --force, or choose another {option} path")
+    if info is not None:
+        if stat.S_ISDIR(info.st_mode):
+            raise SpecError(f"{option} {path} is a folder, not a file", "give a file path inside it, e.g. plan.json")
+        if stat.S_ISLNK(info.st_mode):
+            raise SpecError(f"{option} {path} is a symbolic link; uniap does not replace links", "write to its target")
+        if not stat.S_ISREG(info.st_mode):
+            raise SpecError(f"{option} {path} is not a regular file (a device or a pipe)", f"choose another {option}")
+        for source in inputs:
+            if source is not None and _same_file(path, Path(source)):
+                raise SpecError(
+                    f"{option} {path} is also what the command reads; uniap never writes over its inputs",
+                    f"choose another {option} path",
+                )
+        if not force:
+            raise SpecError(f"{path} exists; not overwriting it", f"pass --force, or choose another {option} path")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # the writer creates the missing folders below the nearest existing one
@@ -133,10 +193,20 @@ def check_output_path(path: str | Path, force: bool, option: str = "-o") -> None
         raise SpecError(f"cannot write {path}: {exc.strerror} (in {folder})", f"choose another {option} path") from None
     os.close(fd)
     os.unlink(probe)
+    if info is None and not force:
+        _CLAIMED_NEW.add(os.path.abspath(path))
 
 
-def check_output_paths(paths: list[str | Path | None], force: bool) -> None:
-    """check_output_path for each file a command is about to write (None: not written)."""
-    for path in paths:
-        if path is not None:
-            check_output_path(path, force, option="output")
+def check_output_paths(paths: list[str | Path | None], force: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+    """check_output_path for each file a command is about to write (None: not written); two of them may not
+    be the same file."""
+    written = [Path(p) for p in paths if p is not None]
+    seen: dict[str, Path] = {}
+    for path in written:
+        key = os.path.abspath(path)
+        if key in seen:
+            raise SpecError(
+                f"{seen[key]} and {path} are the same file; the command writes both", "give each its own path"
+            )
+        seen[key] = path
+        check_output_path(path, force, option="output", inputs=inputs)

@@ -113,7 +113,7 @@ def print_summary(
 def check_common_args(args) -> None:
     """The options every profiler has: an output file it may write, warm-up and repeats, the calibration
     run's size. SpecError names the option."""
-    check_output_path(args.output, args.force, option="--output")
+    check_output_path(args.output, args.force, option="--output", inputs=[args.model])
     if args.warmup < 0:
         raise SpecError(f"--warmup must be >= 0 (got {args.warmup})")
     if args.repeats < 1:
