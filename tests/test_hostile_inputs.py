@@ -17,6 +17,7 @@ from uniap.errors import EXIT_INVALID_INPUT, EXIT_OK, SpecError
 from uniap.io import MAX_INPUT_BYTES, read_text
 from uniap.model.spec import FIELD_LIMITS, ModelSpec, TrainingSpec
 from uniap.planner import check_search_limits
+from uniap.profile import Profile
 from uniap_deepspeed.cli import main as deepspeed_main
 
 SMALL = ["--model", "gpt3-1.3b", "--nodes", "1", "--global-batch-size", "16", "--seq-length", "512"]
@@ -248,3 +249,59 @@ def test_convert_deepspeed_needs_a_pipeline_stage(capsys, tmp_path):
     config.write_text('{"train_batch_size": 16}')
     rc, _, err = run_main(capsys, "convert", "deepspeed", str(config), "--model", "gpt3-1.3b", "--pipeline-stages", "0")
     assert rc == EXIT_INVALID_INPUT and "--pipeline-stages must be at least 1" in err
+
+
+def _megatron_log(path: Path, intervals: list[tuple[int, float]]) -> Path:
+    """A Megatron-LM core_v0.16.1 training log: one training_log line per (iteration, ms per iteration)."""
+    lines = [
+        f" [2026-12-07 10:00:00] iteration {it:8d}/{100:8d} | consumed samples: {it * 16:12d} | "
+        f"elapsed time per iteration (ms): {ms:.1f} | learning rate: 1.0E-04 | global batch size: {16:5d} | "
+        f"loss scale: 1.0 | number of skipped iterations: {0:3d} | number of nan iterations: {0:3d} |"
+        for it, ms in intervals
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def megatron_plan(capsys, tmp_path) -> Path:
+    plan = tmp_path / "plan.json"
+    rc, _, err = run_main(capsys, "plan", *SMALL, "--target", "megatron", "--cluster", "dgx-h100", "-o", str(plan))
+    assert rc == EXIT_OK, err
+    return plan
+
+
+def test_calibrate_refuses_a_log_of_warm_up_only(capsys, tmp_path, megatron_plan):
+    log = _megatron_log(tmp_path / "train.log", [(1, 900.0), (2, 300.0)])
+    rc, _, err = run_main(capsys, "calibrate", "--log", str(log), "--plan", str(megatron_plan), "--json")
+    assert rc == EXIT_INVALID_INPUT and "only warm-up iterations" in err
+
+
+def test_calibrate_refuses_a_log_of_another_framework(capsys, tmp_path, megatron_plan):
+    log = tmp_path / "ds.log"
+    log.write_text("\n".join(f"steps: {i} loss: 2.0000 iter time (s): 0.300 samples/sec: 53.333" for i in range(1, 9)))
+    rc, _, err = run_main(capsys, "calibrate", "--log", str(log), "--plan", str(megatron_plan), "--json")
+    assert rc == EXIT_INVALID_INPUT and "is a deepspeed log, but" in err
+
+
+def test_calibrate_refuses_a_profile_of_other_gpus(capsys, tmp_path, megatron_plan):
+    log = _megatron_log(tmp_path / "train.log", [(1, 900.0), (2, 300.0), (10, 100.0), (20, 100.0)])
+    profile = tmp_path / "a100.json"
+    Profile(device="NVIDIA A100-SXM4-80GB", runtime="test").save(profile)
+    rc, _, err = run_main(
+        capsys, "calibrate", "--log", str(log), "--plan", str(megatron_plan), "--profile", str(profile), "--json"
+    )
+    assert rc == EXIT_INVALID_INPUT and "different GPUs" in err and "A100" in err and "H100" in err
+
+
+def test_a_mixture_of_experts_config_is_not_planned_as_dense(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "model_type": "mistral", "num_local_experts": 8}))
+    rc, _, err = run_main(capsys, "plan", "--model", str(tmp_path), "--nodes", "1", "--global-batch-size", "8")
+    assert rc == EXIT_INVALID_INPUT and "mixture-of-experts" in err and "num_local_experts" in err
+
+
+def test_a_vit_is_not_labelled_with_a_sequence_it_does_not_run(capsys):
+    rc, _, err = run_main(
+        capsys, "plan", "--model", "vit-huge", "--nodes", "1", "--global-batch-size", "8", "--seq-length", "4096"
+    )
+    assert rc == EXIT_INVALID_INPUT and "a ViT's sequence is its 256 patches plus the class token (257)" in err

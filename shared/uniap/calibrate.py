@@ -24,6 +24,7 @@ from .cost.model import DEFAULT_RESERVED_PER_ALLOCATED
 from .errors import ProfileError
 from .plan import Plan
 from .planner import configure, price
+from .cluster.devices import gpu_family
 from .cluster.spec import ClusterSpec
 from .model.spec import ModelSpec, TrainingSpec
 from .profile.harness import Iterations, RunSchedule
@@ -164,11 +165,27 @@ def _allocated_peak(m: Measurement, profile: Profile) -> float:
     return max(stage.allocated_peak for stage in pred.stage_breakdown)
 
 
+def _check_same_gpus(measurements: list[Measurement], profile: Profile | None) -> None:
+    """A calibration fits one GPU model: the runs' GPUs and the profile's must be of one family (an A100
+    profile fitted to H100 runs would be wrong on both)."""
+    families = {m.label: gpu_family(m.plan.cluster.gpu_name) for m in measurements}
+    if profile is not None:
+        families[f"profile ({profile.device})"] = gpu_family(profile.device)
+    known = {family for family in families.values() if family is not None}
+    if len(known) > 1:
+        listed = ", ".join(f"{what}: {family}" for what, family in families.items() if family)
+        raise ProfileError(
+            f"the runs and the profile are of different GPUs ({listed}); a calibration fits one GPU model",
+            "calibrate each GPU model with its own runs and profile",
+        )
+
+
 def fit(measurements: list[Measurement], profile: Profile | None = None, source: str = "") -> Fit:
     """A profile (the given one's measurements plus a fresh calibration) fitted to the measurements."""
     if not measurements:
         raise ProfileError("nothing to calibrate: no measured run was given")
     first = measurements[0].plan
+    _check_same_gpus(measurements, profile)
     base = _uncalibrated(profile, first.cluster.gpu_name, f"calibrated for target {first.target}")
     scale = statistics.median(_scale_for(m, base) for m in measurements)
     ratios = []

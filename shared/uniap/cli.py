@@ -511,6 +511,17 @@ def cmd_calibrate(args) -> int:
         plan = Plan.load(plan_path)
         batch = plan.training.global_batch_size
         found = read_log(log_path, framework=args.framework, skip_warmup=args.skip_warmup, train_batch_size=batch)
+        if found.warmup_only:
+            raise SpecError(
+                f"{log_path} has only warm-up iterations ({len(found.iteration_times_s)} timed interval(s), all "
+                f"including the run's first iterations); their time is not the job's",
+                "run the job longer, or pass --skip-warmup 0 to fit them anyway",
+            )
+        if plan.target in FRAMEWORKS and found.framework != plan.target:
+            raise SpecError(
+                f"{log_path} is a {found.framework} log, but {plan_path} is a plan for {plan.target}",
+                "give each log the plan of the job that wrote it",
+            )
         measurements.append(
             Measurement(
                 label=Path(log_path).name,

@@ -201,6 +201,13 @@ DEVICE_COEFFICIENTS: dict[str, DeviceCoefficients] = {
 }
 
 
+def gpu_family(gpu_name: str) -> str | None:
+    """The GPU family a device name belongs to ('H100' for 'NVIDIA H100 80GB HBM3'), None for one uniap does not
+    know (a CPU, another accelerator)."""
+    key = gpu_name.upper()
+    return next((family for family in DEVICE_COEFFICIENTS if family in key), None)
+
+
 def device_coefficients(gpu_name: str) -> DeviceCoefficients:
     """The defaults for a GPU model named like 'NVIDIA H100 80GB HBM3' or 'A100-SXM-80GB'."""
     key = gpu_name.upper()

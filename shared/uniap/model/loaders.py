@@ -33,6 +33,11 @@ def load_model(ref: str) -> ModelSpec:
     return ModelSpec.from_dict(data)
 
 
+# The fields by which Hugging Face configs declare routed experts (Mixtral/Mistral, Qwen-MoE, DeepSeek, OLMoE,
+# GPT-OSS: transformers' configuration_*.py of each).
+MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
 def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
     for key in keys:
         if cfg.get(key) is not None:
@@ -76,6 +81,13 @@ def _positive(cfg: dict[str, Any], *keys: str, default: int | None = None) -> in
 def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
     """Translate a Hugging Face config.json (llama/mistral/qwen2, gpt2, bert/roberta, t5, vit)."""
     kind = cfg.get("model_type", "")
+    experts = [key for key in MOE_FIELDS if cfg.get(key)]
+    if experts:
+        raise SpecError(
+            f"Hugging Face config of a mixture-of-experts model ({', '.join(experts)}): uniap plans dense "
+            f"models only so far; planning it as dense would price the wrong model",
+            "plan the dense model it is based on, or wait for expert parallelism (issue 24)",
+        )
     if kind in ("llama", "mistral", "qwen2", "qwen3"):
         heads = _get(cfg, "num_attention_heads")
         return ModelSpec(

@@ -366,6 +366,14 @@ def training_spec(model: ModelSpec, global_batch_size: int, seq_length: int | No
     rest); SpecError names a field that breaks a rule, including one that involves the model."""
     if seq_length is not None and (not isinstance(seq_length, int) or seq_length < 1):
         raise SpecError(f"invalid sequence length: must be a positive integer (got {seq_length!r})")
+    if model.architecture == "vit" and seq_length not in (None, model.vit_seq_length):
+        # The layer graph runs a ViT at its own sequence: another length would be priced as that one but
+        # labelled as asked.
+        raise SpecError(
+            f"invalid spec: field 'seq_length': a ViT's sequence is its {model.vit_seq_length - 1} patches plus "
+            f"the class token ({model.vit_seq_length}), not {seq_length}",
+            "leave --seq-length out",
+        )
     training = TrainingSpec(
         global_batch_size=global_batch_size, seq_length=seq_length or default_seq_length(model), **fields
     )

@@ -118,6 +118,8 @@ class LogMeasurement:
     iterations: int
     source: str
     timing: str
+    # Every timed interval includes the run's warm-up iterations (the median is then of warm-up time).
+    warmup_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,7 @@ def parse_log(
         iterations=iterations,
         source=source,
         timing=TIMING_BASIS[kind],
+        warmup_only=skip_warmup is None and len(times) <= _warmup(kind, entries, clamp=False),
     )
 
 
@@ -382,9 +385,9 @@ def _times(kind: str, entries: list[_Entry], source: str, train_batch_size: int 
     return [train_batch_size / e.value for e in entries]
 
 
-def _warmup(kind: str, entries: list[_Entry]) -> int:
+def _warmup(kind: str, entries: list[_Entry], clamp: bool = True) -> int:
     """Leading intervals that include either of the run's first WARMUP_ITERATIONS iterations (at least one
-    interval is kept)."""
+    interval is kept unless not `clamp`)."""
     if kind == "deepspeed_throughput":
         skip = 0  # ThroughputTimer times only the steps after its start_step
     elif kind == "megatron_iteration":
@@ -395,7 +398,7 @@ def _warmup(kind: str, entries: list[_Entry]) -> int:
         skip = 1
         while skip < len(entries) and entries[skip - 1].iteration < WARMUP_ITERATIONS:
             skip += 1
-    return min(skip, len(entries) - 1)
+    return min(skip, len(entries) - 1) if clamp else skip
 
 
 def _clip(line: str, width: int = 160) -> str:
