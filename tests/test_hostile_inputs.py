@@ -305,3 +305,23 @@ def test_a_vit_is_not_labelled_with_a_sequence_it_does_not_run(capsys):
         capsys, "plan", "--model", "vit-huge", "--nodes", "1", "--global-batch-size", "8", "--seq-length", "4096"
     )
     assert rc == EXIT_INVALID_INPUT and "a ViT's sequence is its 256 patches plus the class token (257)" in err
+
+
+@pytest.mark.parametrize("edit", ["truncated layers", "more nodes"])
+def test_a_plan_that_does_not_hold_together_is_refused_by_the_adapters(capsys, tmp_path, edit):
+    from uniap_megatron.cli import main as megatron_main
+
+    good = tmp_path / "plan.json"
+    rc, _, err = run_main(capsys, "plan", *SMALL, "--target", "megatron", "-o", str(good))
+    assert rc == EXIT_OK, err
+    data = json.loads(good.read_text())
+    if edit == "truncated layers":
+        data["layers"] = data["layers"][:-3]
+    else:
+        data["cluster"]["num_nodes"] = 4
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert megatron_main(["args", str(edited)]) == EXIT_INVALID_INPUT
+    assert "does not hold together" in capsys.readouterr().err
+    assert run_main(capsys, "evaluate", "--plan", str(edited))[0] == EXIT_INVALID_INPUT

@@ -24,8 +24,7 @@ from uniap.entry import adapter_main, add_profile_command
 from uniap.io import check_output_paths, write_json_atomic, write_text_atomic
 from uniap.launch_templates import render
 from uniap.cost.strategy import OFFLOAD_MODES, Pins
-from uniap.plan import Plan
-from uniap.planner import ineffective_pins
+from uniap.planner import ineffective_pins, load_plan
 from uniap.report import plural
 
 from .config import (
@@ -114,7 +113,7 @@ def cmd_config(args) -> int:
     if args.precision is None:
         args.precision = job.get("precision", DEFAULT_PRECISION)
     if args.plan:
-        plan = Plan.load(args.plan)
+        plan = load_plan(args.plan)
         if args.hf:
             check_hf_plan(plan)
     else:
@@ -165,7 +164,7 @@ def cmd_config(args) -> int:
 
 def cmd_launch(args) -> int:
     """Write a hostfile and a launch script for the plan's nodes."""
-    plan = Plan.load(args.plan)
+    plan = load_plan(args.plan)
     hosts = [h for h in args.hosts.split(",") if h]
     nodes, gpus = plan.cluster.num_nodes, plan.cluster.gpus_per_node
     if len(hosts) != nodes or len(set(hosts)) != len(hosts):

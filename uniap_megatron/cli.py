@@ -38,7 +38,6 @@ from uniap.errors import (
 )
 from uniap.entry import adapter_main, add_profile_command
 from uniap.io import check_output_paths, write_text_atomic
-from uniap.plan import Plan
 from uniap.report import render
 
 from .args import megatron_launch, model_args
@@ -89,7 +88,9 @@ def _print_merge(merge) -> None:
 
 
 def cmd_args(args) -> int:
-    plan = Plan.load(args.plan)
+    from uniap.planner import load_plan  # the planner (cvxpy) only when a plan is read
+
+    plan = load_plan(args.plan)
     launch = megatron_launch(plan)
     words = list(launch.args)
     if args.with_model:
@@ -118,7 +119,9 @@ def cmd_run(args) -> int:
         if v is not None and v < 1:
             raise SpecError(f"--{name.replace('_', '-')} must be a positive integer (got {v})")
     if saved:
-        plan = Plan.load(saved)
+        from uniap.planner import load_plan  # the planner (cvxpy) only when a plan is read
+
+        plan = load_plan(saved)
         nnodes = args.nnodes or plan.cluster.num_nodes
         nproc = args.nproc_per_node or plan.cluster.gpus_per_node
         check_plan_fits(plan, margs, nnodes, nproc, source=saved)
@@ -180,7 +183,9 @@ def cmd_run(args) -> int:
 def cmd_script(args) -> int:
     script, margs = _split_command(args.script_args)
     check_output_paths([args.output], args.force, [args.plan, script])
-    plan = Plan.load(args.plan)
+    from uniap.planner import load_plan  # the planner (cvxpy) only when a plan is read
+
+    plan = load_plan(args.plan)
     nnodes, nproc = plan.cluster.num_nodes, plan.cluster.gpus_per_node
     check_plan_fits(plan, margs, nnodes, nproc, source=args.plan)
     final, merge = merged_argv(plan, margs)

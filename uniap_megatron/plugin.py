@@ -199,7 +199,9 @@ def _error_path(path: Path) -> Path:
 
 def _load_reusable(path: Path, argv: list[str], nodes: int, gpus: int) -> Plan | None:
     try:
-        plan = Plan.load(path)
+        from uniap.planner import load_plan  # the planner (cvxpy) only when a plan is read
+
+        plan = load_plan(path)
         check_plan_fits(plan, argv, nodes, gpus, source=str(path))
         return plan
     except SpecError:
@@ -278,7 +280,9 @@ def obtain_plan(args: Any, argv: list[str]) -> tuple[Plan, str]:
     started = time.time()
     nodes, gpus = world_shape()
     if args.auto_parallel_plan:
-        plan = Plan.load(args.auto_parallel_plan)
+        from uniap.planner import load_plan  # the planner (cvxpy) only when a plan is read
+
+        plan = load_plan(args.auto_parallel_plan)
         check_plan_fits(plan, argv, nodes, gpus, source=str(args.auto_parallel_plan))
         return plan, f"loaded {args.auto_parallel_plan}"
     path = plan_file_path(args, argv, nodes, gpus)

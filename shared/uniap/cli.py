@@ -30,7 +30,7 @@ from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
 from .model.spec import FP4_RECIPES, FP8_FORMATS, FP8_RECIPES, OVERLAPS, PRECISIONS
 from .plan import Plan, make_plan
-from .planner import DEFAULT_GAP, Job, check_search_limits, configure, price
+from .planner import DEFAULT_GAP, Job, check_search_limits, configure, load_plan, price
 from .model.spec import training_spec
 from .planner import plan as solve
 from .profile.schema import Profile
@@ -469,7 +469,7 @@ def _evaluate_plan(args) -> int:
             f"--plan prices the saved plan as it is; it cannot be combined with {', '.join(given)}",
             "drop those options, or re-plan with them",
         )
-    saved = Plan.load(args.plan)
+    saved = load_plan(args.plan)
     priced = price(saved, Profile.load(args.profile) if args.profile else None)
     plan = make_plan(priced.sub, priced.stage_of, priced.strategy_of, priced.prediction, saved.model, {}, saved.pins)
     return _emit_priced(plan, priced.prediction, args)
@@ -508,7 +508,7 @@ def cmd_calibrate(args) -> int:
         raise SpecError(f"{len(args.log)} --log but {len(args.plan)} --plan: give one plan per log, in order")
     measurements = []
     for log_path, plan_path in zip(args.log, args.plan):
-        plan = Plan.load(plan_path)
+        plan = load_plan(plan_path)
         batch = plan.training.global_batch_size
         found = read_log(log_path, framework=args.framework, skip_warmup=args.skip_warmup, train_batch_size=batch)
         if found.warmup_only:
@@ -547,7 +547,7 @@ def cmd_explain(args) -> int:
 
     if args.plot:
         check_output_path(args.plot, args.force, "--plot", inputs=_inputs(args))
-    explanation = explain(Plan.load(args.plan), Profile.load(args.profile) if args.profile else None)
+    explanation = explain(load_plan(args.plan), Profile.load(args.profile) if args.profile else None)
     print(render_explanation(explanation))
     if args.plot:
         plot(explanation, args.plot)
@@ -560,7 +560,7 @@ def cmd_compare(args) -> int:
 
     if args.plot:
         check_output_path(args.plot, args.force, "--plot", inputs=[*args.plans, *_inputs(args)])
-    plans = [Plan.load(path) for path in args.plans]
+    plans = [load_plan(path) for path in args.plans]
     names = [Path(path).stem for path in args.plans]
     print(compare_table(plans, names))
     if args.plot:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 from .cluster.spec import ClusterSpec
@@ -305,6 +306,20 @@ def price(plan: Plan, profile: Profile | None = None) -> PricedPlan:
     stage_of = [lp.stage for lp in plan.layers]
     strategy_of = [lp.strategy for lp in plan.layers]
     return PricedPlan(sub, stage_of, strategy_of, evaluate(sub, stage_of, strategy_of))
+
+
+def load_plan(path: str | Path) -> Plan:
+    """A saved plan, checked as a whole before any command uses it: read (each field's type, uniap.plan) and
+    priced with today's cost model (its layers its model's, its stages and strategies in its own search space
+    on its own cluster): a hand-edited plan that `uniap evaluate --plan` refuses is refused by every command."""
+    plan = Plan.load(path)
+    try:
+        price(plan)
+    except SpecError as exc:
+        raise SpecError(
+            f"plan {path} does not hold together: {exc.message}", "re-plan; do not edit the file by hand"
+        ) from None
+    return plan
 
 
 def configure(
