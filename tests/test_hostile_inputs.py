@@ -325,3 +325,15 @@ def test_a_plan_that_does_not_hold_together_is_refused_by_the_adapters(capsys, t
     assert megatron_main(["args", str(edited)]) == EXIT_INVALID_INPUT
     assert "does not hold together" in capsys.readouterr().err
     assert run_main(capsys, "evaluate", "--plan", str(edited))[0] == EXIT_INVALID_INPUT
+
+
+def test_an_abbreviated_megatron_flag_is_refused_as_megatron_would(capsys, tmp_path):
+    script = tmp_path / "train.sh"
+    script.write_text(
+        "#!/bin/bash\ntorchrun --nproc-per-node 8 pretrain_gpt.py --num-layers 32 --hidden-size 4096 "
+        "--num-attention-heads 32 --seq-length 4096 --max-position-embeddings 4096 --global-batch-size 512 "
+        "--micro-batch-size 1 --bf16 --tensor-model-parallel 4\n"
+    )
+    rc, _, err = run_main(capsys, "convert", "megatron", str(script))
+    assert rc == EXIT_INVALID_INPUT and "takes no abbreviations" in err and "--tensor-model-parallel-size" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["train.sh"]

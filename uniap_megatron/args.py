@@ -202,9 +202,10 @@ class ParsedJob:
 def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
     """Model spec, training spec and pins (the parallel flags the user set) from Megatron arguments."""
     try:
-        ns, _unknown = F.read_parser().parse_known_args(argv)
+        ns, unknown = F.read_parser().parse_known_args(argv)
     except argparse.ArgumentError as exc:
         raise SpecError(f"invalid Megatron argument: {exc}") from None
+    F.check_no_abbreviations(unknown)
     given = vars(ns).get  # the plan's flags are absent unless the user passed them
     for flag in (F.NUM_LAYERS, F.HIDDEN_SIZE, F.NUM_ATTENTION_HEADS, F.SEQ_LENGTH):
         if getattr(ns, flag.dest) is None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from uniap.errors import SpecError
+
 
 class Kind(Enum):
     """How argparse stores a flag (Megatron's action for it)."""
@@ -224,6 +226,24 @@ def read_parser() -> argparse.ArgumentParser:
     for flag in PLAN_FLAGS + USER_ALIASES:
         flag.add_to(p, with_default=False)
     return p
+
+
+def check_no_abbreviations(unknown: list[str]) -> None:
+    """Megatron-LM's parser takes no abbreviations (allow_abbrev=False, megatron/training/arguments.py
+    parse_args) and refuses what it does not know: an option that is the start of a flag uniap reads would be
+    priced as absent here and refused by Megatron there. SpecError naming the full flag."""
+    spellings = [flag.spelling for flag in MODEL_FLAGS + UNPLANNED_FLAGS + PLAN_FLAGS + USER_ALIASES]
+    for token in unknown:
+        option = token.split("=", 1)[0]
+        if not option.startswith("--"):
+            continue
+        full = sorted(s for s in spellings if s.startswith(option) and s != option)
+        if full:
+            raise SpecError(
+                f"{option} is not a Megatron-LM argument: its parser takes no abbreviations (did you mean "
+                f"{' or '.join(full[:3])}?)",
+                "spell the argument out; Megatron-LM would refuse the job as written",
+            )
 
 
 def flag_of(dest: str) -> str:
