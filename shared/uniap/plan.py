@@ -106,7 +106,7 @@ class Plan:
             )
         if self.micro_batch_all_replicas * self.micro_batches != self.training.global_batch_size:
             raise SpecError("invalid plan: micro_batch_all_replicas * micro_batches must equal the global batch size")
-        if {lp.stage for lp in self.layers} != set(range(self.num_stages)):
+        if self.num_stages > len(self.layers) or {lp.stage for lp in self.layers} != set(range(self.num_stages)):
             raise SpecError("invalid plan: every stage must hold at least one layer")
         if len(self.stages) != self.num_stages:
             raise SpecError("invalid plan: one stage entry per pipeline stage is required")
@@ -197,6 +197,12 @@ class Plan:
             raise SpecError(f"corrupt plan {source}: {exc}", "re-plan; do not edit the file by hand") from None
         for part in (made, *made.stages):
             _check_field_types(part, source)
+        if made.pipeline_degree * made.devices_per_stage != made.cluster.num_gpus:
+            raise SpecError(
+                f"corrupt plan {source}: {made.pipeline_degree} pipeline stage(s) of {made.devices_per_stage} GPU(s) "
+                f"are not its cluster's {made.cluster.num_gpus} GPUs",
+                "re-plan; do not edit the file by hand",
+            )
         if not (made.time_per_iteration > 0 and 0 <= made.mfu <= 1):
             raise SpecError(
                 f"corrupt plan {source}: a time per iteration of {made.time_per_iteration!r} s and an MFU of "

@@ -38,6 +38,10 @@ OFFLOAD_MODES = (OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS)
 OFFLOAD_SUFFIX = {OFFLOAD_NONE: "", OFFLOAD_OPTIMIZER: " +offload", OFFLOAD_PARAMS: " +offload(params)"}
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True, order=True)
 class Strategy:
     """TP x CP x DP with a ZeRO stage and a recompute mode, and the ZeRO variants a framework may offer:
@@ -55,6 +59,14 @@ class Strategy:
     zeropp: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("tp", "dp", "zero", "cp"):
+            if not _is_int(getattr(self, name)):
+                raise SpecError(f"invalid strategy: {name} must be an integer (got {getattr(self, name)!r})")
+        for name in ("recompute", "offload"):
+            if not isinstance(getattr(self, name), str):
+                raise SpecError(f"invalid strategy: {name} must be a name (got {getattr(self, name)!r})")
+        if not isinstance(self.zeropp, bool):
+            raise SpecError(f"invalid strategy: zeropp must be true or false (got {self.zeropp!r})")
         if self.tp < 1 or self.dp < 1 or self.cp < 1:
             raise SpecError(f"invalid strategy: tp ({self.tp}), cp ({self.cp}) and dp ({self.dp}) must be >= 1")
         if self.zero not in ZERO_NAMES:
@@ -297,9 +309,14 @@ class Pins:
     def __post_init__(self) -> None:
         for name in ("tp", "cp", "pipeline_degree", "micro_batch_per_replica", "micro_batches", "virtual_stages"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not _is_int(v) or v < 1):
                 raise SpecError(f"invalid pin '{name}': must be a positive integer (got {v!r})")
-        if self.zero is not None and self.zero not in ZERO_NAMES:
+        if not isinstance(self.even_split, bool):
+            raise SpecError(f"invalid pin 'even_split': must be true or false (got {self.even_split!r})")
+        for name in ("recompute", "offload"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise SpecError(f"invalid pin '{name}': must be a name (got {getattr(self, name)!r})")
+        if self.zero is not None and (not _is_int(self.zero) or self.zero not in ZERO_NAMES):
             raise SpecError(f"invalid pin 'zero': {self.zero!r} (0, 1, 2 or 3)")
         if self.recompute is not None and self.recompute not in RECOMPUTE_MODES:
             raise SpecError(f"invalid pin 'recompute': {self.recompute!r} ({', '.join(RECOMPUTE_MODES)})")

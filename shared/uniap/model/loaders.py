@@ -89,63 +89,63 @@ def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
             "plan the dense model it is based on, or wait for expert parallelism (issue 24)",
         )
     if kind in ("llama", "mistral", "qwen2", "qwen3"):
-        heads = _get(cfg, "num_attention_heads")
+        heads = _positive(cfg, "num_attention_heads")
         return ModelSpec(
             name=name,
             architecture="decoder",
-            num_layers=_get(cfg, "num_hidden_layers"),
-            hidden_size=_get(cfg, "hidden_size"),
+            num_layers=_positive(cfg, "num_hidden_layers"),
+            hidden_size=_positive(cfg, "hidden_size"),
             num_attention_heads=heads,
             num_query_groups=_positive(cfg, "num_key_value_heads", default=heads),
             kv_channels=cfg.get("head_dim"),
-            ffn_hidden_size=_get(cfg, "intermediate_size"),
-            vocab_size=_get(cfg, "vocab_size"),
+            ffn_hidden_size=_positive(cfg, "intermediate_size"),
+            vocab_size=_positive(cfg, "vocab_size"),
             gated_mlp=True,
             normalization="rmsnorm",
             tied_embeddings=_flag(cfg, "tie_word_embeddings", False),
             position_embedding="rope",
-            max_position_embeddings=_get(cfg, "max_position_embeddings"),
+            max_position_embeddings=_positive(cfg, "max_position_embeddings"),
             add_bias=_flag(cfg, "attention_bias", kind == "qwen2"),
             dropout=_probability(cfg, "attention_dropout", 0.0),
         )
     if kind == "gpt2":
-        hidden = _get(cfg, "n_embd", "hidden_size")
+        hidden = _positive(cfg, "n_embd", "hidden_size")
         return ModelSpec(
             name=name,
             architecture="decoder",
-            num_layers=_get(cfg, "n_layer", "num_hidden_layers"),
+            num_layers=_positive(cfg, "n_layer", "num_hidden_layers"),
             hidden_size=hidden,
-            num_attention_heads=_get(cfg, "n_head", "num_attention_heads"),
-            ffn_hidden_size=cfg.get("n_inner") or 4 * hidden,
-            vocab_size=_get(cfg, "vocab_size"),
-            max_position_embeddings=_get(cfg, "n_positions", "max_position_embeddings"),
+            num_attention_heads=_positive(cfg, "n_head", "num_attention_heads"),
+            ffn_hidden_size=_positive(cfg, "n_inner", default=4 * hidden),
+            vocab_size=_positive(cfg, "vocab_size"),
+            max_position_embeddings=_positive(cfg, "n_positions", "max_position_embeddings"),
             dropout=_probability(cfg, "resid_pdrop", 0.1),
         )
     if kind in ("bert", "roberta"):
         return ModelSpec(
             name=name,
             architecture="encoder",
-            num_layers=_get(cfg, "num_hidden_layers"),
-            hidden_size=_get(cfg, "hidden_size"),
-            num_attention_heads=_get(cfg, "num_attention_heads"),
-            ffn_hidden_size=_get(cfg, "intermediate_size"),
-            vocab_size=_get(cfg, "vocab_size"),
-            max_position_embeddings=_get(cfg, "max_position_embeddings"),
+            num_layers=_positive(cfg, "num_hidden_layers"),
+            hidden_size=_positive(cfg, "hidden_size"),
+            num_attention_heads=_positive(cfg, "num_attention_heads"),
+            ffn_hidden_size=_positive(cfg, "intermediate_size"),
+            vocab_size=_positive(cfg, "vocab_size"),
+            max_position_embeddings=_positive(cfg, "max_position_embeddings"),
             dropout=_probability(cfg, "hidden_dropout_prob", 0.1),
         )
     if kind in ("t5", "mt5"):
-        layers = _get(cfg, "num_layers")
+        layers = _positive(cfg, "num_layers")
         proj = cfg.get("feed_forward_proj", "relu")
         return ModelSpec(
             name=name,
             architecture="encoder_decoder",
             num_layers=layers,
-            num_decoder_layers=cfg.get("num_decoder_layers") or layers,
-            hidden_size=_get(cfg, "d_model"),
-            num_attention_heads=_get(cfg, "num_heads"),
-            kv_channels=_get(cfg, "d_kv"),
-            ffn_hidden_size=_get(cfg, "d_ff"),
-            vocab_size=_get(cfg, "vocab_size"),
+            num_decoder_layers=_positive(cfg, "num_decoder_layers", default=layers),
+            hidden_size=_positive(cfg, "d_model"),
+            num_attention_heads=_positive(cfg, "num_heads"),
+            kv_channels=_positive(cfg, "d_kv"),
+            ffn_hidden_size=_positive(cfg, "d_ff"),
+            vocab_size=_positive(cfg, "vocab_size"),
             gated_mlp=str(proj).startswith("gated"),
             normalization="rmsnorm",
             tied_embeddings=_flag(cfg, "tie_word_embeddings", True),
@@ -159,10 +159,10 @@ def from_hf_config(cfg: dict[str, Any], name: str = "hf-model") -> ModelSpec:
         return ModelSpec(
             name=name,
             architecture="vit",
-            num_layers=_get(cfg, "num_hidden_layers"),
-            hidden_size=_get(cfg, "hidden_size"),
-            num_attention_heads=_get(cfg, "num_attention_heads"),
-            ffn_hidden_size=_get(cfg, "intermediate_size"),
+            num_layers=_positive(cfg, "num_hidden_layers"),
+            hidden_size=_positive(cfg, "hidden_size"),
+            num_attention_heads=_positive(cfg, "num_attention_heads"),
+            ffn_hidden_size=_positive(cfg, "intermediate_size"),
             image_size=image,
             patch_size=patch,
             num_channels=_positive(cfg, "num_channels", default=3),

@@ -121,10 +121,12 @@ class ModelSpec:
         _positive_ints(
             self, ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings")
         )
+        # The image fields have defaults and are read for a ViT only, but are integers for every model (a spec
+        # is whole before any use).
+        _positive_ints(self, ("image_size", "patch_size", "num_channels", "num_classes"))
         if self.architecture != "vit":
             _positive_ints(self, ("vocab_size",))
         else:
-            _positive_ints(self, ("image_size", "patch_size", "num_channels", "num_classes"))
             _require(
                 self.image_size % self.patch_size == 0,
                 "image_size",
