@@ -11,6 +11,7 @@ import math
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_hostile_inputs import LLAMA
 
 from uniap.cluster.spec import ClusterSpec, cluster_preset
 from uniap.errors import UniapError
@@ -40,15 +41,6 @@ EXAMPLES = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 MODEL = model_preset("gpt3-1.3b").to_dict()
 TRAINING = TrainingSpec(global_batch_size=16, seq_length=512).to_dict()
 CLUSTER = cluster_preset("dgx-h100").to_dict()
-HF_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 512,
-    "intermediate_size": 1024,
-    "num_attention_heads": 8,
-    "num_hidden_layers": 2,
-    "vocab_size": 1000,
-    "max_position_embeddings": 512,
-}
 
 
 def read_or_refused(read, data) -> None:
@@ -80,14 +72,14 @@ def test_a_cluster_spec_with_any_value_in_any_field(field, value):
 @EXAMPLES
 @given(
     field=st.sampled_from(
-        sorted(HF_LLAMA)
+        sorted(LLAMA)
         + ["num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "attention_dropout"]
     ),
     value=JSON_VALUES,
     kind=st.sampled_from(["llama", "mistral", "qwen2", "gpt2", "bert", "t5", "vit", "mixtral", ""]),
 )
 def test_a_hugging_face_config_with_any_value_in_any_field(field, value, kind):
-    read_or_refused(lambda cfg: from_hf_config(cfg), {**HF_LLAMA, "model_type": kind, field: value})
+    read_or_refused(lambda cfg: from_hf_config(cfg), {**LLAMA, "model_type": kind, field: value})
 
 
 @pytest.fixture(scope="module")
