@@ -148,6 +148,14 @@ def recompute_of(flags: dict) -> str:
     return "full" if stated.startswith("full") else "selective" if stated.startswith("selective") else "none"
 
 
+def offloaded_layers_of(flags: dict) -> int:
+    """Transformer layers whose activations the source's run kept in host memory (Megatron's
+    --cpu-offloading-num-layers; Megatron-Bridge's cpu_offloading_num_layers with cpu_offloading)."""
+    if not flags.get("cpu_offloading") or flags.get("cpu_offloading_activations") is False:
+        return 0
+    return int(flags.get("cpu_offloading_num_layers") or 0)
+
+
 def preset_of(gpu: str) -> str | None:
     """The cluster preset of the system the source ran: the one uniap gives a detected GPU of that family."""
     return next((preset for family, preset in PRESET_OF_FAMILY if family in gpu.upper()), None)
@@ -256,6 +264,7 @@ def price_row(source: str, held_out: bool, row: dict) -> PricedRow:
                 split,
                 cp=cp,
                 virtual_stages=vp,
+                offloaded_layers=offloaded_layers_of(flags),
             )
         except SpecError as exc:
             priced.skipped = exc.message

@@ -166,6 +166,10 @@ EVAL_GRID = [
     _evaluate("llama3-8b", 2, 8, 64, 2048, "--tp", "8", "--zero", "3"),
     _evaluate("llama3-8b", 2, 8, 64, 2048, "--tp", "4", "--zero", "3", "--recompute", "full"),
     _evaluate("llama3-8b", 1, 8, 64, 2048, "--zero", "3", "--micro-batch-size", "2"),
+    # Activations of some layers in host memory (--cpu-offloading-num-layers), with the distributed optimizer
+    # and with Megatron-FSDP.
+    _evaluate("llama3-8b", 1, 8, 64, 8192, "--tp", "2", "--zero", "1", "--offload-activations", "12"),
+    _evaluate("llama2-7b", 1, 8, 64, 4096, "--zero", "3", "--micro-batch-size", "2", "--offload-activations", "31"),
 ]
 
 ALL_JOBS = _plan_grid() + EVAL_GRID

@@ -35,6 +35,7 @@ INT_FLAGS = {
     "--decoder-last-pipeline-num-layers",
     "--num-virtual-stages-per-pipeline-rank",
     "--recompute-num-layers",
+    "--cpu-offloading-num-layers",
     "--num-layers",
     "--hidden-size",
     "--num-attention-heads",
@@ -252,6 +253,16 @@ def megatron_violations(flags: dict, env: dict[str, str], world: int) -> list[st
             bad.append("--recompute-granularity selective forbids --recompute-method/--recompute-num-layers")
     elif "--recompute-method" in flags or "--recompute-num-layers" in flags:
         bad.append("--recompute-method/--recompute-num-layers without a recompute granularity")
+    # CPU offloading of activations (megatron-core transformer_config.py 1137-1152): fewer layers than the
+    # model has, one pipeline stage, no recompute.
+    offloaded = g("--cpu-offloading-num-layers", 0)
+    if offloaded:
+        if not 0 < offloaded < layers:
+            bad.append(f"--cpu-offloading-num-layers {offloaded} must be below num_layers {layers}")
+        if pp > 1:
+            bad.append("CPU offloading with pipeline parallelism")
+        if gran is not None:
+            bad.append("CPU offloading with activation recompute")
     # A.11: overlap-param-gather needs overlap-grad-reduce and the distributed optimizer or Megatron-FSDP.
     if g("--overlap-param-gather"):
         if not g("--overlap-grad-reduce"):
@@ -374,6 +385,8 @@ def translation_mismatches(flags: dict, plan: Plan, model: ModelSpec, training: 
     rc = {"none": None, "selective": "selective", "full": "full"}[s.recompute]
     if g("--recompute-granularity") != rc:
         bad.append(f"recompute {g('--recompute-granularity')!r}, plan says {s.recompute}")
+    if g("--cpu-offloading-num-layers", 0) != plan.offloaded_layers:
+        bad.append(f"offloaded layers {g('--cpu-offloading-num-layers', 0)}, plan says {plan.offloaded_layers}")
     # ZeRO: 1 -> distributed optimizer; 3 -> Megatron-FSDP (optim_grads_params); 0 -> neither.
     zero = 3 if g("--use-megatron-fsdp") else 1 if g("--use-distributed-optimizer") else 0
     if zero != (s.zero if s.shards > 1 else 0):
@@ -410,6 +423,8 @@ def transformer_config(flags: dict) -> TransformerConfig:
         recompute_granularity=g("--recompute-granularity"),
         recompute_method=g("--recompute-method"),
         recompute_num_layers=g("--recompute-num-layers"),
+        cpu_offloading=bool(g("--cpu-offloading-num-layers")),
+        cpu_offloading_num_layers=g("--cpu-offloading-num-layers", 0),
         bf16=bool(g("--bf16")),
         fp16=bool(g("--fp16")),
         params_dtype=dtype,

@@ -88,7 +88,8 @@ def test_reserved_memory_is_allocated_times_the_allocator_ratio():
 
 def test_llama2_7b_on_one_h200_without_fused_kernels_does_not_fit(capsys):
     """Measured on an H200 with megatron-core 0.16.1 and torch's AdamW: this job ran out of memory even with
-    full recompute. With fused kernels it fits only with full recompute."""
+    full recompute. With fused kernels it fits only with full recompute or with some layers' activations in
+    host memory (Transformer Engine's offload)."""
     job = (
         "--model",
         "llama2-7b",
@@ -110,7 +111,7 @@ def test_llama2_7b_on_one_h200_without_fused_kernels_does_not_fit(capsys):
     assert_clean_error(err)
     code, out, _ = run_main(capsys, "plan", *job, "--json")
     plan = Plan.from_dict(json.loads(out))
-    assert code == 0 and plan.uniform_strategy.recompute == "full"
+    assert code == 0 and (plan.uniform_strategy.recompute == "full" or plan.offloaded_layers > 0)
     assert plan.stages[0].memory_bytes <= plan.memory_capacity_bytes
 
 

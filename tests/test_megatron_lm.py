@@ -27,6 +27,8 @@ ACTION_OF_KIND = {
 }
 # What validate_args reports back about a plan (the attributes Megatron derives or reads).
 REPORTED = (
+    "cpu_offloading",
+    "cpu_offloading_num_layers",
     "data_parallel_size",
     "tensor_model_parallel_size",
     "context_parallel_size",
@@ -120,6 +122,9 @@ def planned_arguments(plan) -> dict:
         "use_distributed_optimizer": s.zero in (1, 3) and s.shards > 1,
         "use_megatron_fsdp": s.zero == 3 and s.shards > 1,
         "recompute_granularity": None if s.recompute == "none" else s.recompute,
+        # validate_args sets it only where a layer is offloaded; Megatron-LM's parser has no such flag.
+        "cpu_offloading": True if plan.offloaded_layers else None,
+        "cpu_offloading_num_layers": plan.offloaded_layers,
         megatron_lm.LAYERS_PER_STAGE: plan.stage_layer_counts(),
     }
 

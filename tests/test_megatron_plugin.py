@@ -75,6 +75,7 @@ def megatron_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", type=str, default=None, choices=["full", "selective"])
     g.add_argument("--recompute-method", type=str, default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument("--cpu-offloading-num-layers", type=int, default=0)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g = p.add_argument_group("transformer engine")
@@ -532,6 +533,8 @@ def test_every_plan_flag_maps_to_megatrons_dest():
         "uniform",
         "--recompute-num-layers",
         "1",
+        "--cpu-offloading-num-layers",
+        "3",
         "--bf16",
         "--fp16",
         "--fp8-format",

@@ -100,7 +100,7 @@ def test_a_model_too_big_for_one_gpu_is_offloaded_and_the_plan_says_why():
     again = Plan.from_dict(json.loads(plan.to_json()))  # version 5 keeps the variant and the host memory
     assert again.uniform_strategy == s and again.notes == plan.notes and again.stages == plan.stages
     text = render_explanation(explain(plan))
-    assert "host memory per GPU (offloaded states)" in text and "note: ZeRO-" in text
+    assert "host memory per GPU (offloaded states and activations)" in text and "note: ZeRO-" in text
 
 
 def test_host_memory_bounds_offloading(tmp_path):

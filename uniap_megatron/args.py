@@ -1,10 +1,10 @@
 """Plan <-> Megatron-LM (core_v0.16.1) arguments: a thin translation both ways.
 
 plan -> arguments: parallel sizes (TP, CP, PP), batch sizes, sequence parallelism, distributed optimizer or
-Megatron-FSDP, recompute, the pipeline split (even, --decoder-first/last-pipeline-num-layers, or a
-full --pipeline-model-parallel-layout), precision; the environment Megatron needs
-(CUDA_DEVICE_MAX_CONNECTIONS). arguments -> model spec: what the planner needs from a pretraining
-command line. Flag spellings and rules: Megatron-LM core_v0.16.1 megatron/training/arguments.py
+Megatron-FSDP, recompute, activations offloaded to the host, the pipeline split (even,
+--decoder-first/last-pipeline-num-layers, or a full --pipeline-model-parallel-layout), precision; the
+environment Megatron needs (CUDA_DEVICE_MAX_CONNECTIONS). arguments -> model spec: what the planner needs from a
+pretraining command line. Flag spellings and rules: Megatron-LM core_v0.16.1 megatron/training/arguments.py
 (add_megatron_arguments, validate_args).
 """
 
@@ -127,6 +127,7 @@ def megatron_launch(plan: Plan) -> MegatronLaunch:
         )
     elif s.recompute == F.SELECTIVE:
         args += F.RECOMPUTE_GRANULARITY.tokens(F.SELECTIVE)
+    args += F.CPU_OFFLOADING_LAYERS.tokens(plan.offloaded_layers) if plan.offloaded_layers else []
     args += {"bf16": F.BF16.tokens(), "fp16": F.FP16.tokens()}.get(plan.training.precision, [])
     if plan.training.fp8:
         args += F.FP8_FORMAT.tokens(plan.training.fp8_format) + F.FP8_RECIPE.tokens(plan.training.fp8_recipe)
@@ -282,6 +283,7 @@ def job_from_args(argv: list[str], name: str = "megatron-model") -> ParsedJob:
         zero=zero,
         recompute=given(F.RECOMPUTE_GRANULARITY.dest),  # --recompute-activations: 'selective'
         micro_batch_per_replica=given(F.MICRO_BATCH_SIZE.dest),
+        offloaded_layers=given(F.CPU_OFFLOADING_LAYERS.dest),
     )
     overlaps = tuple(
         o

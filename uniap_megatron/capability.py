@@ -15,7 +15,11 @@
   next forward (--overlap-param-gather beside --overlap-grad-reduce);
 - one recompute setting for all transformer layers (`--recompute-granularity full --recompute-method
   uniform --recompute-num-layers 1`, or selective);
-- heads, query groups and FFN divisible by TP (checked by the core's strategy enumeration).
+- heads, query groups and FFN divisible by TP (checked by the core's strategy enumeration);
+- activations of some transformer layers offloaded to host memory (`--cpu-offloading-num-layers N`, which sets
+  --cpu-offloading in validate_args, arguments.py 1236-1237) through Transformer Engine's cpu_offload context
+  (transformer/transformer_block.py asserts TE): fewer layers than the model has, not with PP > 1, not with
+  recompute (megatron-core 0.16.1 transformer/transformer_config.py 1137-1152).
 
 Model states (Megatron Core developer guide, "Distributed Optimizer", bytes per parameter without / with
 the distributed optimizer over d data-parallel ranks): bf16 params with fp32 gradients, Megatron-LM's
@@ -77,8 +81,11 @@ MEGATRON = Capability(
         "(--use-torch-fsdp2, ZeRO-3), nothing in between",
         "max_zero_with_pipeline": "Megatron-LM's fully sharded data parallelism is run with one pipeline stage "
         "(--use-torch-fsdp2 asserts --pipeline-model-parallel-size 1 in validate_args)",
+        "activation_offload": "Megatron-LM offloads activations (--cpu-offloading-num-layers) with one pipeline "
+        "stage and no recompute only (megatron-core 0.16.1 TransformerConfig)",
     },
     accounting=MEGATRON_ACCOUNTING,
+    activation_offload=True,
 )
 
 # CUDA_DEVICE_MAX_CONNECTIONS before Blackwell (Megatron-LM core_v0.16.1 megatron/training/arguments.py

@@ -50,6 +50,7 @@ KEEP = {
     "mbs": (F.MICRO_BATCH_SIZE,),
     "zero": (F.DISTRIBUTED_OPTIMIZER, F.MEGATRON_FSDP, F.TORCH_FSDP2, F.SHARDING_STRATEGY),
     "recompute": (F.RECOMPUTE_GRANULARITY, F.RECOMPUTE_ACTIVATIONS, F.RECOMPUTE_METHOD, F.RECOMPUTE_NUM_LAYERS),
+    "offload": (F.CPU_OFFLOADING_LAYERS,),
 }
 # The flags a conversion may change: the parallel strategy (not the batch, the precision or the model).
 STRATEGY_FLAGS = tuple(f for flags in KEEP.values() for f in flags) + (
@@ -145,6 +146,7 @@ def current_configuration(argv: list[str], cluster, profile) -> Configuration:
         profile=profile,
         cp=p.cp or 1,
         virtual_stages=p.virtual_stages or 1,
+        offloaded_layers=p.offloaded_layers or 0,
     )
     return Configuration("current", plan, prediction.fits, max(prediction.stage_memory), prediction.memory_capacity)
 

@@ -90,6 +90,9 @@ CHECKPOINT_FORMAT = Flag("--ckpt-format", type=str, default="torch_dist")
 RECOMPUTE_GRANULARITY = Flag("--recompute-granularity", type=str)
 RECOMPUTE_METHOD = Flag("--recompute-method", type=str)
 RECOMPUTE_NUM_LAYERS = Flag("--recompute-num-layers", type=int)
+# Activations of this many transformer layers offloaded to host memory (validate_args sets --cpu-offloading
+# from it, megatron/training/arguments.py 1236-1237; the flag itself comes from TransformerConfig's field).
+CPU_OFFLOADING_LAYERS = Flag("--cpu-offloading-num-layers", type=int, default=0)
 BF16 = Flag("--bf16", Kind.SWITCH)
 FP16 = Flag("--fp16", Kind.SWITCH)
 # Transformer Engine (megatron-core TransformerConfig / ModelParallelConfig fields, as Megatron-LM's parser
@@ -124,6 +127,7 @@ PLAN_FLAGS = (
     RECOMPUTE_GRANULARITY,
     RECOMPUTE_METHOD,
     RECOMPUTE_NUM_LAYERS,
+    CPU_OFFLOADING_LAYERS,
     BF16,
     FP16,
     FP8_FORMAT,

@@ -38,6 +38,7 @@ PIN_FLAGS = {
     "virtual_stages": F.VIRTUAL_STAGES_PER_RANK.spelling,
     "pipeline_degree": F.PIPELINE_PARALLEL.spelling,
     "micro_batch_per_replica": F.MICRO_BATCH_SIZE.spelling,
+    "offloaded_layers": F.CPU_OFFLOADING_LAYERS.spelling,
 }
 
 

@@ -135,12 +135,17 @@ def _add_output_args(p: argparse.ArgumentParser, what: str = "plan") -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: warnings only)")
 
 
+OFFLOAD_ACTIVATIONS_HELP = (
+    "transformer layers whose activations wait in host memory between forward and backward (Megatron-LM's "
+    "--cpu-offloading-num-layers; one pipeline stage, no recompute)"
+)
 EVALUATE_CONFIG = (
     ("--tp", int, 1, "tensor-parallel degree"),
     ("--cp", int, 1, "context-parallel degree (ranks each sequence is split over)"),
     ("--pp", int, 1, "pipeline degree"),
     ("--micro-batch-size", int, 1, "samples per data-parallel replica per micro-batch"),
     ("--virtual-stages", int, 1, "model chunks per pipeline rank (interleaved 1F1B; --split then lists chunks)"),
+    ("--offload-activations", int, 0, OFFLOAD_ACTIVATIONS_HELP),
 )
 EVALUATE_DEFAULTS = {
     "tp": 1,
@@ -150,6 +155,7 @@ EVALUATE_DEFAULTS = {
     "virtual_stages": 1,
     "zero": 0,
     "recompute": "none",
+    "offload_activations": 0,
 }
 TABLE_LEGEND = """reading the table:
   stage             the pipeline stage (interleaved: model chunk/rank, e.g. 4/r0)
@@ -157,8 +163,8 @@ TABLE_LEGEND = """reading the table:
   memory (GiB)      predicted peak the allocator reserves per GPU / what the GPU leaves usable
   strategies        per stage: how many transformer layers run each strategy (TPn: tensor parallel,
                     CPn: context parallel, DPn: data parallel, ZeRO-n / FSDP: sharding over
-                    DP x CP, +rc / +sel-rc: full / selective
-                    recompute); "other:" the embedding and head layers
+                    DP x CP, +rc / +sel-rc: full / selective recompute, +act-offload:
+                    activations kept in host memory); "other:" the embedding and head layers
   solver            per subproblem (pipeline degree, micro-batch count): optimal, pruned (its bound
                     cannot beat the best plan), infeasible (no plan fits its memory), no_strategy
                     (no strategy divides its devices and batch), not_solved (time limit)
@@ -219,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--micro-batch-size", type=int, help="samples per data-parallel replica per micro-batch (default: chosen)"
     )
+    g.add_argument("--offload-activations", type=int, help=f"{OFFLOAD_ACTIVATIONS_HELP} (default: chosen)")
     g = p.add_argument_group("solver")
     g.add_argument(
         "--time-limit",
@@ -403,6 +410,7 @@ def cmd_plan(args) -> int:
         zero=args.zero,
         recompute=args.recompute,
         micro_batch_per_replica=args.micro_batch_size,
+        offloaded_layers=args.offload_activations,
     )
     job = replace(_job(args), pins=pins)
     plan, outcome = solve(job, time_limit=args.time_limit, gap=args.gap, progress=None if not args.json else False)
@@ -437,6 +445,7 @@ def cmd_evaluate(args) -> int:
         job.profile,
         cp=args.cp,
         virtual_stages=args.virtual_stages,
+        offloaded_layers=args.offload_activations,
     )
     return _emit_priced(plan, pred, args)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +120,15 @@ class Plan:
 
     @property
     def uniform_strategy(self) -> Strategy | None:
-        """The strategy shared by every transformer layer, if there is one (Megatron, DeepSpeed)."""
-        found = {lp.strategy for lp in self.layers if lp.kind in TRANSFORMER_KINDS}
+        """The strategy shared by every transformer layer, if there is one (Megatron, DeepSpeed), whichever of
+        them keep their activations in host memory (`offloaded_layers` counts those)."""
+        found = {replace(lp.strategy, offload_activations=False) for lp in self.layers if lp.kind in TRANSFORMER_KINDS}
         return next(iter(found)) if len(found) == 1 else None
+
+    @property
+    def offloaded_layers(self) -> int:
+        """Transformer layers whose activations wait in host memory between forward and backward."""
+        return sum(lp.strategy.offload_activations for lp in self.layers)
 
     @property
     def data_parallel_size(self) -> int:

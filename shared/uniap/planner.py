@@ -47,6 +47,7 @@ PIN_FLAGS = {
     "pipeline_degree": "--pp",
     "virtual_stages": "--virtual-stages",
     "micro_batch_per_replica": "--micro-batch-size",
+    "offloaded_layers": "--offload-activations",
 }
 
 
@@ -96,6 +97,25 @@ def check_pins(job: Job, graph: LayerGraph, capability: Capability) -> None:
                 f"offloading the {p.offload} needs ZeRO stage {'3' if p.offload == OFFLOAD_PARAMS else '1, 2 or 3'}, "
                 f"but ZeRO stage {p.zero} is pinned",
                 "pin another ZeRO stage, or drop one of the two pins",
+            )
+    if p.offloaded_layers:
+        layers = sum(layer.kind in TRANSFORMER_KINDS for layer in graph.layers)
+        where = f"{flags['offloaded_layers']} {p.offloaded_layers}"
+        if p.offloaded_layers >= layers:
+            raise SpecError(
+                f"{where}: activations stay on the GPU for at least one of the {layers} transformer layers",
+                f"offload at most {layers - 1} layers",
+            )
+        if c.host_memory_gib is None:
+            raise SpecError(
+                f"{where}: offloading activations to host memory is asked for, but cluster '{c.name}' does not "
+                "describe its hosts",
+                "add host_memory_gib (and host_link_bandwidth_gbps) to the cluster file",
+            )
+        if not job.training.fused_kernels:
+            raise SpecError(
+                f"{where}: activations are offloaded by Transformer Engine, which this job runs without",
+                "install Transformer Engine, or drop the offload",
             )
     if p.tp is not None:
         if p.tp > node or node % p.tp or world % p.tp:
@@ -214,32 +234,49 @@ def plan(
     )
     variant = next((s for s in best.strategy_of if s.offload != OFFLOAD_NONE or s.zeropp), None)
     if variant is not None:
-        made.notes.append(variant_note(job, graph, capability, cost_model, made, variant, time_limit, gap))
+        what = variant.zero_label
+        if job.pins.offload not in (None, OFFLOAD_NONE):
+            made.notes.append(f"{what}: offloading was pinned")
+        else:
+            plain = replace(capability, offload_modes=(OFFLOAD_NONE,), zeropp=False)
+            made.notes.append(
+                alternative_note(job, graph, plain, cost_model, made, what, "offloading or ZeRO++", time_limit, gap)
+            )
+    if made.offloaded_layers:
+        what = f"activations of {made.offloaded_layers} transformer layer(s) offloaded to host memory"
+        basis = (
+            "; their copies are priced at the host link's datasheet bandwidth (estimated), hidden behind the "
+            "compute where they fit in it (as on the published GB200/GB300 runs that offload)"
+        )
+        if job.pins.offloaded_layers:
+            made.notes.append(f"{what}: pinned{basis}")
+        else:
+            plain = replace(capability, activation_offload=False)
+            without = "offloaded activations"
+            note = alternative_note(job, graph, plain, cost_model, made, what, without, time_limit, gap)
+            made.notes.append(note + basis)
     return made, outcome
 
 
-def variant_note(
+def alternative_note(
     job: Job,
     graph: LayerGraph,
-    capability: Capability,
+    narrowed: Capability,
     cost_model: CostModel,
     made: Plan,
-    variant: Strategy,
+    what: str,
+    without: str,
     time_limit: float | None,
     gap: float,
 ) -> str:
-    """Why the plan offloads or runs ZeRO++: pinned, nothing else fits, or how much faster it is than
-    the best plan without any of them (planned again with the capability narrowed to plain ZeRO)."""
-    what = variant.zero_label
-    if job.pins.offload not in (None, OFFLOAD_NONE):
-        return f"{what}: offloading was pinned"
-    plain = replace(capability, offload_modes=(OFFLOAD_NONE,), zeropp=False)
+    """Why the plan chose `what`: nothing else fits, or how much faster it is than the best plan `without` it
+    (planned again under the `narrowed` capability)."""
     try:
         other = optimize(
             graph,
             job.cluster,
             job.training,
-            plain,
+            narrowed,
             cost_model,
             pins=job.pins,
             time_limit=time_limit,
@@ -247,12 +284,12 @@ def variant_note(
             progress=False,
         )
     except InfeasibleError as exc:
-        return f"{what} chosen because no plan without offloading or ZeRO++ fits: {exc.message}"
-    without = make_plan(other.sub, other.best.stage_of, other.best.strategy_of, other.prediction, job.model, {})
-    gain = without.time_per_iteration / made.time_per_iteration - 1
+        return f"{what} chosen because no plan without {without} fits: {exc.message}"
+    plain = make_plan(other.sub, other.best.stage_of, other.best.strategy_of, other.prediction, job.model, {})
+    gain = plain.time_per_iteration / made.time_per_iteration - 1
     return (
-        f"{what} chosen: {gain * 100:.1f}% faster than the best plan without offloading or ZeRO++ "
-        f"({short_label(without)}, {without.time_per_iteration:.3f} s/iteration)"
+        f"{what} chosen: {gain * 100:.1f}% faster than the best plan without {without} "
+        f"({short_label(plain)}, {plain.time_per_iteration:.3f} s/iteration)"
     )
 
 
@@ -338,11 +375,13 @@ def configure(
     offload: str = OFFLOAD_NONE,
     zeropp: bool = False,
     virtual_stages: int = 1,
+    offloaded_layers: int = 0,
 ) -> tuple[Plan, Prediction]:
     """The plan of one configuration as Megatron-LM names it (TP, CP, PP, model chunks per pipeline rank,
-    micro-batch size per replica, DP = GPUs / (TP x CP x PP)), every transformer layer alike, the split even
-    over the PP x chunks stages unless `split` lists transformer layers per stage, with a ZeRO variant where the
-    target runs one (Strategy); SpecError names the rule a configuration breaks."""
+    micro-batch size per replica, DP = GPUs / (TP x CP x PP)), every transformer layer alike but for the first
+    `offloaded_layers`, whose activations wait in host memory, the split even over the PP x chunks stages unless
+    `split` lists transformer layers per stage, with a ZeRO variant where the target runs one (Strategy);
+    SpecError names the rule a configuration breaks."""
     if min(tp, cp, pp, micro_batch_size, virtual_stages) < 1:
         raise SpecError("tp, cp, pp, the model chunks per rank and the micro-batch size must be positive")
     capability = capability_for(target)
@@ -357,6 +396,7 @@ def configure(
         micro_batch_per_replica=micro_batch_size,
         offload=offload,
         virtual_stages=virtual_stages,
+        offloaded_layers=offloaded_layers,
     )
     check_pins(Job(model=model, cluster=cluster, training=training, target=target, pins=pins), graph, capability)
     n = cluster.num_gpus
@@ -395,6 +435,8 @@ def configure(
     )
     stage_of = split_by_counts(graph, split) if split else even_split(graph, pp * virtual_stages)
     sharded = dp * cp > 1 or offload != OFFLOAD_NONE
+    transformer = [u for u, layer in enumerate(graph.layers) if layer.kind in TRANSFORMER_KINDS]
+    offloaded = set(transformer[:offloaded_layers])
     strategy_of = [
         Strategy(
             tp,
@@ -404,8 +446,9 @@ def configure(
             cp,
             offload=offload if sharded and zero else OFFLOAD_NONE,
             zeropp=zeropp,
+            offload_activations=u in offloaded,
         )
-        for layer in graph.layers
+        for u, layer in enumerate(graph.layers)
     ]
     check_assignment(sub, stage_of, strategy_of)
     prediction = evaluate(sub, stage_of, strategy_of)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .cost.strategy import RECOMPUTE_SUFFIX
+from .cost.strategy import ACTIVATION_OFFLOAD_SUFFIX, RECOMPUTE_SUFFIX
 from .model.graph import TRANSFORMER_KINDS
 from .plan import Plan
 from .profile.schema import Calibration
@@ -45,15 +45,16 @@ def plural(n: int, noun: str) -> str:
 
 
 def short_label(plan: Plan) -> str:
-    """The configuration in one line, e.g. 'TP4 CP1 PP16 DP2 ZeRO-1 +rc mbs 2 x384' (a per-layer plan: its
-    first transformer layer's strategy, marked 'mixed')."""
+    """The configuration in one line, e.g. 'TP4 CP1 PP16 DP2 ZeRO-1 +rc mbs 2 x384', 'TP1 CP1 PP1 DP64 FSDP
+    +act-offload 40 mbs 2 x2' (a per-layer plan: its first transformer layer's strategy, marked 'mixed')."""
     s = plan.uniform_strategy
     mixed = "" if s is not None else " mixed"
     s = s or next((lp.strategy for lp in plan.layers if lp.kind in TRANSFORMER_KINDS), plan.layers[0].strategy)
     pp = f"PP{plan.pipeline_degree}" + (f"x{plan.virtual_stages}" if plan.virtual_stages > 1 else "")
     zero = f" {s.zero_label}" if s.zero else ""
     batch = f"mbs {plan.micro_batch_per_replica} x{plan.micro_batches}"
-    return f"TP{s.tp} CP{s.cp} {pp} DP{s.dp}{zero}{RECOMPUTE_SUFFIX[s.recompute]}{mixed} {batch}"
+    offload = f"{ACTIVATION_OFFLOAD_SUFFIX} {plan.offloaded_layers}" if plan.offloaded_layers else ""
+    return f"TP{s.tp} CP{s.cp} {pp} DP{s.dp}{zero}{RECOMPUTE_SUFFIX[s.recompute]}{offload}{mixed} {batch}"
 
 
 def batch_line(plan: Plan) -> str:
@@ -88,12 +89,13 @@ def _memory_note(plan: Plan) -> list[str]:
 
 
 def host_note(plan: Plan, indent: str = "    ") -> list[str]:
-    """Host memory the offloaded states take per GPU, against what the cluster's hosts allow."""
+    """Host memory the offloaded states and activations take per GPU, against what the cluster's hosts allow."""
     host = max((s.host_bytes or 0.0 for s in plan.stages), default=0.0)
     capacity = plan.cluster.host_memory_per_gpu_bytes
     if not host or capacity is None:
         return []
-    return [f"{indent}host memory per GPU (offloaded states): {host / GiB:.1f} GiB of {capacity / GiB:.1f} usable"]
+    what = "host memory per GPU (offloaded states and activations)"
+    return [f"{indent}{what}: {host / GiB:.1f} GiB of {capacity / GiB:.1f} usable"]
 
 
 def scale_warning(plan: Plan) -> str | None:

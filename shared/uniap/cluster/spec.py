@@ -302,7 +302,9 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
         # GB300 NVL72 (NVIDIA GB300 NVL72 page via secondary sources: 360 PF dense FP8 / 72): 2,500 TFLOP/s bf16,
         # 5,000 FP8, 15,000 FP4 (1,080 PF dense / 72), ~279 GB HBM3e (276.50 GiB in PyTorch) at 8 TB/s, one 72-GPU
         # NVLink5 fabric, one ConnectX-8
-        # 800 Gb/s per GPU; Grace hosts as GB200 (not verified).
+        # 800 Gb/s per GPU. Hosts: 2 Grace CPUs per tray of 4 GPUs (NVIDIA Enterprise Reference Architecture
+        # "NVL72 AI Factory", System Hardware & Components), the same Grace as GB200's: up to 480 GB LPDDR5X each
+        # over NVLink-C2C, described as GB200's.
         ClusterSpec(
             name="gb300-nvl72",
             num_nodes=18,
@@ -316,6 +318,9 @@ CLUSTER_PRESETS: dict[str, ClusterSpec] = {
             hbm_bandwidth_gbps=8000.0,
             intra_node_bandwidth_gbps=900.0,
             inter_node_bandwidth_gbps=100.0,
+            host_memory_gib=960.0,
+            host_memory_bandwidth_gbps=1024.0,
+            host_link_bandwidth_gbps=225.0,
             **BLACKWELL_LINKS,
         ),
         # 8x A100 80GB PCIe in one server: PCIe Gen4 x16 (32 GB/s per direction), no NVLink;

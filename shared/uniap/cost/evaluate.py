@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..errors import SpecError
 from ..model.graph import TRANSFORMER_KINDS
 from ..tolerances import MEMORY_FIT
-from .model import BUFFERS, TRANSIENT_CLASSES
+from .model import BUFFERS, TRANSIENT_CLASSES, offload_exposed
 from .strategy import Strategy
 from .tables import Subproblem
 
@@ -131,6 +131,12 @@ def check_assignment(sub: Subproblem, stage_of: list[int], strategy_of: list[Str
     problems = cap.violations([(layer.kind, s) for layer, s in zip(g.layers, strategy_of)], sub.deg)
     if problems:
         raise SpecError(problems[0])
+    offloaded = sum(s.offload_activations for s in strategy_of)
+    if sub.offloaded_layers is not None and offloaded != sub.offloaded_layers:
+        raise SpecError(
+            f"plan offloads the activations of {offloaded} transformer layers; the pinned flags say "
+            f"{sub.offloaded_layers}"
+        )
 
 
 def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) -> Prediction:
@@ -140,6 +146,7 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
     n, deg = sub.stages, sub.deg
     p = [0.0] * n
     it = [0.0] * n
+    copy, compute = [0.0] * n, [0.0] * n  # per stage: offloaded activations' copy time, the kernels' time
     # Memory is the rank's: the sum over its stages (chunks), the peaks over their layers.
     states, acts, step, host = [0.0] * deg, [0.0] * deg, [0.0] * deg, [0.0] * deg
     peaks = [dict.fromkeys(TRANSIENT_CLASSES, 0.0) for _ in range(deg)]
@@ -149,12 +156,16 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
         r = sub.rank_of(i)
         p[i] += cost.time_per_microbatch
         it[i] += cost.time_per_iteration
+        copy[i] += cost.host_copy_time
+        compute[i] += cost.compute_time
         states[r] += cost.state_bytes
         acts[r] += sub.inflight[i] * cost.activation_bytes
         step[r] += cost.step_bytes
         host[r] += cost.host_bytes
         for name in TRANSIENT_CLASSES:
             peaks[r][name] = max(peaks[r][name], getattr(cost, name))
+    for i in range(n):
+        p[i] += offload_exposed(copy[i], compute[i]) if copy[i] else 0.0
     for e in g.edges:
         if e.kind == "chain" and stage_of[e.src] == stage_of[e.dst]:
             p[stage_of[e.src]] += sub.reshard_time(g.layers[e.src], strategy_of[e.src].tp, strategy_of[e.dst].tp)

@@ -105,7 +105,8 @@ class LayerCost:
     step_bytes: its model states at the optimizer step's peak, temporaries included (activations are freed
     by then). compute_time: the part of time_per_microbatch that is the layer's own kernels (forward, backward,
     recomputation), the rest being communication and gradient accumulation. host_bytes: offloaded model states
-    in host memory, per GPU."""
+    and activations in host memory, per GPU; host_copy_time: seconds per micro-batch of one copy of the
+    layer's offloaded activations between GPU and host (`offload_exposed` prices it per stage)."""
 
     time_per_microbatch: float
     time_per_iteration: float
@@ -119,6 +120,22 @@ class LayerCost:
     activation_basis: str
     compute_time: float = 0.0
     host_bytes: float = 0.0
+    host_copy_time: float = 0.0
+
+
+# A stage without recompute spends a third of its compute in the forward and two thirds in the backward.
+FORWARD_SHARE = 1.0 / 3.0
+
+
+def offload_exposed(copy: float, compute: float) -> float:
+    """Seconds per micro-batch a stage waits for its offloaded activations: the copies (`copy`, one way, all its
+    offloaded layers) run on the copy engine beside the stage's kernels (`compute`), out during the forward and
+    back during the backward, so only what exceeds each phase shows (Transformer Engine's cpu_offload spreads
+    the offloaded layers evenly among the others and copies one group while the next computes):
+
+        e = max(0, copy - F) + max(0, copy - B),   F = compute / 3,   B = 2 compute / 3."""
+    forward = compute * FORWARD_SHARE
+    return max(0.0, copy - forward) + max(0.0, copy - (compute - forward))
 
 
 def ring_slowdown(tokens_per_rank: int) -> float:
@@ -450,6 +467,14 @@ class CostModel:
             compute = fwd + bwd
 
         tp_comm = self.tensor_parallel_exposed(layer, s, b) + self.context_parallel_exposed(layer, s, b)
+        host = copy = 0.0
+        if s.offload_activations:
+            # Out to the host after the forward, back before the backward (Transformer Engine's cpu_offload): the
+            # copies' time counts per stage (`offload_exposed`); their reads and writes of HBM take it from the
+            # kernels. On the GPU the layer's activations live only while they are made or used and copied: two
+            # layers' worth, this one's and its neighbour's.
+            tp_comm += 2 * act / self.hbm_bytes_per_second
+            host, act, copy = act, 0.0, self.host_transfer(act)
 
         # A tied weight that shares a stage with its twin (pipeline degree 1) holds no extra copy.
         params_tp = 0 if (layer.tied_weights and pipeline_degree == 1) else layer.params_tp
@@ -475,7 +500,6 @@ class CostModel:
         accumulate = params * accounting.accumulation_traffic(precision, fused) / self.hbm_bytes_per_second
         optimizer_params = params / s.shards if s.zero >= 1 else params
         saving = self.optimizer_saving(s.zero, accounting)
-        host = 0.0
         if s.offload == OFFLOAD_NONE:
             per_param = accounting.state_bytes(precision, s.zero, pipelined, self.training.optimizer, saving)
             state = params * per_param.at(s.shards)
@@ -486,7 +510,7 @@ class CostModel:
             # The CPU steps the states in host memory; gradients go down each micro-batch, weights come back
             # after the step, and offloaded parameters come up for each forward and backward.
             off = accounting.offload(precision, s.zero, s.offload)
-            state, host = params * off.device.at(s.shards), params * off.host.at(s.shards)
+            state, host = params * off.device.at(s.shards), host + params * off.host.at(s.shards)
             per_mb_comm += self.host_transfer(optimizer_params * (off.microbatch_bytes + 2 * off.fetch_bytes))
             optimizer = self.cpu_adam(optimizer_params) + self.host_transfer(optimizer_params * off.step_bytes)
             step_bytes = params * off.at_step.at(s.shards)
@@ -508,6 +532,8 @@ class CostModel:
         # backward (the framework's accounting); FSDP holds a layer's gathered weights and prefetches the next one's.
         backward_transient = {"none": 0.0, "full": full_act, "selective": b * layer.act_scores / tp}[s.recompute]
         backward_transient += b * layer.logits / tp * accounting.loss_backward_bytes_per_logit
+        if s.offload_activations:
+            backward_transient = max(backward_transient, 2 * host)
         fsdp_transient = 2 * (weight_bytes + quantized_weights * dp) if s.zero == 3 else 0.0
         buffers = accounting.buffers(s.zero, layer.hidden_size, wrapped) * bpv if (dp > 1 or s.zero) and params else 0.0
         return LayerCost(
@@ -523,6 +549,7 @@ class CostModel:
             activation_basis=act_basis,
             compute_time=compute,
             host_bytes=host,
+            host_copy_time=copy,
         )
 
     def tensor_parallel_exposed(self, layer: Layer, s: Strategy, samples: float) -> float:

@@ -5,8 +5,9 @@ tp (with sequence parallelism when tp > 1, so activations between layers are spl
 context parallelism of degree cp (each rank holds 1/cp of every sequence; ring attention passes K and V
 around the cp ranks) and data parallelism of degree dp. Gradients are reduced, and model states sharded per
 ZeRO stage (3 = FSDP), over the dp * cp ranks that hold the same weights, as Megatron-LM does (its
-data-parallel group "with context parallel"). Each layer also chooses activation recompute. TP stays inside
-a node; CP is one degree for the whole model (the data loader splits each sequence once).
+data-parallel group "with context parallel"). Each layer also chooses activation recompute, or to keep its
+activations in host memory where the framework offloads them. TP stays inside a node; CP is one degree for the
+whole model (the data loader splits each sequence once).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ RECOMPUTE_SUFFIX = {"none": "", "selective": " +sel-rc", "full": " +rc"}  # how 
 OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS = "none", "optimizer", "params"
 OFFLOAD_MODES = (OFFLOAD_NONE, OFFLOAD_OPTIMIZER, OFFLOAD_PARAMS)
 OFFLOAD_SUFFIX = {OFFLOAD_NONE: "", OFFLOAD_OPTIMIZER: " +offload", OFFLOAD_PARAMS: " +offload(params)"}
+ACTIVATION_OFFLOAD_SUFFIX = " +act-offload"  # how labels mark a layer whose activations wait in host memory
 
 
 def _is_int(value) -> bool:
@@ -47,6 +49,9 @@ class Strategy:
     """TP x CP x DP with a ZeRO stage and a recompute mode, and the ZeRO variants a framework may offer:
 
     offload: model states kept in host memory (OFFLOAD_MODES; any ZeRO stage >= 1, on one GPU too);
+    offload_activations: the layer's activations wait for its backward in host memory, copied out after its
+    forward and back before its backward while the neighbouring layers compute (Megatron-LM's
+    --cpu-offloading-num-layers, Transformer Engine's cpu_offload);
     zeropp: ZeRO++ (Wang et al. 2023): weights all-gathered in int8, a secondary bf16 copy of them sharded
       inside each node for backward's all-gather, gradients reduced in int4 through node-local all-to-alls."""
 
@@ -57,6 +62,7 @@ class Strategy:
     cp: int = 1
     offload: str = OFFLOAD_NONE
     zeropp: bool = False
+    offload_activations: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tp", "dp", "zero", "cp"):
@@ -65,8 +71,9 @@ class Strategy:
         for name in ("recompute", "offload"):
             if not isinstance(getattr(self, name), str):
                 raise SpecError(f"invalid strategy: {name} must be a name (got {getattr(self, name)!r})")
-        if not isinstance(self.zeropp, bool):
-            raise SpecError(f"invalid strategy: zeropp must be true or false (got {self.zeropp!r})")
+        for name in ("zeropp", "offload_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"invalid strategy: {name} must be true or false (got {getattr(self, name)!r})")
         if self.tp < 1 or self.dp < 1 or self.cp < 1:
             raise SpecError(f"invalid strategy: tp ({self.tp}), cp ({self.cp}) and dp ({self.dp}) must be >= 1")
         if self.zero not in ZERO_NAMES:
@@ -85,6 +92,8 @@ class Strategy:
             raise SpecError("invalid strategy: ZeRO++ is ZeRO-3 with data parallelism")
         if self.zeropp and self.offload != OFFLOAD_NONE:
             raise SpecError("invalid strategy: offloading and ZeRO++ are alternatives (one at a time)")
+        if self.offload_activations and self.recompute != "none":
+            raise SpecError("invalid strategy: activations are either offloaded or recomputed, not both")
 
     @property
     def devices(self) -> int:
@@ -111,7 +120,8 @@ class Strategy:
         if self.zero:
             parts.append("ZeRO++" if self.zeropp else ZERO_NAMES[self.zero])
         text = " ".join(parts) or "1 GPU"
-        return text + OFFLOAD_SUFFIX[self.offload] + RECOMPUTE_SUFFIX[self.recompute]
+        suffix = ACTIVATION_OFFLOAD_SUFFIX if self.offload_activations else RECOMPUTE_SUFFIX[self.recompute]
+        return text + OFFLOAD_SUFFIX[self.offload] + suffix
 
     @property
     def zero_label(self) -> str:
@@ -142,6 +152,9 @@ class Capability:
     (offloading) or a stage spans nodes (ZeRO++). overlaps: the communication overlaps it runs beyond the
     gradient reduction's (uniap.model.spec.OVERLAPS); a job runs them unless it says otherwise (`job_training`).
     fp8: it can run a job's FP8 or FP4 recipe (TrainingSpec.fp8_recipe, fp4_recipe).
+    activation_offload: it can keep some transformer layers' activations in host memory between forward and
+    backward (Strategy.offload_activations), with one pipeline stage, no recompute and at least one layer's
+    activations left on the GPU, where the job runs fused kernels and the cluster describes its hosts.
     """
 
     name: str
@@ -164,6 +177,7 @@ class Capability:
     zeropp: bool = False
     overlaps: tuple[str, ...] = ()
     fp8: bool = True
+    activation_offload: bool = False
 
     def __post_init__(self) -> None:
         if not set(self.zero_stages) <= set(ZERO_NAMES) or 0 not in self.zero_stages:
@@ -207,6 +221,8 @@ class Capability:
             return False
         if s.offload not in self.offload_modes or (s.zeropp and not self.zeropp):
             return False
+        if s.offload_activations and (not self.activation_offload or pipeline_degree > 1):
+            return False
         return s.recompute in self.recompute_modes
 
     def violations(self, layers: list[tuple[str, Strategy]], pipeline_degree: int) -> list[str]:
@@ -224,6 +240,16 @@ class Capability:
             out.append(f"target '{self.name}' runs one ZeRO stage (and variant) for all layers")
         if self.uniform_recompute and len({s.recompute for kind, s in layers if kind in TRANSFORMER_KINDS}) > 1:
             out.append(f"target '{self.name}' runs one recompute mode for all transformer layers")
+        offloaded = [kind for kind, s in layers if s.offload_activations]
+        if offloaded:
+            transformer = [s for kind, s in layers if kind in TRANSFORMER_KINDS]
+            if len(offloaded) >= len(transformer) or any(kind not in TRANSFORMER_KINDS for kind in offloaded):
+                out.append(
+                    f"target '{self.name}' offloads the activations of transformer layers only, and of fewer of "
+                    "them than the model has"
+                )
+            if any(s.recompute != "none" for s in transformer):
+                out.append(f"target '{self.name}' offloads activations only where no layer recomputes")
         return out
 
     def check_pins(self, pins: "Pins") -> None:
@@ -273,6 +299,21 @@ class Capability:
             refuse(
                 f"recompute mode '{pins.recompute}'", "recompute_modes", f"pin one of {', '.join(self.recompute_modes)}"
             )
+        if pins.offloaded_layers:
+            if not self.activation_offload:
+                refuse("offload of activations", "activation_offload", "drop the offload, or choose another --target")
+            if pins.pipeline_degree is not None and pins.pipeline_degree > 1:
+                refuse(
+                    f"offload of activations with {pins.pipeline_degree} pipeline stages",
+                    "activation_offload",
+                    "pin one pipeline stage, or drop the offload",
+                )
+            if pins.recompute not in (None, "none"):
+                refuse(
+                    f"offload of activations with {pins.recompute} recompute",
+                    "activation_offload",
+                    "drop the recompute or the offload",
+                )
         if (
             pins.pipeline_degree is not None
             and self.max_pipeline_degree is not None
@@ -305,6 +346,7 @@ class Pins:
     virtual_stages: int | None = None
     even_split: bool = False  # every stage holds the same number of transformer layers
     offload: str | None = None
+    offloaded_layers: int | None = None  # transformer layers whose activations wait in host memory (0: none)
 
     def __post_init__(self) -> None:
         for name in ("tp", "cp", "pipeline_degree", "micro_batch_per_replica", "micro_batches", "virtual_stages"):
@@ -313,6 +355,10 @@ class Pins:
                 raise SpecError(f"invalid pin '{name}': must be a positive integer (got {v!r})")
         if not isinstance(self.even_split, bool):
             raise SpecError(f"invalid pin 'even_split': must be true or false (got {self.even_split!r})")
+        if self.offloaded_layers is not None and (not _is_int(self.offloaded_layers) or self.offloaded_layers < 0):
+            raise SpecError(
+                f"invalid pin 'offloaded_layers': must be a non-negative integer (got {self.offloaded_layers!r})"
+            )
         for name in ("recompute", "offload"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise SpecError(f"invalid pin '{name}': must be a name (got {getattr(self, name)!r})")
@@ -333,6 +379,8 @@ class Pins:
         if self.offload is not None and s.offload != self.offload:
             return False
         if self.recompute is not None and transformer and s.recompute != self.recompute:
+            return False
+        if self.offloaded_layers == 0 and s.offload_activations:
             return False
         return self.micro_batch_per_replica is None or micro_batch_all_replicas == self.micro_batch_per_replica * s.dp
 
@@ -426,11 +474,14 @@ def stage_strategies(
     flash_attention: bool,
     pins: Pins = NO_PINS,
     host: bool = False,
+    offload_activations: bool = False,
 ) -> list[Strategy]:
     """All strategies for a layer of `kind` on a stage of `devices` devices that the capability and the
     pins allow, with TP inside a node, the sequence split as CP and TP need it, and the micro-batch
-    (samples per pipeline micro-batch) divisible by dp; `host`: the cluster describes its hosts (offloading)."""
+    (samples per pipeline micro-batch) divisible by dp; `host`: the cluster describes its hosts (offloading);
+    `offload_activations`: the job could keep activations in host memory (the capability checks the rest)."""
     transformer = kind in TRANSFORMER_KINDS
+    activation_variants = (False, True) if offload_activations and host and transformer else (False,)
     out = []
     for tp in range(1, devices + 1):
         if devices % tp or tp > gpus_per_node or gpus_per_node % tp or not tp_fits_layer(tp, divisibility, kind):
@@ -450,9 +501,10 @@ def stage_strategies(
                             continue
                         if rc != "none" and not transformer:
                             continue
-                        s = Strategy(tp, dp, zero, rc, cp, **variant)
-                        if capability.allows(s, pipeline_degree) and pins.allows(
-                            s, micro_batch_all_replicas, transformer
-                        ):
-                            out.append(s)
+                        for offloaded in activation_variants if rc == "none" else (False,):
+                            s = Strategy(tp, dp, zero, rc, cp, offload_activations=offloaded, **variant)
+                            if capability.allows(s, pipeline_degree) and pins.allows(
+                                s, micro_batch_all_replicas, transformer
+                            ):
+                                out.append(s)
     return out

@@ -48,7 +48,8 @@ class Subproblem:
     (virtual) stages, stage j running on rank j % deg. `inflight[j]`: micro-batches whose activations stage
     j keeps at its rank's peak; `boundary_intra_node[b]`: whether the boundary after stage b stays in a node.
     `memory_capacity` is the budget in allocated bytes per GPU (see build_subproblem). `split_counts`: the
-    transformer layers each stage must hold where the split is fixed (`fixed_counts`), else None."""
+    transformer layers each stage must hold where the split is fixed (`fixed_counts`), else None.
+    `offloaded_layers`: the transformer layers whose activations a pin sends to host memory, else None."""
 
     graph: LayerGraph
     capability: Capability
@@ -63,6 +64,7 @@ class Subproblem:
     cost_model: CostModel = field(repr=False)
     v: int = 1
     split_counts: tuple[int, ...] | None = None
+    offloaded_layers: int | None = None
 
     @property
     def stages(self) -> int:
@@ -291,6 +293,7 @@ def run_tables(
             training.flash_attention,
             pins,
             host=cluster.host_memory_gib is not None,
+            offload_activations=training.fused_kernels,  # Transformer Engine's cpu_offload does the copies
         )
         costs = [cost_model.layer_cost(layer, s, mb, deg, n <= G, capability.accounting) for s in strategies]
         runs.append(RunTable(run, layer, strategies, costs))
@@ -342,6 +345,7 @@ def build_subproblem(
         cost_model=cost_model,
         v=v,
         split_counts=split_counts,
+        offloaded_layers=pins.offloaded_layers,
     )
 
 

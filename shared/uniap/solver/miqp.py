@@ -25,7 +25,7 @@ import cvxpy as cp
 import numpy as np
 
 from ..cost.evaluate import evaluate
-from ..cost.model import BUFFERS, TRANSIENT_CLASSES
+from ..cost.model import BUFFERS, FORWARD_SHARE, TRANSIENT_CLASSES
 from ..cost.strategy import Strategy
 from ..cost.tables import RunTable, Subproblem
 from ..model.graph import TRANSFORMER_KINDS
@@ -213,6 +213,26 @@ class _Formulation:
             self._tie(lambda s: s.zero_variant, lambda rt, s: True)
         if cap.uniform_recompute:
             self._tie(lambda s: s.recompute, lambda rt, s: rt.layer.kind in TRANSFORMER_KINDS)
+        self._activation_offload()
+
+    def _activation_offload(self) -> None:
+        """Activations go to host memory for fewer transformer layers than the model has (L), or for exactly
+        the pinned count P, with O the offloaded layers over every run, stage and offloading strategy k:
+
+            O = sum_r sum_i sum_(k offloads) N_r[i, k] <= L - 1,   pinned:  O = P."""
+        offloaded = [
+            cp.sum(N[:, [k for k, s in enumerate(rt.strategies) if s.offload_activations]])
+            for rt, N in zip(self.sub.runs, self.N)
+            if any(s.offload_activations for s in rt.strategies)
+        ]
+        pinned = self.sub.offloaded_layers
+        if not offloaded:
+            return
+        cons = self.families[STRATEGY]
+        layers = sum(rt.run.size for rt in self.sub.runs if rt.layer.kind in TRANSFORMER_KINDS)
+        cons.append(sum(offloaded) <= layers - 1)
+        if pinned is not None:
+            cons.append(sum(offloaded) == pinned)
 
     def _tie(self, value, applies) -> None:
         """One value of `value(strategy)` for every (run, strategy) where `applies`."""
@@ -247,13 +267,21 @@ class _Formulation:
         return Z - cp.hstack([np.zeros(1), Z[:-1]])
 
     def stage_time(self) -> cp.Expression:
-        """p_i: the layers' time per micro-batch plus resharding between runs on the stage,
+        """p_i: the layers' time per micro-batch, the wait for offloaded activations e_i (`offload_exposed`, with
+        C_i the stage's copy time and F_i its kernels' time) and resharding between runs on the stage,
 
-            p_i = sum_r N_r[i] . A_r + sum_(a,b) t_ab[i],
+            p_i = sum_r N_r[i] . A_r + e_i + sum_(a,b) t_ab[i],
+            e_i >= 0,   e_i >= C_i - F_i / 3,   e_i >= 2 C_i - F_i,
             t_ab[i] >= R_ab(la, lb) (last_a[i] + first_b[i] + Lay_a[i, la] + Lay_b[i, lb] - 3),
         the linearized product of four binaries (run a ends and run b starts on stage i in those layouts)."""
         tu = self.time_unit
         p = sum(N @ np.array([c.time_per_microbatch / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+        if any(c.host_copy_time for rt in self.sub.runs for c in rt.costs):
+            copy = sum(N @ np.array([c.host_copy_time / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+            kernels = sum(N @ np.array([c.compute_time / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+            e = cp.Variable(self.deg, nonneg=True)
+            self.families[STAGE_TIME] += [e >= copy - FORWARD_SHARE * kernels, e >= 2 * copy - kernels]
+            p = p + e
         for a, b in self.sub.chain_run_edges:
             ra, rb = self.sub.runs[a], self.sub.runs[b]
             pairs = [(la, lb, self.sub.reshard_time(ra.layer, la, lb) / tu) for la in ra.layouts for lb in rb.layouts]
@@ -303,7 +331,7 @@ class _Formulation:
 
             training: sum_i R[q, i] (sum_r N_r[i] . state_r + inflight_i N_r[i] . act_r) + sum_classes peak_class[q]
             step:     sum_i R[q, i] sum_r N_r[i] . step_r + peak_buffers[q]
-            host:     sum_i R[q, i] sum_r N_r[i] . host_r <= host capacity per GPU   (offloaded states)
+            host:     sum_i R[q, i] sum_r N_r[i] . host_r <= host capacity per GPU   (offloaded states and activations)
 
         A transient class's peak is the largest among the rank's layers (peak[q] >= value * used[i] for its
         stages i, with the binary `used` forced to 1 by any layer whose strategy has that value: N <= U * used)."""
