@@ -265,6 +265,20 @@ def inflight_microbatches(deg: int, c: int, v: int) -> list[float]:
     return [min((deg - j % deg - 1) * 2 + (v - 1) * deg + 1, c * v) / v for j in range(deg * v)]
 
 
+# The search offers activation offload only over a host link as fast as NVLink-C2C's (GB200/GB300: about 225
+# GB/s per GPU and direction), where published runs used it and their copies hid behind the compute (Megatron-
+# Bridge's Llama-3 FSDP rows, benchmarks/RESULTS.md). Over PCIe nothing measured it: a plan offloads there only
+# where the user pins a count.
+ACTIVATION_OFFLOAD_MIN_LINK_GBPS = 200.0
+
+
+def offers_activation_offload(cluster: ClusterSpec, training: TrainingSpec, pins: Pins) -> bool:
+    """Whether the layers may keep activations in host memory: Transformer Engine does the copies (fused kernels),
+    over a host link that published runs show fast enough, or as pinned."""
+    fast = cluster.host_link_bandwidth_gbps >= ACTIVATION_OFFLOAD_MIN_LINK_GBPS
+    return training.fused_kernels and (fast or bool(pins.offloaded_layers))
+
+
 def run_tables(
     graph: LayerGraph,
     cluster: ClusterSpec,
@@ -293,7 +307,7 @@ def run_tables(
             training.flash_attention,
             pins,
             host=cluster.host_memory_gib is not None,
-            offload_activations=training.fused_kernels,  # Transformer Engine's cpu_offload does the copies
+            offload_activations=offers_activation_offload(cluster, training, pins),
         )
         costs = [cost_model.layer_cost(layer, s, mb, deg, n <= G, capability.accounting) for s in strategies]
         runs.append(RunTable(run, layer, strategies, costs))
