@@ -265,3 +265,13 @@ def test_uniap_convert_lists_the_converters(capsys):
     assert exc.value.code == EXIT_INVALID_INPUT and "framework" in capsys.readouterr().err
     assert uniap_main(["convert", "caffe"]) == EXIT_INVALID_INPUT
     assert "no converter for 'caffe' (installed: deepspeed, megatron)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_the_converted_script_keeps_the_authors_line_endings(capsys, tmp_path, ending):
+    path = tmp_path / "train.sh"
+    path.write_bytes(GPT3_1B.replace("\n", ending).encode())
+    rc = uniap_main(["convert", "megatron", str(path), "--json"])
+    assert rc == EXIT_OK, capsys.readouterr().err
+    written = converted_path(path).read_bytes()
+    assert written.count(ending.encode()) == written.count(b"\n") > 10

@@ -127,3 +127,18 @@ def test_compare_lists_plans_side_by_side(capsys, pipelined, tmp_path):
     assert "x slower" in out and picture.exists()
     rc, _, err = run_main(capsys, "compare", str(tmp_path / "nope.json"))
     assert rc == EXIT_INVALID_INPUT and "nope.json" in err
+
+
+@pytest.mark.parametrize("command", [("explain",), ("evaluate", "--plan")])
+def test_a_saved_plan_is_priced_once(capsys, pipelined, monkeypatch, command):
+    """`explain` and `evaluate --plan` check the saved plan by pricing it, and report that same pricing."""
+    import uniap.explain
+    import uniap.planner
+
+    calls = []
+    real = uniap.planner.price
+    for module in (uniap.planner, uniap.explain):
+        monkeypatch.setattr(module, "price", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rc, _, err = run_main(capsys, *command, str(pipelined))
+    assert rc == EXIT_OK, err
+    assert len(calls) == 1

@@ -33,7 +33,7 @@ from uniap.conversion import (
     keep_choices,
     output_path,
 )
-from uniap.io import read_text, write_text_atomic
+from uniap.io import line_ending, read_text, write_text_atomic
 
 from . import flags as F
 from .args import job_from_args
@@ -289,7 +289,8 @@ def convert(args) -> int:
     out_path = None
     if path is not None:
         out_path = output_path(path, args.output, args.force, "script", [args.cluster, args.profile])
-        write_text_atomic(out_path, apply_edits(text, edits), executable=path.stat().st_mode & 0o111 != 0)
+        executable = path.stat().st_mode & 0o111 != 0
+        write_text_atomic(out_path, apply_edits(text, edits), executable=executable, newline=line_ending(path))
     if args.json:
         print(
             json.dumps(

@@ -30,7 +30,7 @@ from .model.loaders import load_model
 from .model.presets import MODEL_PRESETS
 from .model.spec import FP4_RECIPES, FP8_FORMATS, FP8_RECIPES, OVERLAPS, PRECISIONS
 from .plan import Plan, make_plan
-from .planner import DEFAULT_GAP, Job, check_search_limits, configure, load_plan, price
+from .planner import DEFAULT_GAP, Job, check_search_limits, configure, load_plan, load_priced
 from .model.spec import training_spec
 from .planner import plan as solve
 from .profile.schema import Profile
@@ -478,8 +478,7 @@ def _evaluate_plan(args) -> int:
             f"--plan prices the saved plan as it is; it cannot be combined with {', '.join(given)}",
             "drop those options, or re-plan with them",
         )
-    saved = load_plan(args.plan)
-    priced = price(saved, Profile.load(args.profile) if args.profile else None)
+    saved, priced = load_priced(args.plan, Profile.load(args.profile) if args.profile else None)
     plan = make_plan(priced.sub, priced.stage_of, priced.strategy_of, priced.prediction, saved.model, {}, saved.pins)
     return _emit_priced(plan, priced.prediction, args)
 
@@ -556,7 +555,8 @@ def cmd_explain(args) -> int:
 
     if args.plot:
         check_output_path(args.plot, args.force, "--plot", inputs=_inputs(args))
-    explanation = explain(load_plan(args.plan), Profile.load(args.profile) if args.profile else None)
+    plan, priced = load_priced(args.plan, Profile.load(args.profile) if args.profile else None)
+    explanation = explain(plan, priced=priced)
     print(render_explanation(explanation))
     if args.plot:
         plot(explanation, args.plot)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import SpecError
 from .plan import Plan
+from .planner import PricedPlan, price
 from .report import host_note, mfu_label
 from .profile.schema import Profile
 
@@ -54,11 +55,10 @@ class Explanation:
     runner_ups: list[str] = field(default_factory=list)
 
 
-def explain(plan: Plan, profile: Profile | None = None) -> Explanation:
-    """The plan's numbers, priced again with the current cost model (and `profile` where given)."""
-    from .planner import price
-
-    priced = price(plan, profile)
+def explain(plan: Plan, profile: Profile | None = None, priced: PricedPlan | None = None) -> Explanation:
+    """The plan's numbers, priced again with the current cost model (and `profile` where given), or as `priced`
+    already did (uniap.planner.load_priced)."""
+    priced = priced or price(plan, profile)
     sub, prediction = priced.sub, priced.prediction
     deg = plan.pipeline_degree
     compute = [0.0] * deg

@@ -38,6 +38,18 @@ def read_text(path: Path, what: str, error=SpecError) -> str:
         raise error(f"{what} file {path} is not a text file (not UTF-8)") from None
 
 
+def line_ending(path: Path) -> str:
+    """The line ending a text file uses ("\r\n" where its first line ends so, else "\n"): `read_text` gives
+    every file "\n", and a file written back from it keeps its author's ending (`write_text_atomic`)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(MAX_INPUT_BYTES)
+    except OSError:
+        return "\n"
+    first = head.find(b"\n")
+    return "\r\n" if first > 0 and head[first - 1 : first] == b"\r" else "\n"
+
+
 def is_file_ref(ref: str) -> bool:
     """Whether `ref` names an existing file or folder (a name too long for a path is not one)."""
     try:
@@ -98,11 +110,11 @@ def _create_exclusively(tmp: str, path: Path) -> None:
     os.unlink(tmp)
 
 
-def write_text_atomic(path: Path, text: str, *, executable: bool = False) -> None:
+def write_text_atomic(path: Path, text: str, *, executable: bool = False, newline: str = "\n") -> None:
     """Write `text` to a temporary file beside `path`, then rename: a crash never leaves half a file.
 
     The file gets `new_file_mode(executable)`, as a fresh file from a shell redirect would (mkstemp's 0600 is
-    replaced), also when it replaces an existing file."""
+    replaced), also when it replaces an existing file; its lines end with `newline` (`line_ending`)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -110,7 +122,7 @@ def write_text_atomic(path: Path, text: str, *, executable: bool = False) -> Non
         raise SpecError(f"cannot write {path}: {exc.strerror}", "choose another output path") from None
     try:
         os.fchmod(fd, new_file_mode(executable))
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as fh:
             fh.write(text)
         if os.path.abspath(path) in _CLAIMED_NEW:  # new without --force: created only if still absent
             _CLAIMED_NEW.discard(os.path.abspath(path))

@@ -345,18 +345,24 @@ def price(plan: Plan, profile: Profile | None = None) -> PricedPlan:
     return PricedPlan(sub, stage_of, strategy_of, evaluate(sub, stage_of, strategy_of))
 
 
-def load_plan(path: str | Path) -> Plan:
+def load_priced(path: str | Path, profile: Profile | None = None) -> tuple[Plan, PricedPlan]:
     """A saved plan, checked as a whole before any command uses it: read (each field's type, uniap.plan) and
-    priced with today's cost model (its layers its model's, its stages and strategies in its own search space
-    on its own cluster): a hand-edited plan that `uniap evaluate --plan` refuses is refused by every command."""
+    priced with today's cost model and `profile` (its layers its model's, its stages and strategies in its own
+    search space on its own cluster): a hand-edited plan that `uniap evaluate --plan` refuses is refused by every
+    command. The pricing comes back for the commands that report it, so none prices a plan twice."""
     plan = Plan.load(path)
     try:
-        price(plan)
+        priced = price(plan, profile)
     except SpecError as exc:
         raise SpecError(
             f"plan {path} does not hold together: {exc.message}", "re-plan; do not edit the file by hand"
         ) from None
-    return plan
+    return plan, priced
+
+
+def load_plan(path: str | Path) -> Plan:
+    """A saved plan, checked as a whole (`load_priced`)."""
+    return load_priced(path)[0]
 
 
 def configure(
