@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from uniap.model.graph import CHAIN, Edge, LayerGraph
 from uniap.model.presets import model_preset
 from uniap.model.spec import TrainingSpec
 from uniap.planner import Job, configure, plan
+from uniap.report import PIN_WORDS, render
 from uniap.solver.exhaustive import exhaustive_optimum
 from uniap.solver.miqp import solve_subproblem
 from uniap_megatron.args import job_from_args, megatron_launch
@@ -184,3 +185,14 @@ def test_megatron_bridge_70b_on_gb300_fits_with_its_offload():
     for source, held, row in rows:
         priced = price_row(source, held, row)
         assert priced.fits, row["id"]
+
+
+def test_every_pin_has_words_in_the_printed_plan():
+    """Found by benchmarks/fuzz_cli.py: `uniap plan --offload-activations N` printed its plan with a KeyError."""
+    assert {f.name for f in fields(Pins)} <= set(PIN_WORDS)
+    model = model_preset("gpt3-1.3b")
+    cluster = cluster_preset("dgx-h100").with_shape(1, 8)
+    training = TrainingSpec(global_batch_size=16, seq_length=512)
+    job = Job(model=model, cluster=cluster, training=training, target="megatron", pins=Pins(offloaded_layers=3))
+    made, _ = plan(job, progress=False)
+    assert "layers with activations offloaded 3" in render(made, "t")

@@ -21,6 +21,8 @@ PIN_WORDS = {
     "recompute": "recompute",
     "micro_batch_per_replica": "micro-batch size",
     "micro_batches": "micro-batches",
+    "offload": "offload",
+    "offloaded_layers": "layers with activations offloaded",
 }
 
 
