@@ -271,6 +271,9 @@ def timed_signals(count: int, rng: random.Random, root: Path) -> list[dict]:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            # As from a terminal: a shell's background job (this benchmark under nohup ... &) ignores SIGINT, and
+            # a child would inherit that and never see the Ctrl-C.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
@@ -293,7 +296,8 @@ def timed_signals(count: int, rng: random.Random, root: Path) -> list[dict]:
         else:
             outcome = f"exit {proc.returncode}"
         half = (root / f"signal-{i}.json").exists() and proc.returncode != 0
-        results.append({"delay_s": delay, "outcome": "left a file" if half else outcome})
+        tail = err.strip().splitlines()[-3:] if err.strip() else []
+        results.append({"delay_s": delay, "outcome": "left a file" if half else outcome, "stderr_tail": tail})
     return results
 
 
@@ -328,14 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     for command in sorted({c.command for c in cases}):
         row = " ".join(f"{codes[(command, k)]:>8}" for k in sorted(EXIT_CODE_MEANINGS))
         print(f"  {command:<18} {row}")
-    slowest = max(cases, key=lambda c: c.seconds)
-    print(f"  slowest: {slowest.seconds:.1f} s ({slowest.command} {' '.join(slowest.argv)[:100]})")
+    if cases:
+        slowest = max(cases, key=lambda c: c.seconds)
+        print(f"  slowest: {slowest.seconds:.1f} s ({slowest.command} {' '.join(slowest.argv)[:100]})")
     print(f"  failures: {len(failures)} (exit 1, traceback, undocumented exit, > {HANG_S:.0f} s, user file changed)")
     for c in failures[:20]:
         print(f"    {c.command}: {c.problem} <- {' '.join(c.argv)[:140]}")
     print(f"\n2. {len(signals)} timed Ctrl-C to `uniap plan` (delays 0-{SIGNAL_SPAN_S:.0f} s)")
     for outcome, n in Counter(s["outcome"] for s in signals).most_common():
         print(f"  {n:>4}  {outcome}")
+    for s in signals:
+        if s["outcome"] not in ("interrupted, exit 130", "killed before Python's handler (no output)"):
+            print(f"    at {s['delay_s']:.2f} s: {s['outcome']}: {' | '.join(s['stderr_tail'])[:200]}")
     return 1 if failures or own else 0
 
 
