@@ -187,6 +187,18 @@ def test_megatron_bridge_70b_on_gb300_fits_with_its_offload():
         assert priced.fits, row["id"]
 
 
+def test_a_pinned_offload_is_kept_where_pipelined_subproblems_cannot_offload():
+    """Found reading the change: with a count pinned and the pipeline degree free, a PP > 1 subproblem (where
+    Megatron cannot offload) came back with no layer offloaded and the command ended on the pin's refusal."""
+    model = model_preset("llama3-8b")
+    cluster = cluster_preset("dgx-a100-80g").with_shape(1, 8)
+    training = TrainingSpec(global_batch_size=64, seq_length=8192)
+    job = Job(model=model, cluster=cluster, training=training, target="megatron", pins=Pins(offloaded_layers=4))
+    made, outcome = plan(job, progress=False)
+    assert made.offloaded_layers == 4 and made.pipeline_degree == 1
+    assert any(r.deg > 1 and r.status == "no_strategy" for r in outcome.results)
+
+
 def test_every_pin_has_words_in_the_printed_plan():
     """Found by benchmarks/fuzz_cli.py: `uniap plan --offload-activations N` printed its plan with a KeyError."""
     assert {f.name for f in fields(Pins)} <= set(PIN_WORDS)

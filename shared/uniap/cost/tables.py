@@ -101,7 +101,11 @@ class Subproblem:
 
     @property
     def feasible_strategies(self) -> bool:
-        return all(rt.strategies for rt in self.runs)
+        """Every run has a strategy, and a pinned count of offloaded layers has layers that may offload (none
+        may at PP > 1: such a subproblem has no plan that keeps the pin)."""
+        if not all(rt.strategies for rt in self.runs):
+            return False
+        return not self.offloaded_layers or any(s.offload_activations for rt in self.runs for s in rt.strategies)
 
     def reshard_time(self, layer: Layer, tp_from: int, tp_to: int) -> float:
         """Changing the activation layout between consecutive layers on one stage: an all-to-all among
