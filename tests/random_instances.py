@@ -74,6 +74,24 @@ def random_graph(rng: random.Random, shape: str) -> LayerGraph:
     return LayerGraph(layers, edges, divisibility=DIVISIBILITY)
 
 
+def small_cluster(memory_gib: float, nodes: int = 1, gpus_per_node: int = 1, **hosts) -> ClusterSpec:
+    """A made-up cluster small enough for exhaustive search: 100 TFLOP/s GPUs of `memory_gib`, NVLink at 100 GB/s
+    and a 10 GB/s network; `hosts`: its host fields (host_memory_gib, host_link_bandwidth_gbps)."""
+    return ClusterSpec(
+        name="test",
+        num_nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        gpu_name="test",
+        gpu_memory_gib=memory_gib,
+        peak_tflops=100,
+        hbm_bandwidth_gbps=1000,
+        intra_node_bandwidth_gbps=100,
+        inter_node_bandwidth_gbps=10,
+        reserved_memory_gib=0.5,
+        **hosts,
+    )
+
+
 def random_instance(seed: int):
     """(subproblem, description) for one random graph, cluster, memory limit, target, deg and c."""
     rng = random.Random(seed)
@@ -81,18 +99,7 @@ def random_instance(seed: int):
     graph = random_graph(rng, shape)
     nodes, gpn = rng.choice([(1, 2), (2, 2), (1, 4), (2, 1)])
     memory = rng.choice([1.0, 1.5, 2.0, 3.0, 5.0, 40.0])
-    cluster = ClusterSpec(
-        name="test",
-        num_nodes=nodes,
-        gpus_per_node=gpn,
-        gpu_name="test",
-        gpu_memory_gib=memory,
-        peak_tflops=100,
-        hbm_bandwidth_gbps=1000,
-        intra_node_bandwidth_gbps=100,
-        inter_node_bandwidth_gbps=10,
-        reserved_memory_gib=0.5,
-    )
+    cluster = small_cluster(memory, nodes, gpn)
     training = TrainingSpec(global_batch_size=8, seq_length=512)
     capability = rng.choice([SMALL_GENERIC, capability_for("megatron"), capability_for("deepspeed")])
     degs = [d for d in (1, 2, 4) if cluster.num_gpus % d == 0 and d <= len(graph.layers)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from random_instances import random_graph, random_layer
+from random_instances import random_graph, random_layer, small_cluster
 from uniap.cluster.spec import ClusterSpec, cluster_preset
 from uniap.cost.model import CostModel, offload_exposed
 from uniap.cost.strategy import Pins, Strategy, capability_for, stage_strategies
@@ -35,21 +35,9 @@ MEGATRON = capability_for("megatron")
 DIVISIBILITY = {"num_attention_heads": 8, "num_query_groups": 8, "ffn_hidden_size": 1024, "sequence_length": 512}
 
 
-def _cluster(memory_gib: float, host: float | None = 64.0) -> ClusterSpec:
-    return ClusterSpec(
-        name="test",
-        num_nodes=1,
-        gpus_per_node=1,
-        gpu_name="test",
-        gpu_memory_gib=memory_gib,
-        peak_tflops=100,
-        hbm_bandwidth_gbps=1000,
-        intra_node_bandwidth_gbps=100,
-        inter_node_bandwidth_gbps=10,
-        reserved_memory_gib=0.5,
-        host_memory_gib=host,
-        host_link_bandwidth_gbps=400.0,  # a fast host link (NVLink-C2C-like) makes offloading worth it
-    )
+def _cluster(memory_gib: float) -> ClusterSpec:
+    """One GPU with a fast host link (NVLink-C2C-like), which makes offloading worth it."""
+    return small_cluster(memory_gib, host_memory_gib=64.0, host_link_bandwidth_gbps=400.0)
 
 
 def test_the_copies_show_only_beyond_the_phase_they_run_beside():

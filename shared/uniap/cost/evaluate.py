@@ -165,7 +165,7 @@ def evaluate(sub: Subproblem, stage_of: list[int], strategy_of: list[Strategy]) 
         for name in TRANSIENT_CLASSES:
             peaks[r][name] = max(peaks[r][name], getattr(cost, name))
     for i in range(n):
-        p[i] += offload_exposed(copy[i], compute[i]) if copy[i] else 0.0
+        p[i] += offload_exposed(copy[i], compute[i])
     for e in g.edges:
         if e.kind == "chain" and stage_of[e.src] == stage_of[e.dst]:
             p[stage_of[e.src]] += sub.reshard_time(g.layers[e.src], strategy_of[e.src].tp, strategy_of[e.dst].tp)

@@ -225,14 +225,13 @@ class _Formulation:
             for rt, N in zip(self.sub.runs, self.N)
             if any(s.offload_activations for s in rt.strategies)
         ]
-        pinned = self.sub.offloaded_layers
         if not offloaded:
             return
         cons = self.families[STRATEGY]
         layers = sum(rt.run.size for rt in self.sub.runs if rt.layer.kind in TRANSFORMER_KINDS)
         cons.append(sum(offloaded) <= layers - 1)
-        if pinned is not None:
-            cons.append(sum(offloaded) == pinned)
+        if self.sub.offloaded_layers is not None:
+            cons.append(sum(offloaded) == self.sub.offloaded_layers)
 
     def _tie(self, value, applies) -> None:
         """One value of `value(strategy)` for every (run, strategy) where `applies`."""
@@ -261,6 +260,10 @@ class _Formulation:
             return np.ones(self.deg)
         return lay[:, self.sub.runs[r].layouts.index(tp)]
 
+    def _per_stage(self, cost: str, unit: float) -> cp.Expression:
+        """sum_r N_r[i] . cost_r per stage i: a LayerCost field of every layer placed there, in `unit`s."""
+        return sum(N @ np.array([getattr(c, cost) / unit for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+
     @staticmethod
     def _on_stage(Z) -> cp.Expression:
         """Indicator per stage from a cumulative indicator Z (1 from some stage on)."""
@@ -275,10 +278,9 @@ class _Formulation:
             t_ab[i] >= R_ab(la, lb) (last_a[i] + first_b[i] + Lay_a[i, la] + Lay_b[i, lb] - 3),
         the linearized product of four binaries (run a ends and run b starts on stage i in those layouts)."""
         tu = self.time_unit
-        p = sum(N @ np.array([c.time_per_microbatch / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+        p = self._per_stage("time_per_microbatch", tu)
         if any(c.host_copy_time for rt in self.sub.runs for c in rt.costs):
-            copy = sum(N @ np.array([c.host_copy_time / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
-            kernels = sum(N @ np.array([c.compute_time / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+            copy, kernels = self._per_stage("host_copy_time", tu), self._per_stage("compute_time", tu)
             e = cp.Variable(self.deg, nonneg=True)
             self.families[STAGE_TIME] += [e >= copy - FORWARD_SHARE * kernels, e >= 2 * copy - kernels]
             p = p + e
@@ -323,7 +325,7 @@ class _Formulation:
     def iteration_time(self) -> cp.Expression:
         """g_i: once-per-iteration time of each stage (exposed gradient sync, optimizer step)."""
         tu = self.time_unit
-        return sum(N @ np.array([c.time_per_iteration / tu for c in rt.costs]) for rt, N in zip(self.sub.runs, self.N))
+        return self._per_stage("time_per_iteration", tu)
 
     def memory(self, limit) -> None:
         """Allocated bytes per GPU of every pipeline rank q (the stages i on it: R[q, i] = 1), in both phases of
